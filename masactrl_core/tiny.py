@@ -1,0 +1,318 @@
+"""Small seeded random-weight checkpoints in diffusers' folder format, for offline tests and demos.
+
+The UNet keeps the full SD1.x *topology* (4 down blocks, 2 layers each, 16 transformer blocks) so
+the paper's default control (start_layer=10 of 16) applies unchanged; only the widths are tiny.
+Everything is built locally — the tokenizer's vocab.json and merges.txt are written by this module —
+so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TinyCheckpointInfo", "write_tiny_checkpoint", "tiny_checkpoint_info", "FAMILIES"]
+
+# Native image size of the tiny SD checkpoint: VAE factor 2 and UNet sample_size 32 -> 64x64 px.
+SD_NATIVE_SIZE = 64
+SD_VAE_SCALE_FACTOR = 2
+MODEL_MAX_LENGTH = 77
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+
+# SD1.5's scheduler values (its scheduler_config.json), so DDIM timesteps match the real model's.
+SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+}
+
+# A few words that prompts in tests and the demo use; BPE merges learned from them keep typical
+# prompts far below 77 tokens (unmerged, every character would be a token).
+_MERGE_CORPUS = (
+    "a photo of the cat dog sitting standing running jumping on in at with and beach street park "
+    "grass snow city forest mountain portrait painting man woman person car house red blue green "
+    "yellow white black small large cute an old young smiling raising hand hands looking camera "
+    "front view side high quality detailed"
+)
+_NUM_MERGES = 400
+
+
+@dataclass(frozen=True)
+class TinyCheckpointInfo:
+    """What a tiny checkpoint is: its folder, family and native image size."""
+
+    path: Path
+    family: str
+    seed: int
+    native_size: int
+    vae_scale_factor: int
+    transformer_blocks: int
+
+    def describe(self) -> str:
+        """One line for humans (the CLI prints it)."""
+        return (
+            f"tiny {self.family} checkpoint (seed {self.seed}) at {self.path}: native size "
+            f"{self.native_size}x{self.native_size}, VAE factor {self.vae_scale_factor}, "
+            f"{self.transformer_blocks} transformer blocks"
+        )
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map (the byte-level alphabet)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
+
+
+def _learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """Greedy BPE on a fixed word list; deterministic (ties broken lexicographically)."""
+    # CLIP marks the end of a word by suffixing its last symbol with </w>.
+    seqs = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in words if w)
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for seq, n in seqs.items():
+            for pair in zip(seq, seq[1:], strict=False):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged: Counter[tuple[str, ...]] = Counter()
+        for seq, n in seqs.items():
+            out: list[str] = []
+            i = 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
+                    out.append(seq[i] + seq[i + 1])
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            merged[tuple(out)] += n
+        seqs = merged
+    return merges
+
+
+def _tokenizer_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's vocab layout: byte alphabet, the same with </w>, merged symbols, special tokens."""
+    alphabet = list(_bytes_to_unicode().values())
+    merges = _learn_merges(_MERGE_CORPUS.split(), _NUM_MERGES)
+    symbols = alphabet + [s + "</w>" for s in alphabet] + ["".join(m) for m in merges]
+    symbols += [BOS_TOKEN, EOS_TOKEN]
+    vocab: dict[str, int] = {}
+    for s in symbols:
+        vocab.setdefault(s, len(vocab))
+    return vocab, merges
+
+
+def _write_tokenizer(folder: Path) -> int:
+    """Write vocab.json, merges.txt and tokenizer_config.json; return the vocabulary size."""
+    vocab, merges = _tokenizer_vocab_and_merges()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": EOS_TOKEN,
+        # SD1.x pads with the end token, as openai/clip-vit-large-patch14 does.
+        "pad_token": EOS_TOKEN,
+        "do_lower_case": True,
+        "clean_up_tokenization_spaces": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
+    special["pad_token"] = EOS_TOKEN
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+    return len(vocab)
+
+
+# --- SD1.x family ----------------------------------------------------------------------------
+
+# Tiny widths, SD1.5 topology. Measured on a 2-core CPU: one UNet forward at 32x32 latents, batch 1,
+# takes a few ms, so suites can afford hundreds of evaluations.
+SD_TINY_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": SD_NATIVE_SIZE // SD_VAE_SCALE_FACTOR,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    "up_block_types": (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ),
+    "block_out_channels": (8, 16, 32, 32),
+    "layers_per_block": 2,
+    "norm_num_groups": 4,
+    # Legacy diffusers naming: for SD1.x this is the number of heads per attention layer.
+    "attention_head_dim": 2,
+    "cross_attention_dim": 32,
+}
+
+SD_TINY_VAE_CONFIG: dict[str, Any] = {
+    "sample_size": SD_NATIVE_SIZE,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "latent_channels": 4,
+}
+
+SD_TINY_TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "projection_dim": 32,
+    "max_position_embeddings": MODEL_MAX_LENGTH,
+    "layer_norm_eps": 1e-5,
+    "hidden_act": "quick_gelu",
+}
+
+
+def _build_sd_pipeline(seed: int, tokenizer_dir: Path) -> Any:
+    """Seeded components -> a StableDiffusionPipeline (diffusers' test recipe, local tokenizer)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab_size = _write_tokenizer(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    bos_id, eos_id = tokenizer.convert_tokens_to_ids([BOS_TOKEN, EOS_TOKEN])
+
+    # Reseed before each component so each one's weights depend only on the seed, not on the order
+    # or on how many draws the previous component made.
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SD_TINY_UNET_CONFIG)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**SD_TINY_VAE_CONFIG)
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        **SD_TINY_TEXT_CONFIG,
+        vocab_size=vocab_size,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@dataclass(frozen=True)
+class _Family:
+    build: Callable[[int, Path], Any]
+    native_size: int
+    vae_scale_factor: int
+    transformer_blocks: int
+    # Tokenizer subfolders whose vocab/merges must be the ones this module wrote.
+    tokenizer_folders: tuple[str, ...]
+
+
+def _sdxl_not_yet(seed: int, tokenizer_dir: Path) -> Any:
+    # An SDXL variant adds text_encoder_2 (CLIPTextModelWithProjection) + tokenizer_2 and a UNet
+    # with addition_embed_type="text_time"; it plugs in here as another _Family.
+    raise NotImplementedError(
+        "tiny SDXL checkpoints are not implemented yet; use family='sd' (SDXL support is planned)"
+    )
+
+
+FAMILIES: dict[str, _Family] = {
+    "sd": _Family(_build_sd_pipeline, SD_NATIVE_SIZE, SD_VAE_SCALE_FACTOR, 16, ("tokenizer",)),
+    "sdxl": _Family(_sdxl_not_yet, 128, 2, 70, ("tokenizer", "tokenizer_2")),
+}
+
+
+def tiny_checkpoint_info(
+    out_dir: str | Path, *, seed: int = 0, family: str = "sd"
+) -> TinyCheckpointInfo:
+    """The facts about the checkpoint `write_tiny_checkpoint` writes, without writing it."""
+    spec = _family(family)
+    return TinyCheckpointInfo(
+        path=Path(out_dir),
+        family=family,
+        seed=seed,
+        native_size=spec.native_size,
+        vae_scale_factor=spec.vae_scale_factor,
+        transformer_blocks=spec.transformer_blocks,
+    )
+
+
+def _family(family: str) -> _Family:
+    try:
+        return FAMILIES[family]
+    except KeyError:
+        raise ValueError(
+            f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}"
+        ) from None
+
+
+def write_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, family: str = "sd") -> Path:
+    """Write a seeded random-weight checkpoint to `out_dir` and return its path.
+
+    Same seed -> byte-identical weight files. For family "sd" the native size is 64x64 px
+    (latents 4x32x32) and the UNet has the SD1.5 block layout (16 transformer blocks).
+    """
+    spec = _family(family)
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="masactrl-tok-") as tmp:
+        pipe = spec.build(seed, Path(tmp))
+        out.mkdir(parents=True, exist_ok=True)
+        pipe.save_pretrained(out, safe_serialization=True)
+        # Tokenizer files are this module's own, whatever the installed transformers would emit
+        # (a fast-tokenizer tokenizer.json is derived from them on load).
+        for name in spec.tokenizer_folders:
+            _write_tokenizer(out / name)
+    return out
