@@ -1,0 +1,255 @@
+"""The model catalog: which models the service offers and what the gateway needs to validate.
+
+Gateway and workers read the same catalog (``MASACTRL_CATALOG_FILE`` or inline
+``MASACTRL_CATALOG`` JSON), so the gateway checks sizes and control ranges without loading a model.
+JSON shape::
+
+    {"default": "sd15",
+     "models": [{"name": "sd15", "source": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                 "family": "sd"}, ...]}
+
+``models`` may also be an object keyed by name. Omitted fields take the family's defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from masactrl_jobs.settings import CommonSettings
+
+Family = Literal["sd", "sdxl"]
+
+# What the engine derives from the UNet of each family: self-attention blocks (16 in SD 1.x/2.x,
+# 70 in SDXL), the MasaCtrl paper's start layer, and the pixel multiple the UNet's down/up sampling
+# needs (VAE factor 8 times 2**downsamplers: 3 in SD, 2 in SDXL).
+FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
+    "sd": {
+        "native_width": 512,
+        "native_height": 512,
+        "block_count": 16,
+        "default_start_layer": 10,
+        "size_multiple": 64,
+    },
+    "sdxl": {
+        "native_width": 1024,
+        "native_height": 1024,
+        "block_count": 70,
+        "default_start_layer": 44,
+        "size_multiple": 32,
+    },
+}
+
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+
+
+class CatalogError(ValueError):
+    """The catalog is malformed; the message says where."""
+
+
+class UnknownModel(KeyError):
+    """A model name that the catalog does not list."""
+
+    def __init__(self, name: str, available: list[str]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.available = available
+
+    def __str__(self) -> str:
+        return f"unknown model {self.name!r}; available: {', '.join(self.available)}"
+
+
+class ModelEntry(BaseModel):
+    """One model the service can run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The name is part of the Celery queue name (masactrl.<name>) and of cache keys.
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    source: str = Field(min_length=1, description="Hub id, local folder or s3:// prefix.")
+    family: Family
+    native_width: int = Field(gt=0)
+    native_height: int = Field(gt=0)
+    block_count: int = Field(gt=0)
+    default_start_step: int = Field(4, ge=0)
+    default_start_layer: int = Field(ge=0)
+    size_multiple: int = Field(gt=0)
+    max_pixels: int = Field(gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        family = data.get("family")
+        if family not in FAMILY_DEFAULTS:
+            # Said here, once: otherwise every family-derived field would also report "missing".
+            known = " or ".join(repr(name) for name in FAMILY_DEFAULTS)
+            if family is None:
+                raise ValueError(f"family is required ({known})")
+            raise ValueError(f"family {family!r} is not {known}")
+        defaults = FAMILY_DEFAULTS[family]
+        filled = {**defaults, **{k: v for k, v in data.items() if v is not None}}
+        if "max_pixels" not in filled:
+            # Twice the native side by default: enough for upscaled edits, bounded for the GPU.
+            filled["max_pixels"] = 4 * filled["native_width"] * filled["native_height"]
+        return filled
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelEntry:
+        if self.default_start_layer >= self.block_count:
+            raise ValueError(
+                f"default_start_layer {self.default_start_layer} must be below block_count "
+                f"{self.block_count}"
+            )
+        for side, value in (
+            ("native_width", self.native_width),
+            ("native_height", self.native_height),
+        ):
+            if value % self.size_multiple:
+                raise ValueError(f"{side} {value} is not a multiple of {self.size_multiple}")
+        if self.native_width * self.native_height > self.max_pixels:
+            raise ValueError("max_pixels is smaller than the native size")
+        return self
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        return (self.native_width, self.native_height)
+
+    @property
+    def default_control(self) -> dict[str, int]:
+        """The MasaCtrl control defaults the gateway fills in and /v1/models shows."""
+        return {"start_step": self.default_start_step, "start_layer": self.default_start_layer}
+
+    def check_size(self, width: int, height: int) -> None:
+        """Raise ``ValueError`` with a sentence when the engine cannot run at this size."""
+        multiple = self.size_multiple
+        if width <= 0 or height <= 0:
+            raise ValueError(f"width and height must be positive, got {width}×{height}")
+        if width % multiple or height % multiple:
+            raise ValueError(
+                f"{width}×{height} is not supported by {self.name}: width and height must be "
+                f"multiples of {multiple}"
+            )
+        if width * height > self.max_pixels:
+            raise ValueError(
+                f"{width}×{height} is {width * height} pixels; {self.name} allows at most "
+                f"{self.max_pixels}"
+            )
+
+
+class Catalog(BaseModel):
+    """The models on offer and which one requests get when they name none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[ModelEntry] = Field(min_length=1)
+    default: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _models_by_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("models"), dict):
+            models = [
+                {"name": name, **entry} if isinstance(entry, dict) else entry
+                for name, entry in data["models"].items()
+            ]
+            data = {**data, "models": models}
+        return data
+
+    @model_validator(mode="after")
+    def _check_names(self) -> Catalog:
+        names = [entry.name for entry in self.models]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        if self.default not in names:
+            raise ValueError(
+                f"default {self.default!r} is not one of the models ({', '.join(names)})"
+            )
+        return self
+
+    def names(self) -> list[str]:
+        return [entry.name for entry in self.models]
+
+    def get(self, name: str | None = None) -> ModelEntry:
+        """The entry called ``name`` (or the default); :class:`UnknownModel` if absent."""
+        wanted = self.default if name is None else name
+        for entry in self.models:
+            if entry.name == wanted:
+                return entry
+        raise UnknownModel(wanted, self.names())
+
+    @property
+    def default_entry(self) -> ModelEntry:
+        return self.get(self.default)
+
+    def __contains__(self, name: object) -> bool:
+        return any(entry.name == name for entry in self.models)
+
+
+def default_catalog() -> Catalog:
+    """The catalog used when none is configured: SD 1.5 (default) and SDXL base."""
+    return Catalog(
+        default="sd15",
+        models=[
+            ModelEntry(
+                name="sd15", source="stable-diffusion-v1-5/stable-diffusion-v1-5", family="sd"
+            ),
+            ModelEntry(
+                name="sdxl", source="stabilityai/stable-diffusion-xl-base-1.0", family="sdxl"
+            ),
+        ],
+    )
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors(include_url=False):
+        path = ""
+        for part in error.get("loc", ()):
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        message = error.get("msg", "invalid value").removeprefix("Value error, ")
+        lines.append(f"{path}: {message}" if path else message)
+    return "; ".join(lines)
+
+
+def parse_catalog(text: str, *, origin: str = "catalog") -> Catalog:
+    """Parse and validate catalog JSON; :class:`CatalogError` names ``origin`` and the problem."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CatalogError(
+            f"{origin} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    return catalog_from_data(data, origin=origin)
+
+
+def catalog_from_data(data: Any, *, origin: str = "catalog") -> Catalog:
+    """Validate already-parsed catalog data."""
+    if not isinstance(data, dict):
+        raise CatalogError(f"{origin} must be a JSON object with 'models' and 'default'")
+    try:
+        return Catalog.model_validate(data)
+    except ValidationError as exc:
+        raise CatalogError(f"{origin} is invalid: {_describe(exc)}") from None
+
+
+def load_catalog(settings: CommonSettings) -> Catalog:
+    """The catalog from ``MASACTRL_CATALOG_FILE``, ``MASACTRL_CATALOG`` or the built-in default."""
+    if settings.catalog_file is not None:
+        path = settings.catalog_file
+        origin = f"MASACTRL_CATALOG_FILE ({path})"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CatalogError(f"{origin} does not exist") from None
+        except OSError as exc:
+            raise CatalogError(f"{origin} cannot be read: {exc.strerror or exc}") from None
+        return parse_catalog(text, origin=origin)
+    if settings.catalog is not None and settings.catalog.strip():
+        return parse_catalog(settings.catalog, origin="MASACTRL_CATALOG")
+    return default_catalog()

@@ -1,0 +1,255 @@
+"""Settings shared by every process (gateway, GPU workers, webhook worker).
+
+Each process has exactly one pydantic-settings class that subclasses :class:`CommonSettings`; all
+of them read ``MASACTRL_*`` environment variables (and a ``.env`` file in the working directory).
+Build them with :func:`load_settings` to turn a validation failure into a readable
+:class:`ConfigurationError` that names the environment variables at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from masactrl_jobs.catalog import Catalog
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "MASACTRL_"
+MiB = 1024 * 1024
+
+# Values people paste from templates; refusing them in production is cheaper than a leaked key.
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "changethis",
+        "change-this",
+        "change_me",
+        "changeme",
+        "change-me",
+        "secret",
+        "password",
+        "placeholder",
+        "example",
+        "test",
+        "xxx",
+        "todo",
+        "replace-me",
+    }
+)
+MIN_SECRET_LENGTH = 32
+
+
+def _default_storage_url() -> str:
+    return (Path("var/storage").resolve()).as_uri()
+
+
+def is_placeholder_secret(value: str) -> bool:
+    """True for empty, template-like or obviously low-entropy secrets."""
+    stripped = value.strip()
+    lowered = stripped.lower()
+    return (
+        not stripped
+        or lowered in PLACEHOLDER_SECRETS
+        or lowered.startswith(("changethis", "change-me", "changeme", "your-", "<"))
+        or len(set(stripped)) < 4
+    )
+
+
+class ConfigurationError(ValueError):
+    """Settings could not be built; the message lists each problem on its own line."""
+
+
+class CommonSettings(BaseSettings):
+    """What the gateway and the workers share; their own settings classes subclass this."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    environment: Literal["development", "production"] = Field(
+        "production",
+        description="`production` refuses unsafe defaults; `development` relaxes them.",
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for jobs and the broker.")
+
+    storage_url: str = Field(
+        default_factory=_default_storage_url,
+        description="`file:///absolute/path` or `s3://bucket/prefix`.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, R2, moto); unset means AWS."
+    )
+    s3_public_endpoint_url: str | None = Field(
+        None,
+        description="Endpoint used in presigned URLs when clients reach S3 by another address.",
+    )
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_region: str | None = None
+
+    url_signing_secret: SecretStr | None = Field(
+        None, description="HMAC key for signed file:// URLs; required in production."
+    )
+    public_base_url: str = Field(
+        "http://127.0.0.1:8000", description="Base of signed file URLs served by the gateway."
+    )
+    presigned_url_ttl_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    job_retention_seconds: int = Field(7 * 24 * 3600, ge=60)
+
+    catalog_file: Path | None = Field(None, description="Path of a JSON model catalog.")
+    catalog: str | None = Field(None, description="Inline JSON model catalog.")
+
+    allow_loopback_http: bool = Field(
+        False, description="Development only: let the SSRF guard reach loopback addresses."
+    )
+    max_image_bytes: int = Field(20 * MiB, ge=1024)
+    max_image_side: int = Field(4096, ge=64, le=16384)
+    fetch_timeout_seconds: float = Field(10.0, gt=0, le=120)
+
+    _catalog: Catalog | None = PrivateAttr(None)
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str) -> str:
+        value = value.strip()
+        parts = urlsplit(value)
+        if parts.scheme == "file":
+            if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+                raise ValueError(
+                    f"{value!r} is not an absolute file URL; write file:///absolute/path "
+                    "(three slashes)"
+                )
+            return value
+        if parts.scheme == "s3":
+            if not parts.netloc:
+                raise ValueError(f"{value!r} names no bucket; write s3://bucket/optional/prefix")
+            if parts.query or parts.fragment:
+                raise ValueError(f"{value!r} must not carry a query or fragment")
+            return value
+        raise ValueError(
+            f"{value!r} is not supported; use file:///absolute/path or s3://bucket/prefix"
+        )
+
+    @field_validator("public_base_url", "s3_endpoint_url", "s3_public_endpoint_url")
+    @classmethod
+    def _check_http_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{value!r} is not an http(s) URL such as https://host:port")
+        return value
+
+    @field_validator("s3_region", "s3_access_key_id")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return (value.strip() or None) if value is not None else None
+
+    @model_validator(mode="after")
+    def _check_environment_rules(self) -> CommonSettings:
+        production = self.environment == "production"
+        if production and self.allow_loopback_http:
+            raise ValueError(
+                "MASACTRL_ALLOW_LOOPBACK_HTTP is a development escape hatch and is refused when "
+                "MASACTRL_ENVIRONMENT=production"
+            )
+        secret = self.url_signing_secret.get_secret_value() if self.url_signing_secret else None
+        if production:
+            if secret is None:
+                raise ValueError(
+                    "MASACTRL_URL_SIGNING_SECRET is required in production; generate one with "
+                    "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+                )
+            if is_placeholder_secret(secret) or len(secret) < MIN_SECRET_LENGTH:
+                raise ValueError(
+                    "MASACTRL_URL_SIGNING_SECRET looks like a placeholder or is shorter than "
+                    f"{MIN_SECRET_LENGTH} characters; set a random value in production"
+                )
+        elif secret is None or not secret.strip():
+            # Derived, not random: the gateway and the workers must agree on it without sharing
+            # anything, and it is only ever used on a development machine.
+            derived = hashlib.sha256(
+                f"masactrl development url signing:{self.storage_url}".encode()
+            ).hexdigest()
+            self.url_signing_secret = SecretStr(derived)
+            logger.warning(
+                "MASACTRL_URL_SIGNING_SECRET is not set; using a development secret derived from "
+                "the storage URL (never do this in production)"
+            )
+        if self.catalog is not None and self.catalog_file is not None:
+            raise ValueError("set MASACTRL_CATALOG or MASACTRL_CATALOG_FILE, not both")
+        from masactrl_jobs.catalog import load_catalog
+
+        self._catalog = load_catalog(self)
+        return self
+
+    @property
+    def model_catalog(self) -> Catalog:
+        """The validated model catalog (parsed once, when the settings were built)."""
+        if self._catalog is None:
+            from masactrl_jobs.catalog import load_catalog
+
+            self._catalog = load_catalog(self)
+        return self._catalog
+
+    @property
+    def signing_key(self) -> bytes:
+        """The URL signing secret as bytes (always set once validation has passed)."""
+        assert self.url_signing_secret is not None
+        return self.url_signing_secret.get_secret_value().encode()
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment == "production"
+
+
+SettingsT = TypeVar("SettingsT", bound=CommonSettings)
+
+
+def env_var_name(settings_cls: type[BaseSettings], field: str) -> str:
+    """The environment variable that sets ``field`` (``MASACTRL_REDIS_URL`` for ``redis_url``)."""
+    prefix = settings_cls.model_config.get("env_prefix", "") or ""
+    return f"{prefix}{field}".upper()
+
+
+def describe_validation_error(settings_cls: type[BaseSettings], exc: ValidationError) -> str:
+    """One line per problem, naming the environment variable rather than the Python field."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        location = [str(part) for part in error.get("loc", ())]
+        message = error.get("msg", "invalid value")
+        message = message.removeprefix("Value error, ")
+        if location:
+            name = env_var_name(settings_cls, location[0])
+            suffix = "".join(f"[{part}]" for part in location[1:])
+            lines.append(f"{name}{suffix}: {message}")
+        else:
+            lines.append(message)
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(settings_cls: type[SettingsT], **overrides: Any) -> SettingsT:
+    """Build ``settings_cls`` from the environment, raising :class:`ConfigurationError` on error."""
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigurationError(describe_validation_error(settings_cls, exc)) from None
