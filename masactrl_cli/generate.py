@@ -1,0 +1,320 @@
+"""``masactrl synthesize`` and ``masactrl edit``: run the engine once and write PNGs plus run.json.
+
+Cheap checks (files, model folder) run before torch is imported so that bad input fails in
+milliseconds; everything the engine rejects arrives as ``InvalidInput`` and becomes a UsageError.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from masactrl_cli.errors import UsageError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def configure(parser: argparse.ArgumentParser, command: str) -> None:
+    """Arguments shared by ``synthesize`` and ``edit`` (``edit`` adds ``--image``)."""
+    parser.add_argument("--model", required=True, help="hub id or local diffusers folder")
+    if command == "edit":
+        parser.add_argument("--image", required=True, type=Path, help="the real image to edit")
+        parser.add_argument(
+            "--source-prompt", default="", help="prompt describing the image (default empty)"
+        )
+    else:
+        parser.add_argument("--source-prompt", required=True, help="prompt of the source image")
+    parser.add_argument(
+        "--target-prompt",
+        dest="target_prompts",
+        action="append",
+        required=True,
+        metavar="PROMPT",
+        help="a target prompt; repeat for several targets",
+    )
+    parser.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
+    parser.add_argument(
+        "--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)"
+    )
+    parser.add_argument(
+        "--start-step",
+        type=_non_negative_int,
+        default=4,
+        help="first denoising step with mutual self-attention (default 4)",
+    )
+    parser.add_argument(
+        "--start-layer",
+        type=_non_negative_int,
+        default=10,
+        help="first transformer block with mutual self-attention (default 10)",
+    )
+    parser.add_argument("--width", type=_positive_int, help="image width (default: model's)")
+    parser.add_argument("--height", type=_positive_int, help="image height (default: model's)")
+    parser.add_argument("--device", help="cuda, mps or cpu (default: best available)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, help="weights dtype (default: float16 on GPU, else float32)"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# --- checks that need no torch ---------------------------------------------------------------
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _looks_like_path(model: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else that names no folder is a missing path.
+    return (
+        model.startswith(("/", ".", "~"))
+        or model.count("/") > 1
+        or "\\" in model
+        or os.sep != "/"
+        and os.sep in model
+    )
+
+
+def check_model(model: str) -> None:
+    """Refuse a local model path that is missing or is not a diffusers folder."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UsageError(
+                f"{model} is not a diffusers model folder (it has no model_index.json)"
+            )
+    elif _looks_like_path(model):
+        raise UsageError(f"model folder {model} does not exist")
+
+
+def load_image(path: Path) -> Any:
+    """Open an image file as RGB, or raise a UsageError that says what is wrong with it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        raise UsageError(f"image file {path} does not exist")
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, not an image file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except PermissionError:
+        raise UsageError(f"cannot read image file {path}: permission denied") from None
+    except UnidentifiedImageError:
+        raise UsageError(f"{path} is not an image file PIL can read") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        # Truncated or corrupt files surface as OSError/SyntaxError from the decoders.
+        raise UsageError(f"cannot read image file {path}: {_one_line(exc)}") from None
+
+
+def _prepare_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output path {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (load bars, advisory warnings) off stderr; ours is the only bar."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+# --- progress --------------------------------------------------------------------------------
+
+
+class ProgressBars:
+    """The engine's ``progress(phase, step, total)`` callback drawn as one tqdm bar per phase."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._bar: Any = None
+        self._phase: str | None = None
+
+    def __call__(self, phase: str, step: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self._bar is None or phase != self._phase or total != self._bar.total:
+            self.close()
+            self._phase = phase
+            self._bar = tqdm(total=total, desc=f"{phase:>7}", unit="step", file=sys.stderr)
+        # `step` counts the steps done so far in this phase; never move the bar backwards.
+        done = min(step, total)
+        if done > self._bar.n:
+            self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("masactrl-service", "torch", "diffusers", "transformers"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    # Written last and atomically: a run.json next to the PNGs means the run finished.
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, load the engine, run one synthesis or edit, write the outputs."""
+    started = time.perf_counter()
+    check_model(args.model)
+    image = load_image(args.image) if args.command == "edit" else None
+    _prepare_out_dir(args.out)
+
+    quiet_libraries()
+    import torch
+
+    from masactrl_core import ControlConfig, InvalidInput, MasaCtrlEngine, ModelLoadError
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        engine = MasaCtrlEngine.from_pretrained(args.model, device=args.device, dtype=dtype)
+    except (InvalidInput, ModelLoadError) as exc:
+        raise UsageError(_one_line(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - e.g. a bad --device: reported, not dumped
+        raise UsageError(
+            f"cannot load model {args.model}: {type(exc).__name__}: {_one_line(exc)}"
+        ) from None
+    load_seconds = time.perf_counter() - started
+
+    progress = ProgressBars(enabled=not args.quiet)
+    options: dict[str, Any] = {
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "negative_prompt": args.negative_prompt,
+        "width": args.width,
+        "height": args.height,
+        "progress": progress,
+    }
+    try:
+        control = ControlConfig(start_step=args.start_step, start_layer=args.start_layer)
+        if image is None:
+            result = engine.synthesize(
+                args.source_prompt, args.target_prompts, seed=args.seed, control=control, **options
+            )
+        else:
+            result = engine.edit(
+                image,
+                args.target_prompts,
+                source_prompt=args.source_prompt,
+                seed=args.seed,
+                control=control,
+                **options,
+            )
+    except InvalidInput as exc:
+        raise UsageError(_one_line(exc)) from None
+    finally:
+        progress.close()
+
+    out: Path = args.out
+    source_name = "source.png"
+    result.source.save(out / source_name)
+    target_names = []
+    for k, target in enumerate(result.targets):
+        target_names.append(f"target_{k}.png")
+        target.save(out / target_names[-1])
+
+    stats = result.stats
+    width, height = result.source.size
+    record: dict[str, Any] = {
+        "command": args.command,
+        "model": args.model,
+        "family": engine.family,
+        "block_count": engine.block_count,
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "source_prompt": args.source_prompt,
+        "target_prompts": list(args.target_prompts),
+        "negative_prompt": args.negative_prompt,
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "start_step": args.start_step,
+        "start_layer": args.start_layer,
+        "width": width,
+        "height": height,
+        "requested_width": args.width,
+        "requested_height": args.height,
+        "unet_image_evals": stats.unet_image_evals,
+        "peak_memory_bytes": stats.peak_memory_bytes,
+        "timings": {
+            "load_seconds": round(load_seconds, 4),
+            "inversion_seconds": round(stats.inversion_seconds or 0.0, 4),
+            "denoise_seconds": round(stats.denoise_seconds or 0.0, 4),
+            "total_seconds": round(time.perf_counter() - started, 4),
+        },
+        "outputs": {"source": source_name, "targets": target_names},
+        "versions": _versions(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if image is not None:
+        record["image"] = {
+            "path": str(args.image),
+            "sha256": hashlib.sha256(args.image.read_bytes()).hexdigest(),
+            "size": list(image.size),
+        }
+    _write_json(out / "run.json", record)
+    print(f"wrote {out / source_name}, {len(target_names)} target image(s) and {out / 'run.json'}")
+    return 0

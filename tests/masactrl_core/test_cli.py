@@ -1,0 +1,174 @@
+"""The ``masactrl`` CLI on the tiny checkpoint: outputs, run.json, and one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from masactrl_cli.main import main
+
+STEPS = 3
+
+
+def _stderr_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {lines!r}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A non-square RGB photo stand-in, so the edit path has to crop and resize."""
+    path = tmp_path_factory.mktemp("images") / "photo.png"
+    image = Image.new("RGB", (96, 72))
+    image.putdata([(x * 2, y * 3, (x + y) % 256) for y in range(72) for x in range(96)])
+    image.save(path)
+    return path
+
+
+def test_main_module_does_not_import_torch() -> None:
+    # `masactrl serve` must never import torch: neither parsing nor --help of a subcommand may.
+    code = (
+        "import sys\n"
+        "from masactrl_cli.main import main\n"
+        "assert main(['--help']) == 0\n"
+        "assert main(['synthesize', '--help']) == 0\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--target-prompt" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_synthesize_writes_images_and_run_json(
+    tiny_checkpoint: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["synthesize", "--model", str(tiny_checkpoint), "--source-prompt", "a photo of a cat"]
+    argv += ["--target-prompt", "a photo of a dog", "--target-prompt", "a red car"]
+    argv += ["--seed", "7", "--steps", str(STEPS), "--guidance", "5", "--start-step", "1"]
+    argv += ["--start-layer", "8", "--width", "64", "--height", "64", "--out", str(out)]
+    assert main(argv) == 0
+    captured = capfd.readouterr()
+    assert "denoise" in captured.err  # the progress bar is fed by the engine's callback
+    assert "run.json" in captured.out
+
+    for name in ("source.png", "target_0.png", "target_1.png"):
+        with Image.open(out / name) as image:
+            assert image.size == (64, 64)
+    run = json.loads((out / "run.json").read_text())
+    assert run["command"] == "synthesize"
+    assert run["model"] == str(tiny_checkpoint)
+    assert run["target_prompts"] == ["a photo of a dog", "a red car"]
+    assert (run["seed"], run["steps"], run["guidance_scale"]) == (7, STEPS, 5.0)
+    assert (run["start_step"], run["start_layer"], run["width"], run["height"]) == (1, 8, 64, 64)
+    assert (run["device"], run["dtype"], run["block_count"]) == ("cpu", "float32", 16)
+    assert run["outputs"] == {"source": "source.png", "targets": ["target_0.png", "target_1.png"]}
+    # Source prompt differs from the negative prompt: 2 source rows + 2 per target, every step.
+    assert run["unet_image_evals"] == STEPS * (2 + 2 * 2)
+    assert run["timings"]["denoise_seconds"] > 0
+
+
+def test_edit_writes_reconstruction_and_edits(
+    tiny_checkpoint: Path, photo: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "edit"
+    argv = ["edit", "--model", str(tiny_checkpoint), "--image", str(photo)]
+    argv += ["--target-prompt", "a cat raising its hand", "--steps", str(STEPS)]
+    argv += ["--start-step", "0", "--out", str(out)]
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert "invert" in err and "denoise" in err
+
+    for name in ("source.png", "target_0.png"):
+        with Image.open(out / name) as image:
+            assert image.size == (64, 64)  # the model's native size when none is given
+    run = json.loads((out / "run.json").read_text())
+    assert run["command"] == "edit"
+    assert run["source_prompt"] == "" and run["negative_prompt"] == ""
+    assert run["image"]["path"] == str(photo) and len(run["image"]["sha256"]) == 64
+    # Unguided inversion (1/step), then a shared source branch plus 2 rows for the one target.
+    assert run["unet_image_evals"] == STEPS + STEPS * (1 + 2 * 1)
+    assert run["timings"]["inversion_seconds"] > 0
+
+
+def _bad_inputs(tmp: Path, model: Path, photo: Path) -> dict[str, list[str]]:
+    (tmp / "notes.txt").write_text("not an image")
+    (tmp / "broken.png").write_bytes(photo.read_bytes()[:60])
+    (tmp / "no-index").mkdir(exist_ok=True)
+    ok = ["--target-prompt", "a dog", "--steps", str(STEPS), "--out", str(tmp / "o")]
+    edit = ["edit", "--model", str(model)]
+    synth = ["synthesize", "--model", str(model), "--source-prompt", "a cat"]
+    return {
+        "missing image": [*edit, "--image", str(tmp / "absent.png"), *ok],
+        "image is a folder": [*edit, "--image", str(tmp), *ok],
+        "not an image": [*edit, "--image", str(tmp / "notes.txt"), *ok],
+        "truncated image": [*edit, "--image", str(tmp / "broken.png"), *ok],
+        "unknown model path": ["synthesize", "--model", str(tmp / "nowhere" / "model")]
+        + ["--source-prompt", "a cat", *ok],
+        "folder without model_index": ["synthesize", "--model", str(tmp / "no-index")]
+        + ["--source-prompt", "a cat", *ok],
+        "start step out of range": [*synth, *ok, "--start-step", "9"],
+        "start layer out of range": [*synth, *ok, "--start-step", "1", "--start-layer", "16"],
+        "width not a multiple": [*synth, *ok, "--start-step", "1", "--width", "60"],
+        "no target prompt": [*synth, "--steps", str(STEPS), "--out", str(tmp / "o")],
+        "zero steps": [*synth, "--target-prompt", "a dog", "--steps", "0", "--out", str(tmp)],
+    }
+
+
+BAD_INPUT_CASES = [
+    "missing image",
+    "image is a folder",
+    "not an image",
+    "truncated image",
+    "unknown model path",
+    "folder without model_index",
+    "start step out of range",
+    "start layer out of range",
+    "width not a multiple",
+    "no target prompt",
+    "zero steps",
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_CASES)
+def test_bad_input_is_one_line_and_exit_2(
+    case: str,
+    tiny_checkpoint: Path,
+    photo: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    argv = _bad_inputs(tmp_path, tiny_checkpoint, photo)[case]
+    assert main(argv) == 2
+    captured = capfd.readouterr()
+    line = _stderr_line(captured.err)
+    assert line.startswith(f"masactrl {argv[0]}: error: ")
+    assert not (tmp_path / "o" / "run.json").exists()
+
+
+def test_bad_input_from_the_console_script_process(tmp_path: Path) -> None:
+    # A real process: exit status 2 and one line, with nothing else leaking to stderr.
+    (tmp_path / "model_index.json").write_text("{}")
+    argv = ["edit", "--model", str(tmp_path), "--image", str(tmp_path / "absent.jpg")]
+    argv += ["--target-prompt", "a dog", "--out", str(tmp_path / "o")]
+    done = subprocess.run(
+        [sys.executable, "-m", "masactrl_cli.main", *argv], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "absent.jpg does not exist" in _stderr_line(done.stderr)
+
+
+def test_tiny_model_command(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["tiny-model", str(tmp_path / "tiny"), "--seed", "3"]) == 0
+    assert "64x64" in capfd.readouterr().out
+    assert (tmp_path / "tiny" / "model_index.json").is_file()
+
+    assert main(["tiny-model", str(tmp_path / "xl"), "--family", "sdxl"]) == 2
+    assert "SDXL" in _stderr_line(capfd.readouterr().err)
