@@ -1,0 +1,24 @@
+"""MasaCtrl engine: tuning-free mutual self-attention control for Stable Diffusion."""
+
+from masactrl_core.errors import InvalidInput, JobCancelled, ModelLoadError
+
+__all__ = [
+    "ControlConfig",
+    "EngineOptions",
+    "InvalidInput",
+    "InvertedImage",
+    "JobCancelled",
+    "MasaCtrlEngine",
+    "MasaCtrlResult",
+    "ModelLoadError",
+    "RunStats",
+]
+
+
+def __getattr__(name: str):
+    # torch loads only when the engine is used, so `masactrl --help` and error paths stay fast.
+    if name in __all__:
+        from masactrl_core import engine
+
+        return getattr(engine, name)
+    raise AttributeError(name)

@@ -1,0 +1,681 @@
+"""The MasaCtrl engine: DDIM inversion plus mutual self-attention control on SD-family UNets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline
+from PIL import Image, ImageOps
+
+from masactrl_core.attention import (
+    BatchLayout,
+    MutualAttentionState,
+    MutualSelfAttentionProcessor,
+    install_processors,
+    self_attention_layers,
+)
+from masactrl_core.errors import InvalidInput, JobCancelled, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, int, int], None]
+CancelCheck = Callable[[], bool]
+
+MAX_TARGETS = 8
+FAMILY_DEFAULTS = {"sd": (4, 10), "sdxl": (4, 44)}
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """Where mutual self-attention applies: denoising steps and transformer blocks.
+
+    Blocks are numbered 0..L-1 in execution order (down, mid, up); step 0 is the noisiest.
+    ``steps`` / ``layers`` lists override the ``start_step`` / ``start_layer`` ranges.
+    ``start_step == steps`` (or ``steps=[]``) disables the control.
+    """
+
+    start_step: int = 4
+    start_layer: int = 10
+    layers: Sequence[int] | None = None
+    steps: Sequence[int] | None = None
+
+    def resolve(self, num_steps: int, block_count: int) -> tuple[frozenset[int], frozenset[int]]:
+        """The controlled steps and layers, checked against this run and model."""
+        if self.steps is None:
+            if not 0 <= self.start_step <= num_steps:
+                raise InvalidInput(
+                    f"start_step must be between 0 and {num_steps} (the number of steps), "
+                    f"got {self.start_step}"
+                )
+            steps = frozenset(range(self.start_step, num_steps))
+        else:
+            bad = [s for s in self.steps if not 0 <= s < num_steps]
+            if bad:
+                raise InvalidInput(
+                    f"control steps must be between 0 and {num_steps - 1}, got {bad}"
+                )
+            steps = frozenset(self.steps)
+        if self.layers is None:
+            if not 0 <= self.start_layer < block_count:
+                raise InvalidInput(
+                    f"start_layer must be between 0 and {block_count - 1} "
+                    f"(this model has {block_count} transformer blocks), got {self.start_layer}"
+                )
+            layers = frozenset(range(self.start_layer, block_count))
+        else:
+            bad = [layer for layer in self.layers if not 0 <= layer < block_count]
+            if bad:
+                raise InvalidInput(
+                    f"control layers must be between 0 and {block_count - 1} "
+                    f"(this model has {block_count} transformer blocks), got {bad}"
+                )
+            layers = frozenset(self.layers)
+        return steps, layers
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Switches for the optimizations; each gives the same images as the plain path."""
+
+    share_source_branch: bool = True
+    skip_redundant_guidance: bool = True
+    max_batch: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 2:
+            raise ValueError("max_batch must be at least 2 (a source and a target)")
+
+
+@dataclass
+class RunStats:
+    unet_image_evals: int = 0
+    inversion_seconds: float = 0.0
+    denoise_seconds: float = 0.0
+    peak_memory_bytes: int | None = None
+
+
+@dataclass
+class InvertedImage:
+    """x_T of a real image after DDIM inversion, with what it depends on."""
+
+    latents: torch.Tensor
+    steps: int
+    width: int
+    height: int
+    source_prompt: str
+
+    def to_safetensors_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        metadata = {k: str(v) for k, v in asdict(self).items() if k != "latents"}
+        return save({"latents": self.latents.detach().float().cpu().contiguous()}, metadata)
+
+    @classmethod
+    def from_safetensors_bytes(cls, data: bytes) -> InvertedImage:
+        from safetensors.torch import load
+
+        latents = load(data)["latents"]
+        # The format is an 8-byte length, then a JSON header holding our string metadata.
+        header_length = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__", {})
+        return cls(
+            latents=latents,
+            steps=int(metadata["steps"]),
+            width=int(metadata["width"]),
+            height=int(metadata["height"]),
+            source_prompt=metadata["source_prompt"],
+        )
+
+
+@dataclass
+class MasaCtrlResult:
+    source: Image.Image
+    targets: list[Image.Image]
+    stats: RunStats
+    inverted: InvertedImage | None = None
+    latents: torch.Tensor | None = None  # final [source, targets] latents, before decoding
+
+
+@dataclass
+class _Conditioning:
+    """Text conditioning for a set of UNet rows (prompt embeddings plus any added conditioning)."""
+
+    embeds: torch.Tensor
+    added: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def rows(self, index: torch.Tensor | list[int]) -> _Conditioning:
+        return _Conditioning(self.embeds[index], {k: v[index] for k, v in self.added.items()})
+
+    @staticmethod
+    def cat(parts: Sequence[_Conditioning]) -> _Conditioning:
+        return _Conditioning(
+            torch.cat([p.embeds for p in parts]),
+            {k: torch.cat([p.added[k] for p in parts]) for k in parts[0].added},
+        )
+
+    def same_as(self, other: _Conditioning) -> bool:
+        return torch.equal(self.embeds, other.embeds) and all(
+            torch.equal(v, other.added[k]) for k, v in self.added.items()
+        )
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _looks_like_local_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or os.sep in model
+
+
+class MasaCtrlEngine:
+    """Loads a checkpoint once; each call runs one synthesis or edit with its own settings."""
+
+    def __init__(
+        self,
+        pipeline: DiffusionPipeline,
+        *,
+        family: str = "sd",
+        model_name: str = "",
+        options: EngineOptions | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.unet = pipeline.unet
+        self.vae = pipeline.vae
+        self.family = family
+        self.model_name = model_name
+        self.options = options or EngineOptions()
+        self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+        self.inverse_scheduler = DDIMInverseScheduler.from_config(self.scheduler.config)
+        self.layer_names = self_attention_layers(self.unet)
+        self.block_count = len(self.layer_names)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        downsamplers = sum(
+            1 for block in self.unet.down_blocks if getattr(block, "downsamplers", None)
+        )
+        self.size_multiple = self.vae_scale_factor * 2**downsamplers
+        sample_size = self.unet.config.sample_size
+        native = sample_size if isinstance(sample_size, int) else sample_size[0]
+        self.native_size = (native * self.vae_scale_factor, native * self.vae_scale_factor)
+        start_step, start_layer = FAMILY_DEFAULTS.get(family, FAMILY_DEFAULTS["sd"])
+        self.default_control = ControlConfig(
+            start_step=start_step, start_layer=min(start_layer, self.block_count - 1)
+        )
+        self.processor_class: type[MutualSelfAttentionProcessor] = MutualSelfAttentionProcessor
+        self._lock = threading.Lock()
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        options: EngineOptions | None = None,
+    ) -> MasaCtrlEngine:
+        """Load a hub id or a local diffusers folder (SD1.x/2.x-shaped)."""
+        model = str(model)
+        device = torch.device(device) if device is not None else _default_device()
+        if dtype is None:
+            dtype = torch.float16 if device.type in ("cuda", "mps") else torch.float32
+        if not os.path.exists(model) and _looks_like_local_path(model):
+            raise ModelLoadError(f"model folder {model} does not exist")
+        if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise ModelLoadError(f"{model} is not a diffusers checkpoint (no model_index.json)")
+        try:
+            config = DiffusionPipeline.load_config(model)
+        except Exception as error:  # hub or file errors: one sentence for the caller
+            raise ModelLoadError(f"cannot load model {model}: {error}") from error
+        class_name = config.get("_class_name", "")
+        family = "sdxl" if "XL" in class_name else "sd"
+        if family == "sdxl":
+            raise ModelLoadError(f"{model} is an SDXL checkpoint; SDXL support is not built yet")
+        from diffusers import StableDiffusionPipeline
+
+        try:
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                model, dtype=dtype, safety_checker=None, requires_safety_checker=False
+            )
+        except Exception as error:
+            raise ModelLoadError(f"cannot load model {model}: {error}") from error
+        pipeline.to(device)
+        pipeline.set_progress_bar_config(disable=True)
+        logger.info("loaded %s (%s) on %s as %s", model, family, device, dtype)
+        return cls(pipeline, family=family, model_name=model, options=options)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    # -- public calls ----------------------------------------------------------------------
+
+    def synthesize(
+        self,
+        source_prompt: str,
+        target_prompts: Sequence[str],
+        *,
+        seed: int,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str = "",
+        width: int | None = None,
+        height: int | None = None,
+        control: ControlConfig | None = None,
+        progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> MasaCtrlResult:
+        """The source image and one consistent image per target prompt, from the same noise."""
+        width, height = self._check_size(width, height)
+        target_prompts = self._check_prompts(target_prompts, steps, guidance_scale)
+        controlled = self._resolve_control(control, steps)
+        noise = self.initial_noise(seed, width, height)
+        with self._lock, torch.inference_mode():
+            stats = self._start_stats()
+            latents = self._denoise(
+                noise,
+                source_prompt,
+                target_prompts,
+                negative_prompt,
+                steps,
+                guidance_scale,
+                controlled,
+                stats,
+                progress,
+                should_cancel,
+            )
+            images = self._decode(latents)
+            self._finish_stats(stats)
+        return MasaCtrlResult(images[0], images[1:], stats, latents=latents.float().cpu())
+
+    def invert(
+        self,
+        image: Image.Image,
+        *,
+        source_prompt: str = "",
+        negative_prompt: str = "",
+        steps: int = 50,
+        width: int | None = None,
+        height: int | None = None,
+        inversion_guidance_scale: float = 1.0,
+        progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+        stats: RunStats | None = None,
+    ) -> InvertedImage:
+        """Deterministic DDIM inversion of a real image to x_T."""
+        width, height = self._check_size(width, height)
+        self._check_steps(steps)
+        stats = stats or RunStats()
+        with self._lock, torch.inference_mode():
+            latents = self._invert(
+                self._encode_image(image, width, height),
+                source_prompt,
+                negative_prompt,
+                steps,
+                inversion_guidance_scale,
+                stats,
+                progress,
+                should_cancel,
+            )
+        return InvertedImage(latents.float().cpu(), steps, width, height, source_prompt)
+
+    def edit(
+        self,
+        image: Image.Image,
+        target_prompts: Sequence[str],
+        *,
+        source_prompt: str = "",
+        seed: int = 0,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str = "",
+        width: int | None = None,
+        height: int | None = None,
+        control: ControlConfig | None = None,
+        inversion_guidance_scale: float = 1.0,
+        inverted: InvertedImage | None = None,
+        progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> MasaCtrlResult:
+        """Real-image editing: invert ``image``, then denoise [source, targets] with control.
+
+        ``seed`` is recorded only: inversion and DDIM (eta 0) sampling are deterministic.
+        """
+        width, height = self._check_size(width, height)
+        target_prompts = self._check_prompts(target_prompts, steps, guidance_scale)
+        controlled = self._resolve_control(control, steps)
+        if inverted is not None and (inverted.steps, inverted.width, inverted.height) != (
+            steps,
+            width,
+            height,
+        ):
+            raise InvalidInput("the cached inversion was made with other steps or size")
+        stats = self._start_stats()
+        if inverted is None:
+            inverted = self.invert(
+                image,
+                source_prompt=source_prompt,
+                negative_prompt=negative_prompt,
+                steps=steps,
+                width=width,
+                height=height,
+                inversion_guidance_scale=inversion_guidance_scale,
+                progress=progress,
+                should_cancel=should_cancel,
+                stats=stats,
+            )
+        with self._lock, torch.inference_mode():
+            noise = inverted.latents.to(self.device, self.dtype)
+            latents = self._denoise(
+                noise,
+                source_prompt,
+                target_prompts,
+                negative_prompt,
+                steps,
+                guidance_scale,
+                controlled,
+                stats,
+                progress,
+                should_cancel,
+            )
+            images = self._decode(latents)
+            self._finish_stats(stats)
+        return MasaCtrlResult(images[0], images[1:], stats, inverted, latents.float().cpu())
+
+    def initial_noise(self, seed: int, width: int, height: int) -> torch.Tensor:
+        """The seed contract: float32 CPU noise, then moved to the device and dtype."""
+        shape = (
+            1,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return noise.to(self.device, self.dtype)
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def _check_size(self, width: int | None, height: int | None) -> tuple[int, int]:
+        width = self.native_size[0] if width is None else width
+        height = self.native_size[1] if height is None else height
+        for name, value in (("width", width), ("height", height)):
+            if value <= 0 or value % self.size_multiple:
+                raise InvalidInput(
+                    f"{name} must be a positive multiple of {self.size_multiple} for this model, "
+                    f"got {value}"
+                )
+        return width, height
+
+    def _resolve_control(
+        self, control: ControlConfig | None, steps: int
+    ) -> tuple[frozenset[int], frozenset[int]]:
+        if control is None:
+            # The default adapts to short runs; explicit values out of range are errors.
+            start = min(self.default_control.start_step, steps)
+            control = replace(self.default_control, start_step=start)
+        return control.resolve(steps, self.block_count)
+
+    @staticmethod
+    def _check_steps(steps: int) -> None:
+        if not 1 <= steps <= 1000:
+            raise InvalidInput(f"steps must be between 1 and 1000, got {steps}")
+
+    def _check_prompts(
+        self, target_prompts: Sequence[str], steps: int, guidance_scale: float
+    ) -> list[str]:
+        self._check_steps(steps)
+        if isinstance(target_prompts, str):
+            target_prompts = [target_prompts]
+        if not 1 <= len(target_prompts) <= MAX_TARGETS:
+            raise InvalidInput(
+                f"give between 1 and {MAX_TARGETS} target prompts, got {len(target_prompts)}"
+            )
+        if guidance_scale < 0:
+            raise InvalidInput(f"guidance_scale must not be negative, got {guidance_scale}")
+        return list(target_prompts)
+
+    # -- pieces ----------------------------------------------------------------------------
+
+    def _encode_prompts(self, prompts: Sequence[str]) -> _Conditioning:
+        """Conditioning per prompt; equal prompts get bitwise-equal rows (encoded once)."""
+        unique = list(dict.fromkeys(prompts))
+        embeds, _ = self.pipeline.encode_prompt(
+            unique, self.device, 1, do_classifier_free_guidance=False
+        )
+        return _Conditioning(embeds).rows([unique.index(p) for p in prompts])
+
+    def _encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
+        """Center-crop to the aspect, resize, and take the VAE posterior mean × scaling factor."""
+        image = ImageOps.fit(image.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
+        pixels = self.pipeline.image_processor.preprocess(image, height=height, width=width)
+        pixels = pixels.to(self.device, self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.mean
+        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        images = []
+        # One image at a time keeps the VAE's peak memory independent of the number of targets.
+        for row in latents.split(1):
+            decoded = self.vae.decode(
+                row.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False
+            )[0]
+            images.extend(self.pipeline.image_processor.postprocess(decoded, output_type="pil"))
+        return images
+
+    def _unet(self, latents: torch.Tensor, timestep: torch.Tensor, cond: _Conditioning):
+        return self.unet(
+            latents,
+            timestep,
+            encoder_hidden_states=cond.embeds,
+            added_cond_kwargs=cond.added or None,
+            return_dict=False,
+        )[0]
+
+    def _invert(
+        self,
+        latents: torch.Tensor,
+        prompt: str,
+        negative_prompt: str,
+        steps: int,
+        guidance_scale: float,
+        stats: RunStats,
+        progress: ProgressCallback | None,
+        should_cancel: CancelCheck | None,
+    ) -> torch.Tensor:
+        started = time.perf_counter()
+        encoded = self._encode_prompts([prompt, negative_prompt])
+        cond, uncond = encoded.rows([0]), encoded.rows([1])
+        guided = guidance_scale != 1.0
+        if guided:
+            # Guidance between identical branches is the identity: one UNet image suffices.
+            if self.options.skip_redundant_guidance and uncond.same_as(cond):
+                guided = False
+            else:
+                cond = _Conditioning.cat([uncond, cond])
+        self.inverse_scheduler.set_timesteps(steps, device=self.device)
+        for index, timestep in enumerate(self.inverse_scheduler.timesteps):
+            if should_cancel is not None and should_cancel():
+                raise JobCancelled("the run was cancelled during inversion")
+            model_input = torch.cat([latents, latents]) if guided else latents
+            output = self._unet(model_input, timestep, cond)
+            stats.unet_image_evals += model_input.shape[0]
+            if guided:
+                uncond_out, cond_out = output.chunk(2)
+                output = uncond_out + guidance_scale * (cond_out - uncond_out)
+            # epsilon at (x_prev, t), as the paper's implementation computes it.
+            latents = self.inverse_scheduler.step(output, timestep, latents).prev_sample
+            if progress is not None:
+                progress("invert", index + 1, steps)
+        stats.inversion_seconds += time.perf_counter() - started
+        return latents
+
+    def _row_plan(
+        self,
+        source: _Conditioning,
+        targets: _Conditioning,
+        uncond: _Conditioning | None,
+    ) -> tuple[list[int], _Conditioning, list[int], list[int], list[tuple[int, int]]]:
+        """Rows of one denoising step.
+
+        Returns, per row, the latent it denoises, the conditioning, the source slot it reads,
+        the rows holding sources, and how to combine rows into one prediction per latent
+        (``(uncond_row, cond_row)``; equal rows mean no guidance for that latent).
+        """
+        n = targets.embeds.shape[0]
+        if uncond is None:  # no guidance
+            latent_of = list(range(n + 1))
+            cond = _Conditioning.cat([source, targets])
+            return latent_of, cond, [0] * (n + 1), [0], [(i, i) for i in range(n + 1)]
+        uncond_targets = _Conditioning.cat([uncond] * n)
+        if self.options.share_source_branch and source.same_as(uncond):
+            # The source's two guidance halves are the same computation: run it once.
+            latent_of = [0, *range(1, n + 1), *range(1, n + 1)]
+            cond = _Conditioning.cat([source, uncond_targets, targets])
+            pairs = [(0, 0), *((k, k + n) for k in range(1, n + 1))]
+            return latent_of, cond, [0] * (2 * n + 1), [0], pairs
+        # The authors' layout: [source, targets] for the unconditional half, then the conditional.
+        latent_of = [*range(n + 1), *range(n + 1)]
+        cond = _Conditioning.cat([uncond, uncond_targets, source, targets])
+        slots = [0] * (n + 1) + [1] * (n + 1)
+        pairs = [(k, k + n + 1) for k in range(n + 1)]
+        return latent_of, cond, slots, [0, n + 1], pairs
+
+    def _denoise(
+        self,
+        noise: torch.Tensor,
+        source_prompt: str,
+        target_prompts: list[str],
+        negative_prompt: str,
+        steps: int,
+        guidance_scale: float,
+        controlled: tuple[frozenset[int], frozenset[int]],
+        stats: RunStats,
+        progress: ProgressCallback | None,
+        should_cancel: CancelCheck | None,
+    ) -> torch.Tensor:
+        started = time.perf_counter()
+        controlled_steps, controlled_layers = controlled
+        n = len(target_prompts)
+        prompts = self._encode_prompts([source_prompt, *target_prompts, negative_prompt])
+        source, targets = prompts.rows([0]), prompts.rows(list(range(1, n + 1)))
+        uncond = prompts.rows([n + 1]) if guidance_scale != 1.0 else None
+        latent_of, cond, slots, source_rows, pairs = self._row_plan(source, targets, uncond)
+
+        # Execution order puts the sources first so that later chunks can read their keys.
+        rows = len(latent_of)
+        order = source_rows + [r for r in range(rows) if r not in source_rows]
+        size = self.options.max_batch
+        chunks = [order[i : i + size] for i in range(0, rows, size)]
+        if len(chunks) == 1:
+            chunks = [list(range(rows))]
+        chunk_plans = []
+        for number, chunk in enumerate(chunks):
+            chunk_sources = [chunk.index(r) for r in source_rows] if number == 0 else None
+            layout = BatchLayout(
+                source_rows=None
+                if chunk_sources is None
+                else torch.tensor(chunk_sources, device=self.device),
+                row_slots=torch.tensor([slots[r] for r in chunk], device=self.device),
+                keep_sources=len(chunks) > 1,
+            )
+            chunk_plans.append(
+                (
+                    torch.tensor(chunk, device=self.device),
+                    [latent_of[r] for r in chunk],
+                    cond.rows(chunk),
+                    layout,
+                )
+            )
+
+        state = MutualAttentionState(controlled_steps, controlled_layers)
+        original = install_processors(
+            self.unet, self.layer_names, state, self.processor_class, controlled_layers
+        )
+        try:
+            self.scheduler.set_timesteps(steps, device=self.device)
+            latents = noise.expand(n + 1, *noise.shape[1:]).clone()
+            for index, timestep in enumerate(self.scheduler.timesteps):
+                if should_cancel is not None and should_cancel():
+                    raise JobCancelled("the run was cancelled during denoising")
+                state.begin_step(index)
+                outputs = torch.empty(
+                    (rows, *latents.shape[1:]), device=latents.device, dtype=latents.dtype
+                )
+                for row_index, latent_index, chunk_cond, layout in chunk_plans:
+                    state.layout = layout
+                    model_input = self.scheduler.scale_model_input(latents[latent_index], timestep)
+                    outputs[row_index] = self._unet(model_input, timestep, chunk_cond)
+                    stats.unet_image_evals += len(latent_index)
+                state.layout = None
+                guided_outputs = torch.stack(
+                    [
+                        outputs[c]
+                        if u == c
+                        else outputs[u] + guidance_scale * (outputs[c] - outputs[u])
+                        for u, c in pairs
+                    ]
+                )
+                latents = self.scheduler.step(guided_outputs, timestep, latents).prev_sample
+                if progress is not None:
+                    progress("denoise", index + 1, steps)
+        finally:
+            self.unet.set_attn_processor(dict(original))
+            state.begin_step(None)
+        stats.denoise_seconds += time.perf_counter() - started
+        return latents
+
+    def _start_stats(self) -> RunStats:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return RunStats()
+
+    def _finish_stats(self, stats: RunStats) -> None:
+        if self.device.type == "cuda":
+            stats.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
+
+    def describe(self) -> dict:
+        """What a run record should say about the model."""
+        return {
+            "model": self.model_name,
+            "family": self.family,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "block_count": self.block_count,
+            "native_size": list(self.native_size),
+            "size_multiple": self.size_multiple,
+            "default_control": asdict(self.default_control),
+        }
+
+
+def with_options(engine: MasaCtrlEngine, **changes: object) -> MasaCtrlEngine:
+    """A view of ``engine`` with other optimization switches (shares the loaded weights)."""
+    view = MasaCtrlEngine.__new__(MasaCtrlEngine)
+    view.__dict__.update(engine.__dict__)
+    view.options = replace(engine.options, **changes)
+    view._lock = threading.Lock()
+    return view
+
+
+__all__ = [
+    "ControlConfig",
+    "EngineOptions",
+    "InvertedImage",
+    "MasaCtrlEngine",
+    "MasaCtrlResult",
+    "RunStats",
+]
