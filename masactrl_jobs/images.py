@@ -1,0 +1,246 @@
+"""Image intake: decide whether uploaded or fetched bytes are an image the service will accept.
+
+The order of checks is the point: byte size first, then the type from the file's magic bytes (never
+a name or a declared content type), then the dimensions from the header *before* any pixel is
+decoded (a 30000×30000 PNG is a few kilobytes on disk and gigabytes in memory), then a full decode
+to prove the file is complete. EXIF orientation is applied so that the engine sees what a viewer
+shows; only then are the bytes re-encoded, otherwise the original bytes are kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import re
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+__all__ = [
+    "InvalidImage",
+    "ValidatedImage",
+    "decode_data_url",
+    "sniff_image_type",
+    "validate_image",
+    "validate_mask",
+]
+
+ImageExt = Literal["png", "jpg", "webp"]
+
+CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+
+# Opening a plugin class directly reads the header only and, unlike Image.open, skips Pillow's
+# process-wide decompression-bomb check, so we can report the real size against our own limit
+# without touching the global Image.MAX_IMAGE_PIXELS.
+_PLUGINS: dict[str, type[ImageFile.ImageFile]] = {
+    "png": PngImagePlugin.PngImageFile,
+    "jpg": JpegImagePlugin.JpegImageFile,
+    "webp": WebPImagePlugin.WebPImageFile,
+}
+_SAVE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WebP"}
+_ORIENTATION_TAG = 0x0112
+
+# Magic bytes of formats we refuse, so the error can say what the file is.
+_OTHER_FORMATS = (
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"%PDF", "PDF"),
+    (b"<svg", "SVG"),
+    (b"<?xml", "XML/SVG"),
+)
+
+
+class InvalidImage(ValueError):
+    """The bytes are not an acceptable image; the message is a sentence for the API user."""
+
+
+@dataclass(frozen=True)
+class ValidatedImage:
+    """An image ready to store: ``data`` is what goes to storage, ``sha256`` is its digest."""
+
+    data: bytes
+    ext: ImageExt
+    content_type: str
+    sha256: str
+    width: int
+    height: int
+    reoriented: bool = False
+
+    @property
+    def key(self) -> str:
+        """The content-addressed storage key, ``inputs/<sha256>.<ext>``."""
+        return f"inputs/{self.sha256}.{self.ext}"
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f}".rstrip("0").rstrip(".") + " MiB"
+
+
+def sniff_image_type(data: bytes) -> ImageExt | None:
+    """``"png"``, ``"jpg"`` or ``"webp"`` from the magic bytes, or None for anything else."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _unsupported(data: bytes, what: str) -> InvalidImage:
+    head = data[:16].lstrip()
+    for magic, name in _OTHER_FORMATS:
+        if head.startswith(magic):
+            return InvalidImage(f"{what} is a {name} file; only PNG, JPEG and WebP are accepted")
+    return InvalidImage(f"{what} is not a PNG, JPEG or WebP image")
+
+
+def validate_image(
+    data: bytes, *, max_bytes: int, max_side: int, what: str = "image"
+) -> ValidatedImage:
+    """Check ``data`` and return it ready to store, or raise :class:`InvalidImage`.
+
+    ``what`` names the input in error messages ("image", "mask", ...).
+    """
+    if not data:
+        raise InvalidImage(f"{what} is empty")
+    if len(data) > max_bytes:
+        raise InvalidImage(
+            f"{what} is {_megabytes(len(data))}; the limit is {_megabytes(max_bytes)}"
+        )
+    ext = sniff_image_type(data)
+    if ext is None:
+        raise _unsupported(data, what)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns about odd metadata; we judge pixels
+            image = _PLUGINS[ext](io.BytesIO(data))
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError) as exc:
+        raise InvalidImage(f"{what} is not a readable {_SAVE_FORMATS[ext]} file ({exc})") from None
+
+    with image:
+        width, height = image.size
+        if width > max_side or height > max_side:
+            raise InvalidImage(
+                f"{what} is {width}×{height} pixels; the limit is {max_side}×{max_side}"
+            )
+        if width < 1 or height < 1:
+            raise InvalidImage(f"{what} has no pixels ({width}×{height})")
+        if getattr(image, "is_animated", False):
+            raise InvalidImage(f"{what} is animated; send a single still image")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                image.load()
+        except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError) as exc:
+            raise InvalidImage(f"{what} is truncated or corrupt ({exc})") from None
+        # Pillow may be configured process-wide to accept truncated files; we never do.
+        if ImageFile.LOAD_TRUNCATED_IMAGES and _looks_truncated(ext, data):
+            raise InvalidImage(f"{what} is truncated or corrupt")
+
+        orientation = _orientation(image)
+        if orientation in (None, 1):
+            stored = data
+            reoriented = False
+        else:
+            stored, width, height = _reencode_upright(image, ext, what)
+            reoriented = True
+
+    return ValidatedImage(
+        data=stored,
+        ext=ext,
+        content_type=CONTENT_TYPES[ext],
+        sha256=hashlib.sha256(stored).hexdigest(),
+        width=width,
+        height=height,
+        reoriented=reoriented,
+    )
+
+
+def validate_mask(data: bytes, *, max_bytes: int, max_side: int) -> ValidatedImage:
+    """Validate a mask image; masks go through exactly the image checks."""
+    return validate_image(data, max_bytes=max_bytes, max_side=max_side, what="mask")
+
+
+def _looks_truncated(ext: str, data: bytes) -> bool:
+    tail = data.rstrip(b"\x00")[-12:]
+    if ext == "jpg":
+        return not tail.endswith(b"\xff\xd9")
+    if ext == "png":
+        return b"IEND" not in tail
+    return False
+
+
+def _orientation(image: Image.Image) -> int | None:
+    try:
+        value = image.getexif().get(_ORIENTATION_TAG)
+    except Exception:  # broken EXIF blocks are common in the wild; treat as "no orientation"
+        return None
+    return value if isinstance(value, int) and 1 <= value <= 8 else None
+
+
+def _reencode_upright(image: Image.Image, ext: str, what: str) -> tuple[bytes, int, int]:
+    try:
+        upright = ImageOps.exif_transpose(image)
+    except Exception as exc:
+        raise InvalidImage(f"{what} has EXIF orientation that cannot be applied ({exc})") from None
+    assert upright is not None  # not in_place, so a new image is always returned
+    buffer = io.BytesIO()
+    save_options: dict[str, object] = {}
+    if ext == "jpg":
+        # High quality and the original chroma subsampling: the rotation should not be visible.
+        sampling = JpegImagePlugin.get_sampling(image)
+        save_options = {"quality": 95, "subsampling": sampling if sampling >= 0 else 0}
+        if upright.mode not in ("RGB", "L", "CMYK"):
+            upright = upright.convert("RGB")
+    elif ext == "webp":
+        save_options = {"quality": 95, "method": 4}
+    elif ext == "png":
+        save_options = {"optimize": False}
+    # EXIF (camera, GPS) is deliberately not carried over: the upright pixels are what we keep.
+    try:
+        upright.save(buffer, format=_SAVE_FORMATS[ext], **save_options)
+    except (OSError, ValueError) as exc:
+        raise InvalidImage(f"{what} could not be re-encoded after rotation ({exc})") from None
+    return buffer.getvalue(), upright.width, upright.height
+
+
+_DATA_URL = re.compile(
+    r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I
+)
+
+
+def decode_data_url(url: str, *, max_bytes: int, what: str = "image") -> bytes:
+    """The bytes of a ``data:[<type>];base64,<payload>`` URL, refusing payloads over ``max_bytes``.
+
+    The declared media type is ignored: :func:`validate_image` sniffs the content anyway.
+    """
+    match = _DATA_URL.match(url)
+    if match is None or not match.group("b64"):
+        raise InvalidImage(f"{what} must be a base64 data URL (data:image/png;base64,...)")
+    payload = url[match.end() :]
+    # Reject by encoded length first so an oversized payload is never decoded into memory.
+    if len(payload) * 3 // 4 > max_bytes + 3:
+        raise InvalidImage(
+            f"{what} is about {_megabytes(len(payload) * 3 // 4)}; the limit is "
+            f"{_megabytes(max_bytes)}"
+        )
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImage(f"{what} data URL is not valid base64") from None
+    if len(data) > max_bytes:
+        raise InvalidImage(
+            f"{what} is {_megabytes(len(data))}; the limit is {_megabytes(max_bytes)}"
+        )
+    return data

@@ -1,0 +1,495 @@
+"""SSRF guard for every outbound request the service makes on a user's behalf.
+
+Used by the gateway to fetch ``https://`` image URLs and by the webhook worker to deliver events.
+The rules:
+
+- only ``https`` (``http`` only to loopback, and loopback at all only with the development setting
+  ``allow_loopback_http``);
+- the host is resolved once and every address is checked: loopback, private, link-local,
+  carrier-grade NAT, multicast, reserved, unspecified, documentation ranges, cloud metadata
+  endpoints, and IPv6 forms that embed an IPv4 address (mapped, NAT64, 6to4) by that address;
+- the connection goes to an address that was checked, never to a second DNS answer (no DNS
+  rebinding), while the ``Host`` header, TLS SNI and certificate verification still use the
+  original hostname (httpx's documented ``sni_hostname`` request extension);
+- redirects are never followed, bodies are read up to a limit, and proxies from the environment
+  are ignored (a proxy would make the checked address meaningless).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import httpx
+
+__all__ = [
+    "BadResponse",
+    "FetchError",
+    "FetchTimeout",
+    "HostNotFound",
+    "IPAddress",
+    "NetGuardError",
+    "PostResult",
+    "ResponseTooLarge",
+    "UnsafeURL",
+    "afetch",
+    "apost",
+    "blocked_reason",
+    "check_url",
+    "fetch",
+    "post",
+    "resolve_host",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+USER_AGENT = "masactrl-service/0.1"
+
+
+class NetGuardError(Exception):
+    """Base class for everything this module raises."""
+
+
+class UnsafeURL(NetGuardError, ValueError):
+    """The URL is not allowed: wrong scheme, or it resolves to an address we never contact."""
+
+
+class FetchError(NetGuardError):
+    """The request was allowed but did not produce an acceptable response."""
+
+    def __init__(self, message: str, *, duration: float | None = None) -> None:
+        super().__init__(message)
+        self.duration = duration
+
+
+class HostNotFound(FetchError):
+    """DNS did not resolve the host (often transient)."""
+
+
+class FetchTimeout(FetchError):
+    """Connecting or reading took longer than the timeout."""
+
+
+class ResponseTooLarge(FetchError):
+    """The response body is larger than the caller's limit."""
+
+
+class BadResponse(FetchError):
+    """The server answered with a status the caller does not accept (including redirects)."""
+
+    def __init__(self, message: str, *, status_code: int, duration: float | None = None) -> None:
+        super().__init__(message, duration=duration)
+        self.status_code = status_code
+
+
+class PostResult(NamedTuple):
+    """A completed POST: the status code (any, including 3xx/4xx/5xx) and seconds it took."""
+
+    status_code: int
+    duration: float
+
+
+_V4 = ipaddress.IPv4Network
+_V6 = ipaddress.IPv6Network
+
+# Checked in order; the first match gives the reason. Metadata endpoints come before the ranges
+# that contain them so the message says what was actually being protected.
+_BLOCKED_NETWORKS: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str, str]] = [
+    (_V4("169.254.169.254/32"), "metadata", "a cloud metadata endpoint"),
+    (_V4("169.254.170.2/32"), "metadata", "a cloud metadata endpoint (ECS)"),
+    (_V4("168.63.129.16/32"), "metadata", "a cloud metadata endpoint (Azure)"),
+    (_V4("100.100.100.200/32"), "metadata", "a cloud metadata endpoint (Alibaba)"),
+    (_V6("fd00:ec2::254/128"), "metadata", "a cloud metadata endpoint (AWS IPv6)"),
+    (_V4("0.0.0.0/8"), "unspecified", "an unspecified ('this network') address"),
+    (_V4("127.0.0.0/8"), "loopback", "a loopback address"),
+    (_V4("10.0.0.0/8"), "private", "a private address"),
+    (_V4("172.16.0.0/12"), "private", "a private address"),
+    (_V4("192.168.0.0/16"), "private", "a private address"),
+    (_V4("100.64.0.0/10"), "cgnat", "a carrier-grade NAT (shared) address"),
+    (_V4("169.254.0.0/16"), "link-local", "a link-local address"),
+    (_V4("192.0.0.0/24"), "reserved", "an IETF protocol assignment address"),
+    (_V4("192.0.2.0/24"), "reserved", "a documentation address"),
+    (_V4("198.51.100.0/24"), "reserved", "a documentation address"),
+    (_V4("203.0.113.0/24"), "reserved", "a documentation address"),
+    (_V4("198.18.0.0/15"), "reserved", "a benchmarking address"),
+    (_V4("192.88.99.0/24"), "reserved", "a 6to4 relay anycast address"),
+    (_V4("224.0.0.0/4"), "multicast", "a multicast address"),
+    (_V4("255.255.255.255/32"), "reserved", "the broadcast address"),
+    (_V4("240.0.0.0/4"), "reserved", "a reserved address"),
+    (_V6("::/128"), "unspecified", "the unspecified address"),
+    (_V6("::1/128"), "loopback", "a loopback address"),
+    (_V6("fc00::/7"), "private", "a unique-local (private) address"),
+    (_V6("fe80::/10"), "link-local", "a link-local address"),
+    (_V6("fec0::/10"), "private", "a site-local address"),
+    (_V6("ff00::/8"), "multicast", "a multicast address"),
+    (_V6("100::/64"), "reserved", "a discard-only address"),
+    (_V6("2001:db8::/32"), "reserved", "a documentation address"),
+    (_V6("3fff::/20"), "reserved", "a documentation address"),
+    (_V6("2001::/32"), "reserved", "a Teredo tunnel address"),
+    (_V6("2001::/23"), "reserved", "an IETF protocol assignment address"),
+    (_V6("::/96"), "reserved", "an IPv4-compatible (deprecated) address"),
+    (_V6("::/8"), "reserved", "a reserved address"),
+]
+
+_NAT64 = (_V6("64:ff9b::/96"), _V6("64:ff9b:1::/48"))
+
+
+def _classify(address: IPAddress) -> tuple[str, str] | None:
+    """(category, description) of why ``address`` is off limits, or None when it is public."""
+    if isinstance(address, ipaddress.IPv6Address):
+        # Forms that carry an IPv4 address are judged by that address: ::ffff:127.0.0.1 is
+        # loopback, and a NAT64 or 6to4 address reaches the embedded IPv4 host.
+        embedded: ipaddress.IPv4Address | None = address.ipv4_mapped or address.sixtofour
+        if embedded is None and any(address in net for net in _NAT64):
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            verdict = _classify(embedded)
+            if verdict is None:
+                return None
+            category, description = verdict
+            return category, f"{description} ({embedded}) embedded in an IPv6 address"
+        if address.scope_id:
+            return "link-local", "a scoped (link-local) address"
+    for network, category, description in _BLOCKED_NETWORKS:
+        if address.version == network.version and address in network:
+            return category, description
+    # Whatever the table misses but the standard library knows is not globally routable.
+    if address.is_loopback:
+        return "loopback", "a loopback address"
+    if address.is_multicast:
+        return "multicast", "a multicast address"
+    if address.is_link_local:
+        return "link-local", "a link-local address"
+    if address.is_private or address.is_reserved or address.is_unspecified:
+        return "reserved", "a private or reserved address"
+    if not address.is_global:
+        return "reserved", "an address that is not publicly routable"
+    return None
+
+
+def blocked_reason(address: str | IPAddress, *, allow_loopback: bool = False) -> str | None:
+    """Why ``address`` must not be contacted (a phrase such as "a private address"), or None."""
+    parsed = ipaddress.ip_address(address) if isinstance(address, str) else address
+    verdict = _classify(parsed)
+    if verdict is None:
+        return None
+    category, description = verdict
+    if allow_loopback and category == "loopback":
+        return None
+    return description
+
+
+def _is_loopback(address: IPAddress) -> bool:
+    verdict = _classify(address)
+    return verdict is not None and verdict[0] == "loopback"
+
+
+def resolve_host(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, in resolver order (tests replace this function)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+@dataclass(frozen=True)
+class _Target:
+    url: httpx.URL
+    host: str  # ASCII (IDNA) hostname, or the IP literal
+    host_is_ip: bool
+    addresses: list[IPAddress]
+
+
+def _describe_url(url: str) -> str:
+    return url if len(url) <= 200 else url[:197] + "..."
+
+
+def _check(url: str, allow_loopback_http: bool) -> _Target:
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        raise UnsafeURL(f"{_describe_url(str(url))!r} is not a valid URL ({exc})") from None
+    shown = _describe_url(str(url))
+    if parsed.scheme not in ("https", "http"):
+        raise UnsafeURL(f"{shown!r} is not allowed: only https URLs are accepted")
+    if parsed.userinfo:
+        raise UnsafeURL(f"{shown!r} is not allowed: URLs must not contain credentials")
+    host = parsed.raw_host.decode("ascii")
+    if not host:
+        raise UnsafeURL(f"{shown!r} is not allowed: it names no host")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+
+    try:
+        literal: IPAddress | None = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    if literal is not None:
+        addresses: list[IPAddress] = [literal]
+    else:
+        try:
+            resolved = resolve_host(host, port)
+        except (socket.gaierror, UnicodeError, OSError) as exc:
+            raise HostNotFound(f"the host of {shown!r} does not resolve ({exc})") from None
+        addresses = []
+        for text in resolved:
+            try:
+                address = ipaddress.ip_address(text)
+            except ValueError:
+                raise UnsafeURL(
+                    f"{shown!r} resolves to {text!r}, which is not an IP address"
+                ) from None
+            if address not in addresses:
+                addresses.append(address)
+        if not addresses:
+            raise HostNotFound(f"the host of {shown!r} resolves to no address")
+
+    # Every address is checked: one private answer among public ones is enough to refuse,
+    # since the client might otherwise connect to it.
+    for address in addresses:
+        reason = blocked_reason(address, allow_loopback=allow_loopback_http)
+        if reason is not None:
+            raise UnsafeURL(
+                f"{shown!r} is not allowed: it resolves to {address}, {reason}; only public "
+                "addresses may be contacted"
+            )
+    if parsed.scheme == "http" and not (
+        allow_loopback_http and all(_is_loopback(address) for address in addresses)
+    ):
+        raise UnsafeURL(f"{shown!r} is not allowed: only https URLs are accepted")
+    return _Target(url=parsed, host=host, host_is_ip=literal is not None, addresses=addresses)
+
+
+def check_url(url: str, *, allow_loopback_http: bool = False) -> list[IPAddress]:
+    """Resolve ``url``'s host and return its addresses if every one may be contacted.
+
+    Raises :class:`UnsafeURL` with a sentence when the URL is refused, :class:`HostNotFound` when
+    the host does not resolve.
+    """
+    return _check(url, allow_loopback_http).addresses
+
+
+def _pinned_request(
+    client: httpx.Client,
+    target: _Target,
+    address: IPAddress,
+    method: str,
+    headers: Mapping[str, str],
+    content: bytes | None,
+) -> httpx.Request:
+    # The URL names the checked address, so no second DNS lookup happens; Host and SNI keep the
+    # original name so virtual hosting and certificate verification work as for the real URL.
+    pinned_url = target.url.copy_with(host=str(address))
+    request_headers = {"User-Agent": USER_AGENT}
+    request_headers.update((k, v) for k, v in headers.items() if k.lower() != "host")
+    request_headers["Host"] = target.url.netloc.decode("ascii")
+    extensions = {}
+    if target.url.scheme == "https" and not target.host_is_ip:
+        extensions["sni_hostname"] = target.host
+    return client.build_request(
+        method, pinned_url, headers=request_headers, content=content, extensions=extensions
+    )
+
+
+def _open(
+    client: httpx.Client,
+    target: _Target,
+    method: str,
+    headers: Mapping[str, str],
+    content: bytes | None,
+    shown: str,
+    started: float,
+) -> httpx.Response:
+    last_error: Exception | None = None
+    for address in target.addresses:
+        request = _pinned_request(client, target, address, method, headers, content)
+        try:
+            return client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # Nothing was sent yet, so trying the next checked address is safe even for POST.
+            last_error = exc
+        except httpx.TimeoutException as exc:
+            raise FetchTimeout(f"{shown!r} timed out", duration=time.monotonic() - started) from exc
+        except httpx.HTTPError as exc:
+            raise FetchError(
+                f"request to {shown!r} failed: {exc}", duration=time.monotonic() - started
+            ) from exc
+    duration = time.monotonic() - started
+    if isinstance(last_error, httpx.ConnectTimeout):
+        raise FetchTimeout(f"connecting to {shown!r} timed out", duration=duration) from last_error
+    raise FetchError(
+        f"cannot connect to {shown!r}: {last_error}", duration=duration
+    ) from last_error
+
+
+def _client(timeout: float, ssl_context: ssl.SSLContext | None) -> httpx.Client:
+    return httpx.Client(
+        timeout=httpx.Timeout(timeout),
+        follow_redirects=False,
+        trust_env=False,  # never route through an environment proxy: it would bypass pinning
+        verify=ssl_context if ssl_context is not None else True,
+    )
+
+
+def fetch(
+    url: str,
+    *,
+    max_bytes: int,
+    timeout: float = 10.0,
+    allow_loopback_http: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+) -> bytes:
+    """GET ``url`` through the guard and return the body (at most ``max_bytes``).
+
+    ``timeout`` bounds each network operation and the body download as a whole. Raises
+    :class:`UnsafeURL`, :class:`HostNotFound`, :class:`FetchTimeout`, :class:`ResponseTooLarge`,
+    :class:`BadResponse` (any non-2xx, redirects included) or :class:`FetchError`.
+    """
+    shown = _describe_url(url)
+    target = _check(url, allow_loopback_http)
+    started = time.monotonic()
+    deadline = started + timeout
+    # Ask for the bytes as stored: a compressed response could inflate far past max_bytes
+    # inside a single decoded chunk.
+    headers = {
+        "Accept": "image/png, image/jpeg, image/webp, */*;q=0.1",
+        "Accept-Encoding": "identity",
+    }
+    with _client(timeout, ssl_context) as client:
+        response = _open(client, target, "GET", headers, None, shown, started)
+        try:
+            status = response.status_code
+            if 300 <= status < 400:
+                raise BadResponse(
+                    f"{shown!r} answered with a redirect ({status}); redirects are not followed",
+                    status_code=status,
+                    duration=time.monotonic() - started,
+                )
+            if not 200 <= status < 300:
+                raise BadResponse(
+                    f"{shown!r} answered {status} {response.reason_phrase}".rstrip(),
+                    status_code=status,
+                    duration=time.monotonic() - started,
+                )
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise FetchError(
+                    f"{shown!r} sent a {encoding}-encoded body; only plain is accepted"
+                )
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise ResponseTooLarge(
+                    f"{shown!r} is {int(declared)} bytes; the limit is {max_bytes}",
+                    duration=time.monotonic() - started,
+                )
+            body = bytearray()
+            for chunk in response.iter_raw():
+                body.extend(chunk)
+                if len(body) > max_bytes:
+                    raise ResponseTooLarge(
+                        f"{shown!r} is larger than the limit of {max_bytes} bytes",
+                        duration=time.monotonic() - started,
+                    )
+                if time.monotonic() > deadline:
+                    raise FetchTimeout(
+                        f"{shown!r} did not finish within {timeout:g} s",
+                        duration=time.monotonic() - started,
+                    )
+            return bytes(body)
+        except httpx.TimeoutException as exc:
+            raise FetchTimeout(f"{shown!r} timed out", duration=time.monotonic() - started) from exc
+        except httpx.HTTPError as exc:
+            raise FetchError(
+                f"reading {shown!r} failed: {exc}", duration=time.monotonic() - started
+            ) from exc
+        finally:
+            response.close()
+
+
+def post(
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    timeout: float = 15.0,
+    max_response_bytes: int = 4096,
+    allow_loopback_http: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+) -> PostResult:
+    """POST ``body`` to ``url`` through the guard; return the status code and the duration.
+
+    Any status is returned (a 3xx is never followed); at most ``max_response_bytes`` of the
+    response body are read and discarded. Raises :class:`UnsafeURL`, :class:`HostNotFound`,
+    :class:`FetchTimeout` or :class:`FetchError` when no response arrived.
+    """
+    shown = _describe_url(url)
+    target = _check(url, allow_loopback_http)
+    started = time.monotonic()
+    with _client(timeout, ssl_context) as client:
+        response = _open(client, target, "POST", headers, body, shown, started)
+        try:
+            received = 0
+            for chunk in response.iter_raw():
+                received += len(chunk)
+                # A receiver's reply is not ours to store; read a little, then hang up.
+                if received >= max_response_bytes or time.monotonic() - started > timeout:
+                    break
+        except httpx.HTTPError:
+            pass  # the status line arrived, which is all a delivery needs
+        finally:
+            response.close()
+        return PostResult(response.status_code, time.monotonic() - started)
+
+
+async def afetch(
+    url: str,
+    *,
+    max_bytes: int,
+    timeout: float = 10.0,
+    allow_loopback_http: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+) -> bytes:
+    """:func:`fetch` in a worker thread, for async callers (DNS and sockets stay blocking)."""
+    import functools
+
+    import anyio.to_thread
+
+    call = functools.partial(
+        fetch,
+        url,
+        max_bytes=max_bytes,
+        timeout=timeout,
+        allow_loopback_http=allow_loopback_http,
+        ssl_context=ssl_context,
+    )
+    return await anyio.to_thread.run_sync(call)
+
+
+async def apost(
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    timeout: float = 15.0,
+    max_response_bytes: int = 4096,
+    allow_loopback_http: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+) -> PostResult:
+    """:func:`post` in a worker thread, for async callers."""
+    import functools
+
+    import anyio.to_thread
+
+    call = functools.partial(
+        post,
+        url,
+        body,
+        headers,
+        timeout=timeout,
+        max_response_bytes=max_response_bytes,
+        allow_loopback_http=allow_loopback_http,
+        ssl_context=ssl_context,
+    )
+    return await anyio.to_thread.run_sync(call)
