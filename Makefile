@@ -38,7 +38,12 @@ $(TINY_MODEL)/model_index.json: | $(STAMP)
 	$(VENV)/bin/masactrl tiny-model $(TINY_MODEL)
 
 demo: $(STAMP) $(TINY_MODEL)/model_index.json
-	$(PY) -m masactrl_cli.demo --model $(TINY_MODEL) --out out
+	$(VENV)/bin/masactrl edit --model $(TINY_MODEL) --image examples/house-and-cat.png \
+	  --target-prompt "a red house and a cat jumping" --steps 20 --out out/edit
+	$(VENV)/bin/masactrl synthesize --model $(TINY_MODEL) --source-prompt "a cat sitting" \
+	  --target-prompt "a cat running" --target-prompt "a cat jumping" --seed 42 --steps 20 \
+	  --out out/synthesis
+	@echo "Results: $$(ls out/edit/*.png out/synthesis/*.png | tr '\n' ' ')"
 
 clean:
 	rm -rf $(VENV) var out
