@@ -1,0 +1,379 @@
+"""The public job schema: request bodies, the job object and the error body.
+
+Requests forbid unknown fields so a typo (``guidence_scale``) is a 422, never a silently ignored
+option. Checks that need the model catalog or several fields at once (``start_step < steps``,
+sizes, mask words present in the prompts) live in the gateway, which reports them with the same
+error body as field errors.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+__all__ = [
+    "MAX_IMAGE_REF_CHARS",
+    "MAX_PROMPT_CHARS",
+    "MAX_SEED",
+    "MAX_STEPS",
+    "MAX_TARGETS",
+    "TERMINAL_STATUSES",
+    "ControlInput",
+    "ControlParams",
+    "DefaultControl",
+    "EditCreate",
+    "ErrorBody",
+    "ErrorDetail",
+    "ErrorInfo",
+    "ImageRole",
+    "JobError",
+    "JobInput",
+    "JobKind",
+    "JobList",
+    "JobMetrics",
+    "JobOutput",
+    "JobProgress",
+    "JobPublic",
+    "JobStatus",
+    "JobUrls",
+    "JobWebhook",
+    "MaskControl",
+    "MaskMode",
+    "MaskRegion",
+    "ModelList",
+    "ModelPublic",
+    "OutputImage",
+    "ProgressPhase",
+    "SynthesisCreate",
+    "WebhookCreate",
+    "WebhookDelivery",
+    "WebhookEvent",
+]
+
+MAX_PROMPT_CHARS = 1000
+MAX_TARGETS = 8
+MAX_STEPS = 150
+MAX_SEED = 2**32 - 1
+MAX_MASK_REGIONS = 8
+# A base64 data: URL of the largest accepted image (20 MB) is about 27 MB of text; the gateway
+# enforces the byte limit after decoding, this only stops absurd strings before they are parsed.
+MAX_IMAGE_REF_CHARS = 64 * 1024 * 1024
+
+
+class JobKind(str, Enum):
+    edit = "edit"
+    synthesis = "synthesis"
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    def is_terminal(self) -> bool:
+        """Whether the job has ended (no further transition is possible)."""
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
+
+
+class ProgressPhase(str, Enum):
+    invert = "invert"
+    denoise = "denoise"
+
+
+class MaskMode(str, Enum):
+    none = "none"
+    manual = "manual"
+    auto = "auto"
+
+
+class WebhookEvent(str, Enum):
+    started = "started"
+    progress = "progress"
+    completed = "completed"
+
+
+class ImageRole(str, Enum):
+    source = "source"
+    target = "target"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
+# A target must say something: whitespace alone is rejected like the empty string.
+NonEmptyPrompt = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")
+]
+ImageRef = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_IMAGE_REF_CHARS),
+    Field(
+        description=(
+            "A `data:` URL (base64), an `https://` URL fetched by the gateway, or an `s3://` URL "
+            "of an object inside the service's own bucket."
+        ),
+        examples=["data:image/png;base64,iVBORw0KGgo..."],
+    ),
+]
+Word = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"\S")]
+
+
+class MaskRegion(_Strict):
+    """A pair of masks: the region in the source and the matching region in the targets."""
+
+    source: ImageRef
+    target: ImageRef
+
+
+class MaskControl(_Strict):
+    """Restrict mutual self-attention to foreground regions (MasaCtrl's mask-guided variant)."""
+
+    mode: MaskMode = MaskMode.none
+    regions: list[MaskRegion] | None = Field(
+        default=None,
+        max_length=MAX_MASK_REGIONS,
+        description="Mode `manual`: source/target mask images (white = foreground).",
+    )
+    source_word: Word | None = Field(
+        default=None, description="Mode `auto`: a word of the source prompt naming the subject."
+    )
+    target_word: Word | None = Field(
+        default=None, description="Mode `auto`: a word of every target prompt naming the subject."
+    )
+    threshold: float = Field(
+        default=0.1, ge=0, le=1, description="Mode `auto`: cross-attention threshold for the mask."
+    )
+
+
+class ControlParams(_Strict):
+    """Where mutual self-attention applies; omitted values take the model's defaults."""
+
+    start_step: int | None = Field(default=None, ge=0, le=MAX_STEPS)
+    start_layer: int | None = Field(default=None, ge=0, le=1000)
+    layers: list[Annotated[int, Field(ge=0, le=1000)]] | None = Field(
+        default=None, max_length=1000, description="Explicit block indices (override start_layer)."
+    )
+    steps: list[Annotated[int, Field(ge=0, le=MAX_STEPS)]] | None = Field(
+        default=None,
+        max_length=MAX_STEPS,
+        description="Explicit step indices (override start_step).",
+    )
+    mask: MaskControl = Field(default_factory=MaskControl)
+
+
+class WebhookCreate(_Strict):
+    """Where to POST signed job events (Standard Webhooks), and which ones."""
+
+    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(WebhookEvent), min_length=1, max_length=3
+    )
+
+
+class _JobCreate(_Strict):
+    model: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
+        default=None, description="A catalog model name; the catalog's default when omitted."
+    )
+    source_prompt: Prompt = ""
+    target_prompts: list[NonEmptyPrompt] = Field(min_length=1, max_length=MAX_TARGETS)
+    negative_prompt: Prompt = ""
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="Random when omitted; always echoed."
+    )
+    steps: int = Field(default=50, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(default=7.5, ge=0, le=30)
+    width: int | None = Field(default=None, ge=1, le=16384, description="Default: native size.")
+    height: int | None = Field(default=None, ge=1, le=16384, description="Default: native size.")
+    control: ControlParams = Field(default_factory=ControlParams)
+    webhook: WebhookCreate | None = None
+
+
+class EditCreate(_JobCreate):
+    """A real-image edit: the image is inverted, then regenerated under each target prompt."""
+
+    image: ImageRef
+
+
+class SynthesisCreate(_JobCreate):
+    """Consistent synthesis: a source image, and targets that keep its content and layout."""
+
+    source_prompt: NonEmptyPrompt
+
+
+# --- the job object -------------------------------------------------------------------------
+
+
+class ControlInput(BaseModel):
+    """The control as it will run: defaults resolved against the model."""
+
+    start_step: int
+    start_layer: int
+    layers: list[int] | None = None
+    steps: list[int] | None = None
+    mask: MaskControl = Field(default_factory=MaskControl)
+
+
+class JobInput(BaseModel):
+    """The validated parameters; images are storage keys (``inputs/<sha256>.<ext>``)."""
+
+    image: str | None = Field(default=None, description="Storage key of the input image (edits).")
+    source_prompt: str
+    target_prompts: list[str]
+    negative_prompt: str = ""
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    control: ControlInput
+
+
+class JobProgress(BaseModel):
+    phase: ProgressPhase
+    step: int
+    total: int
+    fraction: float = Field(description="Progress of this phase, 0..1.")
+
+
+class OutputImage(BaseModel):
+    role: ImageRole
+    prompt: str
+    url: str = Field(description="A presigned URL, valid until `output.expires_at`.")
+    key: str
+    width: int
+    height: int
+
+
+class JobOutput(BaseModel):
+    images: list[OutputImage]
+    expires_at: datetime | None = Field(
+        default=None, description="When the presigned URLs in this response stop working."
+    )
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobMetrics(BaseModel):
+    queue_seconds: float | None = None
+    inversion_seconds: float | None = None
+    denoise_seconds: float | None = None
+    total_seconds: float | None = None
+    unet_image_evals: int | None = None
+
+
+class WebhookDelivery(BaseModel):
+    """One delivery attempt of one event."""
+
+    model_config = ConfigDict(extra="allow")
+
+    event: str
+    attempt: int = 1
+    at: datetime
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: float | None = None
+
+
+class JobWebhook(BaseModel):
+    url: str
+    events: list[WebhookEvent]
+    deliveries: list[WebhookDelivery] = Field(default_factory=list)
+
+
+class JobUrls(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    self_: str = Field(alias="self")
+    cancel: str
+    events: str
+
+
+class JobPublic(BaseModel):
+    """A job as clients see it."""
+
+    model_config = ConfigDict(serialize_by_alias=True)
+
+    id: str
+    kind: JobKind
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    model: str
+    input: JobInput
+    queue_position: int | None = Field(
+        default=None, description="1 for the next job to start; only while queued."
+    )
+    progress: JobProgress | None = None
+    output: JobOutput | None = None
+    error: JobError | None = None
+    metrics: JobMetrics | None = None
+    attempts: int = 0
+    webhook: JobWebhook | None = None
+    urls: JobUrls
+
+
+class JobList(BaseModel):
+    data: list[JobPublic]
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `cursor` for the next (older) page; null at the end."
+    )
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str | int] = Field(description='Where the problem is, e.g. ["body", "steps"].')
+    message: str
+    type: str
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. `invalid_request`.")
+    message: str = Field(description="One human sentence.")
+    details: list[ErrorDetail] = Field(default_factory=list)
+
+
+class ErrorBody(BaseModel):
+    """Every non-2xx answer has this body."""
+
+    error: ErrorInfo
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+class DefaultControl(BaseModel):
+    start_step: int
+    start_layer: int
+
+
+class ModelPublic(BaseModel):
+    name: str
+    family: str
+    native_width: int
+    native_height: int
+    block_count: int = Field(description="Transformer blocks with self-attention, in run order.")
+    size_multiple: int
+    max_pixels: int
+    default_control: DefaultControl
+    live: bool = Field(description="Whether a live worker currently serves this model.")
+
+
+class ModelList(BaseModel):
+    default: str
+    data: list[ModelPublic]
