@@ -1,0 +1,62 @@
+# GPU worker image: the engine (torch, diffusers) plus the Celery worker. Build from the repository
+# root:
+#
+#   docker build -f docker/worker.Dockerfile -t masactrl-worker:0.1.0 .
+#
+# The CUDA "base" flavour carries only the CUDA runtime and the NVIDIA container environment
+# (NVIDIA_VISIBLE_DEVICES, NVIDIA_DRIVER_CAPABILITIES); torch's wheels bring their own cuBLAS and
+# cuDNN, so the larger "runtime" flavour would ship those libraries twice. Its CUDA major version
+# matches the torch wheel below (CUDA 13 needs an NVIDIA driver >= 580 on the host).
+# To pin by digest as well, append @sha256:... (docker buildx imagetools inspect <tag>).
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
+
+FROM ${CUDA_IMAGE} AS builder
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+# Ubuntu 24.04's python3 is 3.12; the runtime stage installs the same package, so the venv's
+# interpreter link stays valid there.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# The same torch as the development install (Makefile). Its PyPI wheel is built for CUDA 13; for
+# older drivers pass a matching build, e.g.
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 --build-arg TORCH_VERSION=...
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=
+RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
+# Then the rest of the dependencies (base + ml extra) from pyproject.toml alone, so a source edit
+# reuses both layers above.
+COPY pyproject.toml docker/pyproject_requirements.py ./
+RUN python pyproject_requirements.py --extra ml > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt "torch==${TORCH_VERSION}"
+COPY . .
+RUN pip install ".[ml]" "torch==${TORCH_VERSION}"
+
+FROM ${CUDA_IMAGE} AS runtime
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/venv/bin:$PATH \
+    HOME=/home/masactrl \
+    HF_HOME=/var/cache/huggingface
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 \
+ && rm -rf /var/lib/apt/lists/*
+# A fixed numeric uid/gid so Kubernetes' runAsNonRoot can verify it and volumes can be chowned.
+RUN groupadd --system --gid 10001 masactrl \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /home/masactrl --create-home \
+    --shell /usr/sbin/nologin masactrl \
+ && mkdir -p /var/cache/huggingface \
+ && chown 10001:10001 /var/cache/huggingface
+COPY --from=builder /opt/venv /opt/venv
+USER 10001:10001
+WORKDIR /home/masactrl
+# Model weights: mount a volume here so they are downloaded once, not on every container start.
+VOLUME ["/var/cache/huggingface"]
+ENTRYPOINT ["masactrl"]
+CMD ["worker", "--model", "sd15"]
