@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TinyCheckpointInfo", "write_tiny_checkpoint", "tiny_checkpoint_info", "FAMILIES"]
+__all__ = [
+    "FAMILIES",
+    "TinyCheckpointInfo",
+    "build_sd_pipeline",
+    "tiny_checkpoint_info",
+    "write_tiny_checkpoint",
+]
 
 # Native image size of the tiny SD checkpoint: VAE factor 2 and UNet sample_size 32 -> 64x64 px.
 SD_NATIVE_SIZE = 64
@@ -208,7 +214,28 @@ SD_TINY_TEXT_CONFIG: dict[str, Any] = {
 }
 
 
-def _build_sd_pipeline(seed: int, tokenizer_dir: Path) -> Any:
+def build_sd_pipeline(
+    seed: int = 0,
+    *,
+    unet_config: dict[str, Any] | None = None,
+    vae_config: dict[str, Any] | None = None,
+    text_config: dict[str, Any] | None = None,
+) -> Any:
+    """Seeded random-weight StableDiffusionPipeline, in memory, with a locally written tokenizer.
+
+    Defaults are the tiny configs; the benchmark passes SD1.5's full UNet config instead.
+    """
+    with tempfile.TemporaryDirectory(prefix="masactrl-tok-") as tmp:
+        return _build_sd_pipeline(seed, Path(tmp), unet_config, vae_config, text_config)
+
+
+def _build_sd_pipeline(
+    seed: int,
+    tokenizer_dir: Path,
+    unet_config: dict[str, Any] | None = None,
+    vae_config: dict[str, Any] | None = None,
+    text_config: dict[str, Any] | None = None,
+) -> Any:
     """Seeded components -> a StableDiffusionPipeline (diffusers' test recipe, local tokenizer)."""
     import torch
     from diffusers import (
@@ -226,18 +253,19 @@ def _build_sd_pipeline(seed: int, tokenizer_dir: Path) -> Any:
     # Reseed before each component so each one's weights depend only on the seed, not on the order
     # or on how many draws the previous component made.
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SD_TINY_UNET_CONFIG)
+    unet = UNet2DConditionModel(**(unet_config or SD_TINY_UNET_CONFIG))
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**SD_TINY_VAE_CONFIG)
+    vae = AutoencoderKL(**(vae_config or SD_TINY_VAE_CONFIG))
     torch.manual_seed(seed)
-    text_config = CLIPTextConfig(
-        **SD_TINY_TEXT_CONFIG,
-        vocab_size=vocab_size,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            **(text_config or SD_TINY_TEXT_CONFIG),
+            vocab_size=vocab_size,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id,
+        )
     )
-    text_encoder = CLIPTextModel(text_config)
     scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
     return StableDiffusionPipeline(
         vae=vae,
