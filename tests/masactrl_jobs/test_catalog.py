@@ -1,0 +1,151 @@
+"""The model catalog: family defaults, validation messages and size checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from masactrl_jobs.catalog import (
+    Catalog,
+    CatalogError,
+    ModelEntry,
+    UnknownModel,
+    catalog_from_data,
+    default_catalog,
+    parse_catalog,
+)
+
+
+def test_default_catalog_matches_the_conventions() -> None:
+    catalog = default_catalog()
+    assert catalog.default == "sd15"
+    sd15, sdxl = catalog.get("sd15"), catalog.get("sdxl")
+    assert (sd15.source, sd15.family, sd15.native_size) == (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "sd",
+        (512, 512),
+    )
+    assert (sd15.block_count, sd15.default_start_layer, sd15.size_multiple) == (16, 10, 64)
+    assert (sdxl.source, sdxl.family, sdxl.native_size) == (
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        "sdxl",
+        (1024, 1024),
+    )
+    assert (sdxl.block_count, sdxl.default_start_layer, sdxl.size_multiple) == (70, 44, 32)
+    assert sd15.default_control == {"start_step": 4, "start_layer": 10}
+    assert catalog.get() == sd15
+    assert "sdxl" in catalog and "tiny" not in catalog
+
+
+def test_overrides_win_over_family_defaults() -> None:
+    entry = ModelEntry(
+        name="tiny",
+        source="/models/tiny-sd",
+        family="sd",
+        native_width=64,
+        native_height=128,
+        block_count=4,
+        default_start_layer=2,
+        default_start_step=1,
+        max_pixels=128 * 128,
+    )
+    assert entry.native_size == (64, 128)
+    assert entry.default_control == {"start_step": 1, "start_layer": 2}
+
+
+def test_models_may_be_keyed_by_name() -> None:
+    catalog = parse_catalog(
+        json.dumps({"default": "a", "models": {"a": {"source": "x", "family": "sdxl"}}})
+    )
+    assert catalog.get("a").family == "sdxl"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"models": [], "default": "a"}, "models: List should have at least 1 item"),
+        (
+            {"default": "b", "models": [{"name": "a", "source": "x", "family": "sd"}]},
+            "default 'b' is not one of the models (a)",
+        ),
+        (
+            {"default": "a", "models": [{"name": "a", "source": "x", "family": "sd"}] * 2},
+            "repeated: a",
+        ),
+        (
+            {"default": "a", "models": [{"name": "a", "source": "x", "family": "flux"}]},
+            "models[0]: family 'flux' is not 'sd' or 'sdxl'",
+        ),
+        (
+            {"default": "a", "models": [{"name": "a", "source": "x"}]},
+            "models[0]: family is required",
+        ),
+        (
+            {"default": "a", "models": [{"name": "A b", "source": "x", "family": "sd"}]},
+            "models[0].name: String should match pattern",
+        ),
+        (
+            {
+                "default": "a",
+                "models": [{"name": "a", "source": "x", "family": "sd", "native_width": 500}],
+            },
+            "native_width 500 is not a multiple of 64",
+        ),
+        (
+            {
+                "default": "a",
+                "models": [{"name": "a", "source": "x", "family": "sd", "default_start_layer": 16}],
+            },
+            "default_start_layer 16 must be below block_count 16",
+        ),
+        (
+            {
+                "default": "a",
+                "models": [{"name": "a", "source": "x", "family": "sd", "colour": "red"}],
+            },
+            "models[0].colour: Extra inputs are not permitted",
+        ),
+        (
+            {"default": "a", "models": [{"name": "a", "source": "", "family": "sd"}]},
+            "models[0].source",
+        ),
+        ([1, 2], "must be a JSON object"),
+    ],
+)
+def test_malformed_catalogs_say_what_is_wrong(data: object, message: str) -> None:
+    with pytest.raises(CatalogError) as caught:
+        catalog_from_data(data, origin="test catalog")
+    assert str(caught.value).startswith("test catalog ")
+    assert message in str(caught.value)
+
+
+def test_invalid_json_gives_the_position() -> None:
+    with pytest.raises(CatalogError, match=r"MASACTRL_CATALOG is not valid JSON: .* line 2 column"):
+        parse_catalog('{"default": "a",\n "models": [}', origin="MASACTRL_CATALOG")
+
+
+def test_unknown_model_lists_the_choices() -> None:
+    with pytest.raises(UnknownModel) as caught:
+        default_catalog().get("sd3")
+    assert str(caught.value) == "unknown model 'sd3'; available: sd15, sdxl"
+    assert isinstance(caught.value, KeyError)
+
+
+def test_check_size() -> None:
+    sd15 = default_catalog().get("sd15")
+    sd15.check_size(512, 768)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        sd15.check_size(512, 520)
+    with pytest.raises(ValueError, match="allows at most 1048576"):
+        sd15.check_size(1024, 1088)
+    with pytest.raises(ValueError, match="positive"):
+        sd15.check_size(0, 512)
+    default_catalog().get("sdxl").check_size(1024, 992)
+
+
+def test_catalog_is_immutable() -> None:
+    catalog = default_catalog()
+    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error type is an implementation detail
+        catalog.default = "sdxl"  # type: ignore[misc]
+    assert isinstance(catalog, Catalog)
