@@ -301,9 +301,12 @@ def _open(
     content: bytes | None,
     shown: str,
     started: float,
+    timeout: float,
 ) -> httpx.Response:
     last_error: Exception | None = None
     for address in target.addresses:
+        if time.monotonic() - started > timeout:
+            break  # each address could take the whole connect timeout; the budget is shared
         request = _pinned_request(client, target, address, method, headers, content)
         try:
             return client.send(request, stream=True)
@@ -317,7 +320,7 @@ def _open(
                 f"request to {shown!r} failed: {exc}", duration=time.monotonic() - started
             ) from exc
     duration = time.monotonic() - started
-    if isinstance(last_error, httpx.ConnectTimeout):
+    if last_error is None or isinstance(last_error, httpx.ConnectTimeout):
         raise FetchTimeout(f"connecting to {shown!r} timed out", duration=duration) from last_error
     raise FetchError(
         f"cannot connect to {shown!r}: {last_error}", duration=duration
@@ -358,7 +361,7 @@ def fetch(
         "Accept-Encoding": "identity",
     }
     with _client(timeout, ssl_context) as client:
-        response = _open(client, target, "GET", headers, None, shown, started)
+        response = _open(client, target, "GET", headers, None, shown, started, timeout)
         try:
             status = response.status_code
             if 300 <= status < 400:
@@ -428,7 +431,7 @@ def post(
     target = _check(url, allow_loopback_http)
     started = time.monotonic()
     with _client(timeout, ssl_context) as client:
-        response = _open(client, target, "POST", headers, body, shown, started)
+        response = _open(client, target, "POST", headers, body, shown, started, timeout)
         try:
             received = 0
             for chunk in response.iter_raw():

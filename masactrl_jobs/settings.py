@@ -159,10 +159,21 @@ class CommonSettings(BaseSettings):
             raise ValueError(f"{value!r} is not an http(s) URL such as https://host:port")
         return value
 
-    @field_validator("s3_region", "s3_access_key_id")
+    @field_validator(
+        "s3_region",
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        "url_signing_secret",
+        "catalog",
+        "catalog_file",
+        mode="before",
+    )
     @classmethod
-    def _blank_is_unset(cls, value: str | None) -> str | None:
-        return (value.strip() or None) if value is not None else None
+    def _blank_is_unset(cls, value: Any) -> Any:
+        # `MASACTRL_CATALOG_FILE=` in an env file means "not set", not "the current directory".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value.strip() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_environment_rules(self) -> CommonSettings:
