@@ -1,0 +1,292 @@
+"""docker-compose.yml and .env.example, checked as compose would read them (no Docker engine)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import Any
+
+import pytest
+
+from masactrl_jobs.settings import (
+    CommonSettings,
+    ConfigurationError,
+    is_placeholder_secret,
+    load_settings,
+)
+from tests.deploy.manifests import (
+    REPO,
+    MissingVariable,
+    all_references,
+    interpolate,
+    load_compose,
+    parse_env_file,
+    references,
+    split_image,
+)
+
+SERVICES = {"redis", "minio", "minio-init", "gateway", "worker-sd15", "worker-webhooks"}
+APP_SERVICES = ("gateway", "worker-sd15", "worker-webhooks")
+LONG_RUNNING = ("redis", "minio", *APP_SERVICES)
+# Variables that hold credentials: each must be required (${VAR:?...}) with no default.
+SECRET_VARIABLES = {
+    "REDIS_PASSWORD",
+    "MINIO_ROOT_USER",
+    "MINIO_ROOT_PASSWORD",
+    "MASACTRL_S3_ACCESS_KEY_ID",
+    "MASACTRL_S3_SECRET_ACCESS_KEY",
+    "MASACTRL_URL_SIGNING_SECRET",
+    "MASACTRL_API_KEYS",
+}
+# The one optional credential: passed through, empty by default (anonymous Hub downloads).
+OPTIONAL_SECRETS = {"HF_TOKEN"}
+# Environment keys whose values are credentials (the Redis URL carries the password).
+SECRET_NAME = re.compile(
+    r"PASSWORD|SECRET|TOKEN|API_KEYS|ACCESS_KEY|ROOT_USER|REDISCLI_AUTH|REDIS_URL"
+)
+HF_HOME = "/var/cache/huggingface"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return load_compose()
+
+
+@pytest.fixture(scope="module")
+def env_example() -> dict[str, str]:
+    return parse_env_file(REPO / ".env.example")
+
+
+def real_secrets() -> dict[str, str]:
+    """What an operator following .env.example would set (hex: safe inside the Redis URL)."""
+    values = {name: secrets.token_hex(32) for name in SECRET_VARIABLES}
+    values["MASACTRL_S3_ACCESS_KEY_ID"] = "masactrl" + secrets.token_hex(6)
+    key_hash = secrets.token_hex(32)
+    values["MASACTRL_API_KEYS"] = (
+        f'[{{"sha256": "{key_hash}", "tenant": "acme", "webhook_secret": "whsec_{key_hash}"}}]'
+    )
+    return values
+
+
+def rendered(env: dict[str, str]) -> dict[str, Any]:
+    return interpolate(load_compose(), env)
+
+
+def test_services(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == SERVICES
+    assert set(compose["volumes"]) == {"redis-data", "minio-data", "model-cache"}
+
+
+def test_redis_persists_with_aof_and_has_a_healthcheck(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    assert command[0] == "redis-server"  # the image's entrypoint drops root only for this
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "everysec"
+    assert command[command.index("--requirepass") + 1] == "${REDIS_PASSWORD:?Variable not set}"
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    # redis-cli authenticates from REDISCLI_AUTH, with the same password the server requires.
+    assert redis["environment"]["REDISCLI_AUTH"] == "${REDIS_PASSWORD:?Variable not set}"
+    assert "redis-data:/data" in redis["volumes"]
+    assert "ports" not in redis  # only the services on the compose network reach it
+
+
+def test_minio_healthcheck_and_one_shot_bucket_init(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert services["minio"]["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
+    assert "minio-data:/data" in services["minio"]["volumes"]
+    init = services["minio-init"]
+    assert init["depends_on"] == {"minio": {"condition": "service_healthy"}}
+    assert init["restart"] == "no"
+    script = init["command"][0]
+    assert 'mc mb --ignore-existing "local/$$S3_BUCKET"' in script
+    assert "mc admin user add" in script and "set -eu" in script
+    # The service's own account: its keys are the ones the app services get.
+    assert (
+        init["environment"]["SERVICE_ACCESS_KEY"]
+        == "${MASACTRL_S3_ACCESS_KEY_ID:?Variable not set}"
+    )
+    assert init["environment"]["SERVICE_SECRET_KEY"] == (
+        "${MASACTRL_S3_SECRET_ACCESS_KEY:?Variable not set}"
+    )
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_app_services_wait_for_healthy_dependencies(compose: dict[str, Any], service: str) -> None:
+    assert compose["services"][service]["depends_on"] == {
+        "redis": {"condition": "service_healthy"},
+        "minio": {"condition": "service_healthy"},
+        "minio-init": {"condition": "service_completed_successfully"},
+    }
+
+
+def test_every_depends_on_names_a_condition(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        for dependency, spec in service.get("depends_on", {}).items():
+            assert dependency in SERVICES, (name, dependency)
+            assert spec["condition"] in {"service_healthy", "service_completed_successfully"}
+            if spec["condition"] == "service_healthy":
+                assert "healthcheck" in compose["services"][dependency], dependency
+
+
+def test_gateway(compose: dict[str, Any]) -> None:
+    gateway = compose["services"]["gateway"]
+    assert gateway["build"] == {"context": ".", "dockerfile": "docker/gateway.Dockerfile"}
+    assert gateway["command"] == ["serve", "--host", "0.0.0.0", "--port", "8000"]
+    assert gateway["ports"] == ["${GATEWAY_PORT:-8000}:8000"]
+    probe = gateway["healthcheck"]["test"]
+    assert probe[:3] == ["CMD", "python", "-c"]
+    assert "http://127.0.0.1:8000/readyz" in probe[3]
+    assert gateway["read_only"] is True and gateway["cap_drop"] == ["ALL"]
+
+
+def test_gpu_worker(compose: dict[str, Any]) -> None:
+    worker = compose["services"]["worker-sd15"]
+    assert worker["build"] == {"context": ".", "dockerfile": "docker/worker.Dockerfile"}
+    assert worker["command"] == ["worker", "--model", "sd15"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "capabilities": ["gpu"], "count": 1}
+    ]
+    assert worker["environment"]["HF_HOME"] == HF_HOME
+    assert f"model-cache:{HF_HOME}" in worker["volumes"]
+    assert worker["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}"
+    # Long enough for Celery's warm shutdown to finish the running job.
+    assert worker["stop_grace_period"] == "15m"
+
+
+def test_only_the_gpu_worker_reserves_a_gpu(compose: dict[str, Any]) -> None:
+    reserving = [name for name, service in compose["services"].items() if "deploy" in service]
+    assert reserving == ["worker-sd15"]
+
+
+def test_webhook_worker_runs_on_the_gateway_image(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    webhooks = services["worker-webhooks"]
+    assert webhooks["command"] == ["worker", "--webhooks"]
+    assert webhooks["image"] == services["gateway"]["image"]
+    assert webhooks["build"] == services["gateway"]["build"]
+
+
+@pytest.mark.parametrize("service", LONG_RUNNING)
+def test_long_running_services_restart(compose: dict[str, Any], service: str) -> None:
+    assert compose["services"][service]["restart"] == "unless-stopped"
+
+
+def test_tenants_reach_only_the_gateway_and_the_webhook_worker(compose: dict[str, Any]) -> None:
+    having = {
+        name
+        for name, service in compose["services"].items()
+        if "MASACTRL_API_KEYS" in service.get("environment", {})
+    }
+    assert having == {"gateway", "worker-webhooks"}
+
+
+def test_secret_environment_values_are_required_references(compose: dict[str, Any]) -> None:
+    checked = 0
+    for name, service in compose["services"].items():
+        for key, value in service.get("environment", {}).items():
+            if not SECRET_NAME.search(key):
+                continue
+            refs = references(str(value))
+            assert refs, f"{name}.{key} is a literal"
+            for ref in refs:
+                if ref.name in OPTIONAL_SECRETS:
+                    assert ref.text == "${HF_TOKEN:-}", (name, key)
+                else:
+                    assert ref.name in SECRET_VARIABLES, (name, key, ref.name)
+                    assert ref.operator == ":?", (name, key, ref.text)
+            checked += 1
+    # 3 app services x 4 shared (Redis URL, S3 key pair, signing secret), 2 x API keys, HF_TOKEN,
+    # REDISCLI_AUTH, MinIO's root pair, minio-init's root pair and service key pair.
+    assert checked == 3 * 4 + 2 + 1 + 1 + 2 + 4
+
+
+def test_no_secret_variable_has_a_default_anywhere(compose: dict[str, Any]) -> None:
+    refs = all_references(compose)
+    used = {ref.name for ref in refs}
+    assert used >= SECRET_VARIABLES
+    for ref in refs:
+        if ref.name in SECRET_VARIABLES:
+            assert ref.operator == ":?" and ref.argument == "Variable not set", ref.text
+
+
+@pytest.mark.parametrize("missing", sorted(SECRET_VARIABLES))
+def test_compose_refuses_to_render_without_each_secret(missing: str) -> None:
+    env = real_secrets()
+    rendered(env)  # complete: renders
+    for value in ("", None):
+        partial = dict(env)
+        if value is None:
+            del partial[missing]
+        else:
+            partial[missing] = value
+        with pytest.raises(MissingVariable) as error:
+            rendered(partial)
+        assert error.value.name == missing
+
+
+def test_no_literal_credentials_in_the_file() -> None:
+    lines = (REPO / "docker-compose.yml").read_text().lower().splitlines()
+    text = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+    for default in ("minioadmin", "change-me", "changeme", "password123", "whsec_"):
+        assert default not in text
+    # After interpolation with sentinels, every secret-looking value came from the environment.
+    env = {name: f"sentinel-{name.lower()}" for name in SECRET_VARIABLES | OPTIONAL_SECRETS}
+    for name, service in rendered(env)["services"].items():
+        for key, value in service.get("environment", {}).items():
+            if SECRET_NAME.search(key):
+                assert "sentinel-" in value, (name, key, value)
+
+
+def test_env_example_documents_exactly_what_compose_uses(
+    compose: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    used = {ref.name for ref in all_references(compose)}
+    assert used == set(env_example)
+
+
+def test_env_example_placeholders_are_refused(env_example: dict[str, str]) -> None:
+    for name in SECRET_VARIABLES:
+        value = env_example[name]
+        assert "change-me" in value, name
+        if name != "MASACTRL_API_KEYS":
+            assert is_placeholder_secret(value), name
+    assert env_example["HF_TOKEN"] == ""
+    # Started as is, the services refuse the placeholder signing secret in production mode.
+    gateway_env = rendered(env_example)["services"]["gateway"]["environment"]
+    with pytest.raises(ConfigurationError, match="MASACTRL_URL_SIGNING_SECRET"):
+        settings_from(gateway_env)
+
+
+def settings_from(environment: dict[str, Any]) -> CommonSettings:
+    overrides = {
+        key.removeprefix("MASACTRL_").lower(): value
+        for key, value in environment.items()
+        if key.startswith("MASACTRL_")
+    }
+    return load_settings(CommonSettings, _env_file=None, **overrides)
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_compose_environment_is_a_valid_production_configuration(service: str) -> None:
+    env = real_secrets()
+    environment = rendered(env)["services"][service]["environment"]
+    settings = settings_from(environment)
+    assert settings.environment == "production"
+    assert settings.redis_url == f"redis://:{env['REDIS_PASSWORD']}@redis:6379/0"
+    assert settings.storage_url == "s3://masactrl"
+    assert settings.s3_endpoint_url == "http://minio:9000"
+    assert settings.s3_public_endpoint_url == "http://localhost:9000"
+    assert settings.s3_access_key_id == env["MASACTRL_S3_ACCESS_KEY_ID"]
+    assert settings.signing_key == env["MASACTRL_URL_SIGNING_SECRET"].encode()
+    assert settings.model_catalog.default == "sd15"
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_images_are_pinned(compose: dict[str, Any], service: str) -> None:
+    image = rendered(real_secrets())["services"][service]["image"]
+    name, tag, digest = split_image(image)
+    assert tag and tag != "latest", image
+    if "build" not in compose["services"][service]:
+        # Third-party images: an exact release, not a moving major/minor tag.
+        assert digest or re.search(r"\d+\.\d+\.\d+|RELEASE\.\d{4}-\d\d-\d\dT", tag), image
