@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 
 def requirements(pyproject: Path, extras: list[str]) -> list[str]:
@@ -20,7 +21,9 @@ def requirements(pyproject: Path, extras: list[str]) -> list[str]:
     optional = project.get("optional-dependencies", {})
     unknown = [extra for extra in extras if extra not in optional]
     if unknown:
-        raise SystemExit(f"{pyproject} has no extra {', '.join(unknown)}; known: {sorted(optional)}")
+        raise SystemExit(
+            f"{pyproject} has no extra {', '.join(unknown)}; known: {sorted(optional)}"
+        )
     lines = list(project.get("dependencies", []))
     for extra in extras:
         lines.extend(optional[extra])
