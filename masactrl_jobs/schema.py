@@ -25,6 +25,7 @@ __all__ = [
     "ControlParams",
     "DefaultControl",
     "EditCreate",
+    "EditParams",
     "ErrorBody",
     "ErrorDetail",
     "ErrorInfo",
@@ -196,6 +197,10 @@ class _JobCreate(_Strict):
     height: int | None = Field(default=None, ge=1, le=16384, description="Default: native size.")
     control: ControlParams = Field(default_factory=ControlParams)
     webhook: WebhookCreate | None = None
+
+
+class EditParams(_JobCreate):
+    """The `params` part of a multipart edit: an edit without `image` (sent as a file part)."""
 
 
 class EditCreate(_JobCreate):

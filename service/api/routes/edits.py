@@ -1,0 +1,118 @@
+"""POST /v1/edits: real-image edits, as JSON or as multipart with an image file part."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from masactrl_jobs.schema import EditCreate, EditParams, JobKind
+from service.api.deps import GatewayDep, IdempotencyKey, Prefer, TenantDep
+from service.api.responses import errors, job_response
+from service.errors import ApiError, FieldError, invalid, validation_details
+from service.submission import submit
+
+router = APIRouter(prefix="/v1/edits", tags=["edits"])
+
+# The body is parsed by hand (two content types), so it is described here for the contract.
+_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/EditCreate"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "params"],
+                    "properties": {
+                        "image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "The image file (PNG, JPEG or WebP).",
+                        },
+                        "params": {"$ref": "#/components/schemas/EditParams"},
+                    },
+                },
+                "encoding": {"params": {"contentType": "application/json"}},
+            },
+        },
+    }
+}
+MULTIPART_PARTS = {"image", "params"}
+
+
+async def _parse_json(request: Request) -> EditCreate:
+    try:
+        return EditCreate.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise invalid(validation_details(exc.errors(), prefix=("body",))) from None
+
+
+async def _parse_multipart(request: Request, max_bytes: int) -> tuple[EditParams, bytes]:
+    try:
+        form = await request.form(max_files=2, max_fields=4)
+    except MultiPartException as exc:
+        raise invalid([FieldError(("body",), f"malformed multipart body: {exc.message}")]) from None
+    unknown = sorted(set(form.keys()) - MULTIPART_PARTS)
+    if unknown:
+        raise invalid([FieldError(("body", unknown[0]), f"unknown part {unknown[0]!r}",
+                                  "extra_forbidden")])  # fmt: skip
+    image = form.get("image")
+    if not isinstance(image, UploadFile):
+        raise invalid([FieldError(("body", "image"), "send the image as a file part", "missing")])
+    raw_params = form.get("params")
+    if raw_params is None:
+        raise invalid([FieldError(("body", "params"), "this part is required", "missing")])
+    params_text = await raw_params.read() if isinstance(raw_params, UploadFile) else raw_params
+    try:
+        params = EditParams.model_validate_json(params_text)
+    except ValidationError as exc:
+        raise invalid(validation_details(exc.errors(), prefix=("body", "params"))) from None
+    # Read one byte past the limit: enough to know it is too large without holding more.
+    data = await image.read(max_bytes + 1)
+    return params, data
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=None,
+    openapi_extra=_REQUEST_BODY,
+    responses={
+        202: job_response("The job was accepted (queued).", headers=True),
+        200: job_response("Idempotent replay: the job first created with this key.", True),
+        **errors(401, 413, 415, 422, 429, 503),
+    },
+)
+async def create_edit(
+    request: Request,
+    gateway: GatewayDep,
+    tenant: TenantDep,
+    idempotency_key: IdempotencyKey = None,
+    prefer: Prefer = None,
+) -> Response:
+    """Submit a real-image edit (JSON with an image URL, or multipart with an image file)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json" or content_type.endswith("+json"):
+        body: EditCreate | EditParams = await _parse_json(request)
+        upload = None
+    elif content_type == "multipart/form-data":
+        body, upload = await _parse_multipart(request, gateway.settings.max_image_bytes)
+    else:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "Send application/json, or multipart/form-data with 'image' and 'params' parts.",
+        )
+    return await submit(
+        gateway,
+        tenant,
+        JobKind.edit,
+        body,
+        upload=upload,
+        idempotency_key=idempotency_key,
+        prefer=prefer,
+    )

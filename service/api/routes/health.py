@@ -1,0 +1,78 @@
+"""Probes and metrics: /livez, /readyz, /metrics (no authentication, outside /v1)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import GatewayDep
+
+router = APIRouter(tags=["health"])
+logger = logging.getLogger(__name__)
+
+_PROBE_TIMEOUT = 3.0
+
+
+@router.get("/livez", responses={200: {"description": "The process is serving."}})
+async def livez() -> dict[str, str]:
+    """Liveness: the process answers (no dependency is checked)."""
+    return {"status": "ok"}
+
+
+async def _check_redis(gateway: GatewayDep) -> bool:
+    try:
+        return await asyncio.wait_for(gateway.store.ping(), _PROBE_TIMEOUT)
+    except Exception as exc:
+        logger.warning("readiness: Redis unreachable: %s", exc)
+        return False
+
+
+async def _check_storage(gateway: GatewayDep) -> bool:
+    try:
+        return bool(
+            await asyncio.wait_for(run_in_threadpool(gateway.storage.healthy), _PROBE_TIMEOUT)
+        )
+    except Exception as exc:
+        logger.warning("readiness: storage unreachable: %s", exc)
+        return False
+
+
+@router.get(
+    "/readyz",
+    responses={
+        200: {"description": "Redis and storage are reachable."},
+        503: {"description": "A dependency is unreachable; the body says which."},
+    },
+)
+async def readyz(gateway: GatewayDep) -> JSONResponse:
+    """Readiness: Redis and object storage both answer."""
+    redis_ok, storage_ok = await asyncio.gather(_check_redis(gateway), _check_storage(gateway))
+    checks = {"redis": "ok" if redis_ok else "unreachable",
+              "storage": "ok" if storage_ok else "unreachable"}  # fmt: skip
+    ready = redis_ok and storage_ok
+    return JSONResponse(
+        {"status": "ready" if ready else "unavailable", "checks": checks},
+        status_code=200 if ready else 503,
+    )
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+)
+async def metrics(gateway: GatewayDep) -> Response:
+    """Prometheus metrics: requests, latencies, submitted jobs, queue depth per model."""
+    try:
+        depths = await gateway.store.queue_depths(gateway.catalog.names())
+    except Exception as exc:  # the HTTP metrics are still worth scraping while Redis is down
+        logger.warning("metrics: queue depth unavailable: %s", exc)
+    else:
+        for model, depth in depths.items():
+            gateway.metrics.queue_depth.labels(model).set(depth)
+    return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)

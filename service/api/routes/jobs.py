@@ -1,0 +1,155 @@
+"""Jobs: read, list, cancel, and follow as Server-Sent Events."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from masactrl_jobs.ids import is_job_id
+from masactrl_jobs.schema import JobList, JobStatus
+from service.api.deps import GatewayDep, Prefer, TenantDep
+from service.api.responses import errors, job_response
+from service.errors import ApiError, FieldError, invalid
+from service.gateway import Gateway
+from service.submission import parse_prefer_wait
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+# Blocking reads stay below the store's socket timeout; see Gateway.wait_until_done.
+_BLOCK_MS = 1000
+
+
+@router.get("", response_model=JobList, responses=errors(401, 422, 503))
+async def list_jobs(
+    gateway: GatewayDep,
+    tenant: TenantDep,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[
+        str | None, Query(max_length=64, description="`next_cursor` of the previous page.")
+    ] = None,
+) -> Response:
+    """List your jobs, newest first, a page at a time."""
+    if cursor is not None and not is_job_id(cursor):
+        raise invalid([FieldError(("query", "cursor"), "cursor is not a value from next_cursor")])
+    records, next_cursor = await gateway.store.list(
+        tenant.name, status=status, limit=limit, cursor=cursor
+    )
+    page = JobList(data=[gateway.render(r) for r in records], next_cursor=next_cursor)
+    return Response(page.model_dump_json(), media_type="application/json")
+
+
+@router.get(
+    "/{job_id}",
+    response_model=None,
+    responses={200: job_response("The job."), **errors(401, 404, 422, 503)},
+)
+async def get_job(
+    job_id: str, gateway: GatewayDep, tenant: TenantDep, prefer: Prefer = None
+) -> Response:
+    """Get a job; with `Prefer: wait=N`, wait up to N seconds for it to end first."""
+    record = await gateway.owned_job(tenant, job_id)
+    headers = {}
+    wait = parse_prefer_wait(prefer, gateway.settings.max_wait_seconds)
+    if wait is not None:
+        headers["Preference-Applied"] = f"wait={wait}"
+        if not record.status.is_terminal():
+            record = await gateway.wait_until_done(job_id, wait) or record
+    return gateway.job_response(record, 200, headers)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=None,
+    responses={
+        200: job_response("The job was queued and is now canceled."),
+        202: job_response("The job is running; it stops at its next step."),
+        **errors(401, 404, 409, 422, 503),
+    },
+)
+async def cancel_job(job_id: str, gateway: GatewayDep, tenant: TenantDep) -> Response:
+    """Cancel a job: at once when queued, at the next step when running."""
+    await gateway.owned_job(tenant, job_id)
+    result = await gateway.store.cancel(job_id)
+    if result.outcome == "missing":
+        raise ApiError(404, "not_found", f"No job with id {job_id!r}.")
+    if result.outcome == "conflict":
+        raise ApiError(
+            409,
+            "job_finished",
+            f"The job already ended ({result.previous}); only queued or running jobs can be "
+            "canceled.",
+        )
+    record = await gateway.owned_job(tenant, job_id)
+    return gateway.job_response(record, 200 if result.outcome == "canceled" else 202)
+
+
+async def _events(gateway: Gateway, job_id: str, after: str) -> AsyncIterator[ServerSentEvent]:
+    store = gateway.store
+    while True:
+        events = await store.wait_events(job_id, after=after, block_ms=_BLOCK_MS)
+        for event in events:
+            after = event.id
+            if event.is_terminal:
+                record = await store.get(job_id)
+                data: Any = (
+                    gateway.render(record).model_dump(mode="json")
+                    if record is not None
+                    else {"id": job_id, **event.data}
+                )
+                yield ServerSentEvent(json.dumps(data), event=event.event, id=event.id)
+                return
+            payload = {"job_id": job_id, **event.data}
+            yield ServerSentEvent(json.dumps(payload), event=event.event, id=event.id)
+        if not events:
+            record = await store.get(job_id)
+            if record is None or record.status.is_terminal():
+                return  # expired, or the terminal event was already sent before `after`
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=None,
+    responses={
+        200: {
+            "description": (
+                "Server-Sent Events: `status`, `progress`, then one of `succeeded`, `failed`, "
+                "`canceled` (whose data is the job object). Each event has an id; reconnect "
+                "with `Last-Event-ID` to resume after it."
+            ),
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        204: {"description": "Nothing follows `Last-Event-ID`: the job has ended."},
+        **errors(401, 404, 422, 503),
+    },
+)
+async def stream_job_events(
+    job_id: str,
+    gateway: GatewayDep,
+    tenant: TenantDep,
+    last_event_id: Annotated[
+        str | None,
+        Header(alias="Last-Event-ID", max_length=64, description="Resume after this event."),
+    ] = None,
+) -> Response:
+    """Follow a job's status and progress as Server-Sent Events (resumable)."""
+    record = await gateway.owned_job(tenant, job_id)
+    after = "0"
+    if last_event_id:
+        if not _STREAM_ID.match(last_event_id):
+            raise invalid(
+                [FieldError(("header", "Last-Event-ID"), "not an event id from this stream")]
+            )
+        after = last_event_id
+        if record.status.is_terminal() and not await gateway.store.read_events(job_id, after, 1):
+            # 204 tells an EventSource to stop reconnecting: there is nothing more to say.
+            return Response(status_code=204)
+    return EventSourceResponse(
+        _events(gateway, job_id, after), ping=gateway.settings.sse_ping_seconds
+    )

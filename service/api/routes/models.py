@@ -1,0 +1,34 @@
+"""GET /v1/models: the catalog and which models have live workers."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from masactrl_jobs.schema import DefaultControl, ModelList, ModelPublic
+from service.api.deps import GatewayDep, TenantDep
+from service.api.responses import errors
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", response_model=ModelList, responses=errors(401, 503))
+async def list_models(gateway: GatewayDep, tenant: TenantDep) -> ModelList:
+    """List the models on offer, their sizes and control defaults, and live capacity."""
+    live = await gateway.store.live_models()
+    return ModelList(
+        default=gateway.catalog.default,
+        data=[
+            ModelPublic(
+                name=entry.name,
+                family=entry.family,
+                native_width=entry.native_width,
+                native_height=entry.native_height,
+                block_count=entry.block_count,
+                size_multiple=entry.size_multiple,
+                max_pixels=entry.max_pixels,
+                default_control=DefaultControl(**entry.default_control),
+                live=entry.name in live,
+            )
+            for entry in gateway.catalog.models
+        ],
+    )

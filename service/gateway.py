@@ -1,0 +1,150 @@
+"""The gateway's long-lived parts (store, storage, broker, catalog, tenants) and job helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from celery import Celery
+from fastapi import Response
+from starlette.concurrency import run_in_threadpool
+
+from masactrl_jobs.catalog import Catalog
+from masactrl_jobs.queue import enqueue_job
+from masactrl_jobs.schema import JobPublic
+from masactrl_jobs.storage import Storage
+from masactrl_jobs.store import AsyncJobStore, JobRecord
+from service.config import GatewaySettings, Tenant
+from service.errors import ApiError
+from service.intake import ImageIntake
+from service.metrics import GatewayMetrics
+
+__all__ = ["Gateway"]
+
+logger = logging.getLogger(__name__)
+
+# Blocking reads stay well below the store's socket timeout (5 s), so a slow stream is never
+# mistaken for a dead Redis.
+_BLOCK_MS = 1000
+
+
+@dataclass
+class Gateway:
+    """Everything a request handler needs, built once per app."""
+
+    settings: GatewaySettings
+    store: AsyncJobStore
+    storage: Storage
+    celery: Celery
+    catalog: Catalog
+    tenants: dict[str, Tenant]
+    metrics: GatewayMetrics
+    intake: ImageIntake = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.intake = ImageIntake(self.settings, self.storage)
+
+    # -- rendering
+    def render(self, record: JobRecord) -> JobPublic:
+        """The public job object, with presigned output URLs."""
+        return record.to_public(
+            base_url=self.settings.public_base_url,
+            url_for=self.storage.url,
+            url_ttl_seconds=self.settings.presigned_url_ttl_seconds,
+            retention_seconds=self.settings.job_retention_seconds,
+        )
+
+    def job_response(
+        self, record: JobRecord, status_code: int = 200, headers: dict[str, str] | None = None
+    ) -> Response:
+        """A JSON response holding the job object."""
+        body = self.render(record).model_dump_json()
+        return Response(body, status_code, headers=headers, media_type="application/json")
+
+    async def owned_job(self, tenant: Tenant, job_id: str) -> JobRecord:
+        """The tenant's job; 404 when it does not exist *or belongs to someone else*."""
+        record = await self.store.get(job_id) if len(job_id) <= 64 else None
+        if record is None or record.tenant != tenant.name:
+            # Never 403: that would confirm to another tenant that the id exists.
+            raise ApiError(404, "not_found", f"No job with id {job_id!r}.")
+        return record
+
+    # -- queueing
+    async def enqueue(self, job_id: str, model: str) -> None:
+        """Hand the job to its model's workers; a broker failure fails the job and is a 503."""
+        try:
+            # kombu publishes with blocking sockets: keep them off the event loop.
+            await asyncio.wait_for(
+                run_in_threadpool(enqueue_job, self.celery, job_id, model),
+                timeout=self.settings.enqueue_timeout_seconds,
+            )
+        except Exception as exc:
+            logger.warning("enqueue of job %s failed: %s", job_id, exc)
+            try:
+                await self.store.fail(
+                    job_id, "enqueue_failed", "The job could not be queued; submit it again."
+                )
+            except Exception:
+                logger.warning("could not mark job %s failed after the enqueue error", job_id)
+            raise ApiError(
+                503,
+                "service_unavailable",
+                "The job queue is unreachable; the job was not started. Retry shortly.",
+                headers={"Retry-After": "5"},
+            ) from exc
+
+    async def wait_until_done(self, job_id: str, seconds: float) -> JobRecord | None:
+        """Hold until the job ends or ``seconds`` pass (Prefer: wait), then return it."""
+        deadline = time.monotonic() + seconds
+        after = "0"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            block = max(1, min(_BLOCK_MS, int(remaining * 1000)))
+            events = await self.store.wait_events(job_id, after=after, block_ms=block)
+            if events:
+                after = events[-1].id
+                if any(e.is_terminal for e in events):
+                    break
+            elif (record := await self.store.get(job_id)) is None or record.status.is_terminal():
+                # No new event and already terminal: the stream was trimmed or expired.
+                return record
+        return await self.store.get(job_id)
+
+    # -- retention
+    async def sweep_expired(self, limit: int = 100) -> tuple[int, int]:
+        """Delete jobs and inputs past retention: results first, then the Redis records."""
+        job_ids = await self.store.expired_jobs(limit=limit)
+        purged = []
+        for job_id in job_ids:
+            try:
+                await run_in_threadpool(self.storage.delete_prefix, f"results/{job_id}/")
+            except Exception as exc:
+                # Keep the record so the next sweep retries; never orphan stored results.
+                logger.warning("could not delete results of job %s: %s", job_id, exc)
+                continue
+            purged.append(job_id)
+        await self.store.purge_jobs(purged)
+        inputs = await self.store.forget_inputs(await self.store.expired_inputs(limit=limit))
+        for key in inputs:
+            try:
+                await run_in_threadpool(self.storage.delete, key)
+            except Exception as exc:
+                logger.warning("could not delete input %s: %s", key, exc)
+        return len(purged), len(inputs)
+
+    async def run_sweeper(self) -> None:
+        """Sweep every ``cleanup_interval_seconds`` until cancelled."""
+        interval = self.settings.cleanup_interval_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                while sum(await self.sweep_expired()) > 0:
+                    await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("retention sweep failed: %s", exc)

@@ -1,0 +1,224 @@
+"""Checks that need the catalog or several fields at once, and the resolved job input.
+
+pydantic has already checked each field on its own (ranges, lengths, unknown fields); what is
+left needs the chosen model (block count, size multiple, maximum pixels) or relates fields
+(``start_step < steps``, mask words present in the prompts).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+from collections.abc import Sequence
+
+import httpx
+
+from masactrl_jobs import netguard
+from masactrl_jobs.catalog import ModelEntry
+from masactrl_jobs.schema import (
+    MAX_SEED,
+    ControlInput,
+    EditCreate,
+    EditParams,
+    JobInput,
+    MaskControl,
+    MaskMode,
+    MaskRegion,
+    SynthesisCreate,
+)
+from service.errors import FieldError
+
+__all__ = ["check_request", "check_webhook_url", "resolve_input"]
+
+JobCreate = EditCreate | EditParams | SynthesisCreate
+_BODY = "body"
+
+
+def _contains_word(text: str, word: str) -> bool:
+    # A whole word, case-insensitive: "cat" is in "A Cat sits" but not in "a category".
+    return re.search(rf"(?<!\w){re.escape(word.strip())}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def check_request(body: JobCreate, entry: ModelEntry) -> list[FieldError]:
+    """Every cross-field or catalog problem of ``body`` (empty when it can run)."""
+    errors: list[FieldError] = []
+    control = body.control
+    at = (_BODY, "control")
+    if control.start_step is not None and control.start_step >= body.steps:
+        errors.append(
+            FieldError(
+                (*at, "start_step"),
+                f"start_step must be less than steps ({body.steps}), got {control.start_step}",
+            )
+        )
+    bad_steps = [s for s in control.steps or [] if s >= body.steps]
+    if bad_steps:
+        errors.append(
+            FieldError(
+                (*at, "steps"), f"control steps must be below steps ({body.steps}), got {bad_steps}"
+            )
+        )
+    blocks = entry.block_count
+    if control.start_layer is not None and control.start_layer >= blocks:
+        errors.append(
+            FieldError(
+                (*at, "start_layer"),
+                f"start_layer must be less than {blocks} ({entry.name} has {blocks} transformer "
+                f"blocks), got {control.start_layer}",
+            )
+        )
+    bad_layers = [layer for layer in control.layers or [] if layer >= blocks]
+    if bad_layers:
+        errors.append(
+            FieldError(
+                (*at, "layers"),
+                f"layers must be below {blocks} ({entry.name} has {blocks} transformer blocks), "
+                f"got {bad_layers}",
+            )
+        )
+    errors += _check_size(body, entry)
+    errors += _check_mask(body)
+    return errors
+
+
+def _check_size(body: JobCreate, entry: ModelEntry) -> list[FieldError]:
+    errors = []
+    multiple = entry.size_multiple
+    width = body.width or entry.native_width
+    height = body.height or entry.native_height
+    for name, value in (("width", body.width), ("height", body.height)):
+        if value is not None and value % multiple:
+            errors.append(
+                FieldError(
+                    (_BODY, name),
+                    f"{name} must be a multiple of {multiple} for {entry.name}, got {value}",
+                )
+            )
+    if width * height > entry.max_pixels:
+        name = "width" if body.width is not None else "height"
+        errors.append(
+            FieldError(
+                (_BODY, name),
+                f"{width}×{height} is {width * height} pixels; {entry.name} allows at most "
+                f"{entry.max_pixels}",
+            )
+        )
+    return errors
+
+
+def _check_mask(body: JobCreate) -> list[FieldError]:
+    mask = body.control.mask
+    at = (_BODY, "control", "mask")
+    errors = []
+    if mask.mode is not MaskMode.manual and mask.regions:
+        errors.append(FieldError((*at, "regions"), "regions are used only with mode 'manual'"))
+    if mask.mode is not MaskMode.auto:
+        for name in ("source_word", "target_word"):
+            if getattr(mask, name) is not None:
+                errors.append(FieldError((*at, name), f"{name} is used only with mode 'auto'"))
+    if mask.mode is MaskMode.manual and not mask.regions:
+        errors.append(
+            FieldError(
+                (*at, "regions"),
+                "mode 'manual' needs at least one region of source and target mask images",
+            )
+        )
+    if mask.mode is MaskMode.auto:
+        if mask.source_word is None:
+            errors.append(FieldError((*at, "source_word"), "mode 'auto' needs a source_word"))
+        elif not _contains_word(body.source_prompt, mask.source_word):
+            errors.append(
+                FieldError(
+                    (*at, "source_word"),
+                    f"source_word {mask.source_word!r} does not appear in source_prompt",
+                )
+            )
+        if mask.target_word is None:
+            errors.append(FieldError((*at, "target_word"), "mode 'auto' needs a target_word"))
+        else:
+            missing = [
+                i
+                for i, p in enumerate(body.target_prompts)
+                if not _contains_word(p, mask.target_word)
+            ]
+            if missing:
+                errors.append(
+                    FieldError(
+                        (*at, "target_word"),
+                        f"target_word {mask.target_word!r} does not appear in target_prompts "
+                        f"{missing}",
+                    )
+                )
+    return errors
+
+
+def check_webhook_url(url: str, *, allow_loopback_http: bool) -> FieldError | None:
+    """A syntactic check at submission; the SSRF guard resolves and checks again on delivery."""
+    loc = (_BODY, "webhook", "url")
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return FieldError(loc, "webhook url is not a valid URL")
+    if parsed.scheme not in ("https", "http") or not parsed.host:
+        return FieldError(loc, "webhook url must be an https:// URL")
+    if parsed.userinfo:
+        return FieldError(loc, "webhook url must not contain credentials")
+    try:
+        literal = ipaddress.ip_address(parsed.host)
+    except ValueError:
+        literal = None
+    if literal is not None:
+        reason = netguard.blocked_reason(literal, allow_loopback=allow_loopback_http)
+        if reason is not None:
+            return FieldError(loc, f"webhook url points at {literal}, {reason}", "unsafe_url")
+    if parsed.scheme == "http" and not (allow_loopback_http and literal is not None):
+        return FieldError(loc, "webhook url must be an https:// URL", "unsafe_url")
+    return None
+
+
+def resolve_input(
+    body: JobCreate,
+    entry: ModelEntry,
+    *,
+    image_key: str | None = None,
+    region_keys: Sequence[tuple[str, str]] = (),
+) -> JobInput:
+    """The parameters as they will run: defaults filled in from the model, images as keys."""
+    control = body.control
+    mask = control.mask
+    stored_mask = MaskControl(
+        mode=mask.mode,
+        regions=[MaskRegion(source=s, target=t) for s, t in region_keys] or None,
+        source_word=mask.source_word,
+        target_word=mask.target_word,
+        threshold=mask.threshold,
+    )
+    return JobInput(
+        image=image_key,
+        source_prompt=body.source_prompt,
+        target_prompts=list(body.target_prompts),
+        negative_prompt=body.negative_prompt,
+        seed=body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1),
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
+        width=body.width or entry.native_width,
+        height=body.height or entry.native_height,
+        control=ControlInput(
+            # Short runs: the model's default start step may exceed them; starting at `steps`
+            # means no controlled step, which the engine accepts.
+            start_step=(
+                control.start_step
+                if control.start_step is not None
+                else min(entry.default_start_step, body.steps)
+            ),
+            start_layer=(
+                control.start_layer
+                if control.start_layer is not None
+                else entry.default_start_layer
+            ),
+            layers=control.layers,
+            steps=control.steps,
+            mask=stored_mask,
+        ),
+    )
