@@ -43,7 +43,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     HOME=/home/masactrl \
-    HF_HOME=/var/cache/huggingface
+    HF_HOME=/var/cache/huggingface \
+    MASACTRL_MODEL_CACHE_DIR=/var/cache/huggingface/masactrl-models
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
  && rm -rf /var/lib/apt/lists/*
@@ -56,7 +57,8 @@ RUN groupadd --system --gid 10001 masactrl \
 COPY --from=builder /opt/venv /opt/venv
 USER 10001:10001
 WORKDIR /home/masactrl
-# Model weights: mount a volume here so they are downloaded once, not on every container start.
+# Model weights (Hub downloads, and catalog models with an s3:// source under masactrl-models/):
+# mount a volume here so they are downloaded once, not on every container start.
 VOLUME ["/var/cache/huggingface"]
 ENTRYPOINT ["masactrl"]
 CMD ["worker", "--model", "sd15"]

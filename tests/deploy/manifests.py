@@ -417,3 +417,24 @@ def one(resources: Iterable[dict[str, Any]], kind: str, name: str) -> dict[str, 
     matches = [r for r in by_kind(resources, kind) if r["metadata"]["name"] == name]
     assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
     return matches[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# settings, as a process would build them from its environment
+
+
+def settings_from_environment(cls: Any, environment: Mapping[str, str], monkeypatch: Any) -> Any:
+    """Build ``cls`` (a pydantic-settings class) from exactly ``environment``'s MASACTRL_*
+    variables, through the environment as the process would (JSON values decoded the same way),
+    ignoring any .env file and any MASACTRL_* variable of the test run itself."""
+    import os
+
+    from masactrl_jobs.settings import load_settings
+
+    for name in list(os.environ):
+        if name.startswith("MASACTRL_"):
+            monkeypatch.delenv(name)
+    for name, value in environment.items():
+        if name.startswith("MASACTRL_"):
+            monkeypatch.setenv(name, str(value))
+    return load_settings(cls, _env_file=None)

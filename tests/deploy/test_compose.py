@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import re
 import secrets
 from typing import Any
@@ -12,8 +15,8 @@ from masactrl_jobs.settings import (
     CommonSettings,
     ConfigurationError,
     is_placeholder_secret,
-    load_settings,
 )
+from service.config import GatewaySettings
 from tests.deploy.manifests import (
     REPO,
     MissingVariable,
@@ -22,11 +25,19 @@ from tests.deploy.manifests import (
     load_compose,
     parse_env_file,
     references,
+    settings_from_environment,
     split_image,
 )
+from worker.config import WorkerSettings
 
 SERVICES = {"redis", "minio", "minio-init", "gateway", "worker-sd15", "worker-webhooks"}
 APP_SERVICES = ("gateway", "worker-sd15", "worker-webhooks")
+# The settings class each service's process builds from its environment.
+SETTINGS: dict[str, type[CommonSettings]] = {
+    "gateway": GatewaySettings,
+    "worker-sd15": WorkerSettings,
+    "worker-webhooks": WorkerSettings,
+}
 LONG_RUNNING = ("redis", "minio", *APP_SERVICES)
 # Variables that hold credentials: each must be required (${VAR:?...}) with no default.
 SECRET_VARIABLES = {
@@ -61,9 +72,10 @@ def real_secrets() -> dict[str, str]:
     """What an operator following .env.example would set (hex: safe inside the Redis URL)."""
     values = {name: secrets.token_hex(32) for name in SECRET_VARIABLES}
     values["MASACTRL_S3_ACCESS_KEY_ID"] = "masactrl" + secrets.token_hex(6)
-    key_hash = secrets.token_hex(32)
-    values["MASACTRL_API_KEYS"] = (
-        f'[{{"sha256": "{key_hash}", "tenant": "acme", "webhook_secret": "whsec_{key_hash}"}}]'
+    key_hash = hashlib.sha256(secrets.token_urlsafe(32).encode()).hexdigest()
+    webhook_secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    values["MASACTRL_API_KEYS"] = json.dumps(
+        [{"sha256": key_hash, "tenant": "acme", "webhook_secret": webhook_secret}]
     )
     return values
 
@@ -172,13 +184,13 @@ def test_long_running_services_restart(compose: dict[str, Any], service: str) ->
     assert compose["services"][service]["restart"] == "unless-stopped"
 
 
-def test_tenants_reach_only_the_gateway_and_the_webhook_worker(compose: dict[str, Any]) -> None:
+def test_tenants_reach_only_the_gateway(compose: dict[str, Any]) -> None:
     having = {
         name
         for name, service in compose["services"].items()
         if "MASACTRL_API_KEYS" in service.get("environment", {})
     }
-    assert having == {"gateway", "worker-webhooks"}
+    assert having == {"gateway"}
 
 
 def test_secret_environment_values_are_required_references(compose: dict[str, Any]) -> None:
@@ -196,9 +208,9 @@ def test_secret_environment_values_are_required_references(compose: dict[str, An
                     assert ref.name in SECRET_VARIABLES, (name, key, ref.name)
                     assert ref.operator == ":?", (name, key, ref.text)
             checked += 1
-    # 3 app services x 4 shared (Redis URL, S3 key pair, signing secret), 2 x API keys, HF_TOKEN,
-    # REDISCLI_AUTH, MinIO's root pair, minio-init's root pair and service key pair.
-    assert checked == 3 * 4 + 2 + 1 + 1 + 2 + 4
+    # 3 app services x 4 shared (Redis URL, S3 key pair, signing secret), the gateway's API keys,
+    # HF_TOKEN, REDISCLI_AUTH, MinIO's root pair, minio-init's root pair and service key pair.
+    assert checked == 3 * 4 + 1 + 1 + 1 + 2 + 4
 
 
 def test_no_secret_variable_has_a_default_anywhere(compose: dict[str, Any]) -> None:
@@ -245,33 +257,36 @@ def test_env_example_documents_exactly_what_compose_uses(
     assert used == set(env_example)
 
 
-def test_env_example_placeholders_are_refused(env_example: dict[str, str]) -> None:
+def test_env_example_placeholders_are_refused(
+    env_example: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in SECRET_VARIABLES:
         value = env_example[name]
         assert "change-me" in value, name
         if name != "MASACTRL_API_KEYS":
             assert is_placeholder_secret(value), name
     assert env_example["HF_TOKEN"] == ""
-    # Started as is, the services refuse the placeholder signing secret in production mode.
+    # Started as is, the gateway refuses the placeholders: first the tenant list...
     gateway_env = rendered(env_example)["services"]["gateway"]["environment"]
-    with pytest.raises(ConfigurationError, match="MASACTRL_URL_SIGNING_SECRET"):
-        settings_from(gateway_env)
-
-
-def settings_from(environment: dict[str, Any]) -> CommonSettings:
-    overrides = {
-        key.removeprefix("MASACTRL_").lower(): value
-        for key, value in environment.items()
-        if key.startswith("MASACTRL_")
-    }
-    return load_settings(CommonSettings, _env_file=None, **overrides)
+    with pytest.raises(ConfigurationError, match=r"MASACTRL_API_KEYS\[0\]\[sha256\]"):
+        settings_from_environment(GatewaySettings, gateway_env, monkeypatch)
+    # ...then, with real tenants, the signing secret.
+    gateway_env["MASACTRL_API_KEYS"] = real_secrets()["MASACTRL_API_KEYS"]
+    with pytest.raises(ConfigurationError, match="MASACTRL_URL_SIGNING_SECRET looks like a"):
+        settings_from_environment(GatewaySettings, gateway_env, monkeypatch)
+    # The workers refuse it too.
+    worker_env = rendered(env_example)["services"]["worker-sd15"]["environment"]
+    with pytest.raises(ConfigurationError, match="MASACTRL_URL_SIGNING_SECRET looks like a"):
+        settings_from_environment(WorkerSettings, worker_env, monkeypatch)
 
 
 @pytest.mark.parametrize("service", APP_SERVICES)
-def test_compose_environment_is_a_valid_production_configuration(service: str) -> None:
+def test_compose_environment_is_a_valid_production_configuration(
+    service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     env = real_secrets()
     environment = rendered(env)["services"][service]["environment"]
-    settings = settings_from(environment)
+    settings = settings_from_environment(SETTINGS[service], environment, monkeypatch)
     assert settings.environment == "production"
     assert settings.redis_url == f"redis://:{env['REDIS_PASSWORD']}@redis:6379/0"
     assert settings.storage_url == "s3://masactrl"
@@ -280,6 +295,15 @@ def test_compose_environment_is_a_valid_production_configuration(service: str) -
     assert settings.s3_access_key_id == env["MASACTRL_S3_ACCESS_KEY_ID"]
     assert settings.signing_key == env["MASACTRL_URL_SIGNING_SECRET"].encode()
     assert settings.model_catalog.default == "sd15"
+    if service == "gateway":
+        assert settings.max_queue_depth == 100
+        assert [t.name for t in settings.tenants_by_key_hash().values()] == ["acme"]
+
+
+def test_gpu_worker_outlives_its_longest_job_on_stop(compose: dict[str, Any]) -> None:
+    grace = compose["services"]["worker-sd15"]["stop_grace_period"]
+    seconds = int(grace.removesuffix("m")) * 60
+    assert seconds > WorkerSettings.model_fields["time_limit_seconds"].default
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))

@@ -92,7 +92,10 @@ def test_worker_is_cuda_with_the_ml_extra() -> None:
     assert "pyproject_requirements.py --extra ml" in builder
     assert 'pip install ".[ml]"' in builder
     runtime = built[-1]
-    assert f"HF_HOME={HF_HOME}" in " ".join(runtime.args("ENV"))
+    env = " ".join(runtime.args("ENV"))
+    assert f"HF_HOME={HF_HOME}" in env
+    # Catalog models with an s3:// source are cached on the same volume.
+    assert f"MASACTRL_MODEL_CACHE_DIR={HF_HOME}/" in env
     assert exec_form(runtime.args("VOLUME")[0]) == [HF_HOME]
     assert f"chown {APP_UID}:{APP_UID} {HF_HOME}" in run_lines(runtime)
 

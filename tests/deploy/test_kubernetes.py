@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path, PurePosixPath
@@ -12,7 +13,7 @@ import yaml
 
 from masactrl_jobs.catalog import parse_catalog
 from masactrl_jobs.queue import WEBHOOK_QUEUE, queue_name
-from masactrl_jobs.settings import CommonSettings, load_settings
+from service.config import GatewaySettings
 from tests.deploy.manifests import (
     DEPLOY,
     REPO,
@@ -20,8 +21,10 @@ from tests.deploy.manifests import (
     containers_of,
     kustomize,
     one,
+    settings_from_environment,
     split_image,
 )
+from worker.config import WorkerSettings
 
 TARGETS = ["base", "overlays/dev", "overlays/prod"]
 SECRET = "masactrl-secrets"
@@ -181,7 +184,8 @@ def test_every_process_gets_the_shared_settings(rendered: list[dict[str, Any]]) 
         assert set(env) >= SHARED_SETTINGS, deployment["metadata"]["name"]
         component = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
         # Tenants (key hashes, webhook secrets) only where they are used.
-        assert ("MASACTRL_API_KEYS" in env) == (component in {"gateway", "webhooks"})
+        # (the gateway stores a tenant's webhook secret with each job it accepts).
+        assert ("MASACTRL_API_KEYS" in env) == (component == "gateway")
 
 
 def test_catalog_lists_exactly_the_served_models(rendered: list[dict[str, Any]]) -> None:
@@ -205,29 +209,54 @@ def test_catalog_file_is_mounted_where_the_setting_points(rendered: list[dict[st
         assert mounts[0]["readOnly"] is True
 
 
-def test_configmap_is_a_valid_production_configuration(
-    rendered: list[dict[str, Any]], tmp_path: Path
+# What an operator puts in the Secret (the shape secret.example.yaml asks for).
+REAL_SECRETS = {
+    "MASACTRL_REDIS_URL": "redis://:5d1c0e8f9a7b@redis:6379/0",
+    "MASACTRL_S3_ACCESS_KEY_ID": "AKIAEXAMPLE7Q2W",
+    "MASACTRL_S3_SECRET_ACCESS_KEY": "9bq3Zr6Lw0Yx8Vt2Ns4Pm1Kj7Hg5Fd",
+    "MASACTRL_URL_SIGNING_SECRET": "Qm8r2Tz5Xw1Lp9Vk4Jd7Hs0Fc3Ng6Yb-e_Ua",
+    "MASACTRL_API_KEYS": json.dumps(
+        [
+            {
+                "sha256": "4f" * 32,
+                "tenant": "acme",
+                "webhook_secret": "whsec_" + base64.b64encode(bytes(range(7, 39))).decode(),
+            }
+        ]
+    ),
+}
+SETTINGS = {"gateway": GatewaySettings, "worker": WorkerSettings, "webhooks": WorkerSettings}
+
+
+def test_each_process_builds_valid_production_settings(
+    rendered: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = config_data(rendered, CONFIG)
+    """The ConfigMap values plus a filled-in Secret are what each process starts with."""
     catalog_file = tmp_path / "catalog.json"
     catalog_file.write_text(config_data(rendered, CATALOG)["catalog.json"])
-    overrides = {
-        key.removeprefix("MASACTRL_").lower(): value
-        for key, value in data.items()
-        if key.startswith("MASACTRL_")
-    }
-    overrides["catalog_file"] = str(catalog_file)
-    settings = load_settings(
-        CommonSettings,
-        _env_file=None,
-        **overrides,
-        redis_url="redis://:pw@redis:6379/0",
-        url_signing_secret="k" * 8 + "3f9a1c2e7b6d4a5f8e0c1b2a3d4e5f60",
-    )
-    assert settings.environment == "production"
-    assert settings.storage_url.startswith("s3://")
-    assert settings.public_base_url.startswith("https://")
-    assert int(data["MASACTRL_MAX_QUEUE_DEPTH"]) > 0
+    for deployment in by_kind(rendered, "Deployment"):
+        (container,) = pod_spec(deployment)["containers"]
+        values = {}
+        for name, source in effective_env(rendered, container).items():
+            if source == "value":
+                values[name] = next(e["value"] for e in container["env"] if e["name"] == name)
+            elif source[0] == "config":
+                values[name] = config_data(rendered, source[1])[source[2]]
+            elif source[1] in REAL_SECRETS:
+                values[name] = REAL_SECRETS[source[1]]
+        values["MASACTRL_CATALOG_FILE"] = str(catalog_file)
+        component = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+        settings = settings_from_environment(SETTINGS[component], values, monkeypatch)
+        assert settings.environment == "production"
+        assert settings.storage_url.startswith("s3://")
+        assert settings.public_base_url.startswith("https://")
+        assert settings.model_catalog.names() == ["sd15"]
+
+
+def test_worker_grace_period_outlasts_a_job(rendered: list[dict[str, Any]]) -> None:
+    hard_limit = WorkerSettings.model_fields["time_limit_seconds"].default
+    for deployment in workers(rendered).values():
+        assert pod_spec(deployment)["terminationGracePeriodSeconds"] > hard_limit
 
 
 # --- gateway ------------------------------------------------------------------------------------
