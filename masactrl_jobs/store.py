@@ -1094,11 +1094,19 @@ class JobStore(_Front):
         """Record a queued job, atomically with its idempotency record and queue-depth check."""
         return self._run(
             self._ops.create(
-                tenant=tenant, kind=kind, model=model, input=input, request_hash=request_hash,
-                idempotency_key=idempotency_key, max_queue_depth=max_queue_depth,
-                webhook=webhook, webhook_secrets=webhook_secrets, job_id=job_id, now=now,
+                tenant=tenant,
+                kind=kind,
+                model=model,
+                input=input,
+                request_hash=request_hash,
+                idempotency_key=idempotency_key,
+                max_queue_depth=max_queue_depth,
+                webhook=webhook,
+                webhook_secrets=webhook_secrets,
+                job_id=job_id,
+                now=now,
             )
-        )  # fmt: skip
+        )
 
     def get(self, job_id: str) -> JobRecord | None:
         """The job, or None when it does not exist (or has expired)."""
@@ -1304,11 +1312,19 @@ class AsyncJobStore(_Front):
     ) -> CreateResult:
         return await self._run(
             self._ops.create(
-                tenant=tenant, kind=kind, model=model, input=input, request_hash=request_hash,
-                idempotency_key=idempotency_key, max_queue_depth=max_queue_depth,
-                webhook=webhook, webhook_secrets=webhook_secrets, job_id=job_id, now=now,
+                tenant=tenant,
+                kind=kind,
+                model=model,
+                input=input,
+                request_hash=request_hash,
+                idempotency_key=idempotency_key,
+                max_queue_depth=max_queue_depth,
+                webhook=webhook,
+                webhook_secrets=webhook_secrets,
+                job_id=job_id,
+                now=now,
             )
-        )  # fmt: skip
+        )
 
     async def get(self, job_id: str) -> JobRecord | None:
         return await self._run(self._ops.get(job_id))

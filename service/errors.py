@@ -141,6 +141,11 @@ async def _request_validation(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:
+        # FastAPI's answer to a body it cannot decode (bad UTF-8, broken form data): report it
+        # like every other invalid request.
+        error = invalid([FieldError(("body",), f"the body cannot be parsed ({exc.detail})")])
+        return error_response(error.status, error.code, error.message, error.details)
     code = _STATUS_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404 and message == "Not Found":

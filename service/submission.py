@@ -31,8 +31,9 @@ def parse_prefer_wait(prefer: str | None, cap: int) -> int | None:
     return min(int(match.group(1)), cap) if match else None
 
 
-def request_hash(kind: JobKind, body: EditCreate | EditParams | SynthesisCreate,
-                 upload_sha256: str | None = None) -> str:  # fmt: skip
+def request_hash(
+    kind: JobKind, body: EditCreate | EditParams | SynthesisCreate, upload_sha256: str | None = None
+) -> str:
     """A digest of what was asked, insensitive to key order, whitespace and spelled-out defaults."""
     canonical = json.dumps(
         [kind.value, body.model_dump(mode="json"), upload_sha256],

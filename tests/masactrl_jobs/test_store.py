@@ -80,8 +80,15 @@ def test_full_lifecycle_events_and_public_rendering(store: JobStore) -> None:
     assert store.get(job).queue_position is None
     assert store.queue_depths(["sd15"]) == {"sd15": 0}
     assert store.progress(job, "denoise", 5, 10).updated
-    images = [{"role": "source", "prompt": "a cat", "key": f"results/{job}/source_0.png",
-               "width": 512, "height": 512}]  # fmt: skip
+    images = [
+        {
+            "role": "source",
+            "prompt": "a cat",
+            "key": f"results/{job}/source_0.png",
+            "width": 512,
+            "height": 512,
+        }
+    ]
     assert store.succeed(job, images, {"denoise_seconds": 1.5, "unet_image_evals": 40}).ok
     record = store.get(job)
     assert record.status is JobStatus.succeeded
@@ -130,13 +137,21 @@ def test_cancel_queued_is_immediate_and_running_is_flagged(store: JobStore) -> N
 
 def test_idempotency_record_is_atomic_with_creation(store: JobStore) -> None:
     first = store.create(
-        tenant="acme", kind=JobKind.synthesis, model="sd15", input=make_input(),
-        request_hash="h1", idempotency_key="key-1",
-    )  # fmt: skip
+        tenant="acme",
+        kind=JobKind.synthesis,
+        model="sd15",
+        input=make_input(),
+        request_hash="h1",
+        idempotency_key="key-1",
+    )
     again = store.create(
-        tenant="acme", kind=JobKind.synthesis, model="sd15", input=make_input(),
-        request_hash="h2", idempotency_key="key-1",
-    )  # fmt: skip
+        tenant="acme",
+        kind=JobKind.synthesis,
+        model="sd15",
+        input=make_input(),
+        request_hash="h2",
+        idempotency_key="key-1",
+    )
     assert again.outcome == "duplicate"
     assert again.job_id == first.job_id and again.request_hash == "h1"
     assert store.idempotency("acme", "key-1") == ("h1", first.job_id)
@@ -148,10 +163,16 @@ def test_idempotency_record_is_atomic_with_creation(store: JobStore) -> None:
 
 def test_queue_depth_limit_is_checked_in_the_same_step(store: JobStore) -> None:
     for _ in range(2):
-        assert store.create(
-            tenant="t", kind=JobKind.synthesis, model="sd15", input=make_input(),
-            max_queue_depth=2,
-        ).outcome == "created"  # fmt: skip
+        assert (
+            store.create(
+                tenant="t",
+                kind=JobKind.synthesis,
+                model="sd15",
+                input=make_input(),
+                max_queue_depth=2,
+            ).outcome
+            == "created"
+        )
     full = store.create(
         tenant="t", kind=JobKind.synthesis, model="sd15", input=make_input(), max_queue_depth=2
     )
@@ -215,8 +236,15 @@ def test_webhook_deliveries_and_secrets_stay_private(store: JobStore) -> None:
         webhook=WebhookCreate(url="https://example.com/hook"),
         webhook_secrets=["whsec_abc"],
     )
-    store.record_delivery(job, {"event": "job.started", "at": "2024-01-01T00:00:00+00:00",
-                                "status_code": 204, "duration_ms": 3.2})  # fmt: skip
+    store.record_delivery(
+        job,
+        {
+            "event": "job.started",
+            "at": "2024-01-01T00:00:00+00:00",
+            "status_code": 204,
+            "duration_ms": 3.2,
+        },
+    )
     record = store.get(job)
     assert record.webhook_secrets == ["whsec_abc"]
     public = record.to_public(base_url="http://gw", url_for=str, url_ttl_seconds=1)
@@ -226,13 +254,18 @@ def test_webhook_deliveries_and_secrets_stay_private(store: JobStore) -> None:
 
 
 def test_expiry_purges_every_trace(store: JobStore) -> None:
-    masks = MaskControl(mode="manual", regions=[MaskRegion(source="inputs/a.png",
-                                                           target="inputs/b.png")])  # fmt: skip
+    masks = MaskControl(
+        mode="manual", regions=[MaskRegion(source="inputs/a.png", target="inputs/b.png")]
+    )
     job = store.create(
-        tenant="acme", kind=JobKind.edit, model="sd15", idempotency_key="k",
-        input=make_input(image="inputs/c.png",
-                         control=ControlInput(start_step=1, start_layer=1, mask=masks)),
-    ).job_id  # fmt: skip
+        tenant="acme",
+        kind=JobKind.edit,
+        model="sd15",
+        idempotency_key="k",
+        input=make_input(
+            image="inputs/c.png", control=ControlInput(start_step=1, start_layer=1, mask=masks)
+        ),
+    ).job_id
     assert store.cancel(job).outcome == "canceled"
     assert store.expired_jobs() == []
     later = time.time() + 7200
@@ -242,8 +275,11 @@ def test_expiry_purges_every_trace(store: JobStore) -> None:
     assert store.list("acme")[0] == []
     assert store.idempotency("acme", "k") is None
     assert store.read_events(job) == []
-    assert sorted(store.expired_inputs(now=later)) == ["inputs/a.png", "inputs/b.png",
-                                                      "inputs/c.png"]  # fmt: skip
+    assert sorted(store.expired_inputs(now=later)) == [
+        "inputs/a.png",
+        "inputs/b.png",
+        "inputs/c.png",
+    ]
     assert store.forget_inputs(["inputs/a.png"], now=time.time()) == []
     assert store.forget_inputs(["inputs/a.png"], now=later) == ["inputs/a.png"]
 

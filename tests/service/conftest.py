@@ -159,3 +159,75 @@ def data_url(data: bytes, media_type: str = "image/png") -> str:
 
 
 SYNTHESIS = {"source_prompt": "a photo of a cat", "target_prompts": ["a photo of a running cat"]}
+
+
+# --- loopback HTTP server and S3 settings ---------------------------------------------------
+
+
+class ImageServer:
+    """A plain-HTTP server on 127.0.0.1 answering fixed (status, headers, body) per path."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
+        self.hits: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                server.hits.append(self.path)
+                status, headers, body = server.routes.get(self.path, (404, {}, b""))
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture()
+def s3_settings(make_settings: Callable[..., GatewaySettings], s3_server: Any) -> GatewaySettings:
+    """Settings on moto's S3 server, objects under the prefix ``svc/`` of the test bucket."""
+    return make_settings(
+        storage_url=f"s3://{s3_server.bucket}/svc",
+        s3_endpoint_url=s3_server.endpoint_url,
+        s3_access_key_id=s3_server.access_key,
+        s3_secret_access_key=s3_server.secret_key,
+        s3_region=s3_server.region,
+    )
+
+
+def s3_client(s3_server: Any) -> Any:
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+    )

@@ -326,15 +326,18 @@ def test_edit_specific_validation(client: TestClient) -> None:
 def test_masks_auto_and_manual(client: TestClient, settings: GatewaySettings) -> None:
     auto = {
         **SYNTHESIS,
-        "control": {"mask": {"mode": "auto", "source_word": "Cat", "target_word": "cat",
-                             "threshold": 0.3}},
-    }  # fmt: skip
+        "control": {
+            "mask": {"mode": "auto", "source_word": "Cat", "target_word": "cat", "threshold": 0.3}
+        },
+    }
     job = client.post("/v1/syntheses", json=auto).json()
     assert job["input"]["control"]["mask"]["mode"] == "auto"
     assert job["input"]["control"]["mask"]["threshold"] == 0.3
 
-    masks = {"source": data_url(png_bytes(color=(255, 255, 255))),
-             "target": data_url(png_bytes(color=(0, 0, 0)))}  # fmt: skip
+    masks = {
+        "source": data_url(png_bytes(color=(255, 255, 255))),
+        "target": data_url(png_bytes(color=(0, 0, 0))),
+    }
     manual = edit_body(control={"mask": {"mode": "manual", "regions": [masks]}})
     response = client.post("/v1/edits", json=manual)
     assert response.status_code == 202, response.text
@@ -356,8 +359,14 @@ def test_idempotency_key_replays_the_original(
     first = client.post("/v1/syntheses", json=SYNTHESIS, headers=headers)
     assert first.status_code == 202
     # Same content, different spelling: key order, whitespace, defaults written out.
-    same = json.dumps({"target_prompts": SYNTHESIS["target_prompts"], "steps": 50,
-                       "source_prompt": SYNTHESIS["source_prompt"]}, indent=3)  # fmt: skip
+    same = json.dumps(
+        {
+            "target_prompts": SYNTHESIS["target_prompts"],
+            "steps": 50,
+            "source_prompt": SYNTHESIS["source_prompt"],
+        },
+        indent=3,
+    )
     again = client.post(
         "/v1/syntheses", content=same, headers={**headers, "Content-Type": "application/json"}
     )

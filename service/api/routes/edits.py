@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from masactrl_jobs.schema import EditCreate, EditParams, JobKind
@@ -56,10 +57,13 @@ async def _parse_multipart(request: Request, max_bytes: int) -> tuple[EditParams
         form = await request.form(max_files=2, max_fields=4)
     except MultiPartException as exc:
         raise invalid([FieldError(("body",), f"malformed multipart body: {exc.message}")]) from None
+    except StarletteHTTPException as exc:  # Starlette's limits on parts and fields
+        raise invalid([FieldError(("body",), f"multipart body refused: {exc.detail}")]) from None
     unknown = sorted(set(form.keys()) - MULTIPART_PARTS)
     if unknown:
-        raise invalid([FieldError(("body", unknown[0]), f"unknown part {unknown[0]!r}",
-                                  "extra_forbidden")])  # fmt: skip
+        raise invalid(
+            [FieldError(("body", unknown[0]), f"unknown part {unknown[0]!r}", "extra_forbidden")]
+        )
     image = form.get("image")
     if not isinstance(image, UploadFile):
         raise invalid([FieldError(("body", "image"), "send the image as a file part", "missing")])

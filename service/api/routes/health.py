@@ -52,8 +52,10 @@ async def _check_storage(gateway: GatewayDep) -> bool:
 async def readyz(gateway: GatewayDep) -> JSONResponse:
     """Readiness: Redis and object storage both answer."""
     redis_ok, storage_ok = await asyncio.gather(_check_redis(gateway), _check_storage(gateway))
-    checks = {"redis": "ok" if redis_ok else "unreachable",
-              "storage": "ok" if storage_ok else "unreachable"}  # fmt: skip
+    checks = {
+        "redis": "ok" if redis_ok else "unreachable",
+        "storage": "ok" if storage_ok else "unreachable",
+    }
     ready = redis_ok and storage_ok
     return JSONResponse(
         {"status": "ready" if ready else "unavailable", "checks": checks},
