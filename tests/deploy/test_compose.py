@@ -150,6 +150,7 @@ def test_gateway(compose: dict[str, Any]) -> None:
     assert probe[:3] == ["CMD", "python", "-c"]
     assert "http://127.0.0.1:8000/readyz" in probe[3]
     assert gateway["read_only"] is True and gateway["cap_drop"] == ["ALL"]
+    assert gateway["stop_grace_period"] == "40s"  # above uvicorn's 30 s graceful shutdown
 
 
 def test_gpu_worker(compose: dict[str, Any]) -> None:

@@ -269,7 +269,12 @@ def gateway(rendered: list[dict[str, Any]]) -> dict[str, Any]:
 def test_gateway_probes(rendered: list[dict[str, Any]]) -> None:
     (container,) = pod_spec(gateway(rendered))["containers"]
     assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
-    assert container["args"] == ["serve", "--host", "0.0.0.0", "--port", "8000"]
+    assert container["args"] == [
+        *("serve", "--host", "0.0.0.0", "--port", "8000"),
+        *("--graceful-timeout", "60"),
+    ]
+    # The pod outlives uvicorn's graceful shutdown.
+    assert pod_spec(gateway(rendered))["terminationGracePeriodSeconds"] > 60
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     # Liveness must not depend on Redis: an outage would restart every gateway at once.
     assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
