@@ -16,7 +16,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 # Ubuntu 24.04's python3 is 3.12; the runtime stage installs the same package, so the venv's
-# interpreter link stays valid there.
+# interpreter link stays valid there. Not pinned to a package version: the archive keeps only the
+# current one, and the base image tag already fixes the release.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
@@ -28,6 +30,7 @@ WORKDIR /src
 #   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 --build-arg TORCH_VERSION=...
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=
+# hadolint ignore=DL3013
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
 # Then the rest of the dependencies (base + ml extra) from pyproject.toml alone, so a source edit
 # reuses both layers above.
@@ -35,6 +38,7 @@ COPY pyproject.toml docker/pyproject_requirements.py ./
 RUN python pyproject_requirements.py --extra ml > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt "torch==${TORCH_VERSION}"
 COPY . .
+# hadolint ignore=DL3013
 RUN pip install ".[ml]" "torch==${TORCH_VERSION}"
 
 FROM ${CUDA_IMAGE} AS runtime
@@ -45,6 +49,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     HOME=/home/masactrl \
     HF_HOME=/var/cache/huggingface \
     MASACTRL_MODEL_CACHE_DIR=/var/cache/huggingface/masactrl-models
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
  && rm -rf /var/lib/apt/lists/*
