@@ -50,6 +50,11 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "masactrl_cli.tiny_model",
         "write a small random-weight checkpoint for offline tests and demos",
     ),
+    Subcommand(
+        "worker",
+        "masactrl_cli.worker",
+        "run a Celery worker: a GPU worker for one model, or the webhook worker",
+    ),
 )
 
 

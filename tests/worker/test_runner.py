@@ -1,0 +1,479 @@
+"""JobRunner in-process on the tiny engine, against a real Redis and a file store.
+
+These pin the exactly-once protocol and the error classification without Celery in between;
+test_e2e.py drives the same code through real worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+from PIL import Image
+
+from masactrl_core import ControlConfig
+from masactrl_jobs.queue import make_celery, queue_name
+from masactrl_jobs.schema import ControlInput, JobInput, JobKind, JobStatus, WebhookCreate
+from masactrl_jobs.storage import FileStorage, StorageUnavailable
+from masactrl_jobs.store import JobStore
+from tests.worker.helpers import tiny_catalog
+from worker.config import WorkerSettings
+from worker.inversion_cache import InversionCache
+from worker.janitor import Janitor
+from worker.outputs import png_bytes
+from worker.runner import JobRunner
+from worker.webhooks import Emitter, WebhookKeys
+
+SECRET = "whsec_" + "dGVzdCB3ZWJob29rIHNlY3JldCwgMzIgYnl0ZXMhIQ=="
+
+
+@pytest.fixture()
+def settings(redis_url: str, tmp_path: Path, tiny_checkpoint: Path) -> WorkerSettings:
+    return WorkerSettings(
+        _env_file=None,
+        environment="development",
+        redis_url=redis_url,
+        storage_url=(tmp_path / "storage").as_uri(),
+        catalog=tiny_catalog(tiny_checkpoint),
+        recovery_seconds=2,
+        storage_retry_attempts=2,
+        storage_retry_max_wait_seconds=0.05,
+        progress_interval_seconds=0,
+        webhook_progress_interval_seconds=0,
+    )
+
+
+@pytest.fixture()
+def store(settings: WorkerSettings) -> Iterator[JobStore]:
+    store = JobStore.from_url(settings.redis_url)
+    yield store
+    store.close()
+
+
+@pytest.fixture()
+def storage(settings: WorkerSettings, tmp_path: Path) -> FileStorage:
+    return FileStorage(tmp_path / "storage", signing_key=settings.signing_key)
+
+
+@pytest.fixture()
+def app(settings: WorkerSettings) -> Any:
+    return make_celery(settings.redis_url)
+
+
+@pytest.fixture()
+def make_runner(
+    settings: WorkerSettings, store: JobStore, storage: Any, app: Any, tiny_engine: Any
+) -> Callable[..., JobRunner]:
+    def make(**overrides: Any) -> JobRunner:
+        values: dict[str, Any] = {
+            "settings": settings,
+            "entry": settings.model_catalog.get("tiny"),
+            "engine": tiny_engine,
+            "store": store,
+            "storage": storage,
+            "app": app,
+            "emitter": Emitter(store, app, lambda record: {"id": record.id}),
+            "worker_id": "test-worker",
+            "cache": InversionCache(storage, store.redis, retention_seconds=3600, max_entries=100),
+        }
+        values.update(overrides)
+        return JobRunner(**values)
+
+    return make
+
+
+def job_input(**overrides: Any) -> JobInput:
+    values: dict[str, Any] = {
+        "source_prompt": "a photo of a cat",
+        "target_prompts": ["a photo of a dog"],
+        "seed": 7,
+        "steps": 3,
+        "guidance_scale": 7.5,
+        "width": 64,
+        "height": 64,
+        "control": ControlInput(start_step=1, start_layer=10),
+    }
+    values.update(overrides)
+    return JobInput(**values)
+
+
+def create_job(store: JobStore, kind: JobKind = JobKind.synthesis, **kwargs: Any) -> str:
+    webhook = kwargs.pop("webhook", None)
+    result = store.create(
+        tenant="acme",
+        kind=kind,
+        model="tiny",
+        input=job_input(**kwargs),
+        webhook=webhook,
+        webhook_secrets=[SECRET] if webhook else [],
+    )
+    assert result.job_id is not None
+    return result.job_id
+
+
+def photo_png(seed: int = 0) -> bytes:
+    image = Image.effect_noise((64, 64), 40 + seed).convert("RGB")
+    return png_bytes(image)
+
+
+def put_input(storage: FileStorage, data: bytes) -> str:
+    import hashlib
+
+    key = f"inputs/{hashlib.sha256(data).hexdigest()}.png"
+    storage.put(key, data, "image/png")
+    return key
+
+
+class CountingStorage:
+    """A storage wrapper that counts calls and can fail them."""
+
+    def __init__(self, inner: FileStorage, fail_puts: bool = False) -> None:
+        self.inner = inner
+        self.fail_puts = fail_puts
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.inner, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            if name == "put" and self.fail_puts:
+                raise StorageUnavailable("S3 put failed: SlowDown")
+            return attribute(*args, **kwargs)
+
+        return call
+
+
+class FailingEngine:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def synthesize(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.error
+
+    edit = synthesize
+
+
+# --- success, byte-identical to the engine ------------------------------------------------------
+
+
+def test_synthesis_succeeds_with_results_identical_to_the_engine(
+    make_runner: Callable[..., JobRunner],
+    store: JobStore,
+    storage: FileStorage,
+    tiny_engine: Any,
+) -> None:
+    job_id = create_job(store)
+    assert make_runner().run(job_id) == "succeeded"
+
+    record = store.get(job_id)
+    assert record is not None and record.status is JobStatus.succeeded
+    assert record.attempts == 1
+    metrics = record.metrics or {}
+    assert metrics["unet_image_evals"] > 0 and metrics["denoise_seconds"] > 0
+    assert metrics["inversion_seconds"] == 0
+    assert {"queue_seconds", "total_seconds"} <= metrics.keys()
+    assert store.lease_owner(job_id) is None
+
+    expected = tiny_engine.synthesize(
+        "a photo of a cat",
+        ["a photo of a dog"],
+        seed=7,
+        steps=3,
+        width=64,
+        height=64,
+        control=ControlConfig(start_step=1, start_layer=10),
+    )
+    images = (record.output or {})["images"]
+    assert [(i["role"], i["key"].rsplit("/", 1)[1]) for i in images] == [
+        ("source", "source_0.png"),
+        ("target", "target_0.png"),
+    ]
+    assert storage.get(images[0]["key"]) == png_bytes(expected.source)
+    assert storage.get(images[1]["key"]) == png_bytes(expected.targets[0])
+    # Progress went to the job's event stream, ending at the last step.
+    progress = [e.data for e in store.read_events(job_id) if e.event == "progress"]
+    assert progress[-1] == {"phase": "denoise", "step": 3, "total": 3, "fraction": 1.0}
+
+
+# --- the exactly-once protocol ------------------------------------------------------------------
+
+
+def test_a_job_cancelled_while_queued_is_dropped_without_reading_anything(
+    make_runner: Callable[..., JobRunner], store: JobStore, storage: FileStorage
+) -> None:
+    job_id = create_job(store, JobKind.edit, image="inputs/" + "0" * 64 + ".png")
+    assert store.cancel(job_id).outcome == "canceled"
+    counting = CountingStorage(storage)
+
+    assert make_runner(storage=counting).run(job_id) == "dropped"
+    assert counting.calls == []
+    record = store.get(job_id)
+    assert record is not None and record.status is JobStatus.canceled and record.attempts == 0
+
+
+def test_a_terminal_job_is_dropped(make_runner: Callable[..., JobRunner], store: JobStore) -> None:
+    job_id = create_job(store)
+    runner = make_runner()
+    assert runner.run(job_id) == "succeeded"
+    assert runner.run(job_id) == "dropped"
+    record = store.get(job_id)
+    assert record is not None and record.attempts == 1
+
+
+def test_a_job_whose_lease_is_alive_elsewhere_is_dropped(
+    make_runner: Callable[..., JobRunner], store: JobStore
+) -> None:
+    job_id = create_job(store)
+    assert store.acquire_lease(job_id, "other-worker", ttl=30)
+    assert make_runner().run(job_id) == "leased"
+    record = store.get(job_id)
+    assert record is not None and record.status is JobStatus.queued and record.attempts == 0
+    assert store.lease_owner(job_id) == "other-worker"
+
+
+def test_a_job_whose_worker_died_runs_again_with_attempts_incremented(
+    make_runner: Callable[..., JobRunner], store: JobStore, storage: FileStorage
+) -> None:
+    job_id = create_job(store)
+    # A worker took the job and died: its lease lapses, the job stays `running`.
+    assert store.acquire_lease(job_id, "dead-worker", ttl=0.1)
+    assert store.start(job_id, "dead-worker").attempts == 1
+    time.sleep(0.2)
+
+    assert make_runner().run(job_id) == "succeeded"
+    record = store.get(job_id)
+    assert record is not None and record.status is JobStatus.succeeded and record.attempts == 2
+    assert storage.list_prefix(f"results/{job_id}/") == [
+        f"results/{job_id}/source_0.png",
+        f"results/{job_id}/target_0.png",
+    ]
+
+
+def test_a_job_that_keeps_killing_its_worker_fails(
+    make_runner: Callable[..., JobRunner], store: JobStore, settings: WorkerSettings
+) -> None:
+    job_id = create_job(store)
+    for _ in range(settings.max_attempts):
+        assert store.acquire_lease(job_id, "dead-worker", ttl=0.05)
+        store.start(job_id, "dead-worker")
+        time.sleep(0.1)
+    assert make_runner().run(job_id) == "failed"
+    record = store.get(job_id)
+    assert record is not None and (record.error or {})["code"] == "worker_lost"
+
+
+def test_the_janitor_requeues_a_job_whose_lease_lapsed_once(
+    store: JobStore, app: Any, redis_url: str
+) -> None:
+    import redis
+
+    job_id = create_job(store)
+    assert store.acquire_lease(job_id, "dead-worker", ttl=0.1)
+    store.start(job_id, "dead-worker")
+    janitor = Janitor(store, app, lease_ttl=0.2, requeue_marker_ttl=60)
+    assert janitor.run_once() == []  # the lease is still alive
+    time.sleep(0.5)
+
+    assert janitor.run_once() == [job_id]
+    time.sleep(0.3)
+    assert janitor.run_once() == []  # its new message is still waiting: no duplicate
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen(queue_name("tiny")) == 1
+
+
+# --- cancel, errors ------------------------------------------------------------------------------
+
+
+def test_cancel_stops_the_run_within_a_step_and_leaves_no_results(
+    make_runner: Callable[..., JobRunner],
+    store: JobStore,
+    storage: FileStorage,
+    settings: WorkerSettings,
+) -> None:
+    job_id = create_job(store, steps=20)
+    steps_seen: list[int] = []
+
+    def slow_step(_: float) -> None:
+        record = store.get(job_id)
+        step = (record.progress or {}).get("step", 0) if record else 0
+        steps_seen.append(step)
+        if len(steps_seen) == 5:
+            store.cancel(job_id)
+
+    runner = make_runner(settings=settings.model_copy(update={"step_delay_seconds": 0.001}),
+                         sleep=slow_step)  # fmt: skip
+    assert runner.run(job_id) == "canceled"
+    record = store.get(job_id)
+    assert record is not None and record.status is JobStatus.canceled
+    assert record.output is None
+    # Cancelled after step 5 was reported: the engine stops before computing step 6.
+    assert (record.progress or {})["step"] <= 6
+    assert storage.list_prefix(f"results/{job_id}/") == []
+    assert [e.event for e in store.read_events(job_id)][-1] == "canceled"
+
+
+def test_bad_input_found_by_the_worker_fails_the_job_and_the_next_job_runs(
+    make_runner: Callable[..., JobRunner], store: JobStore, storage: FileStorage
+) -> None:
+    key = put_input(storage, b"\x89PNG\r\n\x1a\n" + b"\x00" * 200)  # a PNG header, no image
+    bad = create_job(store, JobKind.edit, image=key)
+    good = create_job(store)
+    runner = make_runner()
+
+    assert runner.run(bad) == "failed"
+    record = store.get(bad)
+    assert record is not None and record.status is JobStatus.failed
+    assert (record.error or {})["code"] == "invalid_input"
+    assert "cannot be decoded" in (record.error or {})["message"]
+    assert runner.run(good) == "succeeded"
+
+
+def test_a_missing_input_object_is_invalid_input(
+    make_runner: Callable[..., JobRunner], store: JobStore
+) -> None:
+    job_id = create_job(store, JobKind.edit, image="inputs/" + "a" * 64 + ".png")
+    assert make_runner().run(job_id) == "failed"
+    error = store.get(job_id).error or {}  # type: ignore[union-attr]
+    assert error["code"] == "invalid_input" and "no longer in storage" in error["message"]
+
+
+def test_engine_input_errors_are_invalid_input(
+    make_runner: Callable[..., JobRunner], store: JobStore
+) -> None:
+    # 72 is not a multiple of 16: a catalog that let it through is caught by the engine.
+    job_id = create_job(store, width=72)
+    assert make_runner().run(job_id) == "failed"
+    error = store.get(job_id).error or {}  # type: ignore[union-attr]
+    assert error["code"] == "invalid_input" and "multiple of 16" in error["message"]
+
+
+def test_out_of_memory_fails_with_a_hint_and_the_worker_stays_usable(
+    make_runner: Callable[..., JobRunner], store: JobStore
+) -> None:
+    import torch
+
+    job_id = create_job(store, target_prompts=["a", "b", "c"])
+    runner = make_runner(engine=FailingEngine(torch.cuda.OutOfMemoryError("CUDA out of memory")))
+    assert runner.run(job_id) == "failed"
+    error = store.get(job_id).error or {}  # type: ignore[union-attr]
+    assert error["code"] == "out_of_memory"
+    assert "smaller width/height or fewer target prompts" in error["message"]
+    assert make_runner().run(create_job(store)) == "succeeded"
+
+
+def test_soft_time_limit_fails_with_timeout(
+    make_runner: Callable[..., JobRunner], store: JobStore
+) -> None:
+    job_id = create_job(store)
+    assert make_runner(engine=FailingEngine(SoftTimeLimitExceeded())).run(job_id) == "failed"
+    assert (store.get(job_id).error or {})["code"] == "timeout"  # type: ignore[union-attr]
+
+
+def test_storage_errors_are_retried_then_fail_as_storage_unavailable(
+    make_runner: Callable[..., JobRunner], store: JobStore, storage: FileStorage
+) -> None:
+    job_id = create_job(store)
+    failing = CountingStorage(storage, fail_puts=True)
+    assert make_runner(storage=failing).run(job_id) == "failed"
+    assert failing.calls.count("put") == 2  # storage_retry_attempts
+    error = store.get(job_id).error or {}  # type: ignore[union-attr]
+    assert error["code"] == "storage_unavailable"
+
+
+def test_unexpected_errors_fail_without_a_traceback(
+    make_runner: Callable[..., JobRunner], store: JobStore
+) -> None:
+    job_id = create_job(store)
+    assert make_runner(engine=FailingEngine(KeyError("boom"))).run(job_id) == "failed"
+    error = store.get(job_id).error or {}  # type: ignore[union-attr]
+    assert error == {
+        "code": "internal_error",
+        "message": "the worker hit an unexpected error (logged)",
+    }
+
+
+# --- inversion cache -----------------------------------------------------------------------------
+
+
+def test_a_second_edit_of_the_same_image_skips_inversion(
+    make_runner: Callable[..., JobRunner],
+    store: JobStore,
+    storage: FileStorage,
+    tiny_engine: Any,
+) -> None:
+    key = put_input(storage, photo_png())
+    runner = make_runner()
+    first = create_job(store, JobKind.edit, image=key, target_prompts=["a photo of a dog"])
+    second = create_job(store, JobKind.edit, image=key, target_prompts=["a red car"])
+    assert runner.run(first) == "succeeded"
+    assert runner.run(second) == "succeeded"
+
+    m1 = store.get(first).metrics or {}  # type: ignore[union-attr]
+    m2 = store.get(second).metrics or {}  # type: ignore[union-attr]
+    assert m1["inversion_seconds"] > 0 and m2["inversion_seconds"] == 0
+    assert m2["unet_image_evals"] == m1["unet_image_evals"] - 3  # 3 inversion steps, batch 1
+    assert len(storage.list_prefix("cache/inversions/tiny/")) == 1
+
+    # The cached latents give exactly the images of a fresh run.
+    image = Image.open(io.BytesIO(storage.get(key))).convert("RGB")
+    expected = tiny_engine.edit(
+        image,
+        ["a red car"],
+        source_prompt="a photo of a cat",
+        seed=7,
+        steps=3,
+        width=64,
+        height=64,
+        control=ControlConfig(start_step=1, start_layer=10),
+    )
+    output = (store.get(second).output or {})["images"]  # type: ignore[union-attr]
+    assert storage.get(output[1]["key"]) == png_bytes(expected.targets[0])
+
+
+def test_the_inversion_cache_forgets_old_and_excess_entries(
+    store: JobStore, storage: FileStorage
+) -> None:
+    cache = InversionCache(storage, store.redis, retention_seconds=100, max_entries=2)
+    for name in ("a", "b", "c"):
+        cache.save(f"cache/inversions/tiny/{name}.safetensors", b"x")
+    store.redis.zadd(cache.index, {"cache/inversions/tiny/a.safetensors": time.time() - 1000})
+    assert cache.sweep() == 1
+    assert storage.list_prefix("cache/inversions/") == [
+        "cache/inversions/tiny/b.safetensors",
+        "cache/inversions/tiny/c.safetensors",
+    ]
+    cache.max_entries = 1
+    assert cache.sweep() == 1
+    assert storage.list_prefix("cache/inversions/") == ["cache/inversions/tiny/c.safetensors"]
+
+
+# --- webhook events --------------------------------------------------------------------------
+
+
+def test_subscribed_events_are_queued_in_order(
+    make_runner: Callable[..., JobRunner], store: JobStore
+) -> None:
+    import json
+
+    job_id = create_job(store, webhook=WebhookCreate(url="https://example.com/hook"))
+    only_completed = create_job(
+        store, webhook=WebhookCreate(url="https://example.com/hook", events=["completed"])
+    )
+    runner = make_runner()
+    runner.run(job_id)
+    runner.run(only_completed)
+
+    keys = WebhookKeys()
+    types = [json.loads(m)["type"] for m in store.redis.lrange(keys.outbox(job_id), 0, -1)]
+    assert types[0] == "job.started" and types[-1] == "job.succeeded"
+    assert set(types[1:-1]) == {"job.progress"}
+    only = [json.loads(m)["type"] for m in store.redis.lrange(keys.outbox(only_completed), 0, -1)]
+    assert only == ["job.succeeded"]

@@ -1,0 +1,108 @@
+"""A cache of inverted latents (x_T) of real images, in object storage as safetensors.
+
+DDIM inversion costs as many UNet evaluations as denoising, and it depends only on the image, the
+model, the size, the step count and the inversion prompt. A user trying new target prompts on the
+same photo therefore pays for it once. Objects live at
+``cache/inversions/<model>/<sha256 of the key fields>.safetensors``; a Redis sorted set remembers
+when each was last used, and :meth:`InversionCache.sweep` deletes what has not been used within
+the retention or exceeds the entry limit (least recently used first).
+
+The cache is an optimization: any failure to read or write it is logged and the job goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+
+import redis
+
+from masactrl_jobs.storage import ObjectNotFound, Storage
+
+__all__ = ["InversionCache", "inversion_cache_key"]
+
+logger = logging.getLogger(__name__)
+
+CACHE_PREFIX = "cache/inversions"
+
+
+def inversion_cache_key(
+    image_sha256: str, model: str, width: int, height: int, steps: int, prompt: str
+) -> str:
+    """The storage key of an inversion; any change in the inputs gives another key."""
+    fields = [image_sha256, model, int(width), int(height), int(steps), prompt]
+    digest = hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
+    return f"{CACHE_PREFIX}/{model}/{digest}.safetensors"
+
+
+class InversionCache:
+    """Load, store and expire cached inversions."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        redis_client: redis.Redis,
+        *,
+        retention_seconds: float,
+        max_entries: int,
+        prefix: str = "masactrl",
+    ) -> None:
+        self.storage = storage
+        self.redis = redis_client
+        self.retention_seconds = retention_seconds
+        self.max_entries = max_entries
+        self.index = f"{prefix}:inversion-cache"
+
+    def load(self, key: str) -> bytes | None:
+        """The cached bytes, or None on a miss (or any error: the job then inverts itself)."""
+        try:
+            data = self.storage.get(key)
+        except ObjectNotFound:
+            return None
+        except Exception as exc:
+            logger.warning("inversion cache read of %s failed: %s", key, exc)
+            return None
+        self._touch(key)
+        return data
+
+    def save(self, key: str, data: bytes) -> None:
+        """Store an inversion (best effort)."""
+        try:
+            self.storage.put(key, data, "application/octet-stream")
+        except Exception as exc:
+            logger.warning("inversion cache write of %s failed: %s", key, exc)
+            return
+        self._touch(key)
+
+    def _touch(self, key: str) -> None:
+        try:
+            self.redis.zadd(self.index, {key: time.time()})
+        except Exception as exc:
+            logger.warning("inversion cache index update failed: %s", exc)
+
+    def sweep(self, now: float | None = None, limit: int = 500) -> int:
+        """Delete entries unused within the retention and beyond ``max_entries``; how many."""
+        now = time.time() if now is None else now
+        expired = self.redis.zrangebyscore(
+            self.index, "-inf", now - self.retention_seconds, start=0, num=limit
+        )
+        excess = self.redis.zcard(self.index) - len(expired) - self.max_entries
+        if excess > 0:
+            # Oldest first, skipping those already selected as expired.
+            oldest = self.redis.zrange(self.index, len(expired), len(expired) + excess - 1)
+            expired = list(expired) + list(oldest)
+        removed = 0
+        for raw in expired:
+            key = raw.decode() if isinstance(raw, bytes) else raw
+            try:
+                self.storage.delete(key)
+            except Exception as exc:
+                logger.warning("could not delete cached inversion %s: %s", key, exc)
+                continue
+            self.redis.zrem(self.index, key)
+            removed += 1
+        if removed:
+            logger.info("inversion cache: removed %d entries", removed)
+        return removed

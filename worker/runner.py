@@ -1,0 +1,491 @@
+"""Running one job on a loaded engine: the exactly-once protocol, progress, cancel and errors.
+
+``JobRunner.run(job_id)`` is what ``masactrl.run_job`` does in a GPU worker. Messages arrive at
+least once (late acks, broker redelivery, the janitor); the job's effect happens once:
+
+1. a job that is missing or already terminal: acknowledge and drop (a queued job cancelled before
+   pickup ends here, without reading its inputs);
+2. take the job's lease (``SET NX`` with a TTL); when another worker holds it, that worker is alive
+   and running the job: drop;
+3. mark it running (``attempts`` + 1) and renew the lease in the background;
+4. read the input, run the engine, write ``results/<job_id>/<role>_<k>.png`` (a rerun overwrites
+   the same keys), then mark the job ``succeeded``; a worker that lost its lease writes nothing.
+
+Every failure ends as a job status with a code, never as a traceback in the job.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+from PIL import Image, UnidentifiedImageError
+
+from masactrl_core import ControlConfig, InvalidInput, InvertedImage, JobCancelled, MasaCtrlEngine
+from masactrl_jobs.catalog import ModelEntry
+from masactrl_jobs.queue import enqueue_job
+from masactrl_jobs.schema import JobKind, JobStatus
+from masactrl_jobs.storage import ObjectNotFound, Storage, StorageError
+from masactrl_jobs.store import JobRecord, JobStore
+from worker.config import WorkerSettings
+from worker.inversion_cache import InversionCache, inversion_cache_key
+from worker.janitor import clear_requeue_marker
+from worker.leases import JobLease
+from worker.outputs import png_bytes, result_key, results_prefix
+from worker.retry import Retrier
+from worker.webhooks import Emitter
+
+__all__ = ["ErrorCode", "JobRunner"]
+
+logger = logging.getLogger(__name__)
+
+
+class ErrorCode:
+    """``error.code`` values a worker sets on failed jobs."""
+
+    INVALID_INPUT = "invalid_input"
+    OUT_OF_MEMORY = "out_of_memory"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    TIMEOUT = "timeout"
+    WORKER_LOST = "worker_lost"
+    UNSUPPORTED = "unsupported"
+    INTERNAL = "internal_error"
+
+
+class _Failure(Exception):
+    """A job failure with its code and user-facing message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Abandon(Exception):
+    """This worker lost the job's lease: another one runs it now, so write nothing."""
+
+
+@dataclass
+class _RunState:
+    """Progress throttling and cancel polling for one run."""
+
+    job_id: str
+    lease: JobLease
+    cancel_seen: bool = False
+    last_write: float = float("-inf")
+    last_webhook: float = float("-inf")
+    last_progress: tuple[str, int, int] | None = None
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    # MPS and some CUDA paths raise a plain RuntimeError.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _release_gpu_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class JobRunner:
+    """Runs jobs for one model on one loaded engine."""
+
+    def __init__(
+        self,
+        *,
+        settings: WorkerSettings,
+        entry: ModelEntry,
+        engine: MasaCtrlEngine,
+        store: JobStore,
+        storage: Storage,
+        app: Celery,
+        emitter: Emitter,
+        worker_id: str,
+        cache: InversionCache | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.entry = entry
+        self.engine = engine
+        self.store = store
+        self.storage = storage
+        self.app = app
+        self.emitter = emitter
+        self.worker_id = worker_id
+        self.cache = cache
+        self._sleep = sleep
+        self._channels_last: dict[tuple[int, ...], bool] = {}
+        self.retry = Retrier(
+            settings.storage_retry_attempts, settings.storage_retry_max_wait_seconds
+        )
+
+    # -- the protocol ----------------------------------------------------------------------
+
+    def run(self, job_id: str) -> str:
+        """Run (or drop) the job; returns what happened, for logs and tests."""
+        record = self.retry(self.store.get, job_id)
+        if record is None:
+            logger.info("job %s does not exist (expired?); dropping the message", job_id)
+            return "missing"
+        if record.status.is_terminal():
+            if record.status is JobStatus.canceled and record.started_at is None:
+                # Cancelled while queued: nobody else announces it.
+                self.emitter.emit_terminal(job_id)
+            logger.info("job %s is already %s; dropping the message", job_id, record.status.value)
+            return "dropped"
+        if record.model != self.entry.name:
+            logger.warning(
+                "job %s is for model %s, not %s; rerouting", job_id, record.model, self.entry.name
+            )
+            enqueue_job(self.app, job_id, record.model)
+            return "rerouted"
+
+        lease = JobLease(
+            self.store,
+            job_id,
+            self.worker_id,
+            self.settings.lease_ttl,
+            self.settings.lease_renew_interval,
+        )
+        if not self.retry(lease.acquire):
+            logger.info("job %s is running on another live worker; dropping the message", job_id)
+            return "leased"
+        try:
+            clear_requeue_marker(self.store, job_id)
+            started = self.retry(self.store.start, job_id, self.worker_id)
+            if started.outcome in ("missing", "terminal"):
+                return "dropped"
+            if started.outcome == "cancel_requested":
+                self.retry(self.store.finish_canceled, job_id)
+                self.emitter.emit_terminal(job_id)
+                return "canceled"
+            lease.start_heartbeat()
+            record = self.retry(self.store.get, job_id) or record
+            if started.attempts > self.settings.max_attempts:
+                return self._fail(
+                    job_id,
+                    _Failure(
+                        ErrorCode.WORKER_LOST,
+                        f"the job's worker stopped {started.attempts - 1} times while running "
+                        "it; it is not tried again",
+                    ),
+                    {},
+                )
+            logger.info("job %s: attempt %d on %s", job_id, started.attempts, self.worker_id)
+            self.emitter.emit(record, "job.started", suffix=str(started.attempts))
+            return self._execute(record, lease)
+        finally:
+            lease.release()
+
+    def _execute(self, record: JobRecord, lease: JobLease) -> str:
+        job_id = record.id
+        state = _RunState(job_id, lease)
+        metrics: dict[str, Any] = {}
+        try:
+            try:
+                image, image_sha = self._load_input(record)
+                result, engine_seconds = self._run_engine(record, image, image_sha, state)
+                metrics = self._metrics(record, result.stats, engine_seconds)
+                if lease.lost:
+                    raise _Abandon
+                images = self._write_outputs(record, result)
+                metrics["total_seconds"] = round(max(0.0, time.time() - record.created_at), 3)
+            except JobCancelled:
+                if lease.lost:
+                    raise _Abandon from None
+                raise
+            except SoftTimeLimitExceeded:
+                raise _Failure(
+                    ErrorCode.TIMEOUT,
+                    f"the job ran longer than {self.settings.soft_time_limit_seconds:g} s; "
+                    "try fewer steps, fewer targets or a smaller size",
+                ) from None
+            except (InvalidInput, _Failure):
+                raise
+            except StorageError as exc:
+                raise _Failure(
+                    ErrorCode.STORAGE_UNAVAILABLE, f"storage failed while running the job: {exc}"
+                ) from exc
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise  # cannot record anything in Redis; the lease lapses and the job reruns
+            except Exception as exc:
+                if _is_out_of_memory(exc):
+                    _release_gpu_memory()
+                    raise _Failure(
+                        ErrorCode.OUT_OF_MEMORY,
+                        f"the GPU ran out of memory at {record.input.width}x{record.input.height} "
+                        f"with {len(record.input.target_prompts)} target prompt(s); try a smaller "
+                        "width/height or fewer target prompts",
+                    ) from exc
+                raise
+        except _Abandon:
+            logger.warning("job %s: lease lost, leaving the job to its new worker", job_id)
+            return "abandoned"
+        except JobCancelled:
+            self._delete_results(job_id)
+            self._progress_now(state)
+            self.retry(self.store.finish_canceled, job_id, metrics or None)
+            self.emitter.emit_terminal(job_id)
+            logger.info("job %s canceled", job_id)
+            return "canceled"
+        except InvalidInput as exc:
+            return self._fail(job_id, _Failure(ErrorCode.INVALID_INPUT, str(exc)), metrics)
+        except _Failure as failure:
+            return self._fail(job_id, failure, metrics)
+        except (redis.ConnectionError, redis.TimeoutError):
+            logger.exception("job %s: Redis unreachable; the job will be rerun", job_id)
+            raise
+        except Exception:
+            logger.exception("job %s failed unexpectedly", job_id)
+            return self._fail(
+                job_id,
+                _Failure(ErrorCode.INTERNAL, "the worker hit an unexpected error (logged)"),
+                metrics,
+            )
+        finish = self.retry(self.store.succeed, job_id, images, metrics)
+        if not finish.ok:
+            logger.warning(
+                "job %s finished but was %s (%s)", job_id, finish.previous, finish.outcome
+            )
+            return "conflict"
+        self.emitter.emit_terminal(job_id)
+        logger.info(
+            "job %s succeeded in %.2f s (engine %.2f s)",
+            job_id,
+            metrics.get("total_seconds", 0.0),
+            metrics.get("engine_seconds", 0.0),
+        )
+        return "succeeded"
+
+    def _fail(self, job_id: str, failure: _Failure, metrics: dict[str, Any]) -> str:
+        logger.warning("job %s failed: %s: %s", job_id, failure.code, failure.message)
+        self._delete_results(job_id)
+        self.retry(self.store.fail, job_id, failure.code, failure.message, metrics or None)
+        self.emitter.emit_terminal(job_id)
+        return "failed"
+
+    def _delete_results(self, job_id: str) -> None:
+        # An earlier attempt may have written some images; a failed or canceled job has none.
+        try:
+            self.retry(self.storage.delete_prefix, results_prefix(job_id))
+        except Exception as exc:
+            logger.warning("could not delete partial results of job %s: %s", job_id, exc)
+
+    # -- pieces ----------------------------------------------------------------------------
+
+    def _load_input(self, record: JobRecord) -> tuple[Image.Image | None, str | None]:
+        if record.kind is not JobKind.edit:
+            return None, None
+        if record.input.control.mask.mode.value != "none":
+            raise _Failure(
+                ErrorCode.UNSUPPORTED, "mask-guided control is not available on this worker yet"
+            )
+        key = record.input.image
+        if not key:
+            raise _Failure(ErrorCode.INVALID_INPUT, "the edit has no input image")
+        try:
+            data = self.retry(self.storage.get, key)
+        except ObjectNotFound:
+            raise _Failure(
+                ErrorCode.INVALID_INPUT, f"the input image {key} is no longer in storage"
+            ) from None
+        try:
+            with Image.open(io.BytesIO(data)) as opened:
+                opened.load()
+                image = opened.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise _Failure(
+                ErrorCode.INVALID_INPUT, f"the input image cannot be decoded: {exc}"
+            ) from None
+        return image, hashlib.sha256(data).hexdigest()
+
+    def _control(self, record: JobRecord) -> ControlConfig:
+        control = record.input.control
+        return ControlConfig(
+            start_step=control.start_step,
+            start_layer=control.start_layer,
+            layers=control.layers,
+            steps=control.steps,
+        )
+
+    def _run_engine(
+        self,
+        record: JobRecord,
+        image: Image.Image | None,
+        image_sha: str | None,
+        state: _RunState,
+    ) -> tuple[Any, float]:
+        params = record.input
+        common: dict[str, Any] = {
+            "seed": params.seed,
+            "steps": params.steps,
+            "guidance_scale": params.guidance_scale,
+            "negative_prompt": params.negative_prompt,
+            "width": params.width,
+            "height": params.height,
+            "control": self._control(record),
+            "progress": lambda phase, step, total: self._on_progress(
+                record, state, phase, step, total
+            ),
+            "should_cancel": lambda: self._should_cancel(state),
+        }
+        started = time.perf_counter()
+        if record.kind is JobKind.synthesis:
+            result = self.engine.synthesize(params.source_prompt, params.target_prompts, **common)
+            return result, time.perf_counter() - started
+
+        assert image is not None and image_sha is not None
+        cache_key = None
+        inverted = None
+        if self.cache is not None:
+            cache_key = inversion_cache_key(
+                image_sha,
+                self.entry.name,
+                params.width,
+                params.height,
+                params.steps,
+                params.source_prompt,
+            )
+            cached = self.cache.load(cache_key)
+            if cached is not None:
+                try:
+                    inverted = InvertedImage.from_safetensors_bytes(cached)
+                except Exception as exc:
+                    logger.warning("ignoring unreadable cached inversion %s: %s", cache_key, exc)
+                else:
+                    inverted.latents = self._fresh_layout(inverted.latents)
+        started = time.perf_counter()
+        result = self.engine.edit(
+            image,
+            params.target_prompts,
+            source_prompt=params.source_prompt,
+            inverted=inverted,
+            **common,
+        )
+        engine_seconds = time.perf_counter() - started
+        if inverted is not None:
+            logger.info("job %s: reused the cached inversion %s", record.id, cache_key)
+        elif self.cache is not None and cache_key and result.inverted is not None:
+            self.cache.save(cache_key, result.inverted.to_safetensors_bytes())
+        return result, engine_seconds
+
+    def _fresh_layout(self, latents: Any) -> Any:
+        """``latents`` in the memory layout of a fresh inversion at this size.
+
+        On CPU the engine's inversions come back channels-last, and its kernels round slightly
+        differently for another layout; safetensors stores them contiguous. Restoring the layout
+        keeps a cached edit bit-identical to an uncached one. The layout is learned once per
+        size from a one-step inversion rather than assumed, so it follows the engine.
+        """
+        import torch
+
+        size = tuple(latents.shape)
+        if size not in self._channels_last:
+            side_h, side_w = (s * self.engine.vae_scale_factor for s in size[-2:])
+            probe = self.engine.invert(
+                Image.new("RGB", (side_w, side_h)), steps=1, width=side_w, height=side_h
+            ).latents
+            self._channels_last[size] = (
+                probe.is_contiguous(memory_format=torch.channels_last) and not probe.is_contiguous()
+            )
+        if self._channels_last[size]:
+            return latents.contiguous(memory_format=torch.channels_last)
+        return latents
+
+    def _on_progress(
+        self, record: JobRecord, state: _RunState, phase: str, step: int, total: int
+    ) -> None:
+        if self.settings.step_delay_seconds:
+            self._sleep(self.settings.step_delay_seconds)
+        state.last_progress = (phase, step, total)
+        now = time.monotonic()
+        if now - state.last_write >= self.settings.progress_interval_seconds or step == total:
+            state.last_write = now
+            self._progress_now(state)
+        interval = self.settings.webhook_progress_interval_seconds
+        if now - state.last_webhook >= interval and record.webhook:
+            state.last_webhook = now
+            try:
+                fresh = self.store.get(record.id)
+            except Exception:
+                fresh = None
+            if fresh is not None:
+                self.emitter.emit(fresh, "job.progress", suffix=f"{phase}_{step}_{fresh.attempts}")
+
+    def _progress_now(self, state: _RunState) -> None:
+        if state.last_progress is None:
+            return
+        phase, step, total = state.last_progress
+        try:
+            result = self.store.progress(state.job_id, phase, step, total)
+        except Exception as exc:
+            # Progress is informational: a Redis blip must not stop the run.
+            logger.warning("progress update of job %s failed: %s", state.job_id, exc)
+            return
+        state.cancel_seen = state.cancel_seen or result.cancel_requested
+
+    def _should_cancel(self, state: _RunState) -> bool:
+        if state.lease.lost or state.cancel_seen:
+            return True
+        try:
+            state.cancel_seen = self.store.cancel_requested(state.job_id)
+        except Exception as exc:
+            logger.warning("cancel check of job %s failed: %s", state.job_id, exc)
+        return state.cancel_seen
+
+    def _write_outputs(self, record: JobRecord, result: Any) -> list[dict[str, Any]]:
+        params = record.input
+        outputs = [("source", 0, params.source_prompt, result.source)]
+        outputs += [
+            ("target", k, prompt, image)
+            for k, (prompt, image) in enumerate(
+                zip(params.target_prompts, result.targets, strict=True)
+            )
+        ]
+        images = []
+        for role, index, prompt, image in outputs:
+            key = result_key(record.id, role, index)
+            self.retry(self.storage.put, key, png_bytes(image), "image/png")
+            images.append(
+                {
+                    "role": role,
+                    "prompt": prompt,
+                    "key": key,
+                    "width": image.width,
+                    "height": image.height,
+                }
+            )
+        return images
+
+    def _metrics(self, record: JobRecord, stats: Any, engine_seconds: float) -> dict[str, Any]:
+        now = time.time()
+        started_at = record.started_at or now
+        metrics: dict[str, Any] = {
+            "queue_seconds": round(max(0.0, started_at - record.created_at), 3),
+            "inversion_seconds": round(stats.inversion_seconds, 3),
+            "denoise_seconds": round(stats.denoise_seconds, 3),
+            "total_seconds": round(max(0.0, now - record.created_at), 3),
+            "unet_image_evals": stats.unet_image_evals,
+            # Not in the public object; the benchmark and operators read them from the record.
+            "engine_seconds": round(engine_seconds, 4),
+            "attempt": record.attempts,
+        }
+        if stats.peak_memory_bytes is not None:
+            metrics["peak_memory_bytes"] = stats.peak_memory_bytes
+        return metrics
