@@ -8,6 +8,7 @@ __all__ = [
     "InvalidInput",
     "InvertedImage",
     "JobCancelled",
+    "MaskConfig",
     "MasaCtrlEngine",
     "MasaCtrlResult",
     "ModelLoadError",

@@ -3,18 +3,22 @@
 Each processor owns one transformer block's self-attention (``attn1``) and knows that block's index
 in execution order. The denoising loop tells the shared :class:`MutualAttentionState` which step it
 is on and how the rows of the current UNet batch map to source images; the processors never count
-calls to guess either.
+calls to guess either. With masks (:mod:`masactrl_core.masks`) a target token reads only the
+source tokens of its region; :class:`CrossAttentionMapProcessor` records the cross-attention maps
+that automatic masks are made from.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from masactrl_core.masks import ManualMasks, RegionPlan, WordMasks, token_grid
 
 _SECTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 _SELF_ATTENTION = re.compile(r"^(down_blocks|mid_block|up_blocks)\.(.*)\.attn1\.processor$")
@@ -35,6 +39,31 @@ def self_attention_layers(unet: torch.nn.Module) -> list[str]:
     return sorted(names, key=execution_key)
 
 
+def block_levels(unet: torch.nn.Module, layer_names: list[str]) -> list[int]:
+    """How many times the latent has been halved at each block (0 = latent resolution).
+
+    Counted from the UNet's own down- and upsamplers, so any SD-shaped topology works.
+    """
+    down = [bool(getattr(block, "downsamplers", None)) for block in unet.down_blocks]
+    up = [bool(getattr(block, "upsamplers", None)) for block in unet.up_blocks]
+    bottom = sum(down)
+    levels = []
+    for name in layer_names:
+        section, index = name.split(".")[:2]
+        if section == "down_blocks":
+            levels.append(sum(down[: int(index)]))
+        elif section == "mid_block":
+            levels.append(bottom)
+        else:
+            levels.append(bottom - sum(up[: int(index)]))
+    return levels
+
+
+def cross_attention_name(self_attention_name: str) -> str:
+    """The processor name of the cross-attention (attn2) in the same transformer block."""
+    return self_attention_name.removesuffix("attn1.processor") + "attn2.processor"
+
+
 @dataclass
 class BatchLayout:
     """How the rows of one UNet call relate to the source images.
@@ -48,6 +77,30 @@ class BatchLayout:
     source_rows: torch.Tensor | None
     row_slots: torch.Tensor
     keep_sources: bool = False
+    # The latent (0 = source, k = target k) each row denoises; needed only with masks.
+    row_images: list[int] | None = None
+    # Rows whose cross-attention maps automatic masks read (one conditional row per image).
+    map_rows: torch.Tensor | None = None
+    map_images: list[int] = field(default_factory=list)
+    _image_rows: dict[int, torch.Tensor] | None = field(default=None, repr=False)
+
+    def image_rows(self) -> dict[int, torch.Tensor]:
+        """Rows of each image in this call (computed once per layout)."""
+        if self._image_rows is None:
+            rows: dict[int, list[int]] = {}
+            for row, image in enumerate(self.row_images or []):
+                rows.setdefault(image, []).append(row)
+            device = self.row_slots.device
+            self._image_rows = {image: torch.tensor(r, device=device) for image, r in rows.items()}
+        return self._image_rows
+
+
+@dataclass
+class Routing:
+    """Which rows of a controlled layer attend to all source tokens and which to regions."""
+
+    plain_rows: torch.Tensor | None
+    masked: list[tuple[torch.Tensor, RegionPlan]]
 
 
 @dataclass
@@ -58,12 +111,16 @@ class MutualAttentionState:
     controlled_layers: frozenset[int]
     step: int | None = None
     layout: BatchLayout | None = None
+    masks: ManualMasks | WordMasks | None = None
+    latent_hw: tuple[int, int] | None = None
     _source_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def begin_step(self, step: int | None) -> None:
         """Start denoising step ``step`` (``None`` outside the controlled loop, e.g. inversion)."""
         self.step = step
         self._source_kv.clear()
+        if isinstance(self.masks, WordMasks):
+            self.masks.begin_step()
 
     def controls(self, layer: int) -> bool:
         return (
@@ -87,6 +144,56 @@ class MutualAttentionState:
             source_key, source_value = self._source_kv[layer]
         return source_key[layout.row_slots], source_value[layout.row_slots]
 
+    def routing(self, layer: int, tokens: int) -> Routing | None:
+        """How a controlled layer's rows attend under the masks; ``None`` without masks."""
+        if self.masks is None:
+            return None
+        grid = token_grid(tokens, self.latent_hw)
+        plain, masked = [], []
+        image_rows = self.layout.image_rows()
+        manual = self.masks if isinstance(self.masks, ManualMasks) else None
+        target_rows = []
+        for image, rows in image_rows.items():
+            if image == 0:  # the source branch is never restricted
+                plain.append(rows)
+            elif manual is not None:
+                target_rows.append(rows)
+            else:
+                plan = self.masks.plan(layer, grid, image)
+                # No map yet in this step, or an empty source region: unmasked MasaCtrl.
+                if plan is None:
+                    plain.append(rows)
+                else:
+                    masked.append((rows, plan))
+        if target_rows:
+            # Manual masks route every target alike (checked before sampling: never None).
+            plan = manual.plan(grid)
+            rows = torch.cat(target_rows)
+            if plan is None:
+                plain.append(rows)
+            else:
+                masked.append((rows, plan))
+        if not masked:
+            return None
+        return Routing(torch.cat(plain) if plain else None, masked)
+
+    def recording_rows(self) -> torch.Tensor | None:
+        """Rows whose cross-attention maps automatic masks need now, if any."""
+        if (
+            not isinstance(self.masks, WordMasks)
+            or self.step not in self.controlled_steps
+            or self.layout is None
+            or self.layout.map_rows is None
+        ):
+            return None
+        return self.layout.map_rows
+
+    def record_map(self, layer: int, probabilities: torch.Tensor) -> None:
+        """(R, N, text tokens) head-averaged probabilities of the recording rows -> word maps."""
+        images = self.layout.map_images
+        weights = self.masks.token_weights[images].to(probabilities)
+        self.masks.record(layer, images, torch.einsum("rnp,rp->rn", probabilities, weights))
+
 
 class MutualSelfAttentionProcessor:
     """``AttnProcessor2_0`` whose keys and values come from the source image when controlled."""
@@ -98,6 +205,35 @@ class MutualSelfAttentionProcessor:
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """(batch, heads, tokens, dim) attention; SDPA never materializes the attention matrix."""
         return F.scaled_dot_product_attention(query, key, value)
+
+    def attend_regions(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, routing: Routing
+    ) -> torch.Tensor:
+        """Mask-guided attention: each region's target queries over its source keys only.
+
+        Restricting the keys by index selection is the boolean key mask without the masked
+        columns: SDPA computes the same softmax over fewer keys and keeps its fastest kernels.
+        Only the queries of a region are computed for it, so a full-foreground target mask runs
+        no background attention at all.
+        """
+        out = torch.empty_like(query)
+        if routing.plain_rows is not None:
+            rows = routing.plain_rows
+            out[rows] = self.attend(query[rows], key[rows], value[rows])
+        for rows, plan in routing.masked:
+            q, k, v = query[rows], key[rows], value[rows]
+            part = torch.empty_like(q)
+            for query_index, key_index in plan.groups:
+                q_part = q if query_index is None else q[:, :, query_index]
+                k_part = k if key_index is None else k[:, :, key_index]
+                v_part = v if key_index is None else v[:, :, key_index]
+                attended = self.attend(q_part, k_part, v_part)
+                if query_index is None:
+                    part = attended
+                else:
+                    part[:, :, query_index] = attended
+            out[rows] = part
+        return out
 
     def __call__(
         self,
@@ -134,9 +270,14 @@ class MutualSelfAttentionProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        routing = None
         if self.state.controls(self.layer):
             key, value = self.state.source_key_value(self.layer, key, value)
-        hidden_states = self.attend(query, key, value)
+            routing = self.state.routing(self.layer, query.shape[2])
+        if routing is None:
+            hidden_states = self.attend(query, key, value)
+        else:
+            hidden_states = self.attend_regions(query, key, value, routing)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(query.dtype)))
@@ -147,19 +288,86 @@ class MutualSelfAttentionProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+class CrossAttentionMapProcessor:
+    """Cross-attention (attn2) that also records word maps for automatic masks.
+
+    The output is diffusers' own ``AttnProcessor2_0``; the probabilities are computed explicitly
+    only for the recording rows and only over the text tokens (77 keys), so no self-attention
+    matrix is ever materialized.
+    """
+
+    def __init__(self, layer: int, state: MutualAttentionState) -> None:
+        self.layer = layer
+        self.state = state
+        self.inner = AttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        output = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        rows = self.state.recording_rows()
+        if rows is not None and encoder_hidden_states is not None:
+            probabilities = self.probabilities(
+                attn, hidden_states, encoder_hidden_states, attention_mask, rows
+            )
+            self.state.record_map(self.layer, probabilities)
+        return output
+
+    @staticmethod
+    def probabilities(
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Head-averaged softmax(Q K^T / sqrt(d)) over the text tokens, (R, N, text tokens)."""
+        batch = hidden_states.shape[0]
+        hidden, context = hidden_states[rows], context[rows]
+        if attn.group_norm is not None:
+            hidden = attn.group_norm(hidden.transpose(1, 2)).transpose(1, 2)
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query, key = attn.to_q(hidden), attn.to_k(context)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(len(rows), -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(len(rows), -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        # The scale SDPA uses by default (AttnProcessor2_0 passes none); float32 softmax.
+        scores = (query.float() @ key.float().transpose(-1, -2)) * head_dim**-0.5
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])[rows].float()
+        return scores.softmax(dim=-1).mean(dim=1)
+
+
 def install_processors(
     unet: torch.nn.Module,
     layer_names: list[str],
     state: MutualAttentionState,
     processor_class: type[MutualSelfAttentionProcessor] = MutualSelfAttentionProcessor,
     layers: Iterable[int] | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
-    """Install mutual self-attention on ``layers`` (all by default); return the old processors."""
+    """Install mutual self-attention on ``layers`` (all by default); return the old processors.
+
+    ``extra`` maps further processor names (e.g. cross-attention map recorders) to processors.
+    """
     original = dict(unet.attn_processors)
     wanted = set(range(len(layer_names)) if layers is None else layers)
     replacement = dict(original)
     for index, name in enumerate(layer_names):
         if index in wanted:
             replacement[name] = processor_class(index, state)
+    replacement.update(extra or {})
     unet.set_attn_processor(replacement)
     return original

@@ -1,27 +1,38 @@
-"""The MasaCtrl engine: DDIM inversion plus mutual self-attention control on SD-family UNets."""
+"""The MasaCtrl engine: DDIM inversion plus mutual self-attention control on SD-family UNets.
+
+Families: ``sd`` (SD1.x/2.x-shaped: one CLIP text encoder) and ``sdxl`` (two text encoders, a
+pooled embedding and added time ids). Sampling is DDIM with eta 0 under the checkpoint's
+``prediction_type`` (epsilon or v_prediction) and timestep spacing; inversion is the exact
+algebraic inverse of each sampling step for the model output it gets.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline
 from PIL import Image, ImageOps
 
 from masactrl_core.attention import (
     BatchLayout,
+    CrossAttentionMapProcessor,
     MutualAttentionState,
     MutualSelfAttentionProcessor,
+    block_levels,
+    cross_attention_name,
     install_processors,
     self_attention_layers,
 )
 from masactrl_core.errors import InvalidInput, JobCancelled, ModelLoadError
+from masactrl_core.masks import ManualMasks, MaskConfig, WordMasks, word_positions
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +40,10 @@ ProgressCallback = Callable[[str, int, int], None]
 CancelCheck = Callable[[], bool]
 
 MAX_TARGETS = 8
+# (start_step, start_layer) per family: the paper's SD values; 44 of 70 is one of the values the
+# authors' SDXL example uses.
 FAMILY_DEFAULTS = {"sd": (4, 10), "sdxl": (4, 44)}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass(frozen=True)
@@ -141,6 +155,8 @@ class MasaCtrlResult:
     stats: RunStats
     inverted: InvertedImage | None = None
     latents: torch.Tensor | None = None  # final [source, targets] latents, before decoding
+    # With masks: the masks used, by name ("source_region_K", "target_I_region_K"), image-sized.
+    masks: dict[str, Image.Image] | None = None
 
 
 @dataclass
@@ -174,6 +190,12 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def detect_family(config: dict) -> str:
+    """``sdxl`` for checkpoints with SDXL's second text encoder or pipeline class, else ``sd``."""
+    class_name = config.get("_class_name", "")
+    return "sdxl" if "text_encoder_2" in config or "XL" in class_name else "sd"
+
+
 def _looks_like_local_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or os.sep in model
 
@@ -195,10 +217,30 @@ class MasaCtrlEngine:
         self.family = family
         self.model_name = model_name
         self.options = options or EngineOptions()
-        self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
-        self.inverse_scheduler = DDIMInverseScheduler.from_config(self.scheduler.config)
+        # DDIM with eta 0 and no clipping: inversion must be the exact inverse of each step.
+        self.scheduler = DDIMScheduler.from_config(
+            pipeline.scheduler.config, clip_sample=False, thresholding=False
+        )
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ModelLoadError(
+                f"prediction_type {self.prediction_type!r} is not supported; expected one of "
+                f"{', '.join(PREDICTION_TYPES)}"
+            )
+        # SDXL checkpoints may encode an empty negative prompt as zeros, not as the text "".
+        self.force_zeros_for_empty_prompt = family == "sdxl" and bool(
+            getattr(pipeline.config, "force_zeros_for_empty_prompt", False)
+        )
+        # The fp16 SDXL VAE overflows; diffusers' SDXL pipeline upcasts it when its config says so.
+        if (
+            family == "sdxl"
+            and self.vae.dtype == torch.float16
+            and getattr(self.vae.config, "force_upcast", False)
+        ):
+            self.vae.to(torch.float32)
         self.layer_names = self_attention_layers(self.unet)
         self.block_count = len(self.layer_names)
+        self.block_levels = block_levels(self.unet, self.layer_names)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         downsamplers = sum(
             1 for block in self.unet.down_blocks if getattr(block, "downsamplers", None)
@@ -212,6 +254,8 @@ class MasaCtrlEngine:
             start_step=start_step, start_layer=min(start_layer, self.block_count - 1)
         )
         self.processor_class: type[MutualSelfAttentionProcessor] = MutualSelfAttentionProcessor
+        # Installed on the cross-attention of the blocks automatic masks read.
+        self.cross_processor_class: type = CrossAttentionMapProcessor
         self._lock = threading.Lock()
 
     # -- loading ---------------------------------------------------------------------------
@@ -224,7 +268,7 @@ class MasaCtrlEngine:
         dtype: torch.dtype | None = None,
         options: EngineOptions | None = None,
     ) -> MasaCtrlEngine:
-        """Load a hub id or a local diffusers folder (SD1.x/2.x-shaped)."""
+        """Load a hub id or a local diffusers folder (SD1.x/2.x- or SDXL-shaped)."""
         model = str(model)
         device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
@@ -237,16 +281,23 @@ class MasaCtrlEngine:
             config = DiffusionPipeline.load_config(model)
         except Exception as error:  # hub or file errors: one sentence for the caller
             raise ModelLoadError(f"cannot load model {model}: {error}") from error
-        class_name = config.get("_class_name", "")
-        family = "sdxl" if "XL" in class_name else "sd"
+        family = detect_family(config)
         if family == "sdxl":
-            raise ModelLoadError(f"{model} is an SDXL checkpoint; SDXL support is not built yet")
-        from diffusers import StableDiffusionPipeline
+            if not (config.get("text_encoder") or [None])[0]:
+                raise ModelLoadError(
+                    f"{model} has no first text encoder (an SDXL refiner?); MasaCtrl needs a "
+                    "base checkpoint"
+                )
+            from diffusers import StableDiffusionXLPipeline
 
+            loader, extra = StableDiffusionXLPipeline, {"add_watermarker": False}
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            loader = StableDiffusionPipeline
+            extra = {"safety_checker": None, "requires_safety_checker": False}
         try:
-            pipeline = StableDiffusionPipeline.from_pretrained(
-                model, dtype=dtype, safety_checker=None, requires_safety_checker=False
-            )
+            pipeline = loader.from_pretrained(model, dtype=dtype, **extra)
         except Exception as error:
             raise ModelLoadError(f"cannot load model {model}: {error}") from error
         pipeline.to(device)
@@ -278,11 +329,13 @@ class MasaCtrlEngine:
         control: ControlConfig | None = None,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
+        masks: MaskConfig | None = None,
     ) -> MasaCtrlResult:
         """The source image and one consistent image per target prompt, from the same noise."""
         width, height = self._check_size(width, height)
         target_prompts = self._check_prompts(target_prompts, steps, guidance_scale)
         controlled = self._resolve_control(control, steps)
+        plan = self._prepare_masks(masks, source_prompt, target_prompts, width, height, controlled)
         noise = self.initial_noise(seed, width, height)
         with self._lock, torch.inference_mode():
             stats = self._start_stats()
@@ -297,10 +350,17 @@ class MasaCtrlEngine:
                 stats,
                 progress,
                 should_cancel,
+                plan,
             )
             images = self._decode(latents)
             self._finish_stats(stats)
-        return MasaCtrlResult(images[0], images[1:], stats, latents=latents.float().cpu())
+        return MasaCtrlResult(
+            images[0],
+            images[1:],
+            stats,
+            latents=latents.float().cpu(),
+            masks=None if plan is None else plan.images(len(target_prompts)),
+        )
 
     def invert(
         self,
@@ -333,9 +393,37 @@ class MasaCtrlEngine:
             )
         return InvertedImage(latents.float().cpu(), steps, width, height, source_prompt)
 
+    def invert_latents(
+        self,
+        latents: torch.Tensor,
+        *,
+        source_prompt: str = "",
+        negative_prompt: str = "",
+        steps: int = 50,
+        inversion_guidance_scale: float = 1.0,
+        progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> InvertedImage:
+        """DDIM inversion of clean latents (VAE posterior × scaling factor, shape (1, C, h, w))."""
+        self._check_steps(steps)
+        height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
+        self._check_size(width, height)
+        with self._lock, torch.inference_mode():
+            inverted = self._invert(
+                latents.to(self.device),
+                source_prompt,
+                negative_prompt,
+                steps,
+                inversion_guidance_scale,
+                RunStats(),
+                progress,
+                should_cancel,
+            )
+        return InvertedImage(inverted.float().cpu(), steps, width, height, source_prompt)
+
     def edit(
         self,
-        image: Image.Image,
+        image: Image.Image | None,
         target_prompts: Sequence[str],
         *,
         source_prompt: str = "",
@@ -350,10 +438,12 @@ class MasaCtrlEngine:
         inverted: InvertedImage | None = None,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
+        masks: MaskConfig | None = None,
     ) -> MasaCtrlResult:
         """Real-image editing: invert ``image``, then denoise [source, targets] with control.
 
         ``seed`` is recorded only: inversion and DDIM (eta 0) sampling are deterministic.
+        ``image`` may be ``None`` when a cached ``inverted`` is given.
         """
         width, height = self._check_size(width, height)
         target_prompts = self._check_prompts(target_prompts, steps, guidance_scale)
@@ -364,6 +454,10 @@ class MasaCtrlEngine:
             height,
         ):
             raise InvalidInput("the cached inversion was made with other steps or size")
+        if inverted is None and image is None:
+            raise InvalidInput("give an image to edit (or a cached inversion of it)")
+        # Masks are checked before the inversion: bad masks must not cost an inversion.
+        plan = self._prepare_masks(masks, source_prompt, target_prompts, width, height, controlled)
         stats = self._start_stats()
         if inverted is None:
             inverted = self.invert(
@@ -391,10 +485,18 @@ class MasaCtrlEngine:
                 stats,
                 progress,
                 should_cancel,
+                plan,
             )
             images = self._decode(latents)
             self._finish_stats(stats)
-        return MasaCtrlResult(images[0], images[1:], stats, inverted, latents.float().cpu())
+        return MasaCtrlResult(
+            images[0],
+            images[1:],
+            stats,
+            inverted,
+            latents.float().cpu(),
+            masks=None if plan is None else plan.images(len(target_prompts)),
+        )
 
     def initial_noise(self, seed: int, width: int, height: int) -> torch.Tensor:
         """The seed contract: float32 CPU noise, then moved to the device and dtype."""
@@ -407,6 +509,12 @@ class MasaCtrlEngine:
         generator = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         return noise.to(self.device, self.dtype)
+
+    def block_grid(self, block: int, width: int, height: int) -> tuple[int, int]:
+        """The (h, w) token grid of transformer block ``block`` for an image of this size."""
+        scale = self.vae_scale_factor * 2 ** self.block_levels[block]
+        # Each downsampler (stride 2, padding 1) rounds up: ceil of the exact ratio.
+        return math.ceil(height / scale), math.ceil(width / scale)
 
     # -- checks ----------------------------------------------------------------------------
 
@@ -449,15 +557,99 @@ class MasaCtrlEngine:
             raise InvalidInput(f"guidance_scale must not be negative, got {guidance_scale}")
         return list(target_prompts)
 
+    def _prepare_masks(
+        self,
+        config: MaskConfig | None,
+        source_prompt: str,
+        target_prompts: list[str],
+        width: int,
+        height: int,
+        controlled: tuple[frozenset[int], frozenset[int]],
+    ) -> ManualMasks | WordMasks | None:
+        """Validate the mask options before any sampling and turn them into a per-run plan."""
+        if config is None:
+            return None
+        if not isinstance(config, MaskConfig):
+            raise InvalidInput("masks must be a MaskConfig")
+        config.check()
+        controlled_steps, controlled_layers = controlled
+        if not config.automatic:
+            plan = ManualMasks.prepare(config, width, height, self.device)
+            if controlled_steps:
+                grids: dict[tuple[int, int], int] = {}
+                for block in sorted(controlled_layers):
+                    grids.setdefault(self.block_grid(block, width, height), block)
+                plan.check_grids(grids)
+            return plan
+        latent = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        map_grid = (latent[0] // 4, latent[1] // 4)
+        processors = self.unet.attn_processors
+        map_blocks = tuple(
+            block
+            for block, name in enumerate(self.layer_names)
+            if self.block_grid(block, width, height) == map_grid
+            and cross_attention_name(name) in processors
+        )
+        if not map_blocks or latent[0] % 4 or latent[1] % 4:
+            raise InvalidInput(
+                f"this model has no cross-attention on the {map_grid[1]}x{map_grid[0]} token grid "
+                "(a quarter of the latent grid) that automatic masks are made from"
+            )
+        tokenizer = self.pipeline.tokenizer
+        weights = torch.zeros(len(target_prompts) + 1, tokenizer.model_max_length)
+        roles = [("source", source_prompt, config.source_word)] + [
+            ("target", prompt, config.target_word) for prompt in target_prompts
+        ]
+        for image, (role, prompt, word) in enumerate(roles):
+            weights[image, word_positions(tokenizer, prompt, word, role)] = 1.0
+        return WordMasks(
+            weights.to(self.device), config.threshold, map_grid, map_blocks, width, height
+        )
+
     # -- pieces ----------------------------------------------------------------------------
 
-    def _encode_prompts(self, prompts: Sequence[str]) -> _Conditioning:
+    def _image_size(self, latents: torch.Tensor) -> tuple[int, int]:
+        """(width, height) in pixels of latents of this model."""
+        return latents.shape[-1] * self.vae_scale_factor, latents.shape[-2] * self.vae_scale_factor
+
+    def _time_ids(self, width: int, height: int, count: int) -> torch.Tensor:
+        """SDXL's added time ids: original size, crop top-left, target size, each (h, w)."""
+        ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype)
+        return ids.to(self.device).expand(count, -1)
+
+    def _encode_prompts(self, prompts: Sequence[str], size: tuple[int, int]) -> _Conditioning:
         """Conditioning per prompt; equal prompts get bitwise-equal rows (encoded once)."""
         unique = list(dict.fromkeys(prompts))
-        embeds, _ = self.pipeline.encode_prompt(
-            unique, self.device, 1, do_classifier_free_guidance=False
-        )
-        return _Conditioning(embeds).rows([unique.index(p) for p in prompts])
+        if self.family == "sdxl":
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(
+                unique, device=self.device, num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )  # fmt: skip
+            added = {
+                "text_embeds": pooled.to(self.dtype),
+                "time_ids": self._time_ids(*size, len(unique)),
+            }
+            encoded = _Conditioning(embeds.to(self.dtype), added)
+        else:
+            embeds, _ = self.pipeline.encode_prompt(
+                unique, self.device, 1, do_classifier_free_guidance=False
+            )
+            encoded = _Conditioning(embeds)
+        return encoded.rows([unique.index(p) for p in prompts])
+
+    def _conditioning(
+        self, prompts: Sequence[str], negative_prompt: str, size: tuple[int, int]
+    ) -> tuple[_Conditioning, _Conditioning]:
+        """Conditioning of ``prompts`` and the unconditional (negative-prompt) conditioning."""
+        if self.force_zeros_for_empty_prompt and negative_prompt == "":
+            # What StableDiffusionXLPipeline does without a negative prompt: zero embeddings.
+            encoded = self._encode_prompts(prompts, size)
+            first = encoded.rows([0])
+            added = {**first.added, "text_embeds": torch.zeros_like(first.added["text_embeds"])}
+            return encoded, _Conditioning(torch.zeros_like(first.embeds), added)
+        encoded = self._encode_prompts([*prompts, negative_prompt], size)
+        n = len(prompts)
+        return encoded.rows(list(range(n))), encoded.rows([n])
 
     def _encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         """Center-crop to the aspect, resize, and take the VAE posterior mean × scaling factor."""
@@ -486,6 +678,33 @@ class MasaCtrlEngine:
             return_dict=False,
         )[0]
 
+    def _inversion_steps(self, steps: int) -> Iterator[tuple[torch.Tensor, float, float]]:
+        """(t, ᾱ_t, ᾱ_prev) for each sampling step, in inversion order (least noisy first).
+
+        The pairs are the sampler's own (DDIM steps from t to t - T // steps, whatever the
+        spacing), so inverting step by step retraces exactly the steps sampling takes.
+        """
+        scheduler = self.scheduler
+        scheduler.set_timesteps(steps, device=self.device)
+        ratio = scheduler.config.num_train_timesteps // steps
+        alphas = scheduler.alphas_cumprod
+        for timestep in reversed(scheduler.timesteps):
+            previous = int(timestep) - ratio
+            alpha_prev = alphas[previous] if previous >= 0 else scheduler.final_alpha_cumprod
+            yield timestep, float(alphas[int(timestep)]), float(alpha_prev)
+
+    def _inverse_step(
+        self, output: torch.Tensor, alpha: float, alpha_prev: float, sample: torch.Tensor
+    ) -> torch.Tensor:
+        """x_t from x_prev: the algebraic inverse of DDIM's step (eta 0) for this model output."""
+        if self.prediction_type == "v_prediction":
+            # DDIM's v step is x_prev = a·x_t + b·v; solve it for x_t.
+            a = math.sqrt(alpha_prev * alpha) + math.sqrt((1 - alpha_prev) * (1 - alpha))
+            b = math.sqrt((1 - alpha_prev) * alpha) - math.sqrt(alpha_prev * (1 - alpha))
+            return (sample - b * output) / a
+        original = (sample - math.sqrt(1 - alpha_prev) * output) / math.sqrt(alpha_prev)
+        return math.sqrt(alpha) * original + math.sqrt(1 - alpha) * output
+
     def _invert(
         self,
         latents: torch.Tensor,
@@ -497,9 +716,10 @@ class MasaCtrlEngine:
         progress: ProgressCallback | None,
         should_cancel: CancelCheck | None,
     ) -> torch.Tensor:
+        """x_T (float32) of clean ``latents``; the model sees (x_prev, t) as in the paper's code."""
         started = time.perf_counter()
-        encoded = self._encode_prompts([prompt, negative_prompt])
-        cond, uncond = encoded.rows([0]), encoded.rows([1])
+        size = self._image_size(latents)
+        cond, uncond = self._conditioning([prompt], negative_prompt, size)
         guided = guidance_scale != 1.0
         if guided:
             # Guidance between identical branches is the identity: one UNet image suffices.
@@ -507,22 +727,24 @@ class MasaCtrlEngine:
                 guided = False
             else:
                 cond = _Conditioning.cat([uncond, cond])
-        self.inverse_scheduler.set_timesteps(steps, device=self.device)
-        for index, timestep in enumerate(self.inverse_scheduler.timesteps):
+        # The trajectory is kept in float32; only the UNet sees the model's dtype.
+        sample = latents.float()
+        for index, (timestep, alpha, alpha_prev) in enumerate(self._inversion_steps(steps)):
             if should_cancel is not None and should_cancel():
                 raise JobCancelled("the run was cancelled during inversion")
-            model_input = torch.cat([latents, latents]) if guided else latents
-            output = self._unet(model_input, timestep, cond)
+            model_input = sample.to(self.dtype)
+            if guided:
+                model_input = torch.cat([model_input, model_input])
+            output = self._unet(model_input, timestep, cond).float()
             stats.unet_image_evals += model_input.shape[0]
             if guided:
                 uncond_out, cond_out = output.chunk(2)
                 output = uncond_out + guidance_scale * (cond_out - uncond_out)
-            # epsilon at (x_prev, t), as the paper's implementation computes it.
-            latents = self.inverse_scheduler.step(output, timestep, latents).prev_sample
+            sample = self._inverse_step(output, alpha, alpha_prev, sample)
             if progress is not None:
                 progress("invert", index + 1, steps)
         stats.inversion_seconds += time.perf_counter() - started
-        return latents
+        return sample
 
     def _row_plan(
         self,
@@ -567,31 +789,47 @@ class MasaCtrlEngine:
         stats: RunStats,
         progress: ProgressCallback | None,
         should_cancel: CancelCheck | None,
+        masks: ManualMasks | WordMasks | None = None,
     ) -> torch.Tensor:
         started = time.perf_counter()
         controlled_steps, controlled_layers = controlled
         n = len(target_prompts)
-        prompts = self._encode_prompts([source_prompt, *target_prompts, negative_prompt])
+        size = self._image_size(noise)
+        prompts, unconditional = self._conditioning(
+            [source_prompt, *target_prompts], negative_prompt, size
+        )
         source, targets = prompts.rows([0]), prompts.rows(list(range(1, n + 1)))
-        uncond = prompts.rows([n + 1]) if guidance_scale != 1.0 else None
+        uncond = unconditional if guidance_scale != 1.0 else None
         latent_of, cond, slots, source_rows, pairs = self._row_plan(source, targets, uncond)
+        cond_rows = {c for _, c in pairs}
 
-        # Execution order puts the sources first so that later chunks can read their keys.
+        # Execution order puts the sources first so that later chunks can read their keys, and
+        # each target's conditional row before its unconditional one, whose automatic masks come
+        # from the conditional row's cross-attention maps.
         rows = len(latent_of)
-        order = source_rows + [r for r in range(rows) if r not in source_rows]
-        size = self.options.max_batch
-        chunks = [order[i : i + size] for i in range(0, rows, size)]
+        order = source_rows + [
+            r for u, c in pairs[1:] for r in dict.fromkeys((c, u)) if r not in source_rows
+        ]
+        size_limit = self.options.max_batch
+        chunks = [order[i : i + size_limit] for i in range(0, rows, size_limit)]
         if len(chunks) == 1:
             chunks = [list(range(rows))]
+        word_masks = isinstance(masks, WordMasks)
         chunk_plans = []
         for number, chunk in enumerate(chunks):
             chunk_sources = [chunk.index(r) for r in source_rows] if number == 0 else None
+            recording = [i for i, r in enumerate(chunk) if r in cond_rows]
             layout = BatchLayout(
                 source_rows=None
                 if chunk_sources is None
                 else torch.tensor(chunk_sources, device=self.device),
                 row_slots=torch.tensor([slots[r] for r in chunk], device=self.device),
                 keep_sources=len(chunks) > 1,
+                row_images=[latent_of[r] for r in chunk] if masks is not None else None,
+                map_rows=torch.tensor(recording, device=self.device)
+                if word_masks and recording
+                else None,
+                map_images=[latent_of[chunk[i]] for i in recording],
             )
             chunk_plans.append(
                 (
@@ -602,9 +840,26 @@ class MasaCtrlEngine:
                 )
             )
 
-        state = MutualAttentionState(controlled_steps, controlled_layers)
+        state = MutualAttentionState(
+            controlled_steps, controlled_layers, masks=masks, latent_hw=tuple(noise.shape[-2:])
+        )
+        recorders = (
+            {
+                cross_attention_name(self.layer_names[block]): self.cross_processor_class(
+                    block, state
+                )
+                for block in masks.map_blocks
+            }
+            if word_masks and controlled_steps
+            else None
+        )
         original = install_processors(
-            self.unet, self.layer_names, state, self.processor_class, controlled_layers
+            self.unet,
+            self.layer_names,
+            state,
+            self.processor_class,
+            controlled_layers,
+            extra=recorders,
         )
         try:
             self.scheduler.set_timesteps(steps, device=self.device)
@@ -653,6 +908,8 @@ class MasaCtrlEngine:
         return {
             "model": self.model_name,
             "family": self.family,
+            "prediction_type": self.prediction_type,
+            "timestep_spacing": self.scheduler.config.timestep_spacing,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "block_count": self.block_count,
@@ -674,6 +931,7 @@ def with_options(engine: MasaCtrlEngine, **changes: object) -> MasaCtrlEngine:
 __all__ = [
     "ControlConfig",
     "EngineOptions",
+    "MaskConfig",
     "InvertedImage",
     "MasaCtrlEngine",
     "MasaCtrlResult",

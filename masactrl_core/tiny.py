@@ -1,9 +1,12 @@
 """Small seeded random-weight checkpoints in diffusers' folder format, for offline tests and demos.
 
-The UNet keeps the full SD1.x *topology* (4 down blocks, 2 layers each, 16 transformer blocks) so
-the paper's default control (start_layer=10 of 16) applies unchanged; only the widths are tiny.
-Everything is built locally — the tokenizer's vocab.json and merges.txt are written by this module —
-so nothing is downloaded.
+Family ``sd``: the UNet keeps the full SD1.x *topology* (4 down blocks, 2 layers each, 16
+transformer blocks) so the paper's default control (start_layer=10 of 16) applies unchanged.
+Family ``sdxl``: SDXL's topology (3 down blocks, transformer depths 1/2/10, 70 transformer blocks,
+text_time added conditioning, two text encoders, the second with a projection) so its default
+start_layer 44 of 70 applies unchanged. Only the widths are tiny; one SDXL UNet forward at the
+native 64x64 px takes about 50 ms on one CPU core. Everything is built locally — the tokenizers'
+vocab.json and merges.txt are written by this module — so nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -136,8 +139,12 @@ def _tokenizer_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]
     return vocab, merges
 
 
-def _write_tokenizer(folder: Path) -> int:
-    """Write vocab.json, merges.txt and tokenizer_config.json; return the vocabulary size."""
+def _write_tokenizer(folder: Path, pad_token: str = EOS_TOKEN) -> int:
+    """Write vocab.json, merges.txt and tokenizer_config.json; return the vocabulary size.
+
+    SD1.x pads with the end token, as openai/clip-vit-large-patch14 does; SDXL's second
+    tokenizer pads with "!".
+    """
     vocab, merges = _tokenizer_vocab_and_merges()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -150,14 +157,13 @@ def _write_tokenizer(folder: Path) -> int:
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
         "unk_token": EOS_TOKEN,
-        # SD1.x pads with the end token, as openai/clip-vit-large-patch14 does.
-        "pad_token": EOS_TOKEN,
+        "pad_token": pad_token,
         "do_lower_case": True,
         "clean_up_tokenization_spaces": True,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
-    special["pad_token"] = EOS_TOKEN
+    special["pad_token"] = pad_token
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
     return len(vocab)
 
@@ -279,6 +285,113 @@ def _build_sd_pipeline(
     )
 
 
+# --- SDXL family -----------------------------------------------------------------------------
+
+SDXL_NATIVE_SIZE = 64
+SDXL_VAE_SCALE_FACTOR = 2
+_SDXL_TEXT_WIDTH = 32
+_SDXL_TIME_EMBED_DIM = 8
+
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json (Euler, "leading" spacing). Its
+# DDIM keys (set_alpha_to_one, clip_sample) are kept in the saved config, and DDIMScheduler reads
+# them when the engine builds its sampler from this config, as with the real checkpoint.
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "skip_prk_steps": True,
+}
+
+# SDXL's topology with tiny widths: 2 + 2x10 + 10 + 3x10 + 3x2 = 70 transformer blocks.
+SDXL_TINY_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": SDXL_NATIVE_SIZE // SDXL_VAE_SCALE_FACTOR,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (8, 16, 32),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "norm_num_groups": 4,
+    "attention_head_dim": (1, 2, 4),
+    "use_linear_projection": True,
+    # The two encoders' penultimate hidden states, concatenated (768 + 1280 in SDXL).
+    "cross_attention_dim": 2 * _SDXL_TEXT_WIDTH,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": _SDXL_TIME_EMBED_DIM,
+    # Six time ids, each embedded, plus the pooled projection of the second encoder.
+    "projection_class_embeddings_input_dim": 6 * _SDXL_TIME_EMBED_DIM + _SDXL_TEXT_WIDTH,
+}
+
+SDXL_TINY_VAE_CONFIG: dict[str, Any] = {
+    **SD_TINY_VAE_CONFIG,
+    "sample_size": SDXL_NATIVE_SIZE,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+
+
+def _build_sdxl_pipeline(seed: int, tokenizer_dir: Path) -> Any:
+    """Seeded components -> a StableDiffusionXLPipeline (two tokenizers written locally)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    vocab_size = _write_tokenizer(tokenizer_dir / "tokenizer")
+    _write_tokenizer(tokenizer_dir / "tokenizer_2", pad_token="!")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer_2")
+    bos_id, eos_id = tokenizer.convert_tokens_to_ids([BOS_TOKEN, EOS_TOKEN])
+    text_config = {
+        **SD_TINY_TEXT_CONFIG,
+        "hidden_size": _SDXL_TEXT_WIDTH,
+        "projection_dim": _SDXL_TEXT_WIDTH,
+        "vocab_size": vocab_size,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+    }
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SDXL_TINY_UNET_CONFIG)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**SDXL_TINY_VAE_CONFIG)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config, pad_token_id=eos_id))
+    torch.manual_seed(seed + 1)  # the two encoders must differ
+    pad_2 = tokenizer_2.convert_tokens_to_ids("!")
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, pad_token_id=pad_2))
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
 @dataclass(frozen=True)
 class _Family:
     build: Callable[[int, Path], Any]
@@ -289,17 +402,15 @@ class _Family:
     tokenizer_folders: tuple[str, ...]
 
 
-def _sdxl_not_yet(seed: int, tokenizer_dir: Path) -> Any:
-    # An SDXL variant adds text_encoder_2 (CLIPTextModelWithProjection) + tokenizer_2 and a UNet
-    # with addition_embed_type="text_time"; it plugs in here as another _Family.
-    raise NotImplementedError(
-        "tiny SDXL checkpoints are not implemented yet; use family='sd' (SDXL support is planned)"
-    )
-
-
 FAMILIES: dict[str, _Family] = {
     "sd": _Family(_build_sd_pipeline, SD_NATIVE_SIZE, SD_VAE_SCALE_FACTOR, 16, ("tokenizer",)),
-    "sdxl": _Family(_sdxl_not_yet, 128, 2, 70, ("tokenizer", "tokenizer_2")),
+    "sdxl": _Family(
+        _build_sdxl_pipeline,
+        SDXL_NATIVE_SIZE,
+        SDXL_VAE_SCALE_FACTOR,
+        70,
+        ("tokenizer", "tokenizer_2"),
+    ),
 }
 
 
@@ -330,8 +441,9 @@ def _family(family: str) -> _Family:
 def write_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, family: str = "sd") -> Path:
     """Write a seeded random-weight checkpoint to `out_dir` and return its path.
 
-    Same seed -> byte-identical weight files. For family "sd" the native size is 64x64 px
-    (latents 4x32x32) and the UNet has the SD1.5 block layout (16 transformer blocks).
+    Same seed -> byte-identical weight files. Both families have a native size of 64x64 px
+    (latents 4x32x32); family "sd" has the SD1.5 block layout (16 transformer blocks), family
+    "sdxl" SDXL's (70 transformer blocks, two text encoders).
     """
     spec = _family(family)
     out = Path(out_dir)
@@ -342,5 +454,5 @@ def write_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, family: str = "
         # Tokenizer files are this module's own, whatever the installed transformers would emit
         # (a fast-tokenizer tokenizer.json is derived from them on load).
         for name in spec.tokenizer_folders:
-            _write_tokenizer(out / name)
+            _write_tokenizer(out / name, pad_token="!" if name == "tokenizer_2" else EOS_TOKEN)
     return out

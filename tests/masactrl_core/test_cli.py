@@ -170,5 +170,6 @@ def test_tiny_model_command(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -
     assert "64x64" in capfd.readouterr().out
     assert (tmp_path / "tiny" / "model_index.json").is_file()
 
-    assert main(["tiny-model", str(tmp_path / "xl"), "--family", "sdxl"]) == 2
-    assert "SDXL" in _stderr_line(capfd.readouterr().err)
+    assert main(["tiny-model", str(tmp_path / "xl"), "--family", "sdxl"]) == 0
+    assert "tiny sdxl checkpoint" in capfd.readouterr().out
+    assert (tmp_path / "xl" / "text_encoder_2").is_dir()

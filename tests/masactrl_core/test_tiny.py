@@ -87,10 +87,28 @@ def test_info_states_native_size(tmp_path: Path) -> None:
     assert "64x64" in info.describe()
 
 
-def test_sdxl_is_not_implemented_yet(tmp_path: Path) -> None:
-    with pytest.raises(NotImplementedError, match="SDXL"):
-        write_tiny_checkpoint(tmp_path / "xl", family="sdxl")
-    assert not (tmp_path / "xl").exists()
+def test_sdxl_checkpoint_has_sdxl_topology_and_loads_offline(
+    tiny_sdxl_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from masactrl_core.attention import self_attention_layers
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_checkpoint)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    assert isinstance(pipe.text_encoder_2, CLIPTextModelWithProjection)
+    assert pipe.config.force_zeros_for_empty_prompt
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert pipe.vae.config.force_upcast
+    assert len(self_attention_layers(pipe.unet)) == 70
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+    assert pipe.tokenizer_2.pad_token == "!"
+    # The DDIM keys of the real SDXL scheduler config survive, as the engine reads them.
+    assert pipe.scheduler.config.set_alpha_to_one is False
+    info = tiny_checkpoint_info(tiny_sdxl_checkpoint, family="sdxl")
+    assert (info.native_size, info.transformer_blocks) == (64, 70)
 
 
 def test_unknown_family_is_a_value_error(tmp_path: Path) -> None:
