@@ -1,0 +1,675 @@
+"""Benchmark: this engine vs a re-creation of the authors' MasaCtrl procedure, on SD1.5's UNet.
+
+Both variants run a single-target real-image edit on the full-size SD1.5 UNet architecture (built
+from its config with seeded random weights; nothing is downloaded) at 512x512 (64x64 latents):
+
+* reference -- the authors' procedure (TencentARC/MasaCtrl, ``MasaCtrlPipeline`` plus
+  ``regiter_attention_editor_diffusers``): every attention layer materializes QK^T and its softmax,
+  the editor counts calls to find its layer and step, inversion runs classifier-free guidance on
+  the empty prompt (2 images per step), and denoising pushes [source, target] x guidance = 4
+  images per step.
+* ours -- ``MasaCtrlEngine.edit`` from masactrl_core with its SDPA attention processors: unguided
+  inversion (1 image per step) and a shared source branch, 1 + 2N = 3 images per step.
+
+Each variant runs in its own subprocess (clean peak-memory accounting) for a short edit of
+2 x --steps steps with control from step --steps on, so that inversion, uncontrolled and
+controlled denoising steps are all timed. Only UNet calls are timed (forward hooks); seconds per
+50-step edit are extrapolated as 50 t_invert + 4 t_denoise + 46 t_denoise_controlled (the paper's
+start step 4). Peak memory is that of the short run, which already contains every kind of step.
+
+    python bench/core.py                                  # CPU float32 (5-7 min on 2 cores)
+    python bench/core.py --device cuda --dtype float16 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# SD1.5's unet/config.json (stable-diffusion-v1-5), written out so no download is needed.
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
+}
+
+# The UNet is what is measured; the VAE and text encoder only have to produce the right shapes
+# (scale factor 8, 4 latent channels, 768-wide embeddings), so they are narrow stand-ins that
+# cost both variants the same negligible time and memory.
+STAND_IN_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [8, 8, 8, 8],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "latent_channels": 4,
+    "sample_size": 512,
+}
+STAND_IN_TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 768,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 1,
+    "projection_dim": 768,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+
+EDIT_STEPS = 50  # the paper's sampling steps
+PAPER_START_STEP = 4
+PAPER_START_LAYER = 10
+GUIDANCE = 7.5
+TARGET_PROMPT = "a photo of a running cat"
+TIME_TARGET = 0.7
+MEMORY_TARGET = 0.6
+
+
+# --- measurement helpers ---------------------------------------------------------------------
+
+
+@dataclass
+class UNetTimer:
+    """Times every UNet call with forward hooks; steps are delimited by ``mark``."""
+
+    sync: Callable[[], None]
+    verbose: bool = True
+    calls: list[tuple[int, float, float]] = field(default_factory=list)  # images, wall, CPU s
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    _started: float = 0.0
+    _cpu_started: float = 0.0
+    _consumed: int = 0
+
+    def attach(self, unet: Any) -> None:
+        unet.register_forward_pre_hook(self._before)
+        unet.register_forward_hook(self._after)
+
+    def _before(self, module: Any, args: tuple) -> None:
+        self.sync()
+        self._started = time.perf_counter()
+        self._cpu_started = time.process_time()
+
+    def _after(self, module: Any, args: tuple, output: Any) -> None:
+        self.sync()
+        wall = time.perf_counter() - self._started
+        self.calls.append((int(args[0].shape[0]), wall, time.process_time() - self._cpu_started))
+
+    def mark(self, phase: str, step: int, controlled: bool) -> None:
+        """Close one step: everything the UNet did since the previous mark belongs to it."""
+        calls = self.calls[self._consumed :]
+        self._consumed = len(self.calls)
+        record = {
+            "phase": phase,
+            "step": step,
+            "controlled": controlled,
+            "images": sum(call[0] for call in calls),
+            "seconds": sum(call[1] for call in calls),
+            "cpu_seconds": sum(call[2] for call in calls),
+        }
+        self.steps.append(record)
+        if not self.verbose:
+            return
+        print(
+            f"  {phase:7} step {step}{' (controlled)' if controlled else ''}: "
+            f"{record['images']} images, {record['seconds']:.2f} s "
+            f"({record['cpu_seconds']:.2f} CPU s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _rss_bytes(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field_name} missing from /proc/self/status")
+
+
+class CpuPeak:
+    """Peak resident memory of this process during a block, via the kernel's high-water mark.
+
+    Writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS (Linux >= 4.0); where that
+    is refused, a 5 ms sampling thread stands in (it can miss very short spikes).
+    """
+
+    def __enter__(self) -> CpuPeak:
+        gc.collect()
+        self.baseline = _rss_bytes("VmRSS")
+        self.method = "VmHWM"
+        self._stop = threading.Event()
+        self._sampled = self.baseline
+        try:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+        except OSError:
+            self.method = "sampling"
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._sampled = max(self._sampled, _rss_bytes("VmRSS"))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.method == "VmHWM":
+            self.peak = _rss_bytes("VmHWM")
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = self._sampled
+
+
+class CudaPeak:
+    """Peak allocated CUDA memory during a block (weights included), and the baseline."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.method = "torch.cuda.max_memory_allocated"
+
+    def __enter__(self) -> CudaPeak:
+        import torch
+
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        self.baseline = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device)
+
+
+# --- the reference procedure, re-created ------------------------------------------------------
+# Mirrors masactrl/masactrl_utils.py (AttentionBase, regiter_attention_editor_diffusers),
+# masactrl/masactrl.py (MutualSelfAttentionControl) and masactrl/diffuser_utils.py
+# (MasaCtrlPipeline.invert / __call__, next_step / step), as diffusers attention processors.
+
+
+def _heads_first(t: Any, heads: int) -> Any:
+    """'b n (h d) -> (b h) n d'."""
+    b, n, hd = t.shape
+    return t.reshape(b, n, heads, hd // heads).permute(0, 2, 1, 3).reshape(b * heads, n, -1)
+
+
+def _heads_last(t: Any, heads: int) -> Any:
+    """'(b h) n d -> b n (h d)'."""
+    bh, n, d = t.shape
+    return t.reshape(bh // heads, heads, n, d).permute(0, 2, 1, 3).reshape(bh // heads, n, -1)
+
+
+class ReferenceEditor:
+    """AttentionBase + MutualSelfAttentionControl: finds layer and step by counting calls."""
+
+    def __init__(
+        self, num_att_layers: int, start_step: int, start_layer: int, total_steps: int
+    ) -> None:
+        self.num_att_layers = num_att_layers
+        self.step_idx = list(range(start_step, total_steps))
+        self.layer_idx = list(range(start_layer, num_att_layers // 2))
+        self.cur_step = 0
+        self.cur_att_layer = 0
+
+    def __call__(self, q, k, v, sim, attn, is_cross, num_heads, scale):
+        out = self.forward(q, k, v, sim, attn, is_cross, num_heads, scale)
+        self.cur_att_layer += 1
+        if self.cur_att_layer == self.num_att_layers:
+            self.cur_att_layer = 0
+            self.cur_step += 1
+        return out
+
+    def forward(self, q, k, v, sim, attn, is_cross, num_heads, scale):
+        import torch
+
+        # attn1 and attn2 alternate, so call index // 2 is the transformer block.
+        if (
+            is_cross
+            or self.cur_step not in self.step_idx
+            or self.cur_att_layer // 2 not in self.layer_idx
+        ):
+            return _heads_last(torch.einsum("b i j, b j d -> b i d", attn, v), num_heads)
+        qu, qc = q.chunk(2)
+        ku, kc = k.chunk(2)
+        vu, vc = v.chunk(2)
+        out_u = self._attn_batch(qu, ku[:num_heads], vu[:num_heads], num_heads, scale)
+        out_c = self._attn_batch(qc, kc[:num_heads], vc[:num_heads], num_heads, scale)
+        return torch.cat([out_u, out_c], dim=0)
+
+    @staticmethod
+    def _attn_batch(q, k, v, num_heads, scale):
+        import torch
+
+        b = q.shape[0] // num_heads
+        # '(b h) n d -> h (b n) d': every image's queries against the source's keys.
+        q = q.reshape(b, num_heads, *q.shape[1:]).permute(1, 0, 2, 3).flatten(1, 2)
+        sim = torch.einsum("h i d, h j d -> h i j", q, k) * scale
+        attn = sim.softmax(-1)
+        out = torch.einsum("h i j, h j d -> h i d", attn, v)
+        # 'h (b n) d -> b n (h d)'
+        h, bn, d = out.shape
+        return out.reshape(h, b, bn // b, d).permute(1, 2, 0, 3).reshape(b, bn // b, h * d)
+
+
+class ReferenceAttnProcessor:
+    """The authors' patched ``Attention.forward``: explicit QK^T and softmax, then the editor."""
+
+    def __init__(self, editor: ReferenceEditor) -> None:
+        self.editor = editor
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        import torch
+
+        h = attn.heads
+        is_cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if is_cross else hidden_states
+        q = _heads_first(attn.to_q(hidden_states), h)
+        k = _heads_first(attn.to_k(context), h)
+        v = _heads_first(attn.to_v(context), h)
+        sim = torch.einsum("b i d, b j d -> b i j", q, k) * attn.scale
+        probs = sim.softmax(dim=-1)
+        out = self.editor(q, k, v, sim, probs, is_cross, h, attn.scale)
+        return attn.to_out[0](out)
+
+
+def _ddim_next(scheduler: Any, eps: Any, t: int, x: Any) -> Any:
+    """MasaCtrlPipeline.next_step (inversion)."""
+    prev = min(t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps, 999)
+    a_t = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+    a_next = scheduler.alphas_cumprod[t]
+    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    return a_next**0.5 * x0 + (1 - a_next) ** 0.5 * eps
+
+
+def _ddim_prev(scheduler: Any, eps: Any, t: int, x: Any) -> Any:
+    """MasaCtrlPipeline.step (sampling)."""
+    prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    a_t = scheduler.alphas_cumprod[t]
+    a_prev = scheduler.alphas_cumprod[prev] if prev > 0 else scheduler.final_alpha_cumprod
+    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+
+
+def reference_edit(
+    pipe: Any, image: Any, steps: int, start_step: int, timer: UNetTimer
+) -> tuple[int, Any]:
+    """Invert with guidance on "", then denoise [source, target] x guidance.
+
+    Returns the UNet image-evaluations and the final [source, target] latents.
+    """
+    import numpy as np
+    import torch
+
+    unet, device, dtype = pipe.unet, pipe.unet.device, pipe.unet.dtype
+    num_att_layers = len(unet.attn_processors)
+
+    def embed(prompts: list[str]) -> Any:
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt")
+        return pipe.text_encoder(ids.input_ids.to(device))[0]
+
+    evals = 0
+    with torch.no_grad():
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)
+        pixels = pixels.permute(2, 0, 1)[None].to(device, dtype)
+        latents = pipe.vae.encode(pixels)["latent_dist"].mean * 0.18215
+
+        # Inversion: AttentionBase registered (explicit attention, no control), guidance on "".
+        unet.set_attn_processor(ReferenceAttnProcessor(ReferenceEditor(num_att_layers, 0, 0, 0)))
+        cond = torch.cat([embed([""]), embed([""])])
+        pipe.scheduler.set_timesteps(steps)
+        for i, t in enumerate(reversed(pipe.scheduler.timesteps)):
+            eps_u, eps_c = unet(
+                torch.cat([latents] * 2), t, encoder_hidden_states=cond
+            ).sample.chunk(2)
+            latents = _ddim_next(
+                pipe.scheduler, eps_u + GUIDANCE * (eps_c - eps_u), int(t), latents
+            )
+            evals += 2
+            timer.mark("invert", i, False)
+
+        # Denoising with MutualSelfAttentionControl: batch [u_src, u_tgt, c_src, c_tgt].
+        editor = ReferenceEditor(num_att_layers, start_step, PAPER_START_LAYER, steps)
+        unet.set_attn_processor(ReferenceAttnProcessor(editor))
+        cond = torch.cat([embed(["", ""]), embed(["", TARGET_PROMPT])])
+        latents = latents.expand(2, -1, -1, -1)
+        for i, t in enumerate(pipe.scheduler.timesteps):
+            eps_u, eps_c = unet(
+                torch.cat([latents] * 2), t, encoder_hidden_states=cond
+            ).sample.chunk(2)
+            latents = _ddim_prev(
+                pipe.scheduler, eps_u + GUIDANCE * (eps_c - eps_u), int(t), latents
+            )
+            evals += 4
+            timer.mark("denoise", i, i >= start_step)
+        pipe.vae.decode(latents / 0.18215)
+    return evals, latents
+
+
+def ours_edit(
+    pipe: Any, image: Any, steps: int, start_step: int, timer: UNetTimer
+) -> tuple[int, Any]:
+    """MasaCtrlEngine.edit with the paper's layers, control from ``start_step``."""
+    from masactrl_core import ControlConfig, MasaCtrlEngine
+
+    engine = MasaCtrlEngine(pipe, family="sd")
+
+    def progress(phase: str, step: int, total: int) -> None:
+        timer.mark(phase, step - 1, phase == "denoise" and step - 1 >= start_step)
+
+    result = engine.edit(
+        image,
+        [TARGET_PROMPT],
+        source_prompt="",
+        steps=steps,
+        guidance_scale=GUIDANCE,
+        control=ControlConfig(start_step=start_step, start_layer=PAPER_START_LAYER),
+        width=image.width,
+        height=image.height,
+        progress=progress,
+    )
+    return result.stats.unet_image_evals, result.latents
+
+
+def check_agreement() -> float:
+    """Both procedures on the tiny checkpoint's components: same edit, up to float error.
+
+    Guidance between identical empty prompts is the identity, so the reference's guided
+    inversion and batch of four must give our images; this shows the re-creation is faithful.
+    """
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from PIL import Image
+
+    from masactrl_core.tiny import build_sd_pipeline
+
+    pipe = build_sd_pipeline(0)
+    size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    generator = torch.Generator("cpu").manual_seed(0)
+    pixels = torch.randint(0, 256, (size, size, 3), generator=generator).to(torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    timer = UNetTimer(lambda: None, verbose=False)
+    with torch.inference_mode():
+        _, reference = reference_edit(pipe, image, 6, 1, timer)
+    # The engine keeps whatever processors it finds outside its controlled layers: restore SDPA.
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    _, ours = ours_edit(pipe, image, 6, 1, timer)
+    _, uncontrolled = ours_edit(pipe, image, 6, 6, timer)
+    difference = (reference.float().cpu() - ours).abs().max().item()
+    effect = (ours - uncontrolled).abs().max().item()
+    print(f"max |reference - ours| = {difference:.2e} (the control itself changes {effect:.2f})")
+    return difference
+
+
+# --- one variant per process -----------------------------------------------------------------
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Build the model, run the short edit once, return timings and memory (in the child)."""
+    import torch
+    from PIL import Image
+
+    from masactrl_core.tiny import build_sd_pipeline
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    started = time.perf_counter()
+    pipe = build_sd_pipeline(
+        0,
+        unet_config=SD15_UNET_CONFIG,
+        vae_config=STAND_IN_VAE_CONFIG,
+        text_config=STAND_IN_TEXT_CONFIG,
+    )
+    pipe.to(device, dtype)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval().requires_grad_(False)
+    build_seconds = time.perf_counter() - started
+    print(f"[{variant}] built SD1.5 UNet in {build_seconds:.0f} s", file=sys.stderr, flush=True)
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    timer = UNetTimer(sync)
+    timer.attach(pipe.unet)
+    generator = torch.Generator("cpu").manual_seed(0)
+    pixels = torch.randint(0, 256, (args.size, args.size, 3), generator=generator)
+    image = Image.fromarray(pixels.to(torch.uint8).numpy())
+    total = 2 * args.steps
+    edit = reference_edit if variant == "reference" else ours_edit
+    peak = CudaPeak(device) if device.type == "cuda" else CpuPeak()
+    with peak, torch.inference_mode():
+        evals, _ = edit(pipe, image, total, args.steps, timer)
+    return {
+        "variant": variant,
+        "steps": timer.steps,
+        "unet_image_evals": evals,
+        "baseline_bytes": peak.baseline,
+        "peak_bytes": peak.peak,
+        "memory_method": peak.method,
+        "build_seconds": build_seconds,
+    }
+
+
+def _spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    command = [sys.executable, os.path.abspath(__file__), "--child", variant]
+    command += ["--device", args.device, "--dtype", args.dtype]
+    command += ["--steps", str(args.steps), "--size", str(args.size)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        sys.exit(f"the {variant} run failed with status {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+KINDS = ("invert", "denoise", "controlled")
+
+
+@dataclass
+class Summary:
+    """One variant's per-step times (least-disturbed sample of each kind) and memory."""
+
+    wall: dict[str, float]
+    cpu: dict[str, float]
+    images: dict[str, int]
+    peak: int
+    increase: int
+
+    @staticmethod
+    def per_edit(per_step: dict[str, float | int]) -> float:
+        """A 50-step edit: 50 inversion steps, 4 plain and 46 controlled denoising steps."""
+        return (
+            EDIT_STEPS * per_step["invert"]
+            + PAPER_START_STEP * per_step["denoise"]
+            + (EDIT_STEPS - PAPER_START_STEP) * per_step["controlled"]
+        )
+
+
+def summarize(run: dict[str, Any]) -> Summary:
+    groups: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
+    for step in run["steps"]:
+        kind = "controlled" if step["controlled"] else step["phase"]
+        groups[kind].append(step)
+    # The minimum is the sample least disturbed by other work on the machine (as timeit advises).
+    return Summary(
+        wall={k: min(s["seconds"] for s in steps) for k, steps in groups.items()},
+        cpu={k: min(s["cpu_seconds"] for s in steps) for k, steps in groups.items()},
+        images={k: steps[0]["images"] for k, steps in groups.items()},
+        peak=run["peak_bytes"],
+        increase=run["peak_bytes"] - run["baseline_bytes"],
+    )
+
+
+def machine() -> str:
+    import diffusers
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = (
+        f"CPU {cpu}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
+    text += f", diffusers {diffusers.__version__}, Python {platform.python_version()}"
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def report(ref: Summary, ours: Summary, args: argparse.Namespace, memory_method: str) -> str:
+    """The Markdown table and the verdicts."""
+    rows: list[tuple[str, str, str, float | None]] = []
+
+    def add(label: str, r: float, o: float, fmt: Callable[[float], str]) -> None:
+        rows.append((label, fmt(r), fmt(o), o / r if r else None))
+
+    def seconds(x: float) -> str:
+        return f"{x:.2f}"
+
+    add(
+        "UNet image-evaluations per 50-step edit",
+        *map(Summary.per_edit, (ref.images, ours.images)),
+        str,
+    )
+    for kind, label in (
+        ("invert", "inversion step"),
+        ("denoise", "denoising step, before control starts"),
+        ("controlled", "denoising step, controlled"),
+    ):
+        rows.append(
+            (f"UNet images per {label}", str(ref.images[kind]), str(ours.images[kind]), None)
+        )
+        add(f"s per {label}", ref.wall[kind], ours.wall[kind], seconds)
+    add(
+        "**s per 50-step edit** (extrapolated)",
+        ref.per_edit(ref.wall),
+        ours.per_edit(ours.wall),
+        seconds,
+    )
+    add(
+        "CPU-s per 50-step edit (all threads)",
+        ref.per_edit(ref.cpu),
+        ours.per_edit(ours.cpu),
+        seconds,
+    )
+    add("**peak memory per edit** (absolute)", ref.peak, ours.peak, _gib)
+    add("peak memory increase over the loaded model", ref.increase, ours.increase, _gib)
+
+    size = f"{args.size}x{args.size}"
+    lines = [
+        f"| single-target edit, {size}, {args.device} {args.dtype} | reference | ours | ours/ref |"
+    ]
+    lines.append("|---|---:|---:|---:|")
+    for label, r, o, ratio in rows:
+        lines.append(f"| {label} | {r} | {o} | {'' if ratio is None else f'{ratio:.2f}'} |")
+
+    time_ratio = ours.per_edit(ours.wall) / ref.per_edit(ref.wall)
+    peak_ratio, increase_ratio = ours.peak / ref.peak, ours.increase / ref.increase
+    met_time = time_ratio <= TIME_TARGET
+    met_memory = peak_ratio <= MEMORY_TARGET and increase_ratio <= MEMORY_TARGET
+    lines += [
+        "",
+        f"time target, ours <= {TIME_TARGET}x the reference per edit: {time_ratio:.2f}x -> "
+        + ("MET" if met_time else "NOT MET"),
+        f"memory target, ours <= {MEMORY_TARGET}x the reference's peak (absolute, increase): "
+        f"{peak_ratio:.2f}x, {increase_ratio:.2f}x -> " + ("MET" if met_memory else "NOT MET"),
+        f"measured: a {2 * args.steps}-step edit per variant, each in its own process; "
+        f"memory via {memory_method}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=1,
+        help="timed steps of each kind: inversion, denoising before and after the control "
+        "starts (the measured edit has 2 x STEPS steps; default 1)",
+    )
+    parser.add_argument("--size", type=int, default=512, help="image size (default 512)")
+    parser.add_argument("--json", help="also write the raw measurements to this file")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check that the re-created reference and ours give the same edit (seconds)",
+    )
+    parser.add_argument("--child", choices=("reference", "ours"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    # Library advisories (dtype casts, torchvision) are noise next to the table.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # Run from a checkout without installing: masactrl_core lives next to bench/.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+
+    if args.check:
+        return 0 if check_agreement() < 1e-3 else 1
+    if args.child:
+        print(json.dumps(run_variant(args.child, args)))
+        return 0
+
+    print(machine(), flush=True)
+    started = time.perf_counter()
+    runs = {variant: _spawn(variant, args) for variant in ("reference", "ours")}
+    ref, ours = summarize(runs["reference"]), summarize(runs["ours"])
+    print(report(ref, ours, args, runs["ours"]["memory_method"]))
+    print(f"benchmark wall time {time.perf_counter() - started:.0f} s")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"machine": machine(), "args": vars(args), "runs": runs}, out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
