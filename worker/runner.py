@@ -30,10 +30,17 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image, UnidentifiedImageError
 
-from masactrl_core import ControlConfig, InvalidInput, InvertedImage, JobCancelled, MasaCtrlEngine
+from masactrl_core import (
+    ControlConfig,
+    InvalidInput,
+    InvertedImage,
+    JobCancelled,
+    MasaCtrlEngine,
+    MaskConfig,
+)
 from masactrl_jobs.catalog import ModelEntry
 from masactrl_jobs.queue import enqueue_job
-from masactrl_jobs.schema import JobKind, JobStatus
+from masactrl_jobs.schema import JobKind, JobStatus, MaskMode
 from masactrl_jobs.storage import ObjectNotFound, Storage, StorageError
 from masactrl_jobs.store import JobRecord, JobStore
 from worker.config import WorkerSettings
@@ -57,7 +64,6 @@ class ErrorCode:
     STORAGE_UNAVAILABLE = "storage_unavailable"
     TIMEOUT = "timeout"
     WORKER_LOST = "worker_lost"
-    UNSUPPORTED = "unsupported"
     INTERNAL = "internal_error"
 
 
@@ -84,6 +90,16 @@ class _RunState:
     last_write: float = float("-inf")
     last_webhook: float = float("-inf")
     last_progress: tuple[str, int, int] | None = None
+
+
+def _decode(data: bytes, what: str, mode: str = "RGB") -> Image.Image:
+    """Decode stored bytes fully; a damaged object is the job's input error, not a crash."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            return opened.convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise _Failure(ErrorCode.INVALID_INPUT, f"the {what} cannot be decoded: {exc}") from None
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -292,28 +308,38 @@ class JobRunner:
     def _load_input(self, record: JobRecord) -> tuple[Image.Image | None, str | None]:
         if record.kind is not JobKind.edit:
             return None, None
-        if record.input.control.mask.mode.value != "none":
-            raise _Failure(
-                ErrorCode.UNSUPPORTED, "mask-guided control is not available on this worker yet"
-            )
         key = record.input.image
         if not key:
             raise _Failure(ErrorCode.INVALID_INPUT, "the edit has no input image")
+        data = self._read(key, "input image")
+        return _decode(data, "input image"), hashlib.sha256(data).hexdigest()
+
+    def _read(self, key: str, what: str) -> bytes:
         try:
-            data = self.retry(self.storage.get, key)
+            return self.retry(self.storage.get, key)
         except ObjectNotFound:
             raise _Failure(
-                ErrorCode.INVALID_INPUT, f"the input image {key} is no longer in storage"
+                ErrorCode.INVALID_INPUT, f"the {what} {key} is no longer in storage"
             ) from None
-        try:
-            with Image.open(io.BytesIO(data)) as opened:
-                opened.load()
-                image = opened.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise _Failure(
-                ErrorCode.INVALID_INPUT, f"the input image cannot be decoded: {exc}"
-            ) from None
-        return image, hashlib.sha256(data).hexdigest()
+
+    def _masks(self, record: JobRecord) -> MaskConfig | None:
+        mask = record.input.control.mask
+        if mask.mode is MaskMode.none:
+            return None
+        if mask.mode is MaskMode.auto:
+            return MaskConfig(
+                source_word=mask.source_word,
+                target_word=mask.target_word,
+                threshold=mask.threshold,
+            )
+        regions = [
+            (
+                _decode(self._read(region.source, "source mask"), "source mask", "L"),
+                _decode(self._read(region.target, "target mask"), "target mask", "L"),
+            )
+            for region in mask.regions or []
+        ]
+        return MaskConfig(regions=regions)
 
     def _control(self, record: JobRecord) -> ControlConfig:
         control = record.input.control
@@ -344,6 +370,7 @@ class JobRunner:
                 record, state, phase, step, total
             ),
             "should_cancel": lambda: self._should_cancel(state),
+            "masks": self._masks(record),
         }
         started = time.perf_counter()
         if record.kind is JobKind.synthesis:

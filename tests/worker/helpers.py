@@ -72,6 +72,8 @@ class WebhookReceiver:
     """A loopback HTTP server that records POSTs and answers from a script of status codes."""
 
     statuses: list[int] = field(default_factory=list)  # answered in order, then 200
+    # Per-path scripts take precedence over ``statuses``.
+    scripts: dict[str, list[int]] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
 
@@ -90,7 +92,8 @@ class WebhookReceiver:
                 receiver.received.append(
                     Received(self.path, dict(self.headers.items()), body, time.time())
                 )
-                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                script = receiver.scripts.get(self.path, receiver.statuses)
+                status = script.pop(0) if script else 200
                 self.send_response(status)
                 if 300 <= status < 400:
                     self.send_header("Location", "/elsewhere")
@@ -123,6 +126,8 @@ class ManagedProcess:
         self.name = name
         self.args = args
         self.env = dict(env)
+        # Run outside the repository, so no developer's .env is picked up by pydantic-settings.
+        self.cwd = log_dir
         self.log_path = log_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -131,7 +136,7 @@ class ManagedProcess:
         self.process = subprocess.Popen(
             self.args,
             env=self.env,
-            cwd=REPO_ROOT,
+            cwd=self.cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
             # Its own group, so a kill reaches the Celery pool child too, as when a container dies.

@@ -477,3 +477,52 @@ def test_subscribed_events_are_queued_in_order(
     assert set(types[1:-1]) == {"job.progress"}
     only = [json.loads(m)["type"] for m in store.redis.lrange(keys.outbox(only_completed), 0, -1)]
     assert only == ["job.succeeded"]
+
+
+# --- masks -----------------------------------------------------------------------------------
+
+
+def test_manual_masks_are_read_from_storage_and_passed_to_the_engine(
+    make_runner: Callable[..., JobRunner],
+    store: JobStore,
+    storage: FileStorage,
+    tiny_engine: Any,
+) -> None:
+    from masactrl_core import MaskConfig
+    from masactrl_jobs.schema import MaskControl, MaskRegion
+
+    left = Image.new("L", (64, 64), 0)
+    left.paste(255, (0, 0, 32, 64))
+    right = Image.new("L", (64, 64), 0)
+    right.paste(255, (32, 0, 64, 64))
+    source_key, target_key = (
+        put_input(storage, png_bytes(left)),
+        put_input(storage, png_bytes(right)),
+    )
+    mask = MaskControl(mode="manual", regions=[MaskRegion(source=source_key, target=target_key)])
+    job_id = create_job(store, control=ControlInput(start_step=1, start_layer=10, mask=mask))
+    assert make_runner().run(job_id) == "succeeded"
+
+    expected = tiny_engine.synthesize(
+        "a photo of a cat",
+        ["a photo of a dog"],
+        seed=7,
+        steps=3,
+        width=64,
+        height=64,
+        control=ControlConfig(start_step=1, start_layer=10),
+        masks=MaskConfig(regions=[(left, right)]),
+    )
+    output = (store.get(job_id).output or {})["images"]  # type: ignore[union-attr]
+    assert storage.get(output[1]["key"]) == png_bytes(expected.targets[0])
+
+
+def test_a_mask_word_missing_from_the_prompt_is_invalid_input(
+    make_runner: Callable[..., JobRunner], store: JobStore
+) -> None:
+    from masactrl_jobs.schema import MaskControl
+
+    mask = MaskControl(mode="auto", source_word="cat", target_word="giraffe")
+    job_id = create_job(store, control=ControlInput(start_step=1, start_layer=10, mask=mask))
+    assert make_runner().run(job_id) == "failed"
+    assert (store.get(job_id).error or {})["code"] == "invalid_input"  # type: ignore[union-attr]

@@ -1,0 +1,540 @@
+"""End to end with real processes: gateway (uvicorn), a GPU worker and the webhook worker (Celery),
+redis-server, moto's S3 server and a loopback webhook receiver.
+
+Jobs run on the tiny checkpoint with a few steps; the worker sleeps a little every step
+(``MASACTRL_STEP_DELAY_SECONDS``) so that a job can be caught while it runs. Recovery times are
+shrunk through settings (a dead worker's job is re-enqueued within ~3 s). The tests that stop
+processes or Redis come last in the module.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+from standardwebhooks import Webhook
+
+from masactrl_core import ControlConfig
+from masactrl_jobs.queue import enqueue_job, make_celery
+from masactrl_jobs.store import JobStore
+from tests.conftest import RedisServer, S3Server, free_port
+from tests.worker.helpers import (
+    REPO_ROOT,
+    ManagedProcess,
+    WebhookReceiver,
+    python_command,
+    tiny_catalog,
+    wait_for,
+)
+from worker.outputs import png_bytes
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "e2e-test-key-" + "3f9a1c77d2"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"e2e webhook secret of tenant acm").decode()
+STEP_DELAY = 0.05
+STARTUP_TIMEOUT = 120.0  # importing torch and loading the model on a busy 2-core machine
+JOB_TIMEOUT = 60.0
+
+
+@dataclass
+class Stack:
+    """The running service and handles on its parts."""
+
+    env: dict[str, str]
+    log_dir: Path
+    base_url: str
+    redis: RedisServer
+    s3: S3Server
+    prefix: str
+    receiver: WebhookReceiver
+    gateway: ManagedProcess
+    gpu: ManagedProcess
+    hooks: ManagedProcess
+    client: httpx.Client
+    store: JobStore
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    # -- HTTP
+    def submit(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = self.client.post(f"/v1/{kind}", json=body)
+        assert response.status_code == 202, response.text
+        return response.json()
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            response = self.client.get(f"/v1/jobs/{job_id}")
+        except httpx.TransportError:
+            return None
+        return response.json() if response.status_code == 200 else None  # 503 while Redis restarts
+
+    def wait(self, job_id: str, timeout: float = JOB_TIMEOUT) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            job = self.job(job_id)
+            return job if job and job["status"] in ("succeeded", "failed", "canceled") else None
+
+        try:
+            return wait_for(done, timeout, 0.1, f"job {job_id} to end")
+        except AssertionError:
+            print(self.gpu.log_tail(), file=sys.stderr)
+            raise
+
+    def wait_running(self, job_id: str, min_step: int = 1) -> dict[str, Any]:
+        def running() -> dict[str, Any] | None:
+            job = self.job(job_id)
+            assert job is None or job["status"] in ("queued", "running"), job
+            if (
+                job
+                and job["status"] == "running"
+                and (job["progress"] or {}).get("step", 0) >= (min_step)
+            ):
+                return job
+            return None
+
+        return wait_for(running, JOB_TIMEOUT, 0.02, f"job {job_id} to run")
+
+    # -- storage
+    def s3_client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.s3.endpoint_url,
+            aws_access_key_id=self.s3.access_key,
+            aws_secret_access_key=self.s3.secret_key,
+            region_name=self.s3.region,
+        )
+
+    def stored_keys(self, prefix: str) -> list[str]:
+        listing = self.s3_client().list_objects_v2(
+            Bucket=self.s3.bucket, Prefix=f"{self.prefix}/{prefix}"
+        )
+        return sorted(
+            item["Key"].removeprefix(self.prefix + "/") for item in listing.get("Contents", [])
+        )
+
+    # -- processes
+    def start_gpu_worker(self) -> ManagedProcess:
+        self.gpu = ManagedProcess(
+            f"gpu-worker-{len(self.processes)}",
+            python_command("-m", "masactrl_cli.main", "worker", "--model", "tiny"),
+            self.env,
+            self.log_dir,
+        ).start()
+        self.processes.append(self.gpu)
+        return self.gpu
+
+    def wait_gpu_live(self, exclude: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        def live() -> bool:
+            assert self.gpu.alive, self.gpu.log_tail()
+            members = self.store.redis.zrangebyscore("masactrl:workers:tiny", time.time(), "+inf")
+            return bool(set(members) - exclude)
+
+        wait_for(live, STARTUP_TIMEOUT, 0.2, "the GPU worker to load its model")
+
+
+def _png(seed: int, size: int = 64) -> bytes:
+    image = Image.effect_noise((size, size), 30 + seed).convert("RGB")
+    return png_bytes(image)
+
+
+def _data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    redis_server: RedisServer,
+    s3_server: S3Server,
+    tiny_checkpoint: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushall()
+    log_dir = tmp_path_factory.mktemp("e2e-logs")
+    receiver = WebhookReceiver().start()
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    prefix = f"e2e-{secrets.token_hex(4)}"
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "PYTHONPATH": str(REPO_ROOT),
+        "HOME": str(log_dir),
+        "HF_HUB_OFFLINE": "1",
+        "MASACTRL_ENVIRONMENT": "development",
+        "MASACTRL_REDIS_URL": redis_server.url,
+        "MASACTRL_STORAGE_URL": f"s3://{s3_server.bucket}/{prefix}",
+        "MASACTRL_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "MASACTRL_S3_ACCESS_KEY_ID": s3_server.access_key,
+        "MASACTRL_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "MASACTRL_S3_REGION": s3_server.region,
+        "MASACTRL_URL_SIGNING_SECRET": "e2e-url-signing-secret-0123456789abcdef",
+        "MASACTRL_PUBLIC_BASE_URL": base_url,
+        "MASACTRL_CATALOG": tiny_catalog(tiny_checkpoint),
+        "MASACTRL_ALLOW_LOOPBACK_HTTP": "true",
+        "MASACTRL_API_KEYS": json.dumps(
+            [
+                {
+                    "sha256": hashlib.sha256(API_KEY.encode()).hexdigest(),
+                    "tenant": "acme",
+                    "webhook_secret": WEBHOOK_SECRET,
+                }
+            ]
+        ),
+        "MASACTRL_RATE_LIMIT_PER_SECOND": "1000",
+        "MASACTRL_RATE_LIMIT_BURST": "1000",
+        "MASACTRL_CLEANUP_INTERVAL_SECONDS": "0",
+        # Worker: one torch thread (as the reference runs below), fast recovery, slow steps.
+        "MASACTRL_TORCH_THREADS": "1",
+        "MASACTRL_RECOVERY_SECONDS": "4",
+        "MASACTRL_WORKER_HEARTBEAT_TTL_SECONDS": "3",
+        "MASACTRL_STEP_DELAY_SECONDS": str(STEP_DELAY),
+        "MASACTRL_PROGRESS_INTERVAL_SECONDS": "0",
+        "MASACTRL_SOFT_TIME_LIMIT_SECONDS": "120",
+        "MASACTRL_TIME_LIMIT_SECONDS": "150",
+        "MASACTRL_VISIBILITY_TIMEOUT_SECONDS": "180",
+        "MASACTRL_WEBHOOK_RETRY_DELAYS_SECONDS": "[0.3, 0.3, 0.3]",
+        "MASACTRL_WEBHOOK_RETRY_JITTER": "0",
+        "MASACTRL_WEBHOOK_PROGRESS_INTERVAL_SECONDS": "0.2",
+        "MASACTRL_WEBHOOK_SCHEDULER_INTERVAL_SECONDS": "0.1",
+    }
+    gateway = ManagedProcess(
+        "gateway",
+        python_command(
+            "-m", "uvicorn", "--factory", "service.main:create_app",
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+        ),
+        env,
+        log_dir,
+    ).start()  # fmt: skip
+    hooks = ManagedProcess(
+        "webhook-worker",
+        python_command("-m", "masactrl_cli.main", "worker", "--webhooks", "--concurrency", "4"),
+        env,
+        log_dir,
+    ).start()
+    store = JobStore.from_url(redis_server.url)
+    client = httpx.Client(
+        base_url=base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10
+    )
+    stack = Stack(
+        env=env,
+        log_dir=log_dir,
+        base_url=base_url,
+        redis=redis_server,
+        s3=s3_server,
+        prefix=prefix,
+        receiver=receiver,
+        gateway=gateway,
+        gpu=None,  # type: ignore[arg-type]
+        hooks=hooks,
+        client=client,
+        store=store,
+        processes=[gateway, hooks],
+    )
+    try:
+        stack.start_gpu_worker()
+
+        def gateway_up() -> bool:
+            assert gateway.alive, gateway.log_tail()
+            try:
+                return client.get("/livez").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(gateway_up, STARTUP_TIMEOUT, 0.2, "the gateway")
+        stack.wait_gpu_live()
+        yield stack
+    finally:
+        client.close()
+        for process in reversed(stack.processes):
+            process.stop()
+        store.close()
+        receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def reference_engine(tiny_checkpoint: Path) -> Iterator[Any]:
+    """The engine run directly in this process, on one thread like the worker."""
+    import torch
+
+    from masactrl_core import MasaCtrlEngine
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield MasaCtrlEngine.from_pretrained(tiny_checkpoint, device="cpu")
+    torch.set_num_threads(before)
+
+
+def _control(job: dict[str, Any]) -> ControlConfig:
+    control = job["input"]["control"]
+    return ControlConfig(
+        start_step=control["start_step"],
+        start_layer=control["start_layer"],
+        layers=control["layers"],
+        steps=control["steps"],
+    )
+
+
+def _download(job: dict[str, Any]) -> list[bytes]:
+    return [httpx.get(image["url"], timeout=10).content for image in job["output"]["images"]]
+
+
+# --- the happy paths -------------------------------------------------------------------------
+
+
+def test_synthesis_and_edit_end_byte_identical_to_the_engine_with_signed_webhooks(
+    stack: Stack, reference_engine: Any
+) -> None:
+    models = stack.client.get("/v1/models").json()["data"]
+    assert [(m["name"], m["live"]) for m in models] == [("tiny", True)]
+
+    hook = {"url": stack.receiver.url("/all"), "events": ["started", "progress", "completed"]}
+    synthesis = stack.submit(
+        "syntheses",
+        {
+            "source_prompt": "a photo of a cat",
+            "target_prompts": ["a photo of a dog", "a red car"],
+            "steps": 4,
+            "seed": 42,
+            "webhook": hook,
+        },
+    )
+    photo = _png(1)
+    edit = stack.submit(
+        "edits",
+        {
+            "image": _data_url(photo),
+            "source_prompt": "a photo of a cat",
+            "target_prompts": ["a photo of a cat standing"],
+            "steps": 4,
+        },
+    )
+    synthesis, edit = stack.wait(synthesis["id"]), stack.wait(edit["id"])
+    assert synthesis["status"] == "succeeded", synthesis
+    assert edit["status"] == "succeeded", edit
+    assert synthesis["attempts"] == edit["attempts"] == 1
+    metrics = synthesis["metrics"]
+    assert metrics["unet_image_evals"] > 0 and metrics["total_seconds"] >= metrics["queue_seconds"]
+
+    params = synthesis["input"]
+    expected = reference_engine.synthesize(
+        params["source_prompt"],
+        params["target_prompts"],
+        seed=params["seed"],
+        steps=params["steps"],
+        guidance_scale=params["guidance_scale"],
+        width=params["width"],
+        height=params["height"],
+        control=_control(synthesis),
+    )
+    assert _download(synthesis) == [png_bytes(i) for i in (expected.source, *expected.targets)]
+
+    params = edit["input"]
+    assert params["image"] == f"inputs/{hashlib.sha256(photo).hexdigest()}.png"
+    expected = reference_engine.edit(
+        Image.open(io.BytesIO(photo)).convert("RGB"),
+        params["target_prompts"],
+        source_prompt=params["source_prompt"],
+        seed=params["seed"],
+        steps=params["steps"],
+        guidance_scale=params["guidance_scale"],
+        width=params["width"],
+        height=params["height"],
+        control=_control(edit),
+    )
+    assert _download(edit) == [png_bytes(i) for i in (expected.source, *expected.targets)]
+
+    # Webhooks: every event signed, in the order it happened, the last one the final job.
+    received = wait_for(
+        lambda: (
+            (r := stack.receiver.for_path("/all")) and r[-1].json()["type"] == "job.succeeded" and r
+        ),
+        JOB_TIMEOUT,
+        what="the job.succeeded webhook",
+    )
+    verifier = Webhook(WEBHOOK_SECRET)
+    bodies = [verifier.verify(r.body, r.headers) for r in received]
+    types = [b["type"] for b in bodies]
+    assert types[0] == "job.started" and types[-1] == "job.succeeded"
+    assert set(types[1:-1]) == {"job.progress"}
+    progress = [
+        (b["data"]["progress"]["phase"], b["data"]["progress"]["step"]) for b in bodies[1:-1]
+    ]
+    assert progress == sorted(progress)
+    assert bodies[-1]["data"]["id"] == synthesis["id"]
+    assert bodies[-1]["data"]["output"]["images"][0]["key"].startswith(
+        f"results/{synthesis['id']}/"
+    )
+    job = stack.job(synthesis["id"])
+    assert job is not None
+    assert len(job["webhook"]["deliveries"]) == len(received)
+    assert {d["status_code"] for d in job["webhook"]["deliveries"]} == {200}
+
+
+def test_a_receiver_failing_twice_gets_three_recorded_deliveries(stack: Stack) -> None:
+    stack.receiver.scripts["/flaky"] = [500, 500]
+    job = stack.submit(
+        "syntheses",
+        {
+            "source_prompt": "a cat",
+            "target_prompts": ["a dog"],
+            "steps": 2,
+            "webhook": {"url": stack.receiver.url("/flaky"), "events": ["completed"]},
+        },
+    )
+    assert stack.wait(job["id"])["status"] == "succeeded"
+
+    def three_recorded() -> list[dict[str, Any]] | None:
+        current = stack.job(job["id"])
+        deliveries = current["webhook"]["deliveries"] if current else []
+        return deliveries if len(deliveries) == 3 else None
+
+    deliveries = wait_for(three_recorded, 20, 0.1, "three deliveries")
+    assert [(d["attempt"], d["status_code"]) for d in deliveries] == [(1, 500), (2, 500), (3, 200)]
+    received = stack.receiver.for_path("/flaky")
+    assert len(received) == 3
+    assert len({r.headers["webhook-id"] for r in received}) == 1  # one event, three attempts
+    for request in received:
+        assert Webhook(WEBHOOK_SECRET).verify(request.body, request.headers)["type"] == (
+            "job.succeeded"
+        )
+
+
+def test_a_second_edit_of_the_same_image_skips_inversion(
+    stack: Stack, reference_engine: Any
+) -> None:
+    photo = _png(2)
+    body = {"image": _data_url(photo), "source_prompt": "a photo of a cat", "steps": 4}
+    first = stack.wait(stack.submit("edits", {**body, "target_prompts": ["a dog"]})["id"])
+    second = stack.wait(stack.submit("edits", {**body, "target_prompts": ["a red car"]})["id"])
+    assert first["status"] == second["status"] == "succeeded"
+    m1, m2 = first["metrics"], second["metrics"]
+    assert m1["inversion_seconds"] > 0 and m2["inversion_seconds"] == 0
+    assert m2["unet_image_evals"] == m1["unet_image_evals"] - 4  # one UNet image per step
+    # The cache changes nothing in the result.
+    params = second["input"]
+    expected = reference_engine.edit(
+        Image.open(io.BytesIO(photo)).convert("RGB"),
+        params["target_prompts"],
+        source_prompt=params["source_prompt"],
+        steps=params["steps"],
+        width=params["width"],
+        height=params["height"],
+        control=_control(second),
+    )
+    assert _download(second)[1] == png_bytes(expected.targets[0])
+
+
+# --- cancel and failures ------------------------------------------------------------------------
+
+
+def test_cancel_of_a_running_job_stops_within_a_step_or_two(stack: Stack) -> None:
+    job = stack.submit(
+        "syntheses", {"source_prompt": "a cat", "target_prompts": ["a dog"], "steps": 60}
+    )
+    stack.wait_running(job["id"], min_step=3)
+    response = stack.client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 202, response.text
+    step_at_cancel = response.json()["progress"]["step"]
+
+    final = stack.wait(job["id"])
+    assert final["status"] == "canceled"
+    assert final["progress"]["step"] <= step_at_cancel + 2
+    assert final["output"] is None
+    assert stack.stored_keys(f"results/{job['id']}/") == []
+
+
+def test_an_image_that_breaks_in_the_worker_fails_clearly_and_the_next_job_runs(
+    stack: Stack,
+) -> None:
+    # Keep the worker busy so the edit waits in the queue while its input is damaged.
+    busy = stack.submit(
+        "syntheses", {"source_prompt": "a cat", "target_prompts": ["a dog"], "steps": 30}
+    )
+    photo = _png(3)
+    broken = stack.submit(
+        "edits", {"image": _data_url(photo), "target_prompts": ["a dog"], "steps": 2}
+    )
+    assert broken["status"] == "queued"
+    # The gateway checked and stored the image; then the stored object is cut short (a
+    # partial replica of an S3-compatible store, a bad disk): only the worker can notice.
+    stack.s3_client().put_object(
+        Bucket=stack.s3.bucket,
+        Key=f"{stack.prefix}/{broken['input']['image']}",
+        Body=photo[: len(photo) // 3],
+    )
+    after = stack.submit(
+        "syntheses", {"source_prompt": "a cat", "target_prompts": ["a dog"], "steps": 2}
+    )
+
+    failed = stack.wait(broken["id"])
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "invalid_input"
+    assert "cannot be decoded" in failed["error"]["message"]
+    assert "Traceback" not in failed["error"]["message"]
+    assert stack.wait(busy["id"])["status"] == "succeeded"
+    assert stack.wait(after["id"])["status"] == "succeeded"
+
+
+# --- crashes and restarts (these stop processes; keep them last) --------------------------------
+
+
+def test_a_job_survives_sigkill_of_its_worker_and_completes_exactly_once(stack: Stack) -> None:
+    job = stack.submit(
+        "syntheses", {"source_prompt": "a cat", "target_prompts": ["a dog"], "steps": 40}
+    )
+    stack.wait_running(job["id"], min_step=5)
+    dead_workers = set(stack.store.redis.zrange("masactrl:workers:tiny", 0, -1))
+    stack.gpu.kill(signal.SIGKILL)  # the whole group: Celery's parent and its pool child
+
+    stack.start_gpu_worker()
+    stack.wait_gpu_live(exclude=dead_workers)
+    final = stack.wait(job["id"], timeout=JOB_TIMEOUT + STARTUP_TIMEOUT)
+    assert final["status"] == "succeeded", final
+    assert final["attempts"] == 2
+    assert stack.stored_keys(f"results/{job['id']}/") == [
+        f"results/{job['id']}/source_0.png",
+        f"results/{job['id']}/target_0.png",
+    ]
+
+    # The broker's own redelivery of the dead worker's message, whenever it comes, is dropped.
+    app = make_celery(stack.redis.url)
+    enqueue_job(app, job["id"], "tiny")
+    app.close()
+    marker = stack.submit(
+        "syntheses", {"source_prompt": "a cat", "target_prompts": ["a dog"], "steps": 1}
+    )
+    assert stack.wait(marker["id"])["status"] == "succeeded"  # FIFO: the duplicate went first
+    again = stack.job(job["id"])
+    assert again is not None and again["attempts"] == 2 and again["status"] == "succeeded"
+
+
+def test_a_queued_job_survives_a_redis_restart(stack: Stack) -> None:
+    running = stack.submit(
+        "syntheses", {"source_prompt": "a cat", "target_prompts": ["a dog"], "steps": 40}
+    )
+    waiting = stack.submit(
+        "syntheses", {"source_prompt": "a cat", "target_prompts": ["a red car"], "steps": 2}
+    )
+    stack.wait_running(running["id"], min_step=2)
+    assert (stack.job(waiting["id"]) or {}).get("status") == "queued"
+
+    stack.redis.restart()  # SIGTERM: Redis writes its AOF and exits; then it starts from it
+
+    assert stack.wait(waiting["id"], timeout=JOB_TIMEOUT * 2)["status"] == "succeeded"
+    assert stack.wait(running["id"], timeout=JOB_TIMEOUT * 2)["status"] == "succeeded"
