@@ -197,7 +197,9 @@ def detect_family(config: dict) -> str:
 
 
 def _looks_like_local_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or os.sep in model
+    # "owner/name" is a hub id; anything rooted, relative or deeper is a folder.
+    windows_separator = os.sep != "/" and os.sep in model
+    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or windows_separator
 
 
 class MasaCtrlEngine:
