@@ -44,7 +44,8 @@ def new_id() -> str:
         counter = _counter
     rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
     value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand_b
-    return str(uuid.UUID(int=value))
+    h = f"{value:032x}"  # formatted by hand: uuid.UUID is several times slower
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def is_job_id(value: str) -> bool:

@@ -101,7 +101,6 @@ class GatewaySettings(CommonSettings):
     cleanup_interval_seconds: float = Field(
         60.0, ge=0, description="How often expired jobs are purged; 0 disables the sweeper."
     )
-    enqueue_timeout_seconds: float = Field(5.0, gt=0, le=60)
     max_request_bytes: int = Field(
         100 * 1024 * 1024,
         ge=1024,

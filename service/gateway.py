@@ -7,12 +7,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from celery import Celery
 from fastapi import Response
 from starlette.concurrency import run_in_threadpool
 
 from masactrl_jobs.catalog import Catalog
-from masactrl_jobs.queue import enqueue_job
+from masactrl_jobs.queue import TaskMessages
 from masactrl_jobs.schema import JobPublic
 from masactrl_jobs.storage import Storage
 from masactrl_jobs.store import AsyncJobStore, JobRecord
@@ -37,7 +36,7 @@ class Gateway:
     settings: GatewaySettings
     store: AsyncJobStore
     storage: Storage
-    celery: Celery
+    messages: TaskMessages
     catalog: Catalog
     tenants: dict[str, Tenant]
     metrics: GatewayMetrics
@@ -71,30 +70,7 @@ class Gateway:
             raise ApiError(404, "not_found", f"No job with id {job_id!r}.")
         return record
 
-    # -- queueing
-    async def enqueue(self, job_id: str, model: str) -> None:
-        """Hand the job to its model's workers; a broker failure fails the job and is a 503."""
-        try:
-            # kombu publishes with blocking sockets: keep them off the event loop.
-            await asyncio.wait_for(
-                run_in_threadpool(enqueue_job, self.celery, job_id, model),
-                timeout=self.settings.enqueue_timeout_seconds,
-            )
-        except Exception as exc:
-            logger.warning("enqueue of job %s failed: %s", job_id, exc)
-            try:
-                await self.store.fail(
-                    job_id, "enqueue_failed", "The job could not be queued; submit it again."
-                )
-            except Exception:
-                logger.warning("could not mark job %s failed after the enqueue error", job_id)
-            raise ApiError(
-                503,
-                "service_unavailable",
-                "The job queue is unreachable; the job was not started. Retry shortly.",
-                headers={"Retry-After": "5"},
-            ) from exc
-
+    # -- waiting
     async def wait_until_done(self, job_id: str, seconds: float) -> JobRecord | None:
         """Hold until the job ends or ``seconds`` pass (Prefer: wait), then return it."""
         deadline = time.monotonic() + seconds

@@ -12,12 +12,12 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
 
-from masactrl_jobs.queue import make_celery
-from masactrl_jobs.schema import EditCreate, EditParams
+from masactrl_jobs.queue import TaskMessages
+from masactrl_jobs.schema import EditCreate, EditParams, SynthesisCreate
 from masactrl_jobs.settings import load_settings
 from masactrl_jobs.storage import storage_from_settings
 from masactrl_jobs.store import AsyncJobStore
-from service.api.routes import api_router
+from service.api.routes import ROUTERS
 from service.config import GatewaySettings
 from service.errors import install_error_handlers
 from service.gateway import Gateway
@@ -51,9 +51,13 @@ def _install_openapi(app: FastAPI) -> None:
         if app.openapi_schema:
             return app.openapi_schema
         schema = generate()
-        # /v1/edits parses its two body types by hand; add the models its requestBody names.
+        # The submission routes parse their bodies by hand; add the models they name.
         _, definitions = models_json_schema(
-            [(EditCreate, "validation"), (EditParams, "validation")],
+            [
+                (EditCreate, "validation"),
+                (EditParams, "validation"),
+                (SynthesisCreate, "validation"),
+            ],
             ref_template="#/components/schemas/{model}",
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -76,12 +80,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         store = AsyncJobStore.from_url(
             settings.redis_url, retention_seconds=settings.job_retention_seconds
         )
-        celery = make_celery(settings.redis_url)
         gateway = Gateway(
             settings=settings,
             store=store,
             storage=storage_from_settings(settings),
-            celery=celery,
+            messages=TaskMessages(),
             catalog=settings.model_catalog,
             tenants=settings.tenants_by_key_hash(),
             metrics=metrics,
@@ -98,7 +101,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
             await store.close()
-            celery.close()
 
     app = FastAPI(
         title="MasaCtrl API",
@@ -108,8 +110,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         generate_unique_id_function=operation_id,
         # One schema per model: request and response shapes of shared models are identical here.
         separate_input_output_schemas=False,
+        # Prometheus (/metrics) is this service's telemetry; skip FastAPI's OpenTelemetry hooks.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
-    app.include_router(api_router)
+    for router in ROUTERS:
+        app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     # Added last, so it is outermost and also times and counts 413s and errors.

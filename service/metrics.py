@@ -7,11 +7,14 @@ middleware is plain ASGI (no per-request task or body buffering).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["GatewayMetrics", "MetricsMiddleware"]
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 # Submissions take a few ms; SSE and Prefer: wait hold connections for up to a minute.
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -55,6 +58,21 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Labelled children by (route, method, status): labels() takes a lock and builds a key
+        # on every call, which shows on the submission hot path.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def _observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.metrics.requests.labels(route, method, str(status)),
+                self.metrics.latency.labels(route, method),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,5 +94,6 @@ class MetricsMiddleware:
             # Unmatched paths share one label so scanners cannot explode the series count.
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
-            self.metrics.requests.labels(template, method, str(status)).inc()
-            self.metrics.latency.labels(template, method).observe(time.perf_counter() - started)
+            if method not in _METHODS:
+                method = "other"  # arbitrary client-chosen tokens must not become series
+            self._observe(template, method, status, time.perf_counter() - started)

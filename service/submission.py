@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 
 from fastapi import Response
 
 from masactrl_jobs.catalog import UnknownModel
+from masactrl_jobs.ids import new_id
 from masactrl_jobs.images import ValidatedImage
 from masactrl_jobs.schema import EditCreate, EditParams, JobKind, SynthesisCreate
 from masactrl_jobs.store import JobRecord
-from service.config import Tenant
+from service.config import GatewaySettings, Tenant
 from service.errors import ApiError, FieldError, invalid
 from service.gateway import Gateway
 from service.validation import check_request, check_webhook_url, resolve_input
@@ -41,6 +43,17 @@ def request_hash(
         separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _rate_limited(settings: GatewaySettings, retry_after: float) -> ApiError:
+    retry = max(1, math.ceil(retry_after))
+    return ApiError(
+        429,
+        "rate_limited",
+        f"Too many submissions; this key may submit {settings.rate_limit_per_second:g} jobs per "
+        f"second (bursts of {settings.rate_limit_burst}). Retry in {retry} s.",
+        headers={"Retry-After": str(retry)},
+    )
 
 
 async def _replay(
@@ -76,27 +89,15 @@ async def submit(
 ) -> Response:
     """Validate, store inputs, record and enqueue one job; the 202 (or 200 replay) response."""
     settings = gw.settings
-    upload_sha = hashlib.sha256(upload).hexdigest() if upload is not None else None
-    this_hash = request_hash(kind, body, upload_sha)
+    this_hash = ""
     if idempotency_key is not None:
+        upload_sha = hashlib.sha256(upload).hexdigest() if upload is not None else None
+        this_hash = request_hash(kind, body, upload_sha)
         existing = await gw.store.idempotency(tenant.name, idempotency_key)
         if existing is not None:
             replay = await _replay(gw, tenant, existing[1], existing[0], this_hash)
             if replay is not None:
                 return replay
-
-    limit = await gw.store.rate_limit(
-        tenant.name, settings.rate_limit_per_second, settings.rate_limit_burst
-    )
-    if not limit.allowed:
-        retry = max(1, int(limit.retry_after + 0.999))
-        raise ApiError(
-            429,
-            "rate_limited",
-            f"Too many submissions; this key may submit {settings.rate_limit_per_second:g} jobs "
-            f"per second (bursts of {settings.rate_limit_burst}). Retry in {retry} s.",
-            headers={"Retry-After": str(retry)},
-        )
 
     try:
         entry = gw.catalog.get(body.model)
@@ -121,8 +122,14 @@ async def submit(
     )
     image: ValidatedImage | None = None
     region_keys: list[tuple[str, str]] = []
+    rate = (settings.rate_limit_per_second, settings.rate_limit_burst)
     if kind is JobKind.edit or body.control.mask.regions:
-        # Inputs cost bandwidth and storage: refuse early when the queue cannot take the job.
+        # Inputs cost bandwidth and storage: spend a token and check the queue before taking
+        # them. Jobs without inputs do both inside the step that records them.
+        limit = await gw.store.rate_limit(tenant.name, *rate)
+        if not limit.allowed:
+            raise _rate_limited(settings, limit.retry_after)
+        rate = None
         if settings.max_queue_depth:
             depth = (await gw.store.queue_depths([entry.name]))[entry.name]
             if depth >= settings.max_queue_depth:
@@ -140,7 +147,11 @@ async def submit(
     job_input = resolve_input(
         body, entry, image_key=image.key if image else None, region_keys=region_keys
     )
+    job_id = new_id()
     result = await gw.store.create(
+        job_id=job_id,
+        message=gw.messages.build(job_id, entry.name),
+        rate_limit=rate,
         tenant=tenant.name,
         kind=kind,
         model=entry.name,
@@ -153,6 +164,8 @@ async def submit(
     )
     if result.outcome == "full":
         raise queue_full
+    if result.outcome == "rate_limited":
+        raise _rate_limited(settings, result.retry_after)
     if result.outcome == "duplicate":
         # A concurrent request with the same key won the race.
         assert result.job_id is not None and result.request_hash is not None
@@ -162,7 +175,6 @@ async def submit(
         return replay
     record = result.record
     assert record is not None
-    await gw.enqueue(record.id, entry.name)
     gw.metrics.jobs_submitted.labels(kind.value, entry.name).inc()
 
     headers = {"Location": f"{settings.public_base_url}/v1/jobs/{record.id}"}

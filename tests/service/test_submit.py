@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +16,6 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from masactrl_jobs.queue import make_celery
 from masactrl_jobs.store import JobStore
 from service.config import GatewaySettings
 from tests.service.conftest import (
@@ -35,6 +37,9 @@ def edit_body(**overrides: Any) -> dict[str, Any]:
     }
     body.update(overrides)
     return body
+
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def storage_root(settings: GatewaySettings) -> Path:
@@ -532,22 +537,69 @@ def test_prefer_wait_on_get(client: TestClient, redis_url: str) -> None:
     assert response.json()["status"] == "succeeded"
 
 
-# --- broker failures --------------------------------------------------------------------------
+# --- the broker message --------------------------------------------------------------------
 
 
-def test_unreachable_broker_fails_the_job_and_answers_503(
-    client: TestClient, redis_client: redis.Redis
+PROBE_WORKER = """
+import os, redis
+from masactrl_jobs.queue import RUN_JOB_TASK, make_celery
+
+app = make_celery(os.environ["BROKER"])
+app.conf.update(task_acks_late=True, worker_prefetch_multiplier=1, worker_hijack_root_logger=False)
+
+
+@app.task(name=RUN_JOB_TASK)
+def run_job(job_id):
+    redis.Redis.from_url(os.environ["BROKER"]).rpush("probe:ran", job_id)
+"""
+
+
+def test_a_real_celery_worker_runs_the_message(
+    client: TestClient, redis_client: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
-    from tests.conftest import free_port
-
-    gateway = client.app.state.gateway
-    gateway.celery = make_celery(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=0.2)
-    response = client.post("/v1/syntheses", json=SYNTHESIS)
-    assert response.status_code == 503
-    assert response.json()["error"]["code"] == "service_unavailable"
-    assert "retry-after" in response.headers
-    jobs = client.get("/v1/jobs").json()["data"]
-    assert jobs[0]["status"] == "failed" and jobs[0]["error"]["code"] == "enqueue_failed"
+    """The message the store pushes is one Celery consumes and acknowledges like its own."""
+    (tmp_path / "probe_worker.py").write_text(PROBE_WORKER)
+    job_id = client.post("/v1/syntheses", json=SYNTHESIS).json()["id"]
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "probe_worker",
+            "worker",
+            "--pool",
+            "solo",
+            "--queues",
+            "masactrl.sd15",
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "WARNING",
+        ],
+        cwd=tmp_path,
+        env={
+            **os.environ,
+            "BROKER": redis_url,
+            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        ran = redis_client.blpop(["probe:ran"], timeout=60)
+        assert ran == ("probe:ran", job_id)
+        deadline = time.monotonic() + 10
+        # acks_late: acknowledged after the task, which empties kombu's unacked index.
+        while redis_client.hlen("unacked") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert redis_client.hlen("unacked") == 0
+        assert redis_client.llen("masactrl.sd15") == 0
+    finally:
+        worker.terminate()
+        output = worker.communicate(timeout=30)[0].decode()
+    assert "Traceback" not in output, output
 
 
 def test_acme_key_constant_is_used(client: TestClient) -> None:

@@ -1,4 +1,4 @@
-"""One router per resource; ``api_router`` includes them all."""
+"""One router per resource; the app includes each of :data:`ROUTERS`."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ from fastapi import APIRouter
 
 from service.api.routes import edits, files, health, jobs, models, syntheses
 
-__all__ = ["api_router"]
+__all__ = ["ROUTERS"]
 
-api_router = APIRouter()
-api_router.include_router(edits.router)
-api_router.include_router(syntheses.router)
-api_router.include_router(jobs.router)
-api_router.include_router(models.router)
-api_router.include_router(files.router)
-api_router.include_router(health.router)
+# Included one by one, not through an umbrella router: every nesting level is another round of
+# route matching on every request.
+ROUTERS: tuple[APIRouter, ...] = (
+    syntheses.router,
+    edits.router,
+    jobs.router,
+    models.router,
+    files.router,
+    health.router,
+)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -11,7 +9,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from masactrl_jobs.schema import EditCreate, EditParams, JobKind
-from service.api.deps import GatewayDep, IdempotencyKey, Prefer, TenantDep
+from service.api.deps import Submission, submission_openapi
 from service.api.responses import errors, job_response
 from service.errors import ApiError, FieldError, invalid, validation_details
 from service.submission import submit
@@ -19,29 +17,26 @@ from service.submission import submit
 router = APIRouter(prefix="/v1/edits", tags=["edits"])
 
 # The body is parsed by hand (two content types), so it is described here for the contract.
-_REQUEST_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/EditCreate"}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image", "params"],
-                    "properties": {
-                        "image": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "The image file (PNG, JPEG or WebP).",
-                        },
-                        "params": {"$ref": "#/components/schemas/EditParams"},
+_OPENAPI = submission_openapi(
+    {
+        "application/json": {"schema": {"$ref": "#/components/schemas/EditCreate"}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image", "params"],
+                "properties": {
+                    "image": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "The image file (PNG, JPEG or WebP).",
                     },
+                    "params": {"$ref": "#/components/schemas/EditParams"},
                 },
-                "encoding": {"params": {"contentType": "application/json"}},
             },
+            "encoding": {"params": {"contentType": "application/json"}},
         },
     }
-}
+)
 MULTIPART_PARTS = {"image", "params"}
 
 
@@ -84,27 +79,22 @@ async def _parse_multipart(request: Request, max_bytes: int) -> tuple[EditParams
     "",
     status_code=202,
     response_model=None,
-    openapi_extra=_REQUEST_BODY,
+    openapi_extra=_OPENAPI,
     responses={
         202: job_response("The job was accepted (queued).", headers=True),
         200: job_response("Idempotent replay: the job first created with this key.", True),
         **errors(401, 413, 415, 422, 429, 503),
     },
 )
-async def create_edit(
-    request: Request,
-    gateway: GatewayDep,
-    tenant: TenantDep,
-    idempotency_key: IdempotencyKey = None,
-    prefer: Prefer = None,
-) -> Response:
+async def create_edit(request: Request) -> Response:
     """Submit a real-image edit (JSON with an image URL, or multipart with an image file)."""
+    context = Submission.from_request(request)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json" or content_type.endswith("+json"):
         body: EditCreate | EditParams = await _parse_json(request)
         upload = None
     elif content_type == "multipart/form-data":
-        body, upload = await _parse_multipart(request, gateway.settings.max_image_bytes)
+        body, upload = await _parse_multipart(request, context.gateway.settings.max_image_bytes)
     else:
         raise ApiError(
             415,
@@ -112,11 +102,11 @@ async def create_edit(
             "Send application/json, or multipart/form-data with 'image' and 'params' parts.",
         )
     return await submit(
-        gateway,
-        tenant,
+        context.gateway,
+        context.tenant,
         JobKind.edit,
         body,
         upload=upload,
-        idempotency_key=idempotency_key,
-        prefer=prefer,
+        idempotency_key=context.idempotency_key,
+        prefer=context.prefer,
     )
