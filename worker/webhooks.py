@@ -29,12 +29,14 @@ import json
 import logging
 import random
 import secrets
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import certifi
 import redis
 from celery import Celery
 from standardwebhooks import Webhook
@@ -231,6 +233,7 @@ class Deliverer:
         allow_loopback_http: bool = False,
         keys: WebhookKeys | None = None,
         post: Callable[..., netguard.PostResult] = netguard.post,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.store = store
         self.redis: redis.Redis = store.redis
@@ -241,6 +244,9 @@ class Deliverer:
         self.allow_loopback_http = allow_loopback_http
         self.keys = keys or WebhookKeys(store.keys.prefix)
         self._post = post
+        # Built once: loading the CA bundle costs ~20 ms, which a context per delivery would pay
+        # every time. Same trust store as httpx's default (certifi).
+        self.ssl_context = ssl_context or ssl.create_default_context(cafile=certifi.where())
         self._unlock = self.redis.register_script(_UNLOCK)
 
     # -- first attempts, in order
@@ -339,6 +345,7 @@ class Deliverer:
                 timeout=self.timeout,
                 max_response_bytes=self.max_response_bytes,
                 allow_loopback_http=self.allow_loopback_http,
+                ssl_context=self.ssl_context,
             )
         except netguard.UnsafeURL as exc:
             # The address is one we never contact; retrying will not change that.
