@@ -74,3 +74,21 @@ def test_indices_sort_numerically_not_lexically(numbering):
     # transformer_blocks.10 would sort before .2 as text; SDXL's mid block has ten of them.
     mid = [n for n in names if n.startswith("mid_block")]
     assert [int(n.split(".")[4]) for n in mid] == list(range(10))
+
+
+def test_block_levels_follow_the_samplers_of_each_topology():
+    from masactrl_core.attention import block_levels
+
+    sd = meta_unet(SD15_UNET)
+    assert block_levels(sd, self_attention_layers(sd)) == [0, 0, 1, 1, 2, 2, 3, 2, 2, 2] + [
+        1,
+        1,
+        1,
+        0,
+        0,
+        0,
+    ]
+    xl = meta_unet(SDXL_UNET)
+    # SDXL: down_blocks.1 (4 blocks) at 1/2, down_blocks.2 + mid + up_blocks.0 (60) at 1/4,
+    # up_blocks.1 (6) at 1/2; at 1024 px the 1/4 level is the 32x32 grid of automatic masks.
+    assert block_levels(xl, self_attention_layers(xl)) == [1] * 4 + [2] * 60 + [1] * 6
