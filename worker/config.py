@@ -116,8 +116,12 @@ class WorkerSettings(CommonSettings):
     webhook_retry_jitter: float = Field(
         0.1, ge=0, le=1, description="Each delay grows by a random fraction up to this."
     )
-    webhook_timeout_seconds: float = Field(15.0, gt=0, le=60)
-    webhook_max_response_bytes: int = Field(4096, ge=0, le=1024 * 1024)
+    webhook_timeout_seconds: float = Field(
+        15.0, gt=0, le=60, description="Time limit of one delivery attempt."
+    )
+    webhook_max_response_bytes: int = Field(
+        4096, ge=0, le=1024 * 1024, description="Response body read at most (then discarded)."
+    )
     webhook_progress_interval_seconds: float = Field(
         1.0, ge=0, description="Least time between two job.progress webhooks of a job."
     )

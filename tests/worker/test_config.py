@@ -116,3 +116,14 @@ def test_the_webhook_worker_never_imports_torch() -> None:
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)},
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_every_worker_setting_is_documented() -> None:
+    from masactrl_jobs.settings import CommonSettings
+
+    text = (REPO_ROOT / "docs" / "workers.md").read_text()
+    own = set(WorkerSettings.model_fields) - set(CommonSettings.model_fields)
+    missing = sorted(
+        f"MASACTRL_{name.upper()}" for name in own if f"MASACTRL_{name.upper()}`" not in text
+    )
+    assert not missing
