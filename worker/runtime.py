@@ -35,7 +35,7 @@ from worker.janitor import Janitor
 from worker.leases import Periodic
 from worker.webhooks import Deliverer, Emitter, RetryPolicy, RetryScheduler
 
-__all__ = ["Role", "WorkerRuntime", "configure", "current"]
+__all__ = ["Role", "WorkerRuntime", "configure", "current", "reset"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,13 @@ def configure(
     """Set what this process (and its forked pool children) will run; call before starting."""
     global _config, _current
     _config = _Config(settings, app, role, entry, source)
+    _current = None
+
+
+def reset() -> None:
+    """Forget the configuration and the runtime (for tests that configure in-process)."""
+    global _config, _current
+    _config = None
     _current = None
 
 

@@ -526,3 +526,29 @@ def test_a_mask_word_missing_from_the_prompt_is_invalid_input(
     job_id = create_job(store, control=ControlInput(start_step=1, start_layer=10, mask=mask))
     assert make_runner().run(job_id) == "failed"
     assert (store.get(job_id).error or {})["code"] == "invalid_input"  # type: ignore[union-attr]
+
+
+# --- the hard time limit (recorded by the pool's parent process) ------------------------------
+
+
+def test_a_hard_time_limit_kill_is_recorded_as_timeout(
+    settings: WorkerSettings, store: JobStore, app: Any
+) -> None:
+    from celery.exceptions import TimeLimitExceeded
+
+    from worker import runtime
+    from worker.tasks import JobTask
+
+    job_id = create_job(store)
+    assert store.acquire_lease(job_id, "killed-child", ttl=30)
+    store.start(job_id, "killed-child")
+    runtime.configure(settings, app, "gpu", entry=settings.model_catalog.get("tiny"), source="-")
+    try:
+        JobTask().on_failure(TimeLimitExceeded(660), "task-id", [job_id], {}, None)
+    finally:
+        runtime.reset()
+    record = store.get(job_id)
+    assert record is not None and record.status is JobStatus.failed
+    assert (record.error or {})["code"] == "timeout"
+    assert "hard limit" in (record.error or {})["message"]
+    assert store.lease_owner(job_id) is None
