@@ -68,14 +68,54 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--start-step",
         type=_non_negative_int,
-        default=4,
-        help="first denoising step with mutual self-attention (default 4)",
+        help="first denoising step with mutual self-attention (default: the model's, 4)",
     )
     parser.add_argument(
         "--start-layer",
         type=_non_negative_int,
-        default=10,
-        help="first transformer block with mutual self-attention (default 10)",
+        help="first transformer block with mutual self-attention, in execution order "
+        "(default: the model's, 10 of 16 for SD, 44 of 70 for SDXL)",
+    )
+    if command == "edit":
+        parser.add_argument(
+            "--inversion-guidance",
+            type=float,
+            default=1.0,
+            help="guidance scale of the DDIM inversion (default 1.0: unguided)",
+        )
+    masks = parser.add_argument_group(
+        "masks", "mask-guided mutual self-attention (manual region pairs or a word pair)"
+    )
+    masks.add_argument(
+        "--source-mask",
+        dest="source_masks",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="foreground of a region in the source image (white = inside); repeat per region",
+    )
+    masks.add_argument(
+        "--target-mask",
+        dest="target_masks",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="the same region in the target images, paired with the --source-mask in its place",
+    )
+    masks.add_argument(
+        "--mask-word",
+        metavar="SOURCE_WORD:TARGET_WORD",
+        help="automatic masks from the cross-attention maps of a word of each prompt",
+    )
+    masks.add_argument(
+        "--mask-threshold",
+        type=float,
+        help="threshold of the normalized maps for --mask-word (default 0.1)",
+    )
+    masks.add_argument(
+        "--save-masks", action="store_true", help="also write the masks used as mask_*.png"
     )
     parser.add_argument("--width", type=_positive_int, help="image width (default: model's)")
     parser.add_argument("--height", type=_positive_int, help="image height (default: model's)")
@@ -118,25 +158,61 @@ def check_model(model: str) -> None:
         raise UsageError(f"model folder {model} does not exist")
 
 
-def load_image(path: Path) -> Any:
-    """Open an image file as RGB, or raise a UsageError that says what is wrong with it."""
+def load_image(path: Path, mode: str = "RGB", what: str = "image file") -> Any:
+    """Open an image file in ``mode``, or raise a UsageError that says what is wrong with it."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.exists():
-        raise UsageError(f"image file {path} does not exist")
+        raise UsageError(f"{what} {path} does not exist")
     if path.is_dir():
         raise UsageError(f"{path} is a folder, not an image file")
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return image.convert(mode)
     except PermissionError:
-        raise UsageError(f"cannot read image file {path}: permission denied") from None
+        raise UsageError(f"cannot read {what} {path}: permission denied") from None
     except UnidentifiedImageError:
-        raise UsageError(f"{path} is not an image file PIL can read") from None
+        raise UsageError(f"{what} {path} is not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         # Truncated or corrupt files surface as OSError/SyntaxError from the decoders.
-        raise UsageError(f"cannot read image file {path}: {_one_line(exc)}") from None
+        raise UsageError(f"cannot read {what} {path}: {_one_line(exc)}") from None
+
+
+def read_masks(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The mask options as MaskConfig keyword arguments (files read, grayscale), or ``None``."""
+    sources, targets = args.source_masks, args.target_masks
+    if len(sources) != len(targets):
+        raise UsageError(
+            f"give one --target-mask per --source-mask (got {len(sources)} source and "
+            f"{len(targets)} target masks)"
+        )
+    if sources and args.mask_word:
+        raise UsageError("give either --source-mask/--target-mask pairs or --mask-word, not both")
+    if args.mask_threshold is not None and not args.mask_word:
+        raise UsageError("--mask-threshold applies only to --mask-word")
+    if sources:
+        regions = [
+            (
+                load_image(source, "L", f"source mask {k}"),
+                load_image(target, "L", f"target mask {k}"),
+            )
+            for k, (source, target) in enumerate(zip(sources, targets, strict=True))
+        ]
+        return {"regions": regions}
+    if args.mask_word:
+        source_word, colon, target_word = args.mask_word.partition(":")
+        if not colon or not source_word.strip() or not target_word.strip():
+            raise UsageError(f"--mask-word must be SOURCE_WORD:TARGET_WORD, got {args.mask_word!r}")
+        threshold = 0.1 if args.mask_threshold is None else args.mask_threshold
+        return {
+            "source_word": source_word.strip(),
+            "target_word": target_word.strip(),
+            "threshold": threshold,
+        }
+    if args.save_masks:
+        raise UsageError("--save-masks needs --source-mask/--target-mask or --mask-word")
+    return None
 
 
 def _prepare_out_dir(out: Path) -> None:
@@ -216,17 +292,36 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _mask_record(args: argparse.Namespace, options: dict[str, Any] | None) -> dict[str, Any]:
+    if options is None:
+        return {"mode": "none"}
+    if "regions" in options:
+        return {
+            "mode": "manual",
+            "source": [str(p) for p in args.source_masks],
+            "target": [str(p) for p in args.target_masks],
+        }
+    return {"mode": "word", **options}
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate, load the engine, run one synthesis or edit, write the outputs."""
     started = time.perf_counter()
     check_model(args.model)
     image = load_image(args.image) if args.command == "edit" else None
+    mask_options = read_masks(args)
     _prepare_out_dir(args.out)
 
     quiet_libraries()
     import torch
 
-    from masactrl_core import ControlConfig, InvalidInput, MasaCtrlEngine, ModelLoadError
+    from masactrl_core import (
+        ControlConfig,
+        InvalidInput,
+        MasaCtrlEngine,
+        MaskConfig,
+        ModelLoadError,
+    )
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
@@ -247,9 +342,17 @@ def run(args: argparse.Namespace) -> int:
         "width": args.width,
         "height": args.height,
         "progress": progress,
+        "masks": None if mask_options is None else MaskConfig(**mask_options),
     }
+    # Unset values come from the model's family defaults (SD 4/10, SDXL 4/44); a default start
+    # step past a short run is clipped as the engine does, an explicit one is checked.
+    defaults = engine.default_control
+    start_step = (
+        min(defaults.start_step, args.steps) if args.start_step is None else args.start_step
+    )
+    start_layer = defaults.start_layer if args.start_layer is None else args.start_layer
     try:
-        control = ControlConfig(start_step=args.start_step, start_layer=args.start_layer)
+        control = ControlConfig(start_step=start_step, start_layer=start_layer)
         if image is None:
             result = engine.synthesize(
                 args.source_prompt, args.target_prompts, seed=args.seed, control=control, **options
@@ -261,6 +364,7 @@ def run(args: argparse.Namespace) -> int:
                 source_prompt=args.source_prompt,
                 seed=args.seed,
                 control=control,
+                inversion_guidance_scale=args.inversion_guidance,
                 **options,
             )
     except InvalidInput as exc:
@@ -275,6 +379,11 @@ def run(args: argparse.Namespace) -> int:
     for k, target in enumerate(result.targets):
         target_names.append(f"target_{k}.png")
         target.save(out / target_names[-1])
+    mask_names = []
+    if args.save_masks and result.masks:
+        for name, mask in result.masks.items():
+            mask_names.append(f"mask_{name}.png")
+            mask.save(out / mask_names[-1])
 
     stats = result.stats
     width, height = result.source.size
@@ -291,8 +400,9 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "steps": args.steps,
         "guidance_scale": args.guidance,
-        "start_step": args.start_step,
-        "start_layer": args.start_layer,
+        "start_step": start_step,
+        "start_layer": start_layer,
+        "masks": _mask_record(args, mask_options),
         "width": width,
         "height": height,
         "requested_width": args.width,
@@ -309,7 +419,10 @@ def run(args: argparse.Namespace) -> int:
         "versions": _versions(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if mask_names:
+        record["outputs"]["masks"] = mask_names
     if image is not None:
+        record["inversion_guidance_scale"] = args.inversion_guidance
         record["image"] = {
             "path": str(args.image),
             "sha256": hashlib.sha256(args.image.read_bytes()).hexdigest(),

@@ -206,6 +206,9 @@ class ManualMasks:
         for k, (source_mask, target_mask) in enumerate(config.regions):
             source.append(crop_to_aspect(binarize(source_mask, f"source mask {k}"), width, height))
             target.append(crop_to_aspect(binarize(target_mask, f"target mask {k}"), width, height))
+        for k, (source_mask, target_mask) in enumerate(zip(source, target, strict=True)):
+            if bool(target_mask.any()) and not bool(source_mask.any()):
+                raise InvalidInput(f"source mask {k} selects nothing while target mask {k} does")
         masks = cls(source, target, width, height, device)
         for side, regions in (("source", source), ("target", target)):
             masks._check_overlap(side, regions)

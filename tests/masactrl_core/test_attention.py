@@ -80,14 +80,8 @@ def test_block_levels_follow_the_samplers_of_each_topology():
     from masactrl_core.attention import block_levels
 
     sd = meta_unet(SD15_UNET)
-    assert block_levels(sd, self_attention_layers(sd)) == [0, 0, 1, 1, 2, 2, 3, 2, 2, 2] + [
-        1,
-        1,
-        1,
-        0,
-        0,
-        0,
-    ]
+    levels = block_levels(sd, self_attention_layers(sd))
+    assert levels == [0, 0, 1, 1, 2, 2, 3] + [2] * 3 + [1] * 3 + [0] * 3
     xl = meta_unet(SDXL_UNET)
     # SDXL: down_blocks.1 (4 blocks) at 1/2, down_blocks.2 + mid + up_blocks.0 (60) at 1/4,
     # up_blocks.1 (6) at 1/2; at 1024 px the 1/4 level is the 32x32 grid of automatic masks.

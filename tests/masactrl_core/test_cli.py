@@ -173,3 +173,134 @@ def test_tiny_model_command(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -
     assert main(["tiny-model", str(tmp_path / "xl"), "--family", "sdxl"]) == 0
     assert "tiny sdxl checkpoint" in capfd.readouterr().out
     assert (tmp_path / "xl" / "text_encoder_2").is_dir()
+
+
+# --- masks, SDXL and inversion guidance ------------------------------------------------------
+
+
+def _mask(path: Path, box: tuple[int, int, int, int], size: tuple[int, int] = (128, 128)) -> Path:
+    image = Image.new("L", size, 0)
+    image.paste(255, box)
+    image.save(path)
+    return path
+
+
+def test_synthesize_with_mask_pairs_saves_the_masks(
+    tiny_checkpoint: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    boy = _mask(tmp_path / "boy.png", (0, 0, 60, 128))
+    girl = _mask(tmp_path / "girl.png", (70, 0, 128, 128))
+    argv = ["synthesize", "--model", str(tiny_checkpoint), "--source-prompt", "a man and a woman"]
+    argv += ["--target-prompt", "a man and a woman smiling", "--steps", str(STEPS)]
+    argv += ["--start-step", "1", "--source-mask", str(boy), "--target-mask", str(boy)]
+    argv += ["--source-mask", str(girl), "--target-mask", str(girl), "--save-masks"]
+    argv += ["--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    capfd.readouterr()
+    run = json.loads((out / "run.json").read_text())
+    assert run["masks"] == {
+        "mode": "manual",
+        "source": [str(boy), str(girl)],
+        "target": [str(boy), str(girl)],
+    }
+    assert run["start_layer"] == 10  # the model's default, recorded as used
+    assert sorted(run["outputs"]["masks"]) == [
+        "mask_source_region_0.png",
+        "mask_source_region_1.png",
+        "mask_target_0_region_0.png",
+        "mask_target_0_region_1.png",
+    ]
+    with Image.open(out / "mask_source_region_1.png") as saved:
+        assert saved.size == (64, 64)
+        assert saved.getpixel((0, 0)) == 0 and saved.getpixel((63, 0)) == 255
+
+
+def test_edit_with_a_mask_word_and_inversion_guidance(
+    tiny_checkpoint: Path, photo: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "edit"
+    argv = ["edit", "--model", str(tiny_checkpoint), "--image", str(photo)]
+    argv += ["--source-prompt", "a photo of a cat", "--target-prompt", "a cat running"]
+    argv += ["--steps", str(STEPS), "--start-step", "1", "--mask-word", "cat:cat"]
+    argv += ["--mask-threshold", "0.3", "--save-masks", "--inversion-guidance", "2"]
+    argv += ["--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    capfd.readouterr()
+    run = json.loads((out / "run.json").read_text())
+    assert run["masks"] == {
+        "mode": "word",
+        "source_word": "cat",
+        "target_word": "cat",
+        "threshold": 0.3,
+    }
+    assert run["inversion_guidance_scale"] == 2.0
+    # Guided inversion (2 per step), then separate source rows for the two guidance halves.
+    assert run["unet_image_evals"] == 2 * STEPS + STEPS * (2 + 2)
+    assert (out / "mask_target_0_region_0.png").is_file()
+
+
+def test_synthesize_on_sdxl_uses_the_sdxl_defaults(
+    tiny_sdxl_checkpoint: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "xl"
+    argv = ["synthesize", "--model", str(tiny_sdxl_checkpoint), "--source-prompt", "a cat"]
+    argv += ["--target-prompt", "a cat running", "--steps", "2", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    capfd.readouterr()
+    run = json.loads((out / "run.json").read_text())
+    assert (run["family"], run["block_count"], run["start_layer"]) == ("sdxl", 70, 44)
+    assert run["start_step"] == 2  # the default 4, clipped to a 2-step run
+    with Image.open(out / "target_0.png") as image:
+        assert image.size == (64, 64)
+
+
+def _bad_mask_inputs(tmp: Path, model: Path) -> dict[str, list[str]]:
+    left = _mask(tmp / "left.png", (0, 0, 64, 128))
+    black = _mask(tmp / "black.png", (0, 0, 0, 0))
+    (tmp / "notes.txt").write_text("not an image")
+    synth = ["synthesize", "--model", str(model), "--source-prompt", "a cat sitting"]
+    synth += ["--target-prompt", "a cat running", "--steps", str(STEPS), "--start-step", "1"]
+    synth += ["--out", str(tmp / "o")]
+    return {
+        "missing mask file": [*synth, "--source-mask", str(tmp / "absent.png")]
+        + ["--target-mask", str(left)],
+        "unreadable mask file": [*synth, "--source-mask", str(left)]
+        + ["--target-mask", str(tmp / "notes.txt")],
+        "unpaired masks": [*synth, "--source-mask", str(left), "--source-mask", str(left)]
+        + ["--target-mask", str(left)],
+        "word not in the prompt": [*synth, "--mask-word", "dog:cat"],
+        "empty source region": [*synth, "--source-mask", str(black), "--target-mask", str(left)],
+        "malformed mask word": [*synth, "--mask-word", "cat"],
+        "masks and a word": [*synth, "--mask-word", "cat:cat", "--source-mask", str(left)]
+        + ["--target-mask", str(left)],
+        "threshold without a word": [*synth, "--mask-threshold", "0.2"],
+    }
+
+
+BAD_MASK_CASES = [
+    ("missing mask file", "source mask 0"),
+    ("unreadable mask file", "target mask 0"),
+    ("unpaired masks", "one --target-mask per --source-mask"),
+    ("word not in the prompt", "source word 'dog' is not in the source prompt"),
+    ("empty source region", "source mask 0 selects no"),
+    ("malformed mask word", "SOURCE_WORD:TARGET_WORD"),
+    ("masks and a word", "not both"),
+    ("threshold without a word", "--mask-threshold"),
+]
+
+
+@pytest.mark.parametrize(("case", "message"), BAD_MASK_CASES)
+def test_bad_mask_input_is_one_line_and_exit_2(
+    case: str,
+    message: str,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    argv = _bad_mask_inputs(tmp_path, tiny_checkpoint)[case]
+    assert main(argv) == 2
+    line = _stderr_line(capfd.readouterr().err)
+    assert line.startswith("masactrl synthesize: error: ")
+    assert message in line
+    assert not (tmp_path / "o" / "run.json").exists()

@@ -328,7 +328,7 @@ def test_each_target_token_is_attended_once_full_foreground_runs_no_background(e
     ("regions", "message"),
     [
         ("overlap", "source masks 0 and 1 overlap"),
-        ("empty source", "source mask 0 selects no token"),
+        ("empty source", "source mask 0 selects no"),
         ("empty background", "source background"),
         ("unpaired", "pair"),
     ],
