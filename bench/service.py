@@ -156,13 +156,23 @@ def main() -> int:
         processes.append(
             start(
                 "redis",
-                [shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
-                 "--bind", "127.0.0.1", "--dir", str(workdir), "--appendonly", "yes",
-                 "--save", ""],
+                [
+                    shutil.which("redis-server") or "redis-server",
+                    "--port",
+                    str(redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(workdir),
+                    "--appendonly",
+                    "yes",
+                    "--save",
+                    "",
+                ],
                 dict(os.environ),
                 workdir,
             )
-        )  # fmt: skip
+        )
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         port = free_port()
         env = {
@@ -188,7 +198,7 @@ def main() -> int:
                         }
                     ],
                 }
-            ),  # fmt: skip
+            ),
             "MASACTRL_ALLOW_LOOPBACK_HTTP": "true",
             "MASACTRL_API_KEYS": json.dumps(
                 [
@@ -243,12 +253,23 @@ def main() -> int:
         processes.append(
             start(
                 "gateway",
-                [python, "-m", "uvicorn", "--factory", "service.main:create_app",
-                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                [
+                    python,
+                    "-m",
+                    "uvicorn",
+                    "--factory",
+                    "service.main:create_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                ],
                 env,
                 workdir,
             )
-        )  # fmt: skip
+        )
         processes.append(
             start(
                 "gpu-worker",

@@ -215,12 +215,20 @@ def stack(
     gateway = ManagedProcess(
         "gateway",
         python_command(
-            "-m", "uvicorn", "--factory", "service.main:create_app",
-            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+            "-m",
+            "uvicorn",
+            "--factory",
+            "service.main:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
         ),
         env,
         log_dir,
-    ).start()  # fmt: skip
+    ).start()
     hooks = ManagedProcess(
         "webhook-worker",
         python_command("-m", "masactrl_cli.main", "worker", "--webhooks", "--concurrency", "4"),

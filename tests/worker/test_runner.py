@@ -308,8 +308,9 @@ def test_cancel_stops_the_run_within_a_step_and_leaves_no_results(
         if len(steps_seen) == 5:
             store.cancel(job_id)
 
-    runner = make_runner(settings=settings.model_copy(update={"step_delay_seconds": 0.001}),
-                         sleep=slow_step)  # fmt: skip
+    runner = make_runner(
+        settings=settings.model_copy(update={"step_delay_seconds": 0.001}), sleep=slow_step
+    )
     assert runner.run(job_id) == "canceled"
     record = store.get(job_id)
     assert record is not None and record.status is JobStatus.canceled

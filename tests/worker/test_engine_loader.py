@@ -1,0 +1,77 @@
+"""Model sources: an ``s3://`` prefix is downloaded once into the model cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from masactrl_jobs.catalog import ModelEntry
+from tests.conftest import S3Server
+from worker.config import WorkerSettings
+from worker.engine_loader import resolve_source
+
+
+def settings_for(s3: S3Server, cache: Path) -> WorkerSettings:
+    return WorkerSettings(
+        _env_file=None,
+        environment="development",
+        s3_endpoint_url=s3.endpoint_url,
+        s3_access_key_id=s3.access_key,
+        s3_secret_access_key=s3.secret_key,
+        s3_region=s3.region,
+        model_cache_dir=str(cache),
+    )
+
+
+def entry(source: str) -> ModelEntry:
+    return ModelEntry(
+        name="tiny", source=source, family="sd", native_width=64, native_height=64, size_multiple=16
+    )
+
+
+def test_an_s3_model_is_downloaded_once(
+    s3_server: S3Server, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+    )
+    files = sorted(p for p in tiny_checkpoint.rglob("*") if p.is_file())
+    for path in files:
+        key = f"models/tiny-sd/{path.relative_to(tiny_checkpoint).as_posix()}"
+        client.upload_file(str(path), s3_server.bucket, key)
+    settings = settings_for(s3_server, tmp_path / "cache")
+    source = f"s3://{s3_server.bucket}/models/tiny-sd"
+
+    local = Path(resolve_source(entry(source), settings))
+    assert local == (tmp_path / "cache" / "tiny").resolve()
+    assert sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file()) == [
+        p.relative_to(tiny_checkpoint) for p in files
+    ]
+    assert (local / "unet" / "config.json").read_bytes() == (
+        tiny_checkpoint / "unet" / "config.json"
+    ).read_bytes()
+
+    client.delete_object(Bucket=s3_server.bucket, Key="models/tiny-sd/model_index.json")
+    assert Path(resolve_source(entry(source), settings)) == local  # the cached copy
+
+
+def test_an_s3_prefix_without_a_model_is_refused(s3_server: S3Server, tmp_path: Path) -> None:
+    settings = settings_for(s3_server, tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        resolve_source(entry(f"s3://{s3_server.bucket}/models/nothing-here"), settings)
+    assert not (tmp_path / "cache" / "tiny").exists()
+
+
+def test_hub_ids_and_folders_pass_through(tmp_path: Path) -> None:
+    settings = WorkerSettings(_env_file=None, environment="development")
+    assert resolve_source(entry("stable-diffusion-v1-5/stable-diffusion-v1-5"), settings) == (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )
+    assert resolve_source(entry(str(tmp_path)), settings) == str(tmp_path)
