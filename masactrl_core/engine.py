@@ -393,7 +393,10 @@ class MasaCtrlEngine:
                 progress,
                 should_cancel,
             )
-        return InvertedImage(latents.float().cpu(), steps, width, height, source_prompt)
+        # Contiguous, like a round trip through safetensors: a cached inversion then denoises
+        # bit-for-bit like a fresh one (convolutions round differently per memory layout).
+        latents = latents.float().cpu().contiguous()
+        return InvertedImage(latents, steps, width, height, source_prompt)
 
     def invert_latents(
         self,

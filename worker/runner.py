@@ -146,7 +146,6 @@ class JobRunner:
         self.worker_id = worker_id
         self.cache = cache
         self._sleep = sleep
-        self._channels_last: dict[tuple[int, ...], bool] = {}
         self.retry = Retrier(
             settings.storage_retry_attempts, settings.storage_retry_max_wait_seconds
         )
@@ -395,8 +394,6 @@ class JobRunner:
                     inverted = InvertedImage.from_safetensors_bytes(cached)
                 except Exception as exc:
                     logger.warning("ignoring unreadable cached inversion %s: %s", cache_key, exc)
-                else:
-                    inverted.latents = self._fresh_layout(inverted.latents)
         started = time.perf_counter()
         result = self.engine.edit(
             image,
@@ -411,29 +408,6 @@ class JobRunner:
         elif self.cache is not None and cache_key and result.inverted is not None:
             self.cache.save(cache_key, result.inverted.to_safetensors_bytes())
         return result, engine_seconds
-
-    def _fresh_layout(self, latents: Any) -> Any:
-        """``latents`` in the memory layout of a fresh inversion at this size.
-
-        On CPU the engine's inversions come back channels-last, and its kernels round slightly
-        differently for another layout; safetensors stores them contiguous. Restoring the layout
-        keeps a cached edit bit-identical to an uncached one. The layout is learned once per
-        size from a one-step inversion rather than assumed, so it follows the engine.
-        """
-        import torch
-
-        size = tuple(latents.shape)
-        if size not in self._channels_last:
-            side_h, side_w = (s * self.engine.vae_scale_factor for s in size[-2:])
-            probe = self.engine.invert(
-                Image.new("RGB", (side_w, side_h)), steps=1, width=side_w, height=side_h
-            ).latents
-            self._channels_last[size] = (
-                probe.is_contiguous(memory_format=torch.channels_last) and not probe.is_contiguous()
-            )
-        if self._channels_last[size]:
-            return latents.contiguous(memory_format=torch.channels_last)
-        return latents
 
     def _on_progress(
         self, record: JobRecord, state: _RunState, phase: str, step: int, total: int
