@@ -31,6 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Run as a script, this directory comes first on sys.path, where bench/service.py would shadow
+# the gateway's `service` package; the repository root takes its place.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(REPO)
 API_KEY = "bench-key-not-a-secret"
 BODY = json.dumps(
     {
@@ -126,13 +130,30 @@ def bare_app():  # type: ignore[no-untyped-def]
 # --- load generation --------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
+def _stat(pid: int) -> list[str] | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None
+
+
+def cpu_seconds(pid: int, descendants: bool = False) -> float:
+    """User + system CPU time a process (and optionally its live descendants) has used so far.
+
+    Descendants count for a server: uvicorn with --workers serves from child processes.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir() if descendants else ():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        fields = _stat(current)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])
+        todo += children.get(current, [])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -229,9 +250,10 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen, int]:
     return process, port
 
 
-def serve(target: str, port: int, env: dict[str, str]) -> subprocess.Popen:
+def serve(target: str, port: int, env: dict[str, str], workers: int) -> subprocess.Popen:
+    script = str(Path(__file__).resolve())
     process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--serve", target, "--port", str(port)],
+        [sys.executable, script, "--serve", target, "--port", str(port), "--workers", str(workers)],
         env=env,
         cwd=REPO,
     )
@@ -248,14 +270,22 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def _serve_main(target: str, port: int) -> None:
+def _serve_main(target: str, port: int, workers: int) -> None:
     import uvicorn
 
-    common = {"host": "127.0.0.1", "port": port, "log_level": "warning", "access_log": False}
+    common = {
+        "host": "127.0.0.1",
+        "port": port,
+        "log_level": "warning",
+        "access_log": False,
+        "workers": workers,
+        "factory": True,
+    }
+    # Import strings, as `masactrl serve` uses, so --workers > 1 works for both.
     if target == "gateway":
-        uvicorn.run("service.main:create_app", factory=True, **common)
+        uvicorn.run("service.main:create_app", **common)
     else:
-        uvicorn.run(bare_app(), **common)
+        uvicorn.run("bench.gateway:bare_app", **common)
 
 
 def machine() -> str:
@@ -312,15 +342,21 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per target")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
     parser.add_argument("--clients", type=int, default=50, help="concurrent connections")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="uvicorn processes for each server (default 1)"
+    )
     parser.add_argument("--serve", choices=["gateway", "bare"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        _serve_main(args.serve, args.port)
+        _serve_main(args.serve, args.port, args.workers)
         return 0
 
     print(f"machine: {machine()}")
-    print(f"{args.clients} clients, {args.warmup:g} s warm-up, {args.duration:g} s measured each\n")
+    print(
+        f"{args.clients} clients, {args.warmup:g} s warm-up, {args.duration:g} s measured each, "
+        f"{args.workers} uvicorn process(es) per server\n"
+    )
     with tempfile.TemporaryDirectory(prefix="masactrl-bench-") as tmp:
         redis_process, redis_port = start_redis(Path(tmp))
         env = {
@@ -341,13 +377,18 @@ def main() -> int:
         try:
             for name in ("gateway", "bare"):
                 port = free_port()
-                process = serve(name, port, env)
+                process = serve(name, port, env, args.workers)
                 try:
                     pids = {"server": process.pid, "redis": redis_process.pid}
                     pids["client"] = os.getpid()
-                    before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+                    before = {
+                        role: cpu_seconds(pid, role == "server") for role, pid in pids.items()
+                    }
                     result = asyncio.run(load(name, port, args.clients, args.warmup, args.duration))
-                    used = {role: cpu_seconds(pid) - before[role] for role, pid in pids.items()}
+                    used = {
+                        role: cpu_seconds(pid, role == "server") - before[role]
+                        for role, pid in pids.items()
+                    }
                     # Per request over the whole run (warm-up included), in microseconds.
                     requests = result.accepted * (args.warmup + args.duration) / args.duration
                     result.cpu = {role: seconds / requests * 1e6 for role, seconds in used.items()}
