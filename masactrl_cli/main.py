@@ -50,6 +50,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "masactrl_cli.tiny_model",
         "write a small random-weight checkpoint for offline tests and demos",
     ),
+    Subcommand("serve", "masactrl_cli.serve", "run the HTTP gateway (FastAPI under uvicorn)"),
     Subcommand(
         "worker",
         "masactrl_cli.worker",
