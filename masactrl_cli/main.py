@@ -56,6 +56,9 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "masactrl_cli.worker",
         "run a Celery worker: a GPU worker for one model, or the webhook worker",
     ),
+    Subcommand(
+        "client", "masactrl_cli.client", "talk to a running gateway: submit, follow, fetch jobs"
+    ),
 )
 
 

@@ -1,0 +1,399 @@
+"""``masactrl client``: submit, follow, fetch and cancel jobs on a running gateway.
+
+::
+
+    masactrl client edit --image cat.png --target-prompt "a cat wearing a hat" --wait --out out/
+    masactrl client synthesize --source-prompt "a cat" --target-prompt "a dog" --steps 20
+    masactrl client wait JOB_ID --out out/      # progress bars from the SSE stream, then the PNGs
+    masactrl client get JOB_ID | cancel JOB_ID | models
+
+The gateway is ``--api-url`` or ``MASACTRL_API_URL`` (default http://127.0.0.1:8000); the key is
+``--api-key``, ``MASACTRL_API_KEY`` or ./var/dev-api-key (written by ``masactrl up``). A 4xx
+answer is one line with exit status 2; a 5xx or an unreachable gateway is one line with exit 1.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from masactrl_cli.errors import UsageError
+
+EXIT_FAILED = 1
+WEBHOOK_EVENTS = ("started", "progress", "completed")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("gateway")
+    group.add_argument(
+        "--api-url", help="gateway base URL (default: MASACTRL_API_URL or http://127.0.0.1:8000)"
+    )
+    group.add_argument(
+        "--api-key", help="API key (default: MASACTRL_API_KEY, else ./var/dev-api-key)"
+    )
+    group.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds per request (default %(default)s)"
+    )
+
+
+def _follow_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="save the result images (and job.json) here"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--json", action="store_true", help="print the final job object instead of file paths"
+    )
+
+
+def _job_options(parser: argparse.ArgumentParser, command: str) -> None:
+    if command == "edit":
+        parser.add_argument(
+            "--image",
+            required=True,
+            help="image file to edit (or a data:, https:// or s3:// URL the gateway reads)",
+        )
+        parser.add_argument("--source-prompt", help="prompt describing the image (default empty)")
+    else:
+        parser.add_argument("--source-prompt", required=True, help="prompt of the source image")
+    parser.add_argument(
+        "--target-prompt",
+        dest="target_prompts",
+        action="append",
+        required=True,
+        metavar="PROMPT",
+        help="a target prompt; repeat for several targets",
+    )
+    parser.add_argument("--negative-prompt", help="negative prompt (default empty)")
+    parser.add_argument("--model", help="catalog model name (default: the catalog's default)")
+    parser.add_argument("--seed", type=_non_negative_int, help="noise seed (default: random)")
+    parser.add_argument("--steps", type=_positive_int, help="DDIM steps (default 50)")
+    parser.add_argument(
+        "--guidance-scale",
+        "--guidance",
+        dest="guidance_scale",
+        type=float,
+        help="classifier-free guidance scale (default 7.5)",
+    )
+    parser.add_argument("--width", type=_positive_int, help="default: the model's native size")
+    parser.add_argument("--height", type=_positive_int, help="default: the model's native size")
+    parser.add_argument(
+        "--start-step", type=_non_negative_int, help="first controlled step (default: model's)"
+    )
+    parser.add_argument(
+        "--start-layer", type=_non_negative_int, help="first controlled layer (default: model's)"
+    )
+    masks = parser.add_argument_group("masks", "mask-guided mutual self-attention")
+    masks.add_argument(
+        "--source-mask",
+        dest="source_masks",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="a region of the source (white = inside); repeat per region",
+    )
+    masks.add_argument(
+        "--target-mask",
+        dest="target_masks",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="the same region in the targets, paired with the --source-mask in its place",
+    )
+    masks.add_argument(
+        "--mask-word", metavar="SOURCE_WORD:TARGET_WORD", help="automatic masks from a word pair"
+    )
+    masks.add_argument("--mask-threshold", type=float, help="threshold for --mask-word (0..1)")
+    parser.add_argument("--webhook", metavar="URL", help="POST signed job events to this URL")
+    parser.add_argument(
+        "--webhook-event",
+        dest="webhook_events",
+        action="append",
+        choices=WEBHOOK_EVENTS,
+        help="events to send (repeatable; default all)",
+    )
+    parser.add_argument("--idempotency-key", help="make retries of this submission safe")
+    parser.add_argument(
+        "--wait", action="store_true", help="follow the job to its end (implied by --out)"
+    )
+
+
+def configure(parser: argparse.ArgumentParser, command: str) -> None:
+    """``client`` with its actions: edit, synthesize, get, cancel, wait, models."""
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    helps = {
+        "edit": "submit a real-image edit",
+        "synthesize": "submit a consistent synthesis",
+        "get": "print a job as JSON",
+        "cancel": "cancel a queued or running job",
+        "wait": "follow a job with progress bars, then save its images",
+        "models": "list the models and whether a worker serves them",
+    }
+    for action, help in helps.items():
+        sub = actions.add_parser(action, help=help, description=help)
+        if action in ("edit", "synthesize"):
+            _job_options(sub, action)
+            _follow_options(sub)
+        elif action in ("get", "cancel", "wait"):
+            sub.add_argument("job_id", metavar="JOB_ID")
+            if action == "wait":
+                _follow_options(sub)
+            if action == "get":
+                sub.add_argument(
+                    "--wait-seconds",
+                    type=_non_negative_int,
+                    help="hold the answer up to N seconds (≤ 60) for the job to end",
+                )
+        _connection_options(sub)
+
+
+# --- building requests --------------------------------------------------------------------------
+
+
+def _data_url(path: Path, what: str) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
+
+
+def _control(args: argparse.Namespace) -> dict[str, Any] | None:
+    control: dict[str, Any] = {}
+    if args.start_step is not None:
+        control["start_step"] = args.start_step
+    if args.start_layer is not None:
+        control["start_layer"] = args.start_layer
+    sources, targets = args.source_masks, args.target_masks
+    if len(sources) != len(targets):
+        raise UsageError(
+            f"give one --target-mask per --source-mask (got {len(sources)} source and "
+            f"{len(targets)} target masks)"
+        )
+    if sources and args.mask_word:
+        raise UsageError("give either --source-mask/--target-mask pairs or --mask-word, not both")
+    if args.mask_threshold is not None and not args.mask_word:
+        raise UsageError("--mask-threshold applies only to --mask-word")
+    if sources:
+        control["mask"] = {
+            "mode": "manual",
+            "regions": [
+                {
+                    "source": _data_url(source, f"source mask {k}"),
+                    "target": _data_url(target, f"target mask {k}"),
+                }
+                for k, (source, target) in enumerate(zip(sources, targets, strict=True))
+            ],
+        }
+    elif args.mask_word:
+        source_word, colon, target_word = args.mask_word.partition(":")
+        if not colon or not source_word.strip() or not target_word.strip():
+            raise UsageError(f"--mask-word must be SOURCE_WORD:TARGET_WORD, got {args.mask_word!r}")
+        mask = {
+            "mode": "auto",
+            "source_word": source_word.strip(),
+            "target_word": target_word.strip(),
+        }
+        if args.mask_threshold is not None:
+            mask["threshold"] = args.mask_threshold
+        control["mask"] = mask
+    return control or None
+
+
+def _job_params(args: argparse.Namespace) -> dict[str, Any]:
+    webhook = None
+    if args.webhook:
+        webhook = {"url": args.webhook}
+        if args.webhook_events:
+            webhook["events"] = list(dict.fromkeys(args.webhook_events))
+    elif args.webhook_events:
+        raise UsageError("--webhook-event needs --webhook URL")
+    return {
+        "target_prompts": args.target_prompts,
+        "negative_prompt": args.negative_prompt,
+        "model": args.model,
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "width": args.width,
+        "height": args.height,
+        "control": _control(args),
+        "webhook": webhook,
+        "idempotency_key": args.idempotency_key,
+    }
+
+
+def _image_argument(value: str) -> Path | str:
+    if value.startswith(("data:", "https://", "http://", "s3://")):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise UsageError(
+            f"image file {path} does not exist" if not path.exists() else f"{path} is not a file"
+        )
+    return path
+
+
+# --- following a job ----------------------------------------------------------------------------
+
+
+class EventProgress:
+    """Draws a job's SSE events: a status line per change, a tqdm bar per phase."""
+
+    def __init__(self, label: str = "job", *, enabled: bool = True) -> None:
+        from masactrl_cli.generate import ProgressBars
+
+        self.label = label
+        self.enabled = enabled
+        self._bars = ProgressBars(enabled=enabled)
+        self._status: str | None = None
+
+    def __call__(self, event: Any) -> None:
+        data = event.data if isinstance(event.data, dict) else {}
+        if event.event == "progress" and {"phase", "step", "total"} <= data.keys():
+            self._bars(str(data["phase"]), int(data["step"]), int(data["total"]))
+        elif event.event == "status" and self.enabled:
+            status = data.get("status")
+            if status and status != self._status and status != "running":
+                # "running" is visible as the bars; a retry after a worker crash is worth a line.
+                print(f"{self.label}: {status}", file=sys.stderr)
+            elif status == "running" and int(data.get("attempt") or 1) > 1:
+                self._bars.close()
+                print(f"{self.label}: running again (attempt {data['attempt']})", file=sys.stderr)
+            self._status = status or self._status
+
+    def close(self) -> None:
+        self._bars.close()
+
+
+def follow(client: Any, job_id: str, *, label: str = "job", quiet: bool = False) -> dict[str, Any]:
+    """Wait for the job through its event stream, drawing progress; returns the final job."""
+    progress = EventProgress(label, enabled=not quiet)
+    try:
+        return client.wait(job_id, on_event=progress)
+    finally:
+        progress.close()
+
+
+def finish(
+    client: Any,
+    job: dict[str, Any],
+    out: Path | None,
+    *,
+    as_json: bool = False,
+    show: bool = True,
+) -> tuple[int, list[Path]]:
+    """Save a finished job's images, print their paths (or the JSON); 1 unless it succeeded."""
+    saved: list[Path] = []
+    if job.get("status") == "succeeded" and out is not None:
+        saved = client.download(job, out)
+    if as_json:
+        print(json.dumps(job, indent=2))
+    elif show and job.get("status") == "succeeded":
+        for line in saved or [image["url"] for image in job["output"]["images"]]:
+            print(line)
+    status = job.get("status")
+    if status == "failed":
+        error = job.get("error") or {}
+        code, message = error.get("code", "error"), error.get("message", "no reason given")
+        print(f"masactrl client: job {job['id']} failed: {code}: {message}", file=sys.stderr)
+    elif status == "canceled":
+        print(f"masactrl client: job {job['id']} was canceled", file=sys.stderr)
+    return (0 if status == "succeeded" else EXIT_FAILED), saved
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from masactrl_cli.http_client import MasaCtrlClient, resolve_api_key
+
+    key = resolve_api_key(args.api_key)
+    if key is None:
+        raise UsageError(
+            "no API key: pass --api-key, set MASACTRL_API_KEY, or run `make up` "
+            "(it writes ./var/dev-api-key)"
+        )
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    return MasaCtrlClient(args.api_url, key, timeout=args.timeout)
+
+
+def _run(args: argparse.Namespace, client: Any, params: dict[str, Any]) -> int:
+    action = args.action
+    if action == "models":
+        print(json.dumps(client.models(), indent=2))
+        return 0
+    if action == "get":
+        print(json.dumps(client.get(args.job_id, wait=args.wait_seconds), indent=2))
+        return 0
+    if action == "cancel":
+        job = client.cancel(args.job_id)
+        note = "" if job["status"] == "canceled" else " (it stops at its next step)"
+        print(f"job {job['id']}: {job['status']}{note}")
+        return 0
+    if action == "wait":
+        job = follow(client, args.job_id, quiet=args.quiet)
+        return finish(client, job, args.out, as_json=args.json)[0]
+
+    if action == "edit":
+        job = client.edit(_image_argument(args.image), source_prompt=args.source_prompt, **params)
+    else:
+        job = client.synthesize(args.source_prompt, **params)
+    if not (args.wait or args.out):
+        print(json.dumps(job, indent=2) if args.json else job["id"])
+        return 0
+    if not args.quiet:
+        print(f"{action}: job {job['id']} submitted", file=sys.stderr)
+    job = follow(client, job["id"], label=action, quiet=args.quiet)
+    return finish(client, job, args.out, as_json=args.json)[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one client action; gateway errors become one line (exit 2 for 4xx, 1 otherwise)."""
+    from masactrl_cli.http_client import ApiError, ClientError
+
+    # Bad flags and unreadable files fail before any request.
+    params = _job_params(args) if args.action in ("edit", "synthesize") else {}
+    try:
+        with _client(args) as client:
+            return _run(args, client, params)
+    except ApiError as exc:
+        message = f"{exc} (HTTP {exc.status} {exc.code})"
+        if exc.status < 500:
+            raise UsageError(message) from None
+        print(f"masactrl client: error: {message}", file=sys.stderr)
+        return EXIT_FAILED
+    except ClientError as exc:
+        print(f"masactrl client: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        # Reading the image or writing results: still one line, never a traceback.
+        raise UsageError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
