@@ -228,7 +228,8 @@ class MasaCtrlClient:
             if response.status_code not in _RETRY_STATUSES or attempt >= self.retries:
                 raise error
             attempt += 1
-            time.sleep(min(error.retry_after or float(attempt), _MAX_RETRY_AFTER))
+            delay = error.retry_after if error.retry_after is not None else float(attempt)
+            time.sleep(min(delay, _MAX_RETRY_AFTER))
 
     def _submit(self, path: str, idempotency_key: str | None, **kwargs: Any) -> dict[str, Any]:
         # Always keyed: a retried submission returns the job the first attempt created.
