@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 TINY_MODEL := var/models/tiny-sd
 
-.PHONY: redis-bin install test lint format demo up down clean
+.PHONY: redis-bin install test lint format demo up down stack-redis clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,13 +37,24 @@ format: $(STAMP)
 $(TINY_MODEL)/model_index.json: | $(STAMP)
 	$(VENV)/bin/masactrl tiny-model $(TINY_MODEL)
 
-demo: $(STAMP) $(TINY_MODEL)/model_index.json
-	$(VENV)/bin/masactrl edit --model $(TINY_MODEL) --image examples/house-and-cat.png \
-	  --target-prompt "a red house and a cat jumping" --steps 20 --out out/edit
-	$(VENV)/bin/masactrl synthesize --model $(TINY_MODEL) --source-prompt "a cat sitting" \
-	  --target-prompt "a cat running" --target-prompt "a cat jumping" --seed 42 --steps 20 \
-	  --out out/synthesis
-	@echo "Results: $$(ls out/edit/*.png out/synthesis/*.png | tr '\n' ' ')"
+# The local stack (docs/local-stack.md): Redis, the gateway on 127.0.0.1:8000, a worker for the
+# offline tiny checkpoint (or MASACTRL_MODEL) and the webhook worker, with pids in var/run and
+# logs in var/log. `demo` runs an edit and a synthesis through the HTTP API into out/, reusing a
+# stack that `up` started or starting (and afterwards stopping) its own.
+demo: $(STAMP) $(TINY_MODEL)/model_index.json stack-redis
+	@$(VENV)/bin/masactrl demo
+
+up: $(STAMP) $(TINY_MODEL)/model_index.json stack-redis
+	@$(VENV)/bin/masactrl up
+
+down:
+	@if [ -x $(VENV)/bin/masactrl ]; then $(VENV)/bin/masactrl down; fi
+
+# The stack starts its own redis-server unless MASACTRL_REDIS_URL is set. Install one the way
+# `make test` does; where that is not possible, `masactrl up` says how.
+stack-redis:
+	@command -v redis-server >/dev/null || [ -n "$$MASACTRL_REDIS_URL" ] || \
+	  bash .ci/install-redis || true
 
 clean:
 	rm -rf $(VENV) var out

@@ -59,6 +59,17 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         "client", "masactrl_cli.client", "talk to a running gateway: submit, follow, fetch jobs"
     ),
+    Subcommand(
+        "up",
+        "masactrl_cli.stack",
+        "start the local stack (Redis, gateway, workers) in the background",
+    ),
+    Subcommand("down", "masactrl_cli.stack", "stop the processes `masactrl up` started"),
+    Subcommand(
+        "demo",
+        "masactrl_cli.demo",
+        "run the service once end to end: an edit and a synthesis through the HTTP API",
+    ),
 )
 
 

@@ -1,0 +1,119 @@
+"""``masactrl demo``: the whole service once, end to end, on this machine.
+
+Brings the local stack up (or reuses the one ``masactrl up`` runs), submits a real-image edit of
+the bundled sample and a consistent synthesis through the HTTP API with the dev key, follows both
+over Server-Sent Events with progress bars, saves the results under ./out/ and stops whatever it
+started, also on Ctrl-C or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from masactrl_cli.errors import UsageError
+
+SAMPLE_IMAGE = Path("examples/house-and-cat.png")
+EDIT = {"source_prompt": "a house and a cat", "target_prompts": ["a red house and a cat jumping"]}
+SYNTHESIS = {
+    "source_prompt": "a cat sitting",
+    "target_prompts": ["a cat running", "a cat jumping"],
+    "seed": 42,
+}
+
+
+def configure(parser: argparse.ArgumentParser, command: str) -> None:
+    """Arguments of ``demo``."""
+    parser.add_argument(
+        "--image", type=Path, help=f"image to edit (default: the bundled {SAMPLE_IMAGE})"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=20, help="denoising steps per job (default %(default)s)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("out"), help="results folder (default %(default)s)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _sample_image(explicit: Path | None) -> Path:
+    if explicit is not None:
+        if not explicit.is_file():
+            raise UsageError(f"image file {explicit} does not exist")
+        return explicit
+    # From the repository root (make demo) or, for an installed package, next to its sources.
+    for candidate in (SAMPLE_IMAGE, Path(__file__).resolve().parents[1] / SAMPLE_IMAGE):
+        if candidate.is_file():
+            return candidate
+    raise UsageError(f"the sample image {SAMPLE_IMAGE} is missing; pass --image FILE")
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM (a CI timeout, `kill`) and SIGHUP (a closed terminal) take the same way out as
+    # Ctrl-C: through the cleanup in run().
+    raise KeyboardInterrupt
+
+
+def _run_jobs(stack: Any, image: Path, args: argparse.Namespace) -> int:
+    from masactrl_cli.client import finish, follow
+    from masactrl_cli.http_client import MasaCtrlClient
+
+    with MasaCtrlClient(stack.api_url, stack.api_key, timeout=60) as client:
+        # Both are queued at once; the worker takes them one after the other.
+        edit = client.edit(image, steps=args.steps, seed=0, **EDIT)
+        synthesis = client.synthesize(steps=args.steps, **SYNTHESIS)
+        print(f"submitted edit {edit['id']} and synthesis {synthesis['id']} to {stack.api_url}")
+        status = 0
+        for label, job in (("edit", edit), ("synthesis", synthesis)):
+            final = follow(client, job["id"], label=label, quiet=args.quiet)
+            code, saved = finish(client, final, args.out / label, show=False)
+            if code == 0:
+                seconds = (final.get("metrics") or {}).get("total_seconds")
+                took = f" in {seconds:.1f} s" if seconds is not None else ""
+                print(f"{label} done{took}: {', '.join(str(p) for p in saved[:-1])}")
+            status = status or code
+    return status
+
+
+def run(args: argparse.Namespace) -> int:
+    """Up (or reuse), two jobs, results under --out, then stop what this run started."""
+    from masactrl_cli.http_client import ClientError
+    from masactrl_cli.stack import LocalStack, StackError, load_stack_settings
+
+    if args.steps < 1:
+        raise UsageError("--steps must be at least 1")
+    image = _sample_image(args.image)
+    stack = LocalStack(load_stack_settings())
+    started: list[str] = []
+    already: dict[str, int] = {}
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    begin = time.monotonic()
+    try:
+        already = stack.running()
+        started = stack.up()
+        if not started:
+            print(f"using the running stack ({', '.join(already)})")
+        status = _run_jobs(stack, image, args)
+        print(f"API docs: {stack.api_url}/docs   (demo took {time.monotonic() - begin:.0f} s)")
+        return status
+    except (StackError, ClientError) as exc:
+        print(f"masactrl demo: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        # A second Ctrl-C must not cut the cleanup short and leave processes behind.
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if started:
+                print(f"stopping the stack this demo started ({', '.join(started)})")
+                stack.down(started)
+            elif already or stack.running():
+                print("the stack keeps running (`make down` stops it)")
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
