@@ -1,0 +1,264 @@
+"""``masactrl up`` / ``down`` / ``demo`` as real processes in temporary folders on private ports.
+
+The tests on the shared ``local_stack`` run in file order: looking at what ``up`` wrote, a second
+``up`` that starts nothing, the demo reusing the stack, a killed worker brought back alone, and
+``down`` last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from masactrl_cli.stack import (
+    SERVICES,
+    LocalStack,
+    StackError,
+    StackSettings,
+    catalog_entry,
+    process_token,
+)
+from tests.masactrl_cli.conftest import StackRun, kill_groups, masactrl, stack_environment
+
+
+def _wait_gone(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while process_token(pid) is not None:
+        assert time.monotonic() < deadline, f"pid {pid} still alive"
+        time.sleep(0.05)
+
+
+def _lines(text: str) -> dict[str, str]:
+    """``name  state  pid ...`` lines of up/down, by name."""
+    found = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if name in SERVICES:
+            found[name] = rest.split()[0]
+    return found
+
+
+# --- the shared stack, in order ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_up_writes_pids_logs_keys_and_serves_the_tiny_model(local_stack: StackRun) -> None:
+    var = local_stack.root / "var"
+    pids = local_stack.pids()
+    assert sorted(pids) == sorted(SERVICES)
+    assert all(process_token(pid) is not None for pid in pids.values())
+    for name in SERVICES:
+        assert (var / "log" / f"{name}.log").stat().st_size > 0
+    for secret in ("dev-api-key", "dev-webhook-secret"):
+        assert stat.S_IMODE((var / secret).stat().st_mode) == 0o600
+    assert (var / "dev-webhook-secret").read_text().startswith("whsec_")
+    assert (var / "models/tiny-sd/model_index.json").is_file()  # written by `up` itself
+    assert (var / "redis/appendonlydir").is_dir()  # AOF on
+
+    headers = {"Authorization": f"Bearer {local_stack.api_key}"}
+    with httpx.Client(base_url=local_stack.api_url, headers=headers) as http:
+        assert http.get("/readyz").status_code == 200
+        models = http.get("/v1/models").json()
+    assert models["default"] == "tiny"
+    assert [(m["name"], m["live"]) for m in models["data"]] == [("tiny", True)]
+
+
+@pytest.mark.slow
+def test_catalog_entry_of_the_tiny_checkpoint_matches_its_configs(local_stack: StackRun) -> None:
+    folder = local_stack.root / "var/models/tiny-sd"
+    derived = catalog_entry(str(folder), folder)
+    assert derived == {**catalog_entry(None, folder), "name": "tiny-sd"}
+
+
+@pytest.mark.slow
+def test_a_second_up_starts_nothing(local_stack: StackRun) -> None:
+    before = local_stack.pids()
+    result = local_stack.run("up", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert _lines(result.stdout) == dict.fromkeys(SERVICES, "running")
+    assert local_stack.pids() == before
+
+
+@pytest.mark.slow
+def test_up_refuses_other_settings_while_the_stack_runs(local_stack: StackRun) -> None:
+    env = {**local_stack.env, "MASACTRL_STACK_PORT": "1"}
+    result = masactrl(local_stack.root, env, "up", timeout=60)
+    assert result.returncode == 1
+    assert f"runs with port {local_stack.env['MASACTRL_STACK_PORT']} (now asked for 1)" in (
+        result.stderr
+    )
+    assert "run `make down` first" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_reuses_the_running_stack_and_leaves_it_running(local_stack: StackRun) -> None:
+    before = local_stack.pids()
+    result = local_stack.run("demo", "--steps", "3", "--quiet", timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "using the running stack" in result.stdout
+    assert f"API docs: {local_stack.api_url}/docs" in result.stdout
+    assert "the stack keeps running" in result.stdout
+    out = local_stack.root / "out"
+    for path in ("edit/source_0.png", "edit/target_0.png", "synthesis/target_1.png"):
+        assert (out / path).is_file()
+        assert str(Path("out") / path) in result.stdout
+    assert local_stack.pids() == before
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_alone_by_up(local_stack: StackRun) -> None:
+    before = local_stack.pids()
+    os.killpg(before["worker"], signal.SIGKILL)  # the worker and its pool child, as an OOM kill
+    _wait_gone(before["worker"])
+
+    result = local_stack.run("up", timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    states = _lines(result.stdout)
+    assert states == {"redis": "running", "gateway": "running", "worker": "started",
+                      "webhooks": "running"}  # fmt: skip
+    after = local_stack.pids()
+    assert after["worker"] != before["worker"]
+    assert {k: v for k, v in after.items() if k != "worker"} == {
+        k: v for k, v in before.items() if k != "worker"
+    }
+    # `up` returned only once the new worker registered: a job runs at once.
+    result = local_stack.run(
+        "client", "synthesize", "--source-prompt", "a cat", "--target-prompt", "a dog",
+        "--steps", "2", "--wait", "--quiet", "--api-url", local_stack.api_url, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_down_stops_exactly_the_recorded_processes(local_stack: StackRun) -> None:
+    pids = local_stack.pids()
+    # A bystander: not started by `up`, so `down` must leave it alone.
+    bystander = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    try:
+        result = local_stack.run("down", timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert _lines(result.stdout) == dict.fromkeys(SERVICES, "stopped")
+        for pid in pids.values():
+            _wait_gone(pid)
+        assert local_stack.pids() == {}
+        assert not (local_stack.root / "var/run/stack.json").exists()
+        assert bystander.poll() is None
+
+        # A pid file that names a process `up` did not start is removed, never signalled.
+        (local_stack.root / "var/run/gateway.pid").write_text(f"{bystander.pid}\n")
+        result = local_stack.run("down", timeout=60)
+        assert result.returncode == 0
+        assert "gateway   not running (removed its stale pid file)" in result.stdout
+        assert bystander.poll() is None
+        assert not (local_stack.root / "var/run/gateway.pid").exists()
+
+        result = local_stack.run("down", timeout=60)
+        assert result.stdout.strip() == "nothing to stop in var"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+# --- failures that start nothing ---------------------------------------------------------------
+
+
+def _up_expecting_failure(root: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return masactrl(root, env, "up", timeout=60)
+    finally:
+        # Should it start something after all, the test fails but leaves no process behind.
+        pids = {int(p.read_text()) for p in (root / "var/run").glob("*.pid")}
+        kill_groups(pids)
+
+
+def test_up_refuses_a_port_in_use_and_starts_nothing(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = stack_environment(tmp_path, MASACTRL_STACK_PORT=str(port))
+        result = _up_expecting_failure(tmp_path, env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"masactrl up: error: port {port} is in use by another program (not this stack's "
+        "gateway); stop it, or pick another port with MASACTRL_STACK_PORT=<port>"
+    )
+    assert list((tmp_path / "var/run").glob("*.pid")) == []
+
+
+def test_up_without_redis_server_says_how_to_install_it(tmp_path: Path) -> None:
+    env = stack_environment(tmp_path, PATH=str(tmp_path / "empty-bin"))
+    result = _up_expecting_failure(tmp_path, env)
+    assert result.returncode == 1
+    line = result.stderr.strip()
+    assert "\n" not in line
+    assert "redis-server is not installed" in line
+    assert "apt-get install redis-server" in line and "brew install redis" in line
+    assert list((tmp_path / "var/run").glob("*.pid")) == []
+
+
+def test_a_configured_redis_that_answers_is_used_instead_of_starting_one(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # redis_url is the test session's private redis-server, never the shared 6379.
+    said: list[str] = []
+    stack = LocalStack(StackSettings(dir=tmp_path / "var", redis_url=redis_url), say=said.append)
+    assert stack._choose_redis({}, {}) == (redis_url, False)
+
+    dead = "redis://127.0.0.1:1/0"
+    stack = LocalStack(
+        StackSettings(dir=tmp_path / "var", redis_url=dead, redis_port=6399), say=said.append
+    )
+    assert stack._choose_redis({}, {}) == ("redis://127.0.0.1:6399/0", True)
+    assert said == [
+        f"MASACTRL_REDIS_URL ({dead}) does not answer; starting a redis-server on "
+        "127.0.0.1:6399 instead"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("sd15", {"name": "sd15", "family": "sd"}),
+        ("stabilityai/stable-diffusion-xl-base-1.0", {"name": "sdxl", "family": "sdxl"}),
+        ("someone/dreamy-xl", {"name": "dreamy-xl", "family": "sdxl"}),
+        (
+            "stabilityai/stable-diffusion-2-1",
+            {"name": "stable-diffusion-2-1", "family": "sd", "native_width": 768},
+        ),
+        ("stabilityai/stable-diffusion-2-1-base", {"family": "sd", "native_width": None}),
+    ],
+)
+def test_catalog_entry_of_hub_ids(model: str, expected: dict[str, object], tmp_path: Path) -> None:
+    entry = catalog_entry(model, tmp_path)
+    for key, value in expected.items():
+        assert entry.get(key) == value, entry
+
+
+def test_catalog_entry_refuses_a_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(StackError, match="no such folder"):
+        catalog_entry(str(tmp_path / "nowhere"), tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StackError, match="without model_index.json"):
+        catalog_entry(str(tmp_path / "empty"), tmp_path)
+
+
+def test_the_written_catalog_is_valid(tmp_path: Path) -> None:
+    from masactrl_jobs.catalog import catalog_from_data
+
+    entry = catalog_entry(None, tmp_path / "tiny")
+    catalog = catalog_from_data({"default": "tiny", "models": [entry]})
+    assert catalog.default_entry.max_pixels == 64 * 64 * 4
+    assert json.loads(json.dumps(entry)) == entry
