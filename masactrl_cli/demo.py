@@ -9,6 +9,8 @@ started, also on Ctrl-C or an error.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import signal
 import sys
 import time
@@ -59,14 +61,16 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _run_jobs(stack: Any, image: Path, args: argparse.Namespace) -> int:
+def _run_jobs(stack: Any, image: Path, args: argparse.Namespace, submitted: list[str]) -> int:
     from masactrl_cli.client import finish, follow
     from masactrl_cli.http_client import MasaCtrlClient
 
     with MasaCtrlClient(stack.api_url, stack.api_key, timeout=60) as client:
         # Both are queued at once; the worker takes them one after the other.
         edit = client.edit(image, steps=args.steps, seed=0, **EDIT)
+        submitted.append(edit["id"])
         synthesis = client.synthesize(steps=args.steps, **SYNTHESIS)
+        submitted.append(synthesis["id"])
         print(f"submitted edit {edit['id']} and synthesis {synthesis['id']} to {stack.api_url}")
         status = 0
         for label, job in (("edit", edit), ("synthesis", synthesis)):
@@ -80,17 +84,33 @@ def _run_jobs(stack: Any, image: Path, args: argparse.Namespace) -> int:
     return status
 
 
+def _cancel(stack: Any, job_ids: list[str]) -> None:
+    """Best effort: an interrupted demo's jobs must not run first on the next start (AOF)."""
+    from masactrl_cli.http_client import ClientError, MasaCtrlClient
+
+    with MasaCtrlClient(stack.api_url, stack.api_key, timeout=5, retries=0) as client:
+        for job_id in job_ids:
+            # A job that already ended answers 409; a gateway that is gone, nothing.
+            with contextlib.suppress(ClientError):
+                client.cancel(job_id)
+
+
 def run(args: argparse.Namespace) -> int:
     """Up (or reuse), two jobs, results under --out, then stop what this run started."""
     from masactrl_cli.http_client import ClientError
     from masactrl_cli.stack import LocalStack, StackError, load_stack_settings
 
+    # Line by line, so that status lines and the progress bars on stderr interleave in a log.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")
     image = _sample_image(args.image)
     stack = LocalStack(load_stack_settings())
     started: list[str] = []
     already: dict[str, int] = {}
+    submitted: list[str] = []
+    completed = False
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     begin = time.monotonic()
     try:
@@ -98,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         started = stack.up()
         if not started:
             print(f"using the running stack ({', '.join(already)})")
-        status = _run_jobs(stack, image, args)
+        status = _run_jobs(stack, image, args, submitted)
+        completed = True
         print(f"API docs: {stack.api_url}/docs   (demo took {time.monotonic() - begin:.0f} s)")
         return status
     except (StackError, ClientError) as exc:
@@ -108,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         # A second Ctrl-C must not cut the cleanup short and leave processes behind.
         interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
+            if submitted and not completed:
+                _cancel(stack, submitted)
             if started:
                 print(f"stopping the stack this demo started ({', '.join(started)})")
                 stack.down(started)

@@ -26,6 +26,7 @@ import argparse
 import base64
 import contextlib
 import fcntl
+import io
 import json
 import os
 import re
@@ -834,6 +835,9 @@ def settings_from_args(args: argparse.Namespace) -> StackSettings:
 
 def run(args: argparse.Namespace) -> int:
     """``up``: start and wait, then print how to use it. ``down``: stop what ``up`` started."""
+    # Line by line, so that status lines and the progress bars on stderr interleave in a log.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     stack = LocalStack(settings_from_args(args))
     try:
         if args.command == "up":
