@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -323,3 +325,17 @@ def test_connect_errors_raise_gateway_unreachable() -> None:
         pytest.raises(GatewayUnreachable, match="cannot reach the gateway at http://gw"),
     ):
         client.models()
+
+
+def test_client_stack_and_demo_never_import_torch() -> None:
+    # The client runs where the gateway runs (no torch); `up` must start fast.
+    code = (
+        "import sys\n"
+        "from masactrl_cli.main import main\n"
+        "main(['client', 'wait', 'x', '--api-url', 'http://127.0.0.1:1', '--api-key', 'k'])\n"
+        "import masactrl_cli.demo, masactrl_cli.stack\n"
+        "masactrl_cli.client.EventProgress()\n"
+        "assert 'torch' not in sys.modules and 'masactrl_core' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

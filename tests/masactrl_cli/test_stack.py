@@ -262,3 +262,70 @@ def test_the_written_catalog_is_valid(tmp_path: Path) -> None:
     catalog = catalog_from_data({"default": "tiny", "models": [entry]})
     assert catalog.default_entry.max_pixels == 64 * 64 * 4
     assert json.loads(json.dumps(entry)) == entry
+
+
+# --- the demo on its own stack -----------------------------------------------------------------
+
+
+def _own_stack_root(local_stack: StackRun, root: Path) -> dict[str, str]:
+    """A fresh folder sharing the session's tiny checkpoint (writing one costs seconds)."""
+    models = root / "var/models"
+    models.mkdir(parents=True)
+    (models / "tiny-sd").symlink_to(local_stack.root / "var/models/tiny-sd")
+    return stack_environment(root)
+
+
+@pytest.mark.slow
+def test_demo_starts_its_own_stack_and_stops_all_of_it(
+    local_stack: StackRun, tmp_path: Path
+) -> None:
+    env = _own_stack_root(local_stack, tmp_path)
+    try:
+        result = masactrl(tmp_path, env, "demo", "--steps", "2", "--quiet", timeout=240)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert _lines(result.stdout.split("stopping the stack")[0]) == dict.fromkeys(
+            SERVICES, "started"
+        )
+        assert "stopping the stack this demo started (redis, gateway, worker, webhooks)" in (
+            result.stdout
+        )
+        assert (tmp_path / "out/synthesis/target_1.png").is_file()
+        assert list((tmp_path / "var/run").glob("*.pid")) == []
+    finally:
+        kill_groups({int(p.read_text()) for p in (tmp_path / "var/run").glob("*.pid")})
+
+
+@pytest.mark.slow
+def test_an_interrupted_demo_still_stops_what_it_started(
+    local_stack: StackRun, tmp_path: Path
+) -> None:
+    env = {**_own_stack_root(local_stack, tmp_path), "MASACTRL_STEP_DELAY_SECONDS": "0.5"}
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "masactrl_cli.main", "demo", "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: set[int] = set()
+    try:
+        assert demo.stdout is not None
+        output = ""
+        for line in demo.stdout:  # until the jobs are in: the whole stack is up
+            output += line
+            if line.startswith("submitted"):
+                break
+        seen = {int(p.read_text()) for p in (tmp_path / "var/run").glob("*.pid")}
+        assert len(seen) == len(SERVICES), output
+        demo.send_signal(signal.SIGTERM)  # as a CI timeout would; Ctrl-C takes the same path
+        rest, _ = demo.communicate(timeout=60)
+        assert demo.returncode == 130, output + rest
+        assert "stopping the stack this demo started" in rest
+        for pid in seen:
+            _wait_gone(pid)
+        assert list((tmp_path / "var/run").glob("*.pid")) == []
+    finally:
+        demo.kill()
+        demo.wait()
+        kill_groups(seen | {int(p.read_text()) for p in (tmp_path / "var/run").glob("*.pid")})
