@@ -1,7 +1,9 @@
-"""Benchmark: this engine vs a re-creation of the authors' MasaCtrl procedure, on SD1.5's UNet.
+"""Benchmark: this engine vs a re-creation of the authors' MasaCtrl procedure, SD1.5 and SDXL.
 
-Both variants run a single-target real-image edit on the full-size SD1.5 UNet architecture (built
-from its config with seeded random weights; nothing is downloaded) at 512x512 (64x64 latents):
+Both variants run a single-target real-image edit on a full-size UNet architecture (built from its
+config with seeded random weights; nothing is downloaded): SD1.5's at 512x512 (64x64 latents), or
+with ``--family sdxl`` SDXL's (70 transformer blocks, two text encoders, added time ids) at
+1024x1024 (128x128 latents):
 
 * reference -- the authors' procedure (TencentARC/MasaCtrl, ``MasaCtrlPipeline`` plus
   ``regiter_attention_editor_diffusers``): every attention layer materializes QK^T and its softmax,
@@ -9,7 +11,14 @@ from its config with seeded random weights; nothing is downloaded) at 512x512 (6
   the empty prompt (2 images per step), and denoising pushes [source, target] x guidance = 4
   images per step.
 * ours -- ``MasaCtrlEngine.edit`` from masactrl_core with its SDPA attention processors: unguided
-  inversion (1 image per step) and a shared source branch, 1 + 2N = 3 images per step.
+  inversion (1 image per step) and a shared source branch, 1 + 2N = 3 images per step (SDXL's
+  zeroed unconditional embedding differs from the encoded empty source prompt: 4 per step there).
+
+``--mask manual`` and ``--mask auto`` time the mask-guided variants: the authors'
+``MutualSelfAttentionControlMask`` (a foreground and a background softmax over the full QK^T of
+the target, blended by the target mask) and ``MutualSelfAttentionControlMaskAuto`` (masks from
+cross-attention maps of a word, collected on the quarter-resolution grid) against the engine's
+``MaskConfig(regions=...)`` and ``MaskConfig(source_word=..., target_word=...)``.
 
 Each variant runs in its own subprocess (clean peak-memory accounting) for a short edit of
 2 x --steps steps with control from step --steps on, so that inversion, uncontrolled and
@@ -18,6 +27,8 @@ controlled denoising steps are all timed. Only UNet calls are timed (forward hoo
 start step 4). Peak memory is that of the short run, which already contains every kind of step.
 
     python bench/core.py                                  # CPU float32 (5-7 min on 2 cores)
+    python bench/core.py --mask manual                    # mask-guided, same setting
+    python bench/core.py --family sdxl                    # CPU bfloat16 at 1024x1024
     python bench/core.py --device cuda --dtype float16 --steps 3
 """
 
@@ -91,11 +102,74 @@ STAND_IN_TEXT_CONFIG: dict[str, Any] = {
     "hidden_act": "quick_gelu",
 }
 
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json.
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+# SDXL's encoders are 768 and 1280 wide; the second projects its pooled output to 1280.
+STAND_IN_TEXT_CONFIG_2: dict[str, Any] = {
+    **STAND_IN_TEXT_CONFIG,
+    "hidden_size": 1280,
+    "intermediate_size": 1280,
+    "num_attention_heads": 20,
+    "projection_dim": 1280,
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the SD1.5 and SDXL runs."""
+
+    name: str
+    label: str
+    unet_config: dict[str, Any]
+    size: int
+    start_layer: int
+    cpu_dtype: str
+
+
+FAMILIES = {
+    "sd": Family("sd", "SD1.5", SD15_UNET_CONFIG, 512, 10, "float32"),
+    # float32 SDXL weights are 10 GiB and the reference's explicit attention at 4096 tokens adds
+    # ~8 GiB more: too close to the 24 GiB of the 2-core box shared with other work. bfloat16
+    # halves both (and this CPU has AMX for it); both variants run in the same dtype.
+    "sdxl": Family("sdxl", "SDXL", SDXL_UNET_CONFIG, 1024, 44, "bfloat16"),
+}
+
 EDIT_STEPS = 50  # the paper's sampling steps
 PAPER_START_STEP = 4
 PAPER_START_LAYER = 10
 GUIDANCE = 7.5
 TARGET_PROMPT = "a photo of a running cat"
+# Automatic masks need the object's word in the source prompt, so that variant describes it.
+MASK_WORD = "cat"
+AUTO_SOURCE_PROMPT = "a photo of a cat"
+MASK_THRESHOLD = 0.1  # the authors' default and ours
+# Manual masks, as fractions of the image (left, top, right, bottom): the object moves left.
+SOURCE_BOX = (0.25, 0.2, 0.75, 1.0)
+TARGET_BOX = (0.1, 0.25, 0.6, 1.0)
 TIME_TARGET = 0.7
 MEMORY_TARGET = 0.6
 
@@ -256,7 +330,18 @@ class ReferenceEditor:
         if self.cur_att_layer == self.num_att_layers:
             self.cur_att_layer = 0
             self.cur_step += 1
+            self.after_step()
         return out
+
+    def after_step(self) -> None:
+        pass
+
+    def controls(self, is_cross: bool) -> bool:
+        return (
+            not is_cross
+            and self.cur_step in self.step_idx
+            and self.cur_att_layer // 2 in self.layer_idx
+        )
 
     def forward(self, q, k, v, sim, attn, is_cross, num_heads, scale):
         import torch
@@ -288,6 +373,116 @@ class ReferenceEditor:
         # 'h (b n) d -> b n (h d)'
         h, bn, d = out.shape
         return out.reshape(h, b, bn // b, d).permute(1, 2, 0, 3).reshape(b, bn // b, h * d)
+
+
+def _masked_attn(q, k, v, num_heads, scale, key_mask):
+    """The authors' ``attn_batch`` under a source mask: (foreground, background) outputs.
+
+    ``sim + mask.masked_fill(mask == 0, min)`` for the foreground and the converse for the
+    background, both over the full QK^T, as MutualSelfAttentionControlMask computes them.
+    """
+    import torch
+
+    b = q.shape[0] // num_heads
+    q = q.reshape(b, num_heads, *q.shape[1:]).permute(1, 0, 2, 3).flatten(1, 2)
+    sim = torch.einsum("h i d, h j d -> h i j", q, k) * scale
+    lowest = torch.finfo(sim.dtype).min
+    sim_fg = sim + key_mask.masked_fill(key_mask == 0, lowest)
+    sim_bg = sim + key_mask.masked_fill(key_mask == 1, lowest)
+    attn = torch.cat([sim_fg, sim_bg]).softmax(-1)
+    out = torch.einsum("h i j, h j d -> h i d", attn, torch.cat([v, v]))
+    h2, bn, d = out.shape
+    out = out.reshape(2, h2 // 2, b, bn // b, d).permute(0, 2, 3, 1, 4)
+    return out.reshape(2, b, bn // b, (h2 // 2) * d)
+
+
+class ReferenceMaskEditor(ReferenceEditor):
+    """MutualSelfAttentionControlMask: the target reads the source's foreground and background
+    separately; the two outputs are blended with the target mask. One foreground only."""
+
+    def __init__(self, *args, mask_s: Any, mask_t: Any) -> None:
+        super().__init__(*args)
+        self.mask_s, self.mask_t = mask_s, mask_t
+
+    def forward(self, q, k, v, sim, attn, is_cross, num_heads, scale):
+        import torch
+
+        if not self.controls(is_cross):
+            return super().forward(q, k, v, sim, attn, is_cross, num_heads, scale)
+        res = int(q.shape[1] ** 0.5)
+        qu, qc = q.chunk(2)
+        ku, kc = k.chunk(2)
+        vu, vc = v.chunk(2)
+        outs = []
+        for qh, kh, vh in ((qu, ku, vu), (qc, kc, vc)):
+            source = self._attn_batch(
+                qh[:num_heads], kh[:num_heads], vh[:num_heads], num_heads, scale
+            )
+            key_mask, blend = self.masks(res, q.dtype)
+            if key_mask is None:
+                target = self._attn_batch(
+                    qh[num_heads:], kh[:num_heads], vh[:num_heads], num_heads, scale
+                )
+            else:
+                fg, bg = _masked_attn(
+                    qh[num_heads:], kh[:num_heads], vh[:num_heads], num_heads, scale, key_mask
+                )
+                target = fg * blend + bg * (1 - blend)
+            outs += [source, target]
+        return torch.cat([outs[0], outs[1], outs[2], outs[3]], dim=0)
+
+    def masks(self, res: int, dtype: Any) -> tuple[Any, Any]:
+        import torch.nn.functional as F
+
+        key_mask = F.interpolate(self.mask_s[None, None], (res, res)).flatten().to(dtype)
+        blend = F.interpolate(self.mask_t[None, None], (res, res)).reshape(-1, 1).to(dtype)
+        return key_mask, blend
+
+
+class ReferenceAutoMaskEditor(ReferenceMaskEditor):
+    """MutualSelfAttentionControlMaskAuto: masks from the cross-attention maps of a word.
+
+    Maps of every image are collected (heads averaged) from the cross-attention layers whose grid
+    is a quarter of the latent grid (the authors hard-code 16x16, SD at 512 px) and reset after
+    each step; a controlled layer reached before any map is unmasked.
+    """
+
+    def __init__(self, *args, map_tokens: int, ref_idx: list[int], cur_idx: list[int]) -> None:
+        super().__init__(*args, mask_s=None, mask_t=None)
+        self.map_tokens, self.ref_idx, self.cur_idx = map_tokens, ref_idx, cur_idx
+        self.cross_attns: list[Any] = []
+
+    def after_step(self) -> None:
+        self.cross_attns = []
+
+    def forward(self, q, k, v, sim, attn, is_cross, num_heads, scale):
+        if is_cross and attn.shape[1] == self.map_tokens:
+            self.cross_attns.append(attn.reshape(-1, num_heads, *attn.shape[-2:]).mean(1))
+        return super().forward(q, k, v, sim, attn, is_cross, num_heads, scale)
+
+    def aggregate(self, idx: list[int]) -> Any:
+        import torch
+
+        attn_map = torch.stack(self.cross_attns, dim=1).mean(1)
+        res = int(attn_map.shape[-2] ** 0.5)
+        image = attn_map.reshape(-1, res, res, attn_map.shape[-1])[..., idx].sum(-1)
+        low = image.amin(dim=(1, 2), keepdim=True)
+        high = image.amax(dim=(1, 2), keepdim=True)
+        return (image - low) / (high - low)
+
+    def masks(self, res: int, dtype: Any) -> tuple[Any, Any]:
+        import torch.nn.functional as F
+
+        if not self.cross_attns:
+            return None, None
+        # Rows are [u_src, u_tgt, c_src, c_tgt]: the conditional half's maps serve both halves.
+        source = self.aggregate(self.ref_idx)[-2]
+        target = self.aggregate(self.cur_idx)[-1]
+        key_mask = F.interpolate(source[None, None], (res, res)).flatten()
+        blend = F.interpolate(target[None, None], (res, res)).reshape(-1, 1)
+        key_mask = (key_mask >= MASK_THRESHOLD).to(dtype)
+        blend = (blend >= MASK_THRESHOLD).to(dtype)
+        return key_mask, blend
 
 
 class ReferenceAttnProcessor:
@@ -329,36 +524,98 @@ def _ddim_prev(scheduler: Any, eps: Any, t: int, x: Any) -> Any:
     return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
 
 
+@dataclass(frozen=True)
+class Setup:
+    """One benchmarked configuration: model family and mask mode."""
+
+    family: Family
+    mask: str = "none"  # none | manual | auto
+
+    @property
+    def source_prompt(self) -> str:
+        return AUTO_SOURCE_PROMPT if self.mask == "auto" else ""
+
+
+def _box_mask(size: int, box: tuple[float, float, float, float]) -> Any:
+    """A (size, size) float 0/1 mask with ones inside the fractional ``box``."""
+    import torch
+
+    mask = torch.zeros(size, size)
+    left, top, right, bottom = (round(f * size) for f in box)
+    mask[top:bottom, left:right] = 1.0
+    return mask
+
+
+def _word_positions(tokenizer: Any, prompt: str, word: str) -> list[int]:
+    ids = tokenizer(prompt).input_ids
+    (word_id,) = tokenizer(word, add_special_tokens=False).input_ids
+    return [i for i, token in enumerate(ids) if token == word_id]
+
+
+def _encoder(pipe: Any, family: str, size: int) -> Callable[..., tuple[Any, Any]]:
+    """prompts -> (encoder_hidden_states, added_cond_kwargs) as the authors' pipelines encode."""
+    import torch
+
+    device = pipe.unet.device
+
+    def encode(prompts: list[str], zeros: bool = False) -> tuple[Any, Any]:
+        if family == "sd":
+            ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt")
+            return pipe.text_encoder(ids.input_ids.to(device))[0], None
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        if zeros:  # StableDiffusionXLPipeline's unconditional embedding (force_zeros)
+            embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.dtype)
+        added = {"text_embeds": pooled, "time_ids": time_ids.to(device).expand(len(prompts), -1)}
+        return embeds, added
+
+    return encode
+
+
+def _cat(*parts: tuple[Any, Any]) -> tuple[Any, Any]:
+    import torch
+
+    embeds = torch.cat([p[0] for p in parts])
+    if parts[0][1] is None:
+        return embeds, None
+    return embeds, {key: torch.cat([p[1][key] for p in parts]) for key in parts[0][1]}
+
+
 def reference_edit(
-    pipe: Any, image: Any, steps: int, start_step: int, timer: UNetTimer
+    pipe: Any, image: Any, steps: int, start_step: int, timer: UNetTimer, setup: Setup
 ) -> tuple[int, Any]:
-    """Invert with guidance on "", then denoise [source, target] x guidance.
+    """Invert with guidance (on the source prompt), then denoise [source, target] x guidance.
 
     Returns the UNet image-evaluations and the final [source, target] latents.
     """
     import numpy as np
     import torch
+    from diffusers import DDIMScheduler
 
     unet, device, dtype = pipe.unet, pipe.unet.device, pipe.unet.dtype
     num_att_layers = len(unet.attn_processors)
-
-    def embed(prompts: list[str]) -> Any:
-        ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt")
-        return pipe.text_encoder(ids.input_ids.to(device))[0]
+    scaling = pipe.vae.config.scaling_factor
+    # MasaCtrlPipeline samples with DDIM whatever the checkpoint ships (SDXL ships Euler).
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    encode = _encoder(pipe, setup.family.name, image.width)
 
     evals = 0
     with torch.no_grad():
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)
         pixels = pixels.permute(2, 0, 1)[None].to(device, dtype)
-        latents = pipe.vae.encode(pixels)["latent_dist"].mean * 0.18215
+        latents = pipe.vae.encode(pixels)["latent_dist"].mean * scaling
 
-        # Inversion: AttentionBase registered (explicit attention, no control), guidance on "".
+        # Inversion: AttentionBase registered (explicit attention, no control), guidance with
+        # the encoded empty prompt as the unconditional branch (MasaCtrlPipeline.invert).
         unet.set_attn_processor(ReferenceAttnProcessor(ReferenceEditor(num_att_layers, 0, 0, 0)))
-        cond = torch.cat([embed([""]), embed([""])])
+        embeds, added = _cat(encode([""]), encode([setup.source_prompt]))
         pipe.scheduler.set_timesteps(steps)
         for i, t in enumerate(reversed(pipe.scheduler.timesteps)):
             eps_u, eps_c = unet(
-                torch.cat([latents] * 2), t, encoder_hidden_states=cond
+                torch.cat([latents] * 2), t, encoder_hidden_states=embeds, added_cond_kwargs=added
             ).sample.chunk(2)
             latents = _ddim_next(
                 pipe.scheduler, eps_u + GUIDANCE * (eps_c - eps_u), int(t), latents
@@ -366,77 +623,133 @@ def reference_edit(
             evals += 2
             timer.mark("invert", i, False)
 
-        # Denoising with MutualSelfAttentionControl: batch [u_src, u_tgt, c_src, c_tgt].
-        editor = ReferenceEditor(num_att_layers, start_step, PAPER_START_LAYER, steps)
+        # Denoising with mutual self-attention control: batch [u_src, u_tgt, c_src, c_tgt].
+        editor_args = (num_att_layers, start_step, setup.family.start_layer, steps)
+        if setup.mask == "manual":
+            editor = ReferenceMaskEditor(
+                *editor_args,
+                mask_s=_box_mask(image.width // 8, SOURCE_BOX).to(device),
+                mask_t=_box_mask(image.width // 8, TARGET_BOX).to(device),
+            )
+        elif setup.mask == "auto":
+            editor = ReferenceAutoMaskEditor(
+                *editor_args,
+                map_tokens=(latents.shape[-2] // 4) * (latents.shape[-1] // 4),
+                ref_idx=_word_positions(pipe.tokenizer, setup.source_prompt, MASK_WORD),
+                cur_idx=_word_positions(pipe.tokenizer, TARGET_PROMPT, MASK_WORD),
+            )
+        else:
+            editor = ReferenceEditor(*editor_args)
         unet.set_attn_processor(ReferenceAttnProcessor(editor))
-        cond = torch.cat([embed(["", ""]), embed(["", TARGET_PROMPT])])
+        # SD encodes "" as the unconditional branch; the SDXL pipeline zeroes it.
+        unconditional = encode(["", ""], zeros=setup.family.name == "sdxl")
+        embeds, added = _cat(unconditional, encode([setup.source_prompt, TARGET_PROMPT]))
         latents = latents.expand(2, -1, -1, -1)
         for i, t in enumerate(pipe.scheduler.timesteps):
             eps_u, eps_c = unet(
-                torch.cat([latents] * 2), t, encoder_hidden_states=cond
+                torch.cat([latents] * 2), t, encoder_hidden_states=embeds, added_cond_kwargs=added
             ).sample.chunk(2)
             latents = _ddim_prev(
                 pipe.scheduler, eps_u + GUIDANCE * (eps_c - eps_u), int(t), latents
             )
             evals += 4
             timer.mark("denoise", i, i >= start_step)
-        pipe.vae.decode(latents / 0.18215)
+        pipe.vae.decode(latents / scaling)
     return evals, latents
 
 
 def ours_edit(
-    pipe: Any, image: Any, steps: int, start_step: int, timer: UNetTimer
+    pipe: Any,
+    image: Any,
+    steps: int,
+    start_step: int,
+    timer: UNetTimer,
+    setup: Setup,
+    inversion_guidance: float = 1.0,
 ) -> tuple[int, Any]:
     """MasaCtrlEngine.edit with the paper's layers, control from ``start_step``."""
-    from masactrl_core import ControlConfig, MasaCtrlEngine
+    from PIL import Image
 
-    engine = MasaCtrlEngine(pipe, family="sd")
+    from masactrl_core import ControlConfig, MasaCtrlEngine, MaskConfig
+
+    engine = MasaCtrlEngine(pipe, family=setup.family.name)
 
     def progress(phase: str, step: int, total: int) -> None:
         timer.mark(phase, step - 1, phase == "denoise" and step - 1 >= start_step)
 
+    def as_image(mask: Any) -> Image.Image:
+        return Image.fromarray((mask * 255).byte().numpy(), mode="L")
+
+    masks = None
+    if setup.mask == "manual":
+        size = image.width // 8  # the reference's masks are latent-sized: the same pixels
+        masks = MaskConfig(
+            regions=[(as_image(_box_mask(size, SOURCE_BOX)), as_image(_box_mask(size, TARGET_BOX)))]
+        )
+    elif setup.mask == "auto":
+        masks = MaskConfig(source_word=MASK_WORD, target_word=MASK_WORD, threshold=MASK_THRESHOLD)
     result = engine.edit(
         image,
         [TARGET_PROMPT],
-        source_prompt="",
+        source_prompt=setup.source_prompt,
         steps=steps,
         guidance_scale=GUIDANCE,
-        control=ControlConfig(start_step=start_step, start_layer=PAPER_START_LAYER),
+        control=ControlConfig(start_step=start_step, start_layer=setup.family.start_layer),
         width=image.width,
         height=image.height,
         progress=progress,
+        masks=masks,
+        inversion_guidance_scale=inversion_guidance,
     )
     return result.stats.unet_image_evals, result.latents
 
 
 def check_agreement() -> float:
-    """Both procedures on the tiny checkpoint's components: same edit, up to float error.
+    """Both procedures on the tiny checkpoints' components: same edit, up to float error.
+
+    Returns the worst difference relative to the latents' scale (at least 1).
 
     Guidance between identical empty prompts is the identity, so the reference's guided
-    inversion and batch of four must give our images; this shows the re-creation is faithful.
+    inversion and batch of four must give our images; with automatic masks the source prompt
+    names the object, so ours inverts with the reference's guidance for the comparison. This
+    shows the re-creation is faithful, for SD (unmasked, manual and automatic masks) and SDXL.
     """
     import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
     from PIL import Image
 
-    from masactrl_core.tiny import build_sd_pipeline
+    from masactrl_core.tiny import build_sd_pipeline, build_sdxl_pipeline
 
-    pipe = build_sd_pipeline(0)
-    size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    generator = torch.Generator("cpu").manual_seed(0)
-    pixels = torch.randint(0, 256, (size, size, 3), generator=generator).to(torch.uint8)
-    image = Image.fromarray(pixels.numpy())
-    timer = UNetTimer(lambda: None, verbose=False)
-    with torch.inference_mode():
-        _, reference = reference_edit(pipe, image, 6, 1, timer)
-    # The engine keeps whatever processors it finds outside its controlled layers: restore SDPA.
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
-    _, ours = ours_edit(pipe, image, 6, 1, timer)
-    _, uncontrolled = ours_edit(pipe, image, 6, 6, timer)
-    difference = (reference.float().cpu() - ours).abs().max().item()
-    effect = (ours - uncontrolled).abs().max().item()
-    print(f"max |reference - ours| = {difference:.2e} (the control itself changes {effect:.2f})")
-    return difference
+    worst = 0.0
+    tiny = {
+        "sd": Family("sd", "SD1.5", {}, 64, 10, "float32"),
+        "sdxl": Family("sdxl", "SDXL", {}, 64, 44, "float32"),
+    }
+    cases = [("sd", "none"), ("sd", "manual"), ("sd", "auto"), ("sdxl", "none")]
+    for family, mask in cases:
+        setup = Setup(tiny[family], mask)
+        pipe = build_sd_pipeline(0) if family == "sd" else build_sdxl_pipeline(0)
+        generator = torch.Generator("cpu").manual_seed(0)
+        pixels = torch.randint(0, 256, (64, 64, 3), generator=generator).to(torch.uint8)
+        image = Image.fromarray(pixels.numpy())
+        timer = UNetTimer(lambda: None, verbose=False)
+        guidance = GUIDANCE if mask == "auto" else 1.0
+        with torch.inference_mode():
+            _, reference = reference_edit(pipe, image, 6, 1, timer, setup)
+        # The engine keeps whatever processors it finds outside its controlled layers.
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        _, ours = ours_edit(pipe, image, 6, 1, timer, setup, guidance)
+        _, uncontrolled = ours_edit(pipe, image, 6, 6, timer, setup, guidance)
+        difference = (reference.float().cpu() - ours).abs().max().item()
+        effect = (ours - uncontrolled).abs().max().item()
+        # Float error scales with the latents (the tiny SDXL's reach ~13): compare relatively.
+        worst = max(worst, difference / max(1.0, ours.abs().max().item()))
+        print(
+            f"{family:4} masks {mask:6}: max |reference - ours| = {difference:.2e} "
+            f"(the control itself changes {effect:.2f}; latents up to "
+            f"{ours.abs().max().item():.1f})"
+        )
+    return worst
 
 
 # --- one variant per process -----------------------------------------------------------------
@@ -447,22 +760,44 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from PIL import Image
 
-    from masactrl_core.tiny import build_sd_pipeline
+    from masactrl_core.tiny import build_sd_pipeline, build_sdxl_pipeline
 
+    setup = Setup(FAMILIES[args.family], args.mask)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     started = time.perf_counter()
-    pipe = build_sd_pipeline(
-        0,
-        unet_config=SD15_UNET_CONFIG,
-        vae_config=STAND_IN_VAE_CONFIG,
-        text_config=STAND_IN_TEXT_CONFIG,
-    )
+    # Weights are initialized directly in the run's dtype: SDXL's 2.6 B float32 parameters would
+    # otherwise need 10 GiB before the cast.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else default_dtype)
+    try:
+        if args.family == "sd":
+            pipe = build_sd_pipeline(
+                0,
+                unet_config=SD15_UNET_CONFIG,
+                vae_config=STAND_IN_VAE_CONFIG,
+                text_config=STAND_IN_TEXT_CONFIG,
+            )
+        else:
+            pipe = build_sdxl_pipeline(
+                0,
+                unet_config=SDXL_UNET_CONFIG,
+                vae_config=STAND_IN_VAE_CONFIG,
+                text_config=STAND_IN_TEXT_CONFIG,
+                text_config_2=STAND_IN_TEXT_CONFIG_2,
+            )
+    finally:
+        torch.set_default_dtype(default_dtype)
     pipe.to(device, dtype)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    modules = [pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    for module in filter(None, modules):
         module.eval().requires_grad_(False)
     build_seconds = time.perf_counter() - started
-    print(f"[{variant}] built SD1.5 UNet in {build_seconds:.0f} s", file=sys.stderr, flush=True)
+    print(
+        f"[{variant}] built {setup.family.label} UNet in {build_seconds:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     timer = UNetTimer(sync)
@@ -474,7 +809,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     edit = reference_edit if variant == "reference" else ours_edit
     peak = CudaPeak(device) if device.type == "cuda" else CpuPeak()
     with peak, torch.inference_mode():
-        evals, _ = edit(pipe, image, total, args.steps, timer)
+        evals, _ = edit(pipe, image, total, args.steps, timer, setup)
     return {
         "variant": variant,
         "steps": timer.steps,
@@ -490,6 +825,7 @@ def _spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, os.path.abspath(__file__), "--child", variant]
     command += ["--device", args.device, "--dtype", args.dtype]
     command += ["--steps", str(args.steps), "--size", str(args.size)]
+    command += ["--family", args.family, "--mask", args.mask]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         sys.exit(f"the {variant} run failed with status {done.returncode}")
@@ -601,8 +937,10 @@ def report(ref: Summary, ours: Summary, args: argparse.Namespace, memory_method:
     add("peak memory increase over the loaded model", ref.increase, ours.increase, _gib)
 
     size = f"{args.size}x{args.size}"
+    what = FAMILIES[args.family].label + ("" if args.mask == "none" else f", {args.mask} masks")
     lines = [
-        f"| single-target edit, {size}, {args.device} {args.dtype} | reference | ours | ours/ref |"
+        f"| single-target edit, {what}, {size}, {args.device} {args.dtype} "
+        "| reference | ours | ours/ref |"
     ]
     lines.append("|---|---:|---:|---:|")
     for label, r, o, ratio in rows:
@@ -635,7 +973,16 @@ def main(argv: list[str] | None = None) -> int:
         help="timed steps of each kind: inversion, denoising before and after the control "
         "starts (the measured edit has 2 x STEPS steps; default 1)",
     )
-    parser.add_argument("--size", type=int, default=512, help="image size (default 512)")
+    parser.add_argument(
+        "--family", default="sd", choices=tuple(FAMILIES), help="UNet architecture (default sd)"
+    )
+    parser.add_argument(
+        "--mask",
+        default="none",
+        choices=("none", "manual", "auto"),
+        help="mask-guided variants: manual region masks or automatic word masks (default none)",
+    )
+    parser.add_argument("--size", type=int, help="image size (default: 512 for sd, 1024 for sdxl)")
     parser.add_argument("--json", help="also write the raw measurements to this file")
     parser.add_argument(
         "--check",
@@ -649,7 +996,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     # Run from a checkout without installing: masactrl_core lives next to bench/.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    family = FAMILIES[args.family]
+    args.size = args.size or family.size
+    args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else family.cpu_dtype)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
 

@@ -424,7 +424,9 @@ class MasaCtrlEngine:
                 progress,
                 should_cancel,
             )
-        return InvertedImage(inverted.float().cpu(), steps, width, height, source_prompt)
+        return InvertedImage(
+            inverted.float().cpu().contiguous(), steps, width, height, source_prompt
+        )
 
     def edit(
         self,

@@ -340,7 +340,32 @@ SDXL_TINY_VAE_CONFIG: dict[str, Any] = {
 }
 
 
-def _build_sdxl_pipeline(seed: int, tokenizer_dir: Path) -> Any:
+def build_sdxl_pipeline(
+    seed: int = 0,
+    *,
+    unet_config: dict[str, Any] | None = None,
+    vae_config: dict[str, Any] | None = None,
+    text_config: dict[str, Any] | None = None,
+    text_config_2: dict[str, Any] | None = None,
+) -> Any:
+    """Seeded random-weight StableDiffusionXLPipeline, in memory, with local tokenizers.
+
+    Defaults are the tiny configs; the benchmark passes SDXL's full UNet config instead.
+    """
+    with tempfile.TemporaryDirectory(prefix="masactrl-tok-") as tmp:
+        return _build_sdxl_pipeline(
+            seed, Path(tmp), unet_config, vae_config, text_config, text_config_2
+        )
+
+
+def _build_sdxl_pipeline(
+    seed: int,
+    tokenizer_dir: Path,
+    unet_config: dict[str, Any] | None = None,
+    vae_config: dict[str, Any] | None = None,
+    text_config: dict[str, Any] | None = None,
+    text_config_2: dict[str, Any] | None = None,
+) -> Any:
     """Seeded components -> a StableDiffusionXLPipeline (two tokenizers written locally)."""
     import torch
     from diffusers import (
@@ -361,24 +386,26 @@ def _build_sdxl_pipeline(seed: int, tokenizer_dir: Path) -> Any:
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer")
     tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer_2")
     bos_id, eos_id = tokenizer.convert_tokens_to_ids([BOS_TOKEN, EOS_TOKEN])
-    text_config = {
+    tiny_text = {
         **SD_TINY_TEXT_CONFIG,
         "hidden_size": _SDXL_TEXT_WIDTH,
         "projection_dim": _SDXL_TEXT_WIDTH,
-        "vocab_size": vocab_size,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
     }
+    ids = {"vocab_size": vocab_size, "bos_token_id": bos_id, "eos_token_id": eos_id}
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SDXL_TINY_UNET_CONFIG)
+    unet = UNet2DConditionModel(**(unet_config or SDXL_TINY_UNET_CONFIG))
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**SDXL_TINY_VAE_CONFIG)
+    vae = AutoencoderKL(**(vae_config or SDXL_TINY_VAE_CONFIG))
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config, pad_token_id=eos_id))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(**(text_config or tiny_text), **ids, pad_token_id=eos_id)
+    )
     torch.manual_seed(seed + 1)  # the two encoders must differ
     pad_2 = tokenizer_2.convert_tokens_to_ids("!")
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, pad_token_id=pad_2))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**(text_config_2 or text_config or tiny_text), **ids, pad_token_id=pad_2)
+    )
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
