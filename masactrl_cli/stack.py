@@ -292,12 +292,24 @@ def _port_in_use(port: int) -> bool:
     return False
 
 
-def _last_line(path: Path) -> str:
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception)\w*: ")
+
+
+def _failure_line(path: Path) -> str:
+    """The most telling line of a process's log since its last start: the final exception of a
+    traceback, else the last error record, else the last line."""
     try:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+        lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    lines = [line for line in lines if line and not line.startswith("===")]
+    start = max((k for k, line in enumerate(lines) if line.startswith("=== ")), default=-1)
+    lines = [line.strip() for line in lines[start + 1 :] if line.strip()]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line[:300]
+    for line in reversed(lines):
+        if line.startswith(("ERROR", "CRITICAL")) or " ERROR " in line or " CRITICAL " in line:
+            return line[:300]
     return lines[-1][:300] if lines else ""
 
 
@@ -625,7 +637,7 @@ class LocalStack:
         for name in names:
             if self.pid(name) is None:
                 log = self.paths.log_file(name)
-                last = _last_line(log)
+                last = _failure_line(log)
                 raise StackError(
                     f"{name} exited during start-up"
                     + (f" ({last})" if last else "")

@@ -329,3 +329,38 @@ def test_an_interrupted_demo_still_stops_what_it_started(
         demo.kill()
         demo.wait()
         kill_groups(seen | {int(p.read_text()) for p in (tmp_path / "var/run").glob("*.pid")})
+
+
+@pytest.mark.slow
+def test_a_failed_start_names_the_cause_and_stops_what_it_started(tmp_path: Path) -> None:
+    # A gateway setting out of range: the gateway exits at once with one line in its log.
+    env = stack_environment(tmp_path, MASACTRL_MAX_WAIT_SECONDS="999")
+    result = _up_expecting_failure(tmp_path, env)
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("masactrl up: error: gateway exited during start-up (")
+    assert "MASACTRL_MAX_WAIT_SECONDS" in error and error.endswith("; see var/log/gateway.log")
+    assert "stopping what this run started: redis, gateway, worker, webhooks" in result.stdout
+    assert list((tmp_path / "var/run").glob("*.pid")) == []
+
+
+def test_failure_line_prefers_the_exception_of_the_last_run(tmp_path: Path) -> None:
+    from masactrl_cli.stack import _failure_line
+
+    log = tmp_path / "worker.log"
+    log.write_text(
+        "=== 2026-01-01 masactrl up: old run\n"
+        "OSError: from an earlier run\n"
+        "=== 2026-01-02 masactrl up: this run\n"
+        "Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in <module>\n'
+        "masactrl_core.errors.ModelLoadError: cannot load model m: no model_index.json\n"
+        "\n"
+        "worker: Cold shutdown (MainProcess)\n"
+    )
+    assert _failure_line(log) == (
+        "masactrl_core.errors.ModelLoadError: cannot load model m: no model_index.json"
+    )
+    log.write_text("=== start\nmasactrl serve: error: invalid configuration: X\n")
+    assert _failure_line(log) == "masactrl serve: error: invalid configuration: X"
+    assert _failure_line(tmp_path / "missing.log") == ""
