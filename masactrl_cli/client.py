@@ -20,9 +20,12 @@ import base64
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from masactrl_cli.errors import UsageError
+
+if TYPE_CHECKING:  # imported lazily at run time: `--help` stays instant
+    from masactrl_cli.http_client import Event, MasaCtrlClient
 
 EXIT_FAILED = 1
 WEBHOOK_EVENTS = ("started", "progress", "completed")
@@ -275,7 +278,7 @@ class EventProgress:
         self._bars = ProgressBars(enabled=enabled)
         self._status: str | None = None
 
-    def __call__(self, event: Any) -> None:
+    def __call__(self, event: Event) -> None:
         data = event.data if isinstance(event.data, dict) else {}
         if event.event == "progress" and {"phase", "step", "total"} <= data.keys():
             self._bars(str(data["phase"]), int(data["step"]), int(data["total"]))
@@ -293,7 +296,9 @@ class EventProgress:
         self._bars.close()
 
 
-def follow(client: Any, job_id: str, *, label: str = "job", quiet: bool = False) -> dict[str, Any]:
+def follow(
+    client: MasaCtrlClient, job_id: str, *, label: str = "job", quiet: bool = False
+) -> dict[str, Any]:
     """Wait for the job through its event stream, drawing progress; returns the final job."""
     progress = EventProgress(label, enabled=not quiet)
     try:
@@ -303,7 +308,7 @@ def follow(client: Any, job_id: str, *, label: str = "job", quiet: bool = False)
 
 
 def finish(
-    client: Any,
+    client: MasaCtrlClient,
     job: dict[str, Any],
     out: Path | None,
     *,
@@ -332,7 +337,7 @@ def finish(
 # --- running ------------------------------------------------------------------------------------
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace) -> MasaCtrlClient:
     from masactrl_cli.http_client import MasaCtrlClient, resolve_api_key
 
     key = resolve_api_key(args.api_key)
@@ -346,7 +351,7 @@ def _client(args: argparse.Namespace) -> Any:
     return MasaCtrlClient(args.api_url, key, timeout=args.timeout)
 
 
-def _run(args: argparse.Namespace, client: Any, params: dict[str, Any]) -> int:
+def _run(args: argparse.Namespace, client: MasaCtrlClient, params: dict[str, Any]) -> int:
     action = args.action
     if action == "models":
         print(json.dumps(client.models(), indent=2))

@@ -16,9 +16,12 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING
 
 from masactrl_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from masactrl_cli.stack import LocalStack
 
 SAMPLE_IMAGE = Path("examples/house-and-cat.png")
 EDIT = {"source_prompt": "a house and a cat", "target_prompts": ["a red house and a cat jumping"]}
@@ -61,7 +64,9 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _run_jobs(stack: Any, image: Path, args: argparse.Namespace, submitted: list[str]) -> int:
+def _run_jobs(
+    stack: LocalStack, image: Path, args: argparse.Namespace, submitted: list[str]
+) -> int:
     from masactrl_cli.client import finish, follow
     from masactrl_cli.http_client import MasaCtrlClient
 
@@ -84,7 +89,7 @@ def _run_jobs(stack: Any, image: Path, args: argparse.Namespace, submitted: list
     return status
 
 
-def _cancel(stack: Any, job_ids: list[str]) -> None:
+def _cancel(stack: LocalStack, job_ids: list[str]) -> None:
     """Best effort: an interrupted demo's jobs must not run first on the next start (AOF)."""
     from masactrl_cli.http_client import ClientError, MasaCtrlClient
 
