@@ -70,7 +70,7 @@ class RedisServer:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A private redis-server with AOF persistence, as in docker-compose."""
     if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is not installed: run `make test` (it installs it) or apt-get install redis-server")
+        pytest.fail("redis-server is missing: `make test` installs it (apt-get install redis-server)")
     server = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
