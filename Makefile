@@ -11,9 +11,10 @@ TINY_MODEL := var/models/tiny-sd
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The CPU build first: letting the project pull torch would fetch a multi-GB CUDA build.
-	$(PIP) install "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-	$(PIP) install -e ".[ml,test]" 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import torch, diffusers, fastapi, celery"
+	@echo "installing torch (CPU build) and the project into $(VENV); log: $(VENV)/pip.log"
+	$(PIP) install "torch==2.13.0" > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	$(PIP) install -e ".[ml,test]" >> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	$(PY) -c "import torch, diffusers, fastapi, celery, moto, schemathesis"
 	touch $@
 
 install: $(STAMP)
