@@ -430,4 +430,11 @@ def run(args: argparse.Namespace) -> int:
         }
     _write_json(out / "run.json", record)
     print(f"wrote {out / source_name}, {len(target_names)} target image(s) and {out / 'run.json'}")
+    if args.save_masks:
+        # Automatic masks exist only where the control ran after a cross-attention map.
+        print(
+            f"wrote {len(mask_names)} mask(s)"
+            if mask_names
+            else "no masks to save: the control never ran with masks (check --start-step)"
+        )
     return 0

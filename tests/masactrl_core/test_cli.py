@@ -226,7 +226,6 @@ def test_edit_with_a_mask_word_and_inversion_guidance(
     argv += ["--mask-threshold", "0.3", "--save-masks", "--inversion-guidance", "2"]
     argv += ["--out", str(out), "--quiet"]
     assert main(argv) == 0
-    capfd.readouterr()
     run = json.loads((out / "run.json").read_text())
     assert run["masks"] == {
         "mode": "word",
@@ -235,6 +234,7 @@ def test_edit_with_a_mask_word_and_inversion_guidance(
         "threshold": 0.3,
     }
     assert run["inversion_guidance_scale"] == 2.0
+    assert "wrote 2 mask(s)" in capfd.readouterr().out
     # Guided inversion (2 per step), then separate source rows for the two guidance halves.
     assert run["unet_image_evals"] == 2 * STEPS + STEPS * (2 + 2)
     assert (out / "mask_target_0_region_0.png").is_file()
