@@ -530,3 +530,17 @@ def test_word_masks_normalize_per_image_and_fall_back_on_constant_maps():
     (fg_query, fg_key), (bg_query, bg_key) = plan.groups
     assert fg_key.tolist() == [2, 3] and fg_query.tolist() == [2, 3]
     assert bg_key.tolist() == [0, 1] and bg_query.tolist() == [0, 1]
+
+
+def test_automatic_masks_need_cross_attention_on_the_quarter_grid(engine):
+    # As a UNet whose transformer blocks all run at the latent resolution.
+    flat = with_options(engine)
+    flat.block_levels = [0] * engine.block_count
+    with pytest.raises(InvalidInput, match="no cross-attention on the 8x8 token grid"):
+        flat.synthesize(
+            "a cat",
+            ["a cat running"],
+            seed=0,
+            steps=2,
+            masks=MaskConfig(source_word="cat", target_word="cat"),
+        )
