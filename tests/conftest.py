@@ -44,11 +44,16 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 shutil.which("redis-server") or "redis-server",
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", str(self.data_dir),
-                "--appendonly", "yes" if appendonly else "no",
-                "--save", "",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.data_dir),
+                "--appendonly",
+                "yes" if appendonly else "no",
+                "--save",
+                "",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -70,7 +75,7 @@ class RedisServer:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A private redis-server with AOF persistence, as in docker-compose."""
     if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is missing: `make test` installs it (apt-get install redis-server)")
+        pytest.fail("redis-server is missing: `make test` installs it (Debian: redis-server)")
     server = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
