@@ -339,29 +339,18 @@ class MasaCtrlEngine:
         controlled = self._resolve_control(control, steps)
         plan = self._prepare_masks(masks, source_prompt, target_prompts, width, height, controlled)
         noise = self.initial_noise(seed, width, height)
-        with self._lock, torch.inference_mode():
-            stats = self._start_stats()
-            latents = self._denoise(
-                noise,
-                source_prompt,
-                target_prompts,
-                negative_prompt,
-                steps,
-                guidance_scale,
-                controlled,
-                stats,
-                progress,
-                should_cancel,
-                plan,
-            )
-            images = self._decode(latents)
-            self._finish_stats(stats)
-        return MasaCtrlResult(
-            images[0],
-            images[1:],
-            stats,
-            latents=latents.float().cpu(),
-            masks=None if plan is None else plan.images(len(target_prompts)),
+        return self._generate(
+            noise,
+            source_prompt,
+            target_prompts,
+            negative_prompt,
+            steps,
+            guidance_scale,
+            controlled,
+            plan,
+            self._start_stats(),
+            progress,
+            should_cancel,
         )
 
     def invert(
@@ -381,22 +370,18 @@ class MasaCtrlEngine:
         """Deterministic DDIM inversion of a real image to x_T."""
         width, height = self._check_size(width, height)
         self._check_steps(steps)
-        stats = stats or RunStats()
         with self._lock, torch.inference_mode():
-            latents = self._invert(
-                self._encode_image(image, width, height),
-                source_prompt,
-                negative_prompt,
-                steps,
-                inversion_guidance_scale,
-                stats,
-                progress,
-                should_cancel,
-            )
-        # Contiguous, like a round trip through safetensors: a cached inversion then denoises
-        # bit-for-bit like a fresh one (convolutions round differently per memory layout).
-        latents = latents.float().cpu().contiguous()
-        return InvertedImage(latents, steps, width, height, source_prompt)
+            latents = self._encode_image(image, width, height)
+        return self.invert_latents(
+            latents,
+            source_prompt=source_prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            inversion_guidance_scale=inversion_guidance_scale,
+            progress=progress,
+            should_cancel=should_cancel,
+            stats=stats,
+        )
 
     def invert_latents(
         self,
@@ -408,6 +393,7 @@ class MasaCtrlEngine:
         inversion_guidance_scale: float = 1.0,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
+        stats: RunStats | None = None,
     ) -> InvertedImage:
         """DDIM inversion of clean latents (VAE posterior × scaling factor, shape (1, C, h, w))."""
         self._check_steps(steps)
@@ -420,13 +406,14 @@ class MasaCtrlEngine:
                 negative_prompt,
                 steps,
                 inversion_guidance_scale,
-                RunStats(),
+                stats or RunStats(),
                 progress,
                 should_cancel,
             )
-        return InvertedImage(
-            inverted.float().cpu().contiguous(), steps, width, height, source_prompt
-        )
+        # Contiguous, like a round trip through safetensors: a cached inversion then denoises
+        # bit-for-bit like a fresh one (convolutions round differently per memory layout).
+        latents = inverted.float().cpu().contiguous()
+        return InvertedImage(latents, steps, width, height, source_prompt)
 
     def edit(
         self,
@@ -479,8 +466,38 @@ class MasaCtrlEngine:
                 should_cancel=should_cancel,
                 stats=stats,
             )
+        return self._generate(
+            inverted.latents.to(self.device, self.dtype),
+            source_prompt,
+            target_prompts,
+            negative_prompt,
+            steps,
+            guidance_scale,
+            controlled,
+            plan,
+            stats,
+            progress,
+            should_cancel,
+            inverted,
+        )
+
+    def _generate(
+        self,
+        noise: torch.Tensor,
+        source_prompt: str,
+        target_prompts: list[str],
+        negative_prompt: str,
+        steps: int,
+        guidance_scale: float,
+        controlled: tuple[frozenset[int], frozenset[int]],
+        plan: ManualMasks | WordMasks | None,
+        stats: RunStats,
+        progress: ProgressCallback | None,
+        should_cancel: CancelCheck | None,
+        inverted: InvertedImage | None = None,
+    ) -> MasaCtrlResult:
+        """Denoise [source, targets] from ``noise`` under the control, then decode."""
         with self._lock, torch.inference_mode():
-            noise = inverted.latents.to(self.device, self.dtype)
             latents = self._denoise(
                 noise,
                 source_prompt,
