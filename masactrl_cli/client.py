@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from masactrl_cli.argtypes import non_negative_int, positive_int
 from masactrl_cli.errors import UsageError
 
 if TYPE_CHECKING:  # imported lazily at run time: `--help` stays instant
@@ -29,26 +30,6 @@ if TYPE_CHECKING:  # imported lazily at run time: `--help` stays instant
 
 EXIT_FAILED = 1
 WEBHOOK_EVENTS = ("started", "progress", "completed")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
@@ -94,8 +75,8 @@ def _job_options(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument("--negative-prompt", help="negative prompt (default empty)")
     parser.add_argument("--model", help="catalog model name (default: the catalog's default)")
-    parser.add_argument("--seed", type=_non_negative_int, help="noise seed (default: random)")
-    parser.add_argument("--steps", type=_positive_int, help="DDIM steps (default 50)")
+    parser.add_argument("--seed", type=non_negative_int, help="noise seed (default: random)")
+    parser.add_argument("--steps", type=positive_int, help="DDIM steps (default 50)")
     parser.add_argument(
         "--guidance-scale",
         "--guidance",
@@ -103,13 +84,13 @@ def _job_options(parser: argparse.ArgumentParser, command: str) -> None:
         type=float,
         help="classifier-free guidance scale (default 7.5)",
     )
-    parser.add_argument("--width", type=_positive_int, help="default: the model's native size")
-    parser.add_argument("--height", type=_positive_int, help="default: the model's native size")
+    parser.add_argument("--width", type=positive_int, help="default: the model's native size")
+    parser.add_argument("--height", type=positive_int, help="default: the model's native size")
     parser.add_argument(
-        "--start-step", type=_non_negative_int, help="first controlled step (default: model's)"
+        "--start-step", type=non_negative_int, help="first controlled step (default: model's)"
     )
     parser.add_argument(
-        "--start-layer", type=_non_negative_int, help="first controlled layer (default: model's)"
+        "--start-layer", type=non_negative_int, help="first controlled layer (default: model's)"
     )
     masks = parser.add_argument_group("masks", "mask-guided mutual self-attention")
     masks.add_argument(
@@ -171,7 +152,7 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
             if action == "get":
                 sub.add_argument(
                     "--wait-seconds",
-                    type=_non_negative_int,
+                    type=non_negative_int,
                     help="hold the answer up to N seconds (≤ 60) for the job to end",
                 )
         _connection_options(sub)

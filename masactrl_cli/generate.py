@@ -16,29 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from masactrl_cli.argtypes import non_negative_int, positive_int
 from masactrl_cli.errors import UsageError
 
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
 
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
@@ -60,19 +41,19 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         help="a target prompt; repeat for several targets",
     )
     parser.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="noise seed (default 0)")
-    parser.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     parser.add_argument(
         "--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)"
     )
     parser.add_argument(
         "--start-step",
-        type=_non_negative_int,
+        type=non_negative_int,
         help="first denoising step with mutual self-attention (default: the model's, 4)",
     )
     parser.add_argument(
         "--start-layer",
-        type=_non_negative_int,
+        type=non_negative_int,
         help="first transformer block with mutual self-attention, in execution order "
         "(default: the model's, 10 of 16 for SD, 44 of 70 for SDXL)",
     )
@@ -117,8 +98,8 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     masks.add_argument(
         "--save-masks", action="store_true", help="also write the masks used as mask_*.png"
     )
-    parser.add_argument("--width", type=_positive_int, help="image width (default: model's)")
-    parser.add_argument("--height", type=_positive_int, help="image height (default: model's)")
+    parser.add_argument("--width", type=positive_int, help="image width (default: model's)")
+    parser.add_argument("--height", type=positive_int, help="image height (default: model's)")
     parser.add_argument("--device", help="cuda, mps or cpu (default: best available)")
     parser.add_argument(
         "--dtype", choices=DTYPES, help="weights dtype (default: float16 on GPU, else float32)"
