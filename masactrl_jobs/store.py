@@ -704,9 +704,15 @@ def _pairs(values: dict[str, Any]) -> list[str]:
 
 def _pack(chunks: list[bytes], args: Sequence[Any]) -> None:
     """Append one command in RESP (an array of bulk strings) to ``chunks``."""
-    chunks.append(b"*%d\r\n" % len(args))
+    append = chunks.append
+    append(b"*%d\r\n" % len(args))
     for arg in args:
-        if isinstance(arg, bytes):
+        kind = type(arg)  # exact types first: this runs for every argument of every call
+        if kind is str:
+            data = arg.encode()
+        elif kind is int:
+            data = b"%d" % arg
+        elif isinstance(arg, bytes):
             data = arg
         elif isinstance(arg, str):
             data = arg.encode()
@@ -714,7 +720,7 @@ def _pack(chunks: list[bytes], args: Sequence[Any]) -> None:
             data = repr(arg).encode()
         else:
             data = str(arg).encode()
-        chunks.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        append(b"$%d\r\n%s\r\n" % (len(data), data))
 
 
 def _strings(values: dict[str, Any]) -> dict[str, str]:

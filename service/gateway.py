@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from fastapi import Response
+from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from masactrl_jobs.catalog import Catalog
 from masactrl_jobs.queue import TaskMessages
-from masactrl_jobs.schema import JobPublic
+from masactrl_jobs.schema import JobPublic, JobStatus
 from masactrl_jobs.storage import Storage
 from masactrl_jobs.store import AsyncJobStore, JobRecord
 from service.config import GatewaySettings, Tenant
@@ -28,6 +31,10 @@ logger = logging.getLogger(__name__)
 # mistaken for a dead Redis.
 _BLOCK_MS = 1000
 
+_DATETIME = TypeAdapter(datetime)
+# A JSON string literal, non-ASCII kept as is and control characters escaped as pydantic does.
+_json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
 
 @dataclass
 class Gateway:
@@ -41,9 +48,13 @@ class Gateway:
     tenants: dict[str, Tenant]
     metrics: GatewayMetrics
     intake: ImageIntake = field(init=False)
+    _url_base: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.intake = ImageIntake(self.settings, self.storage)
+        # The jobs' URL prefix as JSON string content (the quotes left off), for created_body.
+        base = self.settings.public_base_url.rstrip("/")
+        self._url_base = _json_string(f"{base}/v1/jobs/")[1:-1]
 
     # -- rendering
     def render(self, record: JobRecord) -> JobPublic:
@@ -59,8 +70,39 @@ class Gateway:
         self, record: JobRecord, status_code: int = 200, headers: dict[str, str] | None = None
     ) -> Response:
         """A JSON response holding the job object."""
-        body = self.render(record).model_dump_json()
+        body = self.created_body(record) or self.render(record).model_dump_json()
         return Response(body, status_code, headers=headers, media_type="application/json")
+
+    def created_body(self, record: JobRecord) -> bytes | None:
+        """The job object of a job that is queued and untouched since it was created, as the
+        bytes ``render(record).model_dump_json()`` gives, written out directly; None for any
+        other job. Submissions answer with such a job, and rendering it through the pydantic
+        models costs more CPU than the rest of building the response.
+        """
+        if (
+            record.status is not JobStatus.queued
+            or record.webhook is not None
+            or record.started_at is not None
+            or record.completed_at is not None
+            or record.progress
+            or record.output is not None
+            or record.error
+            or record.metrics
+        ):
+            return None
+        created = _DATETIME.dump_json(datetime.fromtimestamp(record.created_at, tz=timezone.utc))
+        job_id = _json_string(record.id)
+        url = f"{self._url_base}{job_id[1:-1]}"
+        position = "null" if record.queue_position is None else int(record.queue_position)
+        return (
+            f'{{"id":{job_id},"kind":{_json_string(record.kind.value)},'
+            f'"status":"queued","created_at":{created.decode()},"started_at":null,'
+            f'"completed_at":null,"model":{_json_string(record.model)},'
+            f'"input":{record.input.model_dump_json()},"queue_position":{position},'
+            f'"progress":null,"output":null,"error":null,"metrics":null,'
+            f'"attempts":{int(record.attempts)},"webhook":null,'
+            f'"urls":{{"self":"{url}","cancel":"{url}/cancel","events":"{url}/events"}}}}'
+        ).encode()
 
     async def owned_job(self, tenant: Tenant, job_id: str) -> JobRecord:
         """The tenant's job; 404 when it does not exist *or belongs to someone else*."""

@@ -50,6 +50,14 @@ class GatewayMetrics:
             ["model"],
             registry=self.registry,
         )
+        self._submitted: dict[tuple[str, str], Any] = {}
+
+    def submitted(self, kind: str, model: str) -> None:
+        """Count one accepted job (the labelled child is looked up once per kind and model)."""
+        child = self._submitted.get((kind, model))
+        if child is None:
+            child = self._submitted[kind, model] = self.jobs_submitted.labels(kind, model)
+        child.inc()
 
 
 class MetricsMiddleware:

@@ -175,7 +175,7 @@ async def submit(
         return replay
     record = result.record
     assert record is not None
-    gw.metrics.jobs_submitted.labels(kind.value, entry.name).inc()
+    gw.metrics.submitted(kind.value, entry.name)
 
     headers = {"Location": f"{settings.public_base_url}/v1/jobs/{record.id}"}
     wait = parse_prefer_wait(prefer, settings.max_wait_seconds)

@@ -9,12 +9,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from masactrl_jobs.schema import EditCreate, EditParams, JobKind
-from service.api.deps import Submission, submission_openapi
+from service.api.deps import DirectRoute, Submission, submission_openapi
 from service.api.responses import errors, job_response
 from service.errors import ApiError, FieldError, invalid, validation_details
 from service.submission import submit
 
-router = APIRouter(prefix="/v1/edits", tags=["edits"])
+router = APIRouter(prefix="/v1/edits", tags=["edits"], route_class=DirectRoute)
 
 # The body is parsed by hand (two content types), so it is described here for the contract.
 _OPENAPI = submission_openapi(

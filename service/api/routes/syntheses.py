@@ -6,12 +6,12 @@ from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
 from masactrl_jobs.schema import JobKind, SynthesisCreate
-from service.api.deps import Submission, submission_openapi
+from service.api.deps import DirectRoute, Submission, submission_openapi
 from service.api.responses import errors, job_response
 from service.errors import invalid, validation_details
 from service.submission import submit
 
-router = APIRouter(prefix="/v1/syntheses", tags=["syntheses"])
+router = APIRouter(prefix="/v1/syntheses", tags=["syntheses"], route_class=DirectRoute)
 
 _OPENAPI = submission_openapi(
     {"application/json": {"schema": {"$ref": "#/components/schemas/SynthesisCreate"}}}
