@@ -461,8 +461,13 @@ def _dt(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
+# Built once: json.dumps with arguments builds a new encoder on every call.
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+_compact_utf8 = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return _compact(value)
 
 
 @dataclass
@@ -824,8 +829,8 @@ class _Ops:
             rate_limit[0] if rate_limit else "",
             rate_limit[1] if rate_limit else "",
             expire_at,
-            _dumps(input_keys),
-            json.dumps(fields, ensure_ascii=False, separators=(",", ":")),
+            _dumps(input_keys) if input_keys else "[]",
+            _compact_utf8(fields),
         ]
         keys = [
             k.job(job_id),

@@ -45,6 +45,15 @@ def request_hash(
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _queue_full(settings: GatewaySettings, model: str) -> ApiError:
+    return ApiError(
+        429,
+        "queue_full",
+        f"The queue for {model} is full ({settings.max_queue_depth} jobs waiting); retry later.",
+        headers={"Retry-After": str(settings.queue_full_retry_after_seconds)},
+    )
+
+
 def _rate_limited(settings: GatewaySettings, retry_after: float) -> ApiError:
     retry = max(1, math.ceil(retry_after))
     return ApiError(
@@ -113,13 +122,6 @@ async def submit(
     if errors:
         raise invalid(errors)
 
-    queue_full = ApiError(
-        429,
-        "queue_full",
-        f"The queue for {entry.name} is full ({settings.max_queue_depth} jobs waiting); retry "
-        "later.",
-        headers={"Retry-After": str(settings.queue_full_retry_after_seconds)},
-    )
     image: ValidatedImage | None = None
     region_keys: list[tuple[str, str]] = []
     rate = (settings.rate_limit_per_second, settings.rate_limit_burst)
@@ -133,7 +135,7 @@ async def submit(
         if settings.max_queue_depth:
             depth = (await gw.store.queue_depths([entry.name]))[entry.name]
             if depth >= settings.max_queue_depth:
-                raise queue_full
+                raise _queue_full(settings, entry.name)
         if upload is not None:
             image = await gw.intake.ingest_bytes(upload, ("body", "image"))
         elif isinstance(body, EditCreate):
@@ -163,7 +165,7 @@ async def submit(
         webhook_secrets=tenant.webhook_secrets,
     )
     if result.outcome == "full":
-        raise queue_full
+        raise _queue_full(settings, entry.name)
     if result.outcome == "rate_limited":
         raise _rate_limited(settings, result.retry_after)
     if result.outcome == "duplicate":

@@ -110,15 +110,25 @@ class Submission:
     @classmethod
     def from_request(cls, request: Request) -> Submission:
         gateway: Gateway = request.app.state.gateway
-        headers = request.headers
-        scheme, _, key = headers.get("authorization", "").partition(" ")
+        # One pass over the raw headers (ASGI names are lowercase; the first of repeats wins, as
+        # in Starlette's Headers.get), rather than a scan of them for each header read.
+        authorization = idempotency_key = prefer = None
+        for name, value in request.scope["headers"]:
+            if name == b"authorization":
+                if authorization is None:
+                    authorization = value.decode("latin-1")
+            elif name == b"idempotency-key":
+                if idempotency_key is None:
+                    idempotency_key = value.decode("latin-1")
+            elif name == b"prefer" and prefer is None:
+                prefer = value.decode("latin-1")
+        scheme, _, key = (authorization or "").partition(" ")
         tenant = tenant_for_key(gateway, key.strip() if scheme.lower() == "bearer" else None)
-        idempotency_key = headers.get("idempotency-key")
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise FieldError(
                 ("header", "Idempotency-Key"), "must be 1 to 255 characters", "string_too_long"
             )
-        return cls(gateway, tenant, idempotency_key, headers.get("prefer"))
+        return cls(gateway, tenant, idempotency_key, prefer)
 
 
 class DirectRoute(APIRoute):
