@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -1433,11 +1434,17 @@ class AsyncJobStore(_Front):
         try:
             await connection.send_packed_command(b"".join(chunks))
             replies: list[Any] = []
-            for _ in batch:
-                try:
-                    replies.append(await connection.read_response())
-                except redis.exceptions.ResponseError as exc:
-                    replies.append(exc)
+            # One read timeout for the whole batch (its replies arrive together) instead of a
+            # timeout context per reply; math.inf tells redis-py to set none of its own.
+            async with asyncio.timeout(connection.socket_timeout):
+                for _ in batch:
+                    try:
+                        replies.append(await connection.read_response(timeout=math.inf))
+                    except redis.exceptions.ResponseError as exc:
+                        replies.append(exc)
+        except TimeoutError:
+            await connection.disconnect()
+            raise redis.exceptions.TimeoutError("Timeout reading from Redis") from None
         except BaseException:
             # Unread replies would desynchronise the connection for its next user.
             await connection.disconnect()
