@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from masactrl_cli.argtypes import non_negative_int, positive_int
 from masactrl_cli.errors import UsageError
+from masactrl_cli.options import add_mask_options, mask_options, non_negative_int, positive_int
 
 if TYPE_CHECKING:  # imported lazily at run time: `--help` stays instant
     from masactrl_cli.http_client import Event, MasaCtrlClient
@@ -92,29 +92,7 @@ def _job_options(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--start-layer", type=non_negative_int, help="first controlled layer (default: model's)"
     )
-    masks = parser.add_argument_group("masks", "mask-guided mutual self-attention")
-    masks.add_argument(
-        "--source-mask",
-        dest="source_masks",
-        action="append",
-        type=Path,
-        default=[],
-        metavar="FILE",
-        help="a region of the source (white = inside); repeat per region",
-    )
-    masks.add_argument(
-        "--target-mask",
-        dest="target_masks",
-        action="append",
-        type=Path,
-        default=[],
-        metavar="FILE",
-        help="the same region in the targets, paired with the --source-mask in its place",
-    )
-    masks.add_argument(
-        "--mask-word", metavar="SOURCE_WORD:TARGET_WORD", help="automatic masks from a word pair"
-    )
-    masks.add_argument("--mask-threshold", type=float, help="threshold for --mask-word (0..1)")
+    add_mask_options(parser, "image")
     parser.add_argument("--webhook", metavar="URL", help="POST signed job events to this URL")
     parser.add_argument(
         "--webhook-event",
@@ -175,17 +153,8 @@ def _control(args: argparse.Namespace) -> dict[str, Any] | None:
         control["start_step"] = args.start_step
     if args.start_layer is not None:
         control["start_layer"] = args.start_layer
-    sources, targets = args.source_masks, args.target_masks
-    if len(sources) != len(targets):
-        raise UsageError(
-            f"give one --target-mask per --source-mask (got {len(sources)} source and "
-            f"{len(targets)} target masks)"
-        )
-    if sources and args.mask_word:
-        raise UsageError("give either --source-mask/--target-mask pairs or --mask-word, not both")
-    if args.mask_threshold is not None and not args.mask_word:
-        raise UsageError("--mask-threshold applies only to --mask-word")
-    if sources:
+    masks = mask_options(args)
+    if masks is not None and masks.regions:
         control["mask"] = {
             "mode": "manual",
             "regions": [
@@ -193,21 +162,14 @@ def _control(args: argparse.Namespace) -> dict[str, Any] | None:
                     "source": _data_url(source, f"source mask {k}"),
                     "target": _data_url(target, f"target mask {k}"),
                 }
-                for k, (source, target) in enumerate(zip(sources, targets, strict=True))
+                for k, (source, target) in enumerate(masks.regions)
             ],
         }
-    elif args.mask_word:
-        source_word, colon, target_word = args.mask_word.partition(":")
-        if not colon or not source_word.strip() or not target_word.strip():
-            raise UsageError(f"--mask-word must be SOURCE_WORD:TARGET_WORD, got {args.mask_word!r}")
-        mask = {
-            "mode": "auto",
-            "source_word": source_word.strip(),
-            "target_word": target_word.strip(),
-        }
-        if args.mask_threshold is not None:
-            mask["threshold"] = args.mask_threshold
-        control["mask"] = mask
+    elif masks is not None:
+        source_word, target_word = masks.words
+        control["mask"] = {"mode": "auto", "source_word": source_word, "target_word": target_word}
+        if masks.threshold is not None:
+            control["mask"]["threshold"] = masks.threshold
     return control or None
 
 

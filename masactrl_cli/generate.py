@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from masactrl_cli.argtypes import non_negative_int, positive_int
 from masactrl_cli.errors import UsageError
+from masactrl_cli.options import add_mask_options, mask_options, non_negative_int, positive_int
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -64,37 +64,7 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
             default=1.0,
             help="guidance scale of the DDIM inversion (default 1.0: unguided)",
         )
-    masks = parser.add_argument_group(
-        "masks", "mask-guided mutual self-attention (manual region pairs or a word pair)"
-    )
-    masks.add_argument(
-        "--source-mask",
-        dest="source_masks",
-        action="append",
-        type=Path,
-        default=[],
-        metavar="FILE",
-        help="foreground of a region in the source image (white = inside); repeat per region",
-    )
-    masks.add_argument(
-        "--target-mask",
-        dest="target_masks",
-        action="append",
-        type=Path,
-        default=[],
-        metavar="FILE",
-        help="the same region in the target images, paired with the --source-mask in its place",
-    )
-    masks.add_argument(
-        "--mask-word",
-        metavar="SOURCE_WORD:TARGET_WORD",
-        help="automatic masks from the cross-attention maps of a word of each prompt",
-    )
-    masks.add_argument(
-        "--mask-threshold",
-        type=float,
-        help="threshold of the normalized maps for --mask-word (default 0.1)",
-    )
+    masks = add_mask_options(parser, "images")
     masks.add_argument(
         "--save-masks", action="store_true", help="also write the masks used as mask_*.png"
     )
@@ -162,35 +132,20 @@ def load_image(path: Path, mode: str = "RGB", what: str = "image file") -> Any:
 
 def read_masks(args: argparse.Namespace) -> dict[str, Any] | None:
     """The mask options as MaskConfig keyword arguments (files read, grayscale), or ``None``."""
-    sources, targets = args.source_masks, args.target_masks
-    if len(sources) != len(targets):
-        raise UsageError(
-            f"give one --target-mask per --source-mask (got {len(sources)} source and "
-            f"{len(targets)} target masks)"
-        )
-    if sources and args.mask_word:
-        raise UsageError("give either --source-mask/--target-mask pairs or --mask-word, not both")
-    if args.mask_threshold is not None and not args.mask_word:
-        raise UsageError("--mask-threshold applies only to --mask-word")
-    if sources:
+    masks = mask_options(args)
+    if masks is not None and masks.regions:
         regions = [
             (
                 load_image(source, "L", f"source mask {k}"),
                 load_image(target, "L", f"target mask {k}"),
             )
-            for k, (source, target) in enumerate(zip(sources, targets, strict=True))
+            for k, (source, target) in enumerate(masks.regions)
         ]
         return {"regions": regions}
-    if args.mask_word:
-        source_word, colon, target_word = args.mask_word.partition(":")
-        if not colon or not source_word.strip() or not target_word.strip():
-            raise UsageError(f"--mask-word must be SOURCE_WORD:TARGET_WORD, got {args.mask_word!r}")
-        threshold = 0.1 if args.mask_threshold is None else args.mask_threshold
-        return {
-            "source_word": source_word.strip(),
-            "target_word": target_word.strip(),
-            "threshold": threshold,
-        }
+    if masks is not None:
+        source_word, target_word = masks.words
+        threshold = 0.1 if masks.threshold is None else masks.threshold
+        return {"source_word": source_word, "target_word": target_word, "threshold": threshold}
     if args.save_masks:
         raise UsageError("--save-masks needs --source-mask/--target-mask or --mask-word")
     return None
