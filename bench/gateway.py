@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 # Run as a script, this directory comes first on sys.path, where bench/service.py would shadow
@@ -68,7 +69,7 @@ def wait_for_port(
 # --- the bare baseline ------------------------------------------------------------------------
 
 
-def bare_app():  # type: ignore[no-untyped-def]
+def bare_app() -> Any:
     """A FastAPI app with one POST endpoint: parse a JSON body, return a job-sized JSON body."""
     from fastapi import FastAPI
 
@@ -273,7 +274,7 @@ def stop(process: subprocess.Popen) -> None:
 def _serve_main(target: str, port: int, workers: int) -> None:
     import uvicorn
 
-    common = {
+    common: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": port,
         "log_level": "warning",

@@ -165,7 +165,7 @@ def _control(args: argparse.Namespace) -> dict[str, Any] | None:
                 for k, (source, target) in enumerate(masks.regions)
             ],
         }
-    elif masks is not None:
+    elif masks is not None and masks.words is not None:
         source_word, target_word = masks.words
         control["mask"] = {"mode": "auto", "source_word": source_word, "target_word": target_word}
         if masks.threshold is not None:

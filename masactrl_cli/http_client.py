@@ -142,7 +142,8 @@ def resolve_api_key(explicit: str | None = None, key_file: Path = DEV_API_KEY_FI
 
 def parse_sse(lines: Iterable[str]) -> Iterator[Event]:
     """Events from the lines of a ``text/event-stream`` (the WHATWG rules this API needs)."""
-    event, data, last_id = "message", [], None
+    event, last_id = "message", None
+    data: list[str] = []
     for line in lines:
         if not line:
             if data:

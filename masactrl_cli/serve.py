@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from masactrl_cli.errors import UsageError
+
 __all__ = ["add_parser", "configure", "run"]
 
 HELP = "run the HTTP gateway (FastAPI under uvicorn)"
@@ -56,11 +58,11 @@ def run(args: argparse.Namespace) -> int:
     from service.config import GatewaySettings
 
     if args.workers < 1:
-        raise _usage_error("--workers must be at least 1")
+        raise UsageError("--workers must be at least 1")
     try:
         load_settings(GatewaySettings)
     except ConfigurationError as exc:
-        raise _usage_error(str(exc)) from None
+        raise UsageError(str(exc)) from None
     uvicorn.run(
         "service.main:create_app",
         factory=True,
@@ -74,11 +76,3 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=args.graceful_timeout,
     )
     return 0
-
-
-def _usage_error(message: str) -> Exception:
-    try:
-        from masactrl_cli.main import UsageError
-    except ImportError:  # the command registry is optional for this module
-        return SystemExit(f"masactrl serve: error: {message}")
-    return UsageError(message)
