@@ -20,20 +20,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from masactrl_cli.stack import (
-    SERVICES,
-    LocalStack,
-    StackError,
-    StackSettings,
-    catalog_entry,
-    process_token,
-)
-from tests.masactrl_cli.conftest import StackRun, kill_groups, masactrl, stack_environment
+from masactrl_cli.devenv import catalog_entry
+from masactrl_cli.errors import StackError
+from masactrl_cli.stack import SERVICES, LocalStack, StackSettings
+from tests.masactrl_cli.conftest import StackRun, alive, kill_groups, masactrl, stack_environment
 
 
 def _wait_gone(pid: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
-    while process_token(pid) is not None:
+    while alive(pid):
         assert time.monotonic() < deadline, f"pid {pid} still alive"
         time.sleep(0.05)
 
@@ -56,7 +51,7 @@ def test_up_writes_pids_logs_keys_and_serves_the_tiny_model(local_stack: StackRu
     var = local_stack.root / "var"
     pids = local_stack.pids()
     assert sorted(pids) == sorted(SERVICES)
-    assert all(process_token(pid) is not None for pid in pids.values())
+    assert all(alive(pid) for pid in pids.values())
     for name in SERVICES:
         assert (var / "log" / f"{name}.log").stat().st_size > 0
     for secret in ("dev-api-key", "dev-webhook-secret"):
@@ -215,13 +210,13 @@ def test_a_configured_redis_that_answers_is_used_instead_of_starting_one(
     # redis_url is the test session's private redis-server, never the shared 6379.
     said: list[str] = []
     stack = LocalStack(StackSettings(dir=tmp_path / "var", redis_url=redis_url), say=said.append)
-    assert stack._choose_redis({}, {}) == (redis_url, False)
+    assert stack._choose_redis((), None) == (redis_url, False)
 
     dead = "redis://127.0.0.1:1/0"
     stack = LocalStack(
         StackSettings(dir=tmp_path / "var", redis_url=dead, redis_port=6399), say=said.append
     )
-    assert stack._choose_redis({}, {}) == ("redis://127.0.0.1:6399/0", True)
+    assert stack._choose_redis((), None) == ("redis://127.0.0.1:6399/0", True)
     assert said == [
         f"MASACTRL_REDIS_URL ({dead}) does not answer; starting a redis-server on "
         "127.0.0.1:6399 instead"
