@@ -26,7 +26,6 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,39 +141,18 @@ def _secret(path: Path, make: Callable[[], str]) -> str:
     return value
 
 
-@dataclass(frozen=True)
 class DevEnv:
     """One stack's development environment, rooted at ``var``."""
 
-    var: Path
-
-    @property
-    def storage(self) -> Path:
-        return self.var / "storage"
-
-    @property
-    def models(self) -> Path:
-        return self.var / "models"
-
-    @property
-    def tiny_model(self) -> Path:
-        return self.models / "tiny-sd"
-
-    @property
-    def catalog(self) -> Path:
-        return self.var / "catalog.json"
-
-    @property
-    def api_key_file(self) -> Path:
-        return self.var / "dev-api-key"
-
-    @property
-    def webhook_secret_file(self) -> Path:
-        return self.var / "dev-webhook-secret"
-
-    @property
-    def signing_secret_file(self) -> Path:
-        return self.var / "url-signing-secret"
+    def __init__(self, var: Path) -> None:
+        self.var = var
+        self.storage = var / "storage"
+        self.models = var / "models"
+        self.tiny_model = self.models / "tiny-sd"
+        self.catalog = var / "catalog.json"
+        self.api_key_file = var / "dev-api-key"
+        self.webhook_secret_file = var / "dev-webhook-secret"
+        self.signing_secret_file = var / "url-signing-secret"
 
     def api_key(self) -> str:
         """The dev tenant's API key (created on first use)."""

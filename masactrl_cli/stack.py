@@ -65,6 +65,10 @@ __all__ = [
 SERVICES = ("redis", "gateway", "worker", "webhooks")
 _APPS = ("gateway", "worker", "webhooks")
 _POLL_SECONDS = 0.25
+# A creation time is the boot time plus the ticks since boot, and the boot time psutil reads moves
+# a little when NTP adjusts the clock. Another process with our pid started within a second of ours
+# would need ours to exit and the pid space to wrap around within that second.
+_SAME_START_SECONDS = 1.0
 
 
 class StackSettings(BaseSettings):
@@ -202,12 +206,14 @@ class Processes:
         """The process ``up`` started as ``name``, if it is still alive."""
         record = self._state().get("processes", {}).get(name) or {}
         pid, created = record.get("pid"), record.get("create_time")
-        if not isinstance(pid, int) or created is None:
+        if not isinstance(pid, int) or not isinstance(created, (int, float)):
             return None
         try:
             process = self._children.get(pid) or psutil.Process(pid)
             # Another creation time: the pid now belongs to another program.
-            if process.create_time() != created or process.status() == psutil.STATUS_ZOMBIE:
+            if abs(process.create_time() - created) > _SAME_START_SECONDS:
+                return None
+            if process.status() == psutil.STATUS_ZOMBIE:
                 return None
         except psutil.Error:
             return None
