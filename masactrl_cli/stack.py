@@ -151,6 +151,7 @@ class Processes:
         self.var = var
         self.run_dir = var / "run"
         self.log_dir = var / "log"
+        self._state_file = self.run_dir / "stack.json"
         self.say = say
         # Kept so that stopping a process this one started also reaps it.
         self._children: dict[int, psutil.Popen] = {}
@@ -174,10 +175,6 @@ class Processes:
             yield
 
     # -- the state file ---------------------------------------------------------------------------
-
-    @property
-    def _state_file(self) -> Path:
-        return self.run_dir / "stack.json"
 
     def _state(self) -> dict[str, Any]:
         try:
@@ -222,12 +219,6 @@ class Processes:
     def running(self) -> dict[str, psutil.Process]:
         """Each stack process that is alive, by name."""
         return {name: process for name in SERVICES if (process := self.find(name)) is not None}
-
-    def forget_the_dead(self) -> None:
-        """Drop the records (and pid files) of processes that are gone."""
-        for name in SERVICES:
-            if self.find(name) is None:
-                self.forget(name)
 
     def forget(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -381,7 +372,8 @@ class LocalStack:
         if alive and previous not in (None, config):
             # Mixing old and new settings would leave, e.g., a worker for another model.
             raise StackError(self._settings_changed(previous or {}, config))
-        self.processes.forget_the_dead()
+        for name in set(SERVICES) - alive.keys():
+            self.processes.forget(name)  # it died: its pid may be another program's by now
         self.processes.save_config(config)
 
         if "gateway" not in alive and _port_in_use(settings.port):
