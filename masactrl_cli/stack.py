@@ -55,7 +55,6 @@ __all__ = [
     "SERVICES",
     "LocalStack",
     "Processes",
-    "StackError",
     "StackSettings",
     "configure",
     "load_stack_settings",
