@@ -16,16 +16,20 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from masactrl_cli.errors import UsageError
+from masactrl_cli.errors import StackError, UsageError
 
 if TYPE_CHECKING:
     from masactrl_cli.stack import LocalStack
 
 SAMPLE_IMAGE = Path("examples/house-and-cat.png")
-EDIT = {"source_prompt": "a house and a cat", "target_prompts": ["a red house and a cat jumping"]}
-SYNTHESIS = {
+# Any: spread into the client's keyword arguments, each of its own type.
+EDIT: dict[str, Any] = {
+    "source_prompt": "a house and a cat",
+    "target_prompts": ["a red house and a cat jumping"],
+}
+SYNTHESIS: dict[str, Any] = {
     "source_prompt": "a cat sitting",
     "target_prompts": ["a cat running", "a cat jumping"],
     "seed": 42,
@@ -103,7 +107,7 @@ def _cancel(stack: LocalStack, job_ids: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Up (or reuse), two jobs, results under --out, then stop what this run started."""
     from masactrl_cli.http_client import ClientError
-    from masactrl_cli.stack import LocalStack, StackError, load_stack_settings
+    from masactrl_cli.stack import LocalStack, load_stack_settings
 
     # Line by line, so that status lines and the progress bars on stderr interleave in a log.
     if isinstance(sys.stdout, io.TextIOWrapper):

@@ -1,19 +1,25 @@
 """``masactrl up`` / ``masactrl down``: the whole service on one machine, for trying it by hand.
 
-``up`` starts, in the background and each in its own process group:
+``up`` starts, in the background and each in a session of its own (Ctrl-C in the terminal does
+not reach them):
 
 - ``redis``: a redis-server on 127.0.0.1 (AOF on, data in var/redis), unless
   ``MASACTRL_REDIS_URL`` is set and answers;
 - ``gateway``: ``masactrl serve`` on 127.0.0.1:8000;
-- ``worker``: ``masactrl worker`` for the offline tiny checkpoint (var/models/tiny-sd, written if
-  absent), or for ``MASACTRL_MODEL=<hub id, folder or catalog name>``;
+- ``worker``: ``masactrl worker`` for the offline tiny checkpoint, or for ``MASACTRL_MODEL``;
 - ``webhooks``: ``masactrl worker --webhooks``;
 
-all in development mode with ``file://`` storage under var/storage, a dev API key
-(var/dev-api-key) and the dev tenant's webhook secret (var/dev-webhook-secret), and loopback
-webhook receivers allowed. It returns once ``/readyz`` answers 200 and ``GET /v1/models`` shows a
-live worker for the model. Pids go to var/run/<name>.pid, logs to var/log/<name>.log. Run it again
-and it starts only what is not running. ``down`` stops exactly the processes ``up`` recorded.
+in the development environment that :mod:`masactrl_cli.devenv` prepares (keys, model, catalog,
+storage). It returns once ``/readyz`` answers 200 and ``GET /v1/models`` shows a live worker for
+the model. Run it again and it starts only what is not running. ``down`` stops exactly the
+processes ``up`` started.
+
+How a process is known to be ours: ``up`` records each one as its pid and its creation time
+(psutil's ``create_time``) in var/run/stack.json, and repeats the pid in var/run/<name>.pid for
+people and shell scripts. A process counts as the stack's only while both match, so a pid the
+system has since given to another program is never signalled. Stopping takes the recorded process
+with its descendants (a Celery worker's pool children): SIGTERM to all, ``stop_timeout_seconds``
+of grace (the worker finishes its running job), SIGKILL to the survivors.
 
 Why the stack's own Redis unless one is configured explicitly: the default URL
 (127.0.0.1:6379) is often a Redis that other projects share, and two stacks on one Redis would
@@ -23,58 +29,45 @@ take each other's jobs from the same queue while writing to different storage fo
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import fcntl
 import io
 import json
 import os
 import re
-import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import psutil
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from masactrl_cli.errors import UsageError
+from masactrl_cli.devenv import DevEnv, catalog_entry, display_path
+from masactrl_cli.errors import StackError, UsageError
 
 __all__ = [
     "SERVICES",
     "LocalStack",
-    "StackError",
-    "StackPaths",
+    "Processes",
     "StackSettings",
-    "catalog_entry",
     "configure",
     "load_stack_settings",
     "run",
 ]
 
 SERVICES = ("redis", "gateway", "worker", "webhooks")
-_APP_SERVICES = ("gateway", "worker", "webhooks")
-DEFAULT_TINY_MODEL = Path("models/tiny-sd")  # under the stack's var/ folder
-# The tiny checkpoint (masactrl_core.tiny): 64 px native, VAE factor 2 and three UNet
-# downsamplers, so sides are multiples of 16. Written here because importing the engine would
-# import torch.
-_TINY_ENTRY = {"family": "sd", "native_width": 64, "native_height": 64, "size_multiple": 16}
-_BUILTIN_MODELS = {
-    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd"),
-    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl"),
-}
+_APPS = ("gateway", "worker", "webhooks")
 _POLL_SECONDS = 0.25
-
-
-class StackError(Exception):
-    """The stack could not be started or stopped; one line that says why and where to look."""
+# A creation time is the boot time plus the ticks since boot, and the boot time psutil reads moves
+# a little when NTP adjusts the clock. Another process with our pid started within a second of ours
+# would need ours to exit and the pid space to wrap around within that second.
+_SAME_START_SECONDS = 1.0
 
 
 class StackSettings(BaseSettings):
@@ -123,174 +116,7 @@ def load_stack_settings(**overrides: Any) -> StackSettings:
         raise UsageError(f"invalid configuration: {problems}") from None
 
 
-@dataclass(frozen=True)
-class StackPaths:
-    """Where everything of one stack lives (all under ``var``)."""
-
-    var: Path
-
-    @property
-    def run(self) -> Path:
-        return self.var / "run"
-
-    @property
-    def logs(self) -> Path:
-        return self.var / "log"
-
-    @property
-    def storage(self) -> Path:
-        return self.var / "storage"
-
-    @property
-    def redis(self) -> Path:
-        return self.var / "redis"
-
-    @property
-    def tiny_model(self) -> Path:
-        return self.var / DEFAULT_TINY_MODEL
-
-    @property
-    def catalog(self) -> Path:
-        return self.var / "catalog.json"
-
-    @property
-    def api_key(self) -> Path:
-        return self.var / "dev-api-key"
-
-    @property
-    def webhook_secret(self) -> Path:
-        return self.var / "dev-webhook-secret"
-
-    @property
-    def signing_secret(self) -> Path:
-        return self.var / "url-signing-secret"
-
-    @property
-    def state(self) -> Path:
-        return self.run / "stack.json"
-
-    def pid_file(self, name: str) -> Path:
-        return self.run / f"{name}.pid"
-
-    def log_file(self, name: str) -> Path:
-        return self.logs / f"{name}.log"
-
-
-# --- the model ------------------------------------------------------------------------------------
-
-
-def _slug(text: str) -> str:
-    slug = re.sub(r"[^a-z0-9_.-]+", "-", text.lower()).strip("-_.")[:63]
-    return slug or "custom"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _folder_entry(folder: Path) -> dict[str, Any]:
-    """Family and sizes from a diffusers folder's configs (family defaults otherwise)."""
-    index = _read_json(folder / "model_index.json")
-    family = "sdxl" if "XL" in str(index.get("_class_name", "")) else "sd"
-    entry: dict[str, Any] = {"family": family}
-    unet, vae = _read_json(folder / "unet/config.json"), _read_json(folder / "vae/config.json")
-    vae_blocks, unet_blocks = vae.get("block_out_channels"), unet.get("down_block_types")
-    sample = unet.get("sample_size")
-    if isinstance(vae_blocks, list) and isinstance(unet_blocks, list) and isinstance(sample, int):
-        vae_factor = 2 ** (len(vae_blocks) - 1)
-        entry["native_width"] = entry["native_height"] = sample * vae_factor
-        # The UNet halves the latent once per down block but the last.
-        entry["size_multiple"] = vae_factor * 2 ** (len(unet_blocks) - 1)
-    return entry
-
-
-def catalog_entry(model: str | None, tiny_model: Path) -> dict[str, Any]:
-    """The catalog entry the stack serves: the tiny checkpoint, or ``model`` with a family/size.
-
-    ``model`` is a built-in catalog name (``sd15``, ``sdxl``), a local diffusers folder (family and
-    native size read from its configs) or a hub id (family from the name: ``xl`` means SDXL;
-    SD 2.x non-base checkpoints are 768 px).
-    """
-    if not model:
-        return {"name": "tiny", "source": str(tiny_model.resolve()), **_TINY_ENTRY}
-    model = model.strip()
-    if model in _BUILTIN_MODELS:
-        source, family = _BUILTIN_MODELS[model]
-        return {"name": model, "source": source, "family": family}
-    for name, (source, family) in _BUILTIN_MODELS.items():
-        if model == source:
-            return {"name": name, "source": source, "family": family}
-    folder = Path(model).expanduser()
-    if folder.is_dir():
-        if not (folder / "model_index.json").is_file():
-            raise StackError(f"MASACTRL_MODEL={model} is a folder without model_index.json")
-        return {
-            "name": _slug(folder.resolve().name),
-            "source": str(folder.resolve()),
-            **_folder_entry(folder),
-        }
-    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
-        raise StackError(f"MASACTRL_MODEL={model}: no such folder (and not a hub id)")
-    lowered = model.lower()
-    entry: dict[str, Any] = {
-        "name": _slug(model.rsplit("/", 1)[-1]),
-        "source": model,
-        "family": "sdxl" if "xl" in lowered else "sd",
-    }
-    if re.search(r"stable-diffusion-2(?!.*base)", lowered):
-        entry["native_width"] = entry["native_height"] = 768
-    return entry
-
-
-# --- processes ----------------------------------------------------------------------------------
-
-
-def process_token(pid: int) -> str | None:
-    """An identity of a live process (its start time), or ``None`` if gone or a zombie.
-
-    Stored next to each pid so that a pid the system reused for something else is never signalled.
-    """
-    if pid <= 0:
-        return None
-    stat = Path(f"/proc/{pid}/stat")
-    if Path("/proc/self/stat").exists():
-        try:
-            text = stat.read_text()
-        except OSError:
-            return None
-        fields = text[text.rindex(")") + 2 :].split()
-        # fields[0] is the state (field 3 of proc(5)), fields[19] the start time (field 22).
-        return None if fields[0] in ("Z", "X") else fields[19]
-    # No /proc (macOS): ps prints the state and the start time.
-    result = subprocess.run(
-        ["ps", "-o", "stat=,lstart=", "-p", str(pid)], capture_output=True, text=True, check=False
-    )
-    line = result.stdout.strip()
-    if result.returncode != 0 or not line or line.startswith("Z"):
-        return None
-    return line.split(None, 1)[-1]
-
-
-def _reap(pid: int) -> None:
-    # Processes started by this very process (demo, tests) stay zombies until waited for.
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def _port_in_use(port: int) -> bool:
-    with socket.socket() as sock:
-        # Like uvicorn and redis: connections in TIME_WAIT do not block a new listener.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
+# --- processes ------------------------------------------------------------------------------------
 
 _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception)\w*: ")
 
@@ -313,22 +139,173 @@ def _failure_line(path: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def _write_secret(path: Path, make: Callable[[], str]) -> str:
-    """Read ``path``, or create it (mode 0600) with ``make()`` the first time."""
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-        if value:
-            return value
-    except FileNotFoundError:
-        pass
-    value = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # an empty file left by an interrupted run
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(value + "\n")
-    return value
+class Processes:
+    """The named background processes of one stack: started, found again, stopped as trees.
+
+    ``run/stack.json`` holds each one's pid and creation time, and the settings the stack runs
+    with; ``run/<name>.pid`` repeats the pid; ``log/<name>.log`` takes its output.
+    """
+
+    def __init__(self, var: Path, say: Callable[[str], None]) -> None:
+        self.var = var
+        self.run_dir = var / "run"
+        self.log_dir = var / "log"
+        self._state_file = self.run_dir / "stack.json"
+        self.say = say
+        # Kept so that stopping a process this one started also reaps it.
+        self._children: dict[int, psutil.Popen] = {}
+
+    def pid_file(self, name: str) -> Path:
+        return self.run_dir / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialize ``up`` and ``down``: two at once would start everything twice."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with (self.run_dir / "stack.lock").open("w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.say(f"waiting for another `masactrl up`/`down` on {display_path(self.var)}")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    # -- the state file ---------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            state = json.loads(self._state_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    def _save(self, state: dict[str, Any]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(self._state_file)
+
+    def config(self) -> dict[str, Any] | None:
+        """The settings recorded by the ``up`` that started the running processes."""
+        config = self._state().get("config")
+        return config if isinstance(config, dict) else None
+
+    def save_config(self, config: dict[str, Any]) -> None:
+        self._save({**self._state(), "config": config})
+
+    # -- finding ----------------------------------------------------------------------------------
+
+    def find(self, name: str) -> psutil.Process | None:
+        """The process ``up`` started as ``name``, if it is still alive."""
+        record = self._state().get("processes", {}).get(name) or {}
+        pid, created = record.get("pid"), record.get("create_time")
+        if not isinstance(pid, int) or not isinstance(created, (int, float)):
+            return None
+        try:
+            process = self._children.get(pid) or psutil.Process(pid)
+            # Another creation time: the pid now belongs to another program.
+            if abs(process.create_time() - created) > _SAME_START_SECONDS:
+                return None
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return None
+        except psutil.Error:
+            return None
+        return process
+
+    def running(self) -> dict[str, psutil.Process]:
+        """Each stack process that is alive, by name."""
+        return {name: process for name in SERVICES if (process := self.find(name)) is not None}
+
+    def forget(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file(name).unlink()
+        state = self._state()
+        processes = state.get("processes", {})
+        if name not in processes:
+            return
+        del processes[name]
+        if processes:
+            self._save(state)
+        else:  # nothing runs: the recorded settings no longer bind the next `up`
+            self._state_file.unlink()
+
+    # -- starting and stopping --------------------------------------------------------------------
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> int:
+        """Start ``command`` in the background as ``name``, logging to its log file; its pid."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_file(name).open("ab") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"=== {stamp} masactrl up: {' '.join(command)}\n".encode())
+            log.flush()
+            child = psutil.Popen(
+                command,
+                cwd=Path.cwd(),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Ctrl-C in this terminal must not reach it: `down` stops it, not the shell.
+                start_new_session=True,
+            )
+        pid: int = child.pid
+        self._children[pid] = child
+        state = self._state()
+        # psutil.Popen read the creation time at start, while the child was alive or unreaped.
+        state.setdefault("processes", {})[name] = {"pid": pid, "create_time": child.create_time()}
+        self._save(state)
+        self.pid_file(name).write_text(f"{pid}\n")
+        return pid
+
+    def stop(self, names: Iterable[str], grace: float) -> list[str]:
+        """Stop the named processes with their descendants and forget them; the names stopped."""
+        targets: dict[str, psutil.Process] = {}
+        for name in names:
+            process = self.find(name)
+            if process is None:
+                if self.pid_file(name).exists():
+                    self.say(f"{name:<9} not running (removed its stale pid file)")
+                self.forget(name)
+            else:
+                targets[name] = process
+        owners: dict[psutil.Process, str] = {}
+        for name, process in targets.items():
+            try:
+                tree = [process, *process.children(recursive=True)]
+            except psutil.Error:
+                tree = [process]
+            for member in tree:
+                owners[member] = name
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.terminate()
+        _, alive = psutil.wait_procs(list(owners), timeout=grace)
+        for name in dict.fromkeys(owners[member] for member in alive):
+            self.say(f"{name:<9} did not stop within {grace:g} s; killing it")
+        for member in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        psutil.wait_procs(alive, timeout=5)
+        for name, process in targets.items():
+            self.say(f"{name:<9} stopped  pid {process.pid}")
+            self.forget(name)
+        return list(targets)
+
+
+# --- the stack ------------------------------------------------------------------------------------
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        # Like uvicorn and redis: connections in TIME_WAIT do not block a new listener.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 def _redis_answers(url: str) -> bool:
@@ -343,12 +320,6 @@ def _redis_answers(url: str) -> bool:
         client.close()
 
 
-def _display(path: Path) -> str:
-    with contextlib.suppress(ValueError):
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    return str(path)
-
-
 class LocalStack:
     """One machine's stack, rooted at ``settings.dir`` (relative to the current directory)."""
 
@@ -356,11 +327,9 @@ class LocalStack:
         self, settings: StackSettings | None = None, *, say: Callable[[str], None] = print
     ) -> None:
         self.settings = settings or load_stack_settings()
-        self.paths = StackPaths(self.settings.dir)
+        self.devenv = DevEnv(self.settings.dir)
+        self.processes = Processes(self.settings.dir, say)
         self.say = say
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
-
-    # -- what is where -------------------------------------------------------------------------
 
     @property
     def api_url(self) -> str:
@@ -369,60 +338,17 @@ class LocalStack:
     @property
     def api_key(self) -> str:
         """The dev API key (created on first use)."""
-        return _write_secret(self.paths.api_key, lambda: "mctl_dev_" + secrets.token_urlsafe(24))
-
-    @property
-    def webhook_secret(self) -> str:
-        """The dev tenant's Standard Webhooks secret (created on first use)."""
-        return _write_secret(
-            self.paths.webhook_secret,
-            lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
-        )
-
-    def _state(self) -> dict[str, Any]:
-        return _read_json(self.paths.state)
-
-    def _save_state(self, state: dict[str, Any]) -> None:
-        self.paths.run.mkdir(parents=True, exist_ok=True)
-        tmp = self.paths.state.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(self.paths.state)
-
-    def pid(self, name: str) -> int | None:
-        """The recorded pid of ``name`` if that process is alive and is the one ``up`` started."""
-        try:
-            pid = int(self.paths.pid_file(name).read_text().strip())
-        except (OSError, ValueError):
-            return None
-        _reap(pid)
-        token = process_token(pid)
-        if token is None:
-            return None
-        # Without a matching record (start time) the pid may have been reused: never ours.
-        recorded = self._state().get("processes", {}).get(name) or {}
-        return pid if recorded.get("pid") == pid and recorded.get("token") == token else None
+        return self.devenv.api_key()
 
     def running(self) -> dict[str, int]:
         """Name -> pid of each stack process that is alive."""
-        return {name: pid for name in SERVICES if (pid := self.pid(name)) is not None}
+        return {name: process.pid for name, process in self.processes.running().items()}
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        # Two `up`s (or an `up` and a `down`) at once would start everything twice.
-        self.paths.run.mkdir(parents=True, exist_ok=True)
-        with (self.paths.run / "stack.lock").open("w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.say(f"waiting for another `masactrl up`/`down` on {_display(self.paths.var)}")
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-
-    # -- up --------------------------------------------------------------------------------------
+    # -- up ----------------------------------------------------------------------------------------
 
     def up(self) -> list[str]:
         """Start what is not running, wait until the stack serves jobs; returns what it started."""
-        with self._locked():
+        with self.processes.locked():
             started: list[str] = []
             try:
                 self._up(started)
@@ -436,36 +362,18 @@ class LocalStack:
 
     def _up(self, started: list[str]) -> None:
         begin = time.monotonic()
-        settings, paths = self.settings, self.paths
-        for folder in (paths.run, paths.logs, paths.storage, paths.redis):
-            folder.mkdir(parents=True, exist_ok=True)
-        entry = catalog_entry(settings.model, paths.tiny_model)
-        state = self._state()
-        alive = self.running()
-        redis_url, own_redis = self._choose_redis(alive, state)
+        settings = self.settings
+        entry = catalog_entry(settings.model, self.devenv.tiny_model)
+        previous = self.processes.config()
+        alive = self.processes.running()
+        redis_url, own_redis = self._choose_redis(alive, (previous or {}).get("redis_url"))
         config = {"port": settings.port, "redis_url": redis_url, "model": entry}
-        if alive and state.get("config") not in (None, config):
+        if alive and previous not in (None, config):
             # Mixing old and new settings would leave, e.g., a worker for another model.
-            running = state["config"]
-            changes = [
-                f"{what} {running[key]!s} (now asked for {config[key]!s})"
-                for what, key in (("port", "port"), ("Redis", "redis_url"))
-                if running.get(key) != config[key]
-            ]
-            if running.get("model") != entry:
-                old_model = (running.get("model") or {}).get("source")
-                changes.append(f"model {old_model} (now asked for {entry['source']})")
-            raise StackError(
-                f"the stack in {_display(paths.var)} runs with {', '.join(changes)}; "
-                "run `make down` first to change it"
-            )
-        processes = state.get("processes", {})
-        for name in SERVICES:
-            if name not in alive:
-                processes.pop(name, None)
-                with contextlib.suppress(FileNotFoundError):
-                    self.paths.pid_file(name).unlink()  # left by a process that died
-        self._save_state({"config": config, "processes": processes})
+            raise StackError(self._settings_changed(previous or {}, config))
+        for name in set(SERVICES) - alive.keys():
+            self.processes.forget(name)  # it died: its pid may be another program's by now
+        self.processes.save_config(config)
 
         if "gateway" not in alive and _port_in_use(settings.port):
             raise StackError(
@@ -475,35 +383,45 @@ class LocalStack:
         if own_redis and "redis" not in alive:
             self._start_redis(started)
         elif "redis" in alive:
-            self.say(f"{'redis':<9} running  pid {alive['redis']}")
-        if "worker" not in alive and entry["name"] == "tiny":
-            self._ensure_tiny_model()
-        paths.catalog.write_text(json.dumps({"default": entry["name"], "models": [entry]}) + "\n")
+            self.say(f"{'redis':<9} running  pid {alive['redis'].pid}")
+        self.devenv.prepare(entry, self.say)
 
-        env = self._environment(redis_url, entry["name"])
-        python = [sys.executable, "-m", "masactrl_cli.main"]
+        model = entry["name"]
+        env = self.devenv.environment(api_url=self.api_url, redis_url=redis_url, model=model)
+        masactrl = [sys.executable, "-m", "masactrl_cli.main"]
         commands = {
-            "gateway": [*python, "serve", "--host", "127.0.0.1", "--port", str(settings.port)],
-            "worker": [*python, "worker", "--model", entry["name"]],
-            "webhooks": [*python, "worker", "--webhooks"],
+            "gateway": [*masactrl, "serve", "--host", "127.0.0.1", "--port", str(settings.port)],
+            "worker": [*masactrl, "worker", "--model", model],
+            "webhooks": [*masactrl, "worker", "--webhooks"],
         }
-        before = self._worker_ids(redis_url, entry["name"])
-        for name in _APP_SERVICES:
+        details = {"gateway": self.api_url, "worker": f"model {model} ({entry['source']})"}
+        workers_before = self._worker_ids(redis_url, model)
+        for name in _APPS:
             if name in alive:
-                self.say(f"{name:<9} running  pid {alive[name]}")
+                self.say(f"{name:<9} running  pid {alive[name].pid}")
                 continue
-            pid = self._spawn(name, commands[name], env)
+            pid = self.processes.start(name, commands[name], env)
             started.append(name)
-            detail = {
-                "gateway": self.api_url,
-                "worker": f"model {entry['name']} ({entry['source']})",
-                "webhooks": "",
-            }[name]
-            self.say(f"{name:<9} started  pid {pid}  {detail}".rstrip())
-        self._wait_ready([*started, *alive], redis_url, entry["name"], before, "worker" in started)
+            self.say(f"{name:<9} started  pid {pid}  {details.get(name, '')}".rstrip())
+        new_worker = "worker" in started
+        self._wait_ready([*started, *alive], redis_url, model, workers_before, new_worker)
         self.say(f"ready in {time.monotonic() - begin:.1f} s")
 
-    def _choose_redis(self, alive: dict[str, int], state: dict[str, Any]) -> tuple[str, bool]:
+    def _settings_changed(self, running: dict[str, Any], asked: dict[str, Any]) -> str:
+        changes = [
+            f"{what} {running.get(key)!s} (now asked for {asked[key]!s})"
+            for what, key in (("port", "port"), ("Redis", "redis_url"))
+            if running.get(key) != asked[key]
+        ]
+        if running.get("model") != asked["model"]:
+            old_model = (running.get("model") or {}).get("source")
+            changes.append(f"model {old_model} (now asked for {asked['model']['source']})")
+        return (
+            f"the stack in {display_path(self.settings.dir)} runs with {', '.join(changes)}; "
+            "run `make down` first to change it"
+        )
+
+    def _choose_redis(self, alive: Collection[str], running_url: str | None) -> tuple[str, bool]:
         """The Redis URL to use and whether it is the stack's own redis-server."""
         own_url = f"redis://127.0.0.1:{self.settings.redis_port}/0"
         configured = self.settings.redis_url
@@ -514,10 +432,9 @@ class LocalStack:
                 f"MASACTRL_REDIS_URL ({configured}) does not answer; starting a redis-server on "
                 f"127.0.0.1:{self.settings.redis_port} instead"
             )
-        previous = (state.get("config") or {}).get("redis_url")
-        if alive.keys() - {"redis"} and configured and previous == configured:
+        if set(alive) - {"redis"} and configured and running_url == configured:
             raise StackError(
-                f"the running stack uses Redis at {previous}, which no longer answers; "
+                f"the running stack uses Redis at {running_url}, which no longer answers; "
                 "run `make down`, then `make up` again"
             )
         return own_url, True
@@ -536,112 +453,41 @@ class LocalStack:
                 f"port {port} is in use by another program (not this stack's Redis); stop it, "
                 "or pick another port with MASACTRL_STACK_REDIS_PORT=<port>"
             )
+        data = self.settings.dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
         command = [
             binary,
             "--port", str(port),
             "--bind", "127.0.0.1",
-            "--dir", str(self.paths.redis.resolve()),
+            "--dir", str(data.resolve()),
             # AOF keeps queued jobs across a restart, as in docker-compose; no RDB snapshots.
             "--appendonly", "yes",
             "--save", "",
             "--daemonize", "no",
         ]  # fmt: skip
-        pid = self._spawn("redis", command, dict(os.environ))
-        started.append("redis")
-        self.say(f"{'redis':<9} started  pid {pid}  redis://127.0.0.1:{port}/0")
         url = f"redis://127.0.0.1:{port}/0"
+        pid = self.processes.start("redis", command, dict(os.environ))
+        started.append("redis")
+        self.say(f"{'redis':<9} started  pid {pid}  {url}")
         deadline = time.monotonic() + 20
         while not _redis_answers(url):
             self._check_alive(["redis"])
             if time.monotonic() > deadline:
                 raise StackError(
                     f"redis-server does not answer on port {port}; see "
-                    f"{_display(self.paths.log_file('redis'))}"
+                    f"{display_path(self.processes.log_file('redis'))}"
                 )
             time.sleep(_POLL_SECONDS)
 
-    def _ensure_tiny_model(self) -> None:
-        folder = self.paths.tiny_model
-        if (folder / "model_index.json").is_file():
-            return
-        self.say(f"writing the offline tiny checkpoint to {_display(folder)}")
-        result = subprocess.run(
-            [sys.executable, "-m", "masactrl_cli.main", "tiny-model", str(folder)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise StackError(f"cannot write the tiny checkpoint: {reason}")
-
-    def _environment(self, redis_url: str, model: str) -> dict[str, str]:
-        paths = self.paths
-        signing = _write_secret(paths.signing_secret, lambda: secrets.token_urlsafe(32))
-        env = {
-            name: value
-            for name, value in os.environ.items()
-            if not name.startswith("MASACTRL_STACK_")
-            and name not in ("MASACTRL_API_URL", "MASACTRL_API_KEY")
-        }
-        env.update(
-            {
-                "MASACTRL_ENVIRONMENT": "development",
-                "MASACTRL_REDIS_URL": redis_url,
-                "MASACTRL_STORAGE_URL": paths.storage.resolve().as_uri(),
-                "MASACTRL_URL_SIGNING_SECRET": signing,
-                "MASACTRL_PUBLIC_BASE_URL": self.api_url,
-                "MASACTRL_CATALOG_FILE": str(paths.catalog.resolve()),
-                # Blank beats a MASACTRL_CATALOG in a .env file ("set one of the two at most").
-                "MASACTRL_CATALOG": "",
-                "MASACTRL_MODEL": model,
-                "MASACTRL_DEV_API_KEY": self.api_key,
-                "MASACTRL_DEV_WEBHOOK_SECRET": self.webhook_secret,
-                # Development only (refused in production): a developer's own webhook receiver.
-                "MASACTRL_ALLOW_LOOPBACK_HTTP": "true",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        # Where s3:// model sources are downloaded: inside the stack's folder, like the rest.
-        env.setdefault("MASACTRL_MODEL_CACHE_DIR", str((paths.var / "models").resolve()))
-        if model == "tiny":
-            env.setdefault("HF_HUB_OFFLINE", "1")
-        return env
-
-    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> int:
-        log_path = self.paths.log_file(name)
-        with log_path.open("ab") as log:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"=== {stamp} masactrl up: {' '.join(command)}\n".encode())
-            log.flush()
-            process = subprocess.Popen(
-                command,
-                cwd=Path.cwd(),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Its own session: Ctrl-C in this terminal does not reach it, and `down` can signal
-                # the whole group (a Celery worker's pool child included).
-                start_new_session=True,
-            )
-        self._children[process.pid] = process
-        token = process_token(process.pid)
-        state = self._state()
-        state.setdefault("processes", {})[name] = {"pid": process.pid, "token": token}
-        self._save_state(state)
-        self.paths.pid_file(name).write_text(f"{process.pid}\n")
-        return process.pid
-
     def _check_alive(self, names: Iterable[str]) -> None:
         for name in names:
-            if self.pid(name) is None:
-                log = self.paths.log_file(name)
+            if self.processes.find(name) is None:
+                log = self.processes.log_file(name)
                 last = _failure_line(log)
                 raise StackError(
                     f"{name} exited during start-up"
                     + (f" ({last})" if last else "")
-                    + f"; see {_display(log)}"
+                    + f"; see {display_path(log)}"
                 )
 
     def _worker_ids(self, redis_url: str, model: str) -> set[str]:
@@ -650,14 +496,16 @@ class LocalStack:
 
         from masactrl_jobs.store import Keys
 
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=2)
+        client = redis.Redis.from_url(
+            redis_url, socket_connect_timeout=1, socket_timeout=2, decode_responses=True
+        )
         try:
             members = client.zrangebyscore(Keys().workers(model), time.time(), "+inf")
         except (redis.RedisError, OSError):
             return set()
         finally:
             client.close()
-        return {member.decode() for member in members}
+        return {str(member) for member in cast("list[str]", members)}
 
     def _wait_ready(
         self,
@@ -673,7 +521,7 @@ class LocalStack:
         if new_worker:
             self.say(
                 f"waiting for the worker to load {model} "
-                f"(log: {_display(self.paths.log_file('worker'))})"
+                f"(log: {display_path(self.processes.log_file('worker'))})"
             )
         deadline = time.monotonic() + self.settings.start_timeout_seconds
         headers = {"Authorization": f"Bearer {self.api_key}"}
@@ -690,8 +538,8 @@ class LocalStack:
                         if answer.status_code == 401:
                             raise StackError(
                                 f"the running gateway refuses the key in "
-                                f"{_display(self.paths.api_key)} (was it replaced?); run "
-                                "`make down`, then `make up`"
+                                f"{display_path(self.devenv.api_key_file)} (was it replaced?); "
+                                "run `make down`, then `make up`"
                             )
                         models = answer.json().get("data", [])
                         live = any(m.get("name") == model and m.get("live") for m in models)
@@ -707,98 +555,38 @@ class LocalStack:
                 if time.monotonic() > deadline:
                     raise StackError(
                         f"timed out after {self.settings.start_timeout_seconds:g} s waiting for "
-                        f"{waiting_for}; see the logs in {_display(self.paths.logs)}"
+                        f"{waiting_for}; see the logs in {display_path(self.processes.log_dir)}"
                     )
                 time.sleep(_POLL_SECONDS)
 
-    # -- down ------------------------------------------------------------------------------------
+    # -- down --------------------------------------------------------------------------------------
 
     def down(self, names: Iterable[str] | None = None) -> list[str]:
         """Stop the recorded processes (all, or ``names``); returns the names it stopped."""
-        with self._locked():
+        with self.processes.locked():
             return self._stop(list(names) if names is not None else list(SERVICES))
 
     def _stop(self, names: list[str]) -> list[str]:
-        stopped: list[str] = []
+        grace = self.settings.stop_timeout_seconds
         # Applications first, Redis last, so nothing logs a lost connection on the way down.
-        for group in (
-            [n for n in _APP_SERVICES if n in names],
-            ["redis"] if "redis" in names else [],
-        ):
-            targets: dict[str, int] = {}
-            for name in group:
-                pid_file = self.paths.pid_file(name)
-                if not pid_file.exists():
-                    continue
-                pid = self.pid(name)
-                if pid is None:
-                    self.say(f"{name:<9} not running (removed its stale pid file)")
-                    self._forget(name)
-                    continue
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGTERM)
-                targets[name] = pid
-            self._wait_gone(targets)
-            for name, pid in targets.items():
-                self.say(f"{name:<9} stopped  pid {pid}")
-                self._forget(name)
-                stopped.append(name)
-        return stopped
+        stopped = self.processes.stop([n for n in _APPS if n in names], grace)
+        return stopped + self.processes.stop([n for n in ("redis",) if n in names], grace)
 
-    def _wait_gone(self, targets: dict[str, int]) -> None:
-        deadline = time.monotonic() + self.settings.stop_timeout_seconds
-        tokens = {pid: process_token(pid) for pid in targets.values()}
-        remaining = dict(targets)
-        while remaining:
-            for name, pid in list(remaining.items()):
-                self._poll_child(pid)
-                if process_token(pid) != tokens[pid]:
-                    del remaining[name]
-            if not remaining:
-                break
-            if time.monotonic() > deadline:
-                for name, pid in remaining.items():
-                    grace = self.settings.stop_timeout_seconds
-                    self.say(f"{name:<9} did not stop within {grace:g} s; killing it")
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(pid, signal.SIGKILL)
-                deadline = float("inf")
-            time.sleep(0.05)
-        for pid in targets.values():
-            # The leader is gone; a pool child it left behind goes with its group.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-
-    def _poll_child(self, pid: int) -> None:
-        child = self._children.get(pid)
-        if child is not None:
-            child.poll()
-        else:
-            _reap(pid)
-
-    def _forget(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.paths.pid_file(name).unlink()
-        state = self._state()
-        state.get("processes", {}).pop(name, None)
-        if state.get("processes"):
-            self._save_state(state)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                self.paths.state.unlink()
-
-    # -- what to tell the user -------------------------------------------------------------------
+    # -- what to tell the user ---------------------------------------------------------------------
 
     def summary(self) -> list[str]:
         """How to use the running stack, a few lines."""
-        key_file, secret_file = _display(self.paths.api_key), _display(self.paths.webhook_secret)
-        masactrl = _display(Path(sys.executable).with_name("masactrl"))
+        devenv = self.devenv
+        key_file = display_path(devenv.api_key_file)
+        secret_file = display_path(devenv.webhook_secret_file)
+        masactrl = display_path(Path(sys.executable).with_name("masactrl"))
         lines = [
             f"gateway:  {self.api_url}   API docs: {self.api_url}/docs",
             f"API key:  {self.api_key}   (saved in {key_file})",
             f"webhooks: signed with the dev secret in {secret_file}; http://127.0.0.1 receivers "
             "allowed",
-            f"logs:     {_display(self.paths.logs)}/<name>.log   pids: {_display(self.paths.run)}",
+            f"logs:     {display_path(self.processes.log_dir)}/<name>.log   "
+            f"pids: {display_path(self.processes.run_dir)}",
         ]
         if self.settings.port != 8000:
             lines.append(f"client:   export MASACTRL_API_URL={self.api_url}")
@@ -810,7 +598,7 @@ class LocalStack:
         return lines
 
 
-# --- the subcommands --------------------------------------------------------------------------
+# --- the subcommands ------------------------------------------------------------------------------
 
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
@@ -856,9 +644,8 @@ def run(args: argparse.Namespace) -> int:
             stack.up()
             for line in stack.summary():
                 print(line)
-        else:
-            if not stack.down():
-                print(f"nothing to stop in {_display(stack.paths.var)}")
+        elif not stack.down():
+            print(f"nothing to stop in {display_path(stack.settings.dir)}")
     except StackError as exc:
         print(f"masactrl {args.command}: error: {exc}", file=sys.stderr)
         return 1

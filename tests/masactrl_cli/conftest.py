@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 
-from masactrl_cli.stack import SERVICES, process_token
+from masactrl_cli.stack import SERVICES
 from tests.conftest import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -63,10 +64,18 @@ def masactrl(
     )
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` names a running process (a zombie has ended)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def kill_groups(pids: set[int]) -> None:
     """SIGKILL the process group of every pid that is still alive (the test's safety net)."""
     for pid in pids:
-        if process_token(pid) is not None:
+        if alive(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
 

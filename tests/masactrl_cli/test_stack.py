@@ -18,22 +18,18 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
-from masactrl_cli.stack import (
-    SERVICES,
-    LocalStack,
-    StackError,
-    StackSettings,
-    catalog_entry,
-    process_token,
-)
-from tests.masactrl_cli.conftest import StackRun, kill_groups, masactrl, stack_environment
+from masactrl_cli.devenv import catalog_entry
+from masactrl_cli.errors import StackError
+from masactrl_cli.stack import SERVICES, LocalStack, Processes, StackSettings
+from tests.masactrl_cli.conftest import StackRun, alive, kill_groups, masactrl, stack_environment
 
 
 def _wait_gone(pid: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
-    while process_token(pid) is not None:
+    while alive(pid):
         assert time.monotonic() < deadline, f"pid {pid} still alive"
         time.sleep(0.05)
 
@@ -56,7 +52,7 @@ def test_up_writes_pids_logs_keys_and_serves_the_tiny_model(local_stack: StackRu
     var = local_stack.root / "var"
     pids = local_stack.pids()
     assert sorted(pids) == sorted(SERVICES)
-    assert all(process_token(pid) is not None for pid in pids.values())
+    assert all(alive(pid) for pid in pids.values())
     for name in SERVICES:
         assert (var / "log" / f"{name}.log").stat().st_size > 0
     for secret in ("dev-api-key", "dev-webhook-secret"):
@@ -215,13 +211,13 @@ def test_a_configured_redis_that_answers_is_used_instead_of_starting_one(
     # redis_url is the test session's private redis-server, never the shared 6379.
     said: list[str] = []
     stack = LocalStack(StackSettings(dir=tmp_path / "var", redis_url=redis_url), say=said.append)
-    assert stack._choose_redis({}, {}) == (redis_url, False)
+    assert stack._choose_redis((), None) == (redis_url, False)
 
     dead = "redis://127.0.0.1:1/0"
     stack = LocalStack(
         StackSettings(dir=tmp_path / "var", redis_url=dead, redis_port=6399), say=said.append
     )
-    assert stack._choose_redis({}, {}) == ("redis://127.0.0.1:6399/0", True)
+    assert stack._choose_redis((), None) == ("redis://127.0.0.1:6399/0", True)
     assert said == [
         f"MASACTRL_REDIS_URL ({dead}) does not answer; starting a redis-server on "
         "127.0.0.1:6399 instead"
@@ -364,3 +360,75 @@ def test_failure_line_prefers_the_exception_of_the_last_run(tmp_path: Path) -> N
     log.write_text("=== start\nmasactrl serve: error: invalid configuration: X\n")
     assert _failure_line(log) == "masactrl serve: error: invalid configuration: X"
     assert _failure_line(tmp_path / "missing.log") == ""
+
+
+# --- process identity and stopping, without a stack --------------------------------------------
+
+
+def _sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+
+
+def test_a_recycled_pid_is_never_taken_for_ours(tmp_path: Path) -> None:
+    # A record whose creation time is not that of the process now holding the pid: what `down`
+    # finds after the system gave the pid of a stack process to another program.
+    bystander = _sleeper()
+    try:
+        said: list[str] = []
+        processes = Processes(tmp_path / "var", said.append)
+        processes.run_dir.mkdir(parents=True)
+        created = psutil.Process(bystander.pid).create_time()
+        record = {"pid": bystander.pid, "create_time": created - 60}
+        (processes.run_dir / "stack.json").write_text(
+            json.dumps({"processes": {"gateway": record}})
+        )
+        processes.pid_file("gateway").write_text(f"{bystander.pid}\n")
+
+        assert processes.find("gateway") is None
+        assert processes.stop(["gateway"], grace=1) == []
+        assert said == ["gateway   not running (removed its stale pid file)"]
+        assert bystander.poll() is None
+        assert not processes.pid_file("gateway").exists()
+        assert not (processes.run_dir / "stack.json").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_stop_takes_the_whole_tree_and_kills_what_ignores_sigterm(tmp_path: Path) -> None:
+    # A leader with a child that ignores SIGTERM, like a pool process stuck in a job.
+    ready = tmp_path / "child-ready"
+    child = (
+        "import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "pathlib.Path(sys.argv[1]).touch(); time.sleep(60)"
+    )
+    leader = (
+        f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}, "
+        "sys.argv[1]]); time.sleep(60)"
+    )
+    said: list[str] = []
+    processes = Processes(tmp_path / "var", said.append)
+    pid = processes.start("worker", [sys.executable, "-c", leader, str(ready)], dict(os.environ))
+    tree = {pid}
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline, "the child never started"
+            time.sleep(0.05)
+        assert processes.running().keys() == {"worker"}
+        tree |= {p.pid for p in psutil.Process(pid).children(recursive=True)}
+        assert len(tree) == 2
+
+        assert processes.stop(["worker"], grace=1) == ["worker"]
+        assert said == [
+            "worker    did not stop within 1 s; killing it",
+            f"worker    stopped  pid {pid}",
+        ]
+        for member in tree:
+            _wait_gone(member)
+        assert processes.running() == {}
+        assert not processes.pid_file("worker").exists()
+    finally:
+        kill_groups(tree)

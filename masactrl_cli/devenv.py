@@ -1,0 +1,225 @@
+"""The development environment of the local stack: what ``masactrl up`` prepares before it starts
+anything, and the variables its processes run with.
+
+Everything lives in one folder (``var`` by default):
+
+- ``dev-api-key``, ``dev-webhook-secret``, ``url-signing-secret``: created once, mode 0600, and
+  kept, so a key that a developer copied keeps working across restarts;
+- ``models/tiny-sd``: the offline tiny checkpoint, written by ``masactrl tiny-model`` in a
+  subprocess (the stack itself never imports torch), unless ``MASACTRL_MODEL`` names another;
+- ``catalog.json``: a one-model catalog for that checkpoint;
+- ``storage``: the ``file://`` object storage.
+
+The processes run in development mode, which allows the two things production refuses and the
+stack needs: the plaintext dev key and webhooks to loopback receivers. Starting, finding and
+stopping processes is :mod:`masactrl_cli.stack`'s concern, not this module's.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from masactrl_cli.errors import StackError
+
+__all__ = ["DevEnv", "catalog_entry", "display_path"]
+
+# The tiny checkpoint (masactrl_core.tiny): 64 px native, VAE factor 2 and three UNet
+# downsamplers, so sides are multiples of 16. Written here because importing the engine would
+# import torch.
+_TINY_ENTRY = {"family": "sd", "native_width": 64, "native_height": 64, "size_multiple": 16}
+_BUILTIN_MODELS = {
+    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd"),
+    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl"),
+}
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the current directory when it is below it, as messages show it."""
+    with contextlib.suppress(ValueError):
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    return str(path)
+
+
+# --- the model ------------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9_.-]+", "-", text.lower()).strip("-_.")[:63]
+    return slug or "custom"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _folder_entry(folder: Path) -> dict[str, Any]:
+    """Family and sizes from a diffusers folder's configs (family defaults otherwise)."""
+    index = _read_json(folder / "model_index.json")
+    family = "sdxl" if "XL" in str(index.get("_class_name", "")) else "sd"
+    entry: dict[str, Any] = {"family": family}
+    unet, vae = _read_json(folder / "unet/config.json"), _read_json(folder / "vae/config.json")
+    vae_blocks, unet_blocks = vae.get("block_out_channels"), unet.get("down_block_types")
+    sample = unet.get("sample_size")
+    if isinstance(vae_blocks, list) and isinstance(unet_blocks, list) and isinstance(sample, int):
+        vae_factor = 2 ** (len(vae_blocks) - 1)
+        entry["native_width"] = entry["native_height"] = sample * vae_factor
+        # The UNet halves the latent once per down block but the last.
+        entry["size_multiple"] = vae_factor * 2 ** (len(unet_blocks) - 1)
+    return entry
+
+
+def catalog_entry(model: str | None, tiny_model: Path) -> dict[str, Any]:
+    """The catalog entry the stack serves: the tiny checkpoint, or ``model`` with a family/size.
+
+    ``model`` is a built-in catalog name (``sd15``, ``sdxl``), a local diffusers folder (family and
+    native size read from its configs) or a hub id (family from the name: ``xl`` means SDXL;
+    SD 2.x non-base checkpoints are 768 px).
+    """
+    if not model:
+        return {"name": "tiny", "source": str(tiny_model.resolve()), **_TINY_ENTRY}
+    model = model.strip()
+    if model in _BUILTIN_MODELS:
+        source, family = _BUILTIN_MODELS[model]
+        return {"name": model, "source": source, "family": family}
+    for name, (source, family) in _BUILTIN_MODELS.items():
+        if model == source:
+            return {"name": name, "source": source, "family": family}
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file():
+            raise StackError(f"MASACTRL_MODEL={model} is a folder without model_index.json")
+        return {
+            "name": _slug(folder.resolve().name),
+            "source": str(folder.resolve()),
+            **_folder_entry(folder),
+        }
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise StackError(f"MASACTRL_MODEL={model}: no such folder (and not a hub id)")
+    lowered = model.lower()
+    entry: dict[str, Any] = {
+        "name": _slug(model.rsplit("/", 1)[-1]),
+        "source": model,
+        "family": "sdxl" if "xl" in lowered else "sd",
+    }
+    if re.search(r"stable-diffusion-2(?!.*base)", lowered):
+        entry["native_width"] = entry["native_height"] = 768
+    return entry
+
+
+# --- the folder -----------------------------------------------------------------------------------
+
+
+def _secret(path: Path, make: Callable[[], str]) -> str:
+    """Read ``path``, or create it (mode 0600) with ``make()`` the first time."""
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # an empty file left by an interrupted run
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(value + "\n")
+    return value
+
+
+class DevEnv:
+    """One stack's development environment, rooted at ``var``."""
+
+    def __init__(self, var: Path) -> None:
+        self.var = var
+        self.storage = var / "storage"
+        self.models = var / "models"
+        self.tiny_model = self.models / "tiny-sd"
+        self.catalog = var / "catalog.json"
+        self.api_key_file = var / "dev-api-key"
+        self.webhook_secret_file = var / "dev-webhook-secret"
+        self.signing_secret_file = var / "url-signing-secret"
+
+    def api_key(self) -> str:
+        """The dev tenant's API key (created on first use)."""
+        return _secret(self.api_key_file, lambda: "mctl_dev_" + secrets.token_urlsafe(24))
+
+    def webhook_secret(self) -> str:
+        """The dev tenant's Standard Webhooks secret (created on first use)."""
+        return _secret(
+            self.webhook_secret_file,
+            lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
+        )
+
+    def prepare(self, entry: dict[str, Any], say: Callable[[str], None]) -> None:
+        """The storage folder, the tiny checkpoint if ``entry`` serves it, and the catalog."""
+        self.storage.mkdir(parents=True, exist_ok=True)
+        if entry["name"] == "tiny":
+            self._write_tiny_model(say)
+        self.catalog.write_text(
+            json.dumps({"default": entry["name"], "models": [entry]}) + "\n", encoding="utf-8"
+        )
+
+    def _write_tiny_model(self, say: Callable[[str], None]) -> None:
+        folder = self.tiny_model
+        if (folder / "model_index.json").is_file():
+            return
+        say(f"writing the offline tiny checkpoint to {display_path(folder)}")
+        result = subprocess.run(
+            [sys.executable, "-m", "masactrl_cli.main", "tiny-model", str(folder)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise StackError(f"cannot write the tiny checkpoint: {reason}")
+
+    def environment(self, *, api_url: str, redis_url: str, model: str) -> dict[str, str]:
+        """The variables of every stack process: this shell's, with the stack's on top."""
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            # The stack's own settings and the client's would only confuse the services.
+            if not name.startswith("MASACTRL_STACK_")
+            and name not in ("MASACTRL_API_URL", "MASACTRL_API_KEY")
+        }
+        env.update(
+            {
+                "MASACTRL_ENVIRONMENT": "development",
+                "MASACTRL_REDIS_URL": redis_url,
+                "MASACTRL_STORAGE_URL": self.storage.resolve().as_uri(),
+                "MASACTRL_URL_SIGNING_SECRET": _secret(
+                    self.signing_secret_file, lambda: secrets.token_urlsafe(32)
+                ),
+                "MASACTRL_PUBLIC_BASE_URL": api_url,
+                "MASACTRL_CATALOG_FILE": str(self.catalog.resolve()),
+                # Blank beats a MASACTRL_CATALOG in a .env file ("set one of the two at most").
+                "MASACTRL_CATALOG": "",
+                "MASACTRL_MODEL": model,
+                "MASACTRL_DEV_API_KEY": self.api_key(),
+                "MASACTRL_DEV_WEBHOOK_SECRET": self.webhook_secret(),
+                # Development only (refused in production): a developer's own webhook receiver.
+                "MASACTRL_ALLOW_LOOPBACK_HTTP": "true",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        # Where s3:// model sources are downloaded: inside the stack's folder, like the rest.
+        env.setdefault("MASACTRL_MODEL_CACHE_DIR", str(self.models.resolve()))
+        if model == "tiny":
+            env.setdefault("HF_HUB_OFFLINE", "1")
+        return env
