@@ -20,14 +20,6 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The seeded tiny SD checkpoint, written once per session."""
-    from masactrl_core.tiny import write_tiny_checkpoint
-
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="session")
 def tiny_engine(tiny_checkpoint: Path) -> Any:
     """The engine on the tiny checkpoint (CPU, float32), loaded once."""
     from masactrl_core import MasaCtrlEngine
