@@ -31,7 +31,15 @@ from masactrl_jobs.store.records import (
     text,
 )
 
-__all__ = ["EVENTS_MAXLEN", "KEY_TTL_GRACE_SECONDS", "JobOperations", "compact", "flag", "texts"]
+__all__ = [
+    "EVENTS_MAXLEN",
+    "KEY_TTL_GRACE_SECONDS",
+    "JobOperations",
+    "compact",
+    "due",
+    "flag",
+    "texts",
+]
 
 T = TypeVar("T")
 # Aliases for annotations inside JobOperations, where ``list`` names the listing operation.
@@ -89,6 +97,12 @@ def _parse_entries(entries: Any) -> list[JobEvent]:
         f = {text(k): text(v) for k, v in fields.items()}
         events.append(JobEvent(text(entry_id), f.get("event", ""), json.loads(f.get("data", "{}"))))
     return events
+
+
+def due(index: str, now: float | None, limit: int) -> Call[list[str]]:
+    """Up to ``limit`` members of a sorted set whose score (a Unix time) is ``now`` or earlier."""
+    now = time.time() if now is None else now
+    return Call(None, (), ["ZRANGEBYSCORE", index, "-inf", now, "LIMIT", 0, int(limit)], texts)
 
 
 def nothing(value: T) -> Call[T]:
@@ -424,9 +438,7 @@ class JobOperations:
     @operation
     def expired_jobs(self, now: float | None = None, limit: int = 100) -> Call[TextList]:
         """Jobs past retention; delete their ``results/<id>/`` then call :meth:`purge_jobs`."""
-        now = time.time() if now is None else now
-        args = ["ZRANGEBYSCORE", self.keys.expiry, "-inf", now, "LIMIT", 0, int(limit)]
-        return Call(None, (), args, texts)
+        return due(self.keys.expiry, now, limit)
 
     @operation
     def purge_jobs(self, job_ids: Sequence[str]) -> Call[int]:
@@ -439,9 +451,7 @@ class JobOperations:
     @operation
     def expired_inputs(self, now: float | None = None, limit: int = 100) -> Call[TextList]:
         """Input keys no job has used within retention."""
-        now = time.time() if now is None else now
-        args = ["ZRANGEBYSCORE", self.keys.inputs, "-inf", now, "LIMIT", 0, int(limit)]
-        return Call(None, (), args, texts)
+        return due(self.keys.inputs, now, limit)
 
     @operation
     def forget_inputs(self, keys: Sequence[str], now: float | None = None) -> Call[TextList]:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from masactrl_jobs.schema import ImageRole, JobInput, JobKind, JobPublic, JobStatus, ProgressPhase
-from masactrl_jobs.store.render import DEFAULT_RETENTION_SECONDS, public_job
+from masactrl_jobs.schema import ImageRole, JobInput, JobKind, JobStatus, ProgressPhase
+from masactrl_jobs.store.render import public_job
 
 __all__ = [
-    "DEFAULT_RETENTION_SECONDS",
     "TERMINAL_EVENTS",
     "CancelResult",
     "CreateResult",
@@ -176,24 +174,8 @@ class JobRecord:
             keys += [region.source, region.target]
         return keys
 
-    def to_public(
-        self,
-        *,
-        base_url: str,
-        url_for: Callable[[str], str],
-        url_ttl_seconds: int,
-        retention_seconds: int = DEFAULT_RETENTION_SECONDS,
-        now: float | None = None,
-    ) -> JobPublic:
-        """The job object: output keys become presigned URLs made by ``url_for(key)``."""
-        return public_job(
-            self,
-            base_url=base_url,
-            url_for=url_for,
-            url_ttl_seconds=url_ttl_seconds,
-            retention_seconds=retention_seconds,
-            now=now,
-        )
+    # The job object: output keys become presigned URLs made by ``url_for(key)``.
+    to_public = public_job
 
 
 @dataclass(frozen=True)

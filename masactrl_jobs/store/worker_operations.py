@@ -29,6 +29,20 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
+# A lease or lock is a key holding its owner's token, with a TTL: taken only when free, renewed
+# and dropped only by its owner.
+def _take(key: str, token: str, ttl: float) -> Call[bool]:
+    return Call(None, (), ["SET", key, token, "NX", "PX", _ms(ttl)], bool)
+
+
+def _renew(key: str, token: str, ttl: float) -> Call[bool]:
+    return Call("renew_if_owner", [key], [token, _ms(ttl)], flag)
+
+
+def _drop(key: str, token: str) -> Call[bool]:
+    return Call("delete_if_owner", [key], [token], flag)
+
+
 class WorkerOperations:
     """Operations of GPU and webhook workers."""
 
@@ -39,18 +53,17 @@ class WorkerOperations:
     @operation
     def acquire_lease(self, job_id: str, worker_id: str, ttl: float) -> Call[bool]:
         """Take the job's lease for ``ttl`` seconds; False when another worker holds it."""
-        args = ["SET", self.keys.lease(job_id), worker_id, "NX", "PX", _ms(ttl)]
-        return Call(None, (), args, bool)
+        return _take(self.keys.lease(job_id), worker_id, ttl)
 
     @operation
     def renew_lease(self, job_id: str, worker_id: str, ttl: float) -> Call[bool]:
         """Extend our lease; False when it expired or another worker took it (stop the job)."""
-        return Call("renew_if_owner", [self.keys.lease(job_id)], [worker_id, _ms(ttl)], flag)
+        return _renew(self.keys.lease(job_id), worker_id, ttl)
 
     @operation
     def release_lease(self, job_id: str, worker_id: str) -> Call[bool]:
         """Drop our lease (a terminal transition also drops it)."""
-        return Call("delete_if_owner", [self.keys.lease(job_id)], [worker_id], flag)
+        return _drop(self.keys.lease(job_id), worker_id)
 
     # -- the janitor -----------------------------------------------------------------------
 
@@ -132,18 +145,17 @@ class WorkerOperations:
     @operation
     def lock_webhooks(self, job_id: str, token: str, ttl: float) -> Call[bool]:
         """Become the one drainer of the job's outbox for ``ttl`` seconds; False when taken."""
-        args = ["SET", self.keys.webhook_lock(job_id), token, "NX", "PX", _ms(ttl)]
-        return Call(None, (), args, bool)
+        return _take(self.keys.webhook_lock(job_id), token, ttl)
 
     @operation
     def renew_webhook_lock(self, job_id: str, token: str, ttl: float) -> Call[bool]:
         """Extend the drain lock we hold; False when it lapsed."""
-        return Call("renew_if_owner", [self.keys.webhook_lock(job_id)], [token, _ms(ttl)], flag)
+        return _renew(self.keys.webhook_lock(job_id), token, ttl)
 
     @operation
     def unlock_webhooks(self, job_id: str, token: str) -> Call[bool]:
         """Let go of the drain lock, if it is still ours."""
-        return Call("delete_if_owner", [self.keys.webhook_lock(job_id)], [token], flag)
+        return _drop(self.keys.webhook_lock(job_id), token)
 
     @operation
     def webhook_sent(self, job_id: str, message_id: str) -> Call[bool]:
