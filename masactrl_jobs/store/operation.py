@@ -69,6 +69,7 @@ class Operation(Generic[P, R]):
         def bound(*args: Any, **kwargs: Any) -> Any:
             return run(build(store, *args, **kwargs))
 
+        bound.__name__, bound.__doc__ = self.__name__, self.__doc__  # for help() and tracebacks
         return bound
 
 
