@@ -14,6 +14,7 @@ kombu's ~0.3 ms of CPU per publish (measured in bench/gateway.py).
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 from typing import Any
@@ -108,25 +109,37 @@ class TaskMessages:
     """
 
     _PLACEHOLDER = "00000000-0000-0000-0000-000000000000"
+    _PROBE_MODEL = "template"
 
+    # Start-up self-check. This class leans on interfaces Celery and kombu do not promise, so on
+    # an upgrade of either, re-check: kombu's in-memory channel still has ``_get`` (used to read
+    # the probe message back); the Redis transport still stores a message as this JSON with a
+    # base64 body and routes by ``properties.delivery_info.routing_key``; Celery still sends
+    # task protocol 2 (task name and id in the headers, body ``[args, kwargs, embed]``). The
+    # check below refuses to start if a stamped message differs from Celery's own in anything
+    # but its ids, so a silent change cannot enqueue jobs no worker can read.
     def __init__(self) -> None:
         probe = make_celery("memory://")
-        queue = "masactrl.template"
+        queue = queue_name(self._PROBE_MODEL)
         probe.send_task(RUN_JOB_TASK, args=[self._PLACEHOLDER], queue=queue)
         with probe.connection_for_write() as connection:
             message = connection.default_channel._get(queue)
+        protocol = probe.conf.task_protocol
         probe.close()
+        reference = copy.deepcopy(message)
         properties = message["properties"]
         args, kwargs, embed = json.loads(base64.b64decode(message["body"]))
         # Refuse to start on a message layout this code does not know how to stamp.
         if (
-            message["headers"].get("task") != RUN_JOB_TASK
+            protocol != 2
+            or message["headers"].get("task") != RUN_JOB_TASK
             or properties.get("body_encoding") != "base64"
             or message.get("content-type") != "application/json"
             or args != [self._PLACEHOLDER]
             or kwargs != {}
         ):
             raise RuntimeError(f"unexpected Celery message layout: {message!r}")
+
         # Serialize once with markers in the varying places; a job only fills them in. Every
         # value filled in is JSON-safe as is (uuids, base64, validated job ids and model names).
         markers = {
@@ -148,6 +161,21 @@ class TaskMessages:
         text = json.dumps(message)
         self._parts = text.replace("\\u0000", "\x00").split("\x00")
         self._body_halves = json.dumps([["\x00"], {}, embed]).split('"\\u0000"')
+
+        self._verify(reference)
+
+    def _verify(self, reference: dict[str, Any]) -> None:
+        """Raise unless the message stamped for the probe job is Celery's own but for its ids."""
+        _, text = self.build(self._PLACEHOLDER, self._PROBE_MODEL)
+        stamped = json.loads(text)
+        for message in (stamped, reference):
+            message["headers"].update(id="", root_id="")
+            message["properties"].update(correlation_id="", delivery_tag="")
+        if stamped != reference:
+            raise RuntimeError(
+                f"the run_job message stamped here no longer matches what the installed Celery "
+                f"sends: {stamped!r} != {reference!r}"
+            )
 
     def build(self, job_id: str, model: str) -> tuple[str, str]:
         """The Redis list to push onto and the message (JSON text) that runs ``job_id``."""

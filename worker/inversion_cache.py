@@ -3,9 +3,9 @@
 DDIM inversion costs as many UNet evaluations as denoising, and it depends only on the image, the
 model, the size, the step count and the inversion prompt. A user trying new target prompts on the
 same photo therefore pays for it once. Objects live at
-``cache/inversions/<model>/<sha256 of the key fields>.safetensors``; a Redis sorted set remembers
-when each was last used, and :meth:`InversionCache.sweep` deletes what has not been used within
-the retention or exceeds the entry limit (least recently used first).
+``cache/inversions/<model>/<sha256 of the key fields>.safetensors``; an index in the job store
+remembers when each was last used, and :meth:`InversionCache.sweep` deletes what has not been
+used within the retention or exceeds the entry limit (least recently used first).
 
 The cache is an optimization: any failure to read or write it is logged and the job goes on.
 """
@@ -17,9 +17,8 @@ import json
 import logging
 import time
 
-import redis
-
 from masactrl_jobs.storage import ObjectNotFound, Storage
+from masactrl_jobs.store import JobStore
 
 __all__ = ["InversionCache", "inversion_cache_key"]
 
@@ -43,17 +42,15 @@ class InversionCache:
     def __init__(
         self,
         storage: Storage,
-        redis_client: redis.Redis,
+        store: JobStore,
         *,
         retention_seconds: float,
         max_entries: int,
-        prefix: str = "masactrl",
     ) -> None:
         self.storage = storage
-        self.redis = redis_client
+        self.store = store
         self.retention_seconds = retention_seconds
         self.max_entries = max_entries
-        self.index = f"{prefix}:inversion-cache"
 
     def load(self, key: str) -> bytes | None:
         """The cached bytes, or None on a miss (or any error: the job then inverts itself)."""
@@ -78,30 +75,24 @@ class InversionCache:
 
     def _touch(self, key: str) -> None:
         try:
-            self.redis.zadd(self.index, {key: time.time()})
+            self.store.touch_inversion(key)
         except Exception as exc:
             logger.warning("inversion cache index update failed: %s", exc)
 
     def sweep(self, now: float | None = None, limit: int = 500) -> int:
         """Delete entries unused within the retention and beyond ``max_entries``; how many."""
         now = time.time() if now is None else now
-        expired = self.redis.zrangebyscore(
-            self.index, "-inf", now - self.retention_seconds, start=0, num=limit
+        expired = self.store.stale_inversions(
+            now - self.retention_seconds, self.max_entries, limit=limit
         )
-        excess = self.redis.zcard(self.index) - len(expired) - self.max_entries
-        if excess > 0:
-            # Oldest first, skipping those already selected as expired.
-            oldest = self.redis.zrange(self.index, len(expired), len(expired) + excess - 1)
-            expired = list(expired) + list(oldest)
         removed = 0
-        for raw in expired:
-            key = raw.decode() if isinstance(raw, bytes) else raw
+        for key in expired:
             try:
                 self.storage.delete(key)
             except Exception as exc:
                 logger.warning("could not delete cached inversion %s: %s", key, exc)
                 continue
-            self.redis.zrem(self.index, key)
+            self.store.forget_inversion(key)
             removed += 1
         if removed:
             logger.info("inversion cache: removed %d entries", removed)

@@ -23,13 +23,9 @@ __all__ = ["Janitor", "clear_requeue_marker"]
 logger = logging.getLogger(__name__)
 
 
-def _marker(store: JobStore, job_id: str) -> str:
-    return f"{store.keys.job(job_id)}:requeued"
-
-
 def clear_requeue_marker(store: JobStore, job_id: str) -> None:
     """Called by the worker that took the job: if it dies too, the janitor may act again."""
-    store.redis.delete(_marker(store, job_id))
+    store.clear_requeued(job_id)
 
 
 class Janitor:
@@ -61,13 +57,12 @@ class Janitor:
             record = self.store.get(job_id)
             if record is None or record.status.is_terminal():
                 continue
-            marker = _marker(self.store, job_id)
-            if not self.store.redis.set(marker, "1", nx=True, ex=int(self.requeue_marker_ttl)):
+            if not self.store.mark_requeued(job_id, self.requeue_marker_ttl):
                 continue  # already re-enqueued; that message has not been picked up yet
             try:
                 enqueue_job(self.app, job_id, record.model)
             except Exception:
-                self.store.redis.delete(marker)
+                self.store.clear_requeued(job_id)
                 raise
             logger.warning(
                 "job %s lost its worker (attempt %d); re-enqueued on masactrl.%s",

@@ -135,7 +135,7 @@ class WorkerRuntime:
         if self.settings.inversion_cache:
             cache = InversionCache(
                 self.storage,
-                self.store.redis,
+                self.store,
                 retention_seconds=self.settings.inversion_cache_retention_seconds,
                 max_entries=self.settings.inversion_cache_max_entries,
             )
@@ -195,7 +195,7 @@ class WorkerRuntime:
             max_response_bytes=settings.webhook_max_response_bytes,
             allow_loopback_http=settings.allow_loopback_http,
         )
-        scheduler = RetryScheduler(self.store.redis, self.app)
+        scheduler = RetryScheduler(self.store, self.app)
         self._threads.append(
             Periodic(
                 "webhook-retries", settings.webhook_scheduler_interval_seconds, scheduler.run_once

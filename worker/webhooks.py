@@ -37,7 +37,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import certifi
-import redis
 from celery import Celery
 from standardwebhooks import Webhook
 
@@ -52,7 +51,6 @@ __all__ = [
     "Emitter",
     "RetryPolicy",
     "RetryScheduler",
-    "WebhookKeys",
     "build_body",
     "event_type_for",
     "sign",
@@ -68,10 +66,6 @@ EVENT_FILTER: dict[str, WebhookEvent] = {
     "job.failed": WebhookEvent.completed,
     "job.canceled": WebhookEvent.completed,
 }
-
-# Redis deletes a job's webhook bookkeeping this long after its last event; deliveries past this
-# are over anyway (the longest retry schedule is hours).
-BOOKKEEPING_TTL_SECONDS = 3 * 24 * 3600
 
 
 def event_type_for(status: JobStatus) -> str:
@@ -94,23 +88,6 @@ def sign(secrets_: Sequence[str], msg_id: str, timestamp: int, body: bytes) -> s
     moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
     text = body.decode()
     return " ".join(Webhook(secret).sign(msg_id, moment, text) for secret in secrets_)
-
-
-class WebhookKeys:
-    """Redis keys of the webhook machinery (beside the job store's, under ``masactrl:``)."""
-
-    def __init__(self, prefix: str = "masactrl") -> None:
-        self.prefix = prefix
-        self.scheduled = f"{prefix}:webhooks:scheduled"
-
-    def outbox(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}:webhook:outbox"
-
-    def sent(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}:webhook:sent"
-
-    def lock(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}:webhook:lock"
 
 
 @dataclass(frozen=True)
@@ -146,16 +123,11 @@ class Emitter:
     """Queues a job's events for delivery (used by GPU workers; cheap, never raises)."""
 
     def __init__(
-        self,
-        store: JobStore,
-        app: Celery,
-        render: Callable[[JobRecord], dict[str, Any]],
-        keys: WebhookKeys | None = None,
+        self, store: JobStore, app: Celery, render: Callable[[JobRecord], dict[str, Any]]
     ) -> None:
         self.store = store
         self.app = app
         self.render = render
-        self.keys = keys or WebhookKeys(store.keys.prefix)
 
     def emit(self, record: JobRecord, event_type: str, *, suffix: str = "") -> bool:
         """Queue ``event_type`` with a snapshot of ``record`` if the job subscribed to it."""
@@ -169,11 +141,7 @@ class Emitter:
             "data": self.render(record),
         }
         try:
-            outbox = self.keys.outbox(record.id)
-            pipe = self.store.redis.pipeline(transaction=True)
-            pipe.rpush(outbox, json.dumps(message, separators=(",", ":")))
-            pipe.expire(outbox, BOOKKEEPING_TTL_SECONDS)
-            pipe.execute()
+            self.store.push_webhook(record.id, message)
             self.app.send_task(DELIVER_WEBHOOK_TASK, args=[record.id], queue=WEBHOOK_QUEUE)
         except Exception as exc:
             # A webhook must never fail a job; the event is lost, the job record is not.
@@ -205,20 +173,6 @@ class _Attempt:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
-# KEYS: lock. ARGV: token.
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-# KEYS: scheduled. ARGV: now, limit. Pop due retries; atomic, so each goes to one scheduler.
-_POP_DUE = """
-local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, item in ipairs(items) do redis.call('ZREM', KEYS[1], item) end
-return items
-"""
-
-
 class Deliverer:
     """Delivers events: ordered first attempts per job, then retries on a schedule."""
 
@@ -231,23 +185,19 @@ class Deliverer:
         timeout: float = 15.0,
         max_response_bytes: int = 4096,
         allow_loopback_http: bool = False,
-        keys: WebhookKeys | None = None,
         post: Callable[..., netguard.PostResult] = netguard.post,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.store = store
-        self.redis: redis.Redis = store.redis
         self.policy = policy
         self.render = render
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
         self.allow_loopback_http = allow_loopback_http
-        self.keys = keys or WebhookKeys(store.keys.prefix)
         self._post = post
         # Built once: loading the CA bundle costs ~20 ms, which a context per delivery would pay
         # every time. Same trust store as httpx's default (certifi).
         self.ssl_context = ssl_context or ssl.create_default_context(cafile=certifi.where())
-        self._unlock = self.redis.register_script(_UNLOCK)
 
     # -- first attempts, in order
     def drain(self, job_id: str) -> int:
@@ -258,27 +208,24 @@ class Deliverer:
         only after its attempt, so a drainer that dies mid-way leaves it for the next one.
         """
         attempts = 0
-        outbox = self.keys.outbox(job_id)
-        lock = self.keys.lock(job_id)
-        lock_ms = int((self.timeout + 10) * 1000)
+        store = self.store
+        lock_ttl = self.timeout + 10
         for _ in range(100):  # bounded: each round either sends or finds the outbox empty
             token = secrets.token_hex(8)
-            if not self.redis.set(lock, token, nx=True, px=lock_ms):
+            if not store.lock_webhooks(job_id, token, lock_ttl):
                 return attempts
             try:
-                while (head := self.redis.lindex(outbox, 0)) is not None:
-                    message = json.loads(head)
-                    if message["type"] == "job.progress" and _is_progress(
-                        self.redis.lindex(outbox, 1)
-                    ):
+                while head := store.peek_webhooks(job_id):
+                    message = json.loads(head[0])
+                    if message["type"] == "job.progress" and _is_progress(head[1:]):
                         pass  # a newer progress event is already waiting: this one is stale
                     else:
-                        self.redis.pexpire(lock, lock_ms)
+                        store.renew_webhook_lock(job_id, token, lock_ttl)
                         attempts += self.deliver(job_id, message)
-                    self.redis.lpop(outbox)
+                    store.pop_webhook(job_id)
             finally:
-                self._unlock(keys=[lock], args=[token])
-            if not self.redis.llen(outbox):
+                store.unlock_webhooks(job_id, token)
+            if not store.webhook_backlog(job_id):
                 return attempts
         return attempts
 
@@ -294,8 +241,7 @@ class Deliverer:
             return 0
         message = self._complete(record, message)
         attempt = int(message.get("attempt", 1))
-        sent = self.keys.sent(job_id)
-        if attempt == 1 and self.redis.sismember(sent, message["id"]):
+        if attempt == 1 and self.store.webhook_sent(job_id, message["id"]):
             # The same event reached us twice (a redelivered drain, two emitters): once is enough.
             logger.info("webhook %s was already attempted; skipping", message["id"])
             return 0
@@ -306,10 +252,7 @@ class Deliverer:
         next_delay = self.policy.delay_after(attempt) if result.retry else None
         self._record(job_id, message, attempt, result, next_delay)
         if attempt == 1:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.sadd(sent, message["id"])
-            pipe.expire(sent, BOOKKEEPING_TTL_SECONDS)
-            pipe.execute()
+            self.store.mark_webhook_sent(job_id, message["id"])
         if next_delay is not None:
             self.schedule(job_id, {**message, "attempt": attempt + 1}, next_delay)
         return 1
@@ -397,36 +340,44 @@ class Deliverer:
     # -- retries
     def schedule(self, job_id: str, message: dict[str, Any], delay: float) -> None:
         """Park a retry in Redis until it is due (see :class:`RetryScheduler`)."""
-        item = json.dumps({"job_id": job_id, "message": message}, separators=(",", ":"))
-        self.redis.zadd(self.keys.scheduled, {item: time.time() + delay})
+        self.store.schedule_webhook({"job_id": job_id, "message": message}, time.time() + delay)
 
 
-def _is_progress(raw: str | bytes | None) -> bool:
-    return raw is not None and json.loads(raw).get("type") == "job.progress"
+def _is_progress(following: list[str]) -> bool:
+    """Whether the next message of an outbox (if any) is a progress event."""
+    return bool(following) and json.loads(following[0]).get("type") == "job.progress"
 
 
 class RetryScheduler:
-    """Moves retries that are due from Redis onto the webhook queue (runs in webhook workers)."""
+    """Moves retries that are due from Redis onto the webhook queue (runs in webhook workers).
 
-    def __init__(self, redis_client: redis.Redis, app: Celery, keys: WebhookKeys | None = None):
-        self.redis = redis_client
+    A due retry is claimed, handed to the broker, then removed from the schedule; one whose
+    scheduler dies in between comes due again, so it may be sent twice but is never lost.
+    """
+
+    def __init__(self, store: JobStore, app: Celery) -> None:
+        self.store = store
         self.app = app
-        self.keys = keys or WebhookKeys()
-        self._pop_due = redis_client.register_script(_POP_DUE)
 
     def run_once(self, limit: int = 100) -> int:
         """Enqueue every due retry (up to ``limit``); returns how many."""
-        items = self._pop_due(keys=[self.keys.scheduled], args=[time.time(), limit])
-        for raw in items:
-            item = json.loads(raw)
-            try:
+        items = self.store.claim_due_webhooks(limit)
+        sent: list[str] = []
+        try:
+            for raw in items:
+                item = json.loads(raw)
                 self.app.send_task(
                     DELIVER_WEBHOOK_TASK,
                     args=[item["job_id"], item["message"]],
                     queue=WEBHOOK_QUEUE,
                 )
-            except Exception:
-                # Put it back: a retry must not vanish because the broker blinked.
-                self.redis.zadd(self.keys.scheduled, {raw: time.time() + 1})
-                raise
+                sent.append(raw)
+        except Exception:
+            # The rest stay claimed and come due again; try them soon, not in a minute, since
+            # the broker may only have blinked.
+            for raw in items[len(sent) :]:
+                self.store.schedule_webhook(json.loads(raw), time.time() + 1)
+            raise
+        finally:
+            self.store.forget_webhooks(sent)
         return len(items)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from masactrl_jobs.schema import JobKind, JobStatus, SynthesisCreate
-from masactrl_jobs.store import JobRecord
+from masactrl_jobs.schema import JobKind, JobStatus, ProgressPhase, SynthesisCreate
+from masactrl_jobs.store import JobRecord, ProgressRecord
 from service.validation import resolve_input
 
 
@@ -56,7 +56,7 @@ def test_created_body_matches_the_rendered_job(client: TestClient, overrides: di
     [
         {"status": JobStatus.running, "started_at": 1_700_000_001.0},
         {"webhook": {"url": "https://example.com/hook", "events": ["job.succeeded"]}},
-        {"progress": {"phase": "denoise", "step": 1, "total": 30}},
+        {"progress": ProgressRecord(ProgressPhase.denoise, step=1, total=30)},
         {"metrics": {"queue_seconds": 1.0}},
     ],
 )

@@ -20,14 +20,14 @@ from masactrl_core import ControlConfig
 from masactrl_jobs.queue import make_celery, queue_name
 from masactrl_jobs.schema import ControlInput, JobInput, JobKind, JobStatus, WebhookCreate
 from masactrl_jobs.storage import FileStorage, StorageUnavailable
-from masactrl_jobs.store import JobStore
+from masactrl_jobs.store import ErrorRecord, JobStore
 from tests.worker.helpers import tiny_catalog
 from worker.config import WorkerSettings
 from worker.inversion_cache import InversionCache
 from worker.janitor import Janitor
 from worker.outputs import png_bytes
 from worker.runner import JobRunner
-from worker.webhooks import Emitter, WebhookKeys
+from worker.webhooks import Emitter
 
 SECRET = "whsec_" + "dGVzdCB3ZWJob29rIHNlY3JldCwgMzIgYnl0ZXMhIQ=="
 
@@ -79,7 +79,7 @@ def make_runner(
             "app": app,
             "emitter": Emitter(store, app, lambda record: {"id": record.id}),
             "worker_id": "test-worker",
-            "cache": InversionCache(storage, store.redis, retention_seconds=3600, max_entries=100),
+            "cache": InversionCache(storage, store, retention_seconds=3600, max_entries=100),
         }
         values.update(overrides)
         return JobRunner(**values)
@@ -114,6 +114,13 @@ def create_job(store: JobStore, kind: JobKind = JobKind.synthesis, **kwargs: Any
     )
     assert result.job_id is not None
     return result.job_id
+
+
+def job_error(store: JobStore, job_id: str) -> ErrorRecord:
+    """The recorded error of a job that must have failed."""
+    record = store.get(job_id)
+    assert record is not None and record.error is not None
+    return record.error
 
 
 def photo_png(seed: int = 0) -> bytes:
@@ -180,7 +187,7 @@ def test_synthesis_succeeds_with_results_identical_to_the_engine(
     assert metrics["unet_image_evals"] > 0 and metrics["denoise_seconds"] > 0
     assert metrics["inversion_seconds"] == 0
     assert {"queue_seconds", "total_seconds"} <= metrics.keys()
-    assert store.lease_owner(job_id) is None
+    assert store.redis.get(store.keys.lease(job_id)) is None
 
     expected = tiny_engine.synthesize(
         "a photo of a cat",
@@ -191,13 +198,14 @@ def test_synthesis_succeeds_with_results_identical_to_the_engine(
         height=64,
         control=ControlConfig(start_step=1, start_layer=10),
     )
-    images = (record.output or {})["images"]
-    assert [(i["role"], i["key"].rsplit("/", 1)[1]) for i in images] == [
+    assert record.output is not None
+    images = record.output.images
+    assert [(i.role, i.key.rsplit("/", 1)[1]) for i in images] == [
         ("source", "source_0.png"),
         ("target", "target_0.png"),
     ]
-    assert storage.get(images[0]["key"]) == png_bytes(expected.source)
-    assert storage.get(images[1]["key"]) == png_bytes(expected.targets[0])
+    assert storage.get(images[0].key) == png_bytes(expected.source)
+    assert storage.get(images[1].key) == png_bytes(expected.targets[0])
     # Progress went to the job's event stream, ending at the last step.
     progress = [e.data for e in store.read_events(job_id) if e.event == "progress"]
     assert progress[-1] == {"phase": "denoise", "step": 3, "total": 3, "fraction": 1.0}
@@ -236,7 +244,7 @@ def test_a_job_whose_lease_is_alive_elsewhere_is_dropped(
     assert make_runner().run(job_id) == "leased"
     record = store.get(job_id)
     assert record is not None and record.status is JobStatus.queued and record.attempts == 0
-    assert store.lease_owner(job_id) == "other-worker"
+    assert store.redis.get(store.keys.lease(job_id)) == "other-worker"
 
 
 def test_a_job_whose_worker_died_runs_again_with_attempts_incremented(
@@ -267,7 +275,8 @@ def test_a_job_that_keeps_killing_its_worker_fails(
         time.sleep(0.1)
     assert make_runner().run(job_id) == "failed"
     record = store.get(job_id)
-    assert record is not None and (record.error or {})["code"] == "worker_lost"
+    assert record is not None and record.error is not None
+    assert record.error.code == "worker_lost"
 
 
 def test_the_janitor_requeues_a_job_whose_lease_lapsed_once(
@@ -303,7 +312,7 @@ def test_cancel_stops_the_run_within_a_step_and_leaves_no_results(
 
     def slow_step(_: float) -> None:
         record = store.get(job_id)
-        step = (record.progress or {}).get("step", 0) if record else 0
+        step = record.progress.step if record and record.progress else 0
         steps_seen.append(step)
         if len(steps_seen) == 5:
             store.cancel(job_id)
@@ -316,7 +325,7 @@ def test_cancel_stops_the_run_within_a_step_and_leaves_no_results(
     assert record is not None and record.status is JobStatus.canceled
     assert record.output is None
     # Cancelled after step 5 was reported: the engine stops before computing step 6.
-    assert (record.progress or {})["step"] <= 6
+    assert record.progress is not None and record.progress.step <= 6
     assert storage.list_prefix(f"results/{job_id}/") == []
     assert [e.event for e in store.read_events(job_id)][-1] == "canceled"
 
@@ -332,8 +341,8 @@ def test_bad_input_found_by_the_worker_fails_the_job_and_the_next_job_runs(
     assert runner.run(bad) == "failed"
     record = store.get(bad)
     assert record is not None and record.status is JobStatus.failed
-    assert (record.error or {})["code"] == "invalid_input"
-    assert "cannot be decoded" in (record.error or {})["message"]
+    assert record.error is not None and record.error.code == "invalid_input"
+    assert "cannot be decoded" in record.error.message
     assert runner.run(good) == "succeeded"
 
 
@@ -342,8 +351,8 @@ def test_a_missing_input_object_is_invalid_input(
 ) -> None:
     job_id = create_job(store, JobKind.edit, image="inputs/" + "a" * 64 + ".png")
     assert make_runner().run(job_id) == "failed"
-    error = store.get(job_id).error or {}  # type: ignore[union-attr]
-    assert error["code"] == "invalid_input" and "no longer in storage" in error["message"]
+    error = job_error(store, job_id)
+    assert error.code == "invalid_input" and "no longer in storage" in error.message
 
 
 def test_engine_input_errors_are_invalid_input(
@@ -352,8 +361,8 @@ def test_engine_input_errors_are_invalid_input(
     # 72 is not a multiple of 16: a catalog that let it through is caught by the engine.
     job_id = create_job(store, width=72)
     assert make_runner().run(job_id) == "failed"
-    error = store.get(job_id).error or {}  # type: ignore[union-attr]
-    assert error["code"] == "invalid_input" and "multiple of 16" in error["message"]
+    error = job_error(store, job_id)
+    assert error.code == "invalid_input" and "multiple of 16" in error.message
 
 
 def test_out_of_memory_fails_with_a_hint_and_the_worker_stays_usable(
@@ -364,9 +373,9 @@ def test_out_of_memory_fails_with_a_hint_and_the_worker_stays_usable(
     job_id = create_job(store, target_prompts=["a", "b", "c"])
     runner = make_runner(engine=FailingEngine(torch.cuda.OutOfMemoryError("CUDA out of memory")))
     assert runner.run(job_id) == "failed"
-    error = store.get(job_id).error or {}  # type: ignore[union-attr]
-    assert error["code"] == "out_of_memory"
-    assert "smaller width/height or fewer target prompts" in error["message"]
+    error = job_error(store, job_id)
+    assert error.code == "out_of_memory"
+    assert "smaller width/height or fewer target prompts" in error.message
     assert make_runner().run(create_job(store)) == "succeeded"
 
 
@@ -375,7 +384,7 @@ def test_soft_time_limit_fails_with_timeout(
 ) -> None:
     job_id = create_job(store)
     assert make_runner(engine=FailingEngine(SoftTimeLimitExceeded())).run(job_id) == "failed"
-    assert (store.get(job_id).error or {})["code"] == "timeout"  # type: ignore[union-attr]
+    assert job_error(store, job_id).code == "timeout"
 
 
 def test_storage_errors_are_retried_then_fail_as_storage_unavailable(
@@ -385,8 +394,8 @@ def test_storage_errors_are_retried_then_fail_as_storage_unavailable(
     failing = CountingStorage(storage, fail_puts=True)
     assert make_runner(storage=failing).run(job_id) == "failed"
     assert failing.calls.count("put") == 2  # storage_retry_attempts
-    error = store.get(job_id).error or {}  # type: ignore[union-attr]
-    assert error["code"] == "storage_unavailable"
+    error = job_error(store, job_id)
+    assert error.code == "storage_unavailable"
 
 
 def test_unexpected_errors_fail_without_a_traceback(
@@ -394,11 +403,9 @@ def test_unexpected_errors_fail_without_a_traceback(
 ) -> None:
     job_id = create_job(store)
     assert make_runner(engine=FailingEngine(KeyError("boom"))).run(job_id) == "failed"
-    error = store.get(job_id).error or {}  # type: ignore[union-attr]
-    assert error == {
-        "code": "internal_error",
-        "message": "the worker hit an unexpected error (logged)",
-    }
+    assert job_error(store, job_id) == ErrorRecord(
+        "internal_error", "the worker hit an unexpected error (logged)"
+    )
 
 
 # --- inversion cache -----------------------------------------------------------------------------
@@ -435,17 +442,18 @@ def test_a_second_edit_of_the_same_image_skips_inversion(
         height=64,
         control=ControlConfig(start_step=1, start_layer=10),
     )
-    output = (store.get(second).output or {})["images"]  # type: ignore[union-attr]
-    assert storage.get(output[1]["key"]) == png_bytes(expected.targets[0])
+    output = store.get(second).output  # type: ignore[union-attr]
+    assert output is not None
+    assert storage.get(output.images[1].key) == png_bytes(expected.targets[0])
 
 
 def test_the_inversion_cache_forgets_old_and_excess_entries(
     store: JobStore, storage: FileStorage
 ) -> None:
-    cache = InversionCache(storage, store.redis, retention_seconds=100, max_entries=2)
+    cache = InversionCache(storage, store, retention_seconds=100, max_entries=2)
     for name in ("a", "b", "c"):
         cache.save(f"cache/inversions/tiny/{name}.safetensors", b"x")
-    store.redis.zadd(cache.index, {"cache/inversions/tiny/a.safetensors": time.time() - 1000})
+    store.touch_inversion("cache/inversions/tiny/a.safetensors", now=time.time() - 1000)
     assert cache.sweep() == 1
     assert storage.list_prefix("cache/inversions/") == [
         "cache/inversions/tiny/b.safetensors",
@@ -472,11 +480,11 @@ def test_subscribed_events_are_queued_in_order(
     runner.run(job_id)
     runner.run(only_completed)
 
-    keys = WebhookKeys()
-    types = [json.loads(m)["type"] for m in store.redis.lrange(keys.outbox(job_id), 0, -1)]
+    outbox = store.keys.webhook_outbox
+    types = [json.loads(m)["type"] for m in store.redis.lrange(outbox(job_id), 0, -1)]
     assert types[0] == "job.started" and types[-1] == "job.succeeded"
     assert set(types[1:-1]) == {"job.progress"}
-    only = [json.loads(m)["type"] for m in store.redis.lrange(keys.outbox(only_completed), 0, -1)]
+    only = [json.loads(m)["type"] for m in store.redis.lrange(outbox(only_completed), 0, -1)]
     assert only == ["job.succeeded"]
 
 
@@ -514,8 +522,9 @@ def test_manual_masks_are_read_from_storage_and_passed_to_the_engine(
         control=ControlConfig(start_step=1, start_layer=10),
         masks=MaskConfig(regions=[(left, right)]),
     )
-    output = (store.get(job_id).output or {})["images"]  # type: ignore[union-attr]
-    assert storage.get(output[1]["key"]) == png_bytes(expected.targets[0])
+    output = store.get(job_id).output  # type: ignore[union-attr]
+    assert output is not None
+    assert storage.get(output.images[1].key) == png_bytes(expected.targets[0])
 
 
 def test_a_mask_word_missing_from_the_prompt_is_invalid_input(
@@ -526,7 +535,7 @@ def test_a_mask_word_missing_from_the_prompt_is_invalid_input(
     mask = MaskControl(mode="auto", source_word="cat", target_word="giraffe")
     job_id = create_job(store, control=ControlInput(start_step=1, start_layer=10, mask=mask))
     assert make_runner().run(job_id) == "failed"
-    assert (store.get(job_id).error or {})["code"] == "invalid_input"  # type: ignore[union-attr]
+    assert job_error(store, job_id).code == "invalid_input"
 
 
 # --- the hard time limit (recorded by the pool's parent process) ------------------------------
@@ -550,6 +559,6 @@ def test_a_hard_time_limit_kill_is_recorded_as_timeout(
         runtime.reset()
     record = store.get(job_id)
     assert record is not None and record.status is JobStatus.failed
-    assert (record.error or {})["code"] == "timeout"
-    assert "hard limit" in (record.error or {})["message"]
-    assert store.lease_owner(job_id) is None
+    assert record.error is not None and record.error.code == "timeout"
+    assert "hard limit" in record.error.message
+    assert store.redis.get(store.keys.lease(job_id)) is None

@@ -20,7 +20,6 @@ from worker.webhooks import (
     Emitter,
     RetryPolicy,
     RetryScheduler,
-    WebhookKeys,
     build_body,
     sign,
 )
@@ -189,7 +188,7 @@ def test_unsubscribed_events_are_not_queued(store: JobStore, receiver: WebhookRe
     assert not emitter.emit(record, "job.progress")
     finish(store, job_id)
     assert emitter.emit_terminal(job_id)
-    assert store.redis.llen(WebhookKeys().outbox(job_id)) == 1
+    assert store.redis.llen(store.keys.webhook_outbox(job_id)) == 1
 
 
 def test_failures_are_retried_and_every_attempt_is_recorded(
@@ -201,7 +200,7 @@ def test_failures_are_retried_and_every_attempt_is_recorded(
     app = FakeApp()
     Emitter(store, app, render).emit_terminal(job_id)  # type: ignore[arg-type]
     deliverer = make_deliverer()
-    scheduler = RetryScheduler(store.redis, app)  # type: ignore[arg-type]
+    scheduler = RetryScheduler(store, app)  # type: ignore[arg-type]
 
     deliverer.drain(job_id)
     for _ in range(2):
@@ -226,7 +225,7 @@ def test_gone_stops_and_redirects_are_failures_not_followed(
     gone = create_job(store, receiver.url(), events=["completed"])
     finish(store, gone)
     make_deliverer().deliver(gone, {"type": "job.succeeded"})
-    assert store.redis.zcard(WebhookKeys().scheduled) == 0
+    assert store.redis.zcard(store.keys.webhook_schedule) == 0
     assert store.get(gone).deliveries[0]["status_code"] == 410  # type: ignore[union-attr]
 
     receiver.statuses = [302]
@@ -235,7 +234,7 @@ def test_gone_stops_and_redirects_are_failures_not_followed(
     make_deliverer().deliver(moved, {"type": "job.succeeded"})
     delivery = store.get(moved).deliveries[0]  # type: ignore[union-attr]
     assert delivery["status_code"] == 302 and "not followed" in delivery["error"]
-    assert store.redis.zcard(WebhookKeys().scheduled) == 1
+    assert store.redis.zcard(store.keys.webhook_schedule) == 1
     assert [r.path for r in receiver.received] == ["/hook", "/moved"]  # never /elsewhere
 
 
@@ -247,7 +246,7 @@ def test_addresses_the_guard_refuses_are_not_retried(
     make_deliverer(allow_loopback_http=False).deliver(job_id, {"type": "job.succeeded"})
     delivery = store.get(job_id).deliveries[0]  # type: ignore[union-attr]
     assert delivery["status_code"] is None and "not allowed" in delivery["error"]
-    assert store.redis.zcard(WebhookKeys().scheduled) == 0
+    assert store.redis.zcard(store.keys.webhook_schedule) == 0
 
 
 def test_connection_errors_are_retried(
@@ -260,4 +259,4 @@ def test_connection_errors_are_retried(
     make_deliverer().deliver(job_id, {"type": "job.succeeded"})
     delivery = store.get(job_id).deliveries[0]  # type: ignore[union-attr]
     assert delivery["status_code"] is None and "cannot connect" in delivery["error"]
-    assert store.redis.zcard(WebhookKeys().scheduled) == 1
+    assert store.redis.zcard(store.keys.webhook_schedule) == 1

@@ -1,0 +1,249 @@
+"""A job as stored, its typed parts, and what each store operation returns."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from masactrl_jobs.schema import ImageRole, JobInput, JobKind, JobStatus, ProgressPhase
+from masactrl_jobs.store.render import public_job
+
+__all__ = [
+    "TERMINAL_EVENTS",
+    "CancelResult",
+    "CreateResult",
+    "ErrorRecord",
+    "FinishResult",
+    "ImageRecord",
+    "JobEvent",
+    "JobRecord",
+    "OutputRecord",
+    "ProgressRecord",
+    "ProgressResult",
+    "RateLimitResult",
+    "StartResult",
+]
+
+# Event names in a job's stream (and on the SSE wire) that end it.
+TERMINAL_EVENTS = frozenset({"succeeded", "failed", "canceled"})
+
+
+def text(value: Any) -> str:
+    """A Redis reply item as text, whether or not the client decodes replies."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class ProgressRecord:
+    """How far the running phase of a job has come."""
+
+    phase: ProgressPhase
+    step: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, round(self.step / max(self.total, 1), 4))
+
+    def to_json(self) -> dict[str, Any]:
+        fields = {"phase": self.phase.value, "step": self.step, "total": self.total}
+        return {**fields, "fraction": self.fraction}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One output image by storage key (URLs are presigned only when the job is shown)."""
+
+    role: ImageRole
+    prompt: str
+    key: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    images: list[ImageRecord]
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    """Why a job failed: a stable ``code`` and a one-sentence ``message``."""
+
+    code: str
+    message: str
+
+
+def _json_or_none(raw: str | None) -> Any:
+    return json.loads(raw) if raw else None
+
+
+def _float_or_none(raw: str | None) -> float | None:
+    return float(raw) if raw else None
+
+
+def _progress(raw: str | None) -> ProgressRecord | None:
+    data = _json_or_none(raw)
+    if not data:
+        return None
+    return ProgressRecord(ProgressPhase(data["phase"]), int(data["step"]), int(data["total"]))
+
+
+def _output(raw: str | None) -> OutputRecord | None:
+    data = _json_or_none(raw)
+    if data is None:
+        return None
+    images = [
+        ImageRecord(ImageRole(i["role"]), i["prompt"], i["key"], int(i["width"]), int(i["height"]))
+        for i in data.get("images", [])
+    ]
+    return OutputRecord(images)
+
+
+def _error(raw: str | None) -> ErrorRecord | None:
+    data = _json_or_none(raw)
+    return ErrorRecord(data["code"], data["message"]) if data else None
+
+
+@dataclass
+class JobRecord:
+    """A job as stored: what the workers read and the gateway renders with :meth:`to_public`.
+
+    ``webhook_secrets`` are the tenant's signing secrets at submission time (newest first); they
+    never appear in the public object.
+    """
+
+    id: str
+    tenant: str
+    kind: JobKind
+    model: str
+    status: JobStatus
+    created_at: float
+    input: JobInput
+    started_at: float | None = None
+    completed_at: float | None = None
+    progress: ProgressRecord | None = None
+    output: OutputRecord | None = None
+    error: ErrorRecord | None = None
+    metrics: dict[str, Any] | None = None
+    attempts: int = 0
+    webhook: dict[str, Any] | None = None
+    webhook_secrets: list[str] = field(default_factory=list)
+    deliveries: list[dict[str, Any]] = field(default_factory=list)
+    cancel_requested: bool = False
+    request_hash: str = ""
+    worker_id: str | None = None
+    queue_position: int | None = None
+
+    @classmethod
+    def from_hash(cls, raw: dict[Any, Any], rank: int = -1) -> JobRecord:
+        """Parse a record from its Redis hash (and its 0-based queue rank, -1 when not queued)."""
+        h = {text(k): text(v) for k, v in raw.items()}
+        status = JobStatus(h["status"])
+        deliveries = [json.loads(line) for line in h.get("deliveries", "").splitlines() if line]
+        return cls(
+            id=h["id"],
+            tenant=h["tenant"],
+            kind=JobKind(h["kind"]),
+            model=h["model"],
+            status=status,
+            created_at=float(h["created_at"]),
+            input=JobInput.model_validate_json(h["input"]),
+            started_at=_float_or_none(h.get("started_at")),
+            completed_at=_float_or_none(h.get("completed_at")),
+            progress=_progress(h.get("progress")),
+            output=_output(h.get("output")),
+            error=_error(h.get("error")),
+            metrics=_json_or_none(h.get("metrics")),
+            attempts=int(h.get("attempts") or 0),
+            webhook=_json_or_none(h.get("webhook")),
+            webhook_secrets=_json_or_none(h.get("webhook_secrets")) or [],
+            deliveries=deliveries,
+            cancel_requested=h.get("cancel_requested") == "1",
+            request_hash=h.get("request_hash", ""),
+            worker_id=h.get("worker_id") or None,
+            queue_position=rank + 1 if status is JobStatus.queued and rank >= 0 else None,
+        )
+
+    @property
+    def input_keys(self) -> list[str]:
+        """Every storage key this job reads: the image and any mask images."""
+        keys = [self.input.image] if self.input.image else []
+        for region in self.input.control.mask.regions or []:
+            keys += [region.source, region.target]
+        return keys
+
+    # The job object: output keys become presigned URLs made by ``url_for(key)``.
+    to_public = public_job
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    """``outcome``: ``created``; ``duplicate`` (idempotency key seen: ``job_id`` is the original,
+    ``request_hash`` its body hash); ``full`` (the model's queue is at its limit); or
+    ``rate_limited`` (the tenant's bucket is empty: retry in ``retry_after`` seconds)."""
+
+    outcome: str
+    job_id: str | None = None
+    request_hash: str | None = None
+    record: JobRecord | None = None
+    retry_after: float = 0.0
+
+
+@dataclass(frozen=True)
+class StartResult:
+    """``outcome``: ``started`` (run it; ``attempts`` counts this run), ``missing`` (no such
+    job: expired or never created), ``terminal`` (already ended: drop the message) or
+    ``cancel_requested`` (cancelled while running elsewhere: call ``finish_canceled``)."""
+
+    outcome: str
+    attempts: int = 0
+    status: str | None = None
+
+
+@dataclass(frozen=True)
+class ProgressResult:
+    updated: bool
+    cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class FinishResult:
+    """``outcome``: ``ok``, ``missing`` or ``conflict`` (``previous`` says the status found)."""
+
+    outcome: str
+    previous: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    """``outcome``: ``canceled`` (was queued), ``flagged`` (running: the worker stops at its next
+    step), ``conflict`` (already terminal; ``previous`` is its status) or ``missing``."""
+
+    outcome: str
+    previous: str | None = None
+
+
+@dataclass(frozen=True)
+class RateLimitResult:
+    allowed: bool
+    retry_after: float
+    remaining: float
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One entry of a job's event stream; ``id`` is the stream id, usable as an SSE id."""
+
+    id: str
+    event: str
+    data: dict[str, Any]
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.event in TERMINAL_EVENTS

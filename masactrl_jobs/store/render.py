@@ -1,0 +1,111 @@
+"""The public job object (``JobPublic``) of a stored job, as the API serves it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from masactrl_jobs.schema import (
+    JobError,
+    JobMetrics,
+    JobOutput,
+    JobProgress,
+    JobPublic,
+    JobUrls,
+    JobWebhook,
+    OutputImage,
+    WebhookDelivery,
+)
+
+if TYPE_CHECKING:
+    from masactrl_jobs.store.records import JobRecord
+
+__all__ = ["DEFAULT_RETENTION_SECONDS", "public_job"]
+
+DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def public_job(
+    record: JobRecord,
+    *,
+    base_url: str,
+    url_for: Callable[[str], str],
+    url_ttl_seconds: int,
+    retention_seconds: int = DEFAULT_RETENTION_SECONDS,
+    now: float | None = None,
+) -> JobPublic:
+    """The job object of ``record``: output keys become presigned URLs made by ``url_for``.
+
+    Output URLs expire with the presigned URL or the job's retention, whichever comes first;
+    ``queue_seconds`` and ``total_seconds`` are derived from the timestamps unless recorded.
+    """
+    now = time.time() if now is None else now
+    base = base_url.rstrip("/")
+    progress = None
+    if record.progress is not None:
+        p = record.progress
+        progress = JobProgress(phase=p.phase, step=p.step, total=p.total, fraction=p.fraction)
+    output = None
+    if record.output is not None:
+        expires = now + url_ttl_seconds
+        if record.completed_at is not None:
+            expires = min(expires, record.completed_at + retention_seconds)
+        output = JobOutput(
+            images=[
+                OutputImage(
+                    url=url_for(image.key),
+                    role=image.role,
+                    prompt=image.prompt,
+                    key=image.key,
+                    width=image.width,
+                    height=image.height,
+                )
+                for image in record.output.images
+            ],
+            expires_at=_dt(expires),
+        )
+    metrics = dict(record.metrics or {})
+    if record.started_at is not None:
+        metrics.setdefault("queue_seconds", round(record.started_at - record.created_at, 3))
+    if record.completed_at is not None:
+        metrics.setdefault("total_seconds", round(record.completed_at - record.created_at, 3))
+    webhook = None
+    if record.webhook:
+        webhook = JobWebhook(
+            url=record.webhook["url"],
+            events=record.webhook["events"],
+            deliveries=[WebhookDelivery.model_validate(d) for d in record.deliveries],
+        )
+    error = None
+    if record.error is not None:
+        error = JobError(code=record.error.code, message=record.error.message)
+    # Constructed, not validated: every value comes from the record, which was validated on the
+    # way in; this runs for every job shown, so the saved validation is worth having.
+    return JobPublic.model_construct(
+        id=record.id,
+        kind=record.kind,
+        status=record.status,
+        created_at=_dt(record.created_at),
+        started_at=_dt(record.started_at),
+        completed_at=_dt(record.completed_at),
+        model=record.model,
+        input=record.input,
+        queue_position=record.queue_position,
+        progress=progress,
+        output=output,
+        error=error,
+        metrics=JobMetrics.model_validate(metrics) if metrics else None,
+        attempts=record.attempts,
+        webhook=webhook,
+        urls=JobUrls.model_construct(
+            self_=f"{base}/v1/jobs/{record.id}",
+            cancel=f"{base}/v1/jobs/{record.id}/cancel",
+            events=f"{base}/v1/jobs/{record.id}/events",
+        ),
+    )

@@ -1,0 +1,217 @@
+"""The operations only workers use: leases, the worker registry, the janitor's claims and
+markers, the webhook outbox and retry schedule, and the inversion-cache index.
+
+Like the job operations, each is written once (see ``operation.py``) and each state change is
+one script or one atomic command, so workers never talk to Redis around the store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from masactrl_jobs.store.keys import Keys
+from masactrl_jobs.store.operation import Call, operation
+from masactrl_jobs.store.operations import compact, flag, nothing, texts
+
+__all__ = ["WEBHOOK_BOOKKEEPING_TTL_SECONDS", "WEBHOOK_CLAIM_SECONDS", "WorkerOperations"]
+
+# Redis deletes a job's webhook bookkeeping this long after its last event; deliveries past this
+# are over anyway (the longest retry schedule is hours).
+WEBHOOK_BOOKKEEPING_TTL_SECONDS = 3 * 24 * 3600
+# A due webhook retry handed to a scheduler comes due again after this unless the scheduler
+# confirms the broker took it (see claim_due_webhooks.lua).
+WEBHOOK_CLAIM_SECONDS = 60.0
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+# A lease or lock is a key holding its owner's token, with a TTL: taken only when free, renewed
+# and dropped only by its owner.
+def _take(key: str, token: str, ttl: float) -> Call[bool]:
+    return Call(None, (), ["SET", key, token, "NX", "PX", _ms(ttl)], bool)
+
+
+def _renew(key: str, token: str, ttl: float) -> Call[bool]:
+    return Call("renew_if_owner", [key], [token, _ms(ttl)], flag)
+
+
+def _drop(key: str, token: str) -> Call[bool]:
+    return Call("delete_if_owner", [key], [token], flag)
+
+
+class WorkerOperations:
+    """Operations of GPU and webhook workers."""
+
+    keys: Keys
+
+    # -- leases ----------------------------------------------------------------------------
+
+    @operation
+    def acquire_lease(self, job_id: str, worker_id: str, ttl: float) -> Call[bool]:
+        """Take the job's lease for ``ttl`` seconds; False when another worker holds it."""
+        return _take(self.keys.lease(job_id), worker_id, ttl)
+
+    @operation
+    def renew_lease(self, job_id: str, worker_id: str, ttl: float) -> Call[bool]:
+        """Extend our lease; False when it expired or another worker took it (stop the job)."""
+        return _renew(self.keys.lease(job_id), worker_id, ttl)
+
+    @operation
+    def release_lease(self, job_id: str, worker_id: str) -> Call[bool]:
+        """Drop our lease (a terminal transition also drops it)."""
+        return _drop(self.keys.lease(job_id), worker_id)
+
+    # -- the janitor -----------------------------------------------------------------------
+
+    @operation
+    def stale_running(
+        self, older_than: float, limit: int = 1000, now: float | None = None
+    ) -> Call[list[str]]:
+        """Running jobs started (or claimed) over ``older_than`` s ago whose lease has lapsed."""
+        now = time.time() if now is None else now
+        args = [_ms(now - older_than), int(limit), self.keys.job_prefix]
+        return Call("stale", [self.keys.running], args, texts)
+
+    @operation
+    def claim_stale(self, job_id: str, older_than: float, now: float | None = None) -> Call[bool]:
+        """Claim a stale job for re-enqueueing; only one janitor wins within ``older_than``."""
+        now = time.time() if now is None else now
+        keys = [self.keys.running, self.keys.lease(job_id)]
+        return Call("claim_stale", keys, [job_id, _ms(now - older_than), _ms(now)], flag)
+
+    @operation
+    def mark_requeued(self, job_id: str, ttl: float) -> Call[bool]:
+        """Note that the janitor re-enqueued the job; False when it already had (within ``ttl``).
+
+        Stops the same job from being re-enqueued again and again while its new message waits
+        in a busy queue.
+        """
+        args = ["SET", self.keys.requeued(job_id), "1", "NX", "EX", max(int(ttl), 1)]
+        return Call(None, (), args, bool)
+
+    @operation
+    def clear_requeued(self, job_id: str) -> Call[bool]:
+        """Forget the re-enqueue note: a worker took the job, so if it dies too, act again."""
+        return Call(None, (), ["DEL", self.keys.requeued(job_id)], flag)
+
+    # -- the worker registry ---------------------------------------------------------------
+
+    @operation
+    def register_worker(self, model: str, worker_id: str, ttl: float) -> Call[bool]:
+        """Heartbeat: the worker serves ``model`` for the next ``ttl`` seconds."""
+        keys = [self.keys.workers(model), self.keys.worker_models]
+        return Call("register", keys, [worker_id, time.time() + ttl, model], lambda r: True)
+
+    @operation
+    def unregister_worker(self, model: str, worker_id: str) -> Call[bool]:
+        """Remove the worker at a clean shutdown."""
+        return Call(None, (), ["ZREM", self.keys.workers(model), worker_id], flag)
+
+    @operation
+    def live_models(self) -> Call[set[str]]:
+        """Models with at least one worker whose heartbeat has not lapsed."""
+        args = [self.keys.workers_prefix, time.time()]
+        return Call("live_models", [self.keys.worker_models], args, lambda r: set(texts(r)))
+
+    # -- webhooks --------------------------------------------------------------------------
+
+    @operation
+    def push_webhook(self, job_id: str, message: dict[str, Any]) -> Call[bool]:
+        """Append an event to the job's webhook outbox (first attempts go out in this order)."""
+        keys = [self.keys.webhook_outbox(job_id)]
+        args = [compact(message), WEBHOOK_BOOKKEEPING_TTL_SECONDS]
+        return Call("push_webhook", keys, args, flag)
+
+    @operation
+    def peek_webhooks(self, job_id: str, count: int = 2) -> Call[list[str]]:
+        """The first ``count`` messages (JSON) of the job's outbox, oldest first."""
+        args = ["LRANGE", self.keys.webhook_outbox(job_id), 0, count - 1]
+        return Call(None, (), args, texts)
+
+    @operation
+    def pop_webhook(self, job_id: str) -> Call[bool]:
+        """Remove the oldest message of the job's outbox, once its attempt was made."""
+        return Call(None, (), ["LPOP", self.keys.webhook_outbox(job_id)], lambda r: r is not None)
+
+    @operation
+    def webhook_backlog(self, job_id: str) -> Call[int]:
+        """How many messages wait in the job's outbox."""
+        return Call(None, (), ["LLEN", self.keys.webhook_outbox(job_id)], int)
+
+    @operation
+    def lock_webhooks(self, job_id: str, token: str, ttl: float) -> Call[bool]:
+        """Become the one drainer of the job's outbox for ``ttl`` seconds; False when taken."""
+        return _take(self.keys.webhook_lock(job_id), token, ttl)
+
+    @operation
+    def renew_webhook_lock(self, job_id: str, token: str, ttl: float) -> Call[bool]:
+        """Extend the drain lock we hold; False when it lapsed."""
+        return _renew(self.keys.webhook_lock(job_id), token, ttl)
+
+    @operation
+    def unlock_webhooks(self, job_id: str, token: str) -> Call[bool]:
+        """Let go of the drain lock, if it is still ours."""
+        return _drop(self.keys.webhook_lock(job_id), token)
+
+    @operation
+    def webhook_sent(self, job_id: str, message_id: str) -> Call[bool]:
+        """Whether the first attempt of ``message_id`` was already made."""
+        args = ["SISMEMBER", self.keys.webhook_sent(job_id), message_id]
+        return Call(None, (), args, flag)
+
+    @operation
+    def mark_webhook_sent(self, job_id: str, message_id: str) -> Call[bool]:
+        """Remember that the first attempt of ``message_id`` was made."""
+        keys = [self.keys.webhook_sent(job_id)]
+        args = [message_id, WEBHOOK_BOOKKEEPING_TTL_SECONDS]
+        return Call("mark_webhook_sent", keys, args, flag)
+
+    @operation
+    def schedule_webhook(self, retry: dict[str, Any], due: float) -> Call[bool]:
+        """Park a webhook retry until ``due`` (a Unix time)."""
+        args = ["ZADD", self.keys.webhook_schedule, due, compact(retry)]
+        return Call(None, (), args, flag)
+
+    @operation
+    def claim_due_webhooks(self, limit: int = 100, now: float | None = None) -> Call[list[str]]:
+        """Retries (JSON) that are due, each claimed for one scheduler.
+
+        Call :meth:`forget_webhooks` once the broker has them; an unconfirmed claim comes due
+        again after a minute, so a crash repeats a retry rather than losing it.
+        """
+        now = time.time() if now is None else now
+        args = [now, int(limit), now + WEBHOOK_CLAIM_SECONDS]
+        return Call("claim_due_webhooks", [self.keys.webhook_schedule], args, texts)
+
+    @operation
+    def forget_webhooks(self, retries: Sequence[str]) -> Call[int]:
+        """Remove claimed retries (as returned by :meth:`claim_due_webhooks`) from the schedule."""
+        if not retries:
+            return nothing(0)
+        return Call(None, (), ["ZREM", self.keys.webhook_schedule, *retries], int)
+
+    # -- the inversion cache ---------------------------------------------------------------
+
+    @operation
+    def touch_inversion(self, key: str, now: float | None = None) -> Call[bool]:
+        """Record a use of the cached inversion at storage ``key``."""
+        now = time.time() if now is None else now
+        return Call(None, (), ["ZADD", self.keys.inversion_cache, now, key], lambda r: True)
+
+    @operation
+    def stale_inversions(
+        self, unused_since: float, max_entries: int, limit: int = 500
+    ) -> Call[list[str]]:
+        """Cached inversions to delete: unused since ``unused_since``, then the least recently
+        used beyond ``max_entries``."""
+        args = [unused_since, int(limit), int(max_entries)]
+        return Call("inversion_sweep", [self.keys.inversion_cache], args, texts)
+
+    @operation
+    def forget_inversion(self, key: str) -> Call[bool]:
+        """Drop a deleted inversion from the index."""
+        return Call(None, (), ["ZREM", self.keys.inversion_cache, key], flag)
