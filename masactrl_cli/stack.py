@@ -42,7 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import psutil
 from pydantic import Field, ValidationError
@@ -494,18 +494,15 @@ class LocalStack:
         """Worker ids with a fresh heartbeat for ``model`` (empty if Redis is not up yet)."""
         import redis
 
-        from masactrl_jobs.store import Keys
+        from masactrl_jobs.store import JobStore
 
-        client = redis.Redis.from_url(
-            redis_url, socket_connect_timeout=1, socket_timeout=2, decode_responses=True
-        )
+        store = JobStore.from_url(redis_url, socket_connect_timeout=1, socket_timeout=2)
         try:
-            members = client.zrangebyscore(Keys().workers(model), time.time(), "+inf")
+            return store.live_workers(model)
         except (redis.RedisError, OSError):
             return set()
         finally:
-            client.close()
-        return {str(member) for member in cast("list[str]", members)}
+            store.close()
 
     def _wait_ready(
         self,

@@ -117,6 +117,12 @@ class WorkerOperations:
         args = [self.keys.workers_prefix, time.time()]
         return Call("live_models", [self.keys.worker_models], args, lambda r: set(texts(r)))
 
+    @operation
+    def live_workers(self, model: str) -> Call[set[str]]:
+        """Ids of the workers serving ``model`` whose heartbeat has not lapsed."""
+        args = ["ZRANGEBYSCORE", self.keys.workers(model), time.time(), "+inf"]
+        return Call(None, (), args, lambda r: set(texts(r)))
+
     # -- webhooks --------------------------------------------------------------------------
 
     @operation
