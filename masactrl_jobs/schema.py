@@ -12,7 +12,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 __all__ = [
     "MAX_IMAGE_REF_CHARS",
@@ -27,6 +27,7 @@ __all__ = [
     "EditCreate",
     "EditParams",
     "ErrorBody",
+    "ErrorCode",
     "ErrorDetail",
     "ErrorInfo",
     "ImageRole",
@@ -99,6 +100,17 @@ class WebhookEvent(str, Enum):
     started = "started"
     progress = "progress"
     completed = "completed"
+
+
+class ErrorCode(str, Enum):
+    """``error.code`` of a failed job: every failure a worker records has one of these."""
+
+    invalid_input = "invalid_input"
+    out_of_memory = "out_of_memory"
+    storage_unavailable = "storage_unavailable"
+    timeout = "timeout"
+    worker_lost = "worker_lost"
+    internal_error = "internal_error"
 
 
 class ImageRole(str, Enum):
@@ -267,7 +279,8 @@ class JobOutput(BaseModel):
 
 
 class JobError(BaseModel):
-    code: str
+    # Published as a plain string, as before the enum existed: clients must tolerate new codes.
+    code: Annotated[ErrorCode, WithJsonSchema({"type": "string", "title": "Code"})]
     message: str
 
 
