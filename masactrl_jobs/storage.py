@@ -97,7 +97,7 @@ def validate_key(key: str, *, prefix: bool = False) -> str:
 
 
 def results_prefix(job_id: str) -> str:
-    """Where a job's images live (``results/<job_id>/``): workers write there, retention deletes it."""
+    """Where a job's images live (``results/<job_id>/``); retention deletes the whole prefix."""
     return f"results/{job_id}/"
 
 
