@@ -12,7 +12,13 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
 
 __all__ = [
     "MAX_IMAGE_REF_CHARS",
@@ -278,9 +284,15 @@ class JobOutput(BaseModel):
     )
 
 
+def _known_error_code(code: str) -> str:
+    return ErrorCode(code).value  # a ValueError names a code no worker sets
+
+
 class JobError(BaseModel):
-    # Published as a plain string, as before the enum existed: clients must tolerate new codes.
-    code: Annotated[ErrorCode, WithJsonSchema({"type": "string", "title": "Code"})]
+    # A string checked against ErrorCode rather than the enum type: the published schema stays a
+    # plain string (FastAPI would add every enum it meets as a component), and clients must
+    # tolerate new codes anyway.
+    code: Annotated[str, AfterValidator(_known_error_code)]
     message: str
 
 
