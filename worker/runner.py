@@ -39,6 +39,7 @@ from masactrl_core import (
     MaskConfig,
 )
 from masactrl_jobs.catalog import ModelEntry
+from masactrl_jobs.control import InvalidParameters, check_control
 from masactrl_jobs.queue import enqueue_job
 from masactrl_jobs.schema import ErrorCode, JobKind, JobStatus, MaskMode
 from masactrl_jobs.storage import (
@@ -337,6 +338,11 @@ class JobRunner:
 
     def _control(self, record: JobRecord) -> ControlConfig:
         control = record.input.control
+        try:
+            # The gateway resolved the control against its catalog; this worker's model decides.
+            check_control(self.entry, control, record.input.steps)
+        except InvalidParameters as exc:
+            raise _Failure(ErrorCode.invalid_input, str(exc)) from None
         return ControlConfig(
             start_step=control.start_step,
             start_layer=control.start_layer,
