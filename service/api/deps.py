@@ -19,7 +19,6 @@ from service.gateway import Gateway
 __all__ = [
     "DirectRoute",
     "GatewayDep",
-    "IdempotencyKey",
     "Prefer",
     "Submission",
     "TenantDep",
@@ -75,15 +74,6 @@ async def authenticate(
 
 TenantDep = Annotated[Tenant, Depends(authenticate)]
 
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        min_length=1,
-        max_length=255,
-        description="Retry-safe submission: the same key and body return the original job.",
-    ),
-]
 Prefer = Annotated[
     str | None,
     Header(
