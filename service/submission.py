@@ -136,7 +136,7 @@ async def submit(
 
     image: ValidatedImage | None = None
     region_keys: list[tuple[str, str]] = []
-    rate = (settings.rate_limit_per_second, settings.rate_limit_burst)
+    rate: tuple[float, int] | None = (settings.rate_limit_per_second, settings.rate_limit_burst)
     if kind is JobKind.edit or body.control.mask.regions:
         # Inputs cost bandwidth and storage: spend a token and check the queue before taking
         # them. Jobs without inputs do both inside the step that records them.
