@@ -10,14 +10,20 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from masactrl_cli.errors import UsageError
 from masactrl_cli.options import add_mask_options, mask_options, non_negative_int, positive_int
+from masactrl_jobs.catalog import ModelEntry
+from masactrl_jobs.control import InvalidParameters, resolve_control, resolve_size
+from masactrl_jobs.schema import ControlParams
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -240,6 +246,29 @@ def _mask_record(args: argparse.Namespace, options: dict[str, Any] | None) -> di
     return {"mode": "word", **options}
 
 
+def model_entry(model: str, engine: Any) -> ModelEntry:
+    """The loaded checkpoint as a catalog entry: its shape as the engine measured it, and the
+    control defaults and size limit the catalog gives its family."""
+    name = re.sub(r"[^a-z0-9_.-]+", "-", Path(model.rstrip("/")).name.lower()).strip("-._")
+    try:
+        return ModelEntry.model_validate(
+            {
+                "name": name[:63] or "model",
+                "source": model,
+                "family": engine.family,
+                "native_width": engine.native_size[0],
+                "native_height": engine.native_size[1],
+                "block_count": engine.block_count,
+                "size_multiple": engine.size_multiple,
+            }
+        )
+    except ValidationError as exc:
+        problem = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise UsageError(
+            f"{model} does not fit the {engine.family} family's defaults: {problem}"
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate, load the engine, run one synthesis or edit, write the outputs."""
     started = time.perf_counter()
@@ -270,23 +299,29 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     load_seconds = time.perf_counter() - started
 
+    # The service's rules for control and size, against the loaded checkpoint: unset values take
+    # its family's defaults (SD 4/10, SDXL 4/44), and what the model cannot run is reported here.
+    entry = model_entry(args.model, engine)
+    requested = ControlParams.model_construct(
+        start_step=args.start_step, start_layer=args.start_layer
+    )
+    try:
+        width, height = resolve_size(entry, args.width, args.height)
+        resolved = resolve_control(entry, requested, args.steps)
+    except InvalidParameters as exc:
+        raise UsageError(_one_line(exc)) from None
+    start_step, start_layer = resolved.start_step, resolved.start_layer
+
     progress = ProgressBars(enabled=not args.quiet)
     options: dict[str, Any] = {
         "steps": args.steps,
         "guidance_scale": args.guidance,
         "negative_prompt": args.negative_prompt,
-        "width": args.width,
-        "height": args.height,
+        "width": width,
+        "height": height,
         "progress": progress,
         "masks": None if mask_options is None else MaskConfig(**mask_options),
     }
-    # Unset values come from the model's family defaults (SD 4/10, SDXL 4/44); a default start
-    # step past a short run is clipped as the engine does, an explicit one is checked.
-    defaults = engine.default_control
-    start_step = (
-        min(defaults.start_step, args.steps) if args.start_step is None else args.start_step
-    )
-    start_layer = defaults.start_layer if args.start_layer is None else args.start_layer
     try:
         control = ControlConfig(start_step=start_step, start_layer=start_layer)
         if image is None:

@@ -54,14 +54,15 @@ def run(args: argparse.Namespace) -> int:
     """Validate the settings (one clear error instead of a worker crash loop), then serve."""
     import uvicorn
 
+    from masactrl_jobs.catalog import CatalogError, load_catalog
     from masactrl_jobs.settings import ConfigurationError, load_settings
     from service.config import GatewaySettings
 
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     try:
-        load_settings(GatewaySettings)
-    except ConfigurationError as exc:
+        load_catalog(load_settings(GatewaySettings))
+    except (CatalogError, ConfigurationError) as exc:
         raise UsageError(str(exc)) from None
     uvicorn.run(
         "service.main:create_app",

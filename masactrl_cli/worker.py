@@ -35,7 +35,7 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate settings and the model, then run the worker until it is stopped."""
-    from masactrl_jobs.catalog import UnknownModel
+    from masactrl_jobs.catalog import CatalogError, UnknownModel, load_catalog
     from masactrl_jobs.settings import ConfigurationError, load_settings
     from worker.config import WorkerSettings
 
@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
             "say which model to serve: --model NAME (or MASACTRL_MODEL), or --webhooks"
         )
     try:
-        entry = settings.model_catalog.get(name)
-    except UnknownModel as exc:
+        entry = load_catalog(settings).get(name)
+    except (CatalogError, UnknownModel) as exc:
         raise UsageError(str(exc)) from None
     from worker.main import run_gpu_worker
 

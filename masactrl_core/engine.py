@@ -40,9 +40,12 @@ ProgressCallback = Callable[[str, int, int], None]
 CancelCheck = Callable[[], bool]
 
 MAX_TARGETS = 8
-# (start_step, start_layer) per family: the paper's SD values; 44 of 70 is one of the values the
-# authors' SDXL example uses.
-FAMILY_DEFAULTS = {"sd": (4, 10), "sdxl": (4, 44)}
+# The fallback control of callers that pass none (the service and the CLI always pass one,
+# resolved from the model catalog by masactrl_jobs.control): the MasaCtrl paper's start step 4,
+# and its start layer 10 of SD's 16 blocks kept at the same depth of any other UNet (44 of SDXL's
+# 70). A rule of the UNet's shape, not a table of families, so it cannot drift from the catalog's.
+PAPER_START_STEP = 4
+PAPER_START_DEPTH = 10 / 16
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -251,9 +254,9 @@ class MasaCtrlEngine:
         sample_size = self.unet.config.sample_size
         native = sample_size if isinstance(sample_size, int) else sample_size[0]
         self.native_size = (native * self.vae_scale_factor, native * self.vae_scale_factor)
-        start_step, start_layer = FAMILY_DEFAULTS.get(family, FAMILY_DEFAULTS["sd"])
         self.default_control = ControlConfig(
-            start_step=start_step, start_layer=min(start_layer, self.block_count - 1)
+            start_step=PAPER_START_STEP,
+            start_layer=min(round(self.block_count * PAPER_START_DEPTH), self.block_count - 1),
         )
         self.processor_class: type[MutualSelfAttentionProcessor] = MutualSelfAttentionProcessor
         # Installed on the cross-attention of the blocks automatic masks read.
@@ -557,7 +560,8 @@ class MasaCtrlEngine:
         self, control: ControlConfig | None, steps: int
     ) -> tuple[frozenset[int], frozenset[int]]:
         if control is None:
-            # The default adapts to short runs; explicit values out of range are errors.
+            # The library fallback (see PAPER_START_STEP) adapts to short runs; explicit values
+            # out of range are errors.
             start = min(self.default_control.start_step, steps)
             control = replace(self.default_control, start_step=start)
         return control.resolve(steps, self.block_count)

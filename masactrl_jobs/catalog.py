@@ -14,23 +14,24 @@ JSON shape::
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-if TYPE_CHECKING:
-    from masactrl_jobs.settings import CommonSettings
 
 Family = Literal["sd", "sdxl"]
 
 # What the engine derives from the UNet of each family: self-attention blocks (16 in SD 1.x/2.x,
-# 70 in SDXL), the MasaCtrl paper's start layer, and the pixel multiple the UNet's down/up sampling
-# needs (VAE factor 8 times 2**downsamplers: 3 in SD, 2 in SDXL).
+# 70 in SDXL) and the pixel multiple the UNet's down/up sampling needs (VAE factor 8 times
+# 2**downsamplers: 3 in SD, 2 in SDXL); and the control defaults the service fills in: the MasaCtrl
+# paper's start step 4 and start layer 10 of 16 for SD, 44 of 70 (one of the authors' SDXL
+# examples) for SDXL. This table is their only home; masactrl_jobs.control applies them.
 FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
     "sd": {
         "native_width": 512,
         "native_height": 512,
         "block_count": 16,
+        "default_start_step": 4,
         "default_start_layer": 10,
         "size_multiple": 64,
     },
@@ -38,6 +39,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
         "native_width": 1024,
         "native_height": 1024,
         "block_count": 70,
+        "default_start_step": 4,
         "default_start_layer": 44,
         "size_multiple": 32,
     },
@@ -74,7 +76,7 @@ class ModelEntry(BaseModel):
     native_width: int = Field(gt=0)
     native_height: int = Field(gt=0)
     block_count: int = Field(gt=0)
-    default_start_step: int = Field(4, ge=0)
+    default_start_step: int = Field(ge=0)
     default_start_layer: int = Field(ge=0)
     size_multiple: int = Field(gt=0)
     max_pixels: int = Field(gt=0)
@@ -123,22 +125,6 @@ class ModelEntry(BaseModel):
     def default_control(self) -> dict[str, int]:
         """The MasaCtrl control defaults the gateway fills in and /v1/models shows."""
         return {"start_step": self.default_start_step, "start_layer": self.default_start_layer}
-
-    def check_size(self, width: int, height: int) -> None:
-        """Raise ``ValueError`` with a sentence when the engine cannot run at this size."""
-        multiple = self.size_multiple
-        if width <= 0 or height <= 0:
-            raise ValueError(f"width and height must be positive, got {width}×{height}")
-        if width % multiple or height % multiple:
-            raise ValueError(
-                f"{width}×{height} is not supported by {self.name}: width and height must be "
-                f"multiples of {multiple}"
-            )
-        if width * height > self.max_pixels:
-            raise ValueError(
-                f"{width}×{height} is {width * height} pixels; {self.name} allows at most "
-                f"{self.max_pixels}"
-            )
 
 
 class Catalog(BaseModel):
@@ -196,11 +182,19 @@ def default_catalog() -> Catalog:
     return Catalog(
         default="sd15",
         models=[
-            ModelEntry(
-                name="sd15", source="stable-diffusion-v1-5/stable-diffusion-v1-5", family="sd"
+            ModelEntry.model_validate(
+                {
+                    "name": "sd15",
+                    "source": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                    "family": "sd",
+                }
             ),
-            ModelEntry(
-                name="sdxl", source="stabilityai/stable-diffusion-xl-base-1.0", family="sdxl"
+            ModelEntry.model_validate(
+                {
+                    "name": "sdxl",
+                    "source": "stabilityai/stable-diffusion-xl-base-1.0",
+                    "family": "sdxl",
+                }
             ),
         ],
     )
@@ -238,8 +232,22 @@ def catalog_from_data(data: Any, *, origin: str = "catalog") -> Catalog:
         raise CatalogError(f"{origin} is invalid: {_describe(exc)}") from None
 
 
-def load_catalog(settings: CommonSettings) -> Catalog:
-    """The catalog from ``MASACTRL_CATALOG_FILE``, ``MASACTRL_CATALOG`` or the built-in default."""
+class CatalogSettings(Protocol):
+    """Where a process's settings say the catalog is (``CommonSettings`` has both)."""
+
+    @property
+    def catalog_file(self) -> Path | None: ...
+
+    @property
+    def catalog(self) -> str | None: ...
+
+
+def load_catalog(settings: CatalogSettings) -> Catalog:
+    """The catalog from ``MASACTRL_CATALOG_FILE``, ``MASACTRL_CATALOG`` or the built-in default.
+
+    Each process calls this once at start-up (gateway lifespan, worker CLI), so a bad catalog
+    stops it with one sentence before it serves anything.
+    """
     if settings.catalog_file is not None:
         path = settings.catalog_file
         origin = f"MASACTRL_CATALOG_FILE ({path})"

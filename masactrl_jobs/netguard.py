@@ -37,8 +37,6 @@ __all__ = [
     "PostResult",
     "ResponseTooLarge",
     "UnsafeURL",
-    "afetch",
-    "apost",
     "blocked_reason",
     "check_url",
     "fetch",
@@ -444,55 +442,3 @@ def post(
         finally:
             response.close()
         return PostResult(response.status_code, time.monotonic() - started)
-
-
-async def afetch(
-    url: str,
-    *,
-    max_bytes: int,
-    timeout: float = 10.0,
-    allow_loopback_http: bool = False,
-    ssl_context: ssl.SSLContext | None = None,
-) -> bytes:
-    """:func:`fetch` in a worker thread, for async callers (DNS and sockets stay blocking)."""
-    import functools
-
-    import anyio.to_thread
-
-    call = functools.partial(
-        fetch,
-        url,
-        max_bytes=max_bytes,
-        timeout=timeout,
-        allow_loopback_http=allow_loopback_http,
-        ssl_context=ssl_context,
-    )
-    return await anyio.to_thread.run_sync(call)
-
-
-async def apost(
-    url: str,
-    body: bytes,
-    headers: Mapping[str, str],
-    *,
-    timeout: float = 15.0,
-    max_response_bytes: int = 4096,
-    allow_loopback_http: bool = False,
-    ssl_context: ssl.SSLContext | None = None,
-) -> PostResult:
-    """:func:`post` in a worker thread, for async callers."""
-    import functools
-
-    import anyio.to_thread
-
-    call = functools.partial(
-        post,
-        url,
-        body,
-        headers,
-        timeout=timeout,
-        max_response_bytes=max_response_bytes,
-        allow_loopback_http=allow_loopback_http,
-        ssl_context=ssl_context,
-    )
-    return await anyio.to_thread.run_sync(call)

@@ -12,7 +12,13 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
 
 __all__ = [
     "MAX_IMAGE_REF_CHARS",
@@ -27,6 +33,7 @@ __all__ = [
     "EditCreate",
     "EditParams",
     "ErrorBody",
+    "ErrorCode",
     "ErrorDetail",
     "ErrorInfo",
     "ImageRole",
@@ -99,6 +106,17 @@ class WebhookEvent(str, Enum):
     started = "started"
     progress = "progress"
     completed = "completed"
+
+
+class ErrorCode(str, Enum):
+    """``error.code`` of a failed job: every failure a worker records has one of these."""
+
+    invalid_input = "invalid_input"
+    out_of_memory = "out_of_memory"
+    storage_unavailable = "storage_unavailable"
+    timeout = "timeout"
+    worker_lost = "worker_lost"
+    internal_error = "internal_error"
 
 
 class ImageRole(str, Enum):
@@ -266,8 +284,15 @@ class JobOutput(BaseModel):
     )
 
 
+def _known_error_code(code: str) -> str:
+    return ErrorCode(code).value  # a ValueError names a code no worker sets
+
+
 class JobError(BaseModel):
-    code: str
+    # A string checked against ErrorCode rather than the enum type: the published schema stays a
+    # plain string (FastAPI would add every enum it meets as a component), and clients must
+    # tolerate new codes anyway.
+    code: Annotated[str, AfterValidator(_known_error_code)]
     message: str
 
 

@@ -11,21 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import (
-    Field,
-    PrivateAttr,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-if TYPE_CHECKING:
-    from masactrl_jobs.catalog import Catalog
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +57,15 @@ def is_placeholder_secret(value: str) -> bool:
         or lowered.startswith(("changethis", "change-me", "changeme", "your-", "<"))
         or len(set(stripped)) < 4
     )
+
+
+def development_signing_secret(storage_url: str) -> str:
+    """The URL signing secret of a development setup that configures none.
+
+    Derived, not random: the gateway and the workers must agree on it without sharing anything,
+    and it is only ever used on a development machine.
+    """
+    return hashlib.sha256(f"masactrl development url signing:{storage_url}".encode()).hexdigest()
 
 
 class ConfigurationError(ValueError):
@@ -123,8 +122,6 @@ class CommonSettings(BaseSettings):
     max_image_bytes: int = Field(20 * MiB, ge=1024)
     max_image_side: int = Field(4096, ge=64, le=16384)
     fetch_timeout_seconds: float = Field(10.0, gt=0, le=120)
-
-    _catalog: Catalog | None = PrivateAttr(None)
 
     @field_validator("storage_url")
     @classmethod
@@ -195,36 +192,22 @@ class CommonSettings(BaseSettings):
                     "MASACTRL_URL_SIGNING_SECRET looks like a placeholder or is shorter than "
                     f"{MIN_SECRET_LENGTH} characters; set a random value in production"
                 )
-        elif secret is None or not secret.strip():
-            # Derived, not random: the gateway and the workers must agree on it without sharing
-            # anything, and it is only ever used on a development machine.
-            derived = hashlib.sha256(
-                f"masactrl development url signing:{self.storage_url}".encode()
-            ).hexdigest()
-            self.url_signing_secret = SecretStr(derived)
-            logger.warning(
-                "MASACTRL_URL_SIGNING_SECRET is not set; using a development secret derived from "
-                "the storage URL (never do this in production)"
-            )
         if self.catalog is not None and self.catalog_file is not None:
             raise ValueError("set MASACTRL_CATALOG or MASACTRL_CATALOG_FILE, not both")
-        from masactrl_jobs.catalog import load_catalog
-
-        self._catalog = load_catalog(self)
         return self
 
     @property
-    def model_catalog(self) -> Catalog:
-        """The validated model catalog (parsed once, when the settings were built)."""
-        if self._catalog is None:
-            from masactrl_jobs.catalog import load_catalog
-
-            self._catalog = load_catalog(self)
-        return self._catalog
+    def uses_development_signing_secret(self) -> bool:
+        """Whether URLs are signed with the secret derived from the storage URL (development)."""
+        secret = self.url_signing_secret
+        return not self.is_production and (secret is None or not secret.get_secret_value().strip())
 
     @property
     def signing_key(self) -> bytes:
-        """The URL signing secret as bytes (always set once validation has passed)."""
+        """The URL signing secret as bytes: the configured one, or in development a derived one."""
+        if self.uses_development_signing_secret:
+            return development_signing_secret(self.storage_url).encode()
+        # Production without a secret was refused by validation.
         assert self.url_signing_secret is not None
         return self.url_signing_secret.get_secret_value().encode()
 
@@ -259,8 +242,17 @@ def describe_validation_error(settings_cls: type[BaseSettings], exc: ValidationE
 
 
 def load_settings(settings_cls: type[SettingsT], **overrides: Any) -> SettingsT:
-    """Build ``settings_cls`` from the environment, raising :class:`ConfigurationError` on error."""
+    """Build ``settings_cls`` from the environment, raising :class:`ConfigurationError` on error.
+
+    Processes call this once at start-up; it also says which development defaults are in use.
+    """
     try:
-        return settings_cls(**overrides)
+        settings = settings_cls(**overrides)
     except ValidationError as exc:
         raise ConfigurationError(describe_validation_error(settings_cls, exc)) from None
+    if settings.uses_development_signing_secret:
+        logger.warning(
+            "MASACTRL_URL_SIGNING_SECRET is not set; using a development secret derived from "
+            "the storage URL (never do this in production)"
+        )
+    return settings

@@ -39,6 +39,8 @@ __all__ = [
     "StorageError",
     "StorageUnavailable",
     "content_type_for",
+    "result_key",
+    "results_prefix",
     "storage_from_settings",
     "validate_key",
 ]
@@ -92,6 +94,16 @@ def validate_key(key: str, *, prefix: bool = False) -> str:
     if segments[-1].startswith(_TMP_PREFIX):
         raise InvalidKey(f"storage key {key!r} uses the reserved prefix {_TMP_PREFIX!r}")
     return key
+
+
+def results_prefix(job_id: str) -> str:
+    """Where a job's images live (``results/<job_id>/``); retention deletes the whole prefix."""
+    return f"results/{job_id}/"
+
+
+def result_key(job_id: str, role: str, index: int) -> str:
+    """``results/<job_id>/source_0.png``, ``results/<job_id>/target_<k>.png``; a rerun reuses it."""
+    return f"{results_prefix(job_id)}{role}_{index}.png"
 
 
 def content_type_for(key: str) -> str:

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from masactrl_jobs.catalog import Catalog
 from masactrl_jobs.queue import TaskMessages
 from masactrl_jobs.schema import JobPublic, JobStatus
-from masactrl_jobs.storage import Storage
+from masactrl_jobs.storage import Storage, results_prefix
 from masactrl_jobs.store import AsyncJobStore, JobRecord
 from service.config import GatewaySettings, Tenant
 from service.errors import ApiError
@@ -139,7 +139,7 @@ class Gateway:
         purged = []
         for job_id in job_ids:
             try:
-                await run_in_threadpool(self.storage.delete_prefix, f"results/{job_id}/")
+                await run_in_threadpool(self.storage.delete_prefix, results_prefix(job_id))
             except Exception as exc:
                 # Keep the record so the next sweep retries; never orphan stored results.
                 logger.warning("could not delete results of job %s: %s", job_id, exc)

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
 
+from masactrl_jobs.catalog import load_catalog
 from masactrl_jobs.queue import TaskMessages
 from masactrl_jobs.schema import EditCreate, EditParams, SynthesisCreate
 from masactrl_jobs.settings import load_settings
@@ -73,6 +74,8 @@ def _install_openapi(app: FastAPI) -> None:
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """Build the gateway; settings come from ``MASACTRL_*`` when not given."""
     settings = settings or load_settings(GatewaySettings)
+    # Read once, here, so a bad catalog stops the gateway before it serves anything.
+    catalog = load_catalog(settings)
     metrics = GatewayMetrics()
 
     @contextlib.asynccontextmanager
@@ -85,7 +88,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             store=store,
             storage=storage_from_settings(settings),
             messages=TaskMessages(),
-            catalog=settings.model_catalog,
+            catalog=catalog,
             tenants=settings.tenants_by_key_hash(),
             metrics=metrics,
         )

@@ -1,4 +1,8 @@
-"""Job submission, shared by edits and syntheses: limits, validation, inputs, record, enqueue."""
+"""Job submission, shared by edits and syntheses: limits, validation, inputs, record, enqueue.
+
+:func:`submit` answers with a :class:`Submitted` outcome, not an HTTP response: the routes turn it
+into one (``service.api.responses.submitted_response``).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,7 @@ import hashlib
 import json
 import math
 import re
-
-from fastapi import Response
+from dataclasses import dataclass
 
 from masactrl_jobs.catalog import UnknownModel
 from masactrl_jobs.ids import new_id
@@ -19,9 +22,20 @@ from service.errors import ApiError, FieldError, invalid
 from service.gateway import Gateway
 from service.validation import check_request, check_webhook_url, resolve_input
 
-__all__ = ["parse_prefer_wait", "request_hash", "submit"]
+__all__ = ["Submitted", "parse_prefer_wait", "request_hash", "submit"]
 
 _WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d{1,6})\"?", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What a submission did: the job (with its queue position while queued), and how."""
+
+    record: JobRecord
+    # True when the Idempotency-Key named an earlier job with the same request, returned as is.
+    replayed: bool = False
+    # The seconds of ``Prefer: wait`` honoured before answering; None when none was asked.
+    waited_seconds: int | None = None
 
 
 def parse_prefer_wait(prefer: str | None, cap: int) -> int | None:
@@ -67,7 +81,7 @@ def _rate_limited(settings: GatewaySettings, retry_after: float) -> ApiError:
 
 async def _replay(
     gw: Gateway, tenant: Tenant, job_id: str, original_hash: str, this_hash: str
-) -> Response | None:
+) -> Submitted | None:
     if original_hash != this_hash:
         raise invalid(
             [
@@ -81,9 +95,7 @@ async def _replay(
     record = await gw.store.get(job_id)
     if record is None or record.tenant != tenant.name:
         return None  # the original has expired: treat this as a new request
-    return gw.job_response(
-        record, 200, {"Location": gw.render(record).urls.self_, "Idempotent-Replayed": "true"}
-    )
+    return Submitted(record, replayed=True)
 
 
 async def submit(
@@ -95,8 +107,8 @@ async def submit(
     upload: bytes | None = None,
     idempotency_key: str | None = None,
     prefer: str | None = None,
-) -> Response:
-    """Validate, store inputs, record and enqueue one job; the 202 (or 200 replay) response."""
+) -> Submitted:
+    """Validate, store inputs, record and enqueue one job (or find the one it replays)."""
     settings = gw.settings
     this_hash = ""
     if idempotency_key is not None:
@@ -124,7 +136,7 @@ async def submit(
 
     image: ValidatedImage | None = None
     region_keys: list[tuple[str, str]] = []
-    rate = (settings.rate_limit_per_second, settings.rate_limit_burst)
+    rate: tuple[float, int] | None = (settings.rate_limit_per_second, settings.rate_limit_burst)
     if kind is JobKind.edit or body.control.mask.regions:
         # Inputs cost bandwidth and storage: spend a token and check the queue before taking
         # them. Jobs without inputs do both inside the step that records them.
@@ -179,10 +191,8 @@ async def submit(
     assert record is not None
     gw.metrics.submitted(kind.value, entry.name)
 
-    headers = {"Location": f"{settings.public_base_url}/v1/jobs/{record.id}"}
     wait = parse_prefer_wait(prefer, settings.max_wait_seconds)
     if wait is not None:
-        headers["Preference-Applied"] = f"wait={wait}"
         waited: JobRecord | None = await gw.wait_until_done(record.id, wait)
         record = waited or record
-    return gw.job_response(record, 202, headers)
+    return Submitted(record, waited_seconds=wait)

@@ -1,8 +1,9 @@
 """Checks that need the catalog or several fields at once, and the resolved job input.
 
 pydantic has already checked each field on its own (ranges, lengths, unknown fields); what is
-left needs the chosen model (block count, size multiple, maximum pixels) or relates fields
-(``start_step < steps``, mask words present in the prompts).
+left needs the chosen model or relates fields. The control and size rules are the shared ones of
+``masactrl_jobs.control`` (the worker and the CLI apply the same); the mask and webhook rules are
+the gateway's own.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import httpx
 
 from masactrl_jobs import netguard
 from masactrl_jobs.catalog import ModelEntry
+from masactrl_jobs.control import control_problems, resolve_control, resolve_size, size_problems
 from masactrl_jobs.schema import (
     MAX_SEED,
-    ControlInput,
     EditCreate,
     EditParams,
     JobInput,
@@ -42,69 +43,10 @@ def _contains_word(text: str, word: str) -> bool:
 
 def check_request(body: JobCreate, entry: ModelEntry) -> list[FieldError]:
     """Every cross-field or catalog problem of ``body`` (empty when it can run)."""
-    errors: list[FieldError] = []
-    control = body.control
-    at = (_BODY, "control")
-    if control.start_step is not None and control.start_step >= body.steps:
-        errors.append(
-            FieldError(
-                (*at, "start_step"),
-                f"start_step must be less than steps ({body.steps}), got {control.start_step}",
-            )
-        )
-    bad_steps = [s for s in control.steps or [] if s >= body.steps]
-    if bad_steps:
-        errors.append(
-            FieldError(
-                (*at, "steps"), f"control steps must be below steps ({body.steps}), got {bad_steps}"
-            )
-        )
-    blocks = entry.block_count
-    if control.start_layer is not None and control.start_layer >= blocks:
-        errors.append(
-            FieldError(
-                (*at, "start_layer"),
-                f"start_layer must be less than {blocks} ({entry.name} has {blocks} transformer "
-                f"blocks), got {control.start_layer}",
-            )
-        )
-    bad_layers = [layer for layer in control.layers or [] if layer >= blocks]
-    if bad_layers:
-        errors.append(
-            FieldError(
-                (*at, "layers"),
-                f"layers must be below {blocks} ({entry.name} has {blocks} transformer blocks), "
-                f"got {bad_layers}",
-            )
-        )
-    errors += _check_size(body, entry)
-    errors += _check_mask(body)
-    return errors
-
-
-def _check_size(body: JobCreate, entry: ModelEntry) -> list[FieldError]:
-    errors = []
-    multiple = entry.size_multiple
-    width = body.width or entry.native_width
-    height = body.height or entry.native_height
-    for name, value in (("width", body.width), ("height", body.height)):
-        if value is not None and value % multiple:
-            errors.append(
-                FieldError(
-                    (_BODY, name),
-                    f"{name} must be a multiple of {multiple} for {entry.name}, got {value}",
-                )
-            )
-    if width * height > entry.max_pixels:
-        name = "width" if body.width is not None else "height"
-        errors.append(
-            FieldError(
-                (_BODY, name),
-                f"{width}×{height} is {width * height} pixels; {entry.name} allows at most "
-                f"{entry.max_pixels}",
-            )
-        )
-    return errors
+    problems = control_problems(entry, body.control, body.steps)
+    problems += size_problems(entry, body.width, body.height)
+    errors = [FieldError((_BODY, *problem.field), problem.message) for problem in problems]
+    return errors + _check_mask(body)
 
 
 def _check_mask(body: JobCreate) -> list[FieldError]:
@@ -184,9 +126,11 @@ def resolve_input(
     image_key: str | None = None,
     region_keys: Sequence[tuple[str, str]] = (),
 ) -> JobInput:
-    """The parameters as they will run: defaults filled in from the model, images as keys."""
-    control = body.control
-    mask = control.mask
+    """The parameters as they will run: defaults filled in from the model, images as keys.
+
+    ``body`` has passed :func:`check_request`.
+    """
+    mask = body.control.mask
     stored_mask = MaskControl(
         mode=mask.mode,
         regions=[MaskRegion(source=s, target=t) for s, t in region_keys] or None,
@@ -194,6 +138,7 @@ def resolve_input(
         target_word=mask.target_word,
         threshold=mask.threshold,
     )
+    width, height = resolve_size(entry, body.width, body.height)
     return JobInput(
         image=image_key,
         source_prompt=body.source_prompt,
@@ -202,23 +147,7 @@ def resolve_input(
         seed=body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1),
         steps=body.steps,
         guidance_scale=body.guidance_scale,
-        width=body.width or entry.native_width,
-        height=body.height or entry.native_height,
-        control=ControlInput(
-            # Short runs: the model's default start step may exceed them; starting at `steps`
-            # means no controlled step, which the engine accepts.
-            start_step=(
-                control.start_step
-                if control.start_step is not None
-                else min(entry.default_start_step, body.steps)
-            ),
-            start_layer=(
-                control.start_layer
-                if control.start_layer is not None
-                else entry.default_start_layer
-            ),
-            layers=control.layers,
-            steps=control.steps,
-            mask=stored_mask,
-        ),
+        width=width,
+        height=height,
+        control=resolve_control(entry, body.control, body.steps, stored_mask),
     )

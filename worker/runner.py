@@ -39,38 +39,34 @@ from masactrl_core import (
     MaskConfig,
 )
 from masactrl_jobs.catalog import ModelEntry
+from masactrl_jobs.control import InvalidParameters, check_control
 from masactrl_jobs.queue import enqueue_job
-from masactrl_jobs.schema import JobKind, JobStatus, MaskMode
-from masactrl_jobs.storage import ObjectNotFound, Storage, StorageError
+from masactrl_jobs.schema import ErrorCode, JobKind, JobStatus, MaskMode
+from masactrl_jobs.storage import (
+    ObjectNotFound,
+    Storage,
+    StorageError,
+    result_key,
+    results_prefix,
+)
 from masactrl_jobs.store import JobRecord, JobStore
 from worker.config import WorkerSettings
 from worker.inversion_cache import InversionCache, inversion_cache_key
 from worker.janitor import clear_requeue_marker
 from worker.leases import JobLease
-from worker.outputs import png_bytes, result_key, results_prefix
+from worker.outputs import png_bytes
 from worker.retry import Retrier
 from worker.webhooks import Emitter
 
-__all__ = ["ErrorCode", "JobRunner"]
+__all__ = ["JobRunner"]
 
 logger = logging.getLogger(__name__)
-
-
-class ErrorCode:
-    """``error.code`` values a worker sets on failed jobs."""
-
-    INVALID_INPUT = "invalid_input"
-    OUT_OF_MEMORY = "out_of_memory"
-    STORAGE_UNAVAILABLE = "storage_unavailable"
-    TIMEOUT = "timeout"
-    WORKER_LOST = "worker_lost"
-    INTERNAL = "internal_error"
 
 
 class _Failure(Exception):
     """A job failure with its code and user-facing message."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -99,7 +95,7 @@ def _decode(data: bytes, what: str, mode: str = "RGB") -> Image.Image:
             opened.load()
             return opened.convert(mode)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise _Failure(ErrorCode.INVALID_INPUT, f"the {what} cannot be decoded: {exc}") from None
+        raise _Failure(ErrorCode.invalid_input, f"the {what} cannot be decoded: {exc}") from None
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -196,7 +192,7 @@ class JobRunner:
                 return self._fail(
                     job_id,
                     _Failure(
-                        ErrorCode.WORKER_LOST,
+                        ErrorCode.worker_lost,
                         f"the job's worker stopped {started.attempts - 1} times while running "
                         "it; it is not tried again",
                     ),
@@ -227,7 +223,7 @@ class JobRunner:
                 raise
             except SoftTimeLimitExceeded:
                 raise _Failure(
-                    ErrorCode.TIMEOUT,
+                    ErrorCode.timeout,
                     f"the job ran longer than {self.settings.soft_time_limit_seconds:g} s; "
                     "try fewer steps, fewer targets or a smaller size",
                 ) from None
@@ -235,7 +231,7 @@ class JobRunner:
                 raise
             except StorageError as exc:
                 raise _Failure(
-                    ErrorCode.STORAGE_UNAVAILABLE, f"storage failed while running the job: {exc}"
+                    ErrorCode.storage_unavailable, f"storage failed while running the job: {exc}"
                 ) from exc
             except (redis.ConnectionError, redis.TimeoutError):
                 raise  # cannot record anything in Redis; the lease lapses and the job reruns
@@ -243,7 +239,7 @@ class JobRunner:
                 if _is_out_of_memory(exc):
                     _release_gpu_memory()
                     raise _Failure(
-                        ErrorCode.OUT_OF_MEMORY,
+                        ErrorCode.out_of_memory,
                         f"the GPU ran out of memory at {record.input.width}x{record.input.height} "
                         f"with {len(record.input.target_prompts)} target prompt(s); try a smaller "
                         "width/height or fewer target prompts",
@@ -260,7 +256,7 @@ class JobRunner:
             logger.info("job %s canceled", job_id)
             return "canceled"
         except InvalidInput as exc:
-            return self._fail(job_id, _Failure(ErrorCode.INVALID_INPUT, str(exc)), metrics)
+            return self._fail(job_id, _Failure(ErrorCode.invalid_input, str(exc)), metrics)
         except _Failure as failure:
             return self._fail(job_id, failure, metrics)
         except (redis.ConnectionError, redis.TimeoutError):
@@ -270,7 +266,7 @@ class JobRunner:
             logger.exception("job %s failed unexpectedly", job_id)
             return self._fail(
                 job_id,
-                _Failure(ErrorCode.INTERNAL, "the worker hit an unexpected error (logged)"),
+                _Failure(ErrorCode.internal_error, "the worker hit an unexpected error (logged)"),
                 metrics,
             )
         finish = self.retry(self.store.succeed, job_id, images, metrics)
@@ -289,9 +285,9 @@ class JobRunner:
         return "succeeded"
 
     def _fail(self, job_id: str, failure: _Failure, metrics: dict[str, Any]) -> str:
-        logger.warning("job %s failed: %s: %s", job_id, failure.code, failure.message)
+        logger.warning("job %s failed: %s: %s", job_id, failure.code.value, failure.message)
         self._delete_results(job_id)
-        self.retry(self.store.fail, job_id, failure.code, failure.message, metrics or None)
+        self.retry(self.store.fail, job_id, failure.code.value, failure.message, metrics or None)
         self.emitter.emit_terminal(job_id)
         return "failed"
 
@@ -309,7 +305,7 @@ class JobRunner:
             return None, None
         key = record.input.image
         if not key:
-            raise _Failure(ErrorCode.INVALID_INPUT, "the edit has no input image")
+            raise _Failure(ErrorCode.invalid_input, "the edit has no input image")
         data = self._read(key, "input image")
         return _decode(data, "input image"), hashlib.sha256(data).hexdigest()
 
@@ -318,7 +314,7 @@ class JobRunner:
             return self.retry(self.storage.get, key)
         except ObjectNotFound:
             raise _Failure(
-                ErrorCode.INVALID_INPUT, f"the {what} {key} is no longer in storage"
+                ErrorCode.invalid_input, f"the {what} {key} is no longer in storage"
             ) from None
 
     def _masks(self, record: JobRecord) -> MaskConfig | None:
@@ -342,6 +338,11 @@ class JobRunner:
 
     def _control(self, record: JobRecord) -> ControlConfig:
         control = record.input.control
+        try:
+            # The gateway resolved the control against its catalog; this worker's model decides.
+            check_control(self.entry, control, record.input.steps)
+        except InvalidParameters as exc:
+            raise _Failure(ErrorCode.invalid_input, str(exc)) from None
         return ControlConfig(
             start_step=control.start_step,
             start_layer=control.start_layer,

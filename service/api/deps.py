@@ -11,7 +11,6 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.requests import ClientDisconnect
 
 from service.config import Tenant
 from service.errors import ApiError, FieldError
@@ -20,13 +19,11 @@ from service.gateway import Gateway
 __all__ = [
     "DirectRoute",
     "GatewayDep",
-    "IdempotencyKey",
     "Prefer",
     "Submission",
     "TenantDep",
     "authenticate",
     "get_gateway",
-    "read_body",
     "submission_openapi",
     "tenant_for_key",
 ]
@@ -77,15 +74,6 @@ async def authenticate(
 
 TenantDep = Annotated[Tenant, Depends(authenticate)]
 
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        min_length=1,
-        max_length=255,
-        description="Retry-safe submission: the same key and body return the original job.",
-    ),
-]
 Prefer = Annotated[
     str | None,
     Header(
@@ -155,27 +143,6 @@ class DirectRoute(APIRoute):
         ):
             raise TypeError(f"{self.path}: a DirectRoute endpoint takes only the Request")
         return self.endpoint
-
-
-async def read_body(request: Request) -> bytes:
-    """``await request.body()`` without its async generator (the body mostly comes in one
-    message); the body is kept on the request, as Starlette keeps it, for any later reader."""
-    if hasattr(request, "_body") or request._stream_consumed:
-        return await request.body()
-    chunks: list[bytes] = []
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.request":
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        elif message["type"] == "http.disconnect":
-            request._is_disconnected = True
-            raise ClientDisconnect()
-    request._stream_consumed = True
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    request._body = body
-    return body
 
 
 SUBMISSION_PARAMETERS = [

@@ -1,12 +1,17 @@
-"""OpenAPI descriptions of the error answers, so the contract lists every status a route gives."""
+"""The routes' answers: a submission's HTTP response, and the OpenAPI descriptions of answers
+(error statuses included, so the contract lists every status a route gives)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from masactrl_jobs.schema import ErrorBody, JobPublic
+from fastapi import Response
 
-__all__ = ["JOB_HEADERS", "errors", "job_response"]
+from masactrl_jobs.schema import ErrorBody, JobPublic
+from service.gateway import Gateway
+from service.submission import Submitted
+
+__all__ = ["JOB_HEADERS", "errors", "job_response", "submitted_response"]
 
 _DESCRIPTIONS = {
     400: "Malformed request.",
@@ -37,3 +42,15 @@ def job_response(description: str, headers: bool = False) -> dict[str, Any]:
     if headers:
         entry["headers"] = JOB_HEADERS
     return entry
+
+
+def submitted_response(gateway: Gateway, submitted: Submitted) -> Response:
+    """202 with the new job (200 for an idempotent replay), its Location and what was applied."""
+    record = submitted.record
+    headers = {"Location": f"{gateway.settings.public_base_url}/v1/jobs/{record.id}"}
+    if submitted.replayed:
+        headers["Idempotent-Replayed"] = "true"
+        return gateway.job_response(record, 200, headers)
+    if submitted.waited_seconds is not None:
+        headers["Preference-Applied"] = f"wait={submitted.waited_seconds}"
+    return gateway.job_response(record, 202, headers)

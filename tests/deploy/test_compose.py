@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from masactrl_jobs.catalog import load_catalog
 from masactrl_jobs.settings import (
     CommonSettings,
     ConfigurationError,
@@ -295,7 +296,7 @@ def test_compose_environment_is_a_valid_production_configuration(
     assert settings.s3_public_endpoint_url == "http://localhost:9000"
     assert settings.s3_access_key_id == env["MASACTRL_S3_ACCESS_KEY_ID"]
     assert settings.signing_key == env["MASACTRL_URL_SIGNING_SECRET"].encode()
-    assert settings.model_catalog.default == "sd15"
+    assert load_catalog(settings).default == "sd15"
     if service == "gateway":
         assert settings.max_queue_depth == 100
         assert [t.name for t in settings.tenants_by_key_hash().values()] == ["acme"]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from masactrl_jobs.catalog import parse_catalog
+from masactrl_jobs.catalog import load_catalog, parse_catalog
 from masactrl_jobs.queue import WEBHOOK_QUEUE, queue_name
 from service.config import GatewaySettings
 from tests.deploy.manifests import (
@@ -250,7 +250,7 @@ def test_each_process_builds_valid_production_settings(
         assert settings.environment == "production"
         assert settings.storage_url.startswith("s3://")
         assert settings.public_base_url.startswith("https://")
-        assert settings.model_catalog.names() == ["sd15"]
+        assert load_catalog(settings).names() == ["sd15"]
 
 
 def test_worker_grace_period_outlasts_a_job(rendered: list[dict[str, Any]]) -> None:

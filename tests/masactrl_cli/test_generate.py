@@ -103,6 +103,7 @@ def _bad_inputs(tmp: Path, model: Path, photo: Path) -> dict[str, list[str]]:
         "start step out of range": [*synth, *ok, "--start-step", "9"],
         "start layer out of range": [*synth, *ok, "--start-step", "1", "--start-layer", "16"],
         "width not a multiple": [*synth, *ok, "--start-step", "1", "--width", "60"],
+        "size over the model's limit": [*synth, *ok, "--start-step", "1", "--width", "320"],
         "no target prompt": [*synth, "--steps", str(STEPS), "--out", str(tmp / "o")],
         "zero steps": [*synth, "--target-prompt", "a dog", "--steps", "0", "--out", str(tmp)],
     }
@@ -118,6 +119,7 @@ BAD_INPUT_CASES = [
     "start step out of range",
     "start layer out of range",
     "width not a multiple",
+    "size over the model's limit",
     "no target prompt",
     "zero steps",
 ]

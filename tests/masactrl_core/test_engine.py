@@ -230,3 +230,10 @@ def test_bad_input_is_a_value_error_naming_the_valid_range(engine, kwargs, messa
     arguments = {**SYNTHESIS, "steps": STEPS, **kwargs}
     with pytest.raises(InvalidInput, match=message):
         engine.synthesize(**arguments)
+
+
+def test_the_library_fallback_control_is_the_papers_depth_of_this_unet(engine):
+    # control=None: start step 4 and layer 10 of 16 at the same depth of any UNet, no family table.
+    assert engine.block_count == 16
+    assert (engine.default_control.start_step, engine.default_control.start_layer) == (4, 10)
+    assert engine._resolve_control(None, 2) == (frozenset(), frozenset(range(10, 16)))

@@ -1,8 +1,12 @@
-"""The model catalog: family defaults, validation messages and size checks."""
+"""The model catalog: family defaults, validation messages and loading."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,6 +17,7 @@ from masactrl_jobs.catalog import (
     UnknownModel,
     catalog_from_data,
     default_catalog,
+    load_catalog,
     parse_catalog,
 )
 
@@ -132,20 +137,37 @@ def test_unknown_model_lists_the_choices() -> None:
     assert isinstance(caught.value, KeyError)
 
 
-def test_check_size() -> None:
-    sd15 = default_catalog().get("sd15")
-    sd15.check_size(512, 768)
-    with pytest.raises(ValueError, match="multiples of 64"):
-        sd15.check_size(512, 520)
-    with pytest.raises(ValueError, match="allows at most 1048576"):
-        sd15.check_size(1024, 1088)
-    with pytest.raises(ValueError, match="positive"):
-        sd15.check_size(0, 512)
-    default_catalog().get("sdxl").check_size(1024, 992)
-
-
 def test_catalog_is_immutable() -> None:
     catalog = default_catalog()
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error type is an implementation detail
         catalog.default = "sdxl"  # type: ignore[misc]
     assert isinstance(catalog, Catalog)
+
+
+def test_load_catalog_reads_the_configured_source(tmp_path: Path) -> None:
+    inline = {"default": "tiny", "models": [{"name": "tiny", "source": "/m/tiny", "family": "sd"}]}
+    source = SimpleNamespace(catalog=json.dumps(inline), catalog_file=None)
+    assert load_catalog(source).names() == ["tiny"]
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps(inline))
+    assert load_catalog(SimpleNamespace(catalog=None, catalog_file=path)).default == "tiny"
+    assert load_catalog(SimpleNamespace(catalog=None, catalog_file=None)).default == "sd15"
+    missing = SimpleNamespace(catalog=None, catalog_file=tmp_path / "missing.json")
+    with pytest.raises(
+        CatalogError, match=r"MASACTRL_CATALOG_FILE \(.*missing.json\) does not exist"
+    ):
+        load_catalog(missing)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "from masactrl_jobs.settings import CommonSettings\n"
+        "CommonSettings(_env_file=None, environment='development')\n"
+        "assert 'masactrl_jobs.catalog' not in sys.modules",
+        "import masactrl_jobs.catalog\nassert 'masactrl_jobs.settings' not in sys.modules",
+    ],
+)
+def test_the_catalog_and_the_settings_do_not_import_each_other(code: str) -> None:
+    # Loading the catalog is a start-up step, not a side effect of building settings.
+    subprocess.run([sys.executable, "-c", f"import sys\n{code}"], check=True)

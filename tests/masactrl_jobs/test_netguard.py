@@ -424,20 +424,3 @@ def test_post_reports_a_refused_connection(resolver: FakeResolver) -> None:
     port = free_port()
     with pytest.raises(FetchError, match="cannot connect"):
         post(f"http://127.0.0.1:{port}/hook", b"{}", {}, timeout=2, allow_loopback_http=True)
-
-
-async def _afetch(url: str) -> bytes:
-    return await netguard.afetch(url, max_bytes=LIMIT, allow_loopback_http=True)
-
-
-def test_async_wrappers(http_server: LoopbackServer) -> None:
-    import anyio
-
-    http_server.route("/a")(lambda h: respond(h, 200, b"async"))
-    http_server.route("/hook")(lambda h: respond(h, 202))
-    assert anyio.run(_afetch, http_server.url("/a")) == b"async"
-
-    async def deliver() -> netguard.PostResult:
-        return await netguard.apost(http_server.url("/hook"), b"{}", {}, allow_loopback_http=True)
-
-    assert anyio.run(deliver).status_code == 202

@@ -21,6 +21,8 @@ from masactrl_jobs.storage import (
     StorageError,
     StorageUnavailable,
     content_type_for,
+    result_key,
+    results_prefix,
     storage_from_settings,
     validate_key,
 )
@@ -396,3 +398,9 @@ def test_storage_from_settings_s3(s3_server: S3Server) -> None:
     storage.put("inputs/a.png", b"x")
     assert storage.get("inputs/a.png") == b"x"
     assert storage.healthy()
+
+
+def test_result_keys_have_one_layout() -> None:
+    assert results_prefix("j1") == "results/j1/"
+    assert result_key("j1", "target", 2) == "results/j1/target_2.png"
+    assert validate_key(result_key("j1", "source", 0)).startswith(results_prefix("j1"))

@@ -16,8 +16,10 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from masactrl_jobs.schema import JobKind, JobStatus, SynthesisCreate
 from masactrl_jobs.store import JobStore
 from service.config import GatewaySettings
+from service.submission import Submitted, submit
 from tests.service.conftest import (
     ACME_KEY,
     GLOBEX_KEY,
@@ -604,3 +606,20 @@ def test_a_real_celery_worker_runs_the_message(
 
 def test_acme_key_constant_is_used(client: TestClient) -> None:
     assert client.headers["authorization"] == f"Bearer {ACME_KEY}"
+
+
+def test_submit_reports_a_domain_outcome_the_routes_turn_into_http(client: TestClient) -> None:
+    gw = client.app.state.gateway  # type: ignore[attr-defined]
+    tenant = next(iter(gw.tenants.values()))
+    body = SynthesisCreate.model_validate(SYNTHESIS)
+
+    async def twice() -> tuple[Submitted, Submitted]:
+        first = await submit(gw, tenant, JobKind.synthesis, body, idempotency_key="domain-1")
+        again = await submit(gw, tenant, JobKind.synthesis, body, idempotency_key="domain-1")
+        return first, again
+
+    first, again = client.portal.call(twice)  # type: ignore[union-attr]
+    assert isinstance(first, Submitted) and not first.replayed
+    assert first.record.status is JobStatus.queued and first.record.queue_position == 1
+    assert first.waited_seconds is None
+    assert again.replayed and again.record.id == first.record.id

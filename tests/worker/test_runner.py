@@ -10,6 +10,7 @@ import io
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
 from masactrl_core import ControlConfig
+from masactrl_jobs.catalog import load_catalog
 from masactrl_jobs.queue import make_celery, queue_name
 from masactrl_jobs.schema import ControlInput, JobInput, JobKind, JobStatus, WebhookCreate
 from masactrl_jobs.storage import FileStorage, StorageUnavailable
@@ -72,7 +74,7 @@ def make_runner(
     def make(**overrides: Any) -> JobRunner:
         values: dict[str, Any] = {
             "settings": settings,
-            "entry": settings.model_catalog.get("tiny"),
+            "entry": load_catalog(settings).get("tiny"),
             "engine": tiny_engine,
             "store": store,
             "storage": storage,
@@ -365,6 +367,22 @@ def test_engine_input_errors_are_invalid_input(
     assert error.code == "invalid_input" and "multiple of 16" in error.message
 
 
+def test_a_control_beyond_this_workers_model_is_invalid_input(
+    make_runner: Callable[..., JobRunner], store: JobStore
+) -> None:
+    # The gateway's catalog may disagree with the model this worker loaded: the worker checks.
+    job_id = create_job(store, control=ControlInput(start_step=1, start_layer=16))
+    calls: list[Any] = []
+    runner = make_runner(engine=SimpleNamespace(synthesize=lambda *a, **k: calls.append(a)))
+    assert runner.run(job_id) == "failed"
+    assert calls == []  # refused before the engine ran
+    error = store.get(job_id).error or {}  # type: ignore[union-attr]
+    assert error == {
+        "code": "invalid_input",
+        "message": "start_layer must be less than 16 (tiny has 16 transformer blocks), got 16",
+    }
+
+
 def test_out_of_memory_fails_with_a_hint_and_the_worker_stays_usable(
     make_runner: Callable[..., JobRunner], store: JobStore
 ) -> None:
@@ -552,7 +570,7 @@ def test_a_hard_time_limit_kill_is_recorded_as_timeout(
     job_id = create_job(store)
     assert store.acquire_lease(job_id, "killed-child", ttl=30)
     store.start(job_id, "killed-child")
-    runtime.configure(settings, app, "gpu", entry=settings.model_catalog.get("tiny"), source="-")
+    runtime.configure(settings, app, "gpu", entry=load_catalog(settings).get("tiny"), source="-")
     try:
         JobTask().on_failure(TimeLimitExceeded(660), "task-id", [job_id], {}, None)
     finally:

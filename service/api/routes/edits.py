@@ -10,7 +10,7 @@ from starlette.formparsers import MultiPartException
 
 from masactrl_jobs.schema import EditCreate, EditParams, JobKind
 from service.api.deps import DirectRoute, Submission, submission_openapi
-from service.api.responses import errors, job_response
+from service.api.responses import errors, job_response, submitted_response
 from service.errors import ApiError, FieldError, invalid, validation_details
 from service.submission import submit
 
@@ -101,7 +101,7 @@ async def create_edit(request: Request) -> Response:
             "unsupported_media_type",
             "Send application/json, or multipart/form-data with 'image' and 'params' parts.",
         )
-    return await submit(
+    submitted = await submit(
         context.gateway,
         context.tenant,
         JobKind.edit,
@@ -110,3 +110,4 @@ async def create_edit(request: Request) -> Response:
         idempotency_key=context.idempotency_key,
         prefer=context.prefer,
     )
+    return submitted_response(context.gateway, submitted)

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
 from masactrl_jobs.schema import JobKind, SynthesisCreate
-from service.api.deps import DirectRoute, Submission, read_body, submission_openapi
-from service.api.responses import errors, job_response
+from service.api.deps import DirectRoute, Submission, submission_openapi
+from service.api.responses import errors, job_response, submitted_response
 from service.errors import invalid, validation_details
 from service.submission import submit
 
@@ -34,10 +34,10 @@ async def create_synthesis(request: Request) -> Response:
     context = Submission.from_request(request)
     try:
         # pydantic parses the JSON itself: faster than decoding to Python objects first.
-        body = SynthesisCreate.model_validate_json(await read_body(request))
+        body = SynthesisCreate.model_validate_json(await request.body())
     except ValidationError as exc:
         raise invalid(validation_details(exc.errors(), prefix=("body",))) from None
-    return await submit(
+    submitted = await submit(
         context.gateway,
         context.tenant,
         JobKind.synthesis,
@@ -45,3 +45,4 @@ async def create_synthesis(request: Request) -> Response:
         idempotency_key=context.idempotency_key,
         prefer=context.prefer,
     )
+    return submitted_response(context.gateway, submitted)

@@ -1,0 +1,204 @@
+"""What a model can run: a job's control and image size, resolved against its catalog entry.
+
+One home for these rules, used by the gateway (to answer 422 before queueing), the GPU worker
+(before handing the job to the engine) and ``masactrl synthesize``/``edit``:
+
+- **Control.** Omitted values take the model's defaults (the catalog entry's
+  ``default_start_step`` / ``default_start_layer``, which come from its family). A requested
+  ``start_step`` must be below ``steps``; a default one is clipped to ``steps``, which leaves a
+  short run without controlled steps rather than failing it. Layers must be below the model's
+  ``block_count``; explicit ``layers`` / ``steps`` lists override the start values.
+- **Size.** Width and height default to the native size, must be multiples of the model's
+  ``size_multiple`` (the VAE factor times the UNet's downsampling) and stay within ``max_pixels``.
+
+Problems are collected, not raised one at a time, so a client sees every mistake in one answer;
+each names the request field (``("control", "start_layer")``) and says what is wrong in a sentence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from masactrl_jobs.catalog import ModelEntry
+from masactrl_jobs.schema import ControlInput, MaskControl
+
+__all__ = [
+    "InvalidParameters",
+    "Problem",
+    "RequestedControl",
+    "check_control",
+    "control_problems",
+    "resolve_control",
+    "resolve_size",
+    "size_problems",
+]
+
+FieldPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing the model cannot run: the request field at fault and a sentence."""
+
+    field: FieldPath
+    message: str
+
+
+class InvalidParameters(ValueError):
+    """Parameters the model cannot run; ``problems`` lists each one with its field."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        super().__init__("; ".join(problem.message for problem in problems))
+        self.problems = list(problems)
+
+
+class RequestedControl(Protocol):
+    """The control a caller asks for (``schema.ControlParams``); None means the model's default."""
+
+    @property
+    def start_step(self) -> int | None: ...
+
+    @property
+    def start_layer(self) -> int | None: ...
+
+    @property
+    def layers(self) -> Sequence[int] | None: ...
+
+    @property
+    def steps(self) -> Sequence[int] | None: ...
+
+
+_CONTROL = "control"
+
+
+def _step_problems(control: RequestedControl, steps: int, *, last_start: int) -> list[Problem]:
+    problems = []
+    if control.start_step is not None and not 0 <= control.start_step <= last_start:
+        problems.append(
+            Problem(
+                (_CONTROL, "start_step"),
+                f"start_step must be less than steps ({steps}), got {control.start_step}"
+                if last_start < steps
+                else f"start_step must be between 0 and steps ({steps}), got {control.start_step}",
+            )
+        )
+    bad_steps = [s for s in control.steps or [] if not 0 <= s < steps]
+    if bad_steps:
+        problems.append(
+            Problem(
+                (_CONTROL, "steps"), f"control steps must be below steps ({steps}), got {bad_steps}"
+            )
+        )
+    return problems
+
+
+def _layer_problems(control: RequestedControl, entry: ModelEntry) -> list[Problem]:
+    problems = []
+    blocks = entry.block_count
+    if control.start_layer is not None and not 0 <= control.start_layer < blocks:
+        problems.append(
+            Problem(
+                (_CONTROL, "start_layer"),
+                f"start_layer must be less than {blocks} ({entry.name} has {blocks} transformer "
+                f"blocks), got {control.start_layer}",
+            )
+        )
+    bad_layers = [layer for layer in control.layers or [] if not 0 <= layer < blocks]
+    if bad_layers:
+        problems.append(
+            Problem(
+                (_CONTROL, "layers"),
+                f"layers must be below {blocks} ({entry.name} has {blocks} transformer blocks), "
+                f"got {bad_layers}",
+            )
+        )
+    return problems
+
+
+def control_problems(entry: ModelEntry, requested: RequestedControl, steps: int) -> list[Problem]:
+    """Every problem of a requested control for ``entry`` and a run of ``steps`` (empty if none)."""
+    return _step_problems(requested, steps, last_start=steps - 1) + _layer_problems(
+        requested, entry
+    )
+
+
+def resolve_control(
+    entry: ModelEntry,
+    requested: RequestedControl,
+    steps: int,
+    mask: MaskControl | None = None,
+) -> ControlInput:
+    """The control as it will run on ``entry``; :class:`InvalidParameters` when it cannot."""
+    problems = control_problems(entry, requested, steps)
+    if problems:
+        raise InvalidParameters(problems)
+    return ControlInput(
+        # A default start step past a short run means no controlled step, which is allowed;
+        # a requested one there is a mistake and reported above.
+        start_step=(
+            requested.start_step
+            if requested.start_step is not None
+            else min(entry.default_start_step, steps)
+        ),
+        start_layer=(
+            requested.start_layer
+            if requested.start_layer is not None
+            else entry.default_start_layer
+        ),
+        layers=list(requested.layers) if requested.layers is not None else None,
+        steps=list(requested.steps) if requested.steps is not None else None,
+        mask=mask if mask is not None else MaskControl(),
+    )
+
+
+def check_control(entry: ModelEntry, control: ControlInput, steps: int) -> None:
+    """Check an already resolved control against the model that will run it (a worker's check).
+
+    The gateway resolved it against its own copy of the catalog; the worker's entry is the one
+    that matters. ``start_step == steps`` is valid here: it is how a clipped default is stored.
+    """
+    problems = _step_problems(control, steps, last_start=steps) + _layer_problems(control, entry)
+    if problems:
+        raise InvalidParameters(problems)
+
+
+def size_problems(entry: ModelEntry, width: int | None, height: int | None) -> list[Problem]:
+    """Every problem of a requested size for ``entry`` (None takes the native side)."""
+    problems = []
+    multiple = entry.size_multiple
+    for name, value in (("width", width), ("height", height)):
+        if value is None:
+            continue
+        if value <= 0:
+            problems.append(Problem((name,), f"{name} must be positive, got {value}"))
+        elif value % multiple:
+            problems.append(
+                Problem(
+                    (name,),
+                    f"{name} must be a multiple of {multiple} for {entry.name}, got {value}",
+                )
+            )
+    if any(value is not None and value <= 0 for value in (width, height)):
+        return problems
+    final_width = width or entry.native_width
+    final_height = height or entry.native_height
+    pixels = final_width * final_height
+    if pixels > entry.max_pixels:
+        problems.append(
+            Problem(
+                ("width" if width is not None else "height",),
+                f"{final_width}×{final_height} is {pixels} pixels; {entry.name} allows at most "
+                f"{entry.max_pixels}",
+            )
+        )
+    return problems
+
+
+def resolve_size(entry: ModelEntry, width: int | None, height: int | None) -> tuple[int, int]:
+    """``(width, height)`` as the job will run; :class:`InvalidParameters` when ``entry`` can't."""
+    problems = size_problems(entry, width, height)
+    if problems:
+        raise InvalidParameters(problems)
+    return width or entry.native_width, height or entry.native_height

@@ -1,0 +1,85 @@
+"""Resolving a job's control and size against a catalog model: defaults, checks, field names."""
+
+from __future__ import annotations
+
+import pytest
+
+from masactrl_jobs.catalog import default_catalog
+from masactrl_jobs.control import (
+    InvalidParameters,
+    check_control,
+    resolve_control,
+    resolve_size,
+)
+from masactrl_jobs.schema import ControlInput, ControlParams, MaskControl, MaskMode
+
+SD15 = default_catalog().get("sd15")
+SDXL = default_catalog().get("sdxl")
+
+
+def problems(error: pytest.ExceptionInfo[InvalidParameters]) -> dict[tuple[str | int, ...], str]:
+    return {problem.field: problem.message for problem in error.value.problems}
+
+
+def test_omitted_values_take_the_family_defaults_of_the_catalog_entry() -> None:
+    assert resolve_control(SD15, ControlParams(), 50) == ControlInput(start_step=4, start_layer=10)
+    assert resolve_control(SDXL, ControlParams(), 50) == ControlInput(start_step=4, start_layer=44)
+
+
+def test_a_default_start_step_past_a_short_run_is_clipped() -> None:
+    assert resolve_control(SD15, ControlParams(), 2).start_step == 2
+
+
+def test_requested_values_and_lists_pass_through_with_the_mask() -> None:
+    mask = MaskControl(mode=MaskMode.auto, source_word="cat", target_word="dog")
+    requested = ControlParams(start_step=3, start_layer=60, layers=[60, 69], steps=[3, 19])
+    resolved = resolve_control(SDXL, requested, 20, mask)
+    assert resolved == ControlInput(
+        start_step=3, start_layer=60, layers=[60, 69], steps=[3, 19], mask=mask
+    )
+
+
+def test_every_problem_is_reported_with_its_field() -> None:
+    requested = ControlParams(start_step=10, start_layer=16, layers=[3, 16], steps=[9, 10])
+    with pytest.raises(InvalidParameters) as caught:
+        resolve_control(SD15, requested, 10)
+    assert problems(caught) == {
+        ("control", "start_step"): "start_step must be less than steps (10), got 10",
+        ("control", "steps"): "control steps must be below steps (10), got [10]",
+        ("control", "start_layer"): (
+            "start_layer must be less than 16 (sd15 has 16 transformer blocks), got 16"
+        ),
+        ("control", "layers"): "layers must be below 16 (sd15 has 16 transformer blocks), got [16]",
+    }
+
+
+def test_the_worker_check_accepts_a_stored_clipped_default_but_not_a_smaller_model() -> None:
+    stored = resolve_control(SDXL, ControlParams(), 2)
+    check_control(SDXL, stored, 2)  # start_step == steps: no controlled step, as resolved
+    with pytest.raises(InvalidParameters) as caught:
+        check_control(SD15, stored, 2)
+    assert list(problems(caught)) == [("control", "start_layer")]
+    with pytest.raises(InvalidParameters, match="between 0 and steps"):
+        check_control(SDXL, stored.model_copy(update={"start_step": 3}), 2)
+
+
+def test_size_defaults_to_the_native_size() -> None:
+    assert resolve_size(SD15, None, None) == (512, 512)
+    assert resolve_size(SD15, 512, 768) == (512, 768)
+    assert resolve_size(SDXL, 1024, 992) == (1024, 992)
+
+
+def test_size_problems_name_the_field() -> None:
+    with pytest.raises(InvalidParameters) as caught:
+        resolve_size(SD15, None, 520)
+    assert problems(caught) == {("height",): "height must be a multiple of 64 for sd15, got 520"}
+    with pytest.raises(InvalidParameters) as caught:
+        resolve_size(SD15, 1024, 1088)
+    assert problems(caught) == {
+        ("width",): "1024×1088 is 1114112 pixels; sd15 allows at most 1048576"
+    }
+    with pytest.raises(InvalidParameters) as caught:
+        resolve_size(SD15, None, 2112)
+    assert list(problems(caught)) == [("height",)]  # the side that was asked for
+    with pytest.raises(InvalidParameters, match="width must be positive, got 0"):
+        resolve_size(SD15, 0, 512)
