@@ -376,11 +376,11 @@ def test_a_control_beyond_this_workers_model_is_invalid_input(
     runner = make_runner(engine=SimpleNamespace(synthesize=lambda *a, **k: calls.append(a)))
     assert runner.run(job_id) == "failed"
     assert calls == []  # refused before the engine ran
-    error = store.get(job_id).error or {}  # type: ignore[union-attr]
-    assert error == {
-        "code": "invalid_input",
-        "message": "start_layer must be less than 16 (tiny has 16 transformer blocks), got 16",
-    }
+    error = store.get(job_id).error  # type: ignore[union-attr]
+    assert error == ErrorRecord(
+        code="invalid_input",
+        message="start_layer must be less than 16 (tiny has 16 transformer blocks), got 16",
+    )
 
 
 def test_out_of_memory_fails_with_a_hint_and_the_worker_stays_usable(
