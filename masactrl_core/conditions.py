@@ -46,7 +46,8 @@ _CLASSES: dict[str, ConditionKind] = {"ControlNetModel": "controlnet", "T2IAdapt
 class ConditionModel:
     """A loaded ControlNet or T2I-Adapter, checked against the base model it was loaded for."""
 
-    model: torch.nn.Module
+    # A diffusers ControlNetModel or T2IAdapter (untyped in diffusers, so Any here).
+    model: Any
     kind: ConditionKind
     family: str
     name: str = ""
@@ -117,7 +118,7 @@ def load_condition_model(
         )
     loader = ControlNetModel if kind == "controlnet" else T2IAdapter
     try:
-        model = loader.from_pretrained(name, torch_dtype=dtype)
+        model = loader.from_pretrained(name, torch_dtype=dtype)  # type: ignore[no-untyped-call]
     except Exception as error:
         raise ModelLoadError(f"cannot load condition model {name}: {error}") from error
     model.to(device)

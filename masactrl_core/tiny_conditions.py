@@ -30,14 +30,14 @@ def build_tiny_condition_model(kind: str, unet: Any, family: str, seed: int = 0)
     if kind == "adapter":
         if family == "sdxl":
             # SDXL's layout: features at half the latent grid, then a quarter, four levels.
-            return T2IAdapter(
+            return T2IAdapter(  # type: ignore[no-untyped-call]
                 in_channels=3,
                 channels=[*channels, channels[-1]],
                 num_res_blocks=1,
                 downscale_factor=2 * vae_factor,
                 adapter_type="full_adapter_xl",
             )
-        return T2IAdapter(
+        return T2IAdapter(  # type: ignore[no-untyped-call]
             in_channels=3,
             channels=channels,
             num_res_blocks=1,
@@ -74,7 +74,7 @@ def write_tiny_condition_model(
     if not index.is_file():
         raise ValueError(f"{base} is not a diffusers checkpoint (no model_index.json)")
     family = detect_family(json.loads(index.read_text(encoding="utf-8")))
-    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")  # type: ignore[no-untyped-call]
     model = build_tiny_condition_model(kind, unet, family, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
