@@ -347,7 +347,7 @@ class MasaCtrlEngine:
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
-    def load_condition_model(self, path_or_id: str | os.PathLike) -> ConditionModel:
+    def load_condition_model(self, path_or_id: str | os.PathLike[str]) -> ConditionModel:
         """Load a ControlNet or T2I-Adapter for this model, on its device and in its dtype.
 
         The class comes from the model's config. A model made for another family or with other
@@ -788,8 +788,9 @@ class MasaCtrlEngine:
         timestep: torch.Tensor,
         cond: _Conditioning,
         residuals: dict[str, object] | None = None,
-    ):
-        return self.unet(
+    ) -> torch.Tensor:
+        """One UNet call; ``residuals`` are a condition model's extra UNet arguments."""
+        output: torch.Tensor = self.unet(
             latents,
             timestep,
             encoder_hidden_states=cond.embeds,
@@ -797,6 +798,7 @@ class MasaCtrlEngine:
             return_dict=False,
             **(residuals or {}),
         )[0]
+        return output
 
     def _inversion_steps(self, steps: int) -> Iterator[tuple[torch.Tensor, float, float]]:
         """(t, ᾱ_t, ᾱ_prev) for each sampling step, in inversion order (least noisy first).
