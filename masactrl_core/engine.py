@@ -146,6 +146,10 @@ class InvertedImage:
     def has_trajectory(self) -> bool:
         return self.trajectory is not None
 
+    def without_trajectory(self) -> InvertedImage:
+        """The same inversion without its trajectory: a smaller cache entry, no anchoring."""
+        return replace(self, trajectory=None)
+
     def to_safetensors_bytes(self) -> bytes:
         from safetensors.torch import save
 
@@ -353,7 +357,10 @@ class MasaCtrlEngine:
         The class comes from the model's config. A model made for another family or with other
         shapes is refused here, before any run. Loading is slow: callers keep the result.
         """
-        condition = load_condition_model(path_or_id, device=self.device, dtype=self.dtype)
+        name = str(path_or_id)
+        if not os.path.exists(name) and _looks_like_local_path(name):
+            raise ModelLoadError(f"condition model folder {name} does not exist")
+        condition = load_condition_model(name, device=self.device, dtype=self.dtype)
         check_compatible(condition, self.family, self.unet.config, self.vae_scale_factor)
         return condition
 

@@ -48,7 +48,8 @@ def test_trajectory_survives_safetensors_and_its_presence_is_in_the_metadata(inv
     assert loaded.has_trajectory and torch.equal(loaded.trajectory, inverted.trajectory)
     assert torch.equal(loaded.latents, inverted.latents)
     assert b'"trajectory":"true"' in data[:4096]
-    bare = InvertedImage(inverted.latents, STEPS, 64, 64, "")
+    bare = inverted.without_trajectory()
+    assert not bare.has_trajectory and bare.latents is inverted.latents
     bare_data = bare.to_safetensors_bytes()
     assert b'"trajectory":"false"' in bare_data[:4096]
     assert InvertedImage.from_safetensors_bytes(bare_data).trajectory is None

@@ -19,7 +19,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from masactrl_core import Condition, ControlConfig, InvalidInput, MasaCtrlEngine
+from masactrl_core import Condition, ControlConfig, InvalidInput, MasaCtrlEngine, ModelLoadError
 from masactrl_core.attention import MutualAttentionState, install_processors
 from masactrl_core.conditions import ConditionModel, condition_pixels, controlnet_keep
 from masactrl_core.engine import with_options
@@ -391,3 +391,12 @@ def test_family_and_shape_mismatches_are_clear_errors(
     build_tiny_condition_model("adapter", wider, "sd").save_pretrained(tmp_path / "ad")
     with pytest.raises(InvalidInput, match="channels"):
         engine.load_condition_model(tmp_path / "ad")
+
+
+def test_what_is_not_a_condition_model_is_a_load_error(engine, tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        engine.load_condition_model(tmp_path / "absent")
+    with pytest.raises(ModelLoadError, match="is a UNet2DConditionModel, not a ControlNetModel"):
+        engine.load_condition_model(f"{engine.model_name}/unet")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        engine.load_condition_model(tmp_path)
