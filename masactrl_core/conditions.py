@@ -65,13 +65,14 @@ class ConditionModel:
 class Condition:
     """Layout guidance for one run.
 
-    ``images``: one per target prompt, in order, or one shared by all targets. ``source_image``
+    ``images``: one per target prompt, in order, or one shared by all targets (alone or in a
+    list). ``source_image``
     conditions the source too (synthesis only: an edit's source is the inverted photo). The
     residuals are multiplied by ``scale`` during the fraction ``[start, end]`` of the steps.
     """
 
     model: ConditionModel
-    images: Sequence[Image.Image]
+    images: Sequence[Image.Image] | Image.Image
     source_image: Image.Image | None = None
     scale: float = 1.0
     start: float = 0.0
@@ -293,7 +294,9 @@ def prepare_condition(
             "the condition window must satisfy 0 <= start < end <= 1, "
             f"got start {condition.start} and end {condition.end}"
         )
-    images = list(condition.images)
+    # A single image (not in a list) is the one shared by all targets.
+    images = [condition.images] if isinstance(condition.images, Image.Image) else condition.images
+    images = list(images)
     if len(images) not in (1, targets):
         raise InvalidInput(
             f"give one condition image per target prompt ({targets}) or one shared by all, "

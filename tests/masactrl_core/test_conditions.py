@@ -90,21 +90,28 @@ def reference_denoise(
     condition: Condition | None = None,
     anchor: torch.Tensor | None = None,
     guidance_scale: float = 7.5,
+    steps: int = STEPS,
 ) -> torch.Tensor:
     """MasaCtrl with a condition, written out on the authors' batch of 2 × (1 + N) rows."""
     n = len(target_prompts)
     size = engine._image_size(noise)
     prompts, uncond = engine._conditioning([source_prompt, *target_prompts], "", size)
     embeds = torch.cat([uncond.embeds.expand(n + 1, -1, -1), prompts.embeds])
+    # SDXL's pooled embeddings and time ids, in the same row order (empty for SD).
+    added = {
+        key: torch.cat([uncond.added[key].expand(n + 1, -1), prompts.added[key]])
+        for key in prompts.added
+    }
     scheduler = DDIMScheduler.from_config(engine.scheduler.config)
-    scheduler.set_timesteps(STEPS)
-    controlled = control.resolve(STEPS, engine.block_count)
+    scheduler.set_timesteps(steps)
+    controlled = control.resolve(steps, engine.block_count)
     state = MutualAttentionState(*controlled)
     original = install_processors(engine.unet, engine.layer_names, state, ExplicitSoftmaxMasaCtrl)
     rows_pixels = row_mask = None
     if condition is not None:
         width, height = size
-        images = list(condition.images)
+        images = condition.images
+        images = [images] if isinstance(images, Image.Image) else list(images)
         per_image = [
             condition.source_image,
             *(images[0] if len(images) == 1 else images[k] for k in range(n)),
@@ -116,14 +123,14 @@ def reference_denoise(
         rows_pixels = torch.cat([pixels, pixels])
         has = torch.tensor([image is not None for image in per_image], dtype=torch.float32)
         row_mask = torch.cat([has, has]).view(-1, 1, 1, 1)
-        keep = controlnet_keep(STEPS, condition.start, condition.end)
+        keep = controlnet_keep(steps, condition.start, condition.end)
     latents = noise.expand(n + 1, -1, -1, -1).clone()
     try:
         with torch.inference_mode():
             for i, t in enumerate(scheduler.timesteps):
                 state.begin_step(i)
                 if anchor is not None:
-                    latents[0] = anchor[STEPS - i]
+                    latents[0] = anchor[steps - i]
                 model_input = torch.cat([latents, latents])
                 extra = {}
                 if condition is not None:
@@ -136,6 +143,7 @@ def reference_denoise(
                             encoder_hidden_states=embeds,
                             controlnet_cond=rows_pixels,
                             conditioning_scale=weight,
+                            added_cond_kwargs=added or None,
                             return_dict=False,
                         )
                         extra = {
@@ -149,7 +157,13 @@ def reference_denoise(
                                 f * weight * row_mask for f in features
                             ]
                         }
-                out = engine.unet(model_input, t, encoder_hidden_states=embeds, **extra).sample
+                out = engine.unet(
+                    model_input,
+                    t,
+                    encoder_hidden_states=embeds,
+                    added_cond_kwargs=added or None,
+                    **extra,
+                ).sample
                 uncond_out, cond_out = out.chunk(2)
                 guided = uncond_out + guidance_scale * (cond_out - uncond_out)
                 latents = scheduler.step(guided, t, latents).prev_sample

@@ -8,7 +8,12 @@ from diffusers import DDIMScheduler, StableDiffusionXLControlNetPipeline
 from masactrl_core import Condition, ControlConfig, InvalidInput
 from masactrl_core.engine import MasaCtrlEngine
 from masactrl_core.tiny_conditions import write_tiny_condition_model
-from tests.masactrl_core.test_conditions import assert_close, effect, layout_image
+from tests.masactrl_core.test_conditions import (
+    assert_close,
+    effect,
+    layout_image,
+    reference_denoise,
+)
 
 STEPS = 3
 ATOL = 2e-4
@@ -61,3 +66,20 @@ def test_sd_adapter_on_sdxl_is_refused(engine, tiny_checkpoint, tmp_path):
     sd_adapter = write_tiny_condition_model(tmp_path / "ad", kind="adapter", base=tiny_checkpoint)
     with pytest.raises(InvalidInput, match="made for sd models"):
         engine.load_condition_model(sd_adapter)
+
+
+def test_sdxl_conditioned_masactrl_equals_explicit_reference(engine, controlnet_dir):
+    controlnet = engine.load_condition_model(controlnet_dir)
+    control = ControlConfig(start_step=1, start_layer=44)
+    targets = ["a cat running", "a dog jumping"]
+    condition = Condition(controlnet, layout_image(3), source_image=layout_image(5), end=0.7)
+    ours = engine.synthesize(
+        "a cat sitting", targets, seed=3, steps=STEPS, control=control, condition=condition
+    )
+    noise = engine.initial_noise(3, 64, 64)
+    expected = reference_denoise(
+        engine, noise, "a cat sitting", targets, control, condition, steps=STEPS
+    )
+    assert_close(ours.latents, expected)
+    # Rows of all three images, both guidance halves, on the 2 of 3 steps the window keeps.
+    assert ours.stats.condition_evals == 2 * 3 * 2
