@@ -79,6 +79,18 @@ class Condition:
     end: float = 1.0
 
 
+@dataclass(frozen=True)
+class PreparedCondition:
+    """A condition checked against one run: pixels per image index and each step's weight.
+
+    Image 0 is the source, k is target k; ``weights[i]`` is ``scale × keep_i``.
+    """
+
+    model: ConditionModel
+    pixels: dict[int, torch.Tensor]
+    weights: list[float]
+
+
 def condition_family(kind: ConditionKind, config: Mapping[str, Any]) -> str:
     """``sdxl`` for condition models made for SDXL (added text-time conditioning), else ``sd``."""
     if kind == "controlnet":
@@ -181,23 +193,19 @@ def controlnet_keep(steps: int, start: float, end: float) -> list[float]:
 
 
 class ConditionRun:
-    """A condition prepared for one run: pixels per image, weights per step, adapter features.
+    """A prepared condition during its run: the images on the device, adapter features.
 
-    ``images`` maps the run's image index (0 = source, k = target k) to its pixels. The loop asks
+    The loop asks
     :meth:`unet_kwargs` for the extra UNet arguments of each UNet call, naming the image of every
     row; ``evaluations`` counts condition-model row evaluations (adapter: images encoded).
     """
 
     def __init__(
-        self,
-        condition: ConditionModel,
-        images: Mapping[int, torch.Tensor],
-        weights: Sequence[float],
-        device: torch.device,
-        dtype: torch.dtype,
+        self, prepared: PreparedCondition, device: torch.device, dtype: torch.dtype
     ) -> None:
+        condition, images = prepared.model, prepared.pixels
         self.condition = condition
-        self.weights = list(weights)
+        self.weights = prepared.weights
         self.evaluations = 0
         # Images sharing one input share one tensor: encoded (adapter) once.
         self._pixels = {k: v.to(device, dtype) for k, v in images.items()}
@@ -281,8 +289,8 @@ def prepare_condition(
     width: int,
     height: int,
     editing: bool,
-) -> tuple[Condition, dict[int, torch.Tensor], list[float]]:
-    """Check a condition against a run; return it, pixels per image and ``scale × keep_i``."""
+) -> PreparedCondition:
+    """Check a condition against a run and convert its images (before any sampling)."""
     if not isinstance(condition, Condition):
         raise InvalidInput("condition must be a Condition")
     if not isinstance(condition.model, ConditionModel):
@@ -313,13 +321,14 @@ def prepare_condition(
     if condition.source_image is not None:
         pixels[0] = condition_pixels(condition.source_image, width, height, channels)
     keep = controlnet_keep(steps, condition.start, condition.end)
-    return condition, pixels, [condition.scale * k for k in keep]
+    return PreparedCondition(condition.model, pixels, [condition.scale * k for k in keep])
 
 
 __all__ = [
     "Condition",
     "ConditionModel",
     "ConditionRun",
+    "PreparedCondition",
     "check_compatible",
     "condition_family",
     "condition_pixels",

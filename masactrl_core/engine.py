@@ -35,6 +35,7 @@ from masactrl_core.conditions import (
     Condition,
     ConditionModel,
     ConditionRun,
+    PreparedCondition,
     check_compatible,
     load_condition_model,
     prepare_condition,
@@ -568,7 +569,7 @@ class MasaCtrlEngine:
         should_cancel: CancelCheck | None,
         inverted: InvertedImage | None = None,
         *,
-        condition: tuple[Condition, dict[int, torch.Tensor], list[float]] | None = None,
+        condition: PreparedCondition | None = None,
         anchor: torch.Tensor | None = None,
     ) -> MasaCtrlResult:
         """Denoise [source, targets] from ``noise`` under the control, then decode."""
@@ -716,7 +717,7 @@ class MasaCtrlEngine:
         height: int,
         *,
         editing: bool = False,
-    ) -> tuple[Condition, dict[int, torch.Tensor], list[float]] | None:
+    ) -> PreparedCondition | None:
         """Check a condition before any sampling: model fit, images, window."""
         if condition is None:
             return None
@@ -925,16 +926,15 @@ class MasaCtrlEngine:
         should_cancel: CancelCheck | None,
         masks: ManualMasks | WordMasks | None = None,
         *,
-        condition: tuple[Condition, dict[int, torch.Tensor], list[float]] | None = None,
+        condition: PreparedCondition | None = None,
         anchor: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoise [source, targets]; ``anchor`` is the source's inversion trajectory, if kept."""
         started = time.perf_counter()
-        condition_run = None
-        if condition is not None:
-            spec, pixels, weights = condition
-            # Adapter features are encoded here, once for the whole run.
-            condition_run = ConditionRun(spec.model, pixels, weights, self.device, self.dtype)
+        # Adapter features are encoded here, once for the whole run.
+        condition_run = (
+            None if condition is None else ConditionRun(condition, self.device, self.dtype)
+        )
         controlled_steps, controlled_layers = controlled
         n = len(target_prompts)
         size = self._image_size(noise)
