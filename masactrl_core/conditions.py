@@ -160,6 +160,9 @@ def check_compatible(
             mismatch.append("block_out_channels")
         if len(config.down_block_types) != len(unet_config["down_block_types"]):
             mismatch.append("down_block_types")
+        # Its condition encoder halves the image once per extra stage, down to the latent grid.
+        if 2 ** (len(config.conditioning_embedding_out_channels) - 1) != vae_scale_factor:
+            mismatch.append("conditioning_embedding_out_channels")
     else:
         channels = list(config.channels)
         common = min(len(channels), len(unet_channels))
@@ -211,6 +214,7 @@ class ConditionRun:
         self._pixels = {k: v.to(device, dtype) for k, v in images.items()}
         self._features: dict[int, list[torch.Tensor]] = {}
         self._adapter_rows: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self._controlnet_rows: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         if condition.kind == "adapter":
             encoded: dict[int, list[torch.Tensor]] = {}
             for image, pixels in images.items():
@@ -241,12 +245,12 @@ class ConditionRun:
         if self.condition.kind == "adapter":
             features = self._adapter_features(tuple(row_images))
             return {"down_intrablock_additional_residuals": [f * weight for f in features]}
-        index = torch.tensor(rows, device=sample.device)
+        index, pixels = self._controlnet_inputs(tuple(row_images), rows)
         down, mid = self.condition.model(
             sample[index],
             timestep,
             encoder_hidden_states=embeds[index],
-            controlnet_cond=torch.cat([self._pixels[row_images[r]] for r in rows]),
+            controlnet_cond=pixels,
             conditioning_scale=weight,
             added_cond_kwargs={k: v[index] for k, v in added.items()} or None,
             return_dict=False,
@@ -256,6 +260,18 @@ class ConditionRun:
             down = [_scatter(d, index, len(row_images)) for d in down]
             mid = _scatter(mid, index, len(row_images))
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    def _controlnet_inputs(
+        self, row_images: tuple[int, ...], rows: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditioned rows of a row layout and their pixels, cached per layout."""
+        if row_images not in self._controlnet_rows:
+            device = next(iter(self._pixels.values())).device
+            self._controlnet_rows[row_images] = (
+                torch.tensor(rows, device=device),
+                torch.cat([self._pixels[row_images[r]] for r in rows]),
+            )
+        return self._controlnet_rows[row_images]
 
     def _adapter_features(self, row_images: tuple[int, ...]) -> list[torch.Tensor]:
         """Per-row adapter features of a row layout (zeros for unconditioned rows), cached."""

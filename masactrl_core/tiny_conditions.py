@@ -16,16 +16,21 @@ CONDITION_KINDS = ("controlnet", "adapter")
 _ZERO_CONV_STD = 0.1
 
 
-def build_tiny_condition_model(kind: str, unet: Any, family: str, seed: int = 0) -> Any:
-    """A seeded ControlNetModel or T2IAdapter whose shapes fit ``unet`` (an SD or SDXL UNet)."""
+def build_tiny_condition_model(
+    kind: str, unet: Any, family: str, seed: int = 0, vae_scale_factor: int = 2
+) -> Any:
+    """A seeded ControlNetModel or T2IAdapter whose shapes fit ``unet`` (an SD or SDXL UNet).
+
+    ``vae_scale_factor`` is the base model's (2 for the tiny checkpoints): the condition encoders
+    must bring the image down to the latent grid.
+    """
     import torch
     from diffusers import ControlNetModel, T2IAdapter
 
     if kind not in CONDITION_KINDS:
         raise ValueError(f"unknown condition kind {kind!r}; expected controlnet or adapter")
     channels = list(unet.config.block_out_channels)
-    # The tiny VAEs halve the image once; the condition encoders must land on the latent grid.
-    vae_factor = 2
+    vae_factor = vae_scale_factor
     torch.manual_seed(seed)
     if kind == "adapter":
         if family == "sdxl":
@@ -44,8 +49,12 @@ def build_tiny_condition_model(kind: str, unet: Any, family: str, seed: int = 0)
             downscale_factor=vae_factor,
             adapter_type="full_adapter",
         )
+    # One stage per halving of the image, from 4 channels doubling.
+    halvings = vae_factor.bit_length() - 1
     controlnet = ControlNetModel.from_unet(
-        unet, conditioning_embedding_out_channels=(4, 8), load_weights_from_unet=True
+        unet,
+        conditioning_embedding_out_channels=tuple(4 * 2**i for i in range(halvings + 1)),
+        load_weights_from_unet=True,
     )
     zero_convs = [
         controlnet.controlnet_cond_embedding.conv_out,
@@ -75,7 +84,9 @@ def write_tiny_condition_model(
         raise ValueError(f"{base} is not a diffusers checkpoint (no model_index.json)")
     family = detect_family(json.loads(index.read_text(encoding="utf-8")))
     unet = UNet2DConditionModel.from_pretrained(base / "unet")  # type: ignore[no-untyped-call]
-    model = build_tiny_condition_model(kind, unet, family, seed)
+    vae = json.loads((base / "vae" / "config.json").read_text(encoding="utf-8"))
+    vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    model = build_tiny_condition_model(kind, unet, family, seed, vae_scale_factor)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

@@ -405,6 +405,11 @@ def test_family_and_shape_mismatches_are_clear_errors(
     build_tiny_condition_model("adapter", wider, "sd").save_pretrained(tmp_path / "ad")
     with pytest.raises(InvalidInput, match="channels"):
         engine.load_condition_model(tmp_path / "ad")
+    # Made for a VAE that shrinks images 8 times (the real SD's), not the tiny one's 2.
+    coarse = build_tiny_condition_model("controlnet", engine.unet, "sd", vae_scale_factor=8)
+    coarse.save_pretrained(tmp_path / "coarse")
+    with pytest.raises(InvalidInput, match="conditioning_embedding_out_channels"):
+        engine.load_condition_model(tmp_path / "coarse")
 
 
 def test_what_is_not_a_condition_model_is_a_load_error(engine, tmp_path):
