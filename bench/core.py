@@ -930,7 +930,7 @@ class Summary:
     peak: int
     increase: int
     # The ControlNet's evaluations and seconds per step, by kind (empty without a condition).
-    condition_images: dict[str, int] = field(default_factory=dict)
+    condition_images: dict[str, float | int] = field(default_factory=dict)
     condition_wall: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
@@ -1031,7 +1031,8 @@ def report(ref: Summary, ours: Summary, args: argparse.Namespace, memory_method:
     if ref.condition_images:
         add(
             "ControlNet evaluations per 50-step edit",
-            *map(Summary.per_edit, (ref.condition_images, ours.condition_images)),
+            Summary.per_edit(ref.condition_images),
+            Summary.per_edit(ours.condition_images),
             str,
         )
         add(
