@@ -20,6 +20,11 @@ the target, blended by the target mask) and ``MutualSelfAttentionControlMaskAuto
 cross-attention maps of a word, collected on the quarter-resolution grid) against the engine's
 ``MaskConfig(regions=...)`` and ``MaskConfig(source_word=..., target_word=...)``.
 
+``--condition controlnet`` adds layout guidance: SD1.5's ControlNet architecture (built from the
+UNet's config, seeded; its output convolutions stay zero, which costs the same time) on a canny
+edge map of the image. The reference runs the ControlNet on all four rows of its batch and zeroes
+the source rows' residuals; ours runs it on the target's two rows only (``condition_evals``).
+
 Each variant runs in its own subprocess (clean peak-memory accounting) for a short edit of
 2 x --steps steps with control from step --steps on, so that inversion, uncontrolled and
 controlled denoising steps are all timed. Only UNet calls are timed (forward hooks); seconds per
@@ -29,6 +34,7 @@ start step 4). Peak memory is that of the short run, which already contains ever
     python bench/core.py                                  # CPU float32 (5-7 min on 2 cores)
     python bench/core.py --mask manual                    # mask-guided, same setting
     python bench/core.py --family sdxl                    # CPU bfloat16 at 1024x1024
+    python bench/core.py --condition controlnet           # with an SD1.5 ControlNet
     python bench/core.py --device cuda --dtype float16 --steps 3
 """
 
@@ -185,6 +191,8 @@ class UNetTimer:
     verbose: bool = True
     calls: list[tuple[int, float, float]] = field(default_factory=list)  # images, wall, CPU s
     steps: list[dict[str, Any]] = field(default_factory=list)
+    # Another model timed step by step alongside (the ControlNet), closed by the same marks.
+    companion: UNetTimer | None = None
     _started: float = 0.0
     _cpu_started: float = 0.0
     _consumed: int = 0
@@ -205,6 +213,8 @@ class UNetTimer:
 
     def mark(self, phase: str, step: int, controlled: bool) -> None:
         """Close one step: everything the UNet did since the previous mark belongs to it."""
+        if self.companion is not None:
+            self.companion.mark(phase, step, controlled)
         calls = self.calls[self._consumed :]
         self._consumed = len(self.calls)
         record = {
@@ -530,6 +540,7 @@ class Setup:
 
     family: Family
     mask: str = "none"  # none | manual | auto
+    condition: str = "none"  # none | controlnet
 
     @property
     def source_prompt(self) -> str:
@@ -584,11 +595,19 @@ def _cat(*parts: tuple[Any, Any]) -> tuple[Any, Any]:
 
 
 def reference_edit(
-    pipe: Any, image: Any, steps: int, start_step: int, timer: UNetTimer, setup: Setup
-) -> tuple[int, Any]:
+    pipe: Any,
+    image: Any,
+    steps: int,
+    start_step: int,
+    timer: UNetTimer,
+    setup: Setup,
+    controlnet: Any = None,
+    condition_image: Any = None,
+) -> tuple[int, int, Any]:
     """Invert with guidance (on the source prompt), then denoise [source, target] x guidance.
 
-    Returns the UNet image-evaluations and the final [source, target] latents.
+    With a ControlNet, it runs on all four rows and the source rows' residuals are zeroed.
+    Returns the UNet and ControlNet image-evaluations and the final [source, target] latents.
     """
     import numpy as np
     import torch
@@ -602,7 +621,12 @@ def reference_edit(
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     encode = _encoder(pipe, setup.family.name, image.width)
 
-    evals = 0
+    evals = condition_evals = 0
+    if controlnet is not None:
+        condition = torch.from_numpy(np.asarray(condition_image, dtype=np.float32) / 255)
+        condition = condition.permute(2, 0, 1)[None].expand(4, -1, -1, -1).to(device, dtype)
+        # Rows [u_src, u_tgt, c_src, c_tgt]: only the target is conditioned.
+        target_rows = torch.tensor([0, 1, 0, 1], device=device, dtype=dtype).view(-1, 1, 1, 1)
     with torch.no_grad():
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)
         pixels = pixels.permute(2, 0, 1)[None].to(device, dtype)
@@ -646,8 +670,24 @@ def reference_edit(
         embeds, added = _cat(unconditional, encode([setup.source_prompt, TARGET_PROMPT]))
         latents = latents.expand(2, -1, -1, -1)
         for i, t in enumerate(pipe.scheduler.timesteps):
+            rows = torch.cat([latents] * 2)
+            residuals = {}
+            if controlnet is not None:
+                down, mid = controlnet(
+                    rows,
+                    t,
+                    encoder_hidden_states=embeds,
+                    controlnet_cond=condition,
+                    added_cond_kwargs=added,
+                    return_dict=False,
+                )
+                residuals = {
+                    "down_block_additional_residuals": [d * target_rows for d in down],
+                    "mid_block_additional_residual": mid * target_rows,
+                }
+                condition_evals += 4
             eps_u, eps_c = unet(
-                torch.cat([latents] * 2), t, encoder_hidden_states=embeds, added_cond_kwargs=added
+                rows, t, encoder_hidden_states=embeds, added_cond_kwargs=added, **residuals
             ).sample.chunk(2)
             latents = _ddim_prev(
                 pipe.scheduler, eps_u + GUIDANCE * (eps_c - eps_u), int(t), latents
@@ -655,7 +695,7 @@ def reference_edit(
             evals += 4
             timer.mark("denoise", i, i >= start_step)
         pipe.vae.decode(latents / scaling)
-    return evals, latents
+    return evals, condition_evals, latents
 
 
 def ours_edit(
@@ -665,12 +705,15 @@ def ours_edit(
     start_step: int,
     timer: UNetTimer,
     setup: Setup,
+    controlnet: Any = None,
+    condition_image: Any = None,
     inversion_guidance: float = 1.0,
-) -> tuple[int, Any]:
+) -> tuple[int, int, Any]:
     """MasaCtrlEngine.edit with the paper's layers, control from ``start_step``."""
     from PIL import Image
 
-    from masactrl_core import ControlConfig, MasaCtrlEngine, MaskConfig
+    from masactrl_core import Condition, ControlConfig, MasaCtrlEngine, MaskConfig
+    from masactrl_core.conditions import ConditionModel
 
     engine = MasaCtrlEngine(pipe, family=setup.family.name)
 
@@ -700,8 +743,11 @@ def ours_edit(
         progress=progress,
         masks=masks,
         inversion_guidance_scale=inversion_guidance,
+        condition=None
+        if controlnet is None
+        else Condition(ConditionModel(controlnet, "controlnet", "sd"), [condition_image]),
     )
-    return result.stats.unet_image_evals, result.latents
+    return result.stats.unet_image_evals, result.stats.condition_evals, result.latents
 
 
 def check_agreement() -> float:
@@ -718,34 +764,52 @@ def check_agreement() -> float:
     from diffusers.models.attention_processor import AttnProcessor2_0
     from PIL import Image
 
+    from masactrl_core.canny import canny
     from masactrl_core.tiny import build_sd_pipeline, build_sdxl_pipeline
+    from masactrl_core.tiny_conditions import build_tiny_condition_model
 
     worst = 0.0
     tiny = {
         "sd": Family("sd", "SD1.5", {}, 64, 10, "float32"),
         "sdxl": Family("sdxl", "SDXL", {}, 64, 44, "float32"),
     }
-    cases = [("sd", "none"), ("sd", "manual"), ("sd", "auto"), ("sdxl", "none")]
-    for family, mask in cases:
-        setup = Setup(tiny[family], mask)
+    cases = [
+        ("sd", "none", "none"),
+        ("sd", "manual", "none"),
+        ("sd", "auto", "none"),
+        ("sdxl", "none", "none"),
+        ("sd", "none", "controlnet"),
+    ]
+    for family, mask, kind in cases:
+        setup = Setup(tiny[family], mask, kind)
         pipe = build_sd_pipeline(0) if family == "sd" else build_sdxl_pipeline(0)
         generator = torch.Generator("cpu").manual_seed(0)
         pixels = torch.randint(0, 256, (64, 64, 3), generator=generator).to(torch.uint8)
         image = Image.fromarray(pixels.numpy())
         timer = UNetTimer(lambda: None, verbose=False)
         guidance = GUIDANCE if mask == "auto" else 1.0
+        condition: dict[str, Any] = {}
+        if kind == "controlnet":
+            # Seeded output convolutions: a zero ControlNet would agree vacuously.
+            controlnet = build_tiny_condition_model("controlnet", pipe.unet, "sd", seed=0)
+            condition = {"controlnet": controlnet.eval(), "condition_image": canny(image)}
         with torch.inference_mode():
-            _, reference = reference_edit(pipe, image, 6, 1, timer, setup)
+            _, _, reference = reference_edit(pipe, image, 6, 1, timer, setup, **condition)
         # The engine keeps whatever processors it finds outside its controlled layers.
         pipe.unet.set_attn_processor(AttnProcessor2_0())
-        _, ours = ours_edit(pipe, image, 6, 1, timer, setup, guidance)
-        _, uncontrolled = ours_edit(pipe, image, 6, 6, timer, setup, guidance)
+        _, _, ours = ours_edit(
+            pipe, image, 6, 1, timer, setup, **condition, inversion_guidance=guidance
+        )
+        _, _, uncontrolled = ours_edit(
+            pipe, image, 6, 6, timer, setup, **condition, inversion_guidance=guidance
+        )
         difference = (reference.float().cpu() - ours).abs().max().item()
         effect = (ours - uncontrolled).abs().max().item()
         # Float error scales with the latents (the tiny SDXL's reach ~13): compare relatively.
         worst = max(worst, difference / max(1.0, ours.abs().max().item()))
         print(
-            f"{family:4} masks {mask:6}: max |reference - ours| = {difference:.2e} "
+            f"{family:4} masks {mask:6} condition {kind:10}: "
+            f"max |reference - ours| = {difference:.2e} "
             f"(the control itself changes {effect:.2f}; latents up to "
             f"{ours.abs().max().item():.1f})"
         )
@@ -762,7 +826,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from masactrl_core.tiny import build_sd_pipeline, build_sdxl_pipeline
 
-    setup = Setup(FAMILIES[args.family], args.mask)
+    setup = Setup(FAMILIES[args.family], args.mask, args.condition)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     started = time.perf_counter()
@@ -786,10 +850,19 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
                 text_config=STAND_IN_TEXT_CONFIG,
                 text_config_2=STAND_IN_TEXT_CONFIG_2,
             )
+        controlnet = None
+        if setup.condition == "controlnet":
+            from diffusers import ControlNetModel
+
+            # SD1.5 ControlNets (lllyasviel/control_v11p_sd15_*) have exactly this architecture.
+            torch.manual_seed(0)
+            controlnet = ControlNetModel.from_unet(pipe.unet, load_weights_from_unet=False)
+            controlnet.to(device, dtype)
     finally:
         torch.set_default_dtype(default_dtype)
     pipe.to(device, dtype)
     modules = [pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    modules.append(controlnet)
     for module in filter(None, modules):
         module.eval().requires_grad_(False)
     build_seconds = time.perf_counter() - started
@@ -805,15 +878,24 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     generator = torch.Generator("cpu").manual_seed(0)
     pixels = torch.randint(0, 256, (args.size, args.size, 3), generator=generator)
     image = Image.fromarray(pixels.to(torch.uint8).numpy())
+    condition: dict[str, Any] = {}
+    if controlnet is not None:
+        from masactrl_core.canny import canny
+
+        timer.companion = UNetTimer(sync, verbose=False)
+        timer.companion.attach(controlnet)
+        condition = {"controlnet": controlnet, "condition_image": canny(image)}
     total = 2 * args.steps
     edit = reference_edit if variant == "reference" else ours_edit
     peak = CudaPeak(device) if device.type == "cuda" else CpuPeak()
     with peak, torch.inference_mode():
-        evals, _ = edit(pipe, image, total, args.steps, timer, setup)
+        evals, condition_evals, _ = edit(pipe, image, total, args.steps, timer, setup, **condition)
     return {
         "variant": variant,
         "steps": timer.steps,
+        "condition_steps": timer.companion.steps if timer.companion else [],
         "unet_image_evals": evals,
+        "condition_evals": condition_evals,
         "baseline_bytes": peak.baseline,
         "peak_bytes": peak.peak,
         "memory_method": peak.method,
@@ -825,7 +907,7 @@ def _spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, os.path.abspath(__file__), "--child", variant]
     command += ["--device", args.device, "--dtype", args.dtype]
     command += ["--steps", str(args.steps), "--size", str(args.size)]
-    command += ["--family", args.family, "--mask", args.mask]
+    command += ["--family", args.family, "--mask", args.mask, "--condition", args.condition]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         sys.exit(f"the {variant} run failed with status {done.returncode}")
@@ -847,6 +929,9 @@ class Summary:
     images: dict[str, int]
     peak: int
     increase: int
+    # The ControlNet's evaluations and seconds per step, by kind (empty without a condition).
+    condition_images: dict[str, float | int] = field(default_factory=dict)
+    condition_wall: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
     def per_edit(per_step: dict[str, float | int]) -> float:
@@ -858,11 +943,17 @@ class Summary:
         )
 
 
-def summarize(run: dict[str, Any]) -> Summary:
+def _by_kind(steps: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     groups: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
-    for step in run["steps"]:
+    for step in steps:
         kind = "controlled" if step["controlled"] else step["phase"]
         groups[kind].append(step)
+    return groups
+
+
+def summarize(run: dict[str, Any]) -> Summary:
+    groups = _by_kind(run["steps"])
+    conditions = _by_kind(run.get("condition_steps", []))
     # The minimum is the sample least disturbed by other work on the machine (as timeit advises).
     return Summary(
         wall={k: min(s["seconds"] for s in steps) for k, steps in groups.items()},
@@ -870,6 +961,10 @@ def summarize(run: dict[str, Any]) -> Summary:
         images={k: steps[0]["images"] for k, steps in groups.items()},
         peak=run["peak_bytes"],
         increase=run["peak_bytes"] - run["baseline_bytes"],
+        condition_images={k: steps[0]["images"] for k, steps in conditions.items() if steps},
+        condition_wall={
+            k: min(s["seconds"] for s in steps) for k, steps in conditions.items() if steps
+        },
     )
 
 
@@ -933,11 +1028,31 @@ def report(ref: Summary, ours: Summary, args: argparse.Namespace, memory_method:
         ours.per_edit(ours.cpu),
         seconds,
     )
+    if ref.condition_images:
+        add(
+            "ControlNet evaluations per 50-step edit",
+            Summary.per_edit(ref.condition_images),
+            Summary.per_edit(ours.condition_images),
+            str,
+        )
+        add(
+            "ControlNet s per controlled denoising step",
+            ref.condition_wall["controlled"],
+            ours.condition_wall["controlled"],
+            seconds,
+        )
+        add(
+            "**s per 50-step edit with the ControlNet** (extrapolated)",
+            ref.per_edit(ref.wall) + ref.per_edit(ref.condition_wall),
+            ours.per_edit(ours.wall) + ours.per_edit(ours.condition_wall),
+            seconds,
+        )
     add("**peak memory per edit** (absolute)", ref.peak, ours.peak, _gib)
     add("peak memory increase over the loaded model", ref.increase, ours.increase, _gib)
 
     size = f"{args.size}x{args.size}"
     what = FAMILIES[args.family].label + ("" if args.mask == "none" else f", {args.mask} masks")
+    what += "" if args.condition == "none" else f", {args.condition}"
     lines = [
         f"| single-target edit, {what}, {size}, {args.device} {args.dtype} "
         "| reference | ours | ours/ref |"
@@ -982,6 +1097,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("none", "manual", "auto"),
         help="mask-guided variants: manual region masks or automatic word masks (default none)",
     )
+    parser.add_argument(
+        "--condition",
+        default="none",
+        choices=("none", "controlnet"),
+        help="layout guidance: an SD1.5 ControlNet on a canny edge map (default none)",
+    )
     parser.add_argument("--size", type=int, help="image size (default: 512 for sd, 1024 for sdxl)")
     parser.add_argument("--json", help="also write the raw measurements to this file")
     parser.add_argument(
@@ -1001,6 +1122,8 @@ def main(argv: list[str] | None = None) -> int:
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else family.cpu_dtype)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.condition != "none" and (args.family, args.mask) != ("sd", "none"):
+        parser.error("--condition controlnet runs with --family sd and without masks")
 
     if args.check:
         return 0 if check_agreement() < 1e-3 else 1

@@ -1,4 +1,8 @@
-"""``masactrl tiny-model``: write the offline random-weight checkpoint that tests and demos use."""
+"""``masactrl tiny-model``: write the offline random-weight checkpoint that tests and demos use.
+
+With ``--condition controlnet|adapter --base BASE_DIR`` it writes a seeded ControlNet or
+T2I-Adapter whose shapes fit the tiny checkpoint in BASE_DIR (its family comes from there).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,15 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument(
-        "--family", default="sd", choices=("sd", "sdxl"), help="model family (default sd)"
+        "--family", choices=("sd", "sdxl"), help="model family (default sd; not with --condition)"
+    )
+    parser.add_argument(
+        "--condition",
+        choices=("controlnet", "adapter"),
+        help="write a ControlNet or T2I-Adapter for the checkpoint in --base instead",
+    )
+    parser.add_argument(
+        "--base", type=Path, metavar="BASE_DIR", help="tiny checkpoint the condition model fits"
     )
 
 
@@ -22,18 +34,45 @@ def run(args: argparse.Namespace) -> int:
     """Write the checkpoint and print what it is (path, native size) on stdout."""
     from masactrl_cli.generate import quiet_libraries
 
-    quiet_libraries()
-    from masactrl_core.tiny import tiny_checkpoint_info, write_tiny_checkpoint
-
     out: Path = args.out_dir
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")
+    if args.condition is None and args.base is not None:
+        raise UsageError("--base is only used with --condition")
+    if args.condition is not None:
+        if args.base is None:
+            raise UsageError("--condition needs --base, the tiny checkpoint it is made for")
+        if args.family is not None:
+            raise UsageError("--family is read from --base when writing a condition model")
+        if not (args.base / "model_index.json").is_file():
+            raise UsageError(f"{args.base} is not a diffusers checkpoint (no model_index.json)")
+    quiet_libraries()
     try:
-        path = write_tiny_checkpoint(out, seed=args.seed, family=args.family)
+        if args.condition is not None:
+            description = _write_condition(out, args.condition, args.base, args.seed)
+        else:
+            description = _write_checkpoint(out, args.family or "sd", args.seed)
     except NotImplementedError as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
-    print(tiny_checkpoint_info(path, seed=args.seed, family=args.family).describe())
+    print(description)
     sys.stdout.flush()
     return 0
+
+
+def _write_checkpoint(out: Path, family: str, seed: int) -> str:
+    from masactrl_core.tiny import tiny_checkpoint_info, write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(out, seed=seed, family=family)
+    return tiny_checkpoint_info(path, seed=seed, family=family).describe()
+
+
+def _write_condition(out: Path, kind: str, base: Path, seed: int) -> str:
+    from masactrl_core.tiny_conditions import (
+        describe_tiny_condition_model,
+        write_tiny_condition_model,
+    )
+
+    path = write_tiny_condition_model(out, kind=kind, base=base, seed=seed)
+    return describe_tiny_condition_model(path, kind, base, seed)

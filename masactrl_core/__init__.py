@@ -3,6 +3,8 @@
 from masactrl_core.errors import InvalidInput, JobCancelled, ModelLoadError
 
 __all__ = [
+    "Condition",
+    "ConditionModel",
     "ControlConfig",
     "EngineOptions",
     "InvalidInput",

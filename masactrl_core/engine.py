@@ -31,6 +31,15 @@ from masactrl_core.attention import (
     install_processors,
     self_attention_layers,
 )
+from masactrl_core.conditions import (
+    Condition,
+    ConditionModel,
+    ConditionRun,
+    PreparedCondition,
+    check_compatible,
+    load_condition_model,
+    prepare_condition,
+)
 from masactrl_core.errors import InvalidInput, JobCancelled, ModelLoadError
 from masactrl_core.masks import ManualMasks, MaskConfig, WordMasks, word_positions
 
@@ -113,6 +122,8 @@ class EngineOptions:
 @dataclass
 class RunStats:
     unet_image_evals: int = 0
+    # ControlNet row evaluations, or T2I-Adapter image encodings (once per distinct image).
+    condition_evals: int = 0
     inversion_seconds: float = 0.0
     denoise_seconds: float = 0.0
     peak_memory_bytes: int | None = None
@@ -120,34 +131,60 @@ class RunStats:
 
 @dataclass
 class InvertedImage:
-    """x_T of a real image after DDIM inversion, with what it depends on."""
+    """x_T of a real image after DDIM inversion, with what it depends on.
+
+    ``trajectory`` (float32, shape (steps + 1, C, h, w)) holds the latents after each inversion
+    step: ``trajectory[0]`` is the clean image, ``trajectory[steps]`` is x_T. Anchored editing
+    resets the source to ``trajectory[steps - i]`` at denoising step ``i``. Inversions made
+    before it existed, or stored without it, have ``None``.
+    """
 
     latents: torch.Tensor
     steps: int
     width: int
     height: int
     source_prompt: str
+    trajectory: torch.Tensor | None = None
+
+    @property
+    def has_trajectory(self) -> bool:
+        return self.trajectory is not None
+
+    def without_trajectory(self) -> InvertedImage:
+        """The same inversion without its trajectory: a smaller cache entry, no anchoring."""
+        return replace(self, trajectory=None)
 
     def to_safetensors_bytes(self) -> bytes:
         from safetensors.torch import save
 
-        metadata = {k: str(v) for k, v in asdict(self).items() if k != "latents"}
-        return save({"latents": self.latents.detach().float().cpu().contiguous()}, metadata)
+        metadata = {
+            "steps": str(self.steps),
+            "width": str(self.width),
+            "height": str(self.height),
+            "source_prompt": self.source_prompt,
+            # Readable without loading the tensors, so a cache can tell the two kinds apart.
+            "trajectory": "true" if self.has_trajectory else "false",
+        }
+        tensors = {"latents": self.latents.detach().float().cpu().contiguous()}
+        if self.trajectory is not None:
+            tensors["trajectory"] = self.trajectory.detach().float().cpu().contiguous()
+        return save(tensors, metadata)
 
     @classmethod
     def from_safetensors_bytes(cls, data: bytes) -> InvertedImage:
         from safetensors.torch import load
 
-        latents = load(data)["latents"]
+        tensors = load(data)
         # The format is an 8-byte length, then a JSON header holding our string metadata.
         header_length = int.from_bytes(data[:8], "little")
         metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__", {})
         return cls(
-            latents=latents,
+            latents=tensors["latents"],
             steps=int(metadata["steps"]),
             width=int(metadata["width"]),
             height=int(metadata["height"]),
             source_prompt=metadata["source_prompt"],
+            trajectory=tensors.get("trajectory"),
         )
 
 
@@ -318,6 +355,19 @@ class MasaCtrlEngine:
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
+    def load_condition_model(self, path_or_id: str | os.PathLike[str]) -> ConditionModel:
+        """Load a ControlNet or T2I-Adapter for this model, on its device and in its dtype.
+
+        The class comes from the model's config. A model made for another family or with other
+        shapes is refused here, before any run. Loading is slow: callers keep the result.
+        """
+        name = str(path_or_id)
+        if not os.path.exists(name) and _looks_like_local_path(name):
+            raise ModelLoadError(f"condition model folder {name} does not exist")
+        condition = load_condition_model(name, device=self.device, dtype=self.dtype)
+        check_compatible(condition, self.family, self.unet.config, self.vae_scale_factor)
+        return condition
+
     # -- public calls ----------------------------------------------------------------------
 
     def synthesize(
@@ -335,12 +385,18 @@ class MasaCtrlEngine:
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
         masks: MaskConfig | None = None,
+        condition: Condition | None = None,
     ) -> MasaCtrlResult:
-        """The source image and one consistent image per target prompt, from the same noise."""
+        """The source image and one consistent image per target prompt, from the same noise.
+
+        ``condition`` guides the layout of the targets (and of the source, with its
+        ``source_image``) with a ControlNet or T2I-Adapter.
+        """
         width, height = self._check_size(width, height)
         target_prompts = self._check_prompts(target_prompts, steps, guidance_scale)
         controlled = self._resolve_control(control, steps)
         plan = self._prepare_masks(masks, source_prompt, target_prompts, width, height, controlled)
+        prepared = self._prepare_condition(condition, len(target_prompts), steps, width, height)
         noise = self.initial_noise(seed, width, height)
         return self._generate(
             noise,
@@ -354,6 +410,7 @@ class MasaCtrlEngine:
             self._start_stats(),
             progress,
             should_cancel,
+            condition=prepared,
         )
 
     def invert(
@@ -415,8 +472,9 @@ class MasaCtrlEngine:
             )
         # Contiguous, like a round trip through safetensors: a cached inversion then denoises
         # bit-for-bit like a fresh one (convolutions round differently per memory layout).
-        latents = inverted.float().cpu().contiguous()
-        return InvertedImage(latents, steps, width, height, source_prompt)
+        trajectory = inverted.float().cpu().contiguous()
+        latents = trajectory[-1:].clone()
+        return InvertedImage(latents, steps, width, height, source_prompt, trajectory)
 
     def edit(
         self,
@@ -436,11 +494,16 @@ class MasaCtrlEngine:
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
         masks: MaskConfig | None = None,
+        condition: Condition | None = None,
+        anchor_source: bool = False,
     ) -> MasaCtrlResult:
         """Real-image editing: invert ``image``, then denoise [source, targets] with control.
 
         ``seed`` is recorded only: inversion and DDIM (eta 0) sampling are deterministic.
-        ``image`` may be ``None`` when a cached ``inverted`` is given.
+        ``image`` may be ``None`` when a cached ``inverted`` is given. ``condition`` guides the
+        targets' layout (never the source's). ``anchor_source`` resets the source latent to the
+        inversion trajectory at every step, so targets read the photo's own keys and values
+        (the inversion must have its trajectory).
         """
         width, height = self._check_size(width, height)
         target_prompts = self._check_prompts(target_prompts, steps, guidance_scale)
@@ -453,8 +516,16 @@ class MasaCtrlEngine:
             raise InvalidInput("the cached inversion was made with other steps or size")
         if inverted is None and image is None:
             raise InvalidInput("give an image to edit (or a cached inversion of it)")
-        # Masks are checked before the inversion: bad masks must not cost an inversion.
+        if anchor_source and inverted is not None and not inverted.has_trajectory:
+            raise InvalidInput(
+                "anchor_source needs the inversion's trajectory, and this cached inversion has "
+                "none; invert the image again"
+            )
+        # Masks and conditions are checked before the inversion: bad ones must not cost one.
         plan = self._prepare_masks(masks, source_prompt, target_prompts, width, height, controlled)
+        prepared = self._prepare_condition(
+            condition, len(target_prompts), steps, width, height, editing=True
+        )
         stats = self._start_stats()
         if inverted is None:
             inverted = self.invert(
@@ -482,6 +553,8 @@ class MasaCtrlEngine:
             progress,
             should_cancel,
             inverted,
+            condition=prepared,
+            anchor=inverted.trajectory if anchor_source else None,
         )
 
     def _generate(
@@ -498,6 +571,9 @@ class MasaCtrlEngine:
         progress: ProgressCallback | None,
         should_cancel: CancelCheck | None,
         inverted: InvertedImage | None = None,
+        *,
+        condition: PreparedCondition | None = None,
+        anchor: torch.Tensor | None = None,
     ) -> MasaCtrlResult:
         """Denoise [source, targets] from ``noise`` under the control, then decode."""
         with self._lock, torch.inference_mode():
@@ -513,6 +589,8 @@ class MasaCtrlEngine:
                 progress,
                 should_cancel,
                 plan,
+                condition=condition,
+                anchor=None if anchor is None else anchor.to(self.device, self.dtype),
             )
             images = self._decode(latents)
             self._finish_stats(stats)
@@ -634,6 +712,25 @@ class MasaCtrlEngine:
             weights.to(self.device), config.threshold, map_grid, map_blocks, width, height
         )
 
+    def _prepare_condition(
+        self,
+        condition: Condition | None,
+        targets: int,
+        steps: int,
+        width: int,
+        height: int,
+        *,
+        editing: bool = False,
+    ) -> PreparedCondition | None:
+        """Check a condition before any sampling: model fit, images, window."""
+        if condition is None:
+            return None
+        prepared = prepare_condition(
+            condition, targets=targets, steps=steps, width=width, height=height, editing=editing
+        )
+        check_compatible(condition.model, self.family, self.unet.config, self.vae_scale_factor)
+        return prepared
+
     # -- pieces ----------------------------------------------------------------------------
 
     def _image_size(self, latents: torch.Tensor) -> tuple[int, int]:
@@ -697,14 +794,23 @@ class MasaCtrlEngine:
             images.extend(self.pipeline.image_processor.postprocess(decoded, output_type="pil"))
         return images
 
-    def _unet(self, latents: torch.Tensor, timestep: torch.Tensor, cond: _Conditioning):
-        return self.unet(
+    def _unet(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: _Conditioning,
+        residuals: dict[str, object] | None = None,
+    ) -> torch.Tensor:
+        """One UNet call; ``residuals`` are a condition model's extra UNet arguments."""
+        output: torch.Tensor = self.unet(
             latents,
             timestep,
             encoder_hidden_states=cond.embeds,
             added_cond_kwargs=cond.added or None,
             return_dict=False,
+            **(residuals or {}),
         )[0]
+        return output
 
     def _inversion_steps(self, steps: int) -> Iterator[tuple[torch.Tensor, float, float]]:
         """(t, ᾱ_t, ᾱ_prev) for each sampling step, in inversion order (least noisy first).
@@ -744,7 +850,10 @@ class MasaCtrlEngine:
         progress: ProgressCallback | None,
         should_cancel: CancelCheck | None,
     ) -> torch.Tensor:
-        """x_T (float32) of clean ``latents``; the model sees (x_prev, t) as in the paper's code."""
+        """The trajectory (float32, (steps + 1, C, h, w)) from clean ``latents`` to x_T.
+
+        The model sees (x_prev, t) as in the paper's code.
+        """
         started = time.perf_counter()
         size = self._image_size(latents)
         cond, uncond = self._conditioning([prompt], negative_prompt, size)
@@ -757,6 +866,7 @@ class MasaCtrlEngine:
                 cond = _Conditioning.cat([uncond, cond])
         # The trajectory is kept in float32; only the UNet sees the model's dtype.
         sample = latents.float()
+        trajectory = [sample[0]]
         for index, (timestep, alpha, alpha_prev) in enumerate(self._inversion_steps(steps)):
             if should_cancel is not None and should_cancel():
                 raise JobCancelled("the run was cancelled during inversion")
@@ -769,10 +879,11 @@ class MasaCtrlEngine:
                 uncond_out, cond_out = output.chunk(2)
                 output = uncond_out + guidance_scale * (cond_out - uncond_out)
             sample = self._inverse_step(output, alpha, alpha_prev, sample)
+            trajectory.append(sample[0])
             if progress is not None:
                 progress("invert", index + 1, steps)
         stats.inversion_seconds += time.perf_counter() - started
-        return sample
+        return torch.stack(trajectory)
 
     def _row_plan(
         self,
@@ -818,8 +929,16 @@ class MasaCtrlEngine:
         progress: ProgressCallback | None,
         should_cancel: CancelCheck | None,
         masks: ManualMasks | WordMasks | None = None,
+        *,
+        condition: PreparedCondition | None = None,
+        anchor: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Denoise [source, targets]; ``anchor`` is the source's inversion trajectory, if kept."""
         started = time.perf_counter()
+        # Adapter features are encoded here, once for the whole run.
+        condition_run = (
+            None if condition is None else ConditionRun(condition, self.device, self.dtype)
+        )
         controlled_steps, controlled_layers = controlled
         n = len(target_prompts)
         size = self._image_size(noise)
@@ -896,13 +1015,28 @@ class MasaCtrlEngine:
                 if should_cancel is not None and should_cancel():
                     raise JobCancelled("the run was cancelled during denoising")
                 state.begin_step(index)
+                if anchor is not None:
+                    # The authors' ref_intermediate_latents[-1 - i]: the photo's own latent at t_i.
+                    latents[0] = anchor[steps - index]
                 outputs = torch.empty(
                     (rows, *latents.shape[1:]), device=latents.device, dtype=latents.dtype
                 )
                 for row_index, latent_index, chunk_cond, layout in chunk_plans:
                     state.layout = layout
                     model_input = self.scheduler.scale_model_input(latents[latent_index], timestep)
-                    outputs[row_index] = self._unet(model_input, timestep, chunk_cond)
+                    residuals = (
+                        None
+                        if condition_run is None
+                        else condition_run.unet_kwargs(
+                            index,
+                            latent_index,
+                            model_input,
+                            timestep,
+                            chunk_cond.embeds,
+                            chunk_cond.added,
+                        )
+                    )
+                    outputs[row_index] = self._unet(model_input, timestep, chunk_cond, residuals)
                     stats.unet_image_evals += len(latent_index)
                 state.layout = None
                 guided_outputs = torch.stack(
@@ -919,6 +1053,8 @@ class MasaCtrlEngine:
         finally:
             self.unet.set_attn_processor(dict(original))
             state.begin_step(None)
+            if condition_run is not None:
+                stats.condition_evals += condition_run.evaluations
         stats.denoise_seconds += time.perf_counter() - started
         return latents
 
@@ -957,6 +1093,8 @@ def with_options(engine: MasaCtrlEngine, **changes: object) -> MasaCtrlEngine:
 
 
 __all__ = [
+    "Condition",
+    "ConditionModel",
     "ControlConfig",
     "EngineOptions",
     "MaskConfig",
