@@ -23,7 +23,8 @@ from service.config import GatewaySettings
 from service.errors import install_error_handlers
 from service.gateway import Gateway
 from service.metrics import GatewayMetrics, MetricsMiddleware
-from service.middleware import BodyLimitMiddleware
+from service.middleware import BodyLimitMiddleware, BodyLimits, encoded_image_bytes
+from service.redaction import install_log_redaction
 
 __all__ = ["API_VERSION", "create_app", "operation_id"]
 
@@ -74,6 +75,7 @@ def _install_openapi(app: FastAPI) -> None:
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """Build the gateway; settings come from ``MASACTRL_*`` when not given."""
     settings = settings or load_settings(GatewaySettings)
+    install_log_redaction()
     # Read once, here, so a bad catalog stops the gateway before it serves anything.
     catalog = load_catalog(settings)
     metrics = GatewayMetrics()
@@ -119,7 +121,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    limits = BodyLimits(
+        small=settings.max_json_bytes,
+        image=encoded_image_bytes(settings.max_image_bytes),
+        raw_image=settings.max_image_bytes,
+        ceiling=settings.max_request_bytes,
+        max_large_uploads=settings.max_concurrent_large_uploads,
+        slot_wait_seconds=settings.large_upload_wait_seconds,
+    )
+    app.add_middleware(BodyLimitMiddleware, limits=limits)
     # Added last, so it is outermost and also times and counts 413s and errors.
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _install_openapi(app)
