@@ -83,16 +83,17 @@ def _declared_too_large(size: int, limit: int) -> ApiError:
     )
 
 
-def _too_large(limit: int, inline_images: int) -> ApiError:
+def _too_large(limit: int, inline_images: int, multipart: bool, declared: int | None) -> ApiError:
+    parts = ["an image file part"] if multipart else []
     if inline_images:
-        what = f"a body with {inline_images} inline image{'s' if inline_images > 1 else ''}"
+        parts.append(f"{inline_images} inline image{'s' if inline_images > 1 else ''}")
+    what = " and ".join(parts) if parts else "no inline images"
+    # The real size is known only when the client declared it; a chunked body is cut short.
+    if declared is not None:
+        message = f"The request body is {_size(declared)}; with {what} this route accepts at most"
     else:
-        what = "a body without inline images"
-    return ApiError(
-        413,
-        "payload_too_large",
-        f"The request body is larger than {_size(limit)}, the limit for {what} here.",
-    )
+        message = f"The request body is too large; with {what} this route accepts at most"
+    return ApiError(413, "payload_too_large", f"{message} {_size(limit)}.")
 
 
 def _busy() -> ApiError:
@@ -173,7 +174,7 @@ class BodyLimitMiddleware:
             allowed = min(base + min(inline, images) * limits.image, route_max)
             if received > allowed:
                 # Raised inside the handler's body read; the ApiError handler answers 413.
-                raise _too_large(allowed, min(inline, images))
+                raise _too_large(allowed, min(inline, images), multipart and images > 0, declared)
             if received > limits.small and not holds_slot:
                 await self._take_slot()
                 holds_slot = True

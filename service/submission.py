@@ -148,15 +148,20 @@ async def submit(
             depth = (await gw.store.queue_depths([entry.name]))[entry.name]
             if depth >= settings.max_queue_depth:
                 raise _queue_full(settings, entry.name)
+        # Every input is read and validated before any is stored: a bad mask must not leave
+        # the image behind, outside retention.
         if upload is not None:
-            image = await gw.intake.ingest_bytes(upload, ("body", "image"))
+            image = await gw.intake.check(upload, ("body", "image"))
         elif isinstance(body, EditCreate):
-            image = await gw.intake.ingest(body.image, ("body", "image"))
+            image = await gw.intake.read(body.image, ("body", "image"))
+        masks: list[ValidatedImage] = []
         for i, region in enumerate(body.control.mask.regions or []):
             at = ("body", "control", "mask", "regions", i)
-            source = await gw.intake.ingest(region.source, (*at, "source"), "mask")
-            target = await gw.intake.ingest(region.target, (*at, "target"), "mask")
+            source = await gw.intake.read(region.source, (*at, "source"), "mask")
+            target = await gw.intake.read(region.target, (*at, "target"), "mask")
+            masks += (source, target)
             region_keys.append((source.key, target.key))
+        await gw.intake.store([image, *masks] if image else masks)
 
     job_input = resolve_input(
         body, entry, image_key=image.key if image else None, region_keys=region_keys
