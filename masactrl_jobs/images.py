@@ -91,7 +91,7 @@ def _megabytes(size: int) -> str:
 
 
 def too_large_message(what: str, size: int, limit: int, about: bool = False) -> str:
-    """"<what> is <size>; the limit is <limit>", exact to the byte where MiB would hide it."""
+    """The sentence "<what> is <size>; the limit is <limit>", exact to the byte where needed."""
     shown, most = _megabytes(size), _megabytes(limit)
     if shown == most:
         shown, most = f"{size} bytes", f"{limit} bytes ({most})"
