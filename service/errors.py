@@ -19,7 +19,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from masactrl_jobs.schema import ErrorBody, ErrorDetail, ErrorInfo
 from masactrl_jobs.storage import StorageUnavailable
 
-__all__ = ["ApiError", "FieldError", "error_response", "install_error_handlers", "invalid"]
+__all__ = [
+    "ApiError",
+    "FieldError",
+    "Loc",
+    "error_response",
+    "install_error_handlers",
+    "invalid",
+    "shown_id",
+]
+
+Loc = Sequence[str | int]
+# Ids and other caller-given values are echoed in messages at most this long.
+_SHOWN_CHARS = 64
+
+
+def shown_id(value: str) -> str:
+    """``value`` quoted for a message, cut to 64 characters: a 5,000-character id is not echoed."""
+    return repr(value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "…")
+
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +122,8 @@ def _sentence(error: Mapping[str, Any]) -> str:
         return f"unknown field {loc[-1]!r}" if loc else "unknown field"
     if kind == "missing":
         return "this field is required"
+    if kind == "finite_number":
+        return "must be a finite number"
     if kind == "json_invalid":
         ctx = error.get("ctx") or {}
         return f"the body is not valid JSON ({ctx.get('error', 'parse error')})"

@@ -19,6 +19,7 @@ from masactrl_jobs.settings import load_settings
 from masactrl_jobs.storage import storage_from_settings
 from masactrl_jobs.store import AsyncJobStore
 from service.api.routes import ROUTERS
+from service.api.routes.docs import ASSETS_PATH, assets
 from service.config import GatewaySettings
 from service.errors import install_error_handlers
 from service.gateway import Gateway
@@ -115,11 +116,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         generate_unique_id_function=operation_id,
         # One schema per model: request and response shapes of shared models are identical here.
         separate_input_output_schemas=False,
+        # Served by service.api.routes.docs: assets from the gateway, optionally behind a token.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
         # Prometheus (/metrics) is this service's telemetry; skip FastAPI's OpenTelemetry hooks.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     for router in ROUTERS:
         app.include_router(router)
+    app.mount(ASSETS_PATH, assets(), name="docs-assets")
     install_error_handlers(app)
     limits = BodyLimits(
         small=settings.max_json_bytes,

@@ -109,6 +109,23 @@ async def submit(
     prefer: str | None = None,
 ) -> Submitted:
     """Validate, store inputs, record and enqueue one job (or find the one it replays)."""
+    wait = parse_prefer_wait(prefer, gw.settings.max_wait_seconds)
+    if wait is None:
+        return await _submit(gw, tenant, kind, body, upload, idempotency_key, None)
+    # Taken before anything is created, so a refused wait (429) leaves no job behind.
+    with gw.hold("wait", tenant):
+        return await _submit(gw, tenant, kind, body, upload, idempotency_key, wait)
+
+
+async def _submit(
+    gw: Gateway,
+    tenant: Tenant,
+    kind: JobKind,
+    body: EditCreate | EditParams | SynthesisCreate,
+    upload: bytes | None,
+    idempotency_key: str | None,
+    wait: int | None,
+) -> Submitted:
     settings = gw.settings
     this_hash = ""
     if idempotency_key is not None:
@@ -196,7 +213,6 @@ async def submit(
     assert record is not None
     gw.metrics.submitted(kind.value, entry.name)
 
-    wait = parse_prefer_wait(prefer, settings.max_wait_seconds)
     if wait is not None:
         waited: JobRecord | None = await gw.wait_until_done(record.id, wait)
         record = waited or record

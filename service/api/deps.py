@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import inspect
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from service.gateway import Gateway
 __all__ = [
     "DirectRoute",
     "GatewayDep",
+    "OpsAccess",
     "Prefer",
     "Submission",
     "TenantDep",
@@ -73,6 +75,38 @@ async def authenticate(
 
 
 TenantDep = Annotated[Tenant, Depends(authenticate)]
+
+
+_ops_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="OpsToken",
+    description="`Authorization: Bearer <ops token>`, needed only when MASACTRL_OPS_TOKEN is set.",
+)
+
+
+async def check_ops_token(
+    gateway: GatewayDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_ops_bearer)],
+) -> None:
+    """Operational routes (/metrics, the API docs) are open unless ``ops_token`` is set."""
+    token = gateway.settings.ops_token
+    if token is None:
+        return
+    given = credentials.credentials if credentials else ""
+    # Compared as digests in constant time: the token is a secret.
+    if not hmac.compare_digest(
+        hashlib.sha256(given.encode()).digest(),
+        hashlib.sha256(token.get_secret_value().encode()).digest(),
+    ):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "This route needs the operations token as 'Authorization: Bearer <token>'.",
+            headers=_CHALLENGE,
+        )
+
+
+OpsAccess = Annotated[None, Depends(check_ops_token)]
 
 Prefer = Annotated[
     str | None,

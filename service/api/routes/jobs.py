@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -9,12 +10,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import Receive, Scope, Send
 
 from masactrl_jobs.ids import is_job_id
 from masactrl_jobs.schema import JobList, JobStatus
 from service.api.deps import GatewayDep, Prefer, TenantDep
 from service.api.responses import errors, job_response
-from service.errors import ApiError, FieldError, invalid
+from service.errors import ApiError, FieldError, invalid, shown_id
 from service.gateway import Gateway
 from service.submission import parse_prefer_wait
 
@@ -60,7 +62,8 @@ async def get_job(
     if wait is not None:
         headers["Preference-Applied"] = f"wait={wait}"
         if not record.status.is_terminal():
-            record = await gateway.wait_until_done(job_id, wait) or record
+            with gateway.hold("wait", tenant):
+                record = await gateway.wait_until_done(job_id, wait) or record
     return gateway.job_response(record, 200, headers)
 
 
@@ -78,7 +81,7 @@ async def cancel_job(job_id: str, gateway: GatewayDep, tenant: TenantDep) -> Res
     await gateway.owned_job(tenant, job_id)
     result = await gateway.store.cancel(job_id)
     if result.outcome == "missing":
-        raise ApiError(404, "not_found", f"No job with id {job_id!r}.")
+        raise ApiError(404, "not_found", f"No job with id {shown_id(job_id)}.")
     if result.outcome == "conflict":
         raise ApiError(
             409,
@@ -150,6 +153,28 @@ async def stream_job_events(
         if record.status.is_terminal() and not await gateway.store.read_events(job_id, after, 1):
             # 204 tells an EventSource to stop reconnecting: there is nothing more to say.
             return Response(status_code=204)
-    return EventSourceResponse(
-        _events(gateway, job_id, after), ping=gateway.settings.sse_ping_seconds
+    return _HeldEventSource(
+        gateway.hold("stream", tenant),
+        _events(gateway, job_id, after),
+        ping=gateway.settings.sse_ping_seconds,
     )
+
+
+class _HeldEventSource(EventSourceResponse):
+    """An event stream that counts against its tenant's cap from now until it closes."""
+
+    def __init__(self, held: contextlib.AbstractContextManager[None], *args: Any, **kwargs: Any):
+        # Entered here, so the route answers 429 itself; left however the stream ends.
+        held.__enter__()
+        self._held = held
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            held.__exit__(None, None, None)
+            raise
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._held.__exit__(None, None, None)
