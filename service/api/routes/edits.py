@@ -9,7 +9,7 @@ from starlette.formparsers import MultiPartException
 
 from masactrl_jobs.images import too_large_message
 from masactrl_jobs.schema import EditCreate, EditParams, JobKind
-from service.api.deps import DirectRoute, Submission, submission_openapi
+from service.api.deps import CROSS_FIELD_RULES, DirectRoute, Submission, submission_openapi
 from service.api.responses import errors, job_response, submitted_response
 from service.bodies import is_json, media_type, parse_json, unsupported_media_type
 from service.errors import FieldError, invalid
@@ -71,11 +71,15 @@ async def _parse_multipart(request: Request, max_bytes: int) -> tuple[EditParams
     return params, data
 
 
+_SUMMARY = "Submit a real-image edit (JSON with an image URL, or multipart with an image file)."
+
+
 @router.post(
     "",
     status_code=202,
     response_model=None,
     openapi_extra=_OPENAPI,
+    description=_SUMMARY + CROSS_FIELD_RULES,
     responses={
         202: job_response("The job was accepted (queued).", headers=True),
         200: job_response("Idempotent replay: the job first created with this key.", True),
@@ -83,7 +87,7 @@ async def _parse_multipart(request: Request, max_bytes: int) -> tuple[EditParams
     },
 )
 async def create_edit(request: Request) -> Response:
-    """Submit a real-image edit (JSON with an image URL, or multipart with an image file)."""
+    """The route of _SUMMARY; its OpenAPI description adds the cross-field rules."""
     context = Submission.from_request(request)
     content_type = media_type(request)
     if is_json(content_type):
