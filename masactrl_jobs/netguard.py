@@ -20,12 +20,15 @@ The rules:
   rebinding), while the ``Host`` header, TLS SNI and certificate verification still use the
   original hostname (httpx's documented ``sni_hostname`` request extension);
 - redirects are never followed, bodies are read up to a limit, and proxies from the environment
-  are ignored (a proxy would make the checked address meaningless).
+  are ignored (a proxy would make the checked address meaningless);
+- URLs are user data and may carry bearer tokens in their query (presigned image URLs, webhook
+  URLs with ``?token=``): httpx's request log lines show them without the query.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import ssl
 import time
@@ -101,6 +104,22 @@ class PostResult(NamedTuple):
     status_code: int
     duration: float
 
+
+class _HideQueries(logging.Filter):
+    """Drops the query of every URL in httpx's log records ("HTTP Request: POST <url> ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                a.copy_with(query=b"REDACTED") if isinstance(a, httpx.URL) and a.query else a
+                for a in record.args
+            )
+        return True
+
+
+_httpx_log = logging.getLogger("httpx")
+if not any(isinstance(f, _HideQueries) for f in _httpx_log.filters):
+    _httpx_log.addFilter(_HideQueries())
 
 _V4 = ipaddress.IPv4Network
 _V6 = ipaddress.IPv6Network

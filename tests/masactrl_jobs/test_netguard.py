@@ -502,3 +502,20 @@ def test_development_loopback_is_127_8_and_ipv6_loopback_only(
         resolver.table["sneaky.example"] = [address]
         with pytest.raises(UnsafeURL):
             check_url("http://sneaky.example/", allow_loopback_http=True)
+
+
+def test_request_logs_hold_no_query_tokens(
+    http_server: LoopbackServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    http_server.route("/cat.png")(lambda h: respond(h, 200, b"png-bytes"))
+    http_server.route("/hook")(lambda h: respond(h, 204, b""))
+    with caplog.at_level("INFO", logger="httpx"):
+        fetch(
+            http_server.url("/cat.png?X-Amz-Signature=s3cr3t-sig"),
+            max_bytes=LIMIT,
+            allow_loopback_http=True,
+        )
+        post(http_server.url("/hook?token=s3cr3t-token"), b"{}", {}, allow_loopback_http=True)
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "httpx")
+    assert "/cat.png" in logged and "/hook" in logged  # the requests are still logged...
+    assert "s3cr3t" not in logged  # ...without their tokens
