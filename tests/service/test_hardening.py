@@ -4,6 +4,7 @@ refused request, held-connection caps, the ops token and offline docs."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -16,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from service.config import GatewaySettings
 from tests.service.conftest import GLOBEX_KEY, SYNTHESIS, bearer, data_url, png_bytes
+from tests.service.test_images import noise_png
 
 
 def storage_files(settings: GatewaySettings) -> list[str]:
@@ -100,8 +102,6 @@ def test_duplicate_keys_in_a_multipart_params_part(client: TestClient) -> None:
 def test_one_content_type_rule_for_both_submission_routes(
     client: TestClient, path: str, content_type: str | None
 ) -> None:
-    import json
-
     body = json.dumps(SYNTHESIS if path == "/v1/syntheses" else edit_body()).encode()
     headers = {"Content-Type": content_type} if content_type else {}
     response = client.post(path, content=body, headers=headers)
@@ -274,3 +274,16 @@ def test_docs_pages_load_every_asset_from_the_gateway(client: TestClient, page: 
         response = client.get(url)
         assert response.status_code == 200, url
         assert response.content, url
+
+
+def test_a_multipart_params_part_may_carry_inline_masks(client: TestClient) -> None:
+    mask = data_url(noise_png(400))  # about 480 KB, 640 KB as base64
+    region = {"source": mask, "target": mask}
+    params = {"target_prompts": ["x"], "control": {"mask": {"mode": "manual", "regions": [region]}}}
+    text = json.dumps(params)
+    assert len(text) > 1024 * 1024  # past Starlette's default part limit
+    response = client.post(
+        "/v1/edits",
+        files={"image": ("a.png", png_bytes(), "image/png"), "params": (None, text)},
+    )
+    assert response.status_code == 202, response.text

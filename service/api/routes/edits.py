@@ -8,11 +8,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from masactrl_jobs.images import too_large_message
-from masactrl_jobs.schema import EditCreate, EditParams, JobKind
+from masactrl_jobs.schema import MAX_MASK_REGIONS, EditCreate, EditParams, JobKind
 from service.api.deps import CROSS_FIELD_RULES, DirectRoute, Submission, submission_openapi
 from service.api.responses import errors, job_response, submitted_response
 from service.bodies import is_json, media_type, parse_json, unsupported_media_type
+from service.config import GatewaySettings
 from service.errors import FieldError, invalid
+from service.middleware import encoded_image_bytes
 from service.submission import submit
 
 router = APIRouter(prefix="/v1/edits", tags=["edits"], route_class=DirectRoute)
@@ -41,9 +43,20 @@ _OPENAPI = submission_openapi(
 MULTIPART_PARTS = {"image", "params"}
 
 
-async def _parse_multipart(request: Request, max_bytes: int) -> tuple[EditParams, bytes]:
+def params_part_limit(settings: GatewaySettings) -> int:
+    """The largest ``params`` part: the JSON limit, plus room for its inline masks."""
+    masks = 2 * MAX_MASK_REGIONS * encoded_image_bytes(settings.max_image_bytes)
+    return min(settings.max_json_bytes + masks, settings.max_request_bytes)
+
+
+async def _parse_multipart(request: Request, settings: GatewaySettings) -> tuple[EditParams, bytes]:
+    max_bytes = settings.max_image_bytes
     try:
-        form = await request.form(max_files=2, max_fields=4)
+        # The image part is spooled to disk past 1 MiB; the params part is held in memory, so it
+        # gets its own limit (the middleware bounds the body as a whole).
+        form = await request.form(
+            max_files=2, max_fields=4, max_part_size=params_part_limit(settings)
+        )
     except MultiPartException as exc:
         raise invalid([FieldError(("body",), f"malformed multipart body: {exc.message}")]) from None
     except StarletteHTTPException as exc:  # Starlette's limits on parts and fields
@@ -94,7 +107,7 @@ async def create_edit(request: Request) -> Response:
         body: EditCreate | EditParams = parse_json(EditCreate, await request.body())
         upload = None
     elif content_type == "multipart/form-data":
-        body, upload = await _parse_multipart(request, context.gateway.settings.max_image_bytes)
+        body, upload = await _parse_multipart(request, context.gateway.settings)
     else:
         raise unsupported_media_type(
             "application/json, or multipart/form-data with 'image' and 'params' parts"
