@@ -287,3 +287,16 @@ def test_a_multipart_params_part_may_carry_inline_masks(client: TestClient) -> N
         files={"image": ("a.png", png_bytes(), "image/png"), "params": (None, text)},
     )
     assert response.status_code == 202, response.text
+
+
+def test_openapi_check_tells_a_stale_document(tmp_path: Path) -> None:
+    from service import openapi
+
+    committed = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
+    assert openapi.main(["--check", str(committed)]) == 0
+    stale = tmp_path / "openapi.json"
+    stale.write_text(committed.read_text().replace("createEdit", "makeEdit"))
+    assert openapi.main(["--check", str(stale)]) == 1
+    written = tmp_path / "fresh.json"
+    assert openapi.main(["--output", str(written)]) == 0
+    assert written.read_text() == committed.read_text()
