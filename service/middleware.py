@@ -120,6 +120,9 @@ class BodyLimitMiddleware:
         self.slots = asyncio.Semaphore(limits.max_large_uploads)
 
     async def _take_slot(self) -> None:
+        if not self.slots.locked():
+            await self.slots.acquire()  # a free slot: taken at once, even with no wait allowed
+            return
         try:
             await asyncio.wait_for(self.slots.acquire(), self.limits.slot_wait_seconds)
         except TimeoutError:

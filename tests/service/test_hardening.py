@@ -300,3 +300,12 @@ def test_openapi_check_tells_a_stale_document(tmp_path: Path) -> None:
     written = tmp_path / "fresh.json"
     assert openapi.main(["--output", str(written)]) == 0
     assert written.read_text() == committed.read_text()
+
+
+def test_a_large_upload_with_a_free_slot_never_waits(
+    make_settings: Callable[..., GatewaySettings], make_client
+) -> None:
+    client = make_client(make_settings(max_concurrent_large_uploads=1, large_upload_wait_seconds=0))
+    body = edit_body(image=data_url(noise_png(200)))  # past the 64 KiB of a plain body
+    assert client.post("/v1/edits", json=body).status_code == 202
+    assert client.post("/v1/edits", json=body).status_code == 202  # the slot was given back
