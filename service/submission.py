@@ -68,6 +68,14 @@ def _queue_full(settings: GatewaySettings, model: str) -> ApiError:
     )
 
 
+async def _check_depth(gw: Gateway, model: str) -> None:
+    """429 when the model's queue is at its limit (the create step checks again, atomically)."""
+    if gw.settings.max_queue_depth:
+        depth = (await gw.store.queue_depths([model]))[model]
+        if depth >= gw.settings.max_queue_depth:
+            raise _queue_full(gw.settings, model)
+
+
 def _rate_limited(settings: GatewaySettings, retry_after: float) -> ApiError:
     retry = max(1, math.ceil(retry_after))
     return ApiError(
@@ -161,10 +169,7 @@ async def _submit(
         if not limit.allowed:
             raise _rate_limited(settings, limit.retry_after)
         rate = None
-        if settings.max_queue_depth:
-            depth = (await gw.store.queue_depths([entry.name]))[entry.name]
-            if depth >= settings.max_queue_depth:
-                raise _queue_full(settings, entry.name)
+        await _check_depth(gw, entry.name)
         # Every input is read and validated before any is stored: a bad mask must not leave
         # the image behind, outside retention.
         if upload is not None:
@@ -178,6 +183,11 @@ async def _submit(
             target = await gw.intake.read(region.target, (*at, "target"), "mask")
             masks += (source, target)
             region_keys.append((source.key, target.key))
+        # Fetching may have taken seconds: look again, so that the queue filling up meanwhile
+        # is caught before anything is stored. (A job created in the last moment can still make
+        # create() answer "full" after the store; closing that needs the inputs registered for
+        # sweeping first, a store operation.)
+        await _check_depth(gw, entry.name)
         await gw.intake.store([image, *masks] if image else masks)
 
     job_input = resolve_input(

@@ -309,3 +309,28 @@ def test_a_large_upload_with_a_free_slot_never_waits(
     body = edit_body(image=data_url(noise_png(200)))  # past the 64 KiB of a plain body
     assert client.post("/v1/edits", json=body).status_code == 202
     assert client.post("/v1/edits", json=body).status_code == 202  # the slot was given back
+
+
+def test_a_queue_that_fills_while_inputs_are_read_leaves_no_stored_image(
+    make_settings: Callable[..., GatewaySettings],
+    make_client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.intake import ImageIntake
+
+    settings = make_settings(max_queue_depth=1)
+    client = make_client(settings)
+    original = ImageIntake.read
+
+    async def slow_read(self: ImageIntake, *args: Any, **kwargs: Any) -> Any:
+        image = await original(self, *args, **kwargs)
+        # Meanwhile another client takes the last place in the queue.
+        other = make_client(settings)
+        assert other.post("/v1/syntheses", json=SYNTHESIS).status_code == 202
+        return image
+
+    monkeypatch.setattr(ImageIntake, "read", slow_read)
+    before = storage_files(settings)
+    response = client.post("/v1/edits", json=edit_body())
+    assert response.status_code == 429, response.text
+    assert storage_files(settings) == before
