@@ -137,7 +137,9 @@ class BodyLimitMiddleware:
         multipart = False
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
-                declared = int(value) if value.isdigit() else limits.ceiling + 1
+                # More than 18 digits is over any limit (and past int()'s digit cap).
+                valid = value.isdigit() and len(value) <= 18
+                declared = int(value) if valid else limits.ceiling + 1
             elif name == b"content-type":
                 multipart = value.lower().startswith(b"multipart/form-data")
         images = limits.inline_images(scope["method"], scope["path"])
