@@ -213,7 +213,9 @@ async def stream_job_events(
 class _HeldEventSource(EventSourceResponse):
     """An event stream that counts against its tenant's cap from now until it closes."""
 
-    def __init__(self, held: contextlib.AbstractContextManager[None], *args: Any, **kwargs: Any):
+    def __init__(
+        self, held: contextlib.AbstractContextManager[None], *args: Any, **kwargs: Any
+    ) -> None:
         # Entered here, so the route answers 429 itself; left however the stream ends.
         held.__enter__()
         self._held = held
