@@ -38,6 +38,8 @@ SYNTHESIS: dict[str, Any] = {
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
     """Arguments of ``demo``."""
+    from masactrl_cli.stack import default_help
+
     parser.add_argument(
         "--image", type=Path, help=f"image to edit (default: the bundled {SAMPLE_IMAGE})"
     )
@@ -48,6 +50,9 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         "--out", type=Path, default=Path("out"), help="results folder (default %(default)s)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--port", type=int, help=f"gateway port of the stack to use or start {default_help('port')}"
+    )
 
 
 def _sample_image(explicit: Path | None) -> Path:
@@ -115,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")
     image = _sample_image(args.image)
-    stack = LocalStack(load_stack_settings())
+    stack = LocalStack(load_stack_settings(port=args.port))
     started: list[str] = []
     already: dict[str, int] = {}
     submitted: list[str] = []
@@ -129,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"using the running stack ({', '.join(already)})")
         status = _run_jobs(stack, image, args, submitted)
         completed = True
-        print(f"API docs: {stack.api_url}/docs   (demo took {time.monotonic() - begin:.0f} s)")
+        took = f"demo took {time.monotonic() - begin:.0f} s"
+        # A gateway this demo started stops below: its docs URL would lead nowhere.
+        print(took if started else f"API docs: {stack.api_url}/docs   ({took})")
         return status
     except (StackError, ClientError) as exc:
         print(f"masactrl demo: error: {exc}", file=sys.stderr)

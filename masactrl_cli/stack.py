@@ -598,24 +598,34 @@ class LocalStack:
 # --- the subcommands ------------------------------------------------------------------------------
 
 
+def default_help(field: str) -> str:
+    """ "(default: MASACTRL_STACK_<FIELD> or <value>)": the variable behind an option's default."""
+    info = StackSettings.model_fields[field]
+    default = info.default if not isinstance(info.default, Path) else f"./{info.default}"
+    return f"(default: MASACTRL_STACK_{field.upper()} or {default})"
+
+
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
     """``up`` and ``down`` share the location options; ``up`` adds the start-up timeout."""
-    parser.add_argument(
-        "--dir", type=Path, help="stack folder (default: MASACTRL_STACK_DIR or ./var)"
-    )
+    parser.add_argument("--dir", type=Path, help=f"stack folder {default_help('dir')}")
     if command == "up":
+        parser.add_argument("--port", type=int, help=f"gateway port {default_help('port')}")
         parser.add_argument(
-            "--port", type=int, help="gateway port (default: MASACTRL_STACK_PORT or 8000)"
+            "--redis-port",
+            type=int,
+            help=f"port of the stack's own redis-server {default_help('redis_port')}",
         )
         parser.add_argument(
-            "--redis-port", type=int, help="port of the stack's own redis-server (default 6380)"
-        )
-        parser.add_argument(
-            "--timeout", type=float, help="seconds to wait for a live worker (default 900)"
+            "--timeout",
+            type=float,
+            help=f"seconds to wait for a live worker {default_help('start_timeout_seconds')}",
         )
     else:
         parser.add_argument(
-            "--timeout", type=float, help="grace after SIGTERM before SIGKILL (default 15 s)"
+            "--timeout",
+            type=float,
+            help=f"grace in seconds after SIGTERM before SIGKILL "
+            f"{default_help('stop_timeout_seconds')}",
         )
 
 

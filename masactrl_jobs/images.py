@@ -22,8 +22,10 @@ from typing import Literal
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 __all__ = [
+    "MIN_IMAGE_SIDE",
     "InvalidImage",
     "ValidatedImage",
+    "too_large_message",
     "decode_data_url",
     "sniff_image_type",
     "validate_image",
@@ -43,6 +45,9 @@ _PLUGINS: dict[str, type[ImageFile.ImageFile]] = {
     "webp": WebPImagePlugin.WebPImageFile,
 }
 _SAVE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WebP"}
+# The smallest side accepted: the VAE encodes 8×8 pixels into one latent, so anything smaller has
+# no content to edit (it would only be upscaled noise).
+MIN_IMAGE_SIDE = 8
 _ORIENTATION_TAG = 0x0112
 
 # Magic bytes of formats we refuse, so the error can say what the file is.
@@ -85,6 +90,14 @@ def _megabytes(size: int) -> str:
     return f"{size / (1024 * 1024):.1f}".rstrip("0").rstrip(".") + " MiB"
 
 
+def too_large_message(what: str, size: int, limit: int, about: bool = False) -> str:
+    """The sentence "<what> is <size>; the limit is <limit>", exact to the byte where needed."""
+    shown, most = _megabytes(size), _megabytes(limit)
+    if shown == most:
+        shown, most = f"{size} bytes", f"{limit} bytes ({most})"
+    return f"{what} is {'about ' if about else ''}{shown}; the limit is {most}"
+
+
 def sniff_image_type(data: bytes) -> ImageExt | None:
     """``"png"``, ``"jpg"`` or ``"webp"`` from the magic bytes, or None for anything else."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -114,9 +127,7 @@ def validate_image(
     if not data:
         raise InvalidImage(f"{what} is empty")
     if len(data) > max_bytes:
-        raise InvalidImage(
-            f"{what} is {_megabytes(len(data))}; the limit is {_megabytes(max_bytes)}"
-        )
+        raise InvalidImage(too_large_message(what, len(data), max_bytes))
     ext = sniff_image_type(data)
     if ext is None:
         raise _unsupported(data, what)
@@ -134,8 +145,11 @@ def validate_image(
             raise InvalidImage(
                 f"{what} is {width}×{height} pixels; the limit is {max_side}×{max_side}"
             )
-        if width < 1 or height < 1:
-            raise InvalidImage(f"{what} has no pixels ({width}×{height})")
+        if width < MIN_IMAGE_SIDE or height < MIN_IMAGE_SIDE:
+            raise InvalidImage(
+                f"{what} is {width}×{height} pixels; the minimum is "
+                f"{MIN_IMAGE_SIDE}×{MIN_IMAGE_SIDE}"
+            )
         if getattr(image, "is_animated", False):
             raise InvalidImage(f"{what} is animated; send a single still image")
         try:
@@ -231,16 +245,11 @@ def decode_data_url(url: str, *, max_bytes: int, what: str = "image") -> bytes:
     payload = url[match.end() :]
     # Reject by encoded length first so an oversized payload is never decoded into memory.
     if len(payload) * 3 // 4 > max_bytes + 3:
-        raise InvalidImage(
-            f"{what} is about {_megabytes(len(payload) * 3 // 4)}; the limit is "
-            f"{_megabytes(max_bytes)}"
-        )
+        raise InvalidImage(too_large_message(what, len(payload) * 3 // 4, max_bytes, about=True))
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidImage(f"{what} data URL is not valid base64") from None
     if len(data) > max_bytes:
-        raise InvalidImage(
-            f"{what} is {_megabytes(len(data))}; the limit is {_megabytes(max_bytes)}"
-        )
+        raise InvalidImage(too_large_message(what, len(data), max_bytes))
     return data

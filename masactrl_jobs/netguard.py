@@ -5,19 +5,30 @@ The rules:
 
 - only ``https`` (``http`` only to loopback, and loopback at all only with the development setting
   ``allow_loopback_http``);
+- an IP literal is read in every spelling a resolver accepts (``2852039166``, ``0xa9fea9fe``,
+  ``0251.0376.0251.0376``, ``169.254.43518``, ``127.1``) and checked as the address it names, so a
+  URL is refused when it is submitted, not only when it is first contacted
+  (:func:`check_url_syntax` checks everything that needs no DNS);
 - the host is resolved once and every address is checked: loopback, private, link-local,
   carrier-grade NAT, multicast, reserved, unspecified, documentation ranges, cloud metadata
   endpoints, and IPv6 forms that embed an IPv4 address (mapped, NAT64, 6to4) by that address;
+- loopback in development means 127.0.0.0/8 and ::1 only: an IPv6 address that merely embeds a
+  loopback IPv4 address (mapped ``::ffff:127.0.0.1``, NAT64 ``64:ff9b::7f00:1``, 6to4
+  ``2002:7f00:1::``) is refused even then, since it is routed elsewhere (a NAT64 gateway, a 6to4
+  relay) or only by some stacks; IPv4-compatible ``::127.0.0.1`` is refused as deprecated;
 - the connection goes to an address that was checked, never to a second DNS answer (no DNS
   rebinding), while the ``Host`` header, TLS SNI and certificate verification still use the
   original hostname (httpx's documented ``sni_hostname`` request extension);
 - redirects are never followed, bodies are read up to a limit, and proxies from the environment
-  are ignored (a proxy would make the checked address meaningless).
+  are ignored (a proxy would make the checked address meaningless);
+- URLs are user data and may carry bearer tokens in their query (presigned image URLs, webhook
+  URLs with ``?token=``): httpx's request log lines show them without the query.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import ssl
 import time
@@ -39,6 +50,8 @@ __all__ = [
     "UnsafeURL",
     "blocked_reason",
     "check_url",
+    "check_url_syntax",
+    "ip_literal",
     "fetch",
     "post",
     "resolve_host",
@@ -91,6 +104,22 @@ class PostResult(NamedTuple):
     status_code: int
     duration: float
 
+
+class _HideQueries(logging.Filter):
+    """Drops the query of every URL in httpx's log records ("HTTP Request: POST <url> ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                a.copy_with(query=b"REDACTED") if isinstance(a, httpx.URL) and a.query else a
+                for a in record.args
+            )
+        return True
+
+
+_httpx_log = logging.getLogger("httpx")
+if not any(isinstance(f, _HideQueries) for f in _httpx_log.filters):
+    _httpx_log.addFilter(_HideQueries())
 
 _V4 = ipaddress.IPv4Network
 _V6 = ipaddress.IPv6Network
@@ -150,6 +179,8 @@ def _classify(address: IPAddress) -> tuple[str, str] | None:
             if verdict is None:
                 return None
             category, description = verdict
+            # Never "loopback": the development exemption is for 127.0.0.0/8 and ::1 themselves.
+            category = "embedded" if category == "loopback" else category
             return category, f"{description} ({embedded}) embedded in an IPv6 address"
         if address.scope_id:
             return "link-local", "a scoped (link-local) address"
@@ -205,7 +236,47 @@ def _describe_url(url: str) -> str:
     return url if len(url) <= 200 else url[:197] + "..."
 
 
-def _check(url: str, allow_loopback_http: bool) -> _Target:
+def _ipv4_number(part: str) -> int | None:
+    """One part of a numeric IPv4 host as inet_aton reads it (0x hex, 0 octal), or None."""
+    try:
+        if part[:2].lower() == "0x":
+            return int(part[2:] or "0", 16)
+        if len(part) > 1 and part.startswith("0"):
+            return int(part[1:], 8)
+        return int(part, 10) if part.isdigit() else None
+    except ValueError:
+        return None
+
+
+def ip_literal(host: str) -> IPAddress | None:
+    """The address ``host`` spells, in any form a resolver accepts, or None for a host name.
+
+    Raises :class:`UnsafeURL` for a host that looks numeric but is no address (``1.2.3.4.5``,
+    ``example.0x10``, ``256.1.1.1``): resolvers disagree on those, so none is contacted.
+    """
+    bare = host.strip("[]")
+    try:
+        return ipaddress.ip_address(bare)
+    except ValueError:
+        pass
+    parts = bare.removesuffix(".").split(".")
+    numbers = [_ipv4_number(part) for part in parts]
+    if numbers[-1] is None:
+        return None  # a name: its last label is not a number
+    if len(parts) > 4 or any(n is None for n in numbers):
+        raise UnsafeURL(f"{host!r} is not a valid host name or IPv4 address")
+    *head, last = [n for n in numbers if n is not None]
+    # The last part fills the bytes the others leave: 127.1 is 127.0.0.1.
+    if any(n > 255 for n in head) or last >= 256 ** (4 - len(head)):
+        raise UnsafeURL(f"{host!r} is not a valid IPv4 address (a part is out of range)")
+    value = last
+    for i, n in enumerate(head):
+        value += n << (8 * (3 - i))
+    return ipaddress.IPv4Address(value)
+
+
+def _parse(url: str, allow_loopback_http: bool) -> tuple[httpx.URL, str, IPAddress | None]:
+    """Every check that needs no DNS: (URL, host, the address if the host is an IP literal)."""
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
@@ -218,12 +289,44 @@ def _check(url: str, allow_loopback_http: bool) -> _Target:
     host = parsed.raw_host.decode("ascii")
     if not host:
         raise UnsafeURL(f"{shown!r} is not allowed: it names no host")
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    literal = ip_literal(host)
+    if literal is not None:
+        _refuse_blocked(shown, [literal], allow_loopback_http)
+    # For a host name, whether plain http may go to it is known only once it is resolved.
+    if (
+        parsed.scheme == "http"
+        and literal is not None
+        and not (allow_loopback_http and _is_loopback(literal))
+    ):
+        raise UnsafeURL(f"{shown!r} is not allowed: only https URLs are accepted")
+    return parsed, host, literal
 
-    try:
-        literal: IPAddress | None = ipaddress.ip_address(host)
-    except ValueError:
-        literal = None
+
+def _refuse_blocked(shown: str, addresses: list[IPAddress], allow_loopback_http: bool) -> None:
+    # Every address is checked: one private answer among public ones is enough to refuse,
+    # since the client might otherwise connect to it.
+    for address in addresses:
+        reason = blocked_reason(address, allow_loopback=allow_loopback_http)
+        if reason is not None:
+            raise UnsafeURL(
+                f"{shown!r} is not allowed: it resolves to {address}, {reason}; only public "
+                "addresses may be contacted"
+            )
+
+
+def check_url_syntax(url: str, *, allow_loopback_http: bool = False) -> IPAddress | None:
+    """Refuse ``url`` (:class:`UnsafeURL`) for everything decidable without DNS: scheme,
+    credentials, and a host that is an IP literal of a blocked address in any spelling.
+
+    Returns the address when the host is an IP literal, None for a host name.
+    """
+    return _parse(url, allow_loopback_http)[2]
+
+
+def _check(url: str, allow_loopback_http: bool) -> _Target:
+    parsed, host, literal = _parse(url, allow_loopback_http)
+    shown = _describe_url(str(url))
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
     if literal is not None:
         addresses: list[IPAddress] = [literal]
     else:
@@ -243,16 +346,7 @@ def _check(url: str, allow_loopback_http: bool) -> _Target:
                 addresses.append(address)
         if not addresses:
             raise HostNotFound(f"the host of {shown!r} resolves to no address")
-
-    # Every address is checked: one private answer among public ones is enough to refuse,
-    # since the client might otherwise connect to it.
-    for address in addresses:
-        reason = blocked_reason(address, allow_loopback=allow_loopback_http)
-        if reason is not None:
-            raise UnsafeURL(
-                f"{shown!r} is not allowed: it resolves to {address}, {reason}; only public "
-                "addresses may be contacted"
-            )
+    _refuse_blocked(shown, addresses, allow_loopback_http)
     if parsed.scheme == "http" and not (
         allow_loopback_http and all(_is_loopback(address) for address in addresses)
     ):

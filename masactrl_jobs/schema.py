@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
 )
 
@@ -125,7 +126,9 @@ class ImageRole(str, Enum):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Requests say what they mean: no unknown fields, no "6" or true taken for a number, and no
+    # NaN or infinity (which would otherwise be reported as out of range).
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
@@ -157,7 +160,8 @@ class MaskRegion(_Strict):
 class MaskControl(_Strict):
     """Restrict mutual self-attention to foreground regions (MasaCtrl's mask-guided variant)."""
 
-    mode: MaskMode = MaskMode.none
+    # Strict(False): in Python, strict mode takes only enum members; "manual" is fine too.
+    mode: Annotated[MaskMode, Strict(False)] = MaskMode.none
     regions: list[MaskRegion] | None = Field(
         default=None,
         max_length=MAX_MASK_REGIONS,
@@ -194,7 +198,7 @@ class WebhookCreate(_Strict):
     """Where to POST signed job events (Standard Webhooks), and which ones."""
 
     url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
-    events: list[WebhookEvent] = Field(
+    events: list[Annotated[WebhookEvent, Strict(False)]] = Field(
         default_factory=lambda: list(WebhookEvent), min_length=1, max_length=3
     )
 

@@ -104,7 +104,37 @@ class GatewaySettings(CommonSettings):
     max_request_bytes: int = Field(
         100 * 1024 * 1024,
         ge=1024,
-        description="Largest request body (an image as a base64 data: URL is 4/3 its size).",
+        description="Largest request body of any route, whatever its inline images.",
+    )
+    max_json_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description=(
+            "Largest body without inline images; each `data:` image earns the base64 size of "
+            "max_image_bytes on top, up to the route's number of images."
+        ),
+    )
+    max_concurrent_large_uploads: int = Field(
+        2,
+        ge=1,
+        description=(
+            "Bodies past max_json_bytes read at once; others wait up to "
+            "large_upload_wait_seconds for a turn, then get 503."
+        ),
+    )
+    large_upload_wait_seconds: float = Field(10.0, ge=0, le=300)
+    max_streams_per_tenant: int = Field(
+        20, ge=1, description="Open Server-Sent Event streams per tenant before 429."
+    )
+    max_waits_per_tenant: int = Field(
+        20, ge=1, description="Requests held by `Prefer: wait` per tenant before 429."
+    )
+    ops_token: SecretStr | None = Field(
+        None,
+        description=(
+            "When set, /metrics, /docs, /redoc and /openapi.json need "
+            "`Authorization: Bearer <token>`; unset, they are open."
+        ),
     )
 
     @model_validator(mode="after")

@@ -19,7 +19,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from masactrl_jobs.schema import ErrorBody, ErrorDetail, ErrorInfo
 from masactrl_jobs.storage import StorageUnavailable
 
-__all__ = ["ApiError", "FieldError", "error_response", "install_error_handlers", "invalid"]
+__all__ = [
+    "ApiError",
+    "FieldError",
+    "Loc",
+    "error_response",
+    "install_error_handlers",
+    "invalid",
+    "shown_id",
+]
+
+Loc = Sequence[str | int]
+# Ids and other caller-given values are echoed in messages at most this long.
+_SHOWN_CHARS = 64
+
+
+def shown_id(value: str) -> str:
+    """``value`` quoted for a message, cut to 64 characters: a 5,000-character id is not echoed."""
+    return repr(value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "…")
+
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +94,10 @@ def invalid(errors: Sequence[FieldError | ErrorDetail]) -> ApiError:
     details = [e.detail if isinstance(e, FieldError) else e for e in errors]
     first = details[0]
     where = ".".join(str(part) for part in first.loc if part != "body") or "request"
-    message = f"{where}: {first.message}"
+    name = str(first.loc[-1]) if first.loc else ""
+    # "image is 25 MiB; ..." already names its field: say it once, not "image: image is ...".
+    said = name and first.message.startswith((f"{name} ", f"{name}:"))
+    message = first.message if said else f"{where}: {first.message}"
     if len(details) > 1:
         message += f" (and {len(details) - 1} more problem{'s' if len(details) > 2 else ''})"
     return ApiError(422, "invalid_request", message, details=details)
@@ -101,6 +122,8 @@ def _sentence(error: Mapping[str, Any]) -> str:
         return f"unknown field {loc[-1]!r}" if loc else "unknown field"
     if kind == "missing":
         return "this field is required"
+    if kind == "finite_number":
+        return "must be a finite number"
     if kind == "json_invalid":
         ctx = error.get("ctx") or {}
         return f"the body is not valid JSON ({ctx.get('error', 'parse error')})"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -19,7 +22,7 @@ from masactrl_jobs.schema import JobPublic, JobStatus
 from masactrl_jobs.storage import Storage, results_prefix
 from masactrl_jobs.store import AsyncJobStore, JobRecord
 from service.config import GatewaySettings, Tenant
-from service.errors import ApiError
+from service.errors import ApiError, shown_id
 from service.intake import ImageIntake
 from service.metrics import GatewayMetrics
 
@@ -49,6 +52,8 @@ class Gateway:
     metrics: GatewayMetrics
     intake: ImageIntake = field(init=False)
     _url_base: str = field(init=False, repr=False)
+    # Open streams and held waits per (what, tenant), in this process.
+    _held: Counter[tuple[str, str]] = field(init=False, repr=False, default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.intake = ImageIntake(self.settings, self.storage)
@@ -109,8 +114,39 @@ class Gateway:
         record = await self.store.get(job_id) if len(job_id) <= 64 else None
         if record is None or record.tenant != tenant.name:
             # Never 403: that would confirm to another tenant that the id exists.
-            raise ApiError(404, "not_found", f"No job with id {job_id!r}.")
+            raise ApiError(404, "not_found", f"No job with id {shown_id(job_id)}.")
         return record
+
+    # -- held connections
+    @contextlib.contextmanager
+    def hold(self, what: str, tenant: Tenant) -> Iterator[None]:
+        """Count one open stream (``what="stream"``) or held wait (``"wait"``) of the tenant for
+        as long as the block runs; 429 past the tenant's cap.
+
+        Each one holds a connection and a Redis poll loop, so one tenant must not take them all.
+        The count is per gateway process: the cap in force is it times the replicas.
+        """
+        cap = (
+            self.settings.max_streams_per_tenant
+            if what == "stream"
+            else self.settings.max_waits_per_tenant
+        )
+        key = (what, tenant.name)
+        if self._held[key] >= cap:
+            noun = "event streams" if what == "stream" else "requests waiting with Prefer: wait"
+            raise ApiError(
+                429,
+                "too_many_open",
+                f"This key already has {cap} open {noun}; close one or retry later.",
+                headers={"Retry-After": "5"},
+            )
+        self._held[key] += 1
+        try:
+            yield
+        finally:
+            self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
 
     # -- waiting
     async def wait_until_done(self, job_id: str, seconds: float) -> JobRecord | None:

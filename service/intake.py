@@ -1,5 +1,8 @@
 """Image inputs: resolve a reference (data:, https:, s3:) or an upload, validate it, store it.
 
+Reading and validating store nothing; :meth:`ImageIntake.store` runs after every check of the
+request, so nothing a refused request sent outlives it.
+
 Everything here that touches bytes, Pillow, DNS, sockets or boto3 runs in a worker thread so the
 event loop keeps serving other requests while a 20 MB upload is decoded.
 """
@@ -41,15 +44,15 @@ class ImageIntake:
         self.bucket = parts.netloc if parts.scheme == "s3" else None
         self.prefix = unquote(parts.path).strip("/")
 
-    async def ingest(self, ref: str, loc: Loc, what: str = "image") -> ValidatedImage:
-        """Fetch or decode ``ref``, validate it and store it; FieldError on bad input."""
+    async def read(self, ref: str, loc: Loc, what: str = "image") -> ValidatedImage:
+        """Fetch or decode ``ref`` and validate it, storing nothing; FieldError on bad input."""
         data = await self._load(ref, loc, what)
-        return await self.ingest_bytes(data, loc, what)
+        return await self.check(data, loc, what)
 
-    async def ingest_bytes(self, data: bytes, loc: Loc, what: str = "image") -> ValidatedImage:
-        """Validate uploaded bytes and store them under ``inputs/<sha256>.<ext>``."""
+    async def check(self, data: bytes, loc: Loc, what: str = "image") -> ValidatedImage:
+        """Validate uploaded bytes, storing nothing; FieldError on bad input."""
         try:
-            image = await run_in_threadpool(
+            return await run_in_threadpool(
                 validate_image,
                 data,
                 max_bytes=self.settings.max_image_bytes,
@@ -58,10 +61,16 @@ class ImageIntake:
             )
         except InvalidImage as exc:
             raise FieldError(loc, str(exc), "invalid_image") from None
-        # Always written (not "if absent"): content addressing makes it idempotent, and it
-        # restores an object the retention sweeper may be removing at this very moment.
-        await run_in_threadpool(self.storage.put, image.key, image.data, image.content_type)
-        return image
+
+    async def store(self, images: Sequence[ValidatedImage]) -> None:
+        """Store validated images under ``inputs/<sha256>.<ext>``.
+
+        Called once every check of the request has passed, so a refused request stores nothing.
+        """
+        for image in {image.key: image for image in images}.values():
+            # Always written (not "if absent"): content addressing makes it idempotent, and it
+            # restores an object the retention sweeper may be removing at this very moment.
+            await run_in_threadpool(self.storage.put, image.key, image.data, image.content_type)
 
     async def _load(self, ref: str, loc: Loc, what: str) -> bytes:
         scheme = ref.split(":", 1)[0].lower() if ":" in ref else ""

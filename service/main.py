@@ -19,11 +19,14 @@ from masactrl_jobs.settings import load_settings
 from masactrl_jobs.storage import storage_from_settings
 from masactrl_jobs.store import AsyncJobStore
 from service.api.routes import ROUTERS
+from service.api.routes.docs import ASSETS_PATH, assets
+from service.api.routes.jobs import ProgressEvent, StatusEvent
 from service.config import GatewaySettings
 from service.errors import install_error_handlers
 from service.gateway import Gateway
 from service.metrics import GatewayMetrics, MetricsMiddleware
-from service.middleware import BodyLimitMiddleware
+from service.middleware import BodyLimitMiddleware, BodyLimits, encoded_image_bytes
+from service.redaction import install_log_redaction
 
 __all__ = ["API_VERSION", "create_app", "operation_id"]
 
@@ -58,6 +61,8 @@ def _install_openapi(app: FastAPI) -> None:
                 (EditCreate, "validation"),
                 (EditParams, "validation"),
                 (SynthesisCreate, "validation"),
+                (StatusEvent, "validation"),
+                (ProgressEvent, "validation"),
             ],
             ref_template="#/components/schemas/{model}",
         )
@@ -74,6 +79,7 @@ def _install_openapi(app: FastAPI) -> None:
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """Build the gateway; settings come from ``MASACTRL_*`` when not given."""
     settings = settings or load_settings(GatewaySettings)
+    install_log_redaction()
     # Read once, here, so a bad catalog stops the gateway before it serves anything.
     catalog = load_catalog(settings)
     metrics = GatewayMetrics()
@@ -113,13 +119,26 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         generate_unique_id_function=operation_id,
         # One schema per model: request and response shapes of shared models are identical here.
         separate_input_output_schemas=False,
+        # Served by service.api.routes.docs: assets from the gateway, optionally behind a token.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
         # Prometheus (/metrics) is this service's telemetry; skip FastAPI's OpenTelemetry hooks.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     for router in ROUTERS:
         app.include_router(router)
+    app.mount(ASSETS_PATH, assets(), name="docs-assets")
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    limits = BodyLimits(
+        small=settings.max_json_bytes,
+        image=encoded_image_bytes(settings.max_image_bytes),
+        raw_image=settings.max_image_bytes,
+        ceiling=settings.max_request_bytes,
+        max_large_uploads=settings.max_concurrent_large_uploads,
+        slot_wait_seconds=settings.large_upload_wait_seconds,
+    )
+    app.add_middleware(BodyLimitMiddleware, limits=limits)
     # Added last, so it is outermost and also times and counts 413s and errors.
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _install_openapi(app)

@@ -1,4 +1,5 @@
-"""Print the gateway's OpenAPI document: ``python -m service.openapi > openapi/openapi.json``.
+"""The gateway's OpenAPI document: ``python -m service.openapi --output openapi/openapi.json``
+(``--check`` says whether the committed file is current; ``--help`` lists the options).
 
 The schema does not depend on settings, so a throwaway development configuration is used and no
 Redis or storage is contacted.
@@ -6,9 +7,11 @@ Redis or storage is contacted.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 __all__ = ["openapi_document", "render"]
@@ -37,5 +40,36 @@ def render(document: dict[str, Any]) -> str:
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Write the document to stdout or ``--output``, or ``--check`` a file against it."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service.openapi", description="The gateway's OpenAPI document."
+    )
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("-o", "--output", type=Path, help="write it to this file (default: stdout)")
+    target.add_argument(
+        "--check",
+        type=Path,
+        metavar="FILE",
+        help="exit 1 if FILE (e.g. openapi/openapi.json) differs from it",
+    )
+    args = parser.parse_args(argv)
+    text = render(openapi_document())
+    if args.check is not None:
+        if args.check.read_text(encoding="utf-8") == text:
+            return 0
+        print(
+            f"{args.check} is stale; regenerate it with "
+            f"`python -m service.openapi --output {args.check}`",
+            file=sys.stderr,
+        )
+        return 1
+    if args.output is not None:
+        args.output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.stdout.write(render(openapi_document()))
+    sys.exit(main())

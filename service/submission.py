@@ -68,6 +68,14 @@ def _queue_full(settings: GatewaySettings, model: str) -> ApiError:
     )
 
 
+async def _check_depth(gw: Gateway, model: str) -> None:
+    """429 when the model's queue is at its limit (the create step checks again, atomically)."""
+    if gw.settings.max_queue_depth:
+        depth = (await gw.store.queue_depths([model]))[model]
+        if depth >= gw.settings.max_queue_depth:
+            raise _queue_full(gw.settings, model)
+
+
 def _rate_limited(settings: GatewaySettings, retry_after: float) -> ApiError:
     retry = max(1, math.ceil(retry_after))
     return ApiError(
@@ -109,6 +117,23 @@ async def submit(
     prefer: str | None = None,
 ) -> Submitted:
     """Validate, store inputs, record and enqueue one job (or find the one it replays)."""
+    wait = parse_prefer_wait(prefer, gw.settings.max_wait_seconds)
+    if wait is None:
+        return await _submit(gw, tenant, kind, body, upload, idempotency_key, None)
+    # Taken before anything is created, so a refused wait (429) leaves no job behind.
+    with gw.hold("wait", tenant):
+        return await _submit(gw, tenant, kind, body, upload, idempotency_key, wait)
+
+
+async def _submit(
+    gw: Gateway,
+    tenant: Tenant,
+    kind: JobKind,
+    body: EditCreate | EditParams | SynthesisCreate,
+    upload: bytes | None,
+    idempotency_key: str | None,
+    wait: int | None,
+) -> Submitted:
     settings = gw.settings
     this_hash = ""
     if idempotency_key is not None:
@@ -144,19 +169,26 @@ async def submit(
         if not limit.allowed:
             raise _rate_limited(settings, limit.retry_after)
         rate = None
-        if settings.max_queue_depth:
-            depth = (await gw.store.queue_depths([entry.name]))[entry.name]
-            if depth >= settings.max_queue_depth:
-                raise _queue_full(settings, entry.name)
+        await _check_depth(gw, entry.name)
+        # Every input is read and validated before any is stored: a bad mask must not leave
+        # the image behind, outside retention.
         if upload is not None:
-            image = await gw.intake.ingest_bytes(upload, ("body", "image"))
+            image = await gw.intake.check(upload, ("body", "image"))
         elif isinstance(body, EditCreate):
-            image = await gw.intake.ingest(body.image, ("body", "image"))
+            image = await gw.intake.read(body.image, ("body", "image"))
+        masks: list[ValidatedImage] = []
         for i, region in enumerate(body.control.mask.regions or []):
             at = ("body", "control", "mask", "regions", i)
-            source = await gw.intake.ingest(region.source, (*at, "source"), "mask")
-            target = await gw.intake.ingest(region.target, (*at, "target"), "mask")
+            source = await gw.intake.read(region.source, (*at, "source"), "mask")
+            target = await gw.intake.read(region.target, (*at, "target"), "mask")
+            masks += (source, target)
             region_keys.append((source.key, target.key))
+        # Fetching may have taken seconds: look again, so that the queue filling up meanwhile
+        # is caught before anything is stored. (A job created in the last moment can still make
+        # create() answer "full" after the store; closing that needs the inputs registered for
+        # sweeping first, a store operation.)
+        await _check_depth(gw, entry.name)
+        await gw.intake.store([image, *masks] if image else masks)
 
     job_input = resolve_input(
         body, entry, image_key=image.key if image else None, region_keys=region_keys
@@ -191,7 +223,6 @@ async def submit(
     assert record is not None
     gw.metrics.submitted(kind.value, entry.name)
 
-    wait = parse_prefer_wait(prefer, settings.max_wait_seconds)
     if wait is not None:
         waited: JobRecord | None = await gw.wait_until_done(record.id, wait)
         record = waited or record

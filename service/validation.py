@@ -8,7 +8,6 @@ the gateway's own.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import secrets
 from collections.abc import Sequence
@@ -96,26 +95,15 @@ def _check_mask(body: JobCreate) -> list[FieldError]:
 
 
 def check_webhook_url(url: str, *, allow_loopback_http: bool) -> FieldError | None:
-    """A syntactic check at submission; the SSRF guard resolves and checks again on delivery."""
+    """The checks that need no DNS, at submission; delivery resolves and checks again."""
     loc = (_BODY, "webhook", "url")
     try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError, TypeError):
-        return FieldError(loc, "webhook url is not a valid URL")
-    if parsed.scheme not in ("https", "http") or not parsed.host:
-        return FieldError(loc, "webhook url must be an https:// URL")
-    if parsed.userinfo:
-        return FieldError(loc, "webhook url must not contain credentials")
-    try:
-        literal = ipaddress.ip_address(parsed.host)
-    except ValueError:
-        literal = None
-    if literal is not None:
-        reason = netguard.blocked_reason(literal, allow_loopback=allow_loopback_http)
-        if reason is not None:
-            return FieldError(loc, f"webhook url points at {literal}, {reason}", "unsafe_url")
-    if parsed.scheme == "http" and not (allow_loopback_http and literal is not None):
-        return FieldError(loc, "webhook url must be an https:// URL", "unsafe_url")
+        literal = netguard.check_url_syntax(url, allow_loopback_http=allow_loopback_http)
+    except netguard.UnsafeURL as exc:
+        return FieldError(loc, str(exc), "unsafe_url")
+    # Plain http only to a loopback literal in development: a name is resolved only at delivery.
+    if httpx.URL(url).scheme == "http" and literal is None:
+        return FieldError(loc, "must be an https:// URL", "unsafe_url")
     return None
 
 

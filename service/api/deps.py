@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import inspect
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ from service.errors import ApiError, FieldError
 from service.gateway import Gateway
 
 __all__ = [
+    "CROSS_FIELD_RULES",
     "DirectRoute",
     "GatewayDep",
+    "OpsAccess",
     "Prefer",
     "Submission",
     "TenantDep",
@@ -73,6 +76,38 @@ async def authenticate(
 
 
 TenantDep = Annotated[Tenant, Depends(authenticate)]
+
+
+_ops_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="OpsToken",
+    description="`Authorization: Bearer <ops token>`, needed only when MASACTRL_OPS_TOKEN is set.",
+)
+
+
+async def check_ops_token(
+    gateway: GatewayDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_ops_bearer)],
+) -> None:
+    """Operational routes (/metrics, the API docs) are open unless ``ops_token`` is set."""
+    token = gateway.settings.ops_token
+    if token is None:
+        return
+    given = credentials.credentials if credentials else ""
+    # Compared as digests in constant time: the token is a secret.
+    if not hmac.compare_digest(
+        hashlib.sha256(given.encode()).digest(),
+        hashlib.sha256(token.get_secret_value().encode()).digest(),
+    ):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "This route needs the operations token as 'Authorization: Bearer <token>'.",
+            headers=_CHALLENGE,
+        )
+
+
+OpsAccess = Annotated[None, Depends(check_ops_token)]
 
 Prefer = Annotated[
     str | None,
@@ -170,3 +205,25 @@ def submission_openapi(content: dict[str, Any]) -> dict[str, Any]:
         "parameters": SUBMISSION_PARAMETERS,
         "requestBody": {"required": True, "content": content},
     }
+
+
+# What the request schemas cannot say on their own (several fields, or the chosen model); the
+# checks are masactrl_jobs.control's and service.validation's, this is their description.
+CROSS_FIELD_RULES = """
+
+Rules that relate fields or depend on the model (answered 422 with the field's path):
+
+- `width` and `height` are multiples of the model's size multiple (8 for `sd`, `sdxl`), and
+  `width × height` is at most the model's `max_pixels` (`GET /v1/models`).
+- `control.start_step` is less than `steps`; every `control.steps` index is below `steps`.
+- `control.start_layer` and every `control.layers` index are below the model's block count.
+- `control.mask.mode`: `manual` needs `regions` (and only `manual` takes them); `auto` needs
+  `source_word`, found as a whole word in `source_prompt`, and `target_word`, found in every
+  target prompt (and only `auto` takes them).
+- `webhook.url` is `https://` to a public address; an IP literal in any spelling (decimal,
+  hex, octal, short) is read as the address it names.
+- Images (`image`, mask `regions`): PNG, JPEG or WebP by content, at least 8×8 pixels, at most
+  `MASACTRL_MAX_IMAGE_SIDE` per side and `MASACTRL_MAX_IMAGE_BYTES`.
+- The body: JSON sent as `application/json` (else 415), no key given twice; at most
+  `MASACTRL_MAX_JSON_BYTES` plus one image allowance per inline `data:` image (else 413).
+"""

@@ -29,6 +29,19 @@ _DESCRIPTIONS = {
 JOB_HEADERS = {
     "Location": {"description": "URL of the job.", "schema": {"type": "string"}},
 }
+# OpenAPI links: what a client (or a stateful test) does next with a created job.
+JOB_LINKS = {
+    name: {
+        "operationId": name,
+        "parameters": {"job_id": "$response.body#/id"},
+        "description": description,
+    }
+    for name, description in (
+        ("getJob", "Read the job (`Prefer: wait=N` to wait for its end)."),
+        ("cancelJob", "Cancel the job."),
+        ("streamJobEvents", "Follow the job as Server-Sent Events."),
+    )
+}
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -41,6 +54,7 @@ def job_response(description: str, headers: bool = False) -> dict[str, Any]:
     entry: dict[str, Any] = {"model": JobPublic, "description": description}
     if headers:
         entry["headers"] = JOB_HEADERS
+        entry["links"] = JOB_LINKS
     return entry
 
 

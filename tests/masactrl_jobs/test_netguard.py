@@ -424,3 +424,98 @@ def test_post_reports_a_refused_connection(resolver: FakeResolver) -> None:
     port = free_port()
     with pytest.raises(FetchError, match="cannot connect"):
         post(f"http://127.0.0.1:{port}/hook", b"{}", {}, timeout=2, allow_loopback_http=True)
+
+
+# --------------------------------------------------------------------------- literal spellings
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [
+        ("2852039166", "169.254.169.254"),
+        ("0xa9fea9fe", "169.254.169.254"),
+        ("0251.0376.0251.0376", "169.254.169.254"),
+        ("169.254.43518", "169.254.169.254"),
+        ("0xa9.0xfe.0xa9.0xfe", "169.254.169.254"),
+        ("127.1", "127.0.0.1"),
+        ("10.1", "10.0.0.1"),
+        ("[::ffff:169.254.169.254]", "169.254.169.254"),
+    ],
+)
+def test_ip_literals_are_read_in_every_spelling(host: str, address: str) -> None:
+    literal = netguard.ip_literal(host)
+    assert literal is not None
+    embedded = getattr(literal, "ipv4_mapped", None) or literal
+    assert embedded == ipaddress.ip_address(address)
+
+
+@pytest.mark.parametrize("host", ["images.example", "localhost", "a1.example", "0x.example"])
+def test_host_names_are_not_literals(host: str) -> None:
+    assert netguard.ip_literal(host) is None
+
+
+@pytest.mark.parametrize("host", ["1.2.3.4.5", "example.0x10", "256.1.1.1", "1.16777216", "08.1"])
+def test_numeric_hosts_that_are_no_address_are_refused(host: str) -> None:
+    with pytest.raises(UnsafeURL, match="not a valid"):
+        netguard.ip_literal(host)
+
+
+@pytest.mark.parametrize(
+    "host", ["2852039166", "0xa9fea9fe", "169.254.43518", "0xa9.0xfe.0xa9.0xfe", "127.1"]
+)
+def test_submission_check_refuses_numeric_spellings_without_dns(
+    resolver: FakeResolver, host: str
+) -> None:
+    with pytest.raises(UnsafeURL, match="only public addresses"):
+        netguard.check_url_syntax(f"https://{host}/hook")
+    assert resolver.calls == []
+
+
+def test_octal_dotted_spelling_is_refused_at_submission(resolver: FakeResolver) -> None:
+    # httpx itself refuses to parse it; refused is what matters.
+    with pytest.raises(UnsafeURL):
+        netguard.check_url_syntax("https://0251.0376.0251.0376/hook")
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", False),  # IPv4-mapped: some stacks route it, some do not
+        ("64:ff9b::7f00:1", False),  # NAT64: the gateway, not this host, is contacted
+        ("64:ff9b:1::7f00:1", False),  # local-use NAT64
+        ("2002:7f00:1::", False),  # 6to4: goes to a relay
+        ("::7f00:1", False),  # IPv4-compatible: deprecated
+    ],
+)
+def test_development_loopback_is_127_8_and_ipv6_loopback_only(
+    resolver: FakeResolver, address: str, allowed: bool
+) -> None:
+    host = f"[{address}]" if ":" in address else address
+    if allowed:
+        assert check_url(f"http://{host}:8000/", allow_loopback_http=True)
+    else:
+        with pytest.raises(UnsafeURL, match="only public addresses"):
+            check_url(f"http://{host}:8000/", allow_loopback_http=True)
+        resolver.table["sneaky.example"] = [address]
+        with pytest.raises(UnsafeURL):
+            check_url("http://sneaky.example/", allow_loopback_http=True)
+
+
+def test_request_logs_hold_no_query_tokens(
+    http_server: LoopbackServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    http_server.route("/cat.png")(lambda h: respond(h, 200, b"png-bytes"))
+    http_server.route("/hook")(lambda h: respond(h, 204, b""))
+    with caplog.at_level("INFO", logger="httpx"):
+        fetch(
+            http_server.url("/cat.png?X-Amz-Signature=s3cr3t-sig"),
+            max_bytes=LIMIT,
+            allow_loopback_http=True,
+        )
+        post(http_server.url("/hook?token=s3cr3t-token"), b"{}", {}, allow_loopback_http=True)
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "httpx")
+    assert "/cat.png" in logged and "/hook" in logged  # the requests are still logged...
+    assert "s3cr3t" not in logged  # ...without their tokens

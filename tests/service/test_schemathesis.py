@@ -2,7 +2,8 @@
 
 Generated requests run in-process against an app on the real test Redis and file storage, with
 a valid API key. Outbound image fetches are refused before any lookup so arbitrary generated URLs
-never leave the machine.
+never leave the machine. A bounded stateful pass then follows the documented links from created
+jobs (read, cancel); the never-ending event stream of a live job is left out of it.
 """
 
 from __future__ import annotations
@@ -60,4 +61,35 @@ def test_no_input_causes_a_server_error(case: schemathesis.Case, app: FastAPI) -
             content_type_conformance,
             response_schema_conformance,
         ],
+    )
+
+
+# The event stream of a live job never ends by itself, so the stateful phase (which follows links
+# from a created job to its other routes) leaves it out; its contract is tested in test_jobs.py.
+stateful_schema = schemathesis.openapi.from_path(str(COMMITTED)).exclude(
+    operation_id="streamJobEvents"
+)
+
+
+def test_stateful_sequences_cause_no_server_error(app: FastAPI) -> None:
+    class Scenarios(stateful_schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, object]:
+            return {"app": app, "headers": bearer(ACME_KEY)}
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            case.validate_response(
+                response,
+                checks=[not_a_server_error, status_code_conformance, response_schema_conformance],
+            )
+
+    # Bounded: a few short scenarios keep this to seconds on two cores.
+    Scenarios.run(
+        settings=hypothesis.settings(
+            max_examples=10,
+            stateful_step_count=5,
+            deadline=None,
+            suppress_health_check=list(hypothesis.HealthCheck),
+            derandomize=True,
+            database=None,
+        )
     )

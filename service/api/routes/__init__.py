@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.routes import edits, files, health, jobs, models, syntheses
+from service.api.routes import docs, edits, files, health, jobs, models, syntheses
 
 __all__ = ["ROUTERS"]
 
@@ -17,4 +17,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     models.router,
     files.router,
     health.router,
+    docs.router,
 )

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from masactrl_jobs.schema import EditCreate, EditParams, JobKind
-from service.api.deps import DirectRoute, Submission, submission_openapi
+from masactrl_jobs.images import too_large_message
+from masactrl_jobs.schema import MAX_MASK_REGIONS, EditCreate, EditParams, JobKind
+from service.api.deps import CROSS_FIELD_RULES, DirectRoute, Submission, submission_openapi
 from service.api.responses import errors, job_response, submitted_response
-from service.errors import ApiError, FieldError, invalid, validation_details
+from service.bodies import is_json, media_type, parse_json, unsupported_media_type
+from service.config import GatewaySettings
+from service.errors import FieldError, invalid
+from service.middleware import encoded_image_bytes
 from service.submission import submit
 
 router = APIRouter(prefix="/v1/edits", tags=["edits"], route_class=DirectRoute)
@@ -40,16 +43,20 @@ _OPENAPI = submission_openapi(
 MULTIPART_PARTS = {"image", "params"}
 
 
-async def _parse_json(request: Request) -> EditCreate:
-    try:
-        return EditCreate.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise invalid(validation_details(exc.errors(), prefix=("body",))) from None
+def params_part_limit(settings: GatewaySettings) -> int:
+    """The largest ``params`` part: the JSON limit, plus room for its inline masks."""
+    masks = 2 * MAX_MASK_REGIONS * encoded_image_bytes(settings.max_image_bytes)
+    return min(settings.max_json_bytes + masks, settings.max_request_bytes)
 
 
-async def _parse_multipart(request: Request, max_bytes: int) -> tuple[EditParams, bytes]:
+async def _parse_multipart(request: Request, settings: GatewaySettings) -> tuple[EditParams, bytes]:
+    max_bytes = settings.max_image_bytes
     try:
-        form = await request.form(max_files=2, max_fields=4)
+        # The image part is spooled to disk past 1 MiB; the params part is held in memory, so it
+        # gets its own limit (the middleware bounds the body as a whole).
+        form = await request.form(
+            max_files=2, max_fields=4, max_part_size=params_part_limit(settings)
+        )
     except MultiPartException as exc:
         raise invalid([FieldError(("body",), f"malformed multipart body: {exc.message}")]) from None
     except StarletteHTTPException as exc:  # Starlette's limits on parts and fields
@@ -66,13 +73,18 @@ async def _parse_multipart(request: Request, max_bytes: int) -> tuple[EditParams
     if raw_params is None:
         raise invalid([FieldError(("body", "params"), "this part is required", "missing")])
     params_text = await raw_params.read() if isinstance(raw_params, UploadFile) else raw_params
-    try:
-        params = EditParams.model_validate_json(params_text)
-    except ValidationError as exc:
-        raise invalid(validation_details(exc.errors(), prefix=("body", "params"))) from None
+    params = parse_json(EditParams, params_text, prefix=("body", "params"))
+    if image.size is not None and image.size > max_bytes:
+        # The body limit lets a little more than max_bytes through; name the real size.
+        raise FieldError(
+            ("body", "image"), too_large_message("image", image.size, max_bytes), "invalid_image"
+        )
     # Read one byte past the limit: enough to know it is too large without holding more.
     data = await image.read(max_bytes + 1)
     return params, data
+
+
+_SUMMARY = "Submit a real-image edit (JSON with an image URL, or multipart with an image file)."
 
 
 @router.post(
@@ -80,6 +92,7 @@ async def _parse_multipart(request: Request, max_bytes: int) -> tuple[EditParams
     status_code=202,
     response_model=None,
     openapi_extra=_OPENAPI,
+    description=_SUMMARY + CROSS_FIELD_RULES,
     responses={
         202: job_response("The job was accepted (queued).", headers=True),
         200: job_response("Idempotent replay: the job first created with this key.", True),
@@ -87,19 +100,17 @@ async def _parse_multipart(request: Request, max_bytes: int) -> tuple[EditParams
     },
 )
 async def create_edit(request: Request) -> Response:
-    """Submit a real-image edit (JSON with an image URL, or multipart with an image file)."""
+    """The route of _SUMMARY; its OpenAPI description adds the cross-field rules."""
     context = Submission.from_request(request)
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "application/json" or content_type.endswith("+json"):
-        body: EditCreate | EditParams = await _parse_json(request)
+    content_type = media_type(request)
+    if is_json(content_type):
+        body: EditCreate | EditParams = parse_json(EditCreate, await request.body())
         upload = None
     elif content_type == "multipart/form-data":
-        body, upload = await _parse_multipart(request, context.gateway.settings.max_image_bytes)
+        body, upload = await _parse_multipart(request, context.gateway.settings)
     else:
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            "Send application/json, or multipart/form-data with 'image' and 'params' parts.",
+        raise unsupported_media_type(
+            "application/json, or multipart/form-data with 'image' and 'params' parts"
         )
     submitted = await submit(
         context.gateway,

@@ -1,4 +1,4 @@
-"""Probes and metrics: /livez, /readyz, /metrics (no authentication, outside /v1)."""
+"""Probes (/livez, /readyz: never authenticated) and /metrics (see ops_token), outside /v1."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import GatewayDep
+from service.api.deps import GatewayDep, OpsAccess
 
 router = APIRouter(tags=["health"])
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ async def readyz(gateway: GatewayDep) -> JSONResponse:
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
 )
-async def metrics(gateway: GatewayDep) -> Response:
+async def metrics(gateway: GatewayDep, _: OpsAccess) -> Response:
     """Prometheus metrics: requests, latencies, submitted jobs, queue depth per model."""
     try:
         depths = await gateway.store.queue_depths(gateway.catalog.names())

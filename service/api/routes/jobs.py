@@ -2,25 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
+from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import Receive, Scope, Send
 
 from masactrl_jobs.ids import is_job_id
-from masactrl_jobs.schema import JobList, JobStatus
+from masactrl_jobs.schema import JobList, JobStatus, ProgressPhase
 from service.api.deps import GatewayDep, Prefer, TenantDep
 from service.api.responses import errors, job_response
-from service.errors import ApiError, FieldError, invalid
+from service.errors import ApiError, FieldError, invalid, shown_id
 from service.gateway import Gateway
 from service.submission import parse_prefer_wait
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+JOB_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+
+
+class StatusEvent(BaseModel):
+    """Data of a `status` event."""
+
+    job_id: str
+    status: JobStatus
+    attempt: int | None = Field(None, description="Set when the job starts running.")
+
+
+class ProgressEvent(BaseModel):
+    """Data of a `progress` event."""
+
+    job_id: str
+    phase: ProgressPhase
+    step: int
+    total: int
+    fraction: float = Field(description="`step / total`, 0 to 1.")
+
+
 # Blocking reads stay below the store's socket timeout; see Gateway.wait_until_done.
 _BLOCK_MS = 1000
 
@@ -32,7 +56,12 @@ async def list_jobs(
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[
-        str | None, Query(max_length=64, description="`next_cursor` of the previous page.")
+        str | None,
+        Query(
+            max_length=64,
+            pattern=JOB_ID_PATTERN,
+            description="`next_cursor` of the previous page (a job id).",
+        ),
     ] = None,
 ) -> Response:
     """List your jobs, newest first, a page at a time."""
@@ -60,7 +89,8 @@ async def get_job(
     if wait is not None:
         headers["Preference-Applied"] = f"wait={wait}"
         if not record.status.is_terminal():
-            record = await gateway.wait_until_done(job_id, wait) or record
+            with gateway.hold("wait", tenant):
+                record = await gateway.wait_until_done(job_id, wait) or record
     return gateway.job_response(record, 200, headers)
 
 
@@ -78,7 +108,7 @@ async def cancel_job(job_id: str, gateway: GatewayDep, tenant: TenantDep) -> Res
     await gateway.owned_job(tenant, job_id)
     result = await gateway.store.cancel(job_id)
     if result.outcome == "missing":
-        raise ApiError(404, "not_found", f"No job with id {job_id!r}.")
+        raise ApiError(404, "not_found", f"No job with id {shown_id(job_id)}.")
     if result.outcome == "conflict":
         raise ApiError(
             409,
@@ -119,11 +149,29 @@ async def _events(gateway: Gateway, job_id: str, after: str) -> AsyncIterator[Se
     responses={
         200: {
             "description": (
-                "Server-Sent Events: `status`, `progress`, then one of `succeeded`, `failed`, "
-                "`canceled` (whose data is the job object). Each event has an id; reconnect "
-                "with `Last-Event-ID` to resume after it."
+                "Server-Sent Events, each with an `id` (reconnect with `Last-Event-ID` to resume "
+                "after it), an `event` name and JSON `data`: `status` (StatusEvent) when the "
+                "status changes, `progress` (ProgressEvent) at each step, then exactly one of "
+                "`succeeded`, `failed`, `canceled` whose data is the job object (JobPublic), "
+                "after which the stream ends. Comment lines (`: ping`) keep idle connections "
+                "open."
             ),
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "string",
+                        "description": "`id: <id>`, `event: <name>`, `data: <JSON>` lines.",
+                    },
+                    "x-sse-events": {
+                        "status": {"$ref": "#/components/schemas/StatusEvent"},
+                        "progress": {"$ref": "#/components/schemas/ProgressEvent"},
+                        **{
+                            name: {"$ref": "#/components/schemas/JobPublic"}
+                            for name in ("succeeded", "failed", "canceled")
+                        },
+                    },
+                }
+            },
         },
         204: {"description": "Nothing follows `Last-Event-ID`: the job has ended."},
         **errors(401, 404, 422, 503),
@@ -135,7 +183,12 @@ async def stream_job_events(
     tenant: TenantDep,
     last_event_id: Annotated[
         str | None,
-        Header(alias="Last-Event-ID", max_length=64, description="Resume after this event."),
+        Header(
+            alias="Last-Event-ID",
+            max_length=64,
+            pattern=_STREAM_ID.pattern,
+            description="Resume after this event (the `id` of an event of this stream).",
+        ),
     ] = None,
 ) -> Response:
     """Follow a job's status and progress as Server-Sent Events (resumable)."""
@@ -150,6 +203,30 @@ async def stream_job_events(
         if record.status.is_terminal() and not await gateway.store.read_events(job_id, after, 1):
             # 204 tells an EventSource to stop reconnecting: there is nothing more to say.
             return Response(status_code=204)
-    return EventSourceResponse(
-        _events(gateway, job_id, after), ping=gateway.settings.sse_ping_seconds
+    return _HeldEventSource(
+        gateway.hold("stream", tenant),
+        _events(gateway, job_id, after),
+        ping=gateway.settings.sse_ping_seconds,
     )
+
+
+class _HeldEventSource(EventSourceResponse):
+    """An event stream that counts against its tenant's cap from now until it closes."""
+
+    def __init__(
+        self, held: contextlib.AbstractContextManager[None], *args: Any, **kwargs: Any
+    ) -> None:
+        # Entered here, so the route answers 429 itself; left however the stream ends.
+        held.__enter__()
+        self._held = held
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            held.__exit__(None, None, None)
+            raise
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._held.__exit__(None, None, None)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
 
 from masactrl_jobs.schema import JobKind, SynthesisCreate
-from service.api.deps import DirectRoute, Submission, submission_openapi
+from service.api.deps import CROSS_FIELD_RULES, DirectRoute, Submission, submission_openapi
 from service.api.responses import errors, job_response, submitted_response
-from service.errors import invalid, validation_details
+from service.bodies import is_json, media_type, parse_json, unsupported_media_type
 from service.submission import submit
 
 router = APIRouter(prefix="/v1/syntheses", tags=["syntheses"], route_class=DirectRoute)
@@ -17,26 +16,27 @@ _OPENAPI = submission_openapi(
     {"application/json": {"schema": {"$ref": "#/components/schemas/SynthesisCreate"}}}
 )
 
+_SUMMARY = "Submit a consistent synthesis: a source image and one image per target prompt."
+
 
 @router.post(
     "",
     status_code=202,
     response_model=None,
     openapi_extra=_OPENAPI,
+    description=_SUMMARY + CROSS_FIELD_RULES,
     responses={
         202: job_response("The job was accepted (queued).", headers=True),
         200: job_response("Idempotent replay: the job first created with this key.", True),
-        **errors(401, 413, 422, 429, 503),
+        **errors(401, 413, 415, 422, 429, 503),
     },
 )
 async def create_synthesis(request: Request) -> Response:
-    """Submit a consistent synthesis: a source image and one image per target prompt."""
+    """The route of _SUMMARY; its OpenAPI description adds the cross-field rules."""
     context = Submission.from_request(request)
-    try:
-        # pydantic parses the JSON itself: faster than decoding to Python objects first.
-        body = SynthesisCreate.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise invalid(validation_details(exc.errors(), prefix=("body",))) from None
+    if not is_json(media_type(request)):
+        raise unsupported_media_type("application/json")
+    body = parse_json(SynthesisCreate, await request.body())
     submitted = await submit(
         context.gateway,
         context.tenant,
