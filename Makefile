@@ -20,12 +20,13 @@ LOCK := requirements/dev.txt
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	@echo "installing torch ($(TORCH_FLAVOUR) build) and the locked dependencies into $(VENV); log: $(VENV)/pip.log"
-	$(PIP) install "torch==$(TORCH_VERSION)+$(TORCH_FLAVOUR)" --index-url $(TORCH_INDEX) \
-	  > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
-	# The lock is complete (torch aside), so nothing outside it is resolved: --no-deps.
-	$(PIP) install --require-hashes --no-deps -r $(LOCK) >> $(VENV)/pip.log 2>&1 \
+	@echo "installing the locked dependencies and torch ($(TORCH_FLAVOUR) build) into $(VENV); log: $(VENV)/pip.log"
+	# The lock is complete (torch aside), so nothing outside it is resolved: --no-deps. It goes
+	# first, so that torch's own dependencies are already there and only torch comes from its index.
+	$(PIP) install --require-hashes --no-deps -r $(LOCK) > $(VENV)/pip.log 2>&1 \
 	  || { cat $(VENV)/pip.log; exit 1; }
+	$(PIP) install "torch==$(TORCH_VERSION)+$(TORCH_FLAVOUR)" --index-url $(TORCH_INDEX) \
+	  >> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	# setuptools comes from the lock too, so building the project fetches nothing unlocked.
 	$(PIP) install --no-deps --no-build-isolation -e . >> $(VENV)/pip.log 2>&1 \
 	  || { cat $(VENV)/pip.log; exit 1; }
