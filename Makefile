@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 TINY_MODEL := var/models/tiny-sd
 
-# torch is installed on its own, before the lock, from the index of one build flavour: its CPU
+# torch is installed on its own, after the lock, from the index of one build flavour: its CPU
 # build by default, so a laptop or CI never downloads gigabytes of CUDA libraries. The pin carries
 # the flavour (`+cpu`), so pip cannot fall back to PyPI's plain `torch`, which is a CUDA build.
 # On a CUDA host: `make install TORCH_FLAVOUR=cu126` (any flavour PyTorch publishes an index for).
@@ -19,6 +19,8 @@ LOCK := requirements/dev.txt
 .PHONY: redis-bin install lock test lint format demo up down stack-redis clean
 
 $(STAMP): pyproject.toml $(LOCK)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo \
+	  "The lock files are resolved for Python 3.11+; use PYTHON=python3.11 or newer."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	@echo "installing the locked dependencies and torch ($(TORCH_FLAVOUR) build) into $(VENV); log: $(VENV)/pip.log"
 	# The lock is complete (torch aside), so nothing outside it is resolved: --no-deps. It goes
