@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	  || { cat $(VENV)/pip.log; exit 1; }
 	$(PIP) install "torch==$(TORCH_VERSION)+$(TORCH_FLAVOUR)" --index-url $(TORCH_INDEX) \
 	  >> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
-	# setuptools comes from the lock too, so building the project fetches nothing unlocked.
-	$(PIP) install --no-deps --no-build-isolation -e . >> $(VENV)/pip.log 2>&1 \
+	# With no index, every requirement pyproject.toml declares (extras included) must already be
+	# met: a lock older than pyproject.toml fails here. setuptools, to build, is in the lock too.
+	$(PIP) install --no-index --no-build-isolation -e ".[ml,test]" >> $(VENV)/pip.log 2>&1 \
 	  || { cat $(VENV)/pip.log; exit 1; }
 	$(PY) -m pip check
 	$(PY) -c "import torch, diffusers, fastapi, celery, moto, schemathesis"
@@ -104,4 +105,4 @@ stack-redis:
 	  bash .ci/install-redis || true
 
 clean:
-	rm -rf $(VENV) var out
+	rm -rf $(VENV) $(UV_VENV) var out

@@ -167,7 +167,8 @@ def test_make_install_puts_the_cpu_torch_beside_the_lock() -> None:
     # The flavour is part of the pin: without the index pip finds no such version on PyPI
     # instead of falling back to PyPI's CUDA build.
     assert 'install "torch==2.13.0+cpu" --index-url https://download.pytorch.org/whl/cpu' in torch
-    assert "install --no-deps --no-build-isolation -e ." in project
+    # The project last, with no index at all: a declared requirement the lock misses fails.
+    assert 'install --no-index --no-build-isolation -e ".[ml,test]"' in project
 
 
 def test_make_install_takes_a_cuda_flavour_when_asked() -> None:
