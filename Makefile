@@ -42,7 +42,7 @@ install: $(STAMP)
 # Rewrites the lock files from pyproject.toml's ranges, keeping every pin that still satisfies
 # them; `make lock UPGRADE=1` moves every pin to the newest release the ranges allow. One lock per
 # installation, resolved together so that they agree on every shared pin:
-#   requirements/dev.txt      base + ml + test: this Makefile and CI (torch installed before it)
+#   requirements/dev.txt      base + ml + test: this Makefile and CI (torch installed beside it)
 #   requirements/worker.txt   base + ml: the GPU worker image (its CUDA torch installed before it)
 #   requirements/gateway.txt  base only: the gateway image, never torch
 # torch itself is resolved (its CPU build: its dependencies go into the locks) but not written:
