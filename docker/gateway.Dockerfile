@@ -14,14 +14,18 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies first, from pyproject.toml alone: a source edit reuses this layer.
-COPY pyproject.toml docker/pyproject_requirements.py ./
-RUN python pyproject_requirements.py > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt
+# Dependencies first, from the lock alone: a source edit reuses this layer. The lock is complete
+# and hash-checked (`make lock`), so --no-deps: nothing is resolved here. Then every requirement
+# pyproject.toml declares must already be met, offline: a lock older than pyproject.toml fails.
+COPY pyproject.toml requirements/gateway.txt docker/pyproject_requirements.py ./
+RUN pip install --require-hashes --no-deps -r gateway.txt \
+ && python pyproject_requirements.py > /tmp/requirements.txt \
+ && pip install --no-index -r /tmp/requirements.txt
 COPY . .
 # The base install only (dependencies already satisfied above); the ml extra must never be
 # installed here, and the last command fails the build if anything pulled torch in anyway.
-RUN pip install . \
+RUN pip install --no-deps . \
+ && pip check \
  && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -25,21 +25,26 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# The same torch as the development install (Makefile). Its PyPI wheel is built for CUDA 13; for
-# older drivers pass a matching build, e.g.
-#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 --build-arg TORCH_VERSION=...
+# The same torch version as the development install (Makefile's TORCH_VERSION), in its CUDA
+# build: PyPI's plain wheel is built for CUDA 13. For older drivers take another flavour from
+# PyTorch's index, e.g.
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 --build-arg TORCH_VERSION=2.13.0+cu126
+# torch is not in the lock (each flavour is a different file); its own metadata pins its CUDA
+# libraries exactly.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=
 # hadolint ignore=DL3013
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
-# Then the rest of the dependencies (base + ml extra) from pyproject.toml alone, so a source edit
-# reuses both layers above.
-COPY pyproject.toml docker/pyproject_requirements.py ./
-RUN python pyproject_requirements.py --extra ml > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt "torch==${TORCH_VERSION}"
+# Then everything else from the hash-checked lock (base + ml extra), --no-deps as it is complete,
+# and a check, offline, that it meets every requirement pyproject.toml declares. Both layers above
+# are reused on a source edit.
+COPY pyproject.toml requirements/worker.txt docker/pyproject_requirements.py ./
+RUN pip install --require-hashes --no-deps -r worker.txt \
+ && python pyproject_requirements.py --extra ml > /tmp/requirements.txt \
+ && pip install --no-index -r /tmp/requirements.txt
 COPY . .
-# hadolint ignore=DL3013
-RUN pip install ".[ml]" "torch==${TORCH_VERSION}"
+RUN pip install --no-deps . \
+ && pip check
 
 FROM ${CUDA_IMAGE} AS runtime
 ENV DEBIAN_FRONTEND=noninteractive \

@@ -7,11 +7,15 @@
   ``namespace``, ``labels`` (metadata only), ``images`` and ``replicas``. Anything else in a
   kustomization.yaml raises, so a feature the walk does not implement cannot be silently ignored;
   where ``kubectl`` exists a test compares this walk with ``kubectl kustomize``.
+- :func:`connection_allowed` answers whether rendered NetworkPolicies let one endpoint reach
+  another on a port, following the Kubernetes rules (policies add up; a pod selected by a policy
+  of a type is isolated for that type).
 """
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import re
 import shlex
 from collections.abc import Iterable, Mapping
@@ -417,6 +421,134 @@ def one(resources: Iterable[dict[str, Any]], kind: str, name: str) -> dict[str, 
     matches = [r for r in by_kind(resources, kind) if r["metadata"]["name"] == name]
     assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
     return matches[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# NetworkPolicy semantics
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One side of a connection: a pod (namespace and labels; named container ports) or an
+    address outside the cluster (``ip``)."""
+
+    namespace: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ports: Mapping[str, int] = field(default_factory=dict)
+    ip: str | None = None
+
+    @property
+    def is_pod(self) -> bool:
+        return self.ip is None
+
+    def namespace_labels(self) -> dict[str, str]:
+        # The label the API server sets on every namespace.
+        return {"kubernetes.io/metadata.name": self.namespace or "default"}
+
+
+def label_selector_matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """``matchLabels`` and ``matchExpressions`` (In, NotIn, Exists, DoesNotExist); ``{}`` matches
+    everything."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator = expression["key"], expression["operator"]
+        values = expression.get("values", [])
+        if operator == "In" and labels.get(key) not in values:
+            return False
+        if operator == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def _policy_namespace(policy: Mapping[str, Any]) -> str:
+    return policy["metadata"].get("namespace") or "default"
+
+
+def _peer_matches(peer: Mapping[str, Any], policy_namespace: str, other: Endpoint) -> bool:
+    if "ipBlock" in peer:
+        if other.is_pod:
+            return False  # ipBlock is meant for addresses outside the cluster
+        address = ipaddress.ip_address(other.ip)
+        block = peer["ipBlock"]
+        cidr = ipaddress.ip_network(block["cidr"])
+        if address.version != cidr.version or address not in cidr:
+            return False
+        return not any(
+            address in ipaddress.ip_network(excluded)
+            for excluded in block.get("except", [])
+            if ipaddress.ip_network(excluded).version == address.version
+        )
+    if not other.is_pod:
+        return False
+    if "namespaceSelector" in peer:
+        if not label_selector_matches(peer["namespaceSelector"], other.namespace_labels()):
+            return False
+    elif (other.namespace or "default") != policy_namespace:
+        return False
+    return label_selector_matches(peer.get("podSelector", {}), other.labels)
+
+
+def _port_matches(
+    rule_ports: list[dict[str, Any]] | None, port: int, protocol: str, target: Endpoint
+) -> bool:
+    if not rule_ports:
+        return True
+    for entry in rule_ports:
+        if entry.get("protocol", "TCP") != protocol:
+            continue
+        wanted = entry.get("port")
+        if wanted is None:
+            return True
+        if isinstance(wanted, str):
+            wanted = target.ports.get(wanted)  # a named port is the destination pod's
+            if wanted is None:
+                continue
+        if wanted <= port <= entry.get("endPort", wanted):
+            return True
+    return False
+
+
+def connection_allowed(
+    policies: Iterable[dict[str, Any]],
+    source: Endpoint,
+    target: Endpoint,
+    port: int,
+    protocol: str = "TCP",
+) -> bool:
+    """Whether ``source`` may open a connection to ``target`` on ``port``: the source's egress
+    and the target's ingress must both allow it (an endpoint outside the cluster has neither)."""
+    policies = [p for p in policies if p["kind"] == "NetworkPolicy"]
+
+    def allowed(subject: Endpoint, other: Endpoint, direction: str) -> bool:
+        if not subject.is_pod:
+            return True
+        key, peers_key = ("egress", "to") if direction == "Egress" else ("ingress", "from")
+        applying = [
+            p
+            for p in policies
+            if direction in p["spec"]["policyTypes"]
+            and _policy_namespace(p) == (subject.namespace or "default")
+            and label_selector_matches(p["spec"]["podSelector"], subject.labels)
+        ]
+        if not applying:
+            return True  # not isolated
+        for policy in applying:
+            for rule in policy["spec"].get(key, []):
+                peers = rule.get(peers_key)
+                if peers and not any(
+                    _peer_matches(peer, _policy_namespace(policy), other) for peer in peers
+                ):
+                    continue
+                if _port_matches(rule.get("ports"), port, protocol, target):
+                    return True
+        return False
+
+    return allowed(source, target, "Egress") and allowed(target, source, "Ingress")
 
 
 # ---------------------------------------------------------------------------------------------

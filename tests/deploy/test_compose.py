@@ -7,6 +7,8 @@ import hashlib
 import json
 import re
 import secrets
+import shutil
+import subprocess
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from masactrl_jobs.settings import (
     is_placeholder_secret,
 )
 from service.config import GatewaySettings
+from tests.conftest import free_port, wait_for_port
 from tests.deploy.manifests import (
     REPO,
     MissingVariable,
@@ -104,6 +107,51 @@ def test_redis_persists_with_aof_and_has_a_healthcheck(compose: dict[str, Any]) 
     assert "ports" not in redis  # only the services on the compose network reach it
 
 
+def redis_option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_redis_memory_is_capped_and_never_evicts(compose: dict[str, Any]) -> None:
+    command = compose["services"]["redis"]["command"]
+    # Eviction would drop job records, leases or queue messages without a trace.
+    assert redis_option(command, "--maxmemory-policy") == "noeviction"
+    assert redis_option(command, "--maxmemory") == "${REDIS_MAXMEMORY:-1gb}"
+    rendered_command = rendered(real_secrets())["services"]["redis"]["command"]
+    assert re.fullmatch(r"\d+(mb|gb)", redis_option(rendered_command, "--maxmemory"))
+
+
+def test_a_full_redis_refuses_writes_and_keeps_every_key(compose: dict[str, Any]) -> None:
+    """The compose policy on a real redis-server with a tiny ceiling: writes fail loudly (the
+    error the gateway and workers see), nothing already stored disappears, reads go on."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is missing: `make test` installs it (Debian: redis-server)")
+    import redis
+
+    policy = redis_option(compose["services"]["redis"]["command"], "--maxmemory-policy")
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        + ["--appendonly", "no", "--maxmemory", "4mb", "--maxmemory-policy", policy],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        client = redis.Redis(port=port)
+        written = 0
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            for written in range(10_000):  # 10,000 x 8 KiB is far above 4 MB
+                client.set(f"job:{written}", b"x" * 8192)
+        assert written > 0
+        assert client.dbsize() == written  # every key that was accepted is still there
+        assert client.get("job:0") == b"x" * 8192
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            client.hset("job:new", "status", "queued")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 def test_minio_healthcheck_and_one_shot_bucket_init(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert services["minio"]["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
@@ -140,6 +188,24 @@ def test_every_depends_on_names_a_condition(compose: dict[str, Any]) -> None:
             assert spec["condition"] in {"service_healthy", "service_completed_successfully"}
             if spec["condition"] == "service_healthy":
                 assert "healthcheck" in compose["services"][dependency], dependency
+
+
+# Where each service must write despite its read-only root (volumes aside).
+TMPFS = {
+    "redis": set(),
+    "minio": {"/tmp", "/root/.minio"},
+    "minio-init": {"/tmp", "/root/.mc"},
+    "gateway": {"/tmp"},
+    "worker-sd15": {"/tmp", "/home/masactrl"},
+    "worker-webhooks": {"/tmp"},
+}
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_every_service_has_a_read_only_root(compose: dict[str, Any], service: str) -> None:
+    spec = compose["services"][service]
+    assert spec["read_only"] is True
+    assert set(spec.get("tmpfs", [])) == TMPFS[service]
 
 
 def test_gateway(compose: dict[str, Any]) -> None:

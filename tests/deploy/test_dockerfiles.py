@@ -79,8 +79,13 @@ def test_gateway_is_python_slim_without_torch() -> None:
     text = DOCKERFILES["gateway"].read_text()
     assert "[ml]" not in text and "--extra" not in text
     builder = run_lines(built[0])
+    # Everything from the hash-checked base lock; then pyproject.toml's requirements must already
+    # be met without an index (a stale lock fails the build), and the project adds nothing.
+    assert "pip install --require-hashes --no-deps -r gateway.txt" in builder
     assert "python pyproject_requirements.py > /tmp/requirements.txt" in builder
-    assert re.search(r"pip install \.(\s|$)", builder)
+    assert "pip install --no-index -r /tmp/requirements.txt" in builder
+    assert re.search(r"pip install --no-deps \.(\s|$)", builder)
+    assert "pip check" in builder
     # The build fails if torch got in anyway.
     assert "find_spec('torch') is not None" in builder
 
@@ -89,8 +94,14 @@ def test_worker_is_cuda_with_the_ml_extra() -> None:
     built = stages("worker")
     assert {stage.base for stage in built} == {"nvidia/cuda:13.0.2-base-ubuntu24.04"}
     builder = run_lines(built[0])
-    assert "pyproject_requirements.py --extra ml" in builder
-    assert 'pip install ".[ml]"' in builder
+    # torch (the CUDA build) first, then base + ml from the hash-checked worker lock, checked
+    # offline against everything pyproject.toml declares with the ml extra.
+    assert builder.index('"torch==${TORCH_VERSION}"') < builder.index("-r worker.txt")
+    assert "pip install --require-hashes --no-deps -r worker.txt" in builder
+    assert "pyproject_requirements.py --extra ml > /tmp/requirements.txt" in builder
+    assert "pip install --no-index -r /tmp/requirements.txt" in builder
+    assert re.search(r"pip install --no-deps \.(\s|$)", builder)
+    assert "pip check" in builder
     runtime = built[-1]
     env = " ".join(runtime.args("ENV"))
     assert f"HF_HOME={HF_HOME}" in env
@@ -104,7 +115,21 @@ def test_worker_torch_matches_the_development_pin() -> None:
     global_args, built = parse_dockerfile(DOCKERFILES["worker"])
     pinned = next(args for name, args in built[0].instructions if args.startswith("TORCH_VERSION="))
     makefile = (REPO / "Makefile").read_text()
-    assert f'"torch=={pinned.split("=", 1)[1]}"' in makefile
+    (development,) = re.findall(r"^TORCH_VERSION := (\S+)$", makefile, flags=re.M)
+    assert pinned.split("=", 1)[1] == development
+
+
+@pytest.mark.parametrize(("which", "lock"), [("gateway", "gateway.txt"), ("worker", "worker.txt")])
+def test_images_install_their_lock(which: str, lock: str) -> None:
+    builder = stages(which)[0]
+    copies = [exec_form(args) for args in builder.args("COPY")]
+    assert any(f"requirements/{lock}" in sources for sources in copies), copies
+    # The lock goes in before the source, so a source edit reuses the dependency layer.
+    names = [name for name, _ in builder.instructions]
+    lock_copy = next(
+        i for i, (n, a) in enumerate(builder.instructions) if lock in a and n == "COPY"
+    )
+    assert lock_copy < names.index("COPY", lock_copy + 1)
 
 
 @pytest.mark.parametrize(
@@ -185,6 +210,7 @@ def packages() -> list[str]:
 
 def test_dockerignore_keeps_what_pip_install_needs() -> None:
     needed = ["pyproject.toml", "README.md", "docker/pyproject_requirements.py"]
+    needed += ["requirements/gateway.txt", "requirements/worker.txt"]
     needed += [f"{package}/__init__.py" for package in packages()]
     for path in needed:
         assert not dockerignore_excludes(dockerignore(), path), path

@@ -17,9 +17,12 @@ from service.config import GatewaySettings
 from tests.deploy.manifests import (
     DEPLOY,
     REPO,
+    Endpoint,
     by_kind,
+    connection_allowed,
     containers_of,
     kustomize,
+    label_selector_matches,
     one,
     settings_from_environment,
     split_image,
@@ -507,3 +510,129 @@ def test_catalog_json_in_base_is_pretty_and_parses() -> None:
     docs = list(yaml.safe_load_all(text))
     catalog = next(d for d in docs if d["metadata"]["name"] == CATALOG)
     assert json.loads(catalog["data"]["catalog.json"])["default"] == "sd15"
+
+
+# --- network policies -------------------------------------------------------------------------
+
+COMPONENTS = {
+    "gateway": "masactrl-gateway",
+    "worker": "masactrl-worker-sd15",
+    "webhooks": "masactrl-worker-webhooks",
+}
+PUBLIC_ADDRESSES = ["52.216.8.1", "2600:1f18:4a3:6900::1"]  # e.g. S3, a webhook receiver
+INTERNAL_ADDRESSES = ["169.254.169.254", "10.1.2.3", "172.20.0.5", "192.168.1.1", "127.0.0.1"]
+INTERNAL_ADDRESSES += ["fd00:ec2::254", "::ffff:169.254.169.254"]
+
+
+def pod_of(deployment: dict[str, Any]) -> Endpoint:
+    (container,) = pod_spec(deployment)["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container.get("ports", [])}
+    return Endpoint(deployment["metadata"].get("namespace"), pod_labels(deployment), ports)
+
+
+def masactrl_pods(resources: list[dict[str, Any]]) -> dict[str, Endpoint]:
+    return {c: pod_of(one(resources, "Deployment", name)) for c, name in COMPONENTS.items()}
+
+
+def namespace_of(resources: list[dict[str, Any]]) -> str | None:
+    return one(resources, "Deployment", "masactrl-gateway")["metadata"].get("namespace")
+
+
+def in_cluster_redis(namespace: str | None) -> Endpoint:
+    return Endpoint(namespace, {"app.kubernetes.io/name": "redis"}, {"redis": 6379})
+
+
+KUBE_DNS = Endpoint("kube-system", {"k8s-app": "kube-dns"})
+KEDA_OPERATOR = Endpoint("keda", {"app.kubernetes.io/name": "keda-operator"})
+
+
+def test_every_masactrl_pod_is_isolated_both_ways(rendered: list[dict[str, Any]]) -> None:
+    policies = by_kind(rendered, "NetworkPolicy")
+    for deployment in by_kind(rendered, "Deployment"):
+        labels = pod_labels(deployment)
+        for direction in ("Ingress", "Egress"):
+            assert any(
+                direction in p["spec"]["policyTypes"]
+                and label_selector_matches(p["spec"]["podSelector"], labels)
+                for p in policies
+            ), (deployment["metadata"]["name"], direction)
+    for policy in policies:  # explicit types: an omitted one is inferred, easy to misread
+        assert set(policy["spec"]["policyTypes"]) <= {"Ingress", "Egress"}
+
+
+def test_only_the_gateway_accepts_connections(rendered: list[dict[str, Any]]) -> None:
+    policies = by_kind(rendered, "NetworkPolicy")
+    pods = masactrl_pods(rendered)
+    stranger = Endpoint(namespace_of(rendered), {"app": "debug"})
+    outside = Endpoint(ip="203.0.113.7")
+    for source in (stranger, outside, KEDA_OPERATOR):
+        assert connection_allowed(policies, source, pods["gateway"], 8000)
+        assert not connection_allowed(policies, source, pods["gateway"], 22)
+        for component in ("worker", "webhooks"):
+            for port in (8000, 22, 9100):
+                assert not connection_allowed(policies, source, pods[component], port)
+    # Not even the gateway reaches a worker: they share work only through Redis.
+    assert not connection_allowed(policies, pods["gateway"], pods["worker"], 8000)
+
+
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+def test_egress_is_dns_redis_and_public_https(
+    rendered: list[dict[str, Any]], component: str
+) -> None:
+    policies = by_kind(rendered, "NetworkPolicy")
+    pod = masactrl_pods(rendered)[component]
+    assert connection_allowed(policies, pod, KUBE_DNS, 53, "UDP")
+    assert connection_allowed(policies, pod, KUBE_DNS, 53, "TCP")
+    assert not connection_allowed(policies, pod, Endpoint(ip="8.8.8.8"), 53, "UDP")
+    for address in PUBLIC_ADDRESSES:
+        assert connection_allowed(policies, pod, Endpoint(ip=address), 443)
+        for port in (80, 22, 6379):
+            assert not connection_allowed(policies, pod, Endpoint(ip=address), port)
+    # Defence in depth behind the SSRF guard: the metadata endpoint and private ranges are out.
+    for address in INTERNAL_ADDRESSES:
+        assert not connection_allowed(policies, pod, Endpoint(ip=address), 443), address
+    stranger = Endpoint(namespace_of(rendered), {"app": "debug"}, {"http": 8080})
+    assert not connection_allowed(policies, pod, stranger, 8080)
+
+
+@pytest.mark.parametrize("target", ["base", "overlays/dev"])  # prod's Redis is managed
+def test_in_cluster_redis_accepts_only_masactrl_and_keda(target: str) -> None:
+    rendered = render(target)
+    policies = by_kind(rendered, "NetworkPolicy")
+    redis = in_cluster_redis(namespace_of(rendered))
+    for component, pod in masactrl_pods(rendered).items():
+        assert connection_allowed(policies, pod, redis, 6379), component
+        assert not connection_allowed(policies, pod, redis, 6380), component
+    assert connection_allowed(policies, KEDA_OPERATOR, redis, 6379)
+    for source in (
+        Endpoint(namespace_of(rendered), {"app": "debug"}),
+        Endpoint("other", {"app.kubernetes.io/name": "masactrl"}),  # same labels, wrong namespace
+        Endpoint("other", {"app.kubernetes.io/name": "keda-operator"}),
+        Endpoint(ip="203.0.113.7"),
+    ):
+        assert not connection_allowed(policies, source, redis, 6379), source
+
+
+def test_prod_reaches_its_managed_redis_by_address() -> None:
+    resources = render("overlays/prod")
+    policies = by_kind(resources, "NetworkPolicy")
+    managed = Endpoint(ip="10.0.32.15")
+    for component, pod in masactrl_pods(resources).items():
+        assert connection_allowed(policies, pod, managed, 6379), component
+        assert not connection_allowed(policies, pod, managed, 443), component
+        assert not connection_allowed(policies, pod, Endpoint(ip="10.9.9.9"), 6379), component
+        redis_pod = in_cluster_redis("masactrl")
+        assert not connection_allowed(policies, pod, redis_pod, 6379), component
+
+
+def test_dev_reaches_minio_in_its_namespace() -> None:
+    resources = render("overlays/dev")
+    policies = by_kind(resources, "NetworkPolicy")
+    minio = Endpoint("masactrl-dev", {"app.kubernetes.io/name": "minio"})
+    for component, pod in masactrl_pods(resources).items():
+        assert connection_allowed(policies, pod, minio, 9000), component
+        assert not connection_allowed(policies, pod, minio, 9001), component  # its console
+    # The S3 port in the base is HTTPS to public addresses; the MinIO policy exists only in dev.
+    base = by_kind(render("base"), "NetworkPolicy")
+    gateway_pod = masactrl_pods(render("base"))["gateway"]
+    assert not connection_allowed(base, gateway_pod, Endpoint(None, minio.labels), 9000)

@@ -13,11 +13,14 @@ import yaml
 
 from tests.deploy.manifests import (
     DEPLOY,
+    Endpoint,
     MissingVariable,
     UnsupportedKustomization,
+    connection_allowed,
     dockerignore_excludes,
     interpolate_string,
     kustomize,
+    label_selector_matches,
     parse_dockerfile,
     references,
     split_image,
@@ -148,3 +151,95 @@ def test_walk_matches_kubectl_kustomize(target: str) -> None:
     assert sorted(mine) == sorted(theirs)
     for key in mine:
         assert mine[key] == theirs[key], key
+
+
+def policy(name: str, spec: dict[str, Any], namespace: str = "app") -> dict[str, Any]:
+    return {
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def test_network_policies_add_up_and_isolate_what_they_select() -> None:
+    web = Endpoint("app", {"role": "web"}, {"http": 8080})
+    db = Endpoint("app", {"role": "db"})
+    other_namespace = Endpoint("elsewhere", {"role": "web"})
+    # No policy: everything is allowed.
+    assert connection_allowed([], web, db, 5432)
+    deny_db = policy(
+        "deny-db",
+        {"podSelector": {"matchLabels": {"role": "db"}}, "policyTypes": ["Ingress"], "ingress": []},
+    )
+    assert not connection_allowed([deny_db], web, db, 5432)
+    assert connection_allowed([deny_db], db, web, 8080)  # web is not selected: not isolated
+    allow_web = policy(
+        "web-to-db",
+        {
+            "podSelector": {"matchLabels": {"role": "db"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": {"role": "web"}}}],
+                    "ports": [{"port": 5432}],
+                }
+            ],
+        },
+    )
+    assert connection_allowed([deny_db, allow_web], web, db, 5432)
+    assert not connection_allowed([deny_db, allow_web], web, db, 5433)
+    # A bare podSelector peer means the policy's own namespace.
+    assert not connection_allowed([deny_db, allow_web], other_namespace, db, 5432)
+
+
+def test_network_policy_peers_ports_and_address_blocks() -> None:
+    web = Endpoint("app", {"role": "web"}, {"http": 8080})
+    egress = policy(
+        "web-out",
+        {
+            "podSelector": {
+                "matchExpressions": [{"key": "role", "operator": "In", "values": ["web"]}]
+            },
+            "policyTypes": ["Egress"],
+            "egress": [
+                {
+                    "to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}],
+                    "ports": [{"port": 443, "protocol": "TCP"}],
+                },
+                # namespaceSelector and podSelector in one peer: both must match.
+                {
+                    "to": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": "dns"}
+                            },
+                            "podSelector": {"matchLabels": {"k8s-app": "dns"}},
+                        }
+                    ],
+                    "ports": [{"port": 53, "protocol": "UDP"}],
+                },
+            ],
+        },
+    )
+    assert connection_allowed([egress], web, Endpoint(ip="1.2.3.4"), 443)
+    assert not connection_allowed([egress], web, Endpoint(ip="10.2.3.4"), 443)
+    assert not connection_allowed([egress], web, Endpoint(ip="1.2.3.4"), 443, "UDP")
+    assert not connection_allowed([egress], web, Endpoint(ip="2001:db8::1"), 443)  # v4 block only
+    assert connection_allowed([egress], web, Endpoint("dns", {"k8s-app": "dns"}), 53, "UDP")
+    assert not connection_allowed([egress], web, Endpoint("dns", {"k8s-app": "x"}), 53, "UDP")
+    assert not connection_allowed([egress], web, Endpoint("app", {"k8s-app": "dns"}), 53, "UDP")
+    # A named port is the destination pod's container port.
+    named = policy(
+        "named",
+        {
+            "podSelector": {"matchLabels": {"role": "web"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"port": "http"}]}],
+        },
+    )
+    assert connection_allowed([named], Endpoint(ip="1.2.3.4"), web, 8080)
+    assert not connection_allowed([named], Endpoint(ip="1.2.3.4"), web, 8081)
+    assert label_selector_matches({}, {"any": "thing"})
+    assert not label_selector_matches(
+        {"matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["x"]}]}, {"a": "x"}
+    )
