@@ -188,6 +188,17 @@ async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _redis_full(request: Request, exc: Exception) -> JSONResponse:
+    # Redis runs with `noeviction`: when it is full it refuses writes rather than dropping jobs.
+    logger.error("Redis is full on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(
+        503,
+        "service_unavailable",
+        "The job store is full; retry later.",
+        headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER)},
+    )
+
+
 async def _storage_down(request: Request, exc: Exception) -> JSONResponse:
     logger.warning("storage unavailable on %s %s: %s", request.method, request.url.path, exc)
     return error_response(
@@ -213,5 +224,6 @@ def install_error_handlers(app: FastAPI) -> None:
     # redis-py's TimeoutError and ConnectionError cover refused, reset and unresponsive servers.
     app.add_exception_handler(redis.exceptions.ConnectionError, _redis_down)
     app.add_exception_handler(redis.exceptions.TimeoutError, _redis_down)
+    app.add_exception_handler(redis.exceptions.OutOfMemoryError, _redis_full)
     app.add_exception_handler(StorageUnavailable, _storage_down)
     app.add_exception_handler(Exception, _unexpected)

@@ -35,6 +35,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.ReadOnlyError,
+    # A full Redis (maxmemory with noeviction) frees up as retention expires old jobs.
+    redis.exceptions.OutOfMemoryError,
 )
 
 

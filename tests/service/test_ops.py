@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
@@ -43,6 +44,25 @@ def test_readyz_reports_unreachable_storage(
     response = make_client(settings).get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"] == {"redis": "ok", "storage": "unreachable"}
+
+
+def test_a_full_redis_is_a_json_503_not_a_500(
+    client: TestClient, redis_client: redis.Redis
+) -> None:
+    # Production Redis runs with maxmemory and noeviction: writes are refused once it is full.
+    redis_client.config_set("maxmemory-policy", "noeviction")
+    redis_client.config_set("maxmemory", "1")
+    try:
+        response = client.post("/v1/syntheses", json=SYNTHESIS)
+    finally:
+        redis_client.config_set("maxmemory", "0")
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"]
+    assert response.json()["error"] == {
+        "code": "service_unavailable",
+        "message": "The job store is full; retry later.",
+        "details": [],
+    }
 
 
 @pytest.fixture()
