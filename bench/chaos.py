@@ -45,9 +45,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from masactrl_jobs.store import JobStore
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -72,7 +75,7 @@ FAULTS = (
 RECOVERY_SECONDS = 6.0  # lease 3 s, janitor every 1.5 s
 WEBHOOK_TIMEOUT_SECONDS = 1.0
 STEP_DELAY_SECONDS = 0.1
-STEPS = 20  # about two seconds a job
+STEPS = 20  # about two seconds of step delays a job (--quick: 10)
 EXPECTED_FAILURES = {"storage_outage": {"storage_unavailable"}}
 
 
@@ -135,8 +138,9 @@ class Tally:
 class Stack:
     """The processes under test, their logs, and the client that drives them."""
 
-    def __init__(self, workdir: Path, checkpoint: Path) -> None:
+    def __init__(self, workdir: Path, checkpoint: Path, steps: int) -> None:
         self.workdir = workdir
+        self.steps = steps
         self.storage = workdir / "storage"
         self.redis_port = free_port()
         self.port = free_port()
@@ -214,12 +218,13 @@ class Stack:
         wait_until(self._redis_answers, 30, "redis-server starting")
 
     def _redis_answers(self) -> bool:
-        import redis
-
+        store = self.store()
         try:
-            return bool(redis.Redis(port=self.redis_port, socket_timeout=1).ping())
-        except redis.RedisError:
+            return store.ping()
+        except Exception:
             return False
+        finally:
+            store.close()
 
     def start_all(self) -> None:
         self.start_redis()
@@ -242,9 +247,7 @@ class Stack:
         wait_until(lambda: len(self.live_workers()) == 2, 300, "both GPU workers loading")
 
     def live_workers(self) -> set[str]:
-        from masactrl_jobs.store import JobStore
-
-        store = JobStore.from_url(self.env["MASACTRL_REDIS_URL"])
+        store = self.store()
         try:
             return store.live_workers("tiny")
         except Exception:
@@ -254,16 +257,13 @@ class Stack:
 
     def signal_worker_of(self, job_id: str, sig: int) -> str:
         """Send ``sig`` to the process group of the worker running ``job_id``; its name."""
-        job = self.job(job_id) or {}
-        record = self.record(job_id)
-        worker_id = record.get("worker_id", "") if record else ""
-        child = int(worker_id.split(":")[2])
+        child = int(self.worker_of(job_id).split(":")[2])
         group = os.getpgid(child)
         for name, process in self.processes.items():
             if process.pid == group:
                 os.killpg(group, sig)
                 return name
-        raise RuntimeError(f"job {job_id} ({job.get('status')}) runs on no worker of this stack")
+        raise RuntimeError(f"job {job_id} runs on no worker of this stack")
 
     def stop_all(self) -> None:
         for process in reversed(list(self.processes.values())):
@@ -280,7 +280,7 @@ class Stack:
         body = {
             "source_prompt": "a photo of a cat",
             "target_prompts": ["a photo of a dog"],
-            "steps": STEPS,
+            "steps": self.steps,
             "webhook": {"url": self.receiver.url, "events": ["completed"]},
         }
         ids = []
@@ -298,27 +298,28 @@ class Stack:
             return None
         return response.json() if response.status_code == 200 else None
 
-    def record(self, job_id: str) -> dict[str, str] | None:
-        import redis
+    def store(self) -> JobStore:
+        from masactrl_jobs.store import JobStore
 
-        client = redis.Redis(port=self.redis_port, decode_responses=True, socket_timeout=2)
+        return JobStore.from_url(self.env["MASACTRL_REDIS_URL"])
+
+    def worker_of(self, job_id: str) -> str:
+        """The worker id running ``job_id`` (host:model:pid:nonce)."""
+        store = self.store()
         try:
-            return client.hgetall(f"masactrl:job:{job_id}") or None
-        except redis.RedisError:
-            return None
+            record = store.get(job_id)
         finally:
-            client.close()
+            store.close()
+        if record is None or not record.worker_id:
+            raise RuntimeError(f"job {job_id} has no worker")
+        return record.worker_id
 
     def terminal_events(self, job_id: str) -> int:
-        import redis
-
-        client = redis.Redis(port=self.redis_port, decode_responses=True, socket_timeout=2)
+        store = self.store()
         try:
-            entries = client.xrange(f"masactrl:job:{job_id}:events")
+            return sum(1 for event in store.read_events(job_id, count=10_000) if event.is_terminal)
         finally:
-            client.close()
-        ends = {"succeeded", "failed", "canceled"}
-        return sum(1 for _, fields in entries if fields.get("event") in ends)
+            store.close()
 
     def running_job(self, ids: list[str], min_step: int, timeout: float) -> str:
         """Wait for one of ``ids`` to run at ``min_step`` or later; its id."""
@@ -398,7 +399,7 @@ def redis_restart(stack: Stack, ids: list[str], wait: float) -> None:
 
 
 def storage_outage(stack: Stack, ids: list[str], wait: float) -> None:
-    stack.running_job(ids, STEPS - 3, wait)  # the outage meets its result writes
+    stack.running_job(ids, stack.steps - 3, wait)  # the outage meets its result writes
     aside = stack.storage.with_name("storage-aside")
     stack.storage.rename(aside)
     stack.storage.write_text("not a directory: storage is down")
@@ -410,9 +411,9 @@ def storage_outage(stack: Stack, ids: list[str], wait: float) -> None:
 def webhook_failing_then_hanging(stack: Stack, ids: list[str], wait: float) -> None:
     stack.receiver.mode = "fail"
     stack.running_job(ids, 1, wait)
-    time.sleep(3)
+    time.sleep(3)  # the first terminal webhooks fail and are retried
     stack.receiver.mode = "hang"
-    time.sleep(4)
+    time.sleep(3 * WEBHOOK_TIMEOUT_SECONDS)  # their retries time out
     stack.receiver.mode = "ok"
 
 
@@ -428,7 +429,7 @@ def worker_stalled_past_lease(stack: Stack, ids: list[str], wait: float) -> None
         )
     finally:
         os.killpg(stack.processes[name].pid, signal.SIGCONT)
-    time.sleep(RECOVERY_SECONDS)  # let the thawed worker try to finish, and be refused
+    time.sleep(RECOVERY_SECONDS / 2)  # let the thawed worker try to finish, and be refused
 
 
 RUNS: dict[str, Callable[[Stack, list[str], float], None]] = {
@@ -476,7 +477,8 @@ def main() -> int:
 
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="masactrl-chaos-"))
-    stack = Stack(workdir, write_tiny_checkpoint(workdir / "tiny"))
+    steps = STEPS // 2 if args.quick else STEPS
+    stack = Stack(workdir, write_tiny_checkpoint(workdir / "tiny"), steps)
     tallies: list[Tally] = []
     try:
         stack.start_all()
@@ -488,7 +490,7 @@ def main() -> int:
         stack.stop_all()
         print(f"machine: {machine()}")
         print(
-            f"{jobs} job(s) per fault: tiny checkpoint, 64x64, {STEPS} steps with a "
+            f"{jobs} job(s) per fault: tiny checkpoint, 64x64, {steps} steps with a "
             f"{STEP_DELAY_SECONDS:g} s step delay; lease {RECOVERY_SECONDS / 2:g} s; "
             "2 GPU workers, 1 webhook worker, redis-server with AOF, file storage"
         )
