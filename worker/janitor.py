@@ -51,6 +51,8 @@ class Janitor:
         for job_id in self.store.stale_jobs(older_than=self.lease_ttl):
             record = self.store.get(job_id)
             if record is None:
+                # Expired and purged while its note stayed behind: nothing to recover.
+                self.store.untake(job_id)
                 continue
             message = self._messages.build(job_id, record.model)
             attempts = self.store.requeue(job_id, self.lease_ttl, message)

@@ -341,6 +341,18 @@ def test_a_job_whose_worker_died_before_starting_it_is_recovered_before_the_visi
     assert janitor.run_once() == []
 
 
+def test_the_janitor_forgets_the_notes_of_taken_jobs_that_ended_or_expired(
+    store: JobStore,
+) -> None:
+    ended, expired = create_job(store), create_job(store)
+    for job_id in (ended, expired):
+        store.take(job_id, now=time.time() - 60)  # its worker died before starting it
+    assert store.cancel(ended).outcome == "canceled"
+    assert store.purge_jobs([expired]) == 1
+    assert Janitor(store, lease_ttl=0.2).run_once() == []
+    assert store.stale_jobs(older_than=0) == []
+
+
 def test_a_queued_job_cancelled_between_read_and_start_announces_its_cancellation(
     make_runner: Callable[..., JobRunner], store: JobStore
 ) -> None:
