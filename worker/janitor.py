@@ -1,31 +1,31 @@
-"""The janitor: re-enqueues jobs whose worker died, and trims the inversion cache.
+"""The janitor: puts jobs whose worker is gone back in their queue, and trims the inversion cache.
 
 With the Redis broker, Celery redelivers an unacknowledged message only after the visibility
 timeout, which must exceed the longest job (an hour by default). The janitor does not wait for
-that: a running job whose lease has lapsed lost its worker, so the janitor sends a fresh
-``masactrl.run_job`` to its model's queue. Every worker runs one; ``JobStore.claim_stale`` makes
-sure only one janitor acts on a given job, and a marker stops the same job from being re-enqueued
-again and again while its new message waits in a busy queue.
+that. A job's worker is gone when the job has no lease and either
+
+- it is ``running`` and started over a lease lifetime ago (the worker died or stalled mid-run), or
+- it is ``queued`` but a worker took its message over a lease lifetime ago (``JobStore.take``)
+  and never started it (the worker died between receiving the message and starting the job).
+
+``JobStore.requeue`` then makes it ``queued`` again with its queue position, a ``requeued``
+event and a fresh ``masactrl.run_job`` message, all in one step: the API never shows a stale
+``running``, only one janitor acts on a job, and no crash in between can lose the message. Every
+worker runs a janitor.
 """
 
 from __future__ import annotations
 
 import logging
 
-from celery import Celery
-
-from masactrl_jobs.queue import enqueue_job
+from masactrl_jobs.queue import TaskMessages
 from masactrl_jobs.store import JobStore
 from worker.inversion_cache import InversionCache
+from worker.webhooks import Emitter
 
-__all__ = ["Janitor", "clear_requeue_marker"]
+__all__ = ["Janitor"]
 
 logger = logging.getLogger(__name__)
-
-
-def clear_requeue_marker(store: JobStore, job_id: str) -> None:
-    """Called by the worker that took the job: if it dies too, the janitor may act again."""
-    store.clear_requeued(job_id)
 
 
 class Janitor:
@@ -34,42 +34,40 @@ class Janitor:
     def __init__(
         self,
         store: JobStore,
-        app: Celery,
         *,
         lease_ttl: float,
-        requeue_marker_ttl: float,
+        emitter: Emitter | None = None,
         cache: InversionCache | None = None,
     ) -> None:
         self.store = store
-        self.app = app
         self.lease_ttl = lease_ttl
-        self.requeue_marker_ttl = requeue_marker_ttl
+        self.emitter = emitter
         self.cache = cache
+        self._messages = TaskMessages()
 
     def run_once(self) -> list[str]:
-        """Re-enqueue abandoned jobs (and sweep the cache); returns the re-enqueued ids."""
+        """Requeue jobs whose worker is gone (and sweep the cache); returns the requeued ids."""
         requeued = []
-        # A job is taken (lease set) before it is marked running, so a running job without a
-        # lease for longer than a lease lifetime has certainly lost its worker.
-        for job_id in self.store.stale_running(older_than=self.lease_ttl):
-            if not self.store.claim_stale(job_id, older_than=self.lease_ttl):
-                continue  # another janitor got it, or a worker just took the lease
+        for job_id in self.store.stale_jobs(older_than=self.lease_ttl):
             record = self.store.get(job_id)
-            if record is None or record.status.is_terminal():
+            if record is None:
+                # Expired and purged while its note stayed behind: nothing to recover.
+                self.store.untake(job_id)
                 continue
-            if not self.store.mark_requeued(job_id, self.requeue_marker_ttl):
-                continue  # already re-enqueued; that message has not been picked up yet
-            try:
-                enqueue_job(self.app, job_id, record.model)
-            except Exception:
-                self.store.clear_requeued(job_id)
-                raise
+            message = self._messages.build(job_id, record.model)
+            attempts = self.store.requeue(job_id, self.lease_ttl, message)
+            if attempts is None:
+                continue  # another janitor acted, a worker took the lease, or the job ended
             logger.warning(
-                "job %s lost its worker (attempt %d); re-enqueued on masactrl.%s",
+                "job %s lost its worker after %d attempt(s); requeued on masactrl.%s",
                 job_id,
-                record.attempts,
+                attempts,
                 record.model,
             )
+            if self.emitter is not None:
+                fresh = self.store.get(job_id)
+                if fresh is not None:
+                    self.emitter.emit(fresh, "job.requeued", suffix=str(attempts))
             requeued.append(job_id)
         if self.cache is not None:
             self.cache.sweep()

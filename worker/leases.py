@@ -3,15 +3,17 @@
 A lease is a Redis key (``masactrl:job:<id>:lease``, managed by ``masactrl_jobs.store.JobStore``)
 holding the id of the worker running the job, with a TTL. While the job runs, a thread renews it
 every third of its lifetime. If the worker dies, renewals stop, the key expires, and the janitor
-knows the job needs another worker. If a renewal finds the lease gone or taken, this worker has
-been declared dead (a long stall, a partition): it must stop and write nothing.
+knows the job needs another worker. If a renewal finds the lease taken, or the job requeued or
+started again, this worker has been declared dead (a long stall, a partition): it must stop and
+write nothing. A lease that merely lapsed while Redis was away is taken back, because the job
+still runs this attempt. The lease decides who works; the attempt number decides who may finish
+(``JobStore.succeed(..., attempt=)``), so a worker that wakes up late cannot end the job.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 from masactrl_jobs.store import JobStore
@@ -71,55 +73,59 @@ class JobLease:
         self.worker_id = worker_id
         self.ttl = ttl
         self.renew_every = renew_every
+        # After a failed renewal, try again soon: when Redis comes back the lease may have
+        # lapsed, and this worker should take it back before a janitor requeues the job.
+        self.retry_every = min(renew_every, 0.5)
         self._lost = threading.Event()
-        self._last_renewed = 0.0
-        self._heartbeat: Periodic | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @property
     def lost(self) -> bool:
-        """True once the lease expired or went to another worker: stop and write nothing."""
+        """True once another worker took the job or it ended elsewhere: stop and write nothing."""
         return self._lost.is_set()
 
     def acquire(self) -> bool:
         """Take the lease; False when another worker holds it (its job is still alive)."""
-        acquired = self.store.acquire_lease(self.job_id, self.worker_id, self.ttl)
-        if acquired:
-            self._last_renewed = time.monotonic()
-        return acquired
+        return self.store.acquire_lease(self.job_id, self.worker_id, self.ttl)
 
-    def start_heartbeat(self) -> None:
-        """Renew the lease every ``renew_every`` seconds until :meth:`release`."""
-        self._heartbeat = Periodic(f"lease-{self.job_id[:8]}", self.renew_every, self._renew)
-        self._heartbeat.start(run_now=False)
+    def start_heartbeat(self, attempt: int) -> None:
+        """Renew the lease for run ``attempt`` of the job until :meth:`release`."""
+        self._thread = threading.Thread(
+            target=self._renew_until_stopped,
+            args=(attempt,),
+            name=f"lease-{self.job_id[:8]}",
+            daemon=True,
+        )
+        self._thread.start()
 
-    def _renew(self) -> None:
-        try:
-            renewed = self.store.renew_lease(self.job_id, self.worker_id, self.ttl)
-        except Exception as exc:
-            # Redis unreachable: keep trying while the lease may still be ours. Past its TTL
-            # another worker may have taken the job, so behave as if it were lost.
-            if time.monotonic() - self._last_renewed > self.ttl:
-                self._mark_lost(f"could not renew for {self.ttl:g} s ({exc})")
-            else:
+    def _renew_until_stopped(self, attempt: int) -> None:
+        wait = self.renew_every
+        while not self._stop.wait(wait):
+            try:
+                renewed = self.store.renew_lease(self.job_id, self.worker_id, self.ttl, attempt)
+            except Exception as exc:
+                # Redis unreachable. That alone never means the lease is lost: while this worker
+                # cannot reach Redis, a worker that can may start the job, and then the renewal
+                # after the outage says so, and the fenced finish refuses this attempt anyway.
                 logger.warning("renewing the lease of job %s failed: %s", self.job_id, exc)
-            return
-        if renewed:
-            self._last_renewed = time.monotonic()
-        else:
-            self._mark_lost("it expired or another worker took it")
-
-    def _mark_lost(self, why: str) -> None:
-        if not self._lost.is_set():
-            logger.error("lost the lease of job %s: %s; abandoning the run", self.job_id, why)
-            self._lost.set()
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
+                wait = self.retry_every
+                continue
+            if not renewed:
+                logger.error(
+                    "lost the lease of job %s: another worker took it or the job moved on; "
+                    "abandoning the run",
+                    self.job_id,
+                )
+                self._lost.set()
+                return
+            wait = self.renew_every
 
     def release(self) -> None:
         """Stop renewing and drop the lease if it is still ours (terminal writes drop it too)."""
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-            self._heartbeat = None
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
         if self.lost:
             return
         try:

@@ -10,6 +10,7 @@ from worker import runtime
 from worker.celery_app import create_worker_app, worker_queue
 from worker.config import WorkerSettings
 from worker.engine_loader import resolve_source
+from worker.logs import install_log_redaction
 
 __all__ = ["run_gpu_worker", "run_webhook_worker"]
 
@@ -33,6 +34,7 @@ def run_gpu_worker(
     hostname: str | None = None,
 ) -> int:
     """Serve ``masactrl.<entry.name>`` until stopped; returns the exit status."""
+    install_log_redaction()
     source = resolve_source(entry, settings)
     app = create_worker_app(settings)
     runtime.configure(settings, app, "gpu", entry=entry, source=source)
@@ -56,6 +58,7 @@ def run_webhook_worker(
     hostname: str | None = None,
 ) -> int:
     """Deliver webhooks from ``masactrl.webhooks`` until stopped; returns the exit status."""
+    install_log_redaction()
     app = create_worker_app(settings)
     runtime.configure(settings, app, "webhooks")
     worker = app.Worker(

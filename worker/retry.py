@@ -17,6 +17,7 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
+    stop_after_delay,
     wait_exponential_jitter,
 )
 
@@ -50,18 +51,34 @@ def _log_retry(state: RetryCallState) -> None:
 
 
 class Retrier:
-    """Calls a function, retrying :data:`TRANSIENT_ERRORS` with exponential backoff and jitter."""
+    """Calls a function, retrying :data:`TRANSIENT_ERRORS` with exponential backoff and jitter.
 
-    def __init__(self, attempts: int = 5, max_wait: float = 4.0, initial_wait: float = 0.1) -> None:
+    It gives up after ``attempts`` tries, or, with ``for_seconds``, once that long has passed
+    (a Redis restart lasts as long as it lasts, not a number of tries).
+    """
+
+    def __init__(
+        self,
+        attempts: int = 5,
+        max_wait: float = 4.0,
+        initial_wait: float = 0.1,
+        *,
+        for_seconds: float | None = None,
+    ) -> None:
         self.attempts = attempts
         self.max_wait = max_wait
         self.initial_wait = initial_wait
+        self.for_seconds = for_seconds
 
     def __call__(self, fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:
         """``fn(*args, **kwargs)``, retried; the last error is re-raised unchanged."""
         retrying = Retrying(
             retry=retry_if_exception_type(TRANSIENT_ERRORS),
-            stop=stop_after_attempt(self.attempts),
+            stop=(
+                stop_after_attempt(self.attempts)
+                if self.for_seconds is None
+                else stop_after_delay(self.for_seconds)
+            ),
             wait=wait_exponential_jitter(initial=self.initial_wait, max=self.max_wait),
             before_sleep=_log_retry,
             reraise=True,

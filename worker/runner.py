@@ -3,13 +3,24 @@
 ``JobRunner.run(job_id)`` is what ``masactrl.run_job`` does in a GPU worker. Messages arrive at
 least once (late acks, broker redelivery, the janitor); the job's effect happens once:
 
+0. note that this worker took the message (``take``): if it dies before step 3, the janitor
+   requeues the job within a lease lifetime instead of the broker's hour;
 1. a job that is missing or already terminal: acknowledge and drop (a queued job cancelled before
-   pickup ends here, without reading its inputs);
+   pickup ends here, without reading its inputs, and its ``job.canceled`` webhook goes out here);
 2. take the job's lease (``SET NX`` with a TTL); when another worker holds it, that worker is alive
    and running the job: drop;
-3. mark it running (``attempts`` + 1) and renew the lease in the background;
+3. mark it running (``attempts`` + 1: this run's fencing token) and renew the lease in the
+   background;
 4. read the input, run the engine, write ``results/<job_id>/<role>_<k>.png`` (a rerun overwrites
    the same keys), then mark the job ``succeeded``; a worker that lost its lease writes nothing.
+
+Every end of the job (succeeded, failed, canceled) is fenced by the attempt number inside the
+store's script: a worker that stalled past its lease while another started the job can no longer
+end it. Partial results are deleted only after this attempt's own failure or cancellation was
+recorded, so a losing attempt never deletes the winner's images.
+
+Redis calls are retried for a lease lifetime, so a Redis restart does not fail the run; the lease
+renewal rides through it too (``worker.leases``).
 
 Every failure ends as a job status with a code, never as a traceback in the job.
 """
@@ -49,10 +60,9 @@ from masactrl_jobs.storage import (
     result_key,
     results_prefix,
 )
-from masactrl_jobs.store import JobRecord, JobStore
+from masactrl_jobs.store import FinishResult, JobRecord, JobStore
 from worker.config import WorkerSettings
 from worker.inversion_cache import InversionCache, inversion_cache_key
-from worker.janitor import clear_requeue_marker
 from worker.leases import JobLease
 from worker.outputs import png_bytes
 from worker.retry import Retrier
@@ -145,19 +155,28 @@ class JobRunner:
         self.retry = Retrier(
             settings.storage_retry_attempts, settings.storage_retry_max_wait_seconds
         )
+        # Store writes wait out a Redis restart for a lease lifetime: past that, another worker
+        # may run the job, and the fence decides.
+        self.store_retry = Retrier(max_wait=1.0, for_seconds=settings.lease_ttl)
 
     # -- the protocol ----------------------------------------------------------------------
 
     def run(self, job_id: str) -> str:
         """Run (or drop) the job; returns what happened, for logs and tests."""
-        record = self.retry(self.store.get, job_id)
+        self.store_retry(self.store.take, job_id)
+        outcome = self._run_taken(job_id)
+        if outcome in ("missing", "dropped", "rerouted", "canceled"):
+            # Nothing left for the janitor to recover (a started job left the note behind).
+            self._quietly(self.store.untake, job_id)
+        return outcome
+
+    def _run_taken(self, job_id: str) -> str:
+        record = self.store_retry(self.store.get, job_id)
         if record is None:
             logger.info("job %s does not exist (expired?); dropping the message", job_id)
             return "missing"
         if record.status.is_terminal():
-            if record.status is JobStatus.canceled and record.started_at is None:
-                # Cancelled while queued: nobody else announces it.
-                self.emitter.emit_terminal(job_id)
+            self._announce_queued_cancel(record.status, job_id)
             logger.info("job %s is already %s; dropping the message", job_id, record.status.value)
             return "dropped"
         if record.model != self.entry.name:
@@ -174,37 +193,55 @@ class JobRunner:
             self.settings.lease_ttl,
             self.settings.lease_renew_interval,
         )
-        if not self.retry(lease.acquire):
+        if not self.store_retry(lease.acquire):
             logger.info("job %s is running on another live worker; dropping the message", job_id)
             return "leased"
         try:
-            clear_requeue_marker(self.store, job_id)
-            started = self.retry(self.store.start, job_id, self.worker_id)
-            if started.outcome in ("missing", "terminal"):
+            started = self.store_retry(self.store.start, job_id, self.worker_id)
+            if started.outcome == "missing":
+                return "missing"
+            if started.outcome == "terminal":
+                # Cancelled between the read above and the start: still announce it.
+                if started.status:
+                    self._announce_queued_cancel(JobStatus(started.status), job_id)
                 return "dropped"
             if started.outcome == "cancel_requested":
-                self.retry(self.store.finish_canceled, job_id)
+                self.store_retry(self.store.finish_canceled, job_id)
                 self.emitter.emit_terminal(job_id)
                 return "canceled"
-            lease.start_heartbeat()
-            record = self.retry(self.store.get, job_id) or record
-            if started.attempts > self.settings.max_attempts:
+            attempt = started.attempts
+            lease.start_heartbeat(attempt)
+            record = self.store_retry(self.store.get, job_id) or record
+            if attempt > self.settings.max_attempts:
                 return self._fail(
                     job_id,
+                    attempt,
                     _Failure(
                         ErrorCode.worker_lost,
-                        f"the job's worker stopped {started.attempts - 1} times while running "
+                        f"the job's worker stopped {attempt - 1} times while running "
                         "it; it is not tried again",
                     ),
                     {},
                 )
-            logger.info("job %s: attempt %d on %s", job_id, started.attempts, self.worker_id)
-            self.emitter.emit(record, "job.started", suffix=str(started.attempts))
-            return self._execute(record, lease)
+            logger.info("job %s: attempt %d on %s", job_id, attempt, self.worker_id)
+            self.emitter.emit(record, "job.started", suffix=str(attempt))
+            return self._execute(record, attempt, lease)
         finally:
             lease.release()
 
-    def _execute(self, record: JobRecord, lease: JobLease) -> str:
+    def _announce_queued_cancel(self, status: JobStatus, job_id: str) -> None:
+        # A job cancelled while queued ends in the gateway, which sends no webhooks; the message
+        # that reaches a worker announces it. Repeats share one webhook id, so receivers see one.
+        if status is JobStatus.canceled:
+            self.emitter.emit_terminal(job_id)
+
+    def _quietly(self, fn: Callable[[str], object], job_id: str) -> None:
+        try:
+            fn(job_id)
+        except Exception as exc:
+            logger.warning("%s of job %s failed: %s", fn.__name__, job_id, exc)
+
+    def _execute(self, record: JobRecord, attempt: int, lease: JobLease) -> str:
         job_id = record.id
         state = _RunState(job_id, lease)
         metrics: dict[str, Any] = {}
@@ -249,16 +286,20 @@ class JobRunner:
             logger.warning("job %s: lease lost, leaving the job to its new worker", job_id)
             return "abandoned"
         except JobCancelled:
-            self._delete_results(job_id)
             self._progress_now(state)
-            self.retry(self.store.finish_canceled, job_id, metrics or None)
+            canceled = self.store_retry(
+                self.store.finish_canceled, job_id, metrics or None, attempt=attempt
+            )
+            if not canceled.ok:
+                return self._superseded(job_id, attempt, canceled)
+            self._delete_results(job_id)
             self.emitter.emit_terminal(job_id)
             logger.info("job %s canceled", job_id)
             return "canceled"
         except InvalidInput as exc:
-            return self._fail(job_id, _Failure(ErrorCode.invalid_input, str(exc)), metrics)
+            return self._fail(job_id, attempt, _Failure(ErrorCode.invalid_input, str(exc)), metrics)
         except _Failure as failure:
-            return self._fail(job_id, failure, metrics)
+            return self._fail(job_id, attempt, failure, metrics)
         except (redis.ConnectionError, redis.TimeoutError):
             logger.exception("job %s: Redis unreachable; the job will be rerun", job_id)
             raise
@@ -266,15 +307,13 @@ class JobRunner:
             logger.exception("job %s failed unexpectedly", job_id)
             return self._fail(
                 job_id,
+                attempt,
                 _Failure(ErrorCode.internal_error, "the worker hit an unexpected error (logged)"),
                 metrics,
             )
-        finish = self.retry(self.store.succeed, job_id, images, metrics)
+        finish = self.store_retry(self.store.succeed, job_id, images, metrics, attempt=attempt)
         if not finish.ok:
-            logger.warning(
-                "job %s finished but was %s (%s)", job_id, finish.previous, finish.outcome
-            )
-            return "conflict"
+            return self._superseded(job_id, attempt, finish)
         self.emitter.emit_terminal(job_id)
         logger.info(
             "job %s succeeded in %.2f s (engine %.2f s)",
@@ -284,15 +323,35 @@ class JobRunner:
         )
         return "succeeded"
 
-    def _fail(self, job_id: str, failure: _Failure, metrics: dict[str, Any]) -> str:
+    def _superseded(self, job_id: str, attempt: int, finish: FinishResult) -> str:
+        logger.warning(
+            "job %s: attempt %d may not end the job (%s, now %s); leaving it as it is",
+            job_id,
+            attempt,
+            finish.outcome,
+            finish.previous,
+        )
+        return "conflict"
+
+    def _fail(self, job_id: str, attempt: int, failure: _Failure, metrics: dict[str, Any]) -> str:
         logger.warning("job %s failed: %s: %s", job_id, failure.code.value, failure.message)
+        failed = self.store_retry(
+            self.store.fail,
+            job_id,
+            failure.code.value,
+            failure.message,
+            metrics or None,
+            attempt=attempt,
+        )
+        if not failed.ok:
+            return self._superseded(job_id, attempt, failed)
         self._delete_results(job_id)
-        self.retry(self.store.fail, job_id, failure.code.value, failure.message, metrics or None)
         self.emitter.emit_terminal(job_id)
         return "failed"
 
     def _delete_results(self, job_id: str) -> None:
-        # An earlier attempt may have written some images; a failed or canceled job has none.
+        # Called once this attempt's failure or cancellation is recorded (so no other attempt can
+        # succeed any more): an earlier attempt may have written images; the job has none.
         try:
             self.retry(self.storage.delete_prefix, results_prefix(job_id))
         except Exception as exc:

@@ -215,11 +215,7 @@ class WorkerRuntime:
 
     def _start_janitor(self, cache: InversionCache | None) -> None:
         janitor = Janitor(
-            self.store,
-            self.app,
-            lease_ttl=self.settings.lease_ttl,
-            requeue_marker_ttl=self.settings.visibility_timeout_seconds,
-            cache=cache,
+            self.store, lease_ttl=self.settings.lease_ttl, emitter=self.emitter, cache=cache
         )
         self._threads.append(
             Periodic("janitor", self.settings.janitor_interval, janitor.run_once).start()

@@ -61,6 +61,9 @@ logger = logging.getLogger(__name__)
 # Which subscription (`webhook.events` of the job) each event type belongs to.
 EVENT_FILTER: dict[str, WebhookEvent] = {
     "job.started": WebhookEvent.started,
+    # A requeued job will start again: it goes to those who follow starts, so adding it needed
+    # no new subscription value.
+    "job.requeued": WebhookEvent.started,
     "job.progress": WebhookEvent.progress,
     "job.succeeded": WebhookEvent.completed,
     "job.failed": WebhookEvent.completed,

@@ -5,13 +5,13 @@ All keys live under one prefix (``masactrl`` unless configured)::
     job:<id>                  hash    the job record (see records.py)
     job:<id>:events           stream  status / progress / terminal events; ids serve as SSE ids
     job:<id>:lease            string  worker id holding the job, with a TTL renewed by heartbeat
-    job:<id>:requeued         string  the janitor re-enqueued the job (until a worker starts it)
     job:<id>:webhook:outbox   list    webhook events waiting for their first attempt, in order
     job:<id>:webhook:sent     set     webhook message ids whose first attempt was made
     job:<id>:webhook:lock     string  token of the one drainer of the job's outbox
     tenant:<t>:jobs           zset    the tenant's job ids, score 0, so BYLEX order = UUIDv7 order
     queue:<model>             zset    queued job ids by enqueue time: depth and queue position
     running                   zset    running job ids by start time (janitor input)
+    taken                     zset    queued job ids by when a worker took their message (janitor)
     expiry                    zset    job ids by the time their record and results are removed
     inputs                    zset    content-addressed input keys by the time they may be removed
     idem:<t>:<sha256(key)>    string  "<body hash> <job id>", TTL = job retention
@@ -45,6 +45,7 @@ class Keys:
         self.queue_prefix = f"{prefix}:queue:"
         self.workers_prefix = f"{prefix}:workers:"
         self.running = f"{prefix}:running"
+        self.taken = f"{prefix}:taken"
         self.expiry = f"{prefix}:expiry"
         self.inputs = f"{prefix}:inputs"
         self.worker_models = f"{prefix}:worker-models"
@@ -59,9 +60,6 @@ class Keys:
 
     def lease(self, job_id: str) -> str:
         return f"{self.job_prefix}{job_id}:lease"
-
-    def requeued(self, job_id: str) -> str:
-        return f"{self.job_prefix}{job_id}:requeued"
 
     def webhook_outbox(self, job_id: str) -> str:
         return f"{self.job_prefix}{job_id}:webhook:outbox"

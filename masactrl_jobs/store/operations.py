@@ -125,6 +125,7 @@ class JobOperations:
         fields: dict[str, Any],
         event: dict[str, Any],
         now: float | None,
+        attempt: int | None,
     ) -> Call[FinishResult]:
         k = self.keys
         now = time.time() if now is None else now
@@ -139,6 +140,7 @@ class JobOperations:
             compact({"status": status.value, **event}),
             self.events_maxlen,
             k.queue_prefix,
+            "" if attempt is None else str(attempt),
             *_pairs(fields),
         ]
         keys = [k.job(job_id), k.events(job_id), k.running, k.expiry, k.lease(job_id)]
@@ -321,7 +323,8 @@ class JobOperations:
             return StartResult(outcome, status=value or None)
 
         args = [repr(now), int(now * 1000), worker_id, self.events_maxlen, k.queue_prefix]
-        return Call("start", [k.job(job_id), k.events(job_id), k.running], args, parse)
+        keys = [k.job(job_id), k.events(job_id), k.running, k.taken]
+        return Call("start", keys, args, parse)
 
     @operation
     def progress(self, job_id: str, phase: str, step: int, total: int) -> Call[ProgressResult]:
@@ -341,10 +344,17 @@ class JobOperations:
         images: Sequence[dict[str, Any]],
         metrics: dict[str, Any] | None = None,
         now: float | None = None,
+        *,
+        attempt: int | None = None,
     ) -> Call[FinishResult]:
-        """running -> succeeded with output images ``{role, prompt, key, width, height}``."""
+        """running -> succeeded with output images ``{role, prompt, key, width, height}``.
+
+        ``attempt`` fences the change: it happens only while that attempt is the job's latest
+        (``fenced`` otherwise). Workers always pass it; None is for tools and tests.
+        """
         fields = {"output": {"images": list(images)}, "metrics": metrics}
-        return self._finish(job_id, JobStatus.succeeded, [JobStatus.running], fields, {}, now)
+        status, allowed = JobStatus.succeeded, [JobStatus.running]
+        return self._finish(job_id, status, allowed, fields, {}, now, attempt)
 
     @operation
     def fail(
@@ -354,20 +364,31 @@ class JobOperations:
         message: str,
         metrics: dict[str, Any] | None = None,
         now: float | None = None,
+        *,
+        attempt: int | None = None,
     ) -> Call[FinishResult]:
-        """queued|running -> failed with ``{code, message}``."""
+        """queued|running -> failed with ``{code, message}``, fenced by ``attempt`` (see
+        :meth:`succeed`)."""
         error = {"code": code, "message": message}
         allowed = [JobStatus.queued, JobStatus.running]
         fields = {"error": error, "metrics": metrics}
-        return self._finish(job_id, JobStatus.failed, allowed, fields, {"error": error}, now)
+        event = {"error": error}
+        return self._finish(job_id, JobStatus.failed, allowed, fields, event, now, attempt)
 
     @operation
     def finish_canceled(
-        self, job_id: str, metrics: dict[str, Any] | None = None, now: float | None = None
+        self,
+        job_id: str,
+        metrics: dict[str, Any] | None = None,
+        now: float | None = None,
+        *,
+        attempt: int | None = None,
     ) -> Call[FinishResult]:
-        """running -> canceled, for the worker that stopped on the cancel flag."""
+        """running -> canceled, for the worker that stopped on the cancel flag (fenced by
+        ``attempt``, see :meth:`succeed`)."""
         fields = {"metrics": metrics}
-        return self._finish(job_id, JobStatus.canceled, [JobStatus.running], fields, {}, now)
+        status, allowed = JobStatus.canceled, [JobStatus.running]
+        return self._finish(job_id, status, allowed, fields, {}, now, attempt)
 
     @operation
     def cancel_requested(self, job_id: str) -> Call[bool]:

@@ -210,7 +210,8 @@ class ProgressResult:
 
 @dataclass(frozen=True)
 class FinishResult:
-    """``outcome``: ``ok``, ``missing`` or ``conflict`` (``previous`` says the status found)."""
+    """``outcome``: ``ok``, ``missing``, ``conflict`` (``previous`` says the status found) or
+    ``fenced`` (a later attempt of the job has started: this one may change nothing)."""
 
     outcome: str
     previous: str | None = None

@@ -15,7 +15,6 @@ __all__ = ["SCRIPTS"]
 _NAMES = (
     "cancel",
     "claim_due_webhooks",
-    "claim_stale",
     "create",
     "delete_if_owner",
     "delivery",
@@ -33,10 +32,14 @@ _NAMES = (
     "rate_limit",
     "register",
     "renew_if_owner",
+    "renew_lease",
+    "requeue",
     "stale",
     "start",
 )
-_USE_PRELUDE = frozenset({"cancel", "create", "finish", "progress", "rate_limit", "start"})
+_USE_PRELUDE = frozenset(
+    {"cancel", "create", "finish", "progress", "rate_limit", "requeue", "start"}
+)
 
 
 def _read(name: str) -> str:

@@ -1,5 +1,5 @@
-"""The operations only workers use: leases, the worker registry, the janitor's claims and
-markers, the webhook outbox and retry schedule, and the inversion-cache index.
+"""The operations only workers use: leases, the worker registry, the janitor's notes and
+requeues, the webhook outbox and retry schedule, and the inversion-cache index.
 
 Like the job operations, each is written once (see ``operation.py``) and each state change is
 one script or one atomic command, so workers never talk to Redis around the store.
@@ -14,6 +14,7 @@ from typing import Any
 from masactrl_jobs.store.keys import Keys
 from masactrl_jobs.store.operation import Call, operation
 from masactrl_jobs.store.operations import compact, flag, nothing, texts
+from masactrl_jobs.store.records import text
 
 __all__ = ["WEBHOOK_BOOKKEEPING_TTL_SECONDS", "WEBHOOK_CLAIM_SECONDS", "WorkerOperations"]
 
@@ -47,6 +48,7 @@ class WorkerOperations:
     """Operations of GPU and webhook workers."""
 
     keys: Keys
+    events_maxlen: int
 
     # -- leases ----------------------------------------------------------------------------
 
@@ -56,9 +58,14 @@ class WorkerOperations:
         return _take(self.keys.lease(job_id), worker_id, ttl)
 
     @operation
-    def renew_lease(self, job_id: str, worker_id: str, ttl: float) -> Call[bool]:
-        """Extend our lease; False when it expired or another worker took it (stop the job)."""
-        return _renew(self.keys.lease(job_id), worker_id, ttl)
+    def renew_lease(self, job_id: str, worker_id: str, ttl: float, attempt: int) -> Call[bool]:
+        """Extend our lease; False when another worker took it or started the job (stop).
+
+        A lease that lapsed while Redis was unreachable is taken back when ``attempt`` is still
+        the job's running attempt: nobody else started it, so the run may go on.
+        """
+        keys = [self.keys.lease(job_id), self.keys.job(job_id)]
+        return Call("renew_lease", keys, [worker_id, _ms(ttl), str(attempt)], flag)
 
     @operation
     def release_lease(self, job_id: str, worker_id: str) -> Call[bool]:
@@ -68,35 +75,49 @@ class WorkerOperations:
     # -- the janitor -----------------------------------------------------------------------
 
     @operation
-    def stale_running(
+    def take(self, job_id: str, now: float | None = None) -> Call[bool]:
+        """Note that a worker took the job's message (before it leases and starts the job).
+
+        A worker that dies before starting the job leaves it ``queued`` with its message
+        unacknowledged until the broker's visibility timeout (an hour); the note lets the
+        janitor recover it within a lease lifetime instead. Starting the job clears it.
+        """
+        now = time.time() if now is None else now
+        return Call(None, (), ["ZADD", self.keys.taken, _ms(now), job_id], lambda r: True)
+
+    @operation
+    def untake(self, job_id: str) -> Call[bool]:
+        """Clear the note of :meth:`take` for a message dropped without starting the job."""
+        return Call(None, (), ["ZREM", self.keys.taken, job_id], flag)
+
+    @operation
+    def stale_jobs(
         self, older_than: float, limit: int = 1000, now: float | None = None
     ) -> Call[list[str]]:
-        """Running jobs started (or claimed) over ``older_than`` s ago whose lease has lapsed."""
+        """Jobs started or taken over ``older_than`` s ago whose lease is gone (worker lost)."""
         now = time.time() if now is None else now
         args = [_ms(now - older_than), int(limit), self.keys.job_prefix]
-        return Call("stale", [self.keys.running], args, texts)
+        return Call("stale", [self.keys.running, self.keys.taken], args, texts)
 
     @operation
-    def claim_stale(self, job_id: str, older_than: float, now: float | None = None) -> Call[bool]:
-        """Claim a stale job for re-enqueueing; only one janitor wins within ``older_than``."""
-        now = time.time() if now is None else now
-        keys = [self.keys.running, self.keys.lease(job_id)]
-        return Call("claim_stale", keys, [job_id, _ms(now - older_than), _ms(now)], flag)
+    def requeue(
+        self,
+        job_id: str,
+        older_than: float,
+        message: tuple[str, str],
+        now: float | None = None,
+    ) -> Call[int | None]:
+        """Put a job whose worker is gone back in its queue; its attempts so far, or None.
 
-    @operation
-    def mark_requeued(self, job_id: str, ttl: float) -> Call[bool]:
-        """Note that the janitor re-enqueued the job; False when it already had (within ``ttl``).
-
-        Stops the same job from being re-enqueued again and again while its new message waits
-        in a busy queue.
+        One step: status ``queued`` with its queue position, a ``requeued`` event and the
+        broker ``message`` (list, text; see ``queue.TaskMessages``). None when there is nothing
+        to do: another janitor did it, a worker holds the lease, or the job ended or moved on.
         """
-        args = ["SET", self.keys.requeued(job_id), "1", "NX", "EX", max(int(ttl), 1)]
-        return Call(None, (), args, bool)
-
-    @operation
-    def clear_requeued(self, job_id: str) -> Call[bool]:
-        """Forget the re-enqueue note: a worker took the job, so if it dies too, act again."""
-        return Call(None, (), ["DEL", self.keys.requeued(job_id)], flag)
+        now = time.time() if now is None else now
+        k = self.keys
+        keys = [k.job(job_id), k.events(job_id), k.lease(job_id), k.running, k.taken, message[0]]
+        args = [job_id, _ms(now - older_than), k.queue_prefix, self.events_maxlen, message[1]]
+        return Call("requeue", keys, args, lambda r: int(text(r[0])) if r else None)
 
     # -- the worker registry ---------------------------------------------------------------
 

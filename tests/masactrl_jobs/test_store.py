@@ -205,13 +205,14 @@ def test_leases_attempts_and_stale_jobs(store: JobStore) -> None:
     assert store.acquire_lease(job, "w1", ttl=0.2)
     assert not store.acquire_lease(job, "w2", ttl=10)
     assert store.start(job, "w1").attempts == 1
-    assert store.renew_lease(job, "w1", ttl=0.2)
-    assert not store.renew_lease(job, "w2", ttl=10)
-    assert store.stale_running(older_than=0) == []
+    assert store.renew_lease(job, "w1", ttl=0.2, attempt=1)
+    assert not store.renew_lease(job, "w2", ttl=10, attempt=1)
+    assert store.stale_jobs(older_than=0) == []
     time.sleep(0.3)
-    assert store.stale_running(older_than=0) == [job]
-    assert store.claim_stale(job, older_than=0)
-    assert not store.claim_stale(job, older_than=5)  # a second janitor loses
+    assert store.stale_jobs(older_than=0) == [job]
+    message = ("masactrl.sd15", "{}")
+    assert store.requeue(job, 0, message) == 1
+    assert store.requeue(job, 0, message) is None  # a second janitor finds nothing to do
     assert store.acquire_lease(job, "w2", ttl=10)
     assert store.start(job, "w2").attempts == 2
     assert store.release_lease(job, "w2")

@@ -394,6 +394,34 @@ def test_synthesis_and_edit_end_byte_identical_to_the_engine_with_signed_webhook
     assert {d["status_code"] for d in job["webhook"]["deliveries"]} == {200}
 
 
+def test_webhook_url_tokens_stay_out_of_the_worker_logs(stack: Stack) -> None:
+    token = "tok_" + secrets.token_hex(12)
+    path = f"/tokened?token={token}"
+    stack.receiver.scripts[path] = [503]  # one failure: a warning and a retry, logged too
+    job = stack.submit(
+        "syntheses",
+        {
+            "source_prompt": "a cat",
+            "target_prompts": ["a dog"],
+            "steps": 2,
+            "webhook": {"url": stack.receiver.url(path), "events": ["started", "completed"]},
+        },
+    )
+    assert stack.wait(job["id"])["status"] == "succeeded"
+    wait_for(
+        lambda: any(r.json()["type"] == "job.succeeded" for r in stack.receiver.for_path(path)),
+        JOB_TIMEOUT,
+        what="the job.succeeded webhook",
+    )
+    logs = {
+        process.log_path.name: process.log_path.read_text(errors="replace")
+        for process in (stack.gpu, stack.hooks)
+    }
+    assert "HTTP Request: POST" in logs["webhook-worker.log"]
+    for name, text in logs.items():
+        assert token not in text, f"{name} logged the webhook token"
+
+
 def test_a_receiver_failing_twice_gets_three_recorded_deliveries(stack: Stack) -> None:
     stack.receiver.scripts["/flaky"] = [500, 500]
     job = stack.submit(
@@ -545,4 +573,6 @@ def test_a_queued_job_survives_a_redis_restart(stack: Stack) -> None:
     stack.redis.restart()  # SIGTERM: Redis writes its AOF and exits; then it starts from it
 
     assert stack.wait(waiting["id"], timeout=JOB_TIMEOUT * 2)["status"] == "succeeded"
-    assert stack.wait(running["id"], timeout=JOB_TIMEOUT * 2)["status"] == "succeeded"
+    final = stack.wait(running["id"], timeout=JOB_TIMEOUT * 2)
+    # The running job rode through the restart: one attempt, not a rerun.
+    assert (final["status"], final["attempts"]) == ("succeeded", 1), final

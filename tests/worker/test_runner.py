@@ -6,7 +6,9 @@ test_e2e.py drives the same code through real worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -284,20 +286,200 @@ def test_a_job_that_keeps_killing_its_worker_fails(
 def test_the_janitor_requeues_a_job_whose_lease_lapsed_once(
     store: JobStore, app: Any, redis_url: str
 ) -> None:
+    import json
+
     import redis
 
-    job_id = create_job(store)
+    job_id = create_job(store, webhook=WebhookCreate(url="https://example.com/hook"))
     assert store.acquire_lease(job_id, "dead-worker", ttl=0.1)
     store.start(job_id, "dead-worker")
-    janitor = Janitor(store, app, lease_ttl=0.2, requeue_marker_ttl=60)
+    store.progress(job_id, "denoise", 2, 3)
+    janitor = Janitor(store, lease_ttl=0.2, emitter=Emitter(store, app, lambda r: {"id": r.id}))
     assert janitor.run_once() == []  # the lease is still alive
     time.sleep(0.5)
 
     assert janitor.run_once() == [job_id]
+    # Queued again at once, with its position: never a stale `running` at step 2 of 3.
+    record = store.get(job_id)
+    assert record is not None and record.status is JobStatus.queued
+    assert record.queue_position == 1 and record.progress is None
+    assert store.read_events(job_id)[-1].event == "requeued"
+    outbox = store.redis.lrange(store.keys.webhook_outbox(job_id), 0, -1)
+    assert [json.loads(m)["type"] for m in outbox][-1] == "job.requeued"
     time.sleep(0.3)
     assert janitor.run_once() == []  # its new message is still waiting: no duplicate
     client = redis.Redis.from_url(redis_url)
     assert client.llen(queue_name("tiny")) == 1
+
+
+def test_a_job_whose_worker_died_before_starting_it_is_recovered_before_the_visibility_timeout(
+    make_runner: Callable[..., JobRunner], store: JobStore, app: Any, redis_url: str
+) -> None:
+    import redis
+
+    job_id = create_job(store)
+
+    class DiesBeforeStart:
+        """The worker's process dies between taking the message and starting the job."""
+
+        def __getattr__(self, name: str) -> Any:
+            if name == "start":
+                raise SystemExit("killed")
+            return getattr(store, name)
+
+    with pytest.raises(SystemExit):
+        make_runner(store=DiesBeforeStart()).run(job_id)
+    store.release_lease(job_id, "test-worker")  # its lease would lapse; no need to wait
+    janitor = Janitor(store, lease_ttl=0.2)
+    assert janitor.run_once() == []  # it may still be about to start the job
+    time.sleep(0.3)
+    assert janitor.run_once() == [job_id]
+    assert redis.Redis.from_url(redis_url).llen(queue_name("tiny")) == 1
+    assert make_runner().run(job_id) == "succeeded"
+    record = store.get(job_id)
+    assert record is not None and record.attempts == 1
+    assert janitor.run_once() == []
+
+
+def test_the_janitor_forgets_the_notes_of_taken_jobs_that_ended_or_expired(
+    store: JobStore,
+) -> None:
+    ended, expired = create_job(store), create_job(store)
+    for job_id in (ended, expired):
+        store.take(job_id, now=time.time() - 60)  # its worker died before starting it
+    assert store.cancel(ended).outcome == "canceled"
+    assert store.purge_jobs([expired]) == 1
+    assert Janitor(store, lease_ttl=0.2).run_once() == []
+    assert store.stale_jobs(older_than=0) == []
+
+
+def test_a_queued_job_cancelled_between_read_and_start_announces_its_cancellation(
+    make_runner: Callable[..., JobRunner], store: JobStore
+) -> None:
+    import json
+
+    job_id = create_job(store, webhook=WebhookCreate(url="https://example.com/hook"))
+
+    class CancelBeforeStart:
+        """The client's cancel lands between the worker's read and its start."""
+
+        def __getattr__(self, name: str) -> Any:
+            attribute = getattr(store, name)
+            if name != "start":
+                return attribute
+
+            def start(*args: Any, **kwargs: Any) -> Any:
+                assert store.cancel(job_id).outcome == "canceled"
+                return attribute(*args, **kwargs)
+
+            return start
+
+    assert make_runner(store=CancelBeforeStart()).run(job_id) == "dropped"
+    outbox = store.redis.lrange(store.keys.webhook_outbox(job_id), 0, -1)
+    assert [json.loads(m)["type"] for m in outbox] == ["job.canceled"]
+    assert store.redis.zscore(store.keys.taken, job_id) is None
+
+
+class _Frozen:
+    """A store seen from a frozen process (SIGSTOP): every call waits until it is thawed."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self.thawed = threading.Event()
+        self.thawed.set()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.store, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.thawed.wait()
+            return attribute(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("late_worker_ends_by", ["failing", "succeeding"])
+def test_a_worker_stalled_past_its_lease_can_neither_end_the_job_nor_delete_its_results(
+    make_runner: Callable[..., JobRunner],
+    store: JobStore,
+    storage: FileStorage,
+    tiny_engine: Any,
+    late_worker_ends_by: str,
+) -> None:
+    job_id = create_job(store)
+    frozen = _Frozen(store)
+    stalled, resume = threading.Event(), threading.Event()
+
+    class StallingEngine:
+        """Stalls mid-run (as under SIGSTOP), then fails or finishes."""
+
+        def synthesize(self, *args: Any, **kwargs: Any) -> Any:
+            frozen.thawed.clear()  # the whole process stops: its lease heartbeat too
+            stalled.set()
+            resume.wait(30)
+            if late_worker_ends_by == "failing":
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return tiny_engine.synthesize(*args, **kwargs)
+
+    late = make_runner(store=frozen, engine=StallingEngine(), worker_id="worker-a")
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(late.run(job_id)))
+    thread.start()
+    try:
+        assert stalled.wait(30)
+        # Its lease lapses; the janitor requeues the job and worker B runs it.
+        wait_for_lapse = time.monotonic() + 5
+        while store.redis.exists(store.keys.lease(job_id)) and time.monotonic() < wait_for_lapse:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert Janitor(store, lease_ttl=0.5).run_once() == [job_id]
+        assert make_runner(worker_id="worker-b").run(job_id) == "succeeded"
+        winner = store.get(job_id)
+        assert winner is not None and winner.attempts == 2
+        results = storage.list_prefix(f"results/{job_id}/")
+        assert len(results) == 2
+    finally:
+        frozen.thawed.set()
+        resume.set()
+        thread.join(60)
+
+    assert outcome in (["conflict"], ["abandoned"])
+    record = store.get(job_id)
+    assert record is not None and record.status is JobStatus.succeeded
+    assert record.metrics is not None and record.metrics["attempt"] == 2
+    assert record.output == winner.output
+    assert storage.list_prefix(f"results/{job_id}/") == results
+    assert [e.event for e in store.read_events(job_id)].count("succeeded") == 1
+
+
+def test_a_running_job_rides_through_a_redis_restart(
+    make_runner: Callable[..., JobRunner],
+    store: JobStore,
+    settings: WorkerSettings,
+    redis_server: Any,
+) -> None:
+    job_id = create_job(store, steps=12)
+    restarted = threading.Event()
+
+    def slow_step(_: float) -> None:
+        time.sleep(0.15)
+        record = None
+        with contextlib.suppress(Exception):
+            record = store.get(job_id)
+        if not restarted.is_set() and record and record.progress and record.progress.step >= 3:
+            restarted.set()
+            redis_server.stop()
+            time.sleep(settings.lease_ttl * 0.8)  # Redis stays away for most of a lease
+            redis_server.start()
+
+    runner = make_runner(
+        settings=settings.model_copy(update={"step_delay_seconds": 0.001, "recovery_seconds": 6.0}),
+        sleep=slow_step,
+    )
+    assert runner.run(job_id) == "succeeded"
+    assert restarted.is_set()
+    record = store.get(job_id)
+    assert record is not None and record.status is JobStatus.succeeded and record.attempts == 1
 
 
 # --- cancel, errors ------------------------------------------------------------------------------

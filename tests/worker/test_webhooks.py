@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from standardwebhooks import Webhook
 
+import worker.logs
 from masactrl_jobs.schema import ControlInput, JobInput, JobKind, WebhookCreate
 from masactrl_jobs.store import JobStore
 from tests.worker.helpers import REPO_ROOT, WebhookReceiver
@@ -260,3 +262,66 @@ def test_connection_errors_are_retried(
     delivery = store.get(job_id).deliveries[0]  # type: ignore[union-attr]
     assert delivery["status_code"] is None and "cannot connect" in delivery["error"]
     assert store.redis.zcard(store.keys.webhook_schedule) == 1
+
+
+# --- bearer material in logs, the retry scheduler ----------------------------------------------
+
+
+@pytest.fixture()
+def redacting_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The worker process's log redaction, undone after the test."""
+    before = logging.getLogRecordFactory()
+    monkeypatch.setattr(worker.logs, "_installed", False)
+    worker.logs.install_log_redaction()
+    yield
+    logging.setLogRecordFactory(before)
+
+
+def test_webhook_url_tokens_never_reach_the_log(
+    store: JobStore,
+    receiver: WebhookReceiver,
+    make_deliverer: Callable[..., Deliverer],
+    redacting_logs: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    token = "tok_" + "s3cr3t" * 4
+    url = receiver.url(f"/hook?token={token}")
+    receiver.scripts[f"/hook?token={token}"] = [500]
+    job_id = create_job(store, url, events=["completed"])
+    finish(store, job_id)
+    Emitter(store, FakeApp(), render).emit_terminal(job_id)  # type: ignore[arg-type]
+    deliverer = make_deliverer()
+    with caplog.at_level(logging.DEBUG):
+        deliverer.drain(job_id)  # fails with 500: a warning and a scheduled retry
+        message = json.loads(store.claim_due_webhooks(now=time.time() + 60)[0])["message"]
+        deliverer.deliver(job_id, message)
+    assert len(receiver.received) == 2  # the token did reach the receiver ...
+    assert receiver.received[0].path.endswith(token)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "HTTP Request: POST" in logged  # ... and httpx did log both requests ...
+    assert token not in logged  # ... without it
+    assert "/hook?[redacted]" in logged
+
+
+def test_a_broker_failure_mid_batch_loses_no_due_retry(store: JobStore) -> None:
+    now = time.time()
+    for n in range(3):
+        store.schedule_webhook({"job_id": f"j{n}", "message": {"n": n}}, now - 1)
+
+    class FlakyApp(FakeApp):
+        def send_task(self, name: str, args: list[Any], queue: str) -> None:
+            if len(self.sent) == 1:
+                raise ConnectionError("broker restarting")
+            super().send_task(name, args, queue)
+
+    app = FlakyApp()
+    with pytest.raises(ConnectionError):
+        RetryScheduler(store, app).run_once()  # type: ignore[arg-type]
+    assert [args[0] for _, args, _ in app.sent] == ["j0"]
+    # The sent one is gone from the schedule; the other two are due again within seconds.
+    later = FakeApp()
+    assert RetryScheduler(store, later).run_once() == 0  # type: ignore[arg-type]
+    time.sleep(1.1)
+    assert RetryScheduler(store, later).run_once() == 2  # type: ignore[arg-type]
+    assert sorted(args[0] for _, args, _ in later.sent) == ["j1", "j2"]
+    assert store.claim_due_webhooks(now=time.time() + 3600) == []

@@ -69,14 +69,6 @@ def test_a_due_retry_survives_a_scheduler_that_dies(store: JobStore) -> None:
     assert store.forget_webhooks([]) == 0
 
 
-def test_requeue_markers(store: JobStore) -> None:
-    assert store.mark_requeued("j1", ttl=60)
-    assert not store.mark_requeued("j1", ttl=60)
-    assert store.clear_requeued("j1")
-    assert store.mark_requeued("j1", ttl=60)
-    assert 0 < store.redis.ttl(store.keys.requeued("j1")) <= 60
-
-
 def test_stale_inversions_are_the_unused_then_the_least_recently_used(store: JobStore) -> None:
     now = time.time()
     store.touch_inversion("old", now=now - 500)
