@@ -1,8 +1,9 @@
-"""Session-wide fixtures: real servers on free loopback ports (never the shared ones) and tiny
-checkpoints."""
+"""Fixtures every test package shares: an environment free of the developer's settings, real
+servers on free loopback ports (never the shared ones) and tiny checkpoints."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -13,6 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No MASACTRL_* variable or .env file from the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.upper().startswith("MASACTRL_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
 
 
 def free_port() -> int:

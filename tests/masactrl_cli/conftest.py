@@ -23,15 +23,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 UP_TIMEOUT = 240  # writing the tiny checkpoint and importing torch on a busy 2-core machine
 
 
-@pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No MASACTRL_* variable or .env file from the developer's shell leaks into a test."""
-    for name in list(os.environ):
-        if name.upper().startswith("MASACTRL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
 def stack_environment(root: Path, **extra: str) -> dict[str, str]:
     """A clean environment for ``masactrl up`` in ``root``, with private ports."""
     return {

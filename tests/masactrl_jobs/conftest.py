@@ -18,17 +18,6 @@ import pytest
 MASACTRL_ENV_PREFIX = "MASACTRL_"
 
 
-@pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No MASACTRL_* variable or .env file from the developer's shell leaks into a test."""
-    import os
-
-    for name in list(os.environ):
-        if name.upper().startswith(MASACTRL_ENV_PREFIX):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
 # --------------------------------------------------------------------------- loopback server
 
 

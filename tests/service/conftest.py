@@ -7,7 +7,6 @@ import base64
 import hashlib
 import io
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,15 +31,6 @@ def bearer(key: str) -> dict[str, str]:
 
 def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-@pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No MASACTRL_* variable or .env file from the developer's shell leaks into a test."""
-    for name in list(os.environ):
-        if name.upper().startswith("MASACTRL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture()
