@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import ssl
 import threading
 import time
@@ -274,38 +273,3 @@ def stream_forever(handler: BaseHTTPRequestHandler, chunk: bytes, delay: float =
         handler.wfile.flush()
         if delay:
             time.sleep(delay)
-
-
-# --------------------------------------------------------------------------- images
-
-
-def png_bytes(width: int = 32, height: int = 16, mode: str = "RGB") -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new(mode, (width, height)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def jpeg_bytes(width: int = 64, height: int = 32, orientation: int | None = None) -> bytes:
-    from PIL import Image
-
-    image = Image.new("RGB", (width, height), (200, 30, 30))
-    # A marker in one corner so a test can tell which way the pixels were turned.
-    image.paste((20, 220, 20), (0, 0, width // 4, height // 4))
-    options: dict[str, object] = {"quality": 95}
-    if orientation is not None:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        options["exif"] = exif.tobytes()
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", **options)
-    return buffer.getvalue()
-
-
-def webp_bytes(width: int = 24, height: int = 24) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (10, 10, 200)).save(buffer, format="WEBP")
-    return buffer.getvalue()

@@ -18,7 +18,7 @@ from masactrl_jobs.images import (
     validate_image,
     validate_mask,
 )
-from tests.masactrl_jobs.conftest import jpeg_bytes, png_bytes, webp_bytes
+from tests.images import jpeg_bytes, png_bytes, webp_bytes
 
 LIMITS = {"max_bytes": 20 * 1024 * 1024, "max_side": 4096}
 

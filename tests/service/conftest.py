@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -111,41 +110,6 @@ def broker_messages(client: redis.Redis, queue: str) -> list[tuple[str, list[Any
 
 
 # --- images ---------------------------------------------------------------------------------
-
-
-def png_bytes(
-    width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 30, 30)
-) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def jpeg_bytes(width: int = 64, height: int = 32, orientation: int | None = None) -> bytes:
-    from PIL import Image
-
-    options: dict[str, Any] = {"quality": 90}
-    if orientation is not None:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        options["exif"] = exif.tobytes()
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (10, 200, 10)).save(buffer, format="JPEG", **options)
-    return buffer.getvalue()
-
-
-def webp_bytes(width: int = 24, height: int = 24) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (10, 10, 200)).save(buffer, format="WEBP")
-    return buffer.getvalue()
-
-
-def data_url(data: bytes, media_type: str = "image/png") -> str:
-    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
 
 
 SYNTHESIS = {"source_prompt": "a photo of a cat", "target_prompts": ["a photo of a running cat"]}

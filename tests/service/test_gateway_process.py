@@ -19,7 +19,8 @@ import pytest
 
 from masactrl_jobs.store import JobStore
 from tests.conftest import free_port
-from tests.service.conftest import SIGNING_SECRET, SYNTHESIS, bearer, png_bytes
+from tests.images import png_bytes
+from tests.service.conftest import SIGNING_SECRET, SYNTHESIS, bearer
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "process-test-key-1f2e3d"

@@ -16,7 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.config import GatewaySettings
-from tests.service.conftest import GLOBEX_KEY, SYNTHESIS, bearer, data_url, png_bytes
+from tests.images import data_url, png_bytes
+from tests.service.conftest import GLOBEX_KEY, SYNTHESIS, bearer
 from tests.service.test_images import noise_png
 
 

@@ -28,14 +28,8 @@ from PIL import Image
 from masactrl_jobs import netguard
 from masactrl_jobs.store import JobStore
 from service.config import GatewaySettings
-from tests.service.conftest import (
-    ImageServer,
-    data_url,
-    jpeg_bytes,
-    png_bytes,
-    s3_client,
-    webp_bytes,
-)
+from tests.images import data_url, jpeg_bytes, png_bytes, webp_bytes
+from tests.service.conftest import ImageServer, s3_client
 
 
 def edit(client: TestClient, image: str, **overrides: Any) -> httpx.Response:

@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 
 from masactrl_jobs.store import JobStore
 from service.config import GatewaySettings
-from tests.service.conftest import GLOBEX_KEY, SYNTHESIS, bearer, broker_messages, png_bytes
+from tests.images import png_bytes
+from tests.service.conftest import GLOBEX_KEY, SYNTHESIS, bearer, broker_messages
 
 
 def submit(client: TestClient, **overrides: Any) -> dict[str, Any]:

@@ -20,15 +20,8 @@ from masactrl_jobs.schema import JobKind, JobStatus, SynthesisCreate
 from masactrl_jobs.store import JobStore
 from service.config import GatewaySettings
 from service.submission import Submitted, submit
-from tests.service.conftest import (
-    ACME_KEY,
-    GLOBEX_KEY,
-    SYNTHESIS,
-    bearer,
-    broker_messages,
-    data_url,
-    png_bytes,
-)
+from tests.images import data_url, png_bytes
+from tests.service.conftest import ACME_KEY, GLOBEX_KEY, SYNTHESIS, bearer, broker_messages
 
 
 def edit_body(**overrides: Any) -> dict[str, Any]:
@@ -590,8 +583,11 @@ def test_a_real_celery_worker_runs_the_message(
         stderr=subprocess.STDOUT,
     )
     try:
-        ran = redis_client.blpop(["probe:ran"], timeout=60)
-        assert ran == ("probe:ran", job_id)
+        # Polled, not BLPOP: the client's socket timeout is shorter than a slow worker start.
+        deadline = time.monotonic() + 60
+        while (ran := redis_client.lpop("probe:ran")) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ran == job_id
         deadline = time.monotonic() + 10
         # acks_late: acknowledged after the task, which empties kombu's unacked index.
         while redis_client.hlen("unacked") and time.monotonic() < deadline:
