@@ -1,4 +1,4 @@
-"""``masactrl synthesize``/``edit`` with a layout condition: run.json, anchoring, one-line errors."""
+"""``masactrl synthesize``/``edit`` with a layout condition: run.json, anchoring, misuse."""
 
 from __future__ import annotations
 
