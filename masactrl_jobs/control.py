@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, get_args
 
 from masactrl_jobs.catalog import ModelEntry
-from masactrl_jobs.schema import ControlInput, MaskControl
+from masactrl_jobs.schema import ControlInput, MaskControl, Preprocess
 
 __all__ = [
     "InvalidParameters",
@@ -211,7 +211,7 @@ def resolve_size(entry: ModelEntry, width: int | None, height: int | None) -> tu
 
 
 # What the worker can make of a condition image before the model sees it: nothing, or an edge map.
-PREPROCESSINGS = ("none", "canny")
+PREPROCESSINGS: tuple[str, ...] = get_args(Preprocess)
 
 _CONDITION = "condition"
 

@@ -136,8 +136,10 @@ async def submit(
 
     image: ValidatedImage | None = None
     region_keys: list[tuple[str, str]] = []
+    condition_keys: list[str] = []
+    source_condition_key: str | None = None
     rate: tuple[float, int] | None = (settings.rate_limit_per_second, settings.rate_limit_burst)
-    if kind is JobKind.edit or body.control.mask.regions:
+    if kind is JobKind.edit or body.control.mask.regions or body.condition is not None:
         # Inputs cost bandwidth and storage: spend a token and check the queue before taking
         # them. Jobs without inputs do both inside the step that records them.
         limit = await gw.store.rate_limit(tenant.name, *rate)
@@ -157,9 +159,24 @@ async def submit(
             source = await gw.intake.ingest(region.source, (*at, "source"), "mask")
             target = await gw.intake.ingest(region.target, (*at, "target"), "mask")
             region_keys.append((source.key, target.key))
+        if body.condition is not None:
+            at = ("body", "condition")
+            for i, ref in enumerate(body.condition.images):
+                stored = await gw.intake.ingest(ref, (*at, "images", i), "condition image")
+                condition_keys.append(stored.key)
+            if body.condition.source_image is not None:
+                stored = await gw.intake.ingest(
+                    body.condition.source_image, (*at, "source_image"), "condition image"
+                )
+                source_condition_key = stored.key
 
     job_input = resolve_input(
-        body, entry, image_key=image.key if image else None, region_keys=region_keys
+        body,
+        entry,
+        image_key=image.key if image else None,
+        region_keys=region_keys,
+        condition_keys=condition_keys,
+        source_condition_key=source_condition_key,
     )
     job_id = new_id()
     result = await gw.store.create(
