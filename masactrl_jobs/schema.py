@@ -358,6 +358,9 @@ class JobMetrics(BaseModel):
     denoise_seconds: float | None = None
     total_seconds: float | None = None
     unet_image_evals: int | None = None
+    condition_evals: int | None = Field(
+        default=None, description="Condition model (ControlNet) image evaluations."
+    )
 
 
 class WebhookDelivery(BaseModel):

@@ -38,8 +38,8 @@ from masactrl_core import (
     MasaCtrlEngine,
     MaskConfig,
 )
-from masactrl_jobs.catalog import ModelEntry
-from masactrl_jobs.control import InvalidParameters, check_control
+from masactrl_jobs.catalog import ModelEntry, UnknownCondition
+from masactrl_jobs.control import InvalidParameters, check_control, condition_problems
 from masactrl_jobs.queue import enqueue_job
 from masactrl_jobs.schema import ErrorCode, JobKind, JobStatus, MaskMode
 from masactrl_jobs.storage import (
@@ -51,6 +51,7 @@ from masactrl_jobs.storage import (
 )
 from masactrl_jobs.store import JobRecord, JobStore
 from worker.config import WorkerSettings
+from worker.engine_loader import ConditionModels
 from worker.inversion_cache import InversionCache, inversion_cache_key
 from worker.janitor import clear_requeue_marker
 from worker.leases import JobLease
@@ -130,6 +131,7 @@ class JobRunner:
         emitter: Emitter,
         worker_id: str,
         cache: InversionCache | None = None,
+        conditions: ConditionModels | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
@@ -141,6 +143,7 @@ class JobRunner:
         self.emitter = emitter
         self.worker_id = worker_id
         self.cache = cache
+        self.conditions = conditions or ConditionModels(entry, engine)
         self._sleep = sleep
         self.retry = Retrier(
             settings.storage_retry_attempts, settings.storage_retry_max_wait_seconds
@@ -350,6 +353,59 @@ class JobRunner:
             steps=control.steps,
         )
 
+    def _condition(self, record: JobRecord) -> Any:
+        """The engine's ``Condition`` for the job (model kept warm, canny applied), or None."""
+        requested = record.input.condition
+        if requested is None:
+            return None
+        from masactrl_core import ModelLoadError
+        from masactrl_core.conditions import Condition
+
+        problems = condition_problems(
+            targets=len(record.input.target_prompts),
+            images=len(requested.images),
+            has_source_image=requested.source_image is not None,
+            editing=record.kind is JobKind.edit,
+            scale=requested.scale,
+            start=requested.start,
+            end=requested.end,
+            preprocess=requested.preprocess,
+        )
+        if problems:
+            raise _Failure(ErrorCode.invalid_input, str(InvalidParameters(problems)))
+        try:
+            model = self.conditions.get(requested.model)
+        except UnknownCondition as exc:
+            # The gateway's catalog listed it; this worker's does not.
+            raise _Failure(ErrorCode.invalid_input, str(exc)) from None
+        except ModelLoadError as exc:
+            raise _Failure(
+                ErrorCode.internal_error, f"condition model {requested.model}: {exc}"
+            ) from exc
+
+        def read(key: str, what: str) -> Image.Image:
+            image = _decode(self._read(key, what), what)
+            if requested.preprocess == "canny":
+                from masactrl_core.canny import canny
+
+                return canny(image)
+            return image
+
+        images = [read(key, f"condition image {k}") for k, key in enumerate(requested.images)]
+        source = (
+            None
+            if requested.source_image is None
+            else read(requested.source_image, "source condition image")
+        )
+        return Condition(
+            model,
+            images,
+            source_image=source,
+            scale=requested.scale,
+            start=requested.start,
+            end=requested.end,
+        )
+
     def _run_engine(
         self,
         record: JobRecord,
@@ -371,6 +427,7 @@ class JobRunner:
             ),
             "should_cancel": lambda: self._should_cancel(state),
             "masks": self._masks(record),
+            "condition": self._condition(record),
         }
         started = time.perf_counter()
         if record.kind is JobKind.synthesis:
@@ -395,12 +452,16 @@ class JobRunner:
                     inverted = InvertedImage.from_safetensors_bytes(cached)
                 except Exception as exc:
                     logger.warning("ignoring unreadable cached inversion %s: %s", cache_key, exc)
+            if inverted is not None and params.anchor_source and not inverted.has_trajectory:
+                # An entry written before trajectories were kept: invert again (and replace it).
+                inverted = None
         started = time.perf_counter()
         result = self.engine.edit(
             image,
             params.target_prompts,
             source_prompt=params.source_prompt,
             inverted=inverted,
+            anchor_source=params.anchor_source,
             **common,
         )
         engine_seconds = time.perf_counter() - started
@@ -484,6 +545,7 @@ class JobRunner:
             "denoise_seconds": round(stats.denoise_seconds, 3),
             "total_seconds": round(max(0.0, now - record.created_at), 3),
             "unet_image_evals": stats.unet_image_evals,
+            "condition_evals": stats.condition_evals,
             # Not in the public object; the benchmark and operators read them from the record.
             "engine_seconds": round(engine_seconds, 4),
             "attempt": record.attempts,
