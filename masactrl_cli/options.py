@@ -113,20 +113,25 @@ def mask_options(args: argparse.Namespace) -> MaskOptions | None:
 
 
 def add_condition_options(
-    parser: argparse.ArgumentParser, *, source_image: bool
+    parser: argparse.ArgumentParser,
+    *,
+    source_image: bool,
+    model_help: str = "diffusers ControlNetModel or T2IAdapter (local folder or hub id)",
+    thresholds: bool = True,
 ) -> argparse._ArgumentGroup:
     """``--condition-*`` options: a ControlNet/T2I-Adapter and its images, window and scale.
 
-    ``source_image`` adds ``--source-condition-image`` (synthesis); an edit still accepts the
-    flag so that its misuse is reported in a sentence rather than as an unknown option.
+    ``source_image`` documents ``--source-condition-image`` (synthesis); an edit still accepts
+    the flag so that its misuse is reported in a sentence rather than as an unknown option.
+    ``thresholds`` adds ``--canny-low``/``--canny-high`` (where canny runs locally).
     """
     group = parser.add_argument_group(
         "layout condition", "a ControlNet or T2I-Adapter laying out the targets"
     )
     group.add_argument(
         "--condition-model",
-        metavar="PATH_OR_ID",
-        help="diffusers ControlNetModel or T2IAdapter (local folder or hub id)",
+        metavar="PATH_OR_ID" if thresholds else "NAME",
+        help=model_help,
     )
     group.add_argument(
         "--condition-image",
@@ -162,12 +167,13 @@ def add_condition_options(
         help="make the condition images from ordinary photos first: canny = edge map "
         "(default none: the images are maps already)",
     )
-    group.add_argument(
-        "--canny-low", type=non_negative_int, help="canny's lower threshold (default 100)"
-    )
-    group.add_argument(
-        "--canny-high", type=non_negative_int, help="canny's upper threshold (default 200)"
-    )
+    if thresholds:
+        group.add_argument(
+            "--canny-low", type=non_negative_int, help="canny's lower threshold (default 100)"
+        )
+        group.add_argument(
+            "--canny-high", type=non_negative_int, help="canny's upper threshold (default 200)"
+        )
     return group
 
 
@@ -233,8 +239,11 @@ def condition_options(
             "inverted photo"
         )
     given = [
-        flag for dest, flag in _CONDITION_FLAGS.items() if getattr(args, dest) not in (None, [])
+        flag
+        for dest, flag in _CONDITION_FLAGS.items()
+        if getattr(args, dest, None) not in (None, [])
     ]
+    canny_low, canny_high = getattr(args, "canny_low", None), getattr(args, "canny_high", None)
     if args.condition_model is None:
         if given:
             raise UsageError(f"{given[0]} needs --condition-model")
@@ -242,7 +251,7 @@ def condition_options(
     if not args.condition_images:
         raise UsageError("--condition-model needs at least one --condition-image")
     preprocess = args.condition_preprocess or "none"
-    if preprocess != "canny" and (args.canny_low is not None or args.canny_high is not None):
+    if preprocess != "canny" and (canny_low is not None or canny_high is not None):
         raise UsageError("--canny-low/--canny-high apply only to --condition-preprocess canny")
     options = ConditionOptions(
         model=args.condition_model,
@@ -252,8 +261,8 @@ def condition_options(
         start=0.0 if args.condition_start is None else args.condition_start,
         end=1.0 if args.condition_end is None else args.condition_end,
         preprocess=preprocess,
-        canny_low=100 if args.canny_low is None else args.canny_low,
-        canny_high=200 if args.canny_high is None else args.canny_high,
+        canny_low=100 if canny_low is None else canny_low,
+        canny_high=200 if canny_high is None else canny_high,
     )
     problems = condition_problems(
         targets=targets,
