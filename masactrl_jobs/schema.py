@@ -126,6 +126,8 @@ class ErrorCode(str, Enum):
 class ImageRole(str, Enum):
     source = "source"
     target = "target"
+    # A layout condition image as the condition model received it (after any preprocessing).
+    condition = "condition"
 
 
 class _Strict(BaseModel):

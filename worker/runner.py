@@ -21,8 +21,8 @@ import hashlib
 import io
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -87,6 +87,8 @@ class _RunState:
     last_write: float = float("-inf")
     last_webhook: float = float("-inf")
     last_progress: tuple[str, int, int] | None = None
+    # The condition images as the engine received them (after canny), published with the results.
+    condition_images: list[tuple[str, Image.Image]] = field(default_factory=list)
 
 
 def _decode(data: bytes, what: str, mode: str = "RGB") -> Image.Image:
@@ -218,7 +220,7 @@ class JobRunner:
                 metrics = self._metrics(record, result.stats, engine_seconds)
                 if lease.lost:
                     raise _Abandon
-                images = self._write_outputs(record, result)
+                images = self._write_outputs(record, result, state.condition_images)
                 metrics["total_seconds"] = round(max(0.0, time.time() - record.created_at), 3)
             except JobCancelled:
                 if lease.lost:
@@ -353,7 +355,7 @@ class JobRunner:
             steps=control.steps,
         )
 
-    def _condition(self, record: JobRecord) -> Any:
+    def _condition(self, record: JobRecord, state: _RunState) -> Any:
         """The engine's ``Condition`` for the job (model kept warm, canny applied), or None."""
         requested = record.input.condition
         if requested is None:
@@ -397,6 +399,12 @@ class JobRunner:
             if requested.source_image is None
             else read(requested.source_image, "source condition image")
         )
+        # Labelled with the prompt each one lays out; one shared image serves every target.
+        prompts = record.input.target_prompts if len(images) > 1 else ["(every target prompt)"]
+        state.condition_images = [
+            *([(record.input.source_prompt, source)] if source is not None else []),
+            *zip(prompts, images, strict=True),
+        ]
         return Condition(
             model,
             images,
@@ -427,7 +435,7 @@ class JobRunner:
             ),
             "should_cancel": lambda: self._should_cancel(state),
             "masks": self._masks(record),
-            "condition": self._condition(record),
+            "condition": self._condition(record, state),
         }
         started = time.perf_counter()
         if record.kind is JobKind.synthesis:
@@ -512,7 +520,12 @@ class JobRunner:
             logger.warning("cancel check of job %s failed: %s", state.job_id, exc)
         return state.cancel_seen
 
-    def _write_outputs(self, record: JobRecord, result: Any) -> list[dict[str, Any]]:
+    def _write_outputs(
+        self,
+        record: JobRecord,
+        result: Any,
+        condition_images: Sequence[tuple[str, Image.Image]] = (),
+    ) -> list[dict[str, Any]]:
         params = record.input
         outputs = [("source", 0, params.source_prompt, result.source)]
         outputs += [
@@ -520,6 +533,9 @@ class JobRunner:
             for k, (prompt, image) in enumerate(
                 zip(params.target_prompts, result.targets, strict=True)
             )
+        ]
+        outputs += [
+            ("condition", k, prompt, image) for k, (prompt, image) in enumerate(condition_images)
         ]
         images = []
         for role, index, prompt, image in outputs:

@@ -129,8 +129,16 @@ def test_a_conditioned_edit_equals_the_engine_with_canny_applied(
         control=ControlConfig(start_step=1, start_layer=10),
         condition=Condition(model, [canny(photo)], scale=0.7, start=0.0, end=0.7),
     )
-    source, *targets = _output(store, storage, job_id)
+    source, *targets, edges = _output(store, storage, job_id)
     assert targets == [png_bytes(image) for image in expected.targets]
+    # The published condition image is the edge map the ControlNet received.
+    assert edges == png_bytes(canny(photo))
+    record = store.get(job_id)
+    assert record is not None and record.output is not None
+    assert [(i.role.value, i.key.rsplit("/", 1)[-1]) for i in record.output.images][-1] == (
+        "condition",
+        "condition_0.png",
+    )
     metrics = store.get(job_id).metrics or {}  # type: ignore[union-attr]
     assert metrics["condition_evals"] == expected.stats.condition_evals > 0
 
