@@ -160,13 +160,15 @@ async def submit(
             target = await gw.intake.ingest(region.target, (*at, "target"), "mask")
             region_keys.append((source.key, target.key))
         if body.condition is not None:
-            at = ("body", "condition")
             for i, ref in enumerate(body.condition.images):
-                stored = await gw.intake.ingest(ref, (*at, "images", i), "condition image")
+                loc = ("body", "condition", "images", i)
+                stored = await gw.intake.ingest(ref, loc, "condition image")
                 condition_keys.append(stored.key)
             if body.condition.source_image is not None:
                 stored = await gw.intake.ingest(
-                    body.condition.source_image, (*at, "source_image"), "condition image"
+                    body.condition.source_image,
+                    ("body", "condition", "source_image"),
+                    "condition image",
                 )
                 source_condition_key = stored.key
 
