@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from masactrl_cli.errors import UsageError
-from masactrl_cli.options import add_mask_options, mask_options, non_negative_int, positive_int
+from masactrl_cli.options import (
+    add_condition_options,
+    add_mask_options,
+    condition_options,
+    mask_options,
+    non_negative_int,
+    positive_int,
+)
 
 if TYPE_CHECKING:  # imported lazily at run time: `--help` stays instant
     from masactrl_cli.http_client import Event, MasaCtrlClient
@@ -93,6 +100,18 @@ def _job_options(parser: argparse.ArgumentParser, command: str) -> None:
         "--start-layer", type=non_negative_int, help="first controlled layer (default: model's)"
     )
     add_mask_options(parser, "image")
+    add_condition_options(
+        parser,
+        source_image=command == "synthesize",
+        model_help="a condition model name the model lists in `masactrl client models`",
+        thresholds=False,
+    )
+    if command == "edit":
+        parser.add_argument(
+            "--anchor-source",
+            action="store_true",
+            help="reset the source latent to the inversion's latent at every step",
+        )
     parser.add_argument("--webhook", metavar="URL", help="POST signed job events to this URL")
     parser.add_argument(
         "--webhook-event",
@@ -173,6 +192,27 @@ def _control(args: argparse.Namespace) -> dict[str, Any] | None:
     return control or None
 
 
+def _condition(args: argparse.Namespace) -> dict[str, Any] | None:
+    options = condition_options(
+        args, targets=len(args.target_prompts), editing=args.action == "edit"
+    )
+    if options is None:
+        return None
+    condition: dict[str, Any] = {
+        "model": options.model,
+        "images": [
+            _data_url(path, f"condition image {k}") for k, path in enumerate(options.images)
+        ],
+        "scale": options.scale,
+        "start": options.start,
+        "end": options.end,
+        "preprocess": options.preprocess,
+    }
+    if options.source_image is not None:
+        condition["source_image"] = _data_url(options.source_image, "source condition image")
+    return condition
+
+
 def _job_params(args: argparse.Namespace) -> dict[str, Any]:
     webhook = None
     if args.webhook:
@@ -191,6 +231,8 @@ def _job_params(args: argparse.Namespace) -> dict[str, Any]:
         "width": args.width,
         "height": args.height,
         "control": _control(args),
+        "condition": _condition(args),
+        **({"anchor_source": True} if getattr(args, "anchor_source", False) else {}),
         "webhook": webhook,
         "idempotency_key": args.idempotency_key,
     }

@@ -1,9 +1,10 @@
 """``masactrl demo``: the whole service once, end to end, on this machine.
 
 Brings the local stack up (or reuses the one ``masactrl up`` runs), submits a real-image edit of
-the bundled sample and a consistent synthesis through the HTTP API with the dev key, follows both
-over Server-Sent Events with progress bars, saves the results under ./out/ and stops whatever it
-started, also on Ctrl-C or an error.
+the bundled sample, a consistent synthesis and a layout-guided edit (the sample's canny edge map
+through the catalog's ``canny`` ControlNet, the source anchored to its inversion) through the HTTP
+API with the dev key, follows them over Server-Sent Events with progress bars, saves the results
+under ./out/ and stops whatever it started, also on Ctrl-C or an error.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ SAMPLE_IMAGE = Path("examples/house-and-cat.png")
 EDIT: dict[str, Any] = {
     "source_prompt": "a house and a cat",
     "target_prompts": ["a red house and a cat jumping"],
+}
+LAYOUT_EDIT: dict[str, Any] = {
+    "source_prompt": "a house and a cat",
+    "target_prompts": ["a snowy house and a cat"],
+    "anchor_source": True,
 }
 SYNTHESIS: dict[str, Any] = {
     "source_prompt": "a cat sitting",
@@ -77,17 +83,29 @@ def _run_jobs(
     stack: LocalStack, image: Path, args: argparse.Namespace, submitted: list[str]
 ) -> int:
     from masactrl_cli.client import finish, follow
-    from masactrl_cli.http_client import MasaCtrlClient
+    from masactrl_cli.devenv import TINY_CONDITION
+    from masactrl_cli.http_client import MasaCtrlClient, image_url
 
     with MasaCtrlClient(stack.api_url, stack.api_key, timeout=60) as client:
-        # Both are queued at once; the worker takes them one after the other.
+        # All are queued at once; the worker takes them one after the other.
         edit = client.edit(image, steps=args.steps, seed=0, **EDIT)
         submitted.append(edit["id"])
         synthesis = client.synthesize(steps=args.steps, **SYNTHESIS)
         submitted.append(synthesis["id"])
         print(f"submitted edit {edit['id']} and synthesis {synthesis['id']} to {stack.api_url}")
+        jobs = [("edit", edit), ("synthesis", synthesis)]
+        models = client.models()
+        served = next(m for m in models["data"] if m["name"] == models["default"])
+        if any(c["name"] == TINY_CONDITION for c in served.get("conditions", [])):
+            edges = {"model": TINY_CONDITION, "images": [image_url(image)], "preprocess": "canny"}
+            layout = client.edit(image, steps=args.steps, seed=0, condition=edges, **LAYOUT_EDIT)
+            submitted.append(layout["id"])
+            print(f"submitted layout-guided edit {layout['id']} (canny map of {image})")
+            jobs.append(("layout", layout))
+        else:
+            print(f"{served['name']} offers no {TINY_CONDITION!r} condition model: no layout edit")
         status = 0
-        for label, job in (("edit", edit), ("synthesis", synthesis)):
+        for label, job in jobs:
             final = follow(client, job["id"], label=label, quiet=args.quiet)
             code, saved = finish(client, final, args.out / label, show=False)
             if code == 0:

@@ -7,6 +7,9 @@ Everything lives in one folder (``var`` by default):
   kept, so a key that a developer copied keeps working across restarts;
 - ``models/tiny-sd``: the offline tiny checkpoint, written by ``masactrl tiny-model`` in a
   subprocess (the stack itself never imports torch), unless ``MASACTRL_MODEL`` names another;
+- ``models/tiny-controlnet``: a seeded tiny ControlNet for that checkpoint, offered in the
+  catalog as the condition model ``canny`` (its weights are random: it shows the plumbing of a
+  layout-guided edit, not a real edge-guided image);
 - ``catalog.json``: a one-model catalog for that checkpoint;
 - ``storage``: the ``file://`` object storage.
 
@@ -31,7 +34,10 @@ from typing import Any
 
 from masactrl_cli.errors import StackError
 
-__all__ = ["DevEnv", "catalog_entry", "display_path"]
+__all__ = ["TINY_CONDITION", "DevEnv", "catalog_entry", "display_path"]
+
+# The condition model name the tiny entry offers (``masactrl demo`` runs a canny edit with it).
+TINY_CONDITION = "canny"
 
 # The tiny checkpoint (masactrl_core.tiny): 64 px native, VAE factor 2 and three UNet
 # downsamplers, so sides are multiples of 16. Written here because importing the engine would
@@ -141,6 +147,19 @@ def _secret(path: Path, make: Callable[[], str]) -> str:
     return value
 
 
+def _tiny_model(argv: list[str], what: str) -> None:
+    """``masactrl tiny-model ARGV`` in a subprocess: the stack itself never imports torch."""
+    result = subprocess.run(
+        [sys.executable, "-m", "masactrl_cli.main", "tiny-model", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise StackError(f"cannot write {what}: {reason}")
+
+
 class DevEnv:
     """One stack's development environment, rooted at ``var``."""
 
@@ -149,6 +168,7 @@ class DevEnv:
         self.storage = var / "storage"
         self.models = var / "models"
         self.tiny_model = self.models / "tiny-sd"
+        self.tiny_controlnet = self.models / "tiny-controlnet"
         self.catalog = var / "catalog.json"
         self.api_key_file = var / "dev-api-key"
         self.webhook_secret_file = var / "dev-webhook-secret"
@@ -170,6 +190,9 @@ class DevEnv:
         self.storage.mkdir(parents=True, exist_ok=True)
         if entry["name"] == "tiny":
             self._write_tiny_model(say)
+            self._write_tiny_controlnet(say)
+            condition = {"source": str(self.tiny_controlnet.resolve()), "kind": "controlnet"}
+            entry = {**entry, "conditions": {TINY_CONDITION: condition}}
         self.catalog.write_text(
             json.dumps({"default": entry["name"], "models": [entry]}) + "\n", encoding="utf-8"
         )
@@ -179,15 +202,15 @@ class DevEnv:
         if (folder / "model_index.json").is_file():
             return
         say(f"writing the offline tiny checkpoint to {display_path(folder)}")
-        result = subprocess.run(
-            [sys.executable, "-m", "masactrl_cli.main", "tiny-model", str(folder)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise StackError(f"cannot write the tiny checkpoint: {reason}")
+        _tiny_model([str(folder)], "the tiny checkpoint")
+
+    def _write_tiny_controlnet(self, say: Callable[[str], None]) -> None:
+        folder = self.tiny_controlnet
+        if (folder / "config.json").is_file():
+            return
+        say(f"writing the offline tiny ControlNet to {display_path(folder)}")
+        argv = [str(folder), "--condition", "controlnet", "--base", str(self.tiny_model)]
+        _tiny_model(argv, "the tiny ControlNet")
 
     def environment(self, *, api_url: str, redis_url: str, model: str) -> dict[str, str]:
         """The variables of every stack process: this shell's, with the stack's on top."""

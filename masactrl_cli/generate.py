@@ -20,7 +20,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from masactrl_cli.errors import UsageError
-from masactrl_cli.options import add_mask_options, mask_options, non_negative_int, positive_int
+from masactrl_cli.options import (
+    ConditionOptions,
+    add_condition_options,
+    add_mask_options,
+    condition_options,
+    mask_options,
+    non_negative_int,
+    positive_int,
+)
 from masactrl_jobs.catalog import ModelEntry
 from masactrl_jobs.control import InvalidParameters, resolve_control, resolve_size
 from masactrl_jobs.schema import ControlParams
@@ -70,10 +78,16 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
             default=1.0,
             help="guidance scale of the DDIM inversion (default 1.0: unguided)",
         )
+        parser.add_argument(
+            "--anchor-source",
+            action="store_true",
+            help="reset the source latent to the inversion's latent at every step",
+        )
     masks = add_mask_options(parser, "images")
     masks.add_argument(
         "--save-masks", action="store_true", help="also write the masks used as mask_*.png"
     )
+    add_condition_options(parser, source_image=command == "synthesize")
     parser.add_argument("--width", type=positive_int, help="image width (default: model's)")
     parser.add_argument("--height", type=positive_int, help="image height (default: model's)")
     parser.add_argument("--device", help="cuda, mps or cpu (default: best available)")
@@ -155,6 +169,50 @@ def read_masks(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.save_masks:
         raise UsageError("--save-masks needs --source-mask/--target-mask or --mask-word")
     return None
+
+
+def read_condition_images(options: ConditionOptions) -> tuple[list[Any], Any]:
+    """The condition images (targets', then the source's or ``None``) read as RGB."""
+    images = [
+        load_image(path, "RGB", f"condition image {k}") for k, path in enumerate(options.images)
+    ]
+    source = (
+        None
+        if options.source_image is None
+        else load_image(options.source_image, "RGB", "source condition image")
+    )
+    return images, source
+
+
+def _load_condition(engine: Any, options: ConditionOptions, images: list[Any], source: Any) -> Any:
+    """The engine's ``Condition``: the model loaded and checked, canny applied when asked."""
+    from masactrl_core import InvalidInput, ModelLoadError
+    from masactrl_core.conditions import Condition
+
+    try:
+        model = engine.load_condition_model(options.model)
+    except (InvalidInput, ModelLoadError) as exc:
+        raise UsageError(_one_line(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a broken download or file: reported, not dumped
+        raise UsageError(
+            f"cannot load condition model {options.model}: {type(exc).__name__}: {_one_line(exc)}"
+        ) from None
+    if options.preprocess == "canny":
+        from masactrl_core.canny import canny
+
+        def edges(image: Any) -> Any:
+            return canny(image, low_threshold=options.canny_low, high_threshold=options.canny_high)
+
+        images = [edges(image) for image in images]
+        source = None if source is None else edges(source)
+    return Condition(
+        model,
+        images,
+        source_image=source,
+        scale=options.scale,
+        start=options.start,
+        end=options.end,
+    )
 
 
 def _prepare_out_dir(out: Path) -> None:
@@ -275,6 +333,10 @@ def run(args: argparse.Namespace) -> int:
     check_model(args.model)
     image = load_image(args.image) if args.command == "edit" else None
     mask_options = read_masks(args)
+    condition = condition_options(
+        args, targets=len(args.target_prompts), editing=args.command == "edit"
+    )
+    condition_images = read_condition_images(condition) if condition is not None else None
     _prepare_out_dir(args.out)
 
     quiet_libraries()
@@ -312,6 +374,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(_one_line(exc)) from None
     start_step, start_layer = resolved.start_step, resolved.start_layer
 
+    engine_condition = (
+        None
+        if condition is None or condition_images is None
+        else _load_condition(engine, condition, *condition_images)
+    )
+
     progress = ProgressBars(enabled=not args.quiet)
     options: dict[str, Any] = {
         "steps": args.steps,
@@ -321,6 +389,7 @@ def run(args: argparse.Namespace) -> int:
         "height": height,
         "progress": progress,
         "masks": None if mask_options is None else MaskConfig(**mask_options),
+        "condition": engine_condition,
     }
     try:
         control = ControlConfig(start_step=start_step, start_layer=start_layer)
@@ -336,6 +405,7 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 control=control,
                 inversion_guidance_scale=args.inversion_guidance,
+                anchor_source=args.anchor_source,
                 **options,
             )
     except InvalidInput as exc:
@@ -378,7 +448,9 @@ def run(args: argparse.Namespace) -> int:
         "height": height,
         "requested_width": args.width,
         "requested_height": args.height,
+        "condition": None if condition is None else condition.record(),
         "unet_image_evals": stats.unet_image_evals,
+        "condition_evals": stats.condition_evals,
         "peak_memory_bytes": stats.peak_memory_bytes,
         "timings": {
             "load_seconds": round(load_seconds, 4),
@@ -394,6 +466,7 @@ def run(args: argparse.Namespace) -> int:
         record["outputs"]["masks"] = mask_names
     if image is not None:
         record["inversion_guidance_scale"] = args.inversion_guidance
+        record["anchor_source"] = args.anchor_source
         record["image"] = {
             "path": str(args.image),
             "sha256": hashlib.sha256(args.image.read_bytes()).hexdigest(),

@@ -18,6 +18,7 @@ second job.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -38,6 +39,7 @@ __all__ = [
     "Event",
     "GatewayUnreachable",
     "MasaCtrlClient",
+    "image_url",
     "parse_sse",
     "resolve_api_key",
     "resolve_api_url",
@@ -121,6 +123,15 @@ class Event:
     event: str
     data: Any
     id: str | None = None
+
+
+def image_url(image: Path | bytes | str) -> str:
+    """An image for a JSON field: URLs as they are, a file or bytes as a ``data:`` URL."""
+    if isinstance(image, str) and image.startswith(_URL_SCHEMES):
+        return image
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    # The gateway reads the type from the bytes, never from this label.
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
 
 
 def resolve_api_url(explicit: str | None = None) -> str:
@@ -264,13 +275,16 @@ class MasaCtrlClient:
         width: int | None = None,
         height: int | None = None,
         control: Mapping[str, Any] | None = None,
+        condition: Mapping[str, Any] | None = None,
+        anchor_source: bool | None = None,
         webhook: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Submit a real-image edit; returns the queued job.
 
         ``image`` is a file (a ``Path``) or its bytes, uploaded as multipart, or a ``data:`` /
-        ``https://`` / ``s3://`` URL string that the gateway reads itself.
+        ``https://`` / ``s3://`` URL string that the gateway reads itself. ``condition`` is the
+        API's object (``{"model": "canny", "images": [url], ...}``; see :func:`image_url`).
         """
         params = _drop_none(
             {
@@ -284,6 +298,8 @@ class MasaCtrlClient:
                 "width": width,
                 "height": height,
                 "control": dict(control) if control else None,
+                "condition": dict(condition) if condition else None,
+                "anchor_source": anchor_source,
                 "webhook": dict(webhook) if webhook else None,
             }
         )
@@ -314,6 +330,7 @@ class MasaCtrlClient:
         width: int | None = None,
         height: int | None = None,
         control: Mapping[str, Any] | None = None,
+        condition: Mapping[str, Any] | None = None,
         webhook: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
@@ -330,6 +347,7 @@ class MasaCtrlClient:
                 "width": width,
                 "height": height,
                 "control": dict(control) if control else None,
+                "condition": dict(condition) if condition else None,
                 "webhook": dict(webhook) if webhook else None,
             }
         )

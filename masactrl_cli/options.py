@@ -7,8 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from masactrl_cli.errors import UsageError
+from masactrl_jobs.control import PREPROCESSINGS, condition_problems
 
-__all__ = ["MaskOptions", "add_mask_options", "mask_options", "non_negative_int", "positive_int"]
+__all__ = [
+    "ConditionOptions",
+    "MaskOptions",
+    "add_condition_options",
+    "add_mask_options",
+    "condition_options",
+    "mask_options",
+    "non_negative_int",
+    "positive_int",
+]
 
 
 def _integer(text: str) -> int:
@@ -100,3 +110,176 @@ def mask_options(args: argparse.Namespace) -> MaskOptions | None:
     if not sources and words is None:
         return None
     return MaskOptions(list(zip(sources, targets, strict=True)), words, args.mask_threshold)
+
+
+def add_condition_options(
+    parser: argparse.ArgumentParser,
+    *,
+    source_image: bool,
+    model_help: str = "diffusers ControlNetModel or T2IAdapter (local folder or hub id)",
+    thresholds: bool = True,
+) -> argparse._ArgumentGroup:
+    """``--condition-*`` options: a ControlNet/T2I-Adapter and its images, window and scale.
+
+    ``source_image`` documents ``--source-condition-image`` (synthesis); an edit still accepts
+    the flag so that its misuse is reported in a sentence rather than as an unknown option.
+    ``thresholds`` adds ``--canny-low``/``--canny-high`` (where canny runs locally).
+    """
+    group = parser.add_argument_group(
+        "layout condition", "a ControlNet or T2I-Adapter laying out the targets"
+    )
+    group.add_argument(
+        "--condition-model",
+        metavar="PATH_OR_ID" if thresholds else "NAME",
+        help=model_help,
+    )
+    group.add_argument(
+        "--condition-image",
+        dest="condition_images",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="condition image (edge, pose or depth map); repeat per target, or give one for all",
+    )
+    group.add_argument(
+        "--source-condition-image",
+        type=Path,
+        metavar="FILE",
+        help="condition image of the source too" if source_image else argparse.SUPPRESS,
+    )
+    group.add_argument(
+        "--condition-scale", type=float, help="weight of the condition's residuals (default 1.0)"
+    )
+    group.add_argument(
+        "--condition-start",
+        type=float,
+        help="fraction of the steps at which the condition starts (default 0.0)",
+    )
+    group.add_argument(
+        "--condition-end",
+        type=float,
+        help="fraction of the steps at which the condition ends (default 1.0)",
+    )
+    group.add_argument(
+        "--condition-preprocess",
+        choices=PREPROCESSINGS,
+        help="make the condition images from ordinary photos first: canny = edge map "
+        "(default none: the images are maps already)",
+    )
+    if thresholds:
+        group.add_argument(
+            "--canny-low", type=non_negative_int, help="canny's lower threshold (default 100)"
+        )
+        group.add_argument(
+            "--canny-high", type=non_negative_int, help="canny's upper threshold (default 200)"
+        )
+    return group
+
+
+@dataclass(frozen=True)
+class ConditionOptions:
+    """The condition options, checked; the images are still paths."""
+
+    model: str
+    images: list[Path]
+    source_image: Path | None
+    scale: float
+    start: float
+    end: float
+    preprocess: str
+    canny_low: int
+    canny_high: int
+
+    def record(self) -> dict[str, object]:
+        """The options as run.json keeps them."""
+        return {
+            "model": self.model,
+            "images": [str(path) for path in self.images],
+            "source_image": None if self.source_image is None else str(self.source_image),
+            "scale": self.scale,
+            "start": self.start,
+            "end": self.end,
+            "preprocess": self.preprocess,
+            **(
+                {"canny_low": self.canny_low, "canny_high": self.canny_high}
+                if self.preprocess == "canny"
+                else {}
+            ),
+        }
+
+
+_CONDITION_FLAGS = {
+    "condition_images": "--condition-image",
+    "source_condition_image": "--source-condition-image",
+    "condition_scale": "--condition-scale",
+    "condition_start": "--condition-start",
+    "condition_end": "--condition-end",
+    "condition_preprocess": "--condition-preprocess",
+    "canny_low": "--canny-low",
+    "canny_high": "--canny-high",
+}
+_CONDITION_FIELD_FLAGS = {
+    "images": "--condition-image",
+    "source_image": "--source-condition-image",
+    "scale": "--condition-scale",
+    "start": "--condition-start",
+    "end": "--condition-end",
+    "preprocess": "--condition-preprocess",
+}
+
+
+def condition_options(
+    args: argparse.Namespace, *, targets: int, editing: bool
+) -> ConditionOptions | None:
+    """The checked condition options of ``args`` for ``targets`` prompts, or ``None`` if unset."""
+    if editing and args.source_condition_image is not None:
+        raise UsageError(
+            "--source-condition-image applies only to synthesize: an edit's source is the "
+            "inverted photo"
+        )
+    given = [
+        flag
+        for dest, flag in _CONDITION_FLAGS.items()
+        if getattr(args, dest, None) not in (None, [])
+    ]
+    canny_low, canny_high = getattr(args, "canny_low", None), getattr(args, "canny_high", None)
+    if args.condition_model is None:
+        if given:
+            raise UsageError(f"{given[0]} needs --condition-model")
+        return None
+    if not args.condition_images:
+        raise UsageError("--condition-model needs at least one --condition-image")
+    preprocess = args.condition_preprocess or "none"
+    if preprocess != "canny" and (canny_low is not None or canny_high is not None):
+        raise UsageError("--canny-low/--canny-high apply only to --condition-preprocess canny")
+    options = ConditionOptions(
+        model=args.condition_model,
+        images=list(args.condition_images),
+        source_image=args.source_condition_image,
+        scale=1.0 if args.condition_scale is None else args.condition_scale,
+        start=0.0 if args.condition_start is None else args.condition_start,
+        end=1.0 if args.condition_end is None else args.condition_end,
+        preprocess=preprocess,
+        canny_low=100 if canny_low is None else canny_low,
+        canny_high=200 if canny_high is None else canny_high,
+    )
+    problems = condition_problems(
+        targets=targets,
+        images=len(options.images),
+        has_source_image=options.source_image is not None,
+        editing=editing,
+        scale=options.scale,
+        start=options.start,
+        end=options.end,
+        preprocess=options.preprocess,
+    )
+    if problems:
+        problem = problems[0]
+        flag = _CONDITION_FIELD_FLAGS.get(str(problem.field[-1]), "--condition-model")
+        raise UsageError(f"{flag}: {problem.message}")
+    if options.canny_low > options.canny_high:
+        raise UsageError(
+            f"--canny-low ({options.canny_low}) must not exceed --canny-high ({options.canny_high})"
+        )
+    return options

@@ -9,17 +9,28 @@ JSON shape::
                  "family": "sd"}, ...]}
 
 ``models`` may also be an object keyed by name. Omitted fields take the family's defaults.
+
+A model may list the layout condition models (ControlNets, T2I-Adapters) its workers may load,
+by name; requests pick one by that name, never by an arbitrary source::
+
+    "conditions": {"canny": {"source": "lllyasviel/sd-controlnet-canny",
+                             "kind": "controlnet", "family": "sd"}}
+
+A condition's family must be its model's (an SD 1.5 ControlNet cannot steer SDXL); ``family``
+may be omitted and then is the model's.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Family = Literal["sd", "sdxl"]
+ConditionKind = Literal["controlnet", "t2i_adapter"]
 
 # What the engine derives from the UNet of each family: self-attention blocks (16 in SD 1.x/2.x,
 # 70 in SDXL) and the pixel multiple the UNet's down/up sampling needs (VAE factor 8 times
@@ -64,6 +75,31 @@ class UnknownModel(KeyError):
         return f"unknown model {self.name!r}; available: {', '.join(self.available)}"
 
 
+class ConditionEntry(BaseModel):
+    """A ControlNet or T2I-Adapter a model's workers may load (on first use, then kept warm)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, description="Hub id or local folder.")
+    kind: ConditionKind
+    # Filled in from the model entry when omitted.
+    family: Family
+
+
+class UnknownCondition(KeyError):
+    """A condition model name that a catalog model does not list."""
+
+    def __init__(self, name: str, model: str, available: list[str]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.model = model
+        self.available = available
+
+    def __str__(self) -> str:
+        offered = ", ".join(self.available) if self.available else "none"
+        return f"{self.model} has no condition model {self.name!r}; available: {offered}"
+
+
 class ModelEntry(BaseModel):
     """One model the service can run."""
 
@@ -80,6 +116,7 @@ class ModelEntry(BaseModel):
     default_start_layer: int = Field(ge=0)
     size_multiple: int = Field(gt=0)
     max_pixels: int = Field(gt=0)
+    conditions: dict[str, ConditionEntry] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -98,6 +135,12 @@ class ModelEntry(BaseModel):
         if "max_pixels" not in filled:
             # Twice the native side by default: enough for upscaled edits, bounded for the GPU.
             filled["max_pixels"] = 4 * filled["native_width"] * filled["native_height"]
+        conditions = filled.get("conditions")
+        if isinstance(conditions, dict):
+            filled["conditions"] = {
+                name: {"family": family, **condition} if isinstance(condition, dict) else condition
+                for name, condition in conditions.items()
+            }
         return filled
 
     @model_validator(mode="after")
@@ -115,7 +158,24 @@ class ModelEntry(BaseModel):
                 raise ValueError(f"{side} {value} is not a multiple of {self.size_multiple}")
         if self.native_width * self.native_height > self.max_pixels:
             raise ValueError("max_pixels is smaller than the native size")
+        for name, condition in self.conditions.items():
+            if not re.fullmatch(MODEL_NAME_PATTERN, name):
+                raise ValueError(
+                    f"condition name {name!r} must be lowercase letters, digits, '_', '.' or '-'"
+                )
+            if condition.family != self.family:
+                raise ValueError(
+                    f"condition {name!r} is made for {condition.family} models, but "
+                    f"{self.name} is {self.family}"
+                )
         return self
+
+    def condition(self, name: str) -> ConditionEntry:
+        """The condition model called ``name``; :class:`UnknownCondition` if this model lacks it."""
+        try:
+            return self.conditions[name]
+        except KeyError:
+            raise UnknownCondition(name, self.name, sorted(self.conditions)) from None
 
     @property
     def native_size(self) -> tuple[int, int]:

@@ -10,6 +10,10 @@ One home for these rules, used by the gateway (to answer 422 before queueing), t
   ``block_count``; explicit ``layers`` / ``steps`` lists override the start values.
 - **Size.** Width and height default to the native size, must be multiples of the model's
   ``size_multiple`` (the VAE factor times the UNet's downsampling) and stay within ``max_pixels``.
+- **Condition.** A layout condition (ControlNet or T2I-Adapter) has one image per target or one
+  shared by all, a source image only in a synthesis (an edit's source is the inverted photo), a
+  window ``0 <= start < end <= 1``, a non-negative scale and a preprocessing in
+  :data:`PREPROCESSINGS`.
 
 Problems are collected, not raised one at a time, so a client sees every mistake in one answer;
 each names the request field (``("control", "start_layer")``) and says what is wrong in a sentence.
@@ -19,16 +23,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, get_args
 
 from masactrl_jobs.catalog import ModelEntry
-from masactrl_jobs.schema import ControlInput, MaskControl
+from masactrl_jobs.schema import ControlInput, MaskControl, Preprocess
 
 __all__ = [
     "InvalidParameters",
     "Problem",
     "RequestedControl",
+    "PREPROCESSINGS",
     "check_control",
+    "condition_problems",
     "control_problems",
     "resolve_control",
     "resolve_size",
@@ -202,3 +208,68 @@ def resolve_size(entry: ModelEntry, width: int | None, height: int | None) -> tu
     if problems:
         raise InvalidParameters(problems)
     return width or entry.native_width, height or entry.native_height
+
+
+# What the worker can make of a condition image before the model sees it: nothing, or an edge map.
+PREPROCESSINGS: tuple[str, ...] = get_args(Preprocess)
+
+_CONDITION = "condition"
+
+
+def condition_problems(
+    *,
+    targets: int,
+    images: int,
+    has_source_image: bool,
+    editing: bool,
+    scale: float,
+    start: float,
+    end: float,
+    preprocess: str = "none",
+) -> list[Problem]:
+    """Every problem of a condition's shape and window for a run with ``targets`` target prompts.
+
+    Field paths are relative to the request (``("condition", "images")``); the CLI turns the
+    messages into usage errors, the gateway into a 422.
+    """
+    problems = []
+    if images not in (1, targets):
+        problems.append(
+            Problem(
+                (_CONDITION, "images"),
+                f"give one condition image per target prompt ({targets}) or one for all, "
+                f"got {images}",
+            )
+        )
+    if has_source_image and editing:
+        problems.append(
+            Problem(
+                (_CONDITION, "source_image"),
+                "an edit takes no source condition image: its source is the inverted photo",
+            )
+        )
+    for name, value in (("start", start), ("end", end)):
+        if not 0.0 <= value <= 1.0:
+            problems.append(
+                Problem((_CONDITION, name), f"condition {name} must be within [0, 1], got {value}")
+            )
+    if 0.0 <= start <= 1.0 and 0.0 <= end <= 1.0 and start >= end:
+        problems.append(
+            Problem(
+                (_CONDITION, "end"),
+                f"condition start must be less than end, got start {start} and end {end}",
+            )
+        )
+    if scale < 0:
+        problems.append(
+            Problem((_CONDITION, "scale"), f"condition scale must not be negative, got {scale}")
+        )
+    if preprocess not in PREPROCESSINGS:
+        problems.append(
+            Problem(
+                (_CONDITION, "preprocess"),
+                f"condition preprocess must be one of {', '.join(PREPROCESSINGS)}, "
+                f"got {preprocess!r}",
+            )
+        )
+    return problems

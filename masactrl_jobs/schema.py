@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -28,6 +28,9 @@ __all__ = [
     "MAX_STEPS",
     "MAX_TARGETS",
     "TERMINAL_STATUSES",
+    "ConditionInput",
+    "ConditionParams",
+    "ConditionPublic",
     "ControlInput",
     "ControlParams",
     "DefaultControl",
@@ -55,6 +58,7 @@ __all__ = [
     "ModelList",
     "ModelPublic",
     "OutputImage",
+    "Preprocess",
     "ProgressPhase",
     "SynthesisCreate",
     "WebhookCreate",
@@ -123,6 +127,8 @@ class ErrorCode(str, Enum):
 class ImageRole(str, Enum):
     source = "source"
     target = "target"
+    # A layout condition image as the condition model received it (after any preprocessing).
+    condition = "condition"
 
 
 class _Strict(BaseModel):
@@ -194,6 +200,34 @@ class ControlParams(_Strict):
     mask: MaskControl = Field(default_factory=MaskControl)
 
 
+# What the worker may make of a condition image first; ``masactrl_jobs.control`` checks it.
+Preprocess = Literal["none", "canny"]
+
+
+class ConditionParams(_Strict):
+    """Layout guidance by one of the model's catalog condition models (ControlNet/T2I-Adapter)."""
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=100)] = Field(
+        description="A condition model name the chosen model lists in `GET /v1/models`."
+    )
+    images: list[ImageRef] = Field(
+        min_length=1,
+        max_length=MAX_TARGETS,
+        description="One condition image per target prompt, in order, or one for all targets.",
+    )
+    source_image: ImageRef | None = Field(
+        default=None, description="Syntheses only: a condition image for the source too."
+    )
+    scale: float = Field(default=1.0, description="Weight of the condition, at least 0.")
+    start: float = Field(default=0.0, description="Fraction of the steps where it starts, 0..1.")
+    end: float = Field(default=1.0, description="Fraction of the steps where it ends, 0..1.")
+    preprocess: Preprocess = Field(
+        default="none",
+        description="`canny`: the worker turns each image into an edge map first; `none`: the "
+        "images are maps already (pose or depth maps made elsewhere).",
+    )
+
+
 class WebhookCreate(_Strict):
     """Where to POST signed job events (Standard Webhooks), and which ones."""
 
@@ -218,17 +252,27 @@ class _JobCreate(_Strict):
     width: int | None = Field(default=None, ge=1, le=16384, description="Default: native size.")
     height: int | None = Field(default=None, ge=1, le=16384, description="Default: native size.")
     control: ControlParams = Field(default_factory=ControlParams)
+    condition: ConditionParams | None = None
     webhook: WebhookCreate | None = None
 
 
 class EditParams(_JobCreate):
     """The `params` part of a multipart edit: an edit without `image` (sent as a file part)."""
 
+    anchor_source: bool = Field(
+        default=False,
+        description="Reset the source latent to the inversion's latent at every step.",
+    )
+
 
 class EditCreate(_JobCreate):
     """A real-image edit: the image is inverted, then regenerated under each target prompt."""
 
     image: ImageRef
+    anchor_source: bool = Field(
+        default=False,
+        description="Reset the source latent to the inversion's latent at every step.",
+    )
 
 
 class SynthesisCreate(_JobCreate):
@@ -250,6 +294,18 @@ class ControlInput(BaseModel):
     mask: MaskControl = Field(default_factory=MaskControl)
 
 
+class ConditionInput(BaseModel):
+    """The condition as it will run: images are storage keys."""
+
+    model: str
+    images: list[str]
+    source_image: str | None = None
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocess: Preprocess = "none"
+
+
 class JobInput(BaseModel):
     """The validated parameters; images are storage keys (``inputs/<sha256>.<ext>``)."""
 
@@ -263,6 +319,8 @@ class JobInput(BaseModel):
     width: int
     height: int
     control: ControlInput
+    condition: ConditionInput | None = None
+    anchor_source: bool = False
 
 
 class JobProgress(BaseModel):
@@ -306,6 +364,9 @@ class JobMetrics(BaseModel):
     denoise_seconds: float | None = None
     total_seconds: float | None = None
     unet_image_evals: int | None = None
+    condition_evals: int | None = Field(
+        default=None, description="Condition model (ControlNet) image evaluations."
+    )
 
 
 class WebhookDelivery(BaseModel):
@@ -396,6 +457,12 @@ class DefaultControl(BaseModel):
     start_layer: int
 
 
+class ConditionPublic(BaseModel):
+    name: str
+    kind: str = Field(description="`controlnet` or `t2i_adapter`.")
+    family: str
+
+
 class ModelPublic(BaseModel):
     name: str
     family: str
@@ -406,6 +473,9 @@ class ModelPublic(BaseModel):
     max_pixels: int
     default_control: DefaultControl
     live: bool = Field(description="Whether a live worker currently serves this model.")
+    conditions: list[ConditionPublic] = Field(
+        default_factory=list, description="Condition models a request may name."
+    )
 
 
 class ModelList(BaseModel):

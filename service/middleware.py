@@ -20,15 +20,16 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from masactrl_jobs.schema import MAX_MASK_REGIONS
+from masactrl_jobs.schema import MAX_MASK_REGIONS, MAX_TARGETS
 from service.errors import ApiError, error_response
 
 __all__ = ["INLINE_IMAGES", "BodyLimitMiddleware", "BodyLimits", "encoded_image_bytes"]
 
 # How many inline images a route's body may carry: (method, path) -> count.
+# Edits: the photo, mask pairs and one layout image per target; syntheses add a source layout.
 INLINE_IMAGES: dict[tuple[str, str], int] = {
-    ("POST", "/v1/edits"): 1 + 2 * MAX_MASK_REGIONS,
-    ("POST", "/v1/syntheses"): 2 * MAX_MASK_REGIONS,
+    ("POST", "/v1/edits"): 1 + 2 * MAX_MASK_REGIONS + MAX_TARGETS,
+    ("POST", "/v1/syntheses"): 2 * MAX_MASK_REGIONS + MAX_TARGETS + 1,
 }
 # Multipart boundaries and part headers, on top of the parts themselves.
 _MULTIPART_OVERHEAD = 16 * 1024

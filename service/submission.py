@@ -161,8 +161,10 @@ async def _submit(
 
     image: ValidatedImage | None = None
     region_keys: list[tuple[str, str]] = []
+    condition_keys: list[str] = []
+    source_condition_key: str | None = None
     rate: tuple[float, int] | None = (settings.rate_limit_per_second, settings.rate_limit_burst)
-    if kind is JobKind.edit or body.control.mask.regions:
+    if kind is JobKind.edit or body.control.mask.regions or body.condition is not None:
         # Inputs cost bandwidth and storage: spend a token and check the queue before taking
         # them. Jobs without inputs do both inside the step that records them.
         limit = await gw.store.rate_limit(tenant.name, *rate)
@@ -183,15 +185,35 @@ async def _submit(
             target = await gw.intake.read(region.target, (*at, "target"), "mask")
             masks += (source, target)
             region_keys.append((source.key, target.key))
+        conditions: list[ValidatedImage] = []
+        if body.condition is not None:
+            for i, ref in enumerate(body.condition.images):
+                loc = ("body", "condition", "images", i)
+                stored = await gw.intake.read(ref, loc, "condition image")
+                conditions.append(stored)
+                condition_keys.append(stored.key)
+            if body.condition.source_image is not None:
+                stored = await gw.intake.read(
+                    body.condition.source_image,
+                    ("body", "condition", "source_image"),
+                    "condition image",
+                )
+                conditions.append(stored)
+                source_condition_key = stored.key
         # Fetching may have taken seconds: look again, so that the queue filling up meanwhile
         # is caught before anything is stored. (A job created in the last moment can still make
         # create() answer "full" after the store; closing that needs the inputs registered for
         # sweeping first, a store operation.)
         await _check_depth(gw, entry.name)
-        await gw.intake.store([image, *masks] if image else masks)
+        await gw.intake.store([*([image] if image else []), *masks, *conditions])
 
     job_input = resolve_input(
-        body, entry, image_key=image.key if image else None, region_keys=region_keys
+        body,
+        entry,
+        image_key=image.key if image else None,
+        region_keys=region_keys,
+        condition_keys=condition_keys,
+        source_condition_key=source_condition_key,
     )
     job_id = new_id()
     result = await gw.store.create(

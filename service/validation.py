@@ -2,8 +2,8 @@
 
 pydantic has already checked each field on its own (ranges, lengths, unknown fields); what is
 left needs the chosen model or relates fields. The control and size rules are the shared ones of
-``masactrl_jobs.control`` (the worker and the CLI apply the same); the mask and webhook rules are
-the gateway's own.
+``masactrl_jobs.control`` (the worker and the CLI apply the same), and so are the condition's
+shape and window; the mask and webhook rules are the gateway's own.
 """
 
 from __future__ import annotations
@@ -15,10 +15,17 @@ from collections.abc import Sequence
 import httpx
 
 from masactrl_jobs import netguard
-from masactrl_jobs.catalog import ModelEntry
-from masactrl_jobs.control import control_problems, resolve_control, resolve_size, size_problems
+from masactrl_jobs.catalog import ModelEntry, UnknownCondition
+from masactrl_jobs.control import (
+    condition_problems,
+    control_problems,
+    resolve_control,
+    resolve_size,
+    size_problems,
+)
 from masactrl_jobs.schema import (
     MAX_SEED,
+    ConditionInput,
     EditCreate,
     EditParams,
     JobInput,
@@ -45,7 +52,29 @@ def check_request(body: JobCreate, entry: ModelEntry) -> list[FieldError]:
     problems = control_problems(entry, body.control, body.steps)
     problems += size_problems(entry, body.width, body.height)
     errors = [FieldError((_BODY, *problem.field), problem.message) for problem in problems]
-    return errors + _check_mask(body)
+    return errors + _check_mask(body) + _check_condition(body, entry)
+
+
+def _check_condition(body: JobCreate, entry: ModelEntry) -> list[FieldError]:
+    condition = body.condition
+    if condition is None:
+        return []
+    errors = []
+    try:
+        entry.condition(condition.model)
+    except UnknownCondition as exc:
+        errors.append(FieldError((_BODY, "condition", "model"), str(exc), "unknown_condition"))
+    problems = condition_problems(
+        targets=len(body.target_prompts),
+        images=len(condition.images),
+        has_source_image=condition.source_image is not None,
+        editing=not isinstance(body, SynthesisCreate),
+        scale=condition.scale,
+        start=condition.start,
+        end=condition.end,
+        preprocess=condition.preprocess,
+    )
+    return errors + [FieldError((_BODY, *p.field), p.message) for p in problems]
 
 
 def _check_mask(body: JobCreate) -> list[FieldError]:
@@ -113,6 +142,8 @@ def resolve_input(
     *,
     image_key: str | None = None,
     region_keys: Sequence[tuple[str, str]] = (),
+    condition_keys: Sequence[str] = (),
+    source_condition_key: str | None = None,
 ) -> JobInput:
     """The parameters as they will run: defaults filled in from the model, images as keys.
 
@@ -138,4 +169,16 @@ def resolve_input(
         width=width,
         height=height,
         control=resolve_control(entry, body.control, body.steps, stored_mask),
+        condition=None
+        if body.condition is None
+        else ConditionInput(
+            model=body.condition.model,
+            images=list(condition_keys),
+            source_image=source_condition_key,
+            scale=body.condition.scale,
+            start=body.condition.start,
+            end=body.condition.end,
+            preprocess=body.condition.preprocess,
+        ),
+        anchor_source=getattr(body, "anchor_source", False),
     )

@@ -4,12 +4,16 @@ Sources: a Hugging Face hub id, a local diffusers folder, or ``s3://bucket/prefi
 once to ``model_cache_dir/<name>/`` with the service's S3 endpoint and credentials). Resolving
 the source needs no torch, so the CLI does it before the worker starts and a bad source fails
 in seconds with one line, not inside a pool process.
+
+Layout condition models (the catalog entry's ``conditions``) are loaded into the engine on first
+use and kept warm by :class:`ConditionModels`: loading one takes seconds, a job uses it for many.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,8 +24,9 @@ from worker.config import WorkerSettings
 
 if TYPE_CHECKING:
     from masactrl_core import MasaCtrlEngine
+    from masactrl_core.conditions import ConditionModel
 
-__all__ = ["load_engine", "resolve_source", "warm_up"]
+__all__ = ["ConditionModels", "load_engine", "resolve_source", "warm_up"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,3 +109,31 @@ def warm_up(engine: MasaCtrlEngine) -> float:
     seconds = time.monotonic() - started
     logger.info("warm-up run took %.2f s", seconds)
     return seconds
+
+
+class ConditionModels:
+    """The catalog entry's condition models, each loaded into ``engine`` on first use and kept."""
+
+    def __init__(self, entry: ModelEntry, engine: MasaCtrlEngine) -> None:
+        self.entry = entry
+        self.engine = engine
+        self._loaded: dict[str, ConditionModel] = {}
+        # One load per name even if two threads ask at once; loads are rare, so one lock will do.
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> ConditionModel:
+        """The loaded model called ``name``; ``UnknownCondition`` if the entry lacks it."""
+        condition = self.entry.condition(name)
+        with self._lock:
+            if name not in self._loaded:
+                started = time.monotonic()
+                self._loaded[name] = self.engine.load_condition_model(condition.source)
+                logger.info(
+                    "condition model %s (%s) of %s loaded from %s in %.1f s",
+                    name,
+                    condition.kind,
+                    self.entry.name,
+                    condition.source,
+                    time.monotonic() - started,
+                )
+            return self._loaded[name]

@@ -32,8 +32,8 @@ import hashlib
 import io
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -49,8 +49,8 @@ from masactrl_core import (
     MasaCtrlEngine,
     MaskConfig,
 )
-from masactrl_jobs.catalog import ModelEntry
-from masactrl_jobs.control import InvalidParameters, check_control
+from masactrl_jobs.catalog import ModelEntry, UnknownCondition
+from masactrl_jobs.control import InvalidParameters, check_control, condition_problems
 from masactrl_jobs.queue import enqueue_job
 from masactrl_jobs.schema import ErrorCode, JobKind, JobStatus, MaskMode
 from masactrl_jobs.storage import (
@@ -62,6 +62,7 @@ from masactrl_jobs.storage import (
 )
 from masactrl_jobs.store import FinishResult, JobRecord, JobStore
 from worker.config import WorkerSettings
+from worker.engine_loader import ConditionModels
 from worker.inversion_cache import InversionCache, inversion_cache_key
 from worker.leases import JobLease
 from worker.outputs import png_bytes
@@ -96,6 +97,8 @@ class _RunState:
     last_write: float = float("-inf")
     last_webhook: float = float("-inf")
     last_progress: tuple[str, int, int] | None = None
+    # The condition images as the engine received them (after canny), published with the results.
+    condition_images: list[tuple[str, Image.Image]] = field(default_factory=list)
 
 
 def _decode(data: bytes, what: str, mode: str = "RGB") -> Image.Image:
@@ -140,6 +143,7 @@ class JobRunner:
         emitter: Emitter,
         worker_id: str,
         cache: InversionCache | None = None,
+        conditions: ConditionModels | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
@@ -151,6 +155,7 @@ class JobRunner:
         self.emitter = emitter
         self.worker_id = worker_id
         self.cache = cache
+        self.conditions = conditions or ConditionModels(entry, engine)
         self._sleep = sleep
         self.retry = Retrier(
             settings.storage_retry_attempts, settings.storage_retry_max_wait_seconds
@@ -252,7 +257,7 @@ class JobRunner:
                 metrics = self._metrics(record, result.stats, engine_seconds)
                 if lease.lost:
                     raise _Abandon
-                images = self._write_outputs(record, result)
+                images = self._write_outputs(record, result, state.condition_images)
                 metrics["total_seconds"] = round(max(0.0, time.time() - record.created_at), 3)
             except JobCancelled:
                 if lease.lost:
@@ -409,6 +414,65 @@ class JobRunner:
             steps=control.steps,
         )
 
+    def _condition(self, record: JobRecord, state: _RunState) -> Any:
+        """The engine's ``Condition`` for the job (model kept warm, canny applied), or None."""
+        requested = record.input.condition
+        if requested is None:
+            return None
+        from masactrl_core import ModelLoadError
+        from masactrl_core.conditions import Condition
+
+        problems = condition_problems(
+            targets=len(record.input.target_prompts),
+            images=len(requested.images),
+            has_source_image=requested.source_image is not None,
+            editing=record.kind is JobKind.edit,
+            scale=requested.scale,
+            start=requested.start,
+            end=requested.end,
+            preprocess=requested.preprocess,
+        )
+        if problems:
+            raise _Failure(ErrorCode.invalid_input, str(InvalidParameters(problems)))
+        try:
+            model = self.conditions.get(requested.model)
+        except UnknownCondition as exc:
+            # The gateway's catalog listed it; this worker's does not.
+            raise _Failure(ErrorCode.invalid_input, str(exc)) from None
+        except ModelLoadError as exc:
+            raise _Failure(
+                ErrorCode.internal_error, f"condition model {requested.model}: {exc}"
+            ) from exc
+
+        def read(key: str, what: str) -> Image.Image:
+            image = _decode(self._read(key, what), what)
+            if requested.preprocess == "canny":
+                from masactrl_core.canny import canny
+
+                return canny(image)
+            return image
+
+        images = [read(key, f"condition image {k}") for k, key in enumerate(requested.images)]
+        source = (
+            None
+            if requested.source_image is None
+            else read(requested.source_image, "source condition image")
+        )
+        # Labelled with the prompt each one lays out; one shared image serves every target.
+        prompts = record.input.target_prompts if len(images) > 1 else ["(every target prompt)"]
+        state.condition_images = [
+            *([(record.input.source_prompt, source)] if source is not None else []),
+            *zip(prompts, images, strict=True),
+        ]
+        return Condition(
+            model,
+            images,
+            source_image=source,
+            scale=requested.scale,
+            start=requested.start,
+            end=requested.end,
+        )
+
     def _run_engine(
         self,
         record: JobRecord,
@@ -430,6 +494,7 @@ class JobRunner:
             ),
             "should_cancel": lambda: self._should_cancel(state),
             "masks": self._masks(record),
+            "condition": self._condition(record, state),
         }
         started = time.perf_counter()
         if record.kind is JobKind.synthesis:
@@ -454,12 +519,16 @@ class JobRunner:
                     inverted = InvertedImage.from_safetensors_bytes(cached)
                 except Exception as exc:
                     logger.warning("ignoring unreadable cached inversion %s: %s", cache_key, exc)
+            if inverted is not None and params.anchor_source and not inverted.has_trajectory:
+                # An entry written before trajectories were kept: invert again (and replace it).
+                inverted = None
         started = time.perf_counter()
         result = self.engine.edit(
             image,
             params.target_prompts,
             source_prompt=params.source_prompt,
             inverted=inverted,
+            anchor_source=params.anchor_source,
             **common,
         )
         engine_seconds = time.perf_counter() - started
@@ -510,7 +579,12 @@ class JobRunner:
             logger.warning("cancel check of job %s failed: %s", state.job_id, exc)
         return state.cancel_seen
 
-    def _write_outputs(self, record: JobRecord, result: Any) -> list[dict[str, Any]]:
+    def _write_outputs(
+        self,
+        record: JobRecord,
+        result: Any,
+        condition_images: Sequence[tuple[str, Image.Image]] = (),
+    ) -> list[dict[str, Any]]:
         params = record.input
         outputs = [("source", 0, params.source_prompt, result.source)]
         outputs += [
@@ -518,6 +592,9 @@ class JobRunner:
             for k, (prompt, image) in enumerate(
                 zip(params.target_prompts, result.targets, strict=True)
             )
+        ]
+        outputs += [
+            ("condition", k, prompt, image) for k, (prompt, image) in enumerate(condition_images)
         ]
         images = []
         for role, index, prompt, image in outputs:
@@ -543,6 +620,7 @@ class JobRunner:
             "denoise_seconds": round(stats.denoise_seconds, 3),
             "total_seconds": round(max(0.0, now - record.created_at), 3),
             "unet_image_evals": stats.unet_image_evals,
+            "condition_evals": stats.condition_evals,
             # Not in the public object; the benchmark and operators read them from the record.
             "engine_seconds": round(engine_seconds, 4),
             "attempt": record.attempts,

@@ -168,10 +168,14 @@ class JobRecord:
 
     @property
     def input_keys(self) -> list[str]:
-        """Every storage key this job reads: the image and any mask images."""
+        """Every storage key this job reads: the image, any mask and condition images."""
         keys = [self.input.image] if self.input.image else []
         for region in self.input.control.mask.regions or []:
             keys += [region.source, region.target]
+        condition = self.input.condition
+        if condition is not None:
+            keys += condition.images
+            keys += [condition.source_image] if condition.source_image else []
         return keys
 
     # The job object: output keys become presigned URLs made by ``url_for(key)``.

@@ -105,7 +105,9 @@ def test_demo_reuses_the_running_stack_and_leaves_it_running(local_stack: StackR
     assert f"API docs: {local_stack.api_url}/docs" in result.stdout
     assert "the stack keeps running" in result.stdout
     out = local_stack.root / "out"
-    for path in ("edit/source_0.png", "edit/target_0.png", "synthesis/target_1.png"):
+    assert "submitted layout-guided edit" in result.stdout
+    paths = ("edit/source_0.png", "edit/target_0.png", "synthesis/target_1.png")
+    for path in (*paths, "layout/source_0.png", "layout/target_0.png"):
         assert (out / path).is_file()
         assert str(Path("out") / path) in result.stdout
     assert local_stack.pids() == before
@@ -268,6 +270,7 @@ def _own_stack_root(local_stack: StackRun, root: Path) -> dict[str, str]:
     models = root / "var/models"
     models.mkdir(parents=True)
     (models / "tiny-sd").symlink_to(local_stack.root / "var/models/tiny-sd")
+    (models / "tiny-controlnet").symlink_to(local_stack.root / "var/models/tiny-controlnet")
     return stack_environment(root)
 
 

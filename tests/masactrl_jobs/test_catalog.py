@@ -13,7 +13,9 @@ import pytest
 from masactrl_jobs.catalog import (
     Catalog,
     CatalogError,
+    ConditionEntry,
     ModelEntry,
+    UnknownCondition,
     UnknownModel,
     catalog_from_data,
     default_catalog,
@@ -171,3 +173,54 @@ def test_load_catalog_reads_the_configured_source(tmp_path: Path) -> None:
 def test_the_catalog_and_the_settings_do_not_import_each_other(code: str) -> None:
     # Loading the catalog is a start-up step, not a side effect of building settings.
     subprocess.run([sys.executable, "-c", f"import sys\n{code}"], check=True)
+
+
+# --- layout condition models -----------------------------------------------------------------
+
+
+def _with_conditions(conditions: object, family: str = "sd") -> dict[str, object]:
+    return {
+        "default": "m",
+        "models": {"m": {"source": "/models/m", "family": family, "conditions": conditions}},
+    }
+
+
+def test_conditions_take_their_models_family_and_are_looked_up_by_name() -> None:
+    catalog = catalog_from_data(
+        _with_conditions(
+            {
+                "canny": {"source": "/models/canny", "kind": "controlnet"},
+                "depth": {"source": "org/depth-adapter", "kind": "t2i_adapter", "family": "sd"},
+            }
+        )
+    )
+    entry = catalog.get("m")
+    assert entry.condition("canny") == ConditionEntry(
+        source="/models/canny", kind="controlnet", family="sd"
+    )
+    assert entry.condition("depth").kind == "t2i_adapter"
+    with pytest.raises(UnknownCondition, match="m has no condition model 'pose'; available: canny"):
+        entry.condition("pose")
+    assert default_catalog().get("sd15").conditions == {}
+
+
+@pytest.mark.parametrize(
+    ("conditions", "family", "message"),
+    [
+        (
+            {"canny": {"source": "/c", "kind": "controlnet", "family": "sd"}},
+            "sdxl",
+            "condition 'canny' is made for sd models, but m is sdxl",
+        ),
+        ({"canny": {"source": "/c", "kind": "lora"}}, "sd", "kind"),
+        ({"canny": {"kind": "controlnet"}}, "sd", "source"),
+        ({"canny": {"source": "/c", "kind": "controlnet", "url": "x"}}, "sd", "url"),
+        ({"Canny Edges": {"source": "/c", "kind": "controlnet"}}, "sd", "condition name"),
+    ],
+)
+def test_bad_conditions_are_refused_with_a_sentence(
+    conditions: object, family: str, message: str
+) -> None:
+    with pytest.raises(CatalogError, match="catalog is invalid") as raised:
+        catalog_from_data(_with_conditions(conditions, family))
+    assert message in str(raised.value)

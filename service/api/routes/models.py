@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from masactrl_jobs.schema import DefaultControl, ModelList, ModelPublic
+from masactrl_jobs.schema import ConditionPublic, DefaultControl, ModelList, ModelPublic
 from service.api.deps import GatewayDep, TenantDep
 from service.api.responses import errors
 
@@ -28,6 +28,10 @@ async def list_models(gateway: GatewayDep, tenant: TenantDep) -> ModelList:
                 max_pixels=entry.max_pixels,
                 default_control=DefaultControl(**entry.default_control),
                 live=entry.name in live,
+                conditions=[
+                    ConditionPublic(name=name, kind=condition.kind, family=condition.family)
+                    for name, condition in sorted(entry.conditions.items())
+                ],
             )
             for entry in gateway.catalog.models
         ],
