@@ -45,6 +45,14 @@ class ProgressEvent(BaseModel):
     fraction: float = Field(description="`step / total`, 0 to 1.")
 
 
+class RequeuedEvent(BaseModel):
+    """Data of a `requeued` event: the run was abandoned (its worker died or lost Redis) and the
+    job is queued again for another attempt."""
+
+    status: JobStatus
+    attempt: int = Field(description="The attempt that was abandoned.")
+
+
 # Blocking reads stay below the store's socket timeout; see Gateway.wait_until_done.
 _BLOCK_MS = 1000
 
@@ -151,7 +159,8 @@ async def _events(gateway: Gateway, job_id: str, after: str) -> AsyncIterator[Se
             "description": (
                 "Server-Sent Events, each with an `id` (reconnect with `Last-Event-ID` to resume "
                 "after it), an `event` name and JSON `data`: `status` (StatusEvent) when the "
-                "status changes, `progress` (ProgressEvent) at each step, then exactly one of "
+                "status changes, `progress` (ProgressEvent) at each step, `requeued` (RequeuedEvent) when "
+                "an abandoned run puts the job back in the queue, then exactly one of "
                 "`succeeded`, `failed`, `canceled` whose data is the job object (JobPublic), "
                 "after which the stream ends. Comment lines (`: ping`) keep idle connections "
                 "open."
@@ -165,6 +174,7 @@ async def _events(gateway: Gateway, job_id: str, after: str) -> AsyncIterator[Se
                     "x-sse-events": {
                         "status": {"$ref": "#/components/schemas/StatusEvent"},
                         "progress": {"$ref": "#/components/schemas/ProgressEvent"},
+                        "requeued": {"$ref": "#/components/schemas/RequeuedEvent"},
                         **{
                             name: {"$ref": "#/components/schemas/JobPublic"}
                             for name in ("succeeded", "failed", "canceled")
