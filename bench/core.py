@@ -49,7 +49,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -611,7 +611,9 @@ def reference_edit(
     """
     import numpy as np
     import torch
-    from diffusers import DDIMScheduler
+
+    # From its module: mypy reads diffusers' top-level names as its no-torch placeholders.
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
     unet, device, dtype = pipe.unet, pipe.unet.device, pipe.unet.dtype
     num_att_layers = len(unet.attn_processors)
@@ -649,6 +651,7 @@ def reference_edit(
 
         # Denoising with mutual self-attention control: batch [u_src, u_tgt, c_src, c_tgt].
         editor_args = (num_att_layers, start_step, setup.family.start_layer, steps)
+        editor: ReferenceEditor
         if setup.mask == "manual":
             editor = ReferenceMaskEditor(
                 *editor_args,
@@ -934,7 +937,7 @@ class Summary:
     condition_wall: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
-    def per_edit(per_step: dict[str, float | int]) -> float:
+    def per_edit(per_step: Mapping[str, float]) -> float:
         """A 50-step edit: 50 inversion steps, 4 plain and 46 controlled denoising steps."""
         return (
             EDIT_STEPS * per_step["invert"]
@@ -988,7 +991,7 @@ def machine() -> str:
     return text
 
 
-def _gib(n: int) -> str:
+def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
@@ -1004,7 +1007,8 @@ def report(ref: Summary, ours: Summary, args: argparse.Namespace, memory_method:
 
     add(
         "UNet image-evaluations per 50-step edit",
-        *map(Summary.per_edit, (ref.images, ours.images)),
+        Summary.per_edit(ref.images),
+        Summary.per_edit(ours.images),
         str,
     )
     for kind, label in (

@@ -162,7 +162,7 @@ def read_masks(args: argparse.Namespace) -> dict[str, Any] | None:
             for k, (source, target) in enumerate(masks.regions)
         ]
         return {"regions": regions}
-    if masks is not None:
+    if masks is not None and masks.words is not None:  # mask_options gives regions or words
         source_word, target_word = masks.words
         threshold = 0.1 if masks.threshold is None else masks.threshold
         return {"source_word": source_word, "target_word": target_word, "threshold": threshold}

@@ -1,5 +1,7 @@
 """MasaCtrl engine: tuning-free mutual self-attention control for Stable Diffusion."""
 
+from typing import Any
+
 from masactrl_core.errors import InvalidInput, JobCancelled, ModelLoadError
 
 __all__ = [
@@ -18,7 +20,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # torch loads only when the engine is used, so `masactrl --help` and error paths stay fast.
     if name in __all__:
         from masactrl_core import engine

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +21,15 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from masactrl_core.masks import ManualMasks, RegionPlan, WordMasks, token_grid
 
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import AttentionProcessor
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
 _SECTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 _SELF_ATTENTION = re.compile(r"^(down_blocks|mid_block|up_blocks)\.(.*)\.attn1\.processor$")
 
 
-def self_attention_layers(unet: torch.nn.Module) -> list[str]:
+def self_attention_layers(unet: UNet2DConditionModel) -> list[str]:
     """Processor names of the transformer blocks' self-attention, in execution order.
 
     ``unet.attn_processors`` lists down, up, then mid blocks; the UNet runs down, mid, up, so the
@@ -32,14 +37,16 @@ def self_attention_layers(unet: torch.nn.Module) -> list[str]:
     """
     names = [name for name in unet.attn_processors if _SELF_ATTENTION.match(name)]
 
-    def execution_key(name: str) -> tuple:
-        section, path = _SELF_ATTENTION.match(name).groups()
+    def execution_key(name: str) -> tuple[int, ...]:
+        match = _SELF_ATTENTION.match(name)
+        assert match is not None  # only matching names were kept above
+        section, path = match.groups()
         return (_SECTION_ORDER[section], *(int(part) for part in path.split(".") if part.isdigit()))
 
     return sorted(names, key=execution_key)
 
 
-def block_levels(unet: torch.nn.Module, layer_names: list[str]) -> list[int]:
+def block_levels(unet: UNet2DConditionModel, layer_names: list[str]) -> list[int]:
     """How many times the latent has been halved at each block (0 = latent resolution).
 
     Counted from the UNet's own down- and upsamplers, so any SD-shaped topology works.
@@ -47,7 +54,7 @@ def block_levels(unet: torch.nn.Module, layer_names: list[str]) -> list[int]:
     down = [bool(getattr(block, "downsamplers", None)) for block in unet.down_blocks]
     up = [bool(getattr(block, "upsamplers", None)) for block in unet.up_blocks]
     bottom = sum(down)
-    levels = []
+    levels: list[int] = []
     for name in layer_names:
         section, index = name.split(".")[:2]
         if section == "down_blocks":
@@ -135,6 +142,7 @@ class MutualAttentionState:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values each row attends to: its source image's, in its guidance half."""
         layout = self.layout
+        assert layout is not None  # controls() holds only while the loop has set a layout
         if layout.source_rows is not None:
             source_key, source_value = key[layout.source_rows], value[layout.source_rows]
             if layout.keep_sources:
@@ -146,28 +154,30 @@ class MutualAttentionState:
 
     def routing(self, layer: int, tokens: int) -> Routing | None:
         """How a controlled layer's rows attend under the masks; ``None`` without masks."""
-        if self.masks is None:
+        masks, layout = self.masks, self.layout
+        if masks is None:
             return None
+        # The loop sets both before any controlled call of a run with masks.
+        assert layout is not None and self.latent_hw is not None
         grid = token_grid(tokens, self.latent_hw)
-        plain, masked = [], []
-        image_rows = self.layout.image_rows()
-        manual = self.masks if isinstance(self.masks, ManualMasks) else None
-        target_rows = []
-        for image, rows in image_rows.items():
+        plain: list[torch.Tensor] = []
+        masked: list[tuple[torch.Tensor, RegionPlan]] = []
+        target_rows: list[torch.Tensor] = []
+        for image, rows in layout.image_rows().items():
             if image == 0:  # the source branch is never restricted
                 plain.append(rows)
-            elif manual is not None:
+            elif isinstance(masks, ManualMasks):
                 target_rows.append(rows)
             else:
-                plan = self.masks.plan(layer, grid, image)
+                plan = masks.plan(layer, grid, image)
                 # No map yet in this step, or an empty source region: unmasked MasaCtrl.
                 if plan is None:
                     plain.append(rows)
                 else:
                     masked.append((rows, plan))
-        if target_rows:
+        if target_rows and isinstance(masks, ManualMasks):
             # Manual masks route every target alike (checked before sampling: never None).
-            plan = manual.plan(grid)
+            plan = masks.plan(grid)
             rows = torch.cat(target_rows)
             if plan is None:
                 plain.append(rows)
@@ -190,9 +200,11 @@ class MutualAttentionState:
 
     def record_map(self, layer: int, probabilities: torch.Tensor) -> None:
         """(R, N, text tokens) head-averaged probabilities of the recording rows -> word maps."""
-        images = self.layout.map_images
-        weights = self.masks.token_weights[images].to(probabilities)
-        self.masks.record(layer, images, torch.einsum("rnp,rp->rn", probabilities, weights))
+        layout, masks = self.layout, self.masks
+        assert layout is not None and isinstance(masks, WordMasks)  # as recording_rows() checked
+        images = layout.map_images
+        weights = masks.token_weights[images].to(probabilities)
+        masks.record(layer, images, torch.einsum("rnp,rp->rn", probabilities, weights))
 
 
 class MutualSelfAttentionProcessor:
@@ -299,7 +311,8 @@ class CrossAttentionMapProcessor:
     def __init__(self, layer: int, state: MutualAttentionState) -> None:
         self.layer = layer
         self.state = state
-        self.inner = AttnProcessor2_0()
+        # diffusers leaves this __init__ unannotated.
+        self.inner = AttnProcessor2_0()  # type: ignore[no-untyped-call]
 
     def __call__(
         self,
@@ -343,7 +356,7 @@ class CrossAttentionMapProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         # The scale SDPA uses by default (AttnProcessor2_0 passes none); float32 softmax.
-        scores = (query.float() @ key.float().transpose(-1, -2)) * head_dim**-0.5
+        scores: torch.Tensor = (query.float() @ key.float().transpose(-1, -2)) * head_dim**-0.5
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
             scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])[rows].float()
@@ -351,23 +364,24 @@ class CrossAttentionMapProcessor:
 
 
 def install_processors(
-    unet: torch.nn.Module,
+    unet: UNet2DConditionModel,
     layer_names: list[str],
     state: MutualAttentionState,
     processor_class: type[MutualSelfAttentionProcessor] = MutualSelfAttentionProcessor,
     layers: Iterable[int] | None = None,
     extra: Mapping[str, object] | None = None,
-) -> dict[str, object]:
+) -> dict[str, AttentionProcessor]:
     """Install mutual self-attention on ``layers`` (all by default); return the old processors.
 
     ``extra`` maps further processor names (e.g. cross-attention map recorders) to processors.
     """
     original = dict(unet.attn_processors)
     wanted = set(range(len(layer_names)) if layers is None else layers)
-    replacement = dict(original)
+    replacement: dict[str, object] = dict(original)
     for index, name in enumerate(layer_names):
         if index in wanted:
             replacement[name] = processor_class(index, state)
     replacement.update(extra or {})
-    unet.set_attn_processor(replacement)
+    # diffusers' AttentionProcessor union names only its own classes; it calls any processor alike.
+    unet.set_attn_processor(replacement)  # type: ignore[arg-type]
     return original

@@ -16,9 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
+
+# From their modules: mypy reads diffusers' top-level names as its no-torch placeholders.
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from PIL import Image, ImageOps
 
 from masactrl_core.attention import (
@@ -42,6 +46,9 @@ from masactrl_core.conditions import (
 )
 from masactrl_core.errors import InvalidInput, JobCancelled, ModelLoadError
 from masactrl_core.masks import ManualMasks, MaskConfig, WordMasks, word_positions
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +237,7 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def detect_family(config: dict) -> str:
+def detect_family(config: dict[str, Any]) -> str:
     """``sdxl`` for checkpoints with SDXL's second text encoder or pipeline class, else ``sd``."""
     class_name = config.get("_class_name", "")
     return "sdxl" if "text_encoder_2" in config or "XL" in class_name else "sd"
@@ -254,7 +261,7 @@ class MasaCtrlEngine:
         options: EngineOptions | None = None,
     ) -> None:
         self.pipeline = pipeline
-        self.unet = pipeline.unet
+        self.unet: UNet2DConditionModel = pipeline.unet
         self.vae = pipeline.vae
         self.family = family
         self.model_name = model_name
@@ -305,7 +312,7 @@ class MasaCtrlEngine:
     @classmethod
     def from_pretrained(
         cls,
-        model: str | os.PathLike,
+        model: str | os.PathLike[str],
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         options: EngineOptions | None = None,
@@ -320,21 +327,28 @@ class MasaCtrlEngine:
         if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ModelLoadError(f"{model} is not a diffusers checkpoint (no model_index.json)")
         try:
-            config = DiffusionPipeline.load_config(model)
+            # diffusers annotates the (config, unused kwargs) pair of return_unused_kwargs=True.
+            config: dict[str, Any] = DiffusionPipeline.load_config(model)  # type: ignore[assignment]
         except Exception as error:  # hub or file errors: one sentence for the caller
             raise ModelLoadError(f"cannot load model {model}: {error}") from error
         family = detect_family(config)
+        loader: type[DiffusionPipeline]
+        extra: dict[str, object]
         if family == "sdxl":
             if not (config.get("text_encoder") or [None])[0]:
                 raise ModelLoadError(
                     f"{model} has no first text encoder (an SDXL refiner?); MasaCtrl needs a "
                     "base checkpoint"
                 )
-            from diffusers import StableDiffusionXLPipeline
+            from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+                StableDiffusionXLPipeline,
+            )
 
             loader, extra = StableDiffusionXLPipeline, {"add_watermarker": False}
         else:
-            from diffusers import StableDiffusionPipeline
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+                StableDiffusionPipeline,
+            )
 
             loader = StableDiffusionPipeline
             extra = {"safety_checker": None, "requires_safety_checker": False}
@@ -343,7 +357,8 @@ class MasaCtrlEngine:
         except Exception as error:
             raise ModelLoadError(f"cannot load model {model}: {error}") from error
         pipeline.to(device)
-        pipeline.set_progress_bar_config(disable=True)
+        # diffusers leaves set_progress_bar_config unannotated.
+        pipeline.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
         logger.info("loaded %s (%s) on %s as %s", model, family, device, dtype)
         return cls(pipeline, family=family, model_name=model, options=options)
 
@@ -528,6 +543,7 @@ class MasaCtrlEngine:
         )
         stats = self._start_stats()
         if inverted is None:
+            assert image is not None  # checked above
             inverted = self.invert(
                 image,
                 source_prompt=source_prompt,
@@ -607,7 +623,8 @@ class MasaCtrlEngine:
         """The seed contract: float32 CPU noise, then moved to the device and dtype."""
         shape = (
             1,
-            self.unet.config.in_channels,
+            # diffusers types config as a dict; its FrozenDict also exposes keys as attributes.
+            self.unet.config.in_channels,  # type: ignore[attr-defined]
             height // self.vae_scale_factor,
             width // self.vae_scale_factor,
         )
@@ -707,6 +724,7 @@ class MasaCtrlEngine:
             ("target", prompt, config.target_word) for prompt in target_prompts
         ]
         for image, (role, prompt, word) in enumerate(roles):
+            assert word is not None  # config.check() requires both words
             weights[image, word_positions(tokenizer, prompt, word, role)] = 1.0
         return WordMasks(
             weights.to(self.device), config.threshold, map_grid, map_blocks, width, height
@@ -781,13 +799,15 @@ class MasaCtrlEngine:
         image = ImageOps.fit(image.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
         pixels = self.pipeline.image_processor.preprocess(image, height=height, width=width)
         pixels = pixels.to(self.device, self.vae.dtype)
-        latents = self.vae.encode(pixels).latent_dist.mean
-        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+        latents: torch.Tensor = self.vae.encode(pixels).latent_dist.mean
+        scaling: float = self.vae.config.scaling_factor  # the pipeline's components are untyped
+        return (latents * scaling).to(self.dtype)
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         images = []
         # One image at a time keeps the VAE's peak memory independent of the number of targets.
-        for row in latents.split(1):
+        # torch leaves Tensor.split unannotated.
+        for row in latents.split(1):  # type: ignore[no-untyped-call]
             decoded = self.vae.decode(
                 row.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False
             )[0]
@@ -987,8 +1007,9 @@ class MasaCtrlEngine:
                 )
             )
 
+        latent_hw = (noise.shape[-2], noise.shape[-1])
         state = MutualAttentionState(
-            controlled_steps, controlled_layers, masks=masks, latent_hw=tuple(noise.shape[-2:])
+            controlled_steps, controlled_layers, masks=masks, latent_hw=latent_hw
         )
         recorders = (
             {
@@ -997,7 +1018,7 @@ class MasaCtrlEngine:
                 )
                 for block in masks.map_blocks
             }
-            if word_masks and controlled_steps
+            if isinstance(masks, WordMasks) and controlled_steps
             else None
         )
         original = install_processors(
@@ -1067,7 +1088,7 @@ class MasaCtrlEngine:
         if self.device.type == "cuda":
             stats.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """What a run record should say about the model."""
         return {
             "model": self.model_name,
@@ -1083,7 +1104,7 @@ class MasaCtrlEngine:
         }
 
 
-def with_options(engine: MasaCtrlEngine, **changes: object) -> MasaCtrlEngine:
+def with_options(engine: MasaCtrlEngine, **changes: Any) -> MasaCtrlEngine:
     """A view of ``engine`` with other optimization switches (shares the loaded weights)."""
     view = MasaCtrlEngine.__new__(MasaCtrlEngine)
     view.__dict__.update(engine.__dict__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from masactrl_core.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 MaskImage = Union[Image.Image, np.ndarray, torch.Tensor]  # noqa: UP007 - a runtime alias
 
@@ -174,6 +177,10 @@ def with_background(regions: torch.Tensor) -> torch.Tensor:
     return torch.cat([regions, ~regions.any(dim=0, keepdim=True)])
 
 
+def _to_device(index: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if index is None else index.to(device)
+
+
 def _as_image(mask: torch.Tensor) -> Image.Image:
     return Image.fromarray(mask.to(torch.uint8).mul(255).cpu().numpy(), mode="L")
 
@@ -200,7 +207,9 @@ class ManualMasks:
         self._plans: dict[tuple[int, int], RegionPlan | None] = {}
 
     @classmethod
-    def prepare(cls, config: MaskConfig, width: int, height: int, device: torch.device):
+    def prepare(
+        cls, config: MaskConfig, width: int, height: int, device: torch.device
+    ) -> ManualMasks:
         """Binarize each mask at its own resolution and crop it to the run's aspect."""
         source, target = [], []
         for k, (source_mask, target_mask) in enumerate(config.regions):
@@ -231,8 +240,8 @@ class ManualMasks:
             if plan is not None:
                 plan = RegionPlan(
                     tuple(
-                        tuple(None if i is None else i.to(self.device) for i in group)
-                        for group in plan.groups
+                        (_to_device(query, self.device), _to_device(key, self.device))
+                        for query, key in plan.groups
                     )
                 )
             self._plans[grid] = plan
@@ -240,7 +249,7 @@ class ManualMasks:
 
     def _check_overlap(self, side: str, regions: list[torch.Tensor]) -> None:
         # Masks of one shape are compared pixel by pixel; all of them also at the image size.
-        for grid in {tuple(m.shape) for m in regions} | {(self.height, self.width)}:
+        for grid in {(m.shape[0], m.shape[1]) for m in regions} | {(self.height, self.width)}:
             same = [
                 (k, m if tuple(m.shape) == grid else resize_nearest(m, grid).view(grid))
                 for k, m in enumerate(regions)
@@ -308,7 +317,10 @@ class WordMasks:
     width: int
     height: int
     maps: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
-    _cache: dict[tuple, RegionPlan | None] = field(default_factory=dict)
+    # Keyed by (map blocks, grid, image).
+    _cache: dict[tuple[tuple[int, ...], tuple[int, int], int], RegionPlan | None] = field(
+        default_factory=dict
+    )
     _last: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def begin_step(self) -> None:
@@ -363,7 +375,9 @@ class WordMasks:
         return out
 
 
-def word_positions(tokenizer, prompt: str, word: str, role: str) -> list[int]:
+def word_positions(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, word: str, role: str
+) -> list[int]:
     """Token positions of ``word`` (a word or phrase) in ``prompt`` as the text encoder sees it."""
     ids = tokenizer(
         prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True

@@ -244,12 +244,14 @@ def _build_sd_pipeline(
 ) -> Any:
     """Seeded components -> a StableDiffusionPipeline (diffusers' test recipe, local tokenizer)."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
+
+    # From their own modules: mypy reads diffusers' top-level names as its no-torch placeholders.
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
         StableDiffusionPipeline,
-        UNet2DConditionModel,
     )
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab_size = _write_tokenizer(tokenizer_dir)
@@ -273,14 +275,15 @@ def _build_sd_pipeline(
         )
     )
     scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
+    # diffusers annotates these two as required; it documents and accepts None for both.
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
+        safety_checker=None,  # type: ignore[arg-type]
+        feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
     )
 
@@ -368,12 +371,14 @@ def _build_sdxl_pipeline(
 ) -> Any:
     """Seeded components -> a StableDiffusionXLPipeline (two tokenizers written locally)."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
+
+    # From their own modules, as in _build_sd_pipeline.
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
         StableDiffusionXLPipeline,
-        UNet2DConditionModel,
     )
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,

@@ -423,7 +423,8 @@ class S3Storage:
         full = self._full(key)
         with self._errors("get", key):
             response = self._client.get_object(Bucket=self.bucket, Key=full)
-            return response["Body"].read()
+            body: bytes = response["Body"].read()  # boto3's client is untyped
+            return body
 
     def exists(self, key: str) -> bool:
         full = self._full(key)
@@ -481,11 +482,12 @@ class S3Storage:
         if lifetime <= 0:
             raise ValueError("expires_in must be positive")
         with self._errors("presign", key):
-            return self._presign_client.generate_presigned_url(
+            url: str = self._presign_client.generate_presigned_url(
                 "get_object",
                 Params={"Bucket": self.bucket, "Key": full},
                 ExpiresIn=int(lifetime),
             )
+            return url
 
     def healthy(self) -> bool:
         try:

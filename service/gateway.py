@@ -36,7 +36,7 @@ _BLOCK_MS = 1000
 
 _DATETIME = TypeAdapter(datetime)
 # A JSON string literal, non-ASCII kept as is and control characters escaped as pydantic does.
-_json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_json_string = json.encoder.encode_basestring
 
 
 @dataclass

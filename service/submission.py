@@ -167,6 +167,7 @@ async def _submit(
     if kind is JobKind.edit or body.control.mask.regions or body.condition is not None:
         # Inputs cost bandwidth and storage: spend a token and check the queue before taking
         # them. Jobs without inputs do both inside the step that records them.
+        assert rate is not None  # set just above; cleared only after this call
         limit = await gw.store.rate_limit(tenant.name, *rate)
         if not limit.allowed:
             raise _rate_limited(settings, limit.retry_after)
