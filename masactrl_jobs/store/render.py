@@ -91,7 +91,7 @@ def public_job(
         id=record.id,
         kind=record.kind,
         status=record.status,
-        created_at=_dt(record.created_at),
+        created_at=datetime.fromtimestamp(record.created_at, tz=timezone.utc),
         started_at=_dt(record.started_at),
         completed_at=_dt(record.completed_at),
         model=record.model,
