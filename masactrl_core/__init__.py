@@ -15,6 +15,7 @@ __all__ = [
     "MasaCtrlResult",
     "ModelLoadError",
     "RunStats",
+    "SequenceResult",
 ]
 
 
