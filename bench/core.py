@@ -594,6 +594,14 @@ def _cat(*parts: tuple[Any, Any]) -> tuple[Any, Any]:
     return embeds, {key: torch.cat([p[1][key] for p in parts]) for key in parts[0][1]}
 
 
+def _use_ddim(pipe: Any) -> None:
+    """MasaCtrlPipeline samples with DDIM whatever the checkpoint ships (SDXL ships Euler)."""
+    from diffusers import DDIMScheduler
+
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+
+
 def reference_edit(
     pipe: Any,
     image: Any,
@@ -612,23 +620,13 @@ def reference_edit(
     import numpy as np
     import torch
 
-    # From its module: mypy reads diffusers' top-level names as its no-torch placeholders.
-    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
-
     unet, device, dtype = pipe.unet, pipe.unet.device, pipe.unet.dtype
     num_att_layers = len(unet.attn_processors)
     scaling = pipe.vae.config.scaling_factor
-    # MasaCtrlPipeline samples with DDIM whatever the checkpoint ships (SDXL ships Euler).
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    _use_ddim(pipe)
     encode = _encoder(pipe, setup.family.name, image.width)
 
-    evals = condition_evals = 0
-    if controlnet is not None:
-        condition = torch.from_numpy(np.asarray(condition_image, dtype=np.float32) / 255)
-        condition = condition.permute(2, 0, 1)[None].expand(4, -1, -1, -1).to(device, dtype)
-        # Rows [u_src, u_tgt, c_src, c_tgt]: only the target is conditioned.
-        target_rows = torch.tensor([0, 1, 0, 1], device=device, dtype=dtype).view(-1, 1, 1, 1)
+    evals = 0
     with torch.no_grad():
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)
         pixels = pixels.permute(2, 0, 1)[None].to(device, dtype)
@@ -649,14 +647,57 @@ def reference_edit(
             evals += 2
             timer.mark("invert", i, False)
 
+        d_evals, condition_evals, latents = reference_denoise(
+            pipe, latents, steps, start_step, timer, setup, setup.source_prompt, controlnet,
+            condition_image, image_size=image.width,
+        )  # fmt: skip
+        evals += d_evals
+    return evals, condition_evals, latents
+
+
+def reference_denoise(
+    pipe: Any,
+    latents: Any,
+    steps: int,
+    start_step: int,
+    timer: UNetTimer,
+    setup: Setup,
+    source_prompt: str,
+    controlnet: Any = None,
+    condition_image: Any = None,
+    *,
+    image_size: int,
+) -> tuple[int, int, Any]:
+    """The authors' denoising of [source, target] x guidance from x_T ``latents`` (1 row).
+
+    With a ControlNet, it runs on all four rows and the source rows' residuals are zeroed.
+    Returns the UNet and ControlNet image-evaluations and the final [source, target] latents.
+    """
+    import numpy as np
+    import torch
+
+    unet, device, dtype = pipe.unet, pipe.unet.device, pipe.unet.dtype
+    num_att_layers = len(unet.attn_processors)
+    scaling = pipe.vae.config.scaling_factor
+    _use_ddim(pipe)
+    encode = _encoder(pipe, setup.family.name, image_size)
+    mask_size = image_size // 8  # the authors' masks are latent-sized
+    evals = condition_evals = 0
+    if controlnet is not None:
+        condition = torch.from_numpy(np.asarray(condition_image, dtype=np.float32) / 255)
+        condition = condition.permute(2, 0, 1)[None].expand(4, -1, -1, -1).to(device, dtype)
+        # Rows [u_src, u_tgt, c_src, c_tgt]: only the target is conditioned.
+        target_rows = torch.tensor([0, 1, 0, 1], device=device, dtype=dtype).view(-1, 1, 1, 1)
+    pipe.scheduler.set_timesteps(steps)
+    with torch.no_grad():
         # Denoising with mutual self-attention control: batch [u_src, u_tgt, c_src, c_tgt].
         editor_args = (num_att_layers, start_step, setup.family.start_layer, steps)
         editor: ReferenceEditor
         if setup.mask == "manual":
             editor = ReferenceMaskEditor(
                 *editor_args,
-                mask_s=_box_mask(image.width // 8, SOURCE_BOX).to(device),
-                mask_t=_box_mask(image.width // 8, TARGET_BOX).to(device),
+                mask_s=_box_mask(mask_size, SOURCE_BOX).to(device),
+                mask_t=_box_mask(mask_size, TARGET_BOX).to(device),
             )
         elif setup.mask == "auto":
             editor = ReferenceAutoMaskEditor(
@@ -670,7 +711,7 @@ def reference_edit(
         unet.set_attn_processor(ReferenceAttnProcessor(editor))
         # SD encodes "" as the unconditional branch; the SDXL pipeline zeroes it.
         unconditional = encode(["", ""], zeros=setup.family.name == "sdxl")
-        embeds, added = _cat(unconditional, encode([setup.source_prompt, TARGET_PROMPT]))
+        embeds, added = _cat(unconditional, encode([source_prompt, TARGET_PROMPT]))
         latents = latents.expand(2, -1, -1, -1)
         for i, t in enumerate(pipe.scheduler.timesteps):
             rows = torch.cat([latents] * 2)
@@ -819,6 +860,145 @@ def check_agreement() -> float:
     return worst
 
 
+SEQUENCE_SOURCE_PROMPT = "a photo of a cat"  # differs from the negative prompt: 2 + 2K rows
+
+
+def sequence_frames(count: int, size: int) -> list[Any]:
+    """``count`` canny edge maps of seeded random pictures: a stand-in pose or edge sequence."""
+    import torch
+    from PIL import Image
+
+    from masactrl_core.canny import canny
+
+    frames = []
+    for k in range(count):
+        generator = torch.Generator("cpu").manual_seed(100 + k)
+        blocks = torch.randint(0, 256, (8, 8, 3), generator=generator).to(torch.uint8).numpy()
+        picture = Image.fromarray(blocks).resize((size, size), Image.Resampling.NEAREST)
+        frames.append(canny(picture))
+    return frames
+
+
+def reference_sequence(
+    pipe: Any,
+    frames: list[Any],
+    steps: int,
+    start_step: int,
+    timer: UNetTimer,
+    setup: Setup,
+    controlnet: Any,
+) -> tuple[int, int, list[Any]]:
+    """The authors' sequence script: one full [source, target] synthesis per condition frame.
+
+    Every frame starts from the same seeded noise. Returns the UNet and ControlNet
+    image-evaluations and each frame's final [source, target] latents.
+    """
+    import torch
+
+    size = frames[0].width
+    side = size // pipe.vae_scale_factor
+    # The engine's seed contract: float32 CPU noise, then the device and dtype.
+    shape = (1, pipe.unet.config.in_channels, side, side)
+    noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(0))
+    noise = noise.to(pipe.unet.device, pipe.unet.dtype)
+    evals = condition_evals = 0
+    results = []
+    for frame in frames:
+        frame_evals, frame_condition_evals, latents = reference_denoise(
+            pipe, noise, steps, start_step, timer, setup, SEQUENCE_SOURCE_PROMPT, controlnet,
+            frame, image_size=size,
+        )  # fmt: skip
+        evals += frame_evals
+        condition_evals += frame_condition_evals
+        results.append(latents)
+    return evals, condition_evals, results
+
+
+def ours_sequence(
+    pipe: Any,
+    frames: list[Any],
+    steps: int,
+    start_step: int,
+    timer: UNetTimer,
+    setup: Setup,
+    controlnet: Any,
+    max_batch: int = 16,
+) -> tuple[int, int, Any]:
+    """MasaCtrlEngine.sequence: one source branch per step for every frame, chunked."""
+    from masactrl_core import Condition, ControlConfig, EngineOptions, MasaCtrlEngine
+    from masactrl_core.conditions import ConditionModel
+
+    engine = MasaCtrlEngine(
+        pipe, family=setup.family.name, options=EngineOptions(max_batch=max_batch)
+    )
+
+    def progress(phase: str, step: int, total: int) -> None:
+        timer.mark(phase, step - 1, step - 1 >= start_step)
+
+    size = frames[0].width
+    result = engine.sequence(
+        SEQUENCE_SOURCE_PROMPT,
+        TARGET_PROMPT,
+        Condition(ConditionModel(controlnet, "controlnet", "sd"), frames),
+        seed=0,
+        steps=steps,
+        guidance_scale=GUIDANCE,
+        control=ControlConfig(start_step=start_step, start_layer=setup.family.start_layer),
+        width=size,
+        height=size,
+        progress=progress,
+    )
+    return result.stats.unet_image_evals, result.stats.condition_evals, result.latents
+
+
+def check_sequence_agreement() -> float:
+    """The per-frame loop and the engine's sequence on tiny SD components, chunked.
+
+    Returns the worst difference relative to the latents' scale (at least 1); exits if the
+    evaluation counts miss the formulas.
+    """
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from masactrl_core.tiny import build_sd_pipeline
+    from masactrl_core.tiny_conditions import build_tiny_condition_model
+
+    count, steps = 2, 3  # the smallest run with chunks that split a frame's guidance halves
+    setup = Setup(Family("sd", "SD1.5", {}, 64, 10, "float32"), "none", "controlnet")
+    pipe = build_sd_pipeline(0)
+    controlnet = build_tiny_condition_model("controlnet", pipe.unet, "sd", seed=0).eval()
+    frames = sequence_frames(count, 64)
+    timer = UNetTimer(lambda: None, verbose=False)
+    with torch.inference_mode():
+        ref_evals, ref_condition_evals, reference = reference_sequence(
+            pipe, frames, steps, 1, timer, setup, controlnet
+        )
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    # max_batch 3 splits the 2 + 2K = 6 rows of a step into two chunks.
+    evals, condition_evals, ours = ours_sequence(
+        pipe, frames, steps, 1, timer, setup, controlnet, max_batch=3
+    )
+    expected = {
+        "reference UNet": (ref_evals, count * steps * 4),
+        "reference ControlNet": (ref_condition_evals, count * steps * 4),
+        "ours UNet": (evals, steps * (2 + 2 * count)),
+        "ours ControlNet": (condition_evals, steps * 2 * count),
+    }
+    for name, (got, formula) in expected.items():
+        if got != formula:
+            sys.exit(f"{name} evaluations {got} differ from the formula's {formula}")
+    difference = max(
+        (latents.float().cpu() - ours[[0, k + 1]]).abs().max().item()
+        for k, latents in enumerate(reference)
+    )
+    print(
+        f"sd   sequence of {count} frames, max_batch 3: max |reference - ours| = "
+        f"{difference:.2e} (UNet images {ref_evals} vs {evals}, ControlNet {ref_condition_evals} "
+        f"vs {condition_evals})"
+    )
+    return difference / max(1.0, ours.abs().max().item())
+
+
 # --- one variant per process -----------------------------------------------------------------
 
 
@@ -889,10 +1069,20 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         timer.companion.attach(controlnet)
         condition = {"controlnet": controlnet, "condition_image": canny(image)}
     total = 2 * args.steps
-    edit = reference_edit if variant == "reference" else ours_edit
     peak = CudaPeak(device) if device.type == "cuda" else CpuPeak()
-    with peak, torch.inference_mode():
-        evals, condition_evals, _ = edit(pipe, image, total, args.steps, timer, setup, **condition)
+    if args.sequence:
+        frames = sequence_frames(args.sequence, args.size)
+        run = reference_sequence if variant == "reference" else ours_sequence
+        with peak, torch.inference_mode():
+            evals, condition_evals, _ = run(
+                pipe, frames, total, args.steps, timer, setup, condition["controlnet"]
+            )
+    else:
+        edit = reference_edit if variant == "reference" else ours_edit
+        with peak, torch.inference_mode():
+            evals, condition_evals, _ = edit(
+                pipe, image, total, args.steps, timer, setup, **condition
+            )
     return {
         "variant": variant,
         "steps": timer.steps,
@@ -911,6 +1101,7 @@ def _spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     command += ["--device", args.device, "--dtype", args.dtype]
     command += ["--steps", str(args.steps), "--size", str(args.size)]
     command += ["--family", args.family, "--mask", args.mask, "--condition", args.condition]
+    command += ["--sequence", str(args.sequence or 0)]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         sys.exit(f"the {variant} run failed with status {done.returncode}")
@@ -1081,6 +1272,58 @@ def report(ref: Summary, ours: Summary, args: argparse.Namespace, memory_method:
     return "\n".join(lines)
 
 
+def sequence_report(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    """The Markdown table for ``--sequence K``: a 50-step synthesis sequence of K frames.
+
+    The reference's steps are per frame (K runs of 50 steps); ours serve every frame per step.
+    """
+    count = args.sequence
+
+    def per_sequence(run: dict[str, Any], key: str, value: str) -> float:
+        groups = _by_kind(run[key])
+        best = {k: min(s[value] for s in steps) for k, steps in groups.items() if steps}
+        total = (
+            PAPER_START_STEP * best["denoise"]
+            + (EDIT_STEPS - PAPER_START_STEP) * best["controlled"]
+        )
+        return total * (count if run["variant"] == "reference" else 1)
+
+    ref, ours = runs["reference"], runs["ours"]
+    rows: list[tuple[str, float, float, Callable[[Any], str]]] = [
+        ("UNet image-evaluations", per_sequence(ref, "steps", "images"),
+         per_sequence(ours, "steps", "images"), str),
+        ("ControlNet image-evaluations", per_sequence(ref, "condition_steps", "images"),
+         per_sequence(ours, "condition_steps", "images"), str),
+        ("s in the UNet", per_sequence(ref, "steps", "seconds"),
+         per_sequence(ours, "steps", "seconds"), lambda x: f"{x:.1f}"),
+        ("s in the ControlNet", per_sequence(ref, "condition_steps", "seconds"),
+         per_sequence(ours, "condition_steps", "seconds"), lambda x: f"{x:.1f}"),
+        ("**peak memory** (absolute)", ref["peak_bytes"], ours["peak_bytes"], _gib),
+        ("peak memory increase over the loaded model",
+         ref["peak_bytes"] - ref["baseline_bytes"], ours["peak_bytes"] - ours["baseline_bytes"],
+         _gib),
+    ]  # fmt: skip
+    lines = [
+        f"| {EDIT_STEPS}-step synthesis sequence of {count} frames, SD1.5 + ControlNet, "
+        f"{args.size}x{args.size}, {args.device} {args.dtype} "
+        "| per-frame loop | ours | ours/ref |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, r, o, fmt in rows:
+        ratio = f"{o / r:.2f}" if r else ""
+        lines.append(f"| {label} | {fmt(round(r) if fmt is str else r)} | "
+                     f"{fmt(round(o) if fmt is str else o)} | {ratio} |")  # fmt: skip
+    lines += [
+        "",
+        f"formulas: loop K x S x 4 UNet and ControlNet images; ours S x (2 + 2K) UNet and "
+        f"S x 2K ControlNet images (K = {count}, S = {EDIT_STEPS})",
+        f"measured: {2 * args.steps} steps per frame (loop) or per sequence (ours), control from "
+        f"step {args.steps}, each variant in its own process; extrapolated to {EDIT_STEPS} steps "
+        f"with control from step {PAPER_START_STEP}; memory via {ours['memory_method']}",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -1107,6 +1350,16 @@ def main(argv: list[str] | None = None) -> int:
         choices=("none", "controlnet"),
         help="layout guidance: an SD1.5 ControlNet on a canny edge map (default none)",
     )
+    parser.add_argument(
+        "--sequence",
+        type=int,
+        nargs="?",
+        const=8,
+        default=0,
+        metavar="K",
+        help="a synthesis sequence of K condition frames (default 8) with an SD1.5 ControlNet, "
+        "against the authors' per-frame loop",
+    )
     parser.add_argument("--size", type=int, help="image size (default: 512 for sd, 1024 for sdxl)")
     parser.add_argument("--json", help="also write the raw measurements to this file")
     parser.add_argument(
@@ -1126,11 +1379,16 @@ def main(argv: list[str] | None = None) -> int:
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else family.cpu_dtype)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.sequence < 0:
+        parser.error("--sequence must be a positive number of frames")
+    if args.sequence:
+        args.condition = "controlnet"  # a sequence's frames are ControlNet conditions
     if args.condition != "none" and (args.family, args.mask) != ("sd", "none"):
         parser.error("--condition controlnet runs with --family sd and without masks")
 
     if args.check:
-        return 0 if check_agreement() < 1e-3 else 1
+        worst = max(check_agreement(), check_sequence_agreement())
+        return 0 if worst < 1e-3 else 1
     if args.child:
         print(json.dumps(run_variant(args.child, args)))
         return 0
@@ -1138,8 +1396,11 @@ def main(argv: list[str] | None = None) -> int:
     print(machine(), flush=True)
     started = time.perf_counter()
     runs = {variant: _spawn(variant, args) for variant in ("reference", "ours")}
-    ref, ours = summarize(runs["reference"]), summarize(runs["ours"])
-    print(report(ref, ours, args, runs["ours"]["memory_method"]))
+    if args.sequence:
+        print(sequence_report(runs, args))
+    else:
+        ref, ours = summarize(runs["reference"]), summarize(runs["ours"])
+        print(report(ref, ours, args, runs["ours"]["memory_method"]))
     print(f"benchmark wall time {time.perf_counter() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as out:

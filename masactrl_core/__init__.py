@@ -17,6 +17,7 @@ __all__ = [
     "MasaCtrlResult",
     "ModelLoadError",
     "RunStats",
+    "SequenceResult",
 ]
 
 

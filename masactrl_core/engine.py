@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, int, int], None]
 CancelCheck = Callable[[], bool]
+# Called with (index, image) as each image of a run is decoded.
+ImageCallback = Callable[[int, Image.Image], None]
 
 MAX_TARGETS = 8
 # The fallback control of callers that pass none (the service and the CLI always pass one,
@@ -120,10 +122,14 @@ class EngineOptions:
     share_source_branch: bool = True
     skip_redundant_guidance: bool = True
     max_batch: int = 16
+    # Longest sequence a call accepts; memory is bounded by max_batch, time grows with frames.
+    max_sequence_frames: int = 120
 
     def __post_init__(self) -> None:
         if self.max_batch < 2:
             raise ValueError("max_batch must be at least 2 (a source and a target)")
+        if self.max_sequence_frames < 1:
+            raise ValueError("max_sequence_frames must be at least 1")
 
 
 @dataclass
@@ -204,6 +210,17 @@ class MasaCtrlResult:
     latents: torch.Tensor | None = None  # final [source, targets] latents, before decoding
     # With masks: the masks used, by name ("source_region_K", "target_I_region_K"), image-sized.
     masks: dict[str, Image.Image] | None = None
+
+
+@dataclass
+class SequenceResult:
+    """A sequence's source image and one frame per condition frame, in the frames' order."""
+
+    source: Image.Image
+    frames: list[Image.Image]
+    stats: RunStats
+    inverted: InvertedImage | None = None
+    latents: torch.Tensor | None = None  # final [source, frames] latents, before decoding
 
 
 @dataclass
@@ -407,8 +424,45 @@ class MasaCtrlEngine:
         ``condition`` guides the layout of the targets (and of the source, with its
         ``source_image``) with a ControlNet or T2I-Adapter.
         """
+        return self._synthesis(
+            source_prompt,
+            target_prompts,
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            control=control,
+            progress=progress,
+            should_cancel=should_cancel,
+            masks=masks,
+            condition=condition,
+            target_limit=MAX_TARGETS,
+        )
+
+    def _synthesis(
+        self,
+        source_prompt: str,
+        target_prompts: Sequence[str],
+        *,
+        seed: int,
+        steps: int,
+        guidance_scale: float,
+        negative_prompt: str,
+        width: int | None,
+        height: int | None,
+        control: ControlConfig | None,
+        progress: ProgressCallback | None,
+        should_cancel: CancelCheck | None,
+        masks: MaskConfig | None,
+        condition: Condition | None,
+        target_limit: int,
+        on_image: ImageCallback | None = None,
+    ) -> MasaCtrlResult:
+        """:meth:`synthesize` for up to ``target_limit`` targets."""
         width, height = self._check_size(width, height)
-        target_prompts = self._check_prompts(target_prompts, steps, guidance_scale)
+        target_prompts = self._check_prompts(target_prompts, steps, guidance_scale, target_limit)
         controlled = self._resolve_control(control, steps)
         plan = self._prepare_masks(masks, source_prompt, target_prompts, width, height, controlled)
         prepared = self._prepare_condition(condition, len(target_prompts), steps, width, height)
@@ -426,6 +480,7 @@ class MasaCtrlEngine:
             progress,
             should_cancel,
             condition=prepared,
+            on_image=on_image,
         )
 
     def invert(
@@ -520,8 +575,51 @@ class MasaCtrlEngine:
         inversion trajectory at every step, so targets read the photo's own keys and values
         (the inversion must have its trajectory).
         """
+        return self._edit(
+            image,
+            target_prompts,
+            source_prompt=source_prompt,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            control=control,
+            inversion_guidance_scale=inversion_guidance_scale,
+            inverted=inverted,
+            progress=progress,
+            should_cancel=should_cancel,
+            masks=masks,
+            condition=condition,
+            anchor_source=anchor_source,
+            target_limit=MAX_TARGETS,
+        )
+
+    def _edit(
+        self,
+        image: Image.Image | None,
+        target_prompts: Sequence[str],
+        *,
+        source_prompt: str,
+        steps: int,
+        guidance_scale: float,
+        negative_prompt: str,
+        width: int | None,
+        height: int | None,
+        control: ControlConfig | None,
+        inversion_guidance_scale: float,
+        inverted: InvertedImage | None,
+        progress: ProgressCallback | None,
+        should_cancel: CancelCheck | None,
+        masks: MaskConfig | None,
+        condition: Condition | None,
+        anchor_source: bool,
+        target_limit: int,
+        on_image: ImageCallback | None = None,
+    ) -> MasaCtrlResult:
+        """:meth:`edit` for up to ``target_limit`` targets."""
         width, height = self._check_size(width, height)
-        target_prompts = self._check_prompts(target_prompts, steps, guidance_scale)
+        target_prompts = self._check_prompts(target_prompts, steps, guidance_scale, target_limit)
         controlled = self._resolve_control(control, steps)
         if inverted is not None and (inverted.steps, inverted.width, inverted.height) != (
             steps,
@@ -571,7 +669,116 @@ class MasaCtrlEngine:
             inverted,
             condition=prepared,
             anchor=inverted.trajectory if anchor_source else None,
+            on_image=on_image,
         )
+
+    def sequence(
+        self,
+        source_prompt: str,
+        target_prompts: str | Sequence[str],
+        condition: Condition,
+        *,
+        image: Image.Image | None = None,
+        inverted: InvertedImage | None = None,
+        anchor_source: bool = False,
+        seed: int = 0,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str = "",
+        width: int | None = None,
+        height: int | None = None,
+        control: ControlConfig | None = None,
+        inversion_guidance_scale: float = 1.0,
+        progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+        on_frame: ImageCallback | None = None,
+    ) -> SequenceResult:
+        """Frames that keep one source's content while following a series of layouts.
+
+        ``condition.images`` holds the K condition frames in order; ``target_prompts`` is one
+        prompt for every frame or one per frame. The source is synthesized from
+        ``source_prompt`` and ``seed``, or, with ``image`` (or a cached ``inverted``), is that
+        photo inverted, as in :meth:`edit`. Frame k is exactly the target of a single-target
+        run with condition frame k from the same initial noise: this is that run with K
+        targets, whose one source branch per step serves every frame (chunks of
+        ``options.max_batch`` rows read its cached keys and values). ``on_frame(k, image)`` is
+        called as frame k is decoded.
+        """
+        frames = self._sequence_frames(condition)
+        prompts = [target_prompts] if isinstance(target_prompts, str) else list(target_prompts)
+        if len(prompts) == 1:
+            prompts = prompts * len(frames)
+        if len(prompts) != len(frames):
+            raise InvalidInput(
+                f"give one target prompt for all frames or one per frame ({len(frames)}), "
+                f"got {len(prompts)}"
+            )
+        condition = replace(condition, images=frames)
+
+        def decoded(index: int, decoded_image: Image.Image) -> None:
+            # Image 0 is the source; frame k is image k + 1.
+            if on_frame is not None and index > 0:
+                on_frame(index - 1, decoded_image)
+
+        if image is None and inverted is None:
+            if anchor_source:
+                raise InvalidInput("anchor_source needs an image source (image or inverted)")
+            result = self._synthesis(
+                source_prompt,
+                prompts,
+                seed=seed,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                negative_prompt=negative_prompt,
+                width=width,
+                height=height,
+                control=control,
+                progress=progress,
+                should_cancel=should_cancel,
+                masks=None,
+                condition=condition,
+                target_limit=self.options.max_sequence_frames,
+                on_image=decoded,
+            )
+        else:
+            result = self._edit(
+                image,
+                prompts,
+                source_prompt=source_prompt,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                negative_prompt=negative_prompt,
+                width=width,
+                height=height,
+                control=control,
+                inversion_guidance_scale=inversion_guidance_scale,
+                inverted=inverted,
+                progress=progress,
+                should_cancel=should_cancel,
+                masks=None,
+                condition=condition,
+                anchor_source=anchor_source,
+                target_limit=self.options.max_sequence_frames,
+                on_image=decoded,
+            )
+        return SequenceResult(
+            result.source, result.targets, result.stats, result.inverted, result.latents
+        )
+
+    def _sequence_frames(self, condition: Condition) -> list[Image.Image]:
+        """The condition frames of a sequence, checked against the frame limit."""
+        if not isinstance(condition, Condition):
+            raise InvalidInput("a sequence needs a Condition holding its condition frames")
+        images = condition.images
+        frames = [images] if isinstance(images, Image.Image) else list(images)
+        limit = self.options.max_sequence_frames
+        if not frames:
+            raise InvalidInput("a sequence needs at least one condition frame")
+        if len(frames) > limit:
+            raise InvalidInput(
+                f"a sequence takes at most {limit} condition frames, got {len(frames)}"
+            )
+        return frames
 
     def _generate(
         self,
@@ -590,6 +797,7 @@ class MasaCtrlEngine:
         *,
         condition: PreparedCondition | None = None,
         anchor: torch.Tensor | None = None,
+        on_image: ImageCallback | None = None,
     ) -> MasaCtrlResult:
         """Denoise [source, targets] from ``noise`` under the control, then decode."""
         with self._lock, torch.inference_mode():
@@ -608,7 +816,7 @@ class MasaCtrlEngine:
                 condition=condition,
                 anchor=None if anchor is None else anchor.to(self.device, self.dtype),
             )
-            images = self._decode(latents)
+            images = self._decode(latents, on_image)
             self._finish_stats(stats)
         return MasaCtrlResult(
             images[0],
@@ -667,14 +875,18 @@ class MasaCtrlEngine:
             raise InvalidInput(f"steps must be between 1 and 1000, got {steps}")
 
     def _check_prompts(
-        self, target_prompts: Sequence[str], steps: int, guidance_scale: float
+        self,
+        target_prompts: Sequence[str],
+        steps: int,
+        guidance_scale: float,
+        limit: int = MAX_TARGETS,
     ) -> list[str]:
         self._check_steps(steps)
         if isinstance(target_prompts, str):
             target_prompts = [target_prompts]
-        if not 1 <= len(target_prompts) <= MAX_TARGETS:
+        if not 1 <= len(target_prompts) <= limit:
             raise InvalidInput(
-                f"give between 1 and {MAX_TARGETS} target prompts, got {len(target_prompts)}"
+                f"give between 1 and {limit} target prompts, got {len(target_prompts)}"
             )
         if guidance_scale < 0:
             raise InvalidInput(f"guidance_scale must not be negative, got {guidance_scale}")
@@ -803,15 +1015,19 @@ class MasaCtrlEngine:
         scaling: float = self.vae.config.scaling_factor  # the pipeline's components are untyped
         return (latents * scaling).to(self.dtype)
 
-    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        images = []
+    def _decode(
+        self, latents: torch.Tensor, on_image: ImageCallback | None = None
+    ) -> list[Image.Image]:
+        images: list[Image.Image] = []
         # One image at a time keeps the VAE's peak memory independent of the number of targets.
         # torch leaves Tensor.split unannotated.
-        for row in latents.split(1):  # type: ignore[no-untyped-call]
+        for index, row in enumerate(latents.split(1)):  # type: ignore[no-untyped-call]
             decoded = self.vae.decode(
                 row.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False
             )[0]
             images.extend(self.pipeline.image_processor.postprocess(decoded, output_type="pil"))
+            if on_image is not None:
+                on_image(index, images[-1])
         return images
 
     def _unet(
@@ -1123,4 +1339,5 @@ __all__ = [
     "MasaCtrlEngine",
     "MasaCtrlResult",
     "RunStats",
+    "SequenceResult",
 ]

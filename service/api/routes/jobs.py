@@ -159,8 +159,9 @@ async def _events(gateway: Gateway, job_id: str, after: str) -> AsyncIterator[Se
             "description": (
                 "Server-Sent Events, each with an `id` (reconnect with `Last-Event-ID` to resume "
                 "after it), an `event` name and JSON `data`: `status` (StatusEvent) when the "
-                "status changes, `progress` (ProgressEvent) at each step, `requeued` (RequeuedEvent) when "
-                "an abandoned run puts the job back in the queue, then exactly one of "
+                "status changes, `progress` (ProgressEvent) at each step, `requeued` "
+                "(RequeuedEvent) when an abandoned run puts the job back in the queue, then "
+                "exactly one of "
                 "`succeeded`, `failed`, `canceled` whose data is the job object (JobPublic), "
                 "after which the stream ends. Comment lines (`: ping`) keep idle connections "
                 "open."
