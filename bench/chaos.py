@@ -64,6 +64,7 @@ from bench.service import (  # noqa: E402 (needs the path above)
     stop,
     wait_until,
 )
+from masactrl_jobs.catalog import tiny_model_entry  # noqa: E402 (needs the path above)
 
 FAULTS = (
     "worker_sigkill",
@@ -159,16 +160,7 @@ class Stack:
             "MASACTRL_CATALOG": json.dumps(
                 {
                     "default": "tiny",
-                    "models": [
-                        {
-                            "name": "tiny",
-                            "source": str(checkpoint),
-                            "family": "sd",
-                            "native_width": 64,
-                            "native_height": 64,
-                            "size_multiple": 16,
-                        }
-                    ],
+                    "models": [tiny_model_entry(str(checkpoint))],
                 }
             ),
             "MASACTRL_ALLOW_LOOPBACK_HTTP": "true",

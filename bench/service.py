@@ -46,6 +46,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from masactrl_jobs.catalog import tiny_model_entry  # noqa: E402 (needs the path above)
+
 API_KEY = "bench-key-not-a-secret"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"bench webhook secret, 32 bytes!!").decode()
 
@@ -188,16 +190,7 @@ def main() -> int:
             "MASACTRL_CATALOG": json.dumps(
                 {
                     "default": "tiny",
-                    "models": [
-                        {
-                            "name": "tiny",
-                            "source": str(checkpoint),
-                            "family": "sd",
-                            "native_width": 64,
-                            "native_height": 64,
-                            "size_multiple": 16,
-                        }
-                    ],
+                    "models": [tiny_model_entry(str(checkpoint))],
                 }
             ),
             "MASACTRL_ALLOW_LOOPBACK_HTTP": "true",

@@ -33,16 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from masactrl_cli.errors import StackError
+from masactrl_jobs.catalog import tiny_model_entry
 
 __all__ = ["TINY_CONDITION", "DevEnv", "catalog_entry", "display_path"]
 
 # The condition model name the tiny entry offers (``masactrl demo`` runs a canny edit with it).
 TINY_CONDITION = "canny"
 
-# The tiny checkpoint (masactrl_core.tiny): 64 px native, VAE factor 2 and three UNet
-# downsamplers, so sides are multiples of 16. Written here because importing the engine would
-# import torch.
-_TINY_ENTRY = {"family": "sd", "native_width": 64, "native_height": 64, "size_multiple": 16}
 _BUILTIN_MODELS = {
     "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd"),
     "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl"),
@@ -96,7 +93,7 @@ def catalog_entry(model: str | None, tiny_model: Path) -> dict[str, Any]:
     SD 2.x non-base checkpoints are 768 px).
     """
     if not model:
-        return {"name": "tiny", "source": str(tiny_model.resolve()), **_TINY_ENTRY}
+        return tiny_model_entry(str(tiny_model.resolve()))
     model = model.strip()
     if model in _BUILTIN_MODELS:
         source, family = _BUILTIN_MODELS[model]

@@ -260,6 +260,22 @@ def default_catalog() -> Catalog:
     )
 
 
+def tiny_model_entry(source: str, name: str = "tiny") -> dict[str, Any]:
+    """The catalog entry of a checkpoint written by ``masactrl tiny-model`` (SD family).
+
+    Its VAE halves the size and its UNet downsamples three times, so sides are multiples of 16
+    around a native 64x64. Kept here, torch-free, for the local stack, benchmarks and tests.
+    """
+    return {
+        "name": name,
+        "source": source,
+        "family": "sd",
+        "native_width": 64,
+        "native_height": 64,
+        "size_multiple": 16,
+    }
+
+
 def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors(include_url=False):

@@ -16,10 +16,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
+from masactrl_jobs.catalog import tiny_model_entry
+
 T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY_SIZE = 64  # native side of the tiny checkpoint (masactrl_core.tiny)
 
 
 def wait_for(
@@ -41,16 +42,7 @@ def wait_for(
 
 def tiny_catalog(checkpoint: Path, **extra: Any) -> str:
     """Catalog JSON with one model, ``tiny``, served from ``checkpoint``."""
-    entry = {
-        "name": "tiny",
-        "source": str(checkpoint),
-        "family": "sd",
-        "native_width": TINY_SIZE,
-        "native_height": TINY_SIZE,
-        # The tiny VAE halves the size and the UNet downsamples three times: multiples of 16.
-        "size_multiple": 16,
-        **extra,
-    }
+    entry = {**tiny_model_entry(str(checkpoint)), **extra}
     return json.dumps({"default": "tiny", "models": [entry]})
 
 

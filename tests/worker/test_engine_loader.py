@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from masactrl_jobs.catalog import ModelEntry
+from masactrl_jobs.catalog import ModelEntry, tiny_model_entry
 from tests.conftest import S3Server
 from worker.config import WorkerSettings
 from worker.engine_loader import resolve_source
@@ -25,9 +25,7 @@ def settings_for(s3: S3Server, cache: Path) -> WorkerSettings:
 
 
 def entry(source: str) -> ModelEntry:
-    return ModelEntry(
-        name="tiny", source=source, family="sd", native_width=64, native_height=64, size_multiple=16
-    )
+    return ModelEntry.model_validate(tiny_model_entry(source))
 
 
 def test_an_s3_model_is_downloaded_once(
