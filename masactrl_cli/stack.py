@@ -311,13 +311,18 @@ def _port_in_use(port: int) -> bool:
 def _redis_answers(url: str) -> bool:
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+    from masactrl_jobs.store import JobStore
+
     try:
-        return bool(client.ping())
-    except (redis.RedisError, OSError, ValueError):
+        store = JobStore.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+    except ValueError:  # not a Redis URL
+        return False
+    try:
+        return store.ping()
+    except (redis.RedisError, OSError):
         return False
     finally:
-        client.close()
+        store.close()
 
 
 class LocalStack:
