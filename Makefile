@@ -89,8 +89,8 @@ $(TINY_MODEL)/model_index.json: | $(STAMP)
 
 # The local stack (docs/local-stack.md): Redis, the gateway on 127.0.0.1:8000, a worker for the
 # offline tiny checkpoint (or MASACTRL_MODEL) and the webhook worker, with pids in var/run and
-# logs in var/log. `demo` runs an edit, a synthesis and a layout-guided edit through the HTTP API into out/, reusing a
-# stack that `up` started or starting (and afterwards stopping) its own.
+# logs in var/log. `demo` runs an edit, a synthesis and a layout-guided edit through the HTTP
+# API into out/, reusing a stack that `up` started or starting (and afterwards stopping) its own.
 demo: $(STAMP) $(TINY_MODEL)/model_index.json stack-redis
 	@$(VENV)/bin/masactrl demo
 
