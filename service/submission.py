@@ -202,11 +202,13 @@ async def _submit(
                 conditions.append(stored)
                 source_condition_key = stored.key
         # Fetching may have taken seconds: look again, so that the queue filling up meanwhile
-        # is caught before anything is stored. (A job created in the last moment can still make
-        # create() answer "full" after the store; closing that needs the inputs registered for
-        # sweeping first, a store operation.)
+        # is caught before anything is stored.
         await _check_depth(gw, entry.name)
-        await gw.intake.store([*([image] if image else []), *masks, *conditions])
+        inputs = [*([image] if image else []), *masks, *conditions]
+        # A job created in the last moment can still make create() answer "full" after the
+        # store: registered for sweeping first, the stored inputs never outlive retention.
+        await gw.store.register_inputs([i.key for i in inputs])
+        await gw.intake.store(inputs)
 
     job_input = resolve_input(
         body,
