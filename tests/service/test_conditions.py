@@ -12,7 +12,8 @@ import redis
 from fastapi.testclient import TestClient
 
 from service.config import GatewaySettings
-from tests.service.conftest import SYNTHESIS, broker_messages, data_url, png_bytes
+from tests.images import data_url, png_bytes
+from tests.service.conftest import SYNTHESIS, broker_messages
 
 CATALOG = {
     "default": "sd15",
