@@ -94,6 +94,14 @@ async def _check_depth(gw: Gateway, model: str) -> None:
             raise _queue_full(gw.settings, model)
 
 
+def _at_condition_parts(error: FieldError) -> FieldError:
+    """``error`` naming the condition_image parts where it names the list they stand for."""
+    loc = error.detail.loc
+    if loc[:3] != ["body", "condition", "images"]:
+        return error
+    return FieldError(["body", "condition_image", *loc[3:]], str(error), error.detail.type)
+
+
 def _rate_limited(settings: GatewaySettings, retry_after: float) -> ApiError:
     retry = max(1, math.ceil(retry_after))
     return ApiError(
@@ -173,6 +181,8 @@ async def _submit(
         )
         if webhook_error is not None:
             errors.append(webhook_error)
+    if uploads is not None and uploads.conditions:
+        errors = [_at_condition_parts(error) for error in errors]
     if errors:
         raise invalid(errors)
 
