@@ -11,6 +11,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from masactrl_jobs.schema import MAX_TARGETS
 from service.config import GatewaySettings
 from tests.images import data_url, png_bytes
 from tests.service.conftest import SYNTHESIS, broker_messages
@@ -260,3 +261,22 @@ def test_an_idempotent_multipart_edit_tells_its_condition_parts_apart(client: Te
     other = _multipart_edit(client, condition, [WHITE], **{"Idempotency-Key": "k1"})
     assert other.status_code == 422
     assert other.json()["error"]["details"][0]["type"] == "idempotency_key_reused"
+
+
+def test_the_most_condition_parts_fit_with_params_sent_as_a_file(client: TestClient) -> None:
+    params = {"target_prompts": ["a dog"] * MAX_TARGETS, "condition": {"model": "canny"}}
+    files = [("image", ("photo.png", png_bytes(), "image/png"))]
+    files += [("condition_image", ("c.png", WHITE, "image/png"))] * MAX_TARGETS
+    files += [("params", ("params.json", json.dumps(params).encode(), "application/json"))]
+    response = client.post("/v1/edits", files=files)
+    assert response.status_code == 202, response.text
+    assert len(response.json()["input"]["condition"]["images"]) == MAX_TARGETS
+
+
+def test_a_second_image_part_is_422(client: TestClient) -> None:
+    photo = ("image", ("photo.png", png_bytes(), "image/png"))
+    response = client.post(
+        "/v1/edits", files=[photo, photo], data={"params": '{"target_prompts": ["a dog"]}'}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["details"][0]["loc"] == ["body", "image"]

@@ -124,7 +124,8 @@ async def _parse_multipart(
         # File parts are spooled to disk past 1 MiB; the params part is held in memory, so it
         # gets its own limit (the middleware bounds the body as a whole).
         form = await request.form(
-            max_files=FILE_PARTS[("POST", "/v1/edits")],
+            # The image file parts, and params, which clients may send as a file too.
+            max_files=FILE_PARTS[("POST", "/v1/edits")] + 1,
             max_fields=4,
             max_part_size=params_part_limit(settings),
         )
@@ -137,6 +138,8 @@ async def _parse_multipart(
         raise invalid(
             [FieldError(("body", unknown[0]), f"unknown part {unknown[0]!r}", "extra_forbidden")]
         )
+    if len(form.getlist("image")) > 1:
+        raise invalid([FieldError(("body", "image"), "send one image part", "too_many_parts")])
     image = form.get("image")
     if not isinstance(image, UploadFile):
         raise invalid([FieldError(("body", "image"), "send the image as a file part", "missing")])
