@@ -14,7 +14,7 @@ from starlette.requests import Request
 
 from service.errors import ApiError, FieldError, Loc, invalid, validation_details
 
-__all__ = ["is_json", "media_type", "parse_json", "unsupported_media_type"]
+__all__ = ["is_json", "media_type", "parse_json", "refuse_duplicates", "unsupported_media_type"]
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -40,7 +40,8 @@ class _DuplicateKey(ValueError):
         self.key = key
 
 
-def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A ``json.loads`` object hook: a ValueError for a key given twice (JSON allows it)."""
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
@@ -52,7 +53,7 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def parse_json(model: type[Model], raw: bytes | str, prefix: Loc = ("body",)) -> Model:
     """``raw`` validated as ``model``; 422 for invalid JSON, a duplicate key or a bad field."""
     try:
-        json.loads(raw, object_pairs_hook=_refuse_duplicates)
+        json.loads(raw, object_pairs_hook=refuse_duplicates)
     except _DuplicateKey as exc:
         raise invalid(
             [FieldError((*prefix, exc.key), f"key {exc.key!r} is given twice", "duplicate_key")]

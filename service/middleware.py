@@ -4,8 +4,9 @@ A submission needs a few kilobytes unless it carries images inline as ``data:`` 
 body is held to a small limit (``max_json_bytes``) and earns one image's allowance (the base64
 size of ``max_image_bytes``) for every ``"data:`` string seen so far, up to the route's number of
 inline images. The rule looks at the bytes, not at field names, so a route that adds image fields
-only declares how many it takes (``INLINE_IMAGES``). A multipart edit gets one raw image on top of
-the small limit (the file part), plus the same allowance for inline masks in its ``params`` part.
+only declares how many it takes (``INLINE_IMAGES``). A multipart body earns one raw image for
+every file part header (``filename=``) seen so far, up to the route's number of file parts
+(``FILE_PARTS``), plus the same allowance for inline images in its ``params`` part.
 
 Bodies past the small limit are large uploads; only ``max_concurrent_large_uploads`` of them are
 read at once. The others wait, unread, for a slot (TCP holds their bytes back) and are answered
@@ -23,7 +24,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from masactrl_jobs.schema import MAX_MASK_REGIONS, MAX_TARGETS
 from service.errors import ApiError, error_response
 
-__all__ = ["INLINE_IMAGES", "BodyLimitMiddleware", "BodyLimits", "encoded_image_bytes"]
+__all__ = [
+    "FILE_PARTS",
+    "INLINE_IMAGES",
+    "BodyLimitMiddleware",
+    "BodyLimits",
+    "encoded_image_bytes",
+]
 
 # How many inline images a route's body may carry: (method, path) -> count.
 # Edits: the photo, mask pairs and one layout image per target; syntheses add a source layout.
@@ -31,9 +38,15 @@ INLINE_IMAGES: dict[tuple[str, str], int] = {
     ("POST", "/v1/edits"): 1 + 2 * MAX_MASK_REGIONS + MAX_TARGETS,
     ("POST", "/v1/syntheses"): 2 * MAX_MASK_REGIONS + MAX_TARGETS + 1,
 }
+# How many image file parts a route's multipart body may carry: (method, path) -> count.
+# Edits: the photo and one condition image per target.
+FILE_PARTS: dict[tuple[str, str], int] = {("POST", "/v1/edits"): 1 + MAX_TARGETS}
 # Multipart boundaries and part headers, on top of the parts themselves.
 _MULTIPART_OVERHEAD = 16 * 1024
 _MARKER = b'"data:'
+_FILE_MARKER = b"filename="
+# Longer than either marker less one byte: a marker split across two chunks is still seen.
+_TAIL = max(len(_MARKER), len(_FILE_MARKER)) - 1
 # Seconds a client refused for lack of an upload slot should wait.
 _BUSY_RETRY_AFTER = 5
 
@@ -50,7 +63,7 @@ class BodyLimits:
 
     small: int  # a body without inline images
     image: int  # the allowance for each inline image (base64)
-    raw_image: int  # a multipart image part
+    raw_image: int  # a multipart image file part
     ceiling: int  # no body is ever larger
     max_large_uploads: int  # bodies past ``small`` read at the same time
     slot_wait_seconds: float  # how long a large upload waits for its turn
@@ -59,12 +72,16 @@ class BodyLimits:
         """How many inline images the route takes."""
         return INLINE_IMAGES.get((method, path.rstrip("/") or "/"), 0)
 
+    def file_parts(self, method: str, path: str, multipart: bool) -> int:
+        """How many image file parts the route takes (none unless the body is multipart)."""
+        return FILE_PARTS.get((method, path.rstrip("/") or "/"), 0) if multipart else 0
+
     def route_max(self, method: str, path: str, multipart: bool) -> int:
         """The largest body this route can accept."""
-        images = self.inline_images(method, path)
-        most = self.small + images * self.image
-        if multipart and images:
-            most += self.raw_image + _MULTIPART_OVERHEAD
+        files = self.file_parts(method, path, multipart)
+        most = self.small + self.inline_images(method, path) * self.image
+        if files:
+            most += files * self.raw_image + _MULTIPART_OVERHEAD
         return min(most, self.ceiling)
 
 
@@ -84,8 +101,8 @@ def _declared_too_large(size: int, limit: int) -> ApiError:
     )
 
 
-def _too_large(limit: int, inline_images: int, multipart: bool, declared: int | None) -> ApiError:
-    parts = ["an image file part"] if multipart else []
+def _too_large(limit: int, inline_images: int, files: int, declared: int | None) -> ApiError:
+    parts = [f"{files} image file part{'s' if files > 1 else ''}"] if files else []
     if inline_images:
         parts.append(f"{inline_images} inline image{'s' if inline_images > 1 else ''}")
     what = " and ".join(parts) if parts else "no inline images"
@@ -144,16 +161,16 @@ class BodyLimitMiddleware:
             elif name == b"content-type":
                 multipart = value.lower().startswith(b"multipart/form-data")
         images = limits.inline_images(scope["method"], scope["path"])
+        files = limits.file_parts(scope["method"], scope["path"], multipart)
         route_max = limits.route_max(scope["method"], scope["path"], multipart)
-        base = limits.small
-        if multipart and images:
-            base += limits.raw_image + _MULTIPART_OVERHEAD
+        base = limits.small + (_MULTIPART_OVERHEAD if files else 0)
         if declared is not None and declared > route_max:
             await _answer(_declared_too_large(declared, route_max), scope, receive, send)
             return
 
         received = 0
         inline = 0
+        file_headers = 0
         tail = b""
         holds_slot = False
 
@@ -166,21 +183,25 @@ class BodyLimitMiddleware:
             holds_slot = True
 
         async def limited_receive() -> Message:
-            nonlocal received, inline, tail, holds_slot
+            nonlocal received, inline, file_headers, tail, holds_slot
             message = await receive()
             if message["type"] != "http.request":
                 return message
             chunk = message.get("body", b"")
             received += len(chunk)
-            # The tail carries a marker split across two chunks; it is shorter than the marker,
-            # so no marker is counted twice.
-            window = tail + chunk
-            inline += window.lower().count(_MARKER)
-            tail = window[-(len(_MARKER) - 1) :]
-            allowed = min(base + min(inline, images) * limits.image, route_max)
+            # The tail carries a marker split across two chunks; it is shorter than either
+            # marker, so no marker is counted twice.
+            window = (tail + chunk).lower()
+            inline += window.count(_MARKER)
+            if files:
+                file_headers += window.count(_FILE_MARKER)
+            tail = window[-_TAIL:]
+            earned_inline, earned_files = min(inline, images), min(file_headers, files)
+            earned = earned_inline * limits.image + earned_files * limits.raw_image
+            allowed = min(base + earned, route_max)
             if received > allowed:
                 # Raised inside the handler's body read; the ApiError handler answers 413.
-                raise _too_large(allowed, min(inline, images), multipart and images > 0, declared)
+                raise _too_large(allowed, earned_inline, earned_files, declared)
             if received > limits.small and not holds_slot:
                 await self._take_slot()
                 holds_slot = True

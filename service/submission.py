@@ -10,7 +10,8 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from masactrl_jobs.catalog import UnknownModel
 from masactrl_jobs.ids import new_id
@@ -22,7 +23,7 @@ from service.errors import ApiError, FieldError, invalid
 from service.gateway import Gateway
 from service.validation import check_request, check_webhook_url, resolve_input
 
-__all__ = ["Submitted", "parse_prefer_wait", "request_hash", "submit"]
+__all__ = ["Submitted", "Uploads", "parse_prefer_wait", "request_hash", "submit"]
 
 _WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d{1,6})\"?", re.IGNORECASE)
 
@@ -36,6 +37,23 @@ class Submitted:
     replayed: bool = False
     # The seconds of ``Prefer: wait`` honoured before answering; None when none was asked.
     waited_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class Uploads:
+    """Image files sent as multipart parts: the photo, and condition images in target order
+    (each standing for the entry of ``condition.images`` at its index)."""
+
+    image: bytes
+    conditions: Sequence[bytes] = field(default_factory=tuple)
+
+    def sha256(self) -> str:
+        """A digest of the files, for the request hash (the photo's own digest when alone)."""
+        image = hashlib.sha256(self.image).hexdigest()
+        if not self.conditions:
+            return image
+        digests = [image, *(hashlib.sha256(c).hexdigest() for c in self.conditions)]
+        return hashlib.sha256(" ".join(digests).encode()).hexdigest()
 
 
 def parse_prefer_wait(prefer: str | None, cap: int) -> int | None:
@@ -76,6 +94,14 @@ async def _check_depth(gw: Gateway, model: str) -> None:
             raise _queue_full(gw.settings, model)
 
 
+def _at_condition_parts(error: FieldError) -> FieldError:
+    """``error`` naming the condition_image parts where it names the list they stand for."""
+    loc = error.detail.loc
+    if loc[:3] != ["body", "condition", "images"]:
+        return error
+    return FieldError(["body", "condition_image", *loc[3:]], str(error), error.detail.type)
+
+
 def _rate_limited(settings: GatewaySettings, retry_after: float) -> ApiError:
     retry = max(1, math.ceil(retry_after))
     return ApiError(
@@ -112,17 +138,17 @@ async def submit(
     kind: JobKind,
     body: EditCreate | EditParams | SynthesisCreate,
     *,
-    upload: bytes | None = None,
+    uploads: Uploads | None = None,
     idempotency_key: str | None = None,
     prefer: str | None = None,
 ) -> Submitted:
     """Validate, store inputs, record and enqueue one job (or find the one it replays)."""
     wait = parse_prefer_wait(prefer, gw.settings.max_wait_seconds)
     if wait is None:
-        return await _submit(gw, tenant, kind, body, upload, idempotency_key, None)
+        return await _submit(gw, tenant, kind, body, uploads, idempotency_key, None)
     # Taken before anything is created, so a refused wait (429) leaves no job behind.
     with gw.hold("wait", tenant):
-        return await _submit(gw, tenant, kind, body, upload, idempotency_key, wait)
+        return await _submit(gw, tenant, kind, body, uploads, idempotency_key, wait)
 
 
 async def _submit(
@@ -130,15 +156,14 @@ async def _submit(
     tenant: Tenant,
     kind: JobKind,
     body: EditCreate | EditParams | SynthesisCreate,
-    upload: bytes | None,
+    uploads: Uploads | None,
     idempotency_key: str | None,
     wait: int | None,
 ) -> Submitted:
     settings = gw.settings
     this_hash = ""
     if idempotency_key is not None:
-        upload_sha = hashlib.sha256(upload).hexdigest() if upload is not None else None
-        this_hash = request_hash(kind, body, upload_sha)
+        this_hash = request_hash(kind, body, uploads.sha256() if uploads is not None else None)
         existing = await gw.store.idempotency(tenant.name, idempotency_key)
         if existing is not None:
             replay = await _replay(gw, tenant, existing[1], existing[0], this_hash)
@@ -156,6 +181,8 @@ async def _submit(
         )
         if webhook_error is not None:
             errors.append(webhook_error)
+    if uploads is not None and uploads.conditions:
+        errors = [_at_condition_parts(error) for error in errors]
     if errors:
         raise invalid(errors)
 
@@ -175,8 +202,8 @@ async def _submit(
         await _check_depth(gw, entry.name)
         # Every input is read and validated before any is stored: a bad mask must not leave
         # the image behind, outside retention.
-        if upload is not None:
-            image = await gw.intake.check(upload, ("body", "image"))
+        if uploads is not None:
+            image = await gw.intake.check(uploads.image, ("body", "image"))
         elif isinstance(body, EditCreate):
             image = await gw.intake.read(body.image, ("body", "image"))
         masks: list[ValidatedImage] = []
@@ -189,8 +216,12 @@ async def _submit(
         conditions: list[ValidatedImage] = []
         if body.condition is not None:
             for i, ref in enumerate(body.condition.images):
-                loc = ("body", "condition", "images", i)
-                stored = await gw.intake.read(ref, loc, "condition image")
+                if uploads is not None and uploads.conditions:
+                    loc: tuple[str | int, ...] = ("body", "condition_image", i)
+                    stored = await gw.intake.check(uploads.conditions[i], loc, "condition image")
+                else:
+                    loc = ("body", "condition", "images", i)
+                    stored = await gw.intake.read(ref, loc, "condition image")
                 conditions.append(stored)
                 condition_keys.append(stored.key)
             if body.condition.source_image is not None:
@@ -202,11 +233,13 @@ async def _submit(
                 conditions.append(stored)
                 source_condition_key = stored.key
         # Fetching may have taken seconds: look again, so that the queue filling up meanwhile
-        # is caught before anything is stored. (A job created in the last moment can still make
-        # create() answer "full" after the store; closing that needs the inputs registered for
-        # sweeping first, a store operation.)
+        # is caught before anything is stored.
         await _check_depth(gw, entry.name)
-        await gw.intake.store([*([image] if image else []), *masks, *conditions])
+        inputs = [*([image] if image else []), *masks, *conditions]
+        # A job created in the last moment can still make create() answer "full" after the
+        # store: registered for sweeping first, the stored inputs never outlive retention.
+        await gw.store.register_inputs([i.key for i in inputs])
+        await gw.intake.store(inputs)
 
     job_input = resolve_input(
         body,

@@ -35,7 +35,15 @@ from worker.janitor import Janitor
 from worker.leases import Periodic
 from worker.webhooks import Deliverer, Emitter, RetryPolicy, RetryScheduler
 
-__all__ = ["Role", "WorkerRuntime", "configure", "current", "reset"]
+__all__ = [
+    "Role",
+    "WorkerRuntime",
+    "configure",
+    "current",
+    "is_local_process",
+    "new_worker_id",
+    "reset",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +97,13 @@ def current() -> WorkerRuntime:
 def new_worker_id(role: str) -> str:
     """Unique per process: a restarted pool child must not inherit its predecessor's leases."""
     return f"{socket.gethostname()}:{role}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def is_local_process(worker_id: str, pid: int | None) -> bool:
+    """Whether ``worker_id`` (from :func:`new_worker_id`) names process ``pid`` on this host."""
+    host = worker_id.split(":", 1)[0]
+    named_pid = worker_id.rsplit(":", 2)[-2] if worker_id.count(":") >= 3 else ""
+    return pid is not None and host == socket.gethostname() and named_pid == str(pid)
 
 
 class WorkerRuntime:
@@ -166,16 +181,28 @@ class WorkerRuntime:
             raise RuntimeError("this process has no engine; is it a GPU worker pool process?")
         return self.runner.run(job_id)
 
-    def fail_timed_out(self, job_id: str) -> None:
-        """The hard time limit killed the job's process: record the failure (parent side)."""
+    def fail_timed_out(self, job_id: str, worker_pid: int | None) -> None:
+        """The hard time limit killed pool child ``worker_pid``: fail the attempt it was running.
+
+        Parent side. Only the child's own attempt is failed, fenced like every other end of a
+        job: a later attempt (another worker took over after this one's lease expired) is left
+        to finish.
+        """
+        record = self.store.get(job_id)
+        if record is None or not is_local_process(record.worker_id or "", worker_pid):
+            logger.info("job %s: its latest attempt is not the timed-out one; left as is", job_id)
+            return
         limit = self.settings.time_limit_seconds
         result = self.store.fail(
             job_id,
             "timeout",
             f"the job ran longer than the hard limit of {limit:g} s and was stopped",
+            attempt=record.attempts,
         )
         if result.ok:
             self.emitter.emit_terminal(job_id)
+        else:
+            logger.info("job %s: timeout not recorded (%s)", job_id, result.outcome)
 
     # -- webhook worker --------------------------------------------------------------------
 

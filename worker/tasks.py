@@ -12,30 +12,40 @@ import logging
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import TimeLimitExceeded
+from celery.worker import state
+from celery.worker.request import Request
 
 from masactrl_jobs.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK
 from worker import runtime
 from worker.config import WorkerSettings
 
-__all__ = ["JobTask", "deliver_webhook", "register_tasks", "run_job"]
+__all__ = ["JobRequest", "JobTask", "deliver_webhook", "register_tasks", "run_job"]
 
 logger = logging.getLogger(__name__)
 
 
-class JobTask(Task):
-    """Base of ``run_job``: records hard time-limit kills, which bypass the task body."""
+class JobRequest(Request):
+    """A ``run_job`` delivery in the pool's parent: records hard time-limit kills, which bypass
+    the task body."""
 
-    def on_failure(
-        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
-    ) -> None:
-        # Celery calls this in the pool's parent after killing a child at the hard limit; the
-        # job is still `running` there, so say why it stopped instead of letting it rerun.
-        if isinstance(exc, TimeLimitExceeded) and args:
-            try:
-                runtime.current().fail_timed_out(str(args[0]))
-            except Exception:
-                logger.exception("could not record the timeout of job %s", args[0])
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        # Celery kills the child at the hard limit; the job is still `running`, so say why it
+        # stopped instead of letting it rerun. The killed child's pid tells which attempt was
+        # its own (a cold shutdown's kills are no timeouts, as Celery itself treats them).
+        if soft or state.should_terminate or not self.args:
+            return
+        job_id = str(self.args[0])
+        try:
+            runtime.current().fail_timed_out(job_id, self.worker_pid)
+        except Exception:
+            logger.exception("could not record the timeout of job %s", job_id)
+
+
+class JobTask(Task):
+    """Base of ``run_job``, whose deliveries are :class:`JobRequest` objects."""
+
+    Request = JobRequest
 
 
 def run_job(self: Task, job_id: str) -> str:

@@ -475,6 +475,21 @@ class JobOperations:
         return due(self.keys.inputs, now, limit)
 
     @operation
+    def register_inputs(self, keys: Sequence[str], now: float | None = None) -> Call[int]:
+        """Schedule input keys for removal a retention period from ``now``, before storing them.
+
+        Registered first, an object whose job is then refused (a queue that filled meanwhile)
+        is still swept. ``GT`` never shortens a later removal time another job set for the same
+        content-addressed key; ``create`` registers its inputs the same way.
+        """
+        keys = list(dict.fromkeys(keys))
+        if not keys:
+            return nothing(0)
+        expire_at = (time.time() if now is None else now) + self.retention_seconds
+        pairs = [item for key in keys for item in (expire_at, key)]
+        return Call(None, (), ["ZADD", self.keys.inputs, "GT", *pairs], int)
+
+    @operation
     def forget_inputs(self, keys: Sequence[str], now: float | None = None) -> Call[TextList]:
         """Drop the still-expired keys from the index and return them (delete those objects)."""
         if not keys:

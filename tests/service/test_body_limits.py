@@ -50,9 +50,10 @@ async def call(
     *,
     declared: int | None = None,
     gate: asyncio.Event | None = None,
+    content_type: bytes = b"application/json",
 ) -> tuple[int, dict[str, Any]]:
     """POST ``chunks`` to /v1/edits; the last chunk waits for ``gate`` when given."""
-    headers = [(b"content-type", b"application/json")]
+    headers = [(b"content-type", content_type)]
     if declared is not None:
         headers.append((b"content-length", str(declared).encode()))
     scope = {
@@ -135,3 +136,38 @@ def test_large_uploads_past_the_cap_wait_then_get_503() -> None:
 def test_routes_without_images_take_no_image_allowance(path: str) -> None:
     assert limits().inline_images("POST", path) == 0
     assert limits().route_max("POST", path, multipart=False) == SMALL
+
+
+MULTIPART = b"multipart/form-data; boundary=b"
+
+
+def file_part(name: str, size: int) -> list[bytes]:
+    """A multipart file part, its header split across two chunks."""
+    return [
+        f'--b\r\nContent-Disposition: form-data; name="{name}"; file'.encode(),
+        b'name="x.png"\r\n\r\n',
+        b"P" * size + b"\r\n",
+    ]
+
+
+def test_each_file_part_earns_one_raw_image_up_to_the_routes_parts() -> None:
+    from service.middleware import FILE_PARTS
+
+    app = make_app(limits(raw_image=40_000, max_large_uploads=5))
+    three = [*file_part("image", 40_000), *(file_part("condition_image", 40_000) * 2), b"--b--"]
+    status, body = asyncio.run(call(app, three, content_type=MULTIPART))
+    assert status == 200 and body["read"] > 120_000
+    # The same bytes in one file part earn one raw image only.
+    one = [*file_part("image", 120_000), b"--b--"]
+    status, body = asyncio.run(call(app, one, content_type=MULTIPART))
+    assert status == 413 and "1 image file part" in body["error"]["message"]
+    parts = FILE_PARTS[("POST", "/v1/edits")]
+    many = [chunk for _ in range(parts + 2) for chunk in file_part("condition_image", 40_000)]
+    status, body = asyncio.run(call(app, many, content_type=MULTIPART))
+    assert status == 413 and f"{parts} image file parts" in body["error"]["message"]
+
+
+def test_a_json_body_earns_nothing_for_file_part_headers() -> None:
+    app = make_app(limits(raw_image=40_000, max_large_uploads=5))
+    status, _ = asyncio.run(call(app, [b'{"x": "filename=', b"A" * 5000, b'"}']))
+    assert status == 413

@@ -11,6 +11,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from masactrl_jobs.schema import MAX_TARGETS
 from service.config import GatewaySettings
 from tests.images import data_url, png_bytes
 from tests.service.conftest import SYNTHESIS, broker_messages
@@ -172,3 +173,110 @@ def test_anchor_source_is_for_edits_only(client: TestClient) -> None:
     response = client.post("/v1/syntheses", json={**SYNTHESIS, "anchor_source": True})
     assert response.status_code == 422
     assert response.json()["error"]["details"][0]["loc"] == ["body", "anchor_source"]
+
+
+# --- condition images as multipart file parts --------------------------------------------------
+
+BLACK, WHITE = png_bytes(color=(0, 0, 0)), png_bytes(color=(255, 255, 255))
+
+
+def _multipart_edit(
+    client: TestClient,
+    condition: dict[str, Any] | None,
+    parts: list[bytes],
+    **headers: str,
+) -> Any:
+    params: dict[str, Any] = {"target_prompts": ["a cat in a hat", "a dog"]}
+    if condition is not None:
+        params["condition"] = condition
+    files = [("image", ("photo.png", png_bytes(), "image/png"))]
+    files += [("condition_image", (f"c{i}.png", p, "image/png")) for i, p in enumerate(parts)]
+    return client.post(
+        "/v1/edits", files=files, data={"params": json.dumps(params)}, headers=headers
+    )
+
+
+def test_condition_images_as_file_parts_are_stored_in_order(
+    client: TestClient, settings: GatewaySettings
+) -> None:
+    response = _multipart_edit(client, {"model": "canny", "scale": 0.5}, [BLACK, WHITE])
+    assert response.status_code == 202, response.text
+    condition = response.json()["input"]["condition"]
+    assert condition["scale"] == 0.5
+    # The same images as references in a JSON edit resolve to the same keys, in the same order.
+    as_json = _edit(condition=_condition(images=[data_url(BLACK), data_url(WHITE)]))
+    expected = client.post("/v1/edits", json=as_json).json()["input"]["condition"]["images"]
+    assert condition["images"] == expected and expected[0] != expected[1]
+    root = Path(settings.storage_url.removeprefix("file://"))
+    assert all((root / key).is_file() for key in condition["images"])
+
+
+@pytest.mark.parametrize(
+    ("condition", "parts", "loc", "message"),
+    [
+        (_condition(), [WHITE], ["body", "params", "condition", "images"], "not both"),
+        (None, [WHITE], ["body", "params", "condition"], "need a condition"),
+        ({"model": "canny"}, [WHITE, b"not an image"], ["body", "condition_image", 1], ""),
+        ({"model": "canny"}, [WHITE] * 3, ["body", "condition_image"], "per target"),
+        ({"model": "canny"}, [], ["body", "params", "condition", "images"], ""),
+    ],
+    ids=["part and list", "no condition", "not an image", "count", "neither"],
+)
+def test_bad_condition_parts_are_422_naming_the_field(
+    client: TestClient,
+    settings: GatewaySettings,
+    condition: dict[str, Any] | None,
+    parts: list[bytes],
+    loc: list[Any],
+    message: str,
+) -> None:
+    root = Path(settings.storage_url.removeprefix("file://"))
+    before = sorted(root.rglob("*"))
+    response = _multipart_edit(client, condition, parts)
+    assert response.status_code == 422, response.text
+    detail = response.json()["error"]["details"][0]
+    assert detail["loc"] == loc and message in detail["message"]
+    assert sorted(root.rglob("*")) == before  # a refused request stores nothing
+
+
+def test_a_condition_part_over_the_image_limit_is_422(
+    make_settings: Callable[..., GatewaySettings], make_client: Callable[..., TestClient]
+) -> None:
+    client = make_client(make_settings(catalog=json.dumps(CATALOG), max_image_bytes=4096))
+    big = b"\x89PNG" + b"x" * 5000
+    response = _multipart_edit(client, {"model": "canny"}, [WHITE, big])
+    assert response.status_code == 422, response.text
+    detail = response.json()["error"]["details"][0]
+    assert (
+        detail["loc"] == ["body", "condition_image", 1] and "condition image" in detail["message"]
+    )
+
+
+def test_an_idempotent_multipart_edit_tells_its_condition_parts_apart(client: TestClient) -> None:
+    condition = {"model": "canny"}
+    first = _multipart_edit(client, condition, [BLACK], **{"Idempotency-Key": "k1"})
+    assert first.status_code == 202, first.text
+    replay = _multipart_edit(client, condition, [BLACK], **{"Idempotency-Key": "k1"})
+    assert replay.status_code == 200 and replay.json()["id"] == first.json()["id"]
+    other = _multipart_edit(client, condition, [WHITE], **{"Idempotency-Key": "k1"})
+    assert other.status_code == 422
+    assert other.json()["error"]["details"][0]["type"] == "idempotency_key_reused"
+
+
+def test_the_most_condition_parts_fit_with_params_sent_as_a_file(client: TestClient) -> None:
+    params = {"target_prompts": ["a dog"] * MAX_TARGETS, "condition": {"model": "canny"}}
+    files = [("image", ("photo.png", png_bytes(), "image/png"))]
+    files += [("condition_image", ("c.png", WHITE, "image/png"))] * MAX_TARGETS
+    files += [("params", ("params.json", json.dumps(params).encode(), "application/json"))]
+    response = client.post("/v1/edits", files=files)
+    assert response.status_code == 202, response.text
+    assert len(response.json()["input"]["condition"]["images"]) == MAX_TARGETS
+
+
+def test_a_second_image_part_is_422(client: TestClient) -> None:
+    photo = ("image", ("photo.png", png_bytes(), "image/png"))
+    response = client.post(
+        "/v1/edits", files=[photo, photo], data={"params": '{"target_prompts": ["a dog"]}'}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["details"][0]["loc"] == ["body", "image"]

@@ -335,3 +335,37 @@ def test_a_queue_that_fills_while_inputs_are_read_leaves_no_stored_image(
     response = client.post("/v1/edits", json=edit_body())
     assert response.status_code == 429, response.text
     assert storage_files(settings) == before
+
+
+def test_inputs_stored_before_a_create_refused_as_full_are_swept(
+    make_settings: Callable[..., GatewaySettings],
+    make_client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.intake import ImageIntake
+
+    settings = make_settings(max_queue_depth=1, job_retention_seconds=60)
+    client = make_client(settings)
+    original = ImageIntake.store
+
+    async def store_after_the_queue_filled(self: ImageIntake, images: Any) -> None:
+        # The second depth check has passed; another client takes the last place now, so
+        # create() answers "full" after the image is stored.
+        other = make_client(settings)
+        assert other.post("/v1/syntheses", json=SYNTHESIS).status_code == 202
+        await original(self, images)
+
+    monkeypatch.setattr(ImageIntake, "store", store_after_the_queue_filled)
+    before = storage_files(settings)
+    response = client.post("/v1/edits", json=edit_body())
+    assert response.status_code == 429, response.text
+    orphans = [key for key in storage_files(settings) if key not in before]
+    assert orphans and all(key.startswith("inputs/") for key in orphans)
+
+    # Retention's sweeper removes them once their time has come.
+    gateway = client.app.state.gateway  # type: ignore[attr-defined]
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    _, inputs_removed = client.portal.call(gateway.sweep_expired)  # type: ignore[union-attr]
+    assert inputs_removed == len(orphans)
+    assert storage_files(settings) == before

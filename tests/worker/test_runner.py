@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +23,7 @@ from PIL import Image
 
 from masactrl_core import ControlConfig
 from masactrl_jobs.catalog import load_catalog
-from masactrl_jobs.queue import make_celery, queue_name
+from masactrl_jobs.queue import RUN_JOB_TASK, make_celery, queue_name
 from masactrl_jobs.schema import ControlInput, JobInput, JobKind, JobStatus, WebhookCreate
 from masactrl_jobs.storage import FileStorage, StorageUnavailable
 from masactrl_jobs.store import ErrorRecord, JobStore
@@ -741,24 +743,58 @@ def test_a_mask_word_missing_from_the_prompt_is_invalid_input(
 # --- the hard time limit (recorded by the pool's parent process) ------------------------------
 
 
-def test_a_hard_time_limit_kill_is_recorded_as_timeout(
-    settings: WorkerSettings, store: JobStore, app: Any
-) -> None:
-    from celery.exceptions import TimeLimitExceeded
+def hard_timeout(settings: WorkerSettings, job_id: str, killed_pid: int) -> None:
+    """What the pool's parent does when the hard time limit killed child ``killed_pid``."""
+    from celery.contrib.testing.mocks import TaskMessage
 
     from worker import runtime
-    from worker.tasks import JobTask
+    from worker.celery_app import create_worker_app
+    from worker.tasks import JobRequest
 
-    job_id = create_job(store)
-    assert store.acquire_lease(job_id, "killed-child", ttl=30)
-    store.start(job_id, "killed-child")
+    app = create_worker_app(settings)  # the worker's own app, where run_job is registered
+    request = JobRequest(
+        TaskMessage(RUN_JOB_TASK, args=[job_id]), app=app, task=app.tasks[RUN_JOB_TASK]
+    )
+    request.worker_pid = killed_pid
     runtime.configure(settings, app, "gpu", entry=load_catalog(settings).get("tiny"), source="-")
     try:
-        JobTask().on_failure(TimeLimitExceeded(660), "task-id", [job_id], {}, None)
+        request.on_timeout(False, 660)
     finally:
         runtime.reset()
+
+
+def test_a_hard_time_limit_kill_is_recorded_as_timeout(
+    settings: WorkerSettings, store: JobStore
+) -> None:
+    from worker.runtime import new_worker_id
+
+    killed_child = new_worker_id("tiny")  # this test's pid stands for the killed child's
+    job_id = create_job(store)
+    assert store.acquire_lease(job_id, killed_child, ttl=30)
+    store.start(job_id, killed_child)
+    hard_timeout(settings, job_id, os.getpid())
     record = store.get(job_id)
     assert record is not None and record.status is JobStatus.failed
     assert record.error is not None and record.error.code == "timeout"
     assert "hard limit" in record.error.message
     assert store.redis.get(store.keys.lease(job_id)) is None
+
+
+def test_a_hard_time_limit_kill_does_not_fail_a_later_attempt(
+    settings: WorkerSettings, store: JobStore
+) -> None:
+    from worker.runtime import new_worker_id
+
+    killed_child = new_worker_id("tiny")
+    job_id = create_job(store)
+    assert store.start(job_id, killed_child).attempts == 1
+    # Attempt 1 stalled past its lease; another worker's child took the job over.
+    other_child = f"{socket.gethostname()}:tiny:{os.getpid() + 1}:0a1b2c"
+    assert store.acquire_lease(job_id, other_child, ttl=30)
+    assert store.start(job_id, other_child).attempts == 2
+    hard_timeout(settings, job_id, os.getpid())
+    record = store.get(job_id)
+    assert record is not None and record.status is JobStatus.running and record.error is None
+    assert record.attempts == 2 and record.worker_id == other_child
+    assert store.redis.get(store.keys.lease(job_id)) is not None
+    assert store.succeed(job_id, [], attempt=2).ok

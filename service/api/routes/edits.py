@@ -1,6 +1,14 @@
-"""POST /v1/edits: real-image edits, as JSON or as multipart with an image file part."""
+"""POST /v1/edits: real-image edits, as JSON or as multipart with image file parts.
+
+A multipart edit sends the photo as the ``image`` part and may send its condition images as
+``condition_image`` parts, in target order; ``params.condition`` then names the condition model
+and leaves out ``images``. The parts are validated and stored by the same intake rules as
+references (``service.intake``).
+"""
 
 from __future__ import annotations
+
+import json
 
 from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
@@ -8,14 +16,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from masactrl_jobs.images import too_large_message
-from masactrl_jobs.schema import MAX_MASK_REGIONS, EditCreate, EditParams, JobKind
+from masactrl_jobs.schema import MAX_MASK_REGIONS, MAX_TARGETS, EditCreate, EditParams, JobKind
 from service.api.deps import CROSS_FIELD_RULES, DirectRoute, Submission, submission_openapi
 from service.api.responses import errors, job_response, submitted_response
-from service.bodies import is_json, media_type, parse_json, unsupported_media_type
+from service.bodies import (
+    is_json,
+    media_type,
+    parse_json,
+    refuse_duplicates,
+    unsupported_media_type,
+)
 from service.config import GatewaySettings
 from service.errors import FieldError, invalid
-from service.middleware import encoded_image_bytes
-from service.submission import submit
+from service.middleware import FILE_PARTS, encoded_image_bytes
+from service.submission import Uploads, submit
 
 router = APIRouter(prefix="/v1/edits", tags=["edits"], route_class=DirectRoute)
 
@@ -33,6 +47,14 @@ _OPENAPI = submission_openapi(
                         "format": "binary",
                         "description": "The image file (PNG, JPEG or WebP).",
                     },
+                    "condition_image": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "maxItems": MAX_TARGETS,
+                        "description": "Condition image files (PNG, JPEG or WebP), one per "
+                        "target prompt in order, or one for all; `params.condition` then names "
+                        "the condition model and leaves out `images`.",
+                    },
                     "params": {"$ref": "#/components/schemas/EditParams"},
                 },
             },
@@ -40,7 +62,10 @@ _OPENAPI = submission_openapi(
         },
     }
 )
-MULTIPART_PARTS = {"image", "params"}
+MULTIPART_PARTS = {"image", "condition_image", "params"}
+# The reference each condition_image part stands for in ``params.condition.images`` while the
+# params are validated; the submission reads the part's bytes in its place.
+_PART_REF = "part:condition_image/{}"
 
 
 def params_part_limit(settings: GatewaySettings) -> int:
@@ -49,13 +74,60 @@ def params_part_limit(settings: GatewaySettings) -> int:
     return min(settings.max_json_bytes + masks, settings.max_request_bytes)
 
 
-async def _parse_multipart(request: Request, settings: GatewaySettings) -> tuple[EditParams, bytes]:
+async def _read_file(
+    part: UploadFile, loc: tuple[str | int, ...], what: str, max_bytes: int
+) -> bytes:
+    if part.size is not None and part.size > max_bytes:
+        # The body limit lets a little more than max_bytes through; name the real size.
+        raise FieldError(loc, too_large_message(what, part.size, max_bytes), "invalid_image")
+    # Read one byte past the limit: enough to know it is too large without holding more.
+    return await part.read(max_bytes + 1)
+
+
+def _with_part_refs(params_text: bytes | str, parts: int) -> bytes | str:
+    """The params with ``condition.images`` standing for ``parts`` condition_image parts."""
+    try:
+        params = json.loads(params_text, object_pairs_hook=refuse_duplicates)
+    except ValueError:
+        return params_text  # parse_json names the JSON error or the duplicate key
+    condition = params.get("condition") if isinstance(params, dict) else None
+    if not isinstance(condition, dict):
+        raise invalid(
+            [
+                FieldError(
+                    ("body", "params", "condition"),
+                    "condition_image parts need a condition in params naming its model",
+                    "missing",
+                )
+            ]
+        )
+    if "images" in condition:
+        raise invalid(
+            [
+                FieldError(
+                    ("body", "params", "condition", "images"),
+                    "send the condition images either as condition_image parts or in "
+                    "params.condition.images, not both",
+                    "conflicting_condition_images",
+                )
+            ]
+        )
+    condition["images"] = [_PART_REF.format(i) for i in range(parts)]
+    return json.dumps(params)
+
+
+async def _parse_multipart(
+    request: Request, settings: GatewaySettings
+) -> tuple[EditParams, Uploads]:
     max_bytes = settings.max_image_bytes
     try:
-        # The image part is spooled to disk past 1 MiB; the params part is held in memory, so it
+        # File parts are spooled to disk past 1 MiB; the params part is held in memory, so it
         # gets its own limit (the middleware bounds the body as a whole).
         form = await request.form(
-            max_files=2, max_fields=4, max_part_size=params_part_limit(settings)
+            # The image file parts, and params, which clients may send as a file too.
+            max_files=FILE_PARTS[("POST", "/v1/edits")] + 1,
+            max_fields=4,
+            max_part_size=params_part_limit(settings),
         )
     except MultiPartException as exc:
         raise invalid([FieldError(("body",), f"malformed multipart body: {exc.message}")]) from None
@@ -66,6 +138,8 @@ async def _parse_multipart(request: Request, settings: GatewaySettings) -> tuple
         raise invalid(
             [FieldError(("body", unknown[0]), f"unknown part {unknown[0]!r}", "extra_forbidden")]
         )
+    if len(form.getlist("image")) > 1:
+        raise invalid([FieldError(("body", "image"), "send one image part", "too_many_parts")])
     image = form.get("image")
     if not isinstance(image, UploadFile):
         raise invalid([FieldError(("body", "image"), "send the image as a file part", "missing")])
@@ -73,15 +147,21 @@ async def _parse_multipart(request: Request, settings: GatewaySettings) -> tuple
     if raw_params is None:
         raise invalid([FieldError(("body", "params"), "this part is required", "missing")])
     params_text = await raw_params.read() if isinstance(raw_params, UploadFile) else raw_params
+    condition_parts = form.getlist("condition_image")
+    for i, part in enumerate(condition_parts):
+        if not isinstance(part, UploadFile):
+            loc = ("body", "condition_image", i)
+            raise invalid([FieldError(loc, "send each condition image as a file part", "invalid")])
+    if condition_parts:
+        params_text = _with_part_refs(params_text, len(condition_parts))
     params = parse_json(EditParams, params_text, prefix=("body", "params"))
-    if image.size is not None and image.size > max_bytes:
-        # The body limit lets a little more than max_bytes through; name the real size.
-        raise FieldError(
-            ("body", "image"), too_large_message("image", image.size, max_bytes), "invalid_image"
-        )
-    # Read one byte past the limit: enough to know it is too large without holding more.
-    data = await image.read(max_bytes + 1)
-    return params, data
+    image_data = await _read_file(image, ("body", "image"), "image", max_bytes)
+    conditions = [
+        await _read_file(part, ("body", "condition_image", i), "condition image", max_bytes)
+        for i, part in enumerate(condition_parts)
+        if isinstance(part, UploadFile)
+    ]
+    return params, Uploads(image_data, conditions)
 
 
 _SUMMARY = "Submit a real-image edit (JSON with an image URL, or multipart with an image file)."
@@ -105,19 +185,20 @@ async def create_edit(request: Request) -> Response:
     content_type = media_type(request)
     if is_json(content_type):
         body: EditCreate | EditParams = parse_json(EditCreate, await request.body())
-        upload = None
+        uploads = None
     elif content_type == "multipart/form-data":
-        body, upload = await _parse_multipart(request, context.gateway.settings)
+        body, uploads = await _parse_multipart(request, context.gateway.settings)
     else:
         raise unsupported_media_type(
-            "application/json, or multipart/form-data with 'image' and 'params' parts"
+            "application/json, or multipart/form-data with 'image' and 'params' parts "
+            "(and optional 'condition_image' parts)"
         )
     submitted = await submit(
         context.gateway,
         context.tenant,
         JobKind.edit,
         body,
-        upload=upload,
+        uploads=uploads,
         idempotency_key=context.idempotency_key,
         prefer=context.prefer,
     )
