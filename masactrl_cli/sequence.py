@@ -31,6 +31,7 @@ from masactrl_cli.generate import (
     load_image,
     one_line,
     prepare_out_dir,
+    quiet_libraries,
     resolve_run,
     versions,
     write_json,
@@ -91,8 +92,8 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     frames.add_argument(
         "--fps",
         type=_positive_float,
-        help="with --video: the sampling rate (default: every frame); the animation's rate "
-        f"(default: the video's, or {DEFAULT_FPS:g} for image frames)",
+        help="frames a second: the rate --video is sampled at (default: every frame) and the "
+        f"animation's rate (default: the video's, or {DEFAULT_FPS:g} for image frames)",
     )
     frames.add_argument(
         "--max-frames", type=positive_int, help="with --video: take at most this many frames"
@@ -178,16 +179,12 @@ def run(args: argparse.Namespace) -> int:
     check_model(args.model)
     _check_source(args)
     photo = None if args.image is None else load_image(args.image)
+    quiet_libraries()  # before the engine module brings in diffusers and transformers
     from masactrl_core.engine import EngineOptions
 
     frames = read_condition_frames(args, EngineOptions().max_sequence_frames)
     count = len(frames.images)
-    prompts = list(args.target_prompts)
-    if len(prompts) not in (1, count):
-        raise UsageError(
-            f"give one --target-prompt for all frames or one per frame ({count}), "
-            f"got {len(prompts)}"
-        )
+    prompts = list(args.target_prompts)  # one for all frames or one each: the engine checks
     condition = condition_options(args, targets=count, editing=photo is not None, frames=count)
     if condition is None:
         raise UsageError("a sequence needs --condition-model (the frames are its layouts)")

@@ -219,6 +219,26 @@ def test_a_video_keeps_its_own_rate_without_fps(
     assert run["fps"] == pytest.approx(12.0)
 
 
+def test_a_photo_source_is_inverted_and_anchored(
+    tiny_checkpoint: Path, controlnet: Path, frame_files: list[Path], tmp_path: Path
+) -> None:
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3)).save(photo)
+    out = tmp_path / "out"
+    argv = ["sequence", "--model", str(tiny_checkpoint), "--image", str(photo), "--anchor-source"]
+    argv += ["--target-prompt", TARGET, "--condition-model", str(controlnet)]
+    argv += ["--frame", str(frame_files[0]), "--frame", str(frame_files[1])]
+    argv += ["--steps", str(STEPS), "--start-step", "1", *SIZE, "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["anchor_source"] is True
+    assert run["image"]["path"] == str(photo) and run["image"]["size"] == [64, 64]
+    assert run["source_prompt"] == ""
+    assert run["frame_count"] == 2
+    assert run["timings"]["inversion_seconds"] > 0
+    assert (out / "frame_001.png").is_file() and (out / "sequence.webp").is_file()
+
+
 # --- bad input: one line, exit 2, nothing written ----------------------------------------------
 
 
@@ -310,4 +330,4 @@ def test_bad_input_is_one_line_and_exit_2(
     assert "Traceback" not in err
     assert "sequence" in lines[0] and "error: " in lines[0]
     assert message in lines[0]
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o" / "run.json").exists()
