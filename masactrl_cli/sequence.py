@@ -156,12 +156,13 @@ def read_condition_frames(args: argparse.Namespace, limit: int) -> Frames:
             images = read_frames(args.frame_files)
             fps = args.fps or DEFAULT_FPS
             record = {"files": [str(path) for path in args.frame_files]}
-        if len(images) > limit:
-            more = "more than " if args.video is not None else ""
+        if len(images) > limit and args.video is not None:
             raise UsageError(
-                f"a sequence takes at most {limit} frames, got {more}{len(images)}"
-                + (" (use --max-frames or a lower --fps)" if args.video is not None else "")
+                f"a sequence takes at most {limit} frames and the video gives more "
+                "(use --max-frames or a lower --fps)"
             )
+        if len(images) > limit:
+            raise UsageError(f"a sequence takes at most {limit} frames, got {len(images)}")
         # The engine resizes every frame to the run's size; different sizes need one said.
         if args.width is None and args.height is None:
             common_size(images)

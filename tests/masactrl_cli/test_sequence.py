@@ -246,6 +246,10 @@ def _bad_inputs(tmp: Path, model: Path, controlnet: Path, frame: Path) -> dict[s
     (tmp / "notes.txt").write_text("not an image")
     (tmp / "empty").mkdir()
     layout(0, (48, 64)).save(tmp / "narrow.png")
+    long_video = tmp / "long.mp4"
+    long_video.write_bytes(
+        encode_mp4([Image.new("RGB", (16, 16), (k, 0, 0)) for k in range(121)], 30)
+    )
     head = ["sequence", "--model", str(model), "--target-prompt", TARGET]
     cond = ["--condition-model", str(controlnet)]
     tail = ["--steps", str(STEPS), "--out", str(tmp / "o")]
@@ -259,6 +263,7 @@ def _bad_inputs(tmp: Path, model: Path, controlnet: Path, frame: Path) -> dict[s
         "unreadable video": [*head, *src, *cond, "--video", str(tmp / "notes.txt"), *tail],
         "missing video": [*head, *src, *cond, "--video", str(tmp / "absent.mp4"), *tail],
         "too many frames": [*head, *src, *cond, *(one * 121), *tail],
+        "too long a video": [*head, *src, *cond, "--video", str(long_video), *tail],
         "mixed sizes": [*head, *src, *cond, *one, "--frame", str(tmp / "narrow.png"), *tail],
         "files and a folder": [*head, *src, *cond, *one, "--frames", str(tmp), *tail],
         "no source": [*head, *cond, *one, *tail],
@@ -297,6 +302,7 @@ CASES = [
     ("unreadable video", "cannot be read as a video"),
     ("missing video", "does not exist"),
     ("too many frames", "at most 120 frames, got 121"),
+    ("too long a video", "at most 120 frames and the video gives more (use --max-frames"),
     ("mixed sizes", "different sizes (64x64, 48x64); give a target size"),
     ("files and a folder", "not allowed with argument"),
     ("no source", "give the source: --source-prompt, or --image"),
