@@ -36,6 +36,39 @@ from masactrl_jobs.schema import ControlParams
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """Negative prompt, seed, steps, guidance and the control's start step and layer."""
+    parser.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
+    parser.add_argument(
+        "--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)"
+    )
+    parser.add_argument(
+        "--start-step",
+        type=non_negative_int,
+        help="first denoising step with mutual self-attention (default: the model's, 4)",
+    )
+    parser.add_argument(
+        "--start-layer",
+        type=non_negative_int,
+        help="first transformer block with mutual self-attention, in execution order "
+        "(default: the model's, 10 of 16 for SD, 44 of 70 for SDXL)",
+    )
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """Size, device, dtype, output folder and ``--quiet``."""
+    parser.add_argument("--width", type=positive_int, help="image width (default: model's)")
+    parser.add_argument("--height", type=positive_int, help="image height (default: model's)")
+    parser.add_argument("--device", help="cuda, mps or cpu (default: best available)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, help="weights dtype (default: float16 on GPU, else float32)"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
     """Arguments shared by ``synthesize`` and ``edit`` (``edit`` adds ``--image``)."""
     parser.add_argument("--model", required=True, help="hub id or local diffusers folder")
@@ -54,23 +87,7 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         metavar="PROMPT",
         help="a target prompt; repeat for several targets",
     )
-    parser.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="noise seed (default 0)")
-    parser.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
-    parser.add_argument(
-        "--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)"
-    )
-    parser.add_argument(
-        "--start-step",
-        type=non_negative_int,
-        help="first denoising step with mutual self-attention (default: the model's, 4)",
-    )
-    parser.add_argument(
-        "--start-layer",
-        type=non_negative_int,
-        help="first transformer block with mutual self-attention, in execution order "
-        "(default: the model's, 10 of 16 for SD, 44 of 70 for SDXL)",
-    )
+    add_sampling_options(parser)
     if command == "edit":
         parser.add_argument(
             "--inversion-guidance",
@@ -88,20 +105,14 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         "--save-masks", action="store_true", help="also write the masks used as mask_*.png"
     )
     add_condition_options(parser, source_image=command == "synthesize")
-    parser.add_argument("--width", type=positive_int, help="image width (default: model's)")
-    parser.add_argument("--height", type=positive_int, help="image height (default: model's)")
-    parser.add_argument("--device", help="cuda, mps or cpu (default: best available)")
-    parser.add_argument(
-        "--dtype", choices=DTYPES, help="weights dtype (default: float16 on GPU, else float32)"
-    )
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_output_options(parser)
 
 
 # --- checks that need no torch ---------------------------------------------------------------
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``exc`` as one line of at most ``limit`` characters, for a UsageError."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -147,7 +158,7 @@ def load_image(path: Path, mode: str = "RGB", what: str = "image file") -> Any:
         raise UsageError(f"{what} {path} is not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         # Truncated or corrupt files surface as OSError/SyntaxError from the decoders.
-        raise UsageError(f"cannot read {what} {path}: {_one_line(exc)}") from None
+        raise UsageError(f"cannot read {what} {path}: {one_line(exc)}") from None
 
 
 def read_masks(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -184,7 +195,7 @@ def read_condition_images(options: ConditionOptions) -> tuple[list[Any], Any]:
     return images, source
 
 
-def _load_condition(engine: Any, options: ConditionOptions, images: list[Any], source: Any) -> Any:
+def load_condition(engine: Any, options: ConditionOptions, images: list[Any], source: Any) -> Any:
     """The engine's ``Condition``: the model loaded and checked, canny applied when asked."""
     from masactrl_core import InvalidInput, ModelLoadError
     from masactrl_core.conditions import Condition
@@ -192,10 +203,10 @@ def _load_condition(engine: Any, options: ConditionOptions, images: list[Any], s
     try:
         model = engine.load_condition_model(options.model)
     except (InvalidInput, ModelLoadError) as exc:
-        raise UsageError(_one_line(exc)) from None
+        raise UsageError(one_line(exc)) from None
     except Exception as exc:  # noqa: BLE001 - a broken download or file: reported, not dumped
         raise UsageError(
-            f"cannot load condition model {options.model}: {type(exc).__name__}: {_one_line(exc)}"
+            f"cannot load condition model {options.model}: {type(exc).__name__}: {one_line(exc)}"
         ) from None
     if options.preprocess == "canny":
         from masactrl_core.canny import canny
@@ -215,7 +226,7 @@ def _load_condition(engine: Any, options: ConditionOptions, images: list[Any], s
     )
 
 
-def _prepare_out_dir(out: Path) -> None:
+def prepare_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"output path {out} exists and is not a folder")
     try:
@@ -273,7 +284,7 @@ class ProgressBars:
 # --- running ---------------------------------------------------------------------------------
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
@@ -285,7 +296,7 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     # Written last and atomically: a run.json next to the PNGs means the run finished.
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -327,6 +338,40 @@ def model_entry(model: str, engine: Any) -> ModelEntry:
         ) from None
 
 
+def load_engine(args: argparse.Namespace) -> Any:
+    """The engine for ``--model``/``--device``/``--dtype``; a load failure is a UsageError."""
+    quiet_libraries()
+    import torch
+
+    from masactrl_core import InvalidInput, MasaCtrlEngine, ModelLoadError
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        return MasaCtrlEngine.from_pretrained(args.model, device=args.device, dtype=dtype)
+    except (InvalidInput, ModelLoadError) as exc:
+        raise UsageError(one_line(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - e.g. a bad --device: reported, not dumped
+        raise UsageError(
+            f"cannot load model {args.model}: {type(exc).__name__}: {one_line(exc)}"
+        ) from None
+
+
+def resolve_run(args: argparse.Namespace, engine: Any) -> tuple[int, int, int, int]:
+    """(width, height, start_step, start_layer) by the service's rules, against the loaded
+    checkpoint: unset values take its family's defaults (SD 4/10, SDXL 4/44), and what the model
+    cannot run is a UsageError."""
+    entry = model_entry(args.model, engine)
+    requested = ControlParams.model_construct(
+        start_step=args.start_step, start_layer=args.start_layer
+    )
+    try:
+        width, height = resolve_size(entry, args.width, args.height)
+        resolved = resolve_control(entry, requested, args.steps)
+    except InvalidParameters as exc:
+        raise UsageError(one_line(exc)) from None
+    return width, height, resolved.start_step, resolved.start_layer
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate, load the engine, run one synthesis or edit, write the outputs."""
     started = time.perf_counter()
@@ -337,47 +382,18 @@ def run(args: argparse.Namespace) -> int:
         args, targets=len(args.target_prompts), editing=args.command == "edit"
     )
     condition_images = read_condition_images(condition) if condition is not None else None
-    _prepare_out_dir(args.out)
+    prepare_out_dir(args.out)
 
-    quiet_libraries()
-    import torch
-
-    from masactrl_core import (
-        ControlConfig,
-        InvalidInput,
-        MasaCtrlEngine,
-        MaskConfig,
-        ModelLoadError,
-    )
-
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    try:
-        engine = MasaCtrlEngine.from_pretrained(args.model, device=args.device, dtype=dtype)
-    except (InvalidInput, ModelLoadError) as exc:
-        raise UsageError(_one_line(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - e.g. a bad --device: reported, not dumped
-        raise UsageError(
-            f"cannot load model {args.model}: {type(exc).__name__}: {_one_line(exc)}"
-        ) from None
+    engine = load_engine(args)
     load_seconds = time.perf_counter() - started
+    width, height, start_step, start_layer = resolve_run(args, engine)
 
-    # The service's rules for control and size, against the loaded checkpoint: unset values take
-    # its family's defaults (SD 4/10, SDXL 4/44), and what the model cannot run is reported here.
-    entry = model_entry(args.model, engine)
-    requested = ControlParams.model_construct(
-        start_step=args.start_step, start_layer=args.start_layer
-    )
-    try:
-        width, height = resolve_size(entry, args.width, args.height)
-        resolved = resolve_control(entry, requested, args.steps)
-    except InvalidParameters as exc:
-        raise UsageError(_one_line(exc)) from None
-    start_step, start_layer = resolved.start_step, resolved.start_layer
+    from masactrl_core import ControlConfig, InvalidInput, MaskConfig
 
     engine_condition = (
         None
         if condition is None or condition_images is None
-        else _load_condition(engine, condition, *condition_images)
+        else load_condition(engine, condition, *condition_images)
     )
 
     progress = ProgressBars(enabled=not args.quiet)
@@ -409,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
                 **options,
             )
     except InvalidInput as exc:
-        raise UsageError(_one_line(exc)) from None
+        raise UsageError(one_line(exc)) from None
     finally:
         progress.close()
 
@@ -459,7 +475,7 @@ def run(args: argparse.Namespace) -> int:
             "total_seconds": round(time.perf_counter() - started, 4),
         },
         "outputs": {"source": source_name, "targets": target_names},
-        "versions": _versions(),
+        "versions": versions(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if mask_names:
@@ -472,7 +488,7 @@ def run(args: argparse.Namespace) -> int:
             "sha256": hashlib.sha256(args.image.read_bytes()).hexdigest(),
             "size": list(image.size),
         }
-    _write_json(out / "run.json", record)
+    write_json(out / "run.json", record)
     print(f"wrote {out / source_name}, {len(target_names)} target image(s) and {out / 'run.json'}")
     if args.save_masks:
         # Automatic masks exist only where the control ran after a cross-attention map.

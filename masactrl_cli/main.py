@@ -46,6 +46,11 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "edit", "masactrl_cli.generate", "real-image editing: invert an image, then edit it"
     ),
     Subcommand(
+        "sequence",
+        "masactrl_cli.sequence",
+        "consistent frames: one source and a series of layouts (pose, edges) as a clip",
+    ),
+    Subcommand(
         "tiny-model",
         "masactrl_cli.tiny_model",
         "write a small random-weight checkpoint for offline tests and demos",

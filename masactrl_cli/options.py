@@ -118,12 +118,15 @@ def add_condition_options(
     source_image: bool,
     model_help: str = "diffusers ControlNetModel or T2IAdapter (local folder or hub id)",
     thresholds: bool = True,
+    images: bool = True,
 ) -> argparse._ArgumentGroup:
     """``--condition-*`` options: a ControlNet/T2I-Adapter and its images, window and scale.
 
     ``source_image`` documents ``--source-condition-image`` (synthesis); an edit still accepts
     the flag so that its misuse is reported in a sentence rather than as an unknown option.
     ``thresholds`` adds ``--canny-low``/``--canny-high`` (where canny runs locally).
+    ``images=False`` leaves out both image flags, for a command whose condition images come
+    from elsewhere (a sequence's frames).
     """
     group = parser.add_argument_group(
         "layout condition", "a ControlNet or T2I-Adapter laying out the targets"
@@ -133,21 +136,23 @@ def add_condition_options(
         metavar="PATH_OR_ID" if thresholds else "NAME",
         help=model_help,
     )
-    group.add_argument(
-        "--condition-image",
-        dest="condition_images",
-        action="append",
-        type=Path,
-        default=[],
-        metavar="FILE",
-        help="condition image (edge, pose or depth map); repeat per target, or give one for all",
-    )
-    group.add_argument(
-        "--source-condition-image",
-        type=Path,
-        metavar="FILE",
-        help="condition image of the source too" if source_image else argparse.SUPPRESS,
-    )
+    if images:
+        group.add_argument(
+            "--condition-image",
+            dest="condition_images",
+            action="append",
+            type=Path,
+            default=[],
+            metavar="FILE",
+            help="condition image (edge, pose or depth map); repeat per target, or give one "
+            "for all",
+        )
+        group.add_argument(
+            "--source-condition-image",
+            type=Path,
+            metavar="FILE",
+            help="condition image of the source too" if source_image else argparse.SUPPRESS,
+        )
     group.add_argument(
         "--condition-scale", type=float, help="weight of the condition's residuals (default 1.0)"
     )
@@ -230,10 +235,16 @@ _CONDITION_FIELD_FLAGS = {
 
 
 def condition_options(
-    args: argparse.Namespace, *, targets: int, editing: bool
+    args: argparse.Namespace, *, targets: int, editing: bool, frames: int | None = None
 ) -> ConditionOptions | None:
-    """The checked condition options of ``args`` for ``targets`` prompts, or ``None`` if unset."""
-    if editing and args.source_condition_image is not None:
+    """The checked condition options of ``args`` for ``targets`` prompts, or ``None`` if unset.
+
+    ``frames`` is the number of condition images that come from elsewhere (a sequence's
+    frames) rather than from ``--condition-image``; the options then hold no image paths.
+    """
+    source_condition_image = getattr(args, "source_condition_image", None)
+    condition_images = list(getattr(args, "condition_images", None) or [])
+    if editing and source_condition_image is not None:
         raise UsageError(
             "--source-condition-image applies only to synthesize: an edit's source is the "
             "inverted photo"
@@ -248,15 +259,15 @@ def condition_options(
         if given:
             raise UsageError(f"{given[0]} needs --condition-model")
         return None
-    if not args.condition_images:
+    if frames is None and not condition_images:
         raise UsageError("--condition-model needs at least one --condition-image")
     preprocess = args.condition_preprocess or "none"
     if preprocess != "canny" and (canny_low is not None or canny_high is not None):
         raise UsageError("--canny-low/--canny-high apply only to --condition-preprocess canny")
     options = ConditionOptions(
         model=args.condition_model,
-        images=list(args.condition_images),
-        source_image=args.source_condition_image,
+        images=condition_images,
+        source_image=source_condition_image,
         scale=1.0 if args.condition_scale is None else args.condition_scale,
         start=0.0 if args.condition_start is None else args.condition_start,
         end=1.0 if args.condition_end is None else args.condition_end,
@@ -266,7 +277,7 @@ def condition_options(
     )
     problems = condition_problems(
         targets=targets,
-        images=len(options.images),
+        images=len(options.images) if frames is None else frames,
         has_source_image=options.source_image is not None,
         editing=editing,
         scale=options.scale,
