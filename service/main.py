@@ -14,7 +14,13 @@ from pydantic.json_schema import models_json_schema
 
 from masactrl_jobs.catalog import load_catalog
 from masactrl_jobs.queue import TaskMessages
-from masactrl_jobs.schema import EditCreate, EditParams, SynthesisCreate
+from masactrl_jobs.schema import (
+    EditCreate,
+    EditParams,
+    SequenceCreate,
+    SequenceParams,
+    SynthesisCreate,
+)
 from masactrl_jobs.settings import load_settings
 from masactrl_jobs.storage import storage_from_settings
 from masactrl_jobs.store import AsyncJobStore
@@ -61,6 +67,8 @@ def _install_openapi(app: FastAPI) -> None:
                 (EditCreate, "validation"),
                 (EditParams, "validation"),
                 (SynthesisCreate, "validation"),
+                (SequenceCreate, "validation"),
+                (SequenceParams, "validation"),
                 (StatusEvent, "validation"),
                 (ProgressEvent, "validation"),
                 (RequeuedEvent, "validation"),

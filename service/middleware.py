@@ -20,16 +20,30 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from masactrl_jobs.schema import MAX_MASK_REGIONS, MAX_TARGETS
+from masactrl_jobs.schema import MAX_MASK_REGIONS, MAX_SEQUENCE_FRAMES, MAX_TARGETS
 from service.errors import ApiError, error_response
 
-__all__ = ["INLINE_IMAGES", "BodyLimitMiddleware", "BodyLimits", "encoded_image_bytes"]
+__all__ = [
+    "INLINE_IMAGES",
+    "MULTIPART_FILES",
+    "BodyLimitMiddleware",
+    "BodyLimits",
+    "encoded_image_bytes",
+]
 
 # How many inline images a route's body may carry: (method, path) -> count.
 # Edits: the photo, mask pairs and one layout image per target; syntheses add a source layout.
 INLINE_IMAGES: dict[tuple[str, str], int] = {
     ("POST", "/v1/edits"): 1 + 2 * MAX_MASK_REGIONS + MAX_TARGETS,
     ("POST", "/v1/syntheses"): 2 * MAX_MASK_REGIONS + MAX_TARGETS + 1,
+    # Sequences: the source photo and the frames (or one video, up to an image's allowance).
+    ("POST", "/v1/sequences"): 1 + MAX_SEQUENCE_FRAMES,
+}
+# How many raw file parts a multipart body may carry, where more than one: (method, path) ->
+# count. Routes with inline images and no entry here take one (the edit's image part).
+MULTIPART_FILES: dict[tuple[str, str], int] = {
+    # The source photo and every frame as its own part (a video is one part).
+    ("POST", "/v1/sequences"): 1 + MAX_SEQUENCE_FRAMES,
 }
 # Multipart boundaries and part headers, on top of the parts themselves.
 _MULTIPART_OVERHEAD = 16 * 1024
@@ -59,13 +73,17 @@ class BodyLimits:
         """How many inline images the route takes."""
         return INLINE_IMAGES.get((method, path.rstrip("/") or "/"), 0)
 
+    def multipart_base(self, method: str, path: str) -> int:
+        """A multipart body's limit before its inline images: the small limit and its files."""
+        route = (method, path.rstrip("/") or "/")
+        files = MULTIPART_FILES.get(route, 1 if self.inline_images(method, path) else 0)
+        return self.small + files * (self.raw_image + _MULTIPART_OVERHEAD) if files else self.small
+
     def route_max(self, method: str, path: str, multipart: bool) -> int:
         """The largest body this route can accept."""
         images = self.inline_images(method, path)
-        most = self.small + images * self.image
-        if multipart and images:
-            most += self.raw_image + _MULTIPART_OVERHEAD
-        return min(most, self.ceiling)
+        base = self.multipart_base(method, path) if multipart else self.small
+        return min(base + images * self.image, self.ceiling)
 
 
 def _size(n: int) -> str:
@@ -145,9 +163,7 @@ class BodyLimitMiddleware:
                 multipart = value.lower().startswith(b"multipart/form-data")
         images = limits.inline_images(scope["method"], scope["path"])
         route_max = limits.route_max(scope["method"], scope["path"], multipart)
-        base = limits.small
-        if multipart and images:
-            base += limits.raw_image + _MULTIPART_OVERHEAD
+        base = limits.multipart_base(scope["method"], scope["path"]) if multipart else limits.small
         if declared is not None and declared > route_max:
             await _answer(_declared_too_large(declared, route_max), scope, receive, send)
             return
@@ -180,7 +196,8 @@ class BodyLimitMiddleware:
             allowed = min(base + min(inline, images) * limits.image, route_max)
             if received > allowed:
                 # Raised inside the handler's body read; the ApiError handler answers 413.
-                raise _too_large(allowed, min(inline, images), multipart and images > 0, declared)
+                has_files = base > limits.small
+                raise _too_large(allowed, min(inline, images), has_files, declared)
             if received > limits.small and not holds_slot:
                 await self._take_slot()
                 holds_slot = True
