@@ -199,6 +199,7 @@ async def _submit(
     if isinstance(body, SequenceParams):
         # Frames always come as inputs: the same order as below (token, depth, read, depth,
         # store), with the sequence's own reader.
+        assert rate is not None  # cleared only below
         limit = await gw.store.rate_limit(tenant.name, *rate)
         if not limit.allowed:
             raise _rate_limited(settings, limit.retry_after)

@@ -93,11 +93,11 @@ async def _parse_multipart(
         if len(form.getlist(name)) > 1:
             raise invalid([FieldError(("body", name), f"send at most one {name!r} part")])
     frames = []
-    for k, part in enumerate(form.getlist("frame")):
-        if not isinstance(part, UploadFile):
+    for k, frame in enumerate(form.getlist("frame")):
+        if not isinstance(frame, UploadFile):
             raise invalid([FieldError(("body", "frame", k), "send each frame as a file part")])
         limit = settings.max_image_bytes
-        frames.append(await _file(part, ("body", "frame", k), "condition frame", limit))
+        frames.append(await _file(frame, ("body", "frame", k), "condition frame", limit))
     files: dict[str, bytes | None] = {}
     for name, what, limit in (
         ("video", "video", settings.max_video_bytes),
