@@ -16,8 +16,8 @@ from PIL import Image
 
 from masactrl_jobs.media import encode_mp4
 from service.config import GatewaySettings
-from tests.service.conftest import broker_messages
 from tests.images import data_url, png_bytes
+from tests.service.conftest import broker_messages
 
 CATALOG = {
     "default": "sd15",
