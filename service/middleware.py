@@ -5,7 +5,8 @@ body is held to a small limit (``max_json_bytes``) and earns one image's allowan
 size of ``max_image_bytes``) for every ``"data:`` string seen so far, up to the route's number of
 inline images. The rule looks at the bytes, not at field names, so a route that adds image fields
 only declares how many it takes (``INLINE_IMAGES``). A multipart edit gets one raw image on top of
-the small limit (the file part), plus the same allowance for inline masks in its ``params`` part.
+the small limit (the file part), plus the same allowance for inline masks in its ``params`` part;
+a route sending several files (a sequence's frames) declares how many (``MULTIPART_FILES``).
 
 Bodies past the small limit are large uploads; only ``max_concurrent_large_uploads`` of them are
 read at once. The others wait, unread, for a slot (TCP holds their bytes back) and are answered
