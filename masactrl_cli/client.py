@@ -4,6 +4,8 @@
 
     masactrl client edit --image cat.png --target-prompt "a cat wearing a hat" --wait --out out/
     masactrl client synthesize --source-prompt "a cat" --target-prompt "a dog" --steps 20
+    masactrl client sequence --source-prompt "a knight" --target-prompt "a knight dancing" \
+        --condition-model openpose --frames poses/ --out clip/   # frames, sequence.mp4/.webp
     masactrl client wait JOB_ID --out out/      # progress bars from the SSE stream, then the PNGs
     masactrl client get JOB_ID | cancel JOB_ID | models
 
@@ -126,12 +128,64 @@ def _job_options(parser: argparse.ArgumentParser, command: str) -> None:
     )
 
 
+def _sequence_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``masactrl sequence`` that make sense over HTTP."""
+    source = parser.add_argument_group("source (a prompt, or an image that is inverted)")
+    source.add_argument("--source-prompt", help="prompt of the source (needed without --image)")
+    source.add_argument("--image", help="a photo as the source: a file or a URL")
+    source.add_argument(
+        "--anchor-source",
+        action="store_true",
+        help="with --image: reset the source latent to the inversion's at every step",
+    )
+    parser.add_argument(
+        "--target-prompt",
+        dest="target_prompts",
+        action="append",
+        required=True,
+        help="target prompt: once for every frame, or once per frame in order",
+    )
+    layouts = parser.add_argument_group("condition frames (one of --frame, --frames, --video)")
+    layouts.add_argument("--condition-model", required=True, help="a condition model name")
+    given = layouts.add_mutually_exclusive_group(required=True)
+    given.add_argument(
+        "--frame", dest="frame_files", action="append", help="a frame file (repeat, in order)"
+    )
+    given.add_argument("--frames", type=Path, help="a folder of frames, read in name order")
+    given.add_argument("--video", help="a video file or URL whose frames are the layouts")
+    layouts.add_argument("--fps", type=float, help="with --video: frames taken per second")
+    layouts.add_argument("--max-frames", type=positive_int, help="with --video: at most K frames")
+    layouts.add_argument(
+        "--condition-preprocess", choices=["none", "canny"], help="canny for ordinary video"
+    )
+    layouts.add_argument("--condition-scale", type=float, help="condition weight (default 1)")
+    layouts.add_argument("--condition-start", type=float, help="fraction where it starts (0)")
+    layouts.add_argument("--condition-end", type=float, help="fraction where it ends (1)")
+    parser.add_argument(
+        "--animation-fps", type=float, help="frame rate of sequence.mp4/.webp (default 8)"
+    )
+    parser.add_argument("--negative-prompt", help="negative prompt (default empty)")
+    parser.add_argument("--model", help="catalog model name (default: the catalog's default)")
+    parser.add_argument("--seed", type=non_negative_int, help="noise seed (default: random)")
+    parser.add_argument("--steps", type=positive_int, help="DDIM steps (default 50)")
+    parser.add_argument("--guidance", dest="guidance_scale", type=float, help="default 7.5")
+    parser.add_argument("--width", type=positive_int, help="default: the model's native size")
+    parser.add_argument("--height", type=positive_int, help="default: the model's native size")
+    parser.add_argument("--start-step", type=non_negative_int, help="first controlled step")
+    parser.add_argument("--start-layer", type=non_negative_int, help="first controlled layer")
+    parser.add_argument("--idempotency-key", help="make retries of this submission safe")
+    parser.add_argument(
+        "--wait", action="store_true", help="follow the job to its end (implied by --out)"
+    )
+
+
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
     """``client`` with its actions: edit, synthesize, get, cancel, wait, models."""
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     helps = {
         "edit": "submit a real-image edit",
         "synthesize": "submit a consistent synthesis",
+        "sequence": "submit a sequence: consistent frames from one source and a series of layouts",
         "get": "print a job as JSON",
         "cancel": "cancel a queued or running job",
         "wait": "follow a job with progress bars, then save its images",
@@ -141,6 +195,9 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         sub = actions.add_parser(action, help=help, description=help)
         if action in ("edit", "synthesize"):
             _job_options(sub, action)
+            _follow_options(sub)
+        elif action == "sequence":
+            _sequence_options(sub)
             _follow_options(sub)
         elif action in ("get", "cancel", "wait"):
             sub.add_argument("job_id", metavar="JOB_ID")
@@ -238,13 +295,73 @@ def _job_params(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _image_argument(value: str) -> Path | str:
+def _sequence_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``MasaCtrlClient.sequence`` from ``args``; files are checked."""
+    from masactrl_jobs.media import FRAME_SUFFIXES
+
+    if (args.fps is not None or args.max_frames is not None) and args.video is None:
+        raise UsageError("--fps and --max-frames sample a video: give --video")
+    if args.anchor_source and args.image is None:
+        raise UsageError("--anchor-source needs --image")
+    if args.image is None and not (args.source_prompt or "").strip():
+        raise UsageError("give --source-prompt (or --image as the source)")
+    frames: list[Path | str] = []
+    if args.frames is not None:
+        if not args.frames.is_dir():
+            raise UsageError(f"--frames {args.frames} is not a folder")
+        frames = sorted(
+            path for path in args.frames.iterdir() if path.suffix.lower() in FRAME_SUFFIXES
+        )
+        if not frames:
+            raise UsageError(f"--frames {args.frames} holds no frame images")
+    elif args.frame_files:
+        frames = [_image_argument(value) for value in args.frame_files]
+    condition = {
+        key: value
+        for key, value in {
+            "model": args.condition_model,
+            "fps": args.fps,
+            "max_frames": args.max_frames,
+            "preprocess": args.condition_preprocess,
+            "scale": args.condition_scale,
+            "start": args.condition_start,
+            "end": args.condition_end,
+        }.items()
+        if value is not None
+    }
+    control = {
+        key: value
+        for key, value in (("start_step", args.start_step), ("start_layer", args.start_layer))
+        if value is not None
+    }
+    return {
+        "target_prompts": args.target_prompts,
+        "condition": condition,
+        "frames": frames,
+        "video": _image_argument(args.video, "video") if args.video is not None else None,
+        "image": _image_argument(args.image) if args.image is not None else None,
+        "source_prompt": args.source_prompt,
+        "anchor_source": True if args.anchor_source else None,
+        "fps": args.animation_fps,
+        "negative_prompt": args.negative_prompt,
+        "model": args.model,
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "width": args.width,
+        "height": args.height,
+        "control": control or None,
+        "idempotency_key": args.idempotency_key,
+    }
+
+
+def _image_argument(value: str, what: str = "image") -> Path | str:
     if value.startswith(("data:", "https://", "http://", "s3://")):
         return value
     path = Path(value)
     if not path.is_file():
         raise UsageError(
-            f"image file {path} does not exist" if not path.exists() else f"{path} is not a file"
+            f"{what} file {path} does not exist" if not path.exists() else f"{path} is not a file"
         )
     return path
 
@@ -353,7 +470,9 @@ def _run(args: argparse.Namespace, client: MasaCtrlClient, params: dict[str, Any
         job = follow(client, args.job_id, quiet=args.quiet)
         return finish(client, job, args.out, as_json=args.json)[0]
 
-    if action == "edit":
+    if action == "sequence":
+        job = client.sequence(**params)
+    elif action == "edit":
         job = client.edit(_image_argument(args.image), source_prompt=args.source_prompt, **params)
     else:
         job = client.synthesize(args.source_prompt, **params)
@@ -371,7 +490,11 @@ def run(args: argparse.Namespace) -> int:
     from masactrl_cli.http_client import ApiError, ClientError
 
     # Bad flags and unreadable files fail before any request.
-    params = _job_params(args) if args.action in ("edit", "synthesize") else {}
+    params: dict[str, Any] = {}
+    if args.action in ("edit", "synthesize"):
+        params = _job_params(args)
+    elif args.action == "sequence":
+        params = _sequence_params(args)
     try:
         with _client(args) as client:
             return _run(args, client, params)

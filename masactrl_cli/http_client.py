@@ -23,7 +23,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -353,6 +353,76 @@ class MasaCtrlClient:
         )
         return self._submit("/v1/syntheses", idempotency_key, json=body)
 
+    def sequence(
+        self,
+        target_prompts: list[str],
+        condition: Mapping[str, Any],
+        *,
+        frames: Sequence[Path | bytes | str] = (),
+        video: Path | bytes | str | None = None,
+        image: Path | bytes | str | None = None,
+        source_prompt: str | None = None,
+        anchor_source: bool | None = None,
+        fps: float | None = None,
+        negative_prompt: str | None = None,
+        model: str | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        control: Mapping[str, Any] | None = None,
+        webhook: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Submit a sequence; returns the queued job.
+
+        ``condition`` is the API's object without its inputs (``{"model": "canny", "scale":
+        0.8}``; a video's ``fps``/``max_frames`` go here too). ``frames`` (in order), ``video``
+        and the source ``image`` are files (``Path`` or bytes), sent as multipart parts, or URL
+        strings the gateway reads itself; files and URLs are not mixed in one request.
+        ``fps`` is the animations' frame rate.
+        """
+        params = _drop_none(
+            {
+                "model": model,
+                "source_prompt": source_prompt,
+                "target_prompts": list(target_prompts),
+                "negative_prompt": negative_prompt,
+                "seed": seed,
+                "steps": steps,
+                "guidance_scale": guidance_scale,
+                "width": width,
+                "height": height,
+                "control": dict(control) if control else None,
+                "anchor_source": anchor_source,
+                "fps": fps,
+                "webhook": dict(webhook) if webhook else None,
+            }
+        )
+        inputs = [*frames, *(x for x in (video, image) if x is not None)]
+        urls = [isinstance(x, str) and x.startswith(_URL_SCHEMES) for x in inputs]
+        if all(urls):
+            refs = _drop_none({"frames": list(frames) or None, "video": video})
+            body = {**params, "condition": {**condition, **refs}}
+            if image is not None:
+                body["image"] = image
+            return self._submit("/v1/sequences", idempotency_key, json=body)
+        if any(urls):
+            raise ClientError("send every input of a sequence as a file or every one as a URL")
+        files: list[tuple[str, tuple[str | None, bytes | str, str]]] = [
+            (
+                "params",
+                (None, json.dumps({**params, "condition": dict(condition)}), "application/json"),
+            )
+        ]
+        for part, value in [("frame", f) for f in frames] + [("video", video), ("image", image)]:
+            if value is not None:
+                name, data = _file_part(value, part)
+                # The gateway reads the type from the bytes, never from the name or this header.
+                files.append((part, (name, data, "application/octet-stream")))
+        return self._submit("/v1/sequences", idempotency_key, files=files)
+
     def get(self, job_id: str, *, wait: int | None = None) -> dict[str, Any]:
         """``GET /v1/jobs/{id}``; ``wait`` holds the answer up to that many seconds for the end."""
         headers = {"Prefer": f"wait={wait}"} if wait else {}
@@ -425,6 +495,14 @@ class MasaCtrlClient:
         record = out_dir / "job.json"
         _write_atomically(record, (json.dumps(job, indent=2) + "\n").encode())
         return [*paths, record]
+
+
+def _file_part(value: Path | bytes | str, default_name: str) -> tuple[str, bytes]:
+    """A multipart file part's name and bytes from a path or raw bytes."""
+    if isinstance(value, bytes):
+        return default_name, value
+    path = Path(value)
+    return path.name, path.read_bytes()
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

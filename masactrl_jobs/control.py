@@ -38,6 +38,7 @@ __all__ = [
     "control_problems",
     "resolve_control",
     "resolve_size",
+    "sequence_problems",
     "size_problems",
 ]
 
@@ -270,6 +271,58 @@ def condition_problems(
                 (_CONDITION, "preprocess"),
                 f"condition preprocess must be one of {', '.join(PREPROCESSINGS)}, "
                 f"got {preprocess!r}",
+            )
+        )
+    return problems
+
+
+def sequence_problems(
+    *,
+    frames: int | None,
+    has_video: bool,
+    targets: int,
+    max_frames: int,
+    sampled: bool = False,
+) -> list[Problem]:
+    """Every problem of a sequence's frames: ``frames`` images or one video, and its prompts.
+
+    ``frames`` is the number of frame images (None when a video gives them; its count is known
+    only once it is probed or decoded, and is checked then with ``frames`` set). ``sampled``:
+    ``fps`` or ``max_frames`` was given, which only a video can use.
+    """
+    problems = []
+    if frames is None and not has_video:
+        problems.append(
+            Problem((_CONDITION, "frames"), "a sequence needs condition frames or a video")
+        )
+    if frames is not None and has_video:
+        problems.append(
+            Problem((_CONDITION, "video"), "give condition frames or a video, not both")
+        )
+    if has_video and frames is None and targets > 1:
+        problems.append(
+            Problem(
+                ("target_prompts",),
+                "a video's frame count is known only once it is decoded: give one target prompt",
+            )
+        )
+    if sampled and not has_video:
+        problems.append(
+            Problem((_CONDITION, "fps"), "fps and max_frames sample a video; no video was given")
+        )
+    if frames is not None and frames > max_frames:
+        problems.append(
+            Problem(
+                (_CONDITION, "frames"),
+                f"a sequence takes at most {max_frames} condition frames, got {frames}",
+            )
+        )
+    if frames is not None and targets not in (1, frames):
+        problems.append(
+            Problem(
+                ("target_prompts",),
+                f"give one target prompt for every frame or one per frame ({frames}), "
+                f"got {targets}",
             )
         )
     return problems

@@ -25,6 +25,7 @@ __all__ = [
     "MAX_IMAGE_REF_CHARS",
     "MAX_PROMPT_CHARS",
     "MAX_SEED",
+    "MAX_SEQUENCE_FRAMES",
     "MAX_STEPS",
     "MAX_TARGETS",
     "TERMINAL_STATUSES",
@@ -60,6 +61,9 @@ __all__ = [
     "OutputImage",
     "Preprocess",
     "ProgressPhase",
+    "SequenceCondition",
+    "SequenceCreate",
+    "SequenceParams",
     "SynthesisCreate",
     "WebhookCreate",
     "WebhookDelivery",
@@ -71,6 +75,9 @@ MAX_TARGETS = 8
 MAX_STEPS = 150
 MAX_SEED = 2**32 - 1
 MAX_MASK_REGIONS = 8
+# The schema's ceiling on a sequence's frames; deployments lower it (the gateway's
+# ``max_sequence_frames``, 120 by default).
+MAX_SEQUENCE_FRAMES = 1000
 # A base64 data: URL of the largest accepted image (20 MB) is about 27 MB of text; the gateway
 # enforces the byte limit after decoding, this only stops absurd strings before they are parsed.
 MAX_IMAGE_REF_CHARS = 64 * 1024 * 1024
@@ -79,6 +86,8 @@ MAX_IMAGE_REF_CHARS = 64 * 1024 * 1024
 class JobKind(str, Enum):
     edit = "edit"
     synthesis = "synthesis"
+    # One source and K condition frames: K frames that keep the source's content.
+    sequence = "sequence"
 
 
 class JobStatus(str, Enum):
@@ -129,6 +138,9 @@ class ImageRole(str, Enum):
     target = "target"
     # A layout condition image as the condition model received it (after any preprocessing).
     condition = "condition"
+    # A sequence's frame k, and its animation (``sequence.mp4``, ``sequence.webp``).
+    frame = "frame"
+    animation = "animation"
 
 
 class _Strict(BaseModel):
@@ -281,6 +293,83 @@ class SynthesisCreate(_JobCreate):
     source_prompt: NonEmptyPrompt
 
 
+class SequenceCondition(_Strict):
+    """A sequence's layouts: the condition model and its K frames, as images or one video.
+
+    Shaped like :class:`ConditionParams`, with ``frames`` (or ``video``) in place of ``images``.
+    """
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=100)] = Field(
+        description="A condition model name the chosen model lists in `GET /v1/models`."
+    )
+    frames: list[ImageRef] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_SEQUENCE_FRAMES,
+        description="The condition frames, in order. Give `frames` or `video`, not both.",
+    )
+    video: ImageRef | None = Field(
+        default=None,
+        description="A video (MP4, WebM, ...) whose frames are the condition frames; a `data:` "
+        "URL or an `s3://` URL in the service's bucket.",
+    )
+    fps: float | None = Field(
+        default=None, gt=0, le=120, description="Video only: frames taken per second of video."
+    )
+    max_frames: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_SEQUENCE_FRAMES,
+        description="Video only: at most this many frames, from the start.",
+    )
+    scale: float = Field(default=1.0, description="Weight of the condition, at least 0.")
+    start: float = Field(default=0.0, description="Fraction of the steps where it starts, 0..1.")
+    end: float = Field(default=1.0, description="Fraction of the steps where it ends, 0..1.")
+    preprocess: Preprocess = Field(
+        default="none",
+        description="`canny`: the worker turns each frame into an edge map first (ordinary "
+        "video); `none`: the frames are maps already.",
+    )
+
+
+class SequenceParams(_Strict):
+    """The `params` part of a multipart sequence: frames or a video come as file parts."""
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
+        default=None, description="A catalog model name; the catalog's default when omitted."
+    )
+    source_prompt: Prompt = ""
+    target_prompts: list[NonEmptyPrompt] = Field(
+        min_length=1,
+        max_length=MAX_SEQUENCE_FRAMES,
+        description="One prompt for every frame, or one per frame.",
+    )
+    negative_prompt: Prompt = ""
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="Random when omitted; always echoed."
+    )
+    steps: int = Field(default=50, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(default=7.5, ge=0, le=30)
+    width: int | None = Field(default=None, ge=1, le=16384, description="Default: native size.")
+    height: int | None = Field(default=None, ge=1, le=16384, description="Default: native size.")
+    control: ControlParams = Field(default_factory=ControlParams)
+    condition: SequenceCondition
+    anchor_source: bool = Field(
+        default=False,
+        description="Image source only: reset the source latent to the inversion's at every step.",
+    )
+    fps: float = Field(default=8.0, gt=0, le=120, description="Frame rate of the animations.")
+    webhook: WebhookCreate | None = None
+
+
+class SequenceCreate(SequenceParams):
+    """Consistent frames from one source (a prompt, or an image that is inverted) and K layouts."""
+
+    image: ImageRef | None = Field(
+        default=None, description="A photo as the source (inverted); omit to synthesize one."
+    )
+
+
 # --- the job object -------------------------------------------------------------------------
 
 
@@ -304,6 +393,10 @@ class ConditionInput(BaseModel):
     start: float = 0.0
     end: float = 1.0
     preprocess: Preprocess = "none"
+    # Sequences whose frames come from a video: its storage key and sampling (``images`` empty).
+    video: str | None = None
+    fps: float | None = None
+    max_frames: int | None = None
 
 
 class JobInput(BaseModel):
@@ -321,6 +414,9 @@ class JobInput(BaseModel):
     control: ControlInput
     condition: ConditionInput | None = None
     anchor_source: bool = False
+    animation_fps: float | None = Field(
+        default=None, description="Sequences: the frame rate of the MP4 and WebP."
+    )
 
 
 class JobProgress(BaseModel):
@@ -328,6 +424,9 @@ class JobProgress(BaseModel):
     step: int
     total: int
     fraction: float = Field(description="Progress of this phase, 0..1.")
+    frames_done: int | None = Field(
+        default=None, description="Sequences: frames decoded so far (they come at the end)."
+    )
 
 
 class OutputImage(BaseModel):

@@ -41,6 +41,7 @@ __all__ = [
     "content_type_for",
     "result_key",
     "results_prefix",
+    "animation_key",
     "storage_from_settings",
     "validate_key",
 ]
@@ -106,6 +107,11 @@ def result_key(job_id: str, role: str, index: int) -> str:
     return f"{results_prefix(job_id)}{role}_{index}.png"
 
 
+def animation_key(job_id: str, extension: str) -> str:
+    """``results/<job_id>/sequence.mp4`` or ``.webp``: a sequence job's animation."""
+    return f"{results_prefix(job_id)}sequence.{extension}"
+
+
 def content_type_for(key: str) -> str:
     """The media type to serve ``key`` with, from its extension."""
     ext = key.rsplit(".", 1)[-1].lower() if "." in key else ""
@@ -114,6 +120,7 @@ def content_type_for(key: str) -> str:
         "jpg": "image/jpeg",
         "jpeg": "image/jpeg",
         "webp": "image/webp",
+        "mp4": "video/mp4",
         "json": "application/json",
         "safetensors": "application/octet-stream",
     }

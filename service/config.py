@@ -114,6 +114,20 @@ class GatewaySettings(CommonSettings):
             "max_image_bytes on top, up to the route's number of images."
         ),
     )
+    max_sequence_frames: int = Field(
+        120, ge=1, le=1000, description="Most condition frames a sequence may have."
+    )
+    max_sequence_bytes: int = Field(
+        200 * 1024 * 1024,
+        ge=1024,
+        description="Most bytes of a sequence's frames (or its video) together, decoded.",
+    )
+    max_video_bytes: int = Field(
+        100 * 1024 * 1024, ge=1024, description="Largest video a sequence may send."
+    )
+    max_video_seconds: float = Field(
+        60.0, gt=0, description="Longest video a sequence may send, in seconds."
+    )
     max_concurrent_large_uploads: int = Field(
         2,
         ge=1,

@@ -9,13 +9,21 @@ event loop keeps serving other requests while a 20 MB upload is decoded.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from starlette.concurrency import run_in_threadpool
 
 from masactrl_jobs import netguard
-from masactrl_jobs.images import InvalidImage, ValidatedImage, decode_data_url, validate_image
+from masactrl_jobs.images import (
+    InvalidImage,
+    ValidatedImage,
+    decode_data_url,
+    too_large_message,
+    validate_image,
+)
 from masactrl_jobs.storage import (
     InvalidKey,
     ObjectNotFound,
@@ -28,9 +36,23 @@ from masactrl_jobs.storage import (
 from service.config import GatewaySettings
 from service.errors import FieldError
 
-__all__ = ["ImageIntake"]
+__all__ = ["ImageIntake", "StoredInput"]
 
 Loc = Sequence[str | int]
+
+
+@dataclass(frozen=True)
+class StoredInput:
+    """A checked non-image input (a video), content-addressed like images."""
+
+    data: bytes
+    ext: str
+    content_type: str = "application/octet-stream"
+
+    @property
+    def key(self) -> str:
+        """``inputs/<sha256>.<ext>``."""
+        return f"inputs/{hashlib.sha256(self.data).hexdigest()}.{self.ext}"
 
 
 class ImageIntake:
@@ -44,9 +66,16 @@ class ImageIntake:
         self.bucket = parts.netloc if parts.scheme == "s3" else None
         self.prefix = unquote(parts.path).strip("/")
 
+    async def read_bytes(self, ref: str, loc: Loc, what: str, max_bytes: int) -> bytes:
+        """The bytes ``ref`` names, checked only against ``max_bytes`` (a video: probed later)."""
+        data = await self._load(ref, loc, what, max_bytes)
+        if len(data) > max_bytes:  # s3:// objects are read whole
+            raise FieldError(loc, too_large_message(what, len(data), max_bytes), "too_large")
+        return data
+
     async def read(self, ref: str, loc: Loc, what: str = "image") -> ValidatedImage:
         """Fetch or decode ``ref`` and validate it, storing nothing; FieldError on bad input."""
-        data = await self._load(ref, loc, what)
+        data = await self._load(ref, loc, what, self.settings.max_image_bytes)
         return await self.check(data, loc, what)
 
     async def check(self, data: bytes, loc: Loc, what: str = "image") -> ValidatedImage:
@@ -62,7 +91,7 @@ class ImageIntake:
         except InvalidImage as exc:
             raise FieldError(loc, str(exc), "invalid_image") from None
 
-    async def store(self, images: Sequence[ValidatedImage]) -> None:
+    async def store(self, images: Sequence[ValidatedImage | StoredInput]) -> None:
         """Store validated images under ``inputs/<sha256>.<ext>``.
 
         Called once every check of the request has passed, so a refused request stores nothing.
@@ -72,17 +101,15 @@ class ImageIntake:
             # restores an object the retention sweeper may be removing at this very moment.
             await run_in_threadpool(self.storage.put, image.key, image.data, image.content_type)
 
-    async def _load(self, ref: str, loc: Loc, what: str) -> bytes:
+    async def _load(self, ref: str, loc: Loc, what: str, max_bytes: int) -> bytes:
         scheme = ref.split(":", 1)[0].lower() if ":" in ref else ""
         if scheme == "data":
             try:
-                return await run_in_threadpool(
-                    decode_data_url, ref, max_bytes=self.settings.max_image_bytes, what=what
-                )
+                return await run_in_threadpool(decode_data_url, ref, max_bytes=max_bytes, what=what)
             except InvalidImage as exc:
                 raise FieldError(loc, str(exc), "invalid_image") from None
         if scheme in ("https", "http"):
-            return await self._fetch(ref, loc, what)
+            return await self._fetch(ref, loc, what, max_bytes)
         if scheme == "s3":
             return await self._from_bucket(ref, loc, what)
         raise FieldError(
@@ -92,12 +119,12 @@ class ImageIntake:
             "invalid_image_reference",
         )
 
-    async def _fetch(self, url: str, loc: Loc, what: str) -> bytes:
+    async def _fetch(self, url: str, loc: Loc, what: str, max_bytes: int) -> bytes:
         try:
             return await run_in_threadpool(
                 netguard.fetch,
                 url,
-                max_bytes=self.settings.max_image_bytes,
+                max_bytes=max_bytes,
                 timeout=self.settings.fetch_timeout_seconds,
                 allow_loopback_http=self.settings.allow_loopback_http,
             )

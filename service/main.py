@@ -14,7 +14,13 @@ from pydantic.json_schema import models_json_schema
 
 from masactrl_jobs.catalog import load_catalog
 from masactrl_jobs.queue import TaskMessages
-from masactrl_jobs.schema import EditCreate, EditParams, SynthesisCreate
+from masactrl_jobs.schema import (
+    EditCreate,
+    EditParams,
+    SequenceCreate,
+    SequenceParams,
+    SynthesisCreate,
+)
 from masactrl_jobs.settings import load_settings
 from masactrl_jobs.storage import storage_from_settings
 from masactrl_jobs.store import AsyncJobStore
@@ -61,6 +67,8 @@ def _install_openapi(app: FastAPI) -> None:
                 (EditCreate, "validation"),
                 (EditParams, "validation"),
                 (SynthesisCreate, "validation"),
+                (SequenceCreate, "validation"),
+                (SequenceParams, "validation"),
                 (StatusEvent, "validation"),
                 (ProgressEvent, "validation"),
                 (RequeuedEvent, "validation"),
@@ -135,6 +143,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         small=settings.max_json_bytes,
         image=encoded_image_bytes(settings.max_image_bytes),
         raw_image=settings.max_image_bytes,
+        raw_video=settings.max_video_bytes,
         ceiling=settings.max_request_bytes,
         max_large_uploads=settings.max_concurrent_large_uploads,
         slot_wait_seconds=settings.large_upload_wait_seconds,

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from masactrl_jobs.schema import MAX_MASK_REGIONS, MAX_TARGETS
+from masactrl_jobs.schema import MAX_MASK_REGIONS, MAX_SEQUENCE_FRAMES, MAX_TARGETS
 from service.errors import ApiError, error_response
 
 __all__ = [
     "FILE_PARTS",
     "INLINE_IMAGES",
+    "VIDEO_ROUTES",
     "BodyLimitMiddleware",
     "BodyLimits",
     "encoded_image_bytes",
@@ -37,10 +38,19 @@ __all__ = [
 INLINE_IMAGES: dict[tuple[str, str], int] = {
     ("POST", "/v1/edits"): 1 + 2 * MAX_MASK_REGIONS + MAX_TARGETS,
     ("POST", "/v1/syntheses"): 2 * MAX_MASK_REGIONS + MAX_TARGETS + 1,
+    # Sequences: the source photo and the frames (or one video, up to an image's allowance).
+    ("POST", "/v1/sequences"): 1 + MAX_SEQUENCE_FRAMES,
 }
 # How many image file parts a route's multipart body may carry: (method, path) -> count.
-# Edits: the photo and one condition image per target.
-FILE_PARTS: dict[tuple[str, str], int] = {("POST", "/v1/edits"): 1 + MAX_TARGETS}
+# Edits: the photo and one condition image per target; sequences: the photo and every frame
+# (or one video).
+FILE_PARTS: dict[tuple[str, str], int] = {
+    ("POST", "/v1/edits"): 1 + MAX_TARGETS,
+    ("POST", "/v1/sequences"): 1 + MAX_SEQUENCE_FRAMES,
+}
+# Routes whose file parts may be a video: each part there earns a video's size, not an image's
+# (the intake still holds every frame to the image limit and a video to the video limit).
+VIDEO_ROUTES = frozenset({("POST", "/v1/sequences")})
 # Multipart boundaries and part headers, on top of the parts themselves.
 _MULTIPART_OVERHEAD = 16 * 1024
 _MARKER = b'"data:'
@@ -67,6 +77,7 @@ class BodyLimits:
     ceiling: int  # no body is ever larger
     max_large_uploads: int  # bodies past ``small`` read at the same time
     slot_wait_seconds: float  # how long a large upload waits for its turn
+    raw_video: int = 0  # a multipart video file part, on routes that take one
 
     def inline_images(self, method: str, path: str) -> int:
         """How many inline images the route takes."""
@@ -76,12 +87,18 @@ class BodyLimits:
         """How many image file parts the route takes (none unless the body is multipart)."""
         return FILE_PARTS.get((method, path.rstrip("/") or "/"), 0) if multipart else 0
 
+    def file_part_bytes(self, method: str, path: str) -> int:
+        """What one file part of this route may earn."""
+        if (method, path.rstrip("/") or "/") in VIDEO_ROUTES:
+            return max(self.raw_image, self.raw_video)
+        return self.raw_image
+
     def route_max(self, method: str, path: str, multipart: bool) -> int:
         """The largest body this route can accept."""
         files = self.file_parts(method, path, multipart)
         most = self.small + self.inline_images(method, path) * self.image
         if files:
-            most += files * self.raw_image + _MULTIPART_OVERHEAD
+            most += files * self.file_part_bytes(method, path) + _MULTIPART_OVERHEAD
         return min(most, self.ceiling)
 
 
@@ -163,6 +180,7 @@ class BodyLimitMiddleware:
         images = limits.inline_images(scope["method"], scope["path"])
         files = limits.file_parts(scope["method"], scope["path"], multipart)
         route_max = limits.route_max(scope["method"], scope["path"], multipart)
+        part_bytes = limits.file_part_bytes(scope["method"], scope["path"])
         base = limits.small + (_MULTIPART_OVERHEAD if files else 0)
         if declared is not None and declared > route_max:
             await _answer(_declared_too_large(declared, route_max), scope, receive, send)
@@ -197,7 +215,7 @@ class BodyLimitMiddleware:
                 file_headers += window.count(_FILE_MARKER)
             tail = window[-_TAIL:]
             earned_inline, earned_files = min(inline, images), min(file_headers, files)
-            earned = earned_inline * limits.image + earned_files * limits.raw_image
+            earned = earned_inline * limits.image + earned_files * part_bytes
             allowed = min(base + earned, route_max)
             if received > allowed:
                 # Raised inside the handler's body read; the ApiError handler answers 413.

@@ -16,15 +16,26 @@ from dataclasses import dataclass, field
 from masactrl_jobs.catalog import UnknownModel
 from masactrl_jobs.ids import new_id
 from masactrl_jobs.images import ValidatedImage
-from masactrl_jobs.schema import EditCreate, EditParams, JobKind, SynthesisCreate
+from masactrl_jobs.schema import (
+    EditCreate,
+    EditParams,
+    JobInput,
+    JobKind,
+    SequenceParams,
+    SynthesisCreate,
+)
 from masactrl_jobs.store import JobRecord
 from service.config import GatewaySettings, Tenant
 from service.errors import ApiError, FieldError, invalid
 from service.gateway import Gateway
+from service.sequences import SequenceUploads, check_sequence, read_inputs
+from service.sequences import resolve_input as resolve_sequence_input
 from service.validation import check_request, check_webhook_url, resolve_input
 
 __all__ = ["Submitted", "Uploads", "parse_prefer_wait", "request_hash", "submit"]
 
+# Every body a submission route parses (SequenceCreate is a SequenceParams with an image).
+JobCreate = EditCreate | EditParams | SynthesisCreate | SequenceParams
 _WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d{1,6})\"?", re.IGNORECASE)
 
 
@@ -65,9 +76,7 @@ def parse_prefer_wait(prefer: str | None, cap: int) -> int | None:
     return min(int(match.group(1)), cap) if match else None
 
 
-def request_hash(
-    kind: JobKind, body: EditCreate | EditParams | SynthesisCreate, upload_sha256: str | None = None
-) -> str:
+def request_hash(kind: JobKind, body: JobCreate, upload_sha256: str | None = None) -> str:
     """A digest of what was asked, insensitive to key order, whitespace and spelled-out defaults."""
     canonical = json.dumps(
         [kind.value, body.model_dump(mode="json"), upload_sha256],
@@ -136,34 +145,52 @@ async def submit(
     gw: Gateway,
     tenant: Tenant,
     kind: JobKind,
-    body: EditCreate | EditParams | SynthesisCreate,
+    body: JobCreate,
     *,
     uploads: Uploads | None = None,
     idempotency_key: str | None = None,
     prefer: str | None = None,
+    sequence_uploads: SequenceUploads | None = None,
 ) -> Submitted:
     """Validate, store inputs, record and enqueue one job (or find the one it replays)."""
     wait = parse_prefer_wait(prefer, gw.settings.max_wait_seconds)
     if wait is None:
-        return await _submit(gw, tenant, kind, body, uploads, idempotency_key, None)
+        return await _submit(
+            gw, tenant, kind, body, uploads, idempotency_key, None, sequence_uploads
+        )
     # Taken before anything is created, so a refused wait (429) leaves no job behind.
     with gw.hold("wait", tenant):
-        return await _submit(gw, tenant, kind, body, uploads, idempotency_key, wait)
+        return await _submit(
+            gw, tenant, kind, body, uploads, idempotency_key, wait, sequence_uploads
+        )
+
+
+def _uploads_digest(uploads: Uploads | None, sequence: SequenceUploads | None) -> str | None:
+    """One digest of a request's file parts, for the idempotency hash (None without parts)."""
+    if sequence is None:
+        return uploads.sha256() if uploads is not None else None
+    digest = hashlib.sha256()
+    for part in [sequence.image, sequence.video, *sequence.frames]:
+        # Lengths first, so that moving bytes from one part to the next changes the digest.
+        digest.update(b"-" if part is None else f"{len(part)}:".encode())
+        digest.update(part or b"")
+    return digest.hexdigest()
 
 
 async def _submit(
     gw: Gateway,
     tenant: Tenant,
     kind: JobKind,
-    body: EditCreate | EditParams | SynthesisCreate,
+    body: JobCreate,
     uploads: Uploads | None,
     idempotency_key: str | None,
     wait: int | None,
+    sequence_uploads: SequenceUploads | None = None,
 ) -> Submitted:
     settings = gw.settings
     this_hash = ""
     if idempotency_key is not None:
-        this_hash = request_hash(kind, body, uploads.sha256() if uploads is not None else None)
+        this_hash = request_hash(kind, body, _uploads_digest(uploads, sequence_uploads))
         existing = await gw.store.idempotency(tenant.name, idempotency_key)
         if existing is not None:
             replay = await _replay(gw, tenant, existing[1], existing[0], this_hash)
@@ -174,7 +201,10 @@ async def _submit(
         entry = gw.catalog.get(body.model)
     except UnknownModel as exc:
         raise invalid([FieldError(("body", "model"), str(exc), "unknown_model")]) from None
-    errors = check_request(body, entry)
+    if isinstance(body, SequenceParams):
+        errors = check_sequence(body, entry, settings, sequence_uploads)
+    else:
+        errors = check_request(body, entry)
     if body.webhook is not None:
         webhook_error = check_webhook_url(
             body.webhook.url, allow_loopback_http=settings.allow_loopback_http
@@ -191,7 +221,24 @@ async def _submit(
     condition_keys: list[str] = []
     source_condition_key: str | None = None
     rate: tuple[float, int] | None = (settings.rate_limit_per_second, settings.rate_limit_burst)
-    if kind is JobKind.edit or body.control.mask.regions or body.condition is not None:
+    job_input: JobInput | None = None
+    if isinstance(body, SequenceParams):
+        # Frames always come as inputs: the same order as below (token, depth, read, depth,
+        # store), with the sequence's own reader.
+        assert rate is not None  # cleared only below
+        limit = await gw.store.rate_limit(tenant.name, *rate)
+        if not limit.allowed:
+            raise _rate_limited(settings, limit.retry_after)
+        rate = None
+        await _check_depth(gw, entry.name)
+        inputs = await read_inputs(gw.intake, settings, body, sequence_uploads)
+        await _check_depth(gw, entry.name)
+        to_store = inputs.to_store()
+        # Registered for sweeping before they are stored, as for edits below.
+        await gw.store.register_inputs([item.key for item in to_store])
+        await gw.intake.store(to_store)
+        job_input = resolve_sequence_input(body, entry, inputs)
+    elif kind is JobKind.edit or body.control.mask.regions or body.condition is not None:
         # Inputs cost bandwidth and storage: spend a token and check the queue before taking
         # them. Jobs without inputs do both inside the step that records them.
         assert rate is not None  # set just above; cleared only after this call
@@ -235,20 +282,22 @@ async def _submit(
         # Fetching may have taken seconds: look again, so that the queue filling up meanwhile
         # is caught before anything is stored.
         await _check_depth(gw, entry.name)
-        inputs = [*([image] if image else []), *masks, *conditions]
+        checked = [*([image] if image else []), *masks, *conditions]
         # A job created in the last moment can still make create() answer "full" after the
         # store: registered for sweeping first, the stored inputs never outlive retention.
-        await gw.store.register_inputs([i.key for i in inputs])
-        await gw.intake.store(inputs)
+        await gw.store.register_inputs([item.key for item in checked])
+        await gw.intake.store(checked)
 
-    job_input = resolve_input(
-        body,
-        entry,
-        image_key=image.key if image else None,
-        region_keys=region_keys,
-        condition_keys=condition_keys,
-        source_condition_key=source_condition_key,
-    )
+    if not isinstance(body, SequenceParams):  # a sequence's input was resolved above
+        job_input = resolve_input(
+            body,
+            entry,
+            image_key=image.key if image else None,
+            region_keys=region_keys,
+            condition_keys=condition_keys,
+            source_condition_key=source_condition_key,
+        )
+    assert job_input is not None
     job_id = new_id()
     result = await gw.store.create(
         job_id=job_id,

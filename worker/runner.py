@@ -51,12 +51,15 @@ from masactrl_core import (
 )
 from masactrl_jobs.catalog import ModelEntry, UnknownCondition
 from masactrl_jobs.control import InvalidParameters, check_control, condition_problems
+from masactrl_jobs.media import MediaError, decode_video, encode_mp4, encode_webp
 from masactrl_jobs.queue import enqueue_job
 from masactrl_jobs.schema import ErrorCode, JobKind, JobStatus, MaskMode
 from masactrl_jobs.storage import (
     ObjectNotFound,
     Storage,
     StorageError,
+    animation_key,
+    content_type_for,
     result_key,
     results_prefix,
 )
@@ -72,6 +75,9 @@ from worker.webhooks import Emitter
 __all__ = ["JobRunner"]
 
 logger = logging.getLogger(__name__)
+
+# The animations' frame rate when a job does not say (jobs made by the gateway always do).
+DEFAULT_ANIMATION_FPS = 8.0
 
 
 class _Failure(Exception):
@@ -99,6 +105,8 @@ class _RunState:
     last_progress: tuple[str, int, int] | None = None
     # The condition images as the engine received them (after canny), published with the results.
     condition_images: list[tuple[str, Image.Image]] = field(default_factory=list)
+    # Sequences: frames decoded so far, reported with the progress.
+    frames_done: int | None = None
 
 
 def _decode(data: bytes, what: str, mode: str = "RGB") -> Image.Image:
@@ -365,7 +373,10 @@ class JobRunner:
     # -- pieces ----------------------------------------------------------------------------
 
     def _load_input(self, record: JobRecord) -> tuple[Image.Image | None, str | None]:
-        if record.kind is not JobKind.edit:
+        # A sequence's source is a photo when it names one, else synthesized like a synthesis.
+        if record.kind is JobKind.synthesis or (
+            record.kind is JobKind.sequence and not record.input.image
+        ):
             return None, None
         key = record.input.image
         if not key:
@@ -480,6 +491,8 @@ class JobRunner:
         image_sha: str | None,
         state: _RunState,
     ) -> tuple[Any, float]:
+        if record.kind is JobKind.sequence:
+            return self._run_sequence(record, image, image_sha, state)
         params = record.input
         common: dict[str, Any] = {
             "seed": params.seed,
@@ -502,6 +515,25 @@ class JobRunner:
             return result, time.perf_counter() - started
 
         assert image is not None and image_sha is not None
+        cache_key, inverted = self._cached_inversion(record, image_sha)
+        started = time.perf_counter()
+        result = self.engine.edit(
+            image,
+            params.target_prompts,
+            source_prompt=params.source_prompt,
+            inverted=inverted,
+            anchor_source=params.anchor_source,
+            **common,
+        )
+        engine_seconds = time.perf_counter() - started
+        self._keep_inversion(record, cache_key, inverted, result.inverted)
+        return result, engine_seconds
+
+    def _cached_inversion(
+        self, record: JobRecord, image_sha: str
+    ) -> tuple[str | None, InvertedImage | None]:
+        """The inversion cache's key for this job's image and its entry (None when absent)."""
+        params = record.input
         cache_key = None
         inverted = None
         if self.cache is not None:
@@ -522,20 +554,99 @@ class JobRunner:
             if inverted is not None and params.anchor_source and not inverted.has_trajectory:
                 # An entry written before trajectories were kept: invert again (and replace it).
                 inverted = None
+        return cache_key, inverted
+
+    def _keep_inversion(
+        self,
+        record: JobRecord,
+        cache_key: str | None,
+        cached: InvertedImage | None,
+        fresh: InvertedImage | None,
+    ) -> None:
+        """Save a fresh inversion to the cache (or log that the cached one served)."""
+        if cached is not None:
+            logger.info("job %s: reused the cached inversion %s", record.id, cache_key)
+        elif self.cache is not None and cache_key and fresh is not None:
+            self.cache.save(cache_key, fresh.to_safetensors_bytes())
+
+    def _sequence_condition(self, record: JobRecord) -> Any:
+        """The engine's ``Condition`` holding the sequence's frames (a video decoded here)."""
+        from masactrl_core import ModelLoadError
+        from masactrl_core.conditions import Condition
+
+        requested = record.input.condition
+        if requested is None:
+            raise _Failure(ErrorCode.invalid_input, "the sequence has no condition frames")
+        try:
+            model = self.conditions.get(requested.model)
+        except UnknownCondition as exc:
+            raise _Failure(ErrorCode.invalid_input, str(exc)) from None
+        except ModelLoadError as exc:
+            raise _Failure(
+                ErrorCode.internal_error, f"condition model {requested.model}: {exc}"
+            ) from exc
+        if requested.video is not None:
+            # One past the engine's limit at most, so a long video is refused, not decoded whole.
+            most = requested.max_frames or self.engine.options.max_sequence_frames + 1
+            data = self._read(requested.video, "video")
+            try:
+                frames = decode_video(data, fps=requested.fps, max_frames=most)
+            except MediaError as exc:
+                raise _Failure(ErrorCode.invalid_input, str(exc)) from None
+        else:
+            frames = [
+                _decode(self._read(key, f"condition frame {k}"), f"condition frame {k}")
+                for k, key in enumerate(requested.images)
+            ]
+        if requested.preprocess == "canny":
+            from masactrl_core.canny import canny
+
+            frames = [canny(frame) for frame in frames]
+        return Condition(
+            model, frames, scale=requested.scale, start=requested.start, end=requested.end
+        )
+
+    def _run_sequence(
+        self,
+        record: JobRecord,
+        image: Image.Image | None,
+        image_sha: str | None,
+        state: _RunState,
+    ) -> tuple[Any, float]:
+        params = record.input
+        condition = self._sequence_condition(record)
+        cache_key, inverted = (
+            self._cached_inversion(record, image_sha) if image_sha is not None else (None, None)
+        )
+        state.frames_done = 0
+
+        def frame_done(index: int, frame: Image.Image) -> None:
+            state.frames_done = index + 1
+            self._progress_now(state)
+
         started = time.perf_counter()
-        result = self.engine.edit(
-            image,
+        result = self.engine.sequence(
+            params.source_prompt,
             params.target_prompts,
-            source_prompt=params.source_prompt,
+            condition,
+            image=image,
             inverted=inverted,
             anchor_source=params.anchor_source,
-            **common,
+            seed=params.seed,
+            steps=params.steps,
+            guidance_scale=params.guidance_scale,
+            negative_prompt=params.negative_prompt,
+            width=params.width,
+            height=params.height,
+            control=self._control(record),
+            progress=lambda phase, step, total: self._on_progress(
+                record, state, phase, step, total
+            ),
+            should_cancel=lambda: self._should_cancel(state),
+            on_frame=frame_done,
         )
         engine_seconds = time.perf_counter() - started
-        if inverted is not None:
-            logger.info("job %s: reused the cached inversion %s", record.id, cache_key)
-        elif self.cache is not None and cache_key and result.inverted is not None:
-            self.cache.save(cache_key, result.inverted.to_safetensors_bytes())
+        self._keep_inversion(record, cache_key, inverted, result.inverted)
         return result, engine_seconds
 
     def _on_progress(
@@ -563,7 +674,7 @@ class JobRunner:
             return
         phase, step, total = state.last_progress
         try:
-            result = self.store.progress(state.job_id, phase, step, total)
+            result = self.store.progress(state.job_id, phase, step, total, state.frames_done)
         except Exception as exc:
             # Progress is informational: a Redis blip must not stop the run.
             logger.warning("progress update of job %s failed: %s", state.job_id, exc)
@@ -586,6 +697,8 @@ class JobRunner:
         condition_images: Sequence[tuple[str, Image.Image]] = (),
     ) -> list[dict[str, Any]]:
         params = record.input
+        if record.kind is JobKind.sequence:
+            return self._write_sequence(record, result)
         outputs = [("source", 0, params.source_prompt, result.source)]
         outputs += [
             ("target", k, prompt, image)
@@ -610,6 +723,35 @@ class JobRunner:
                 }
             )
         return images
+
+    def _write_sequence(self, record: JobRecord, result: Any) -> list[dict[str, Any]]:
+        """The source, every frame, and the frames as an MP4 and an animated WebP."""
+        params = record.input
+        prompts = params.target_prompts
+        if len(prompts) == 1:
+            prompts = prompts * len(result.frames)
+        outputs = [("source", 0, params.source_prompt, result.source)]
+        outputs += [
+            ("frame", k, prompt, frame)
+            for k, (prompt, frame) in enumerate(zip(prompts, result.frames, strict=True))
+        ]
+        images = []
+        for role, index, prompt, image in outputs:
+            key = result_key(record.id, role, index)
+            self.retry(self.storage.put, key, png_bytes(image), "image/png")
+            images.append(self._output(role, prompt, key, image.size))
+        fps = params.animation_fps or DEFAULT_ANIMATION_FPS
+        for extension, encode in (("mp4", encode_mp4), ("webp", encode_webp)):
+            key = animation_key(record.id, extension)
+            self.retry(self.storage.put, key, encode(result.frames, fps), content_type_for(key))
+            images.append(
+                self._output("animation", params.target_prompts[0], key, result.frames[0].size)
+            )
+        return images
+
+    @staticmethod
+    def _output(role: str, prompt: str, key: str, size: tuple[int, int]) -> dict[str, Any]:
+        return {"role": role, "prompt": prompt, "key": key, "width": size[0], "height": size[1]}
 
     def _metrics(self, record: JobRecord, stats: Any, engine_seconds: float) -> dict[str, Any]:
         now = time.time()

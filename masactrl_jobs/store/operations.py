@@ -327,9 +327,13 @@ class JobOperations:
         return Call("start", keys, args, parse)
 
     @operation
-    def progress(self, job_id: str, phase: str, step: int, total: int) -> Call[ProgressResult]:
+    def progress(
+        self, job_id: str, phase: str, step: int, total: int, frames_done: int | None = None
+    ) -> Call[ProgressResult]:
         """Record progress of a running job; also says whether cancellation was requested."""
-        data = ProgressRecord(ProgressPhase(phase), int(step), max(int(total), 1)).to_json()
+        data = ProgressRecord(
+            ProgressPhase(phase), int(step), max(int(total), 1), frames_done
+        ).to_json()
         return Call(
             "progress",
             [self.keys.job(job_id), self.keys.events(job_id)],

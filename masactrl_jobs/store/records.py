@@ -41,13 +41,16 @@ class ProgressRecord:
     phase: ProgressPhase
     step: int
     total: int
+    frames_done: int | None = None  # sequences only
 
     @property
     def fraction(self) -> float:
         return min(1.0, round(self.step / max(self.total, 1), 4))
 
     def to_json(self) -> dict[str, Any]:
-        fields = {"phase": self.phase.value, "step": self.step, "total": self.total}
+        fields: dict[str, Any] = {"phase": self.phase.value, "step": self.step, "total": self.total}
+        if self.frames_done is not None:
+            fields["frames_done"] = self.frames_done
         return {**fields, "fraction": self.fraction}
 
 
@@ -87,7 +90,13 @@ def _progress(raw: str | None) -> ProgressRecord | None:
     data = _json_or_none(raw)
     if not data:
         return None
-    return ProgressRecord(ProgressPhase(data["phase"]), int(data["step"]), int(data["total"]))
+    frames = data.get("frames_done")
+    return ProgressRecord(
+        ProgressPhase(data["phase"]),
+        int(data["step"]),
+        int(data["total"]),
+        int(frames) if frames is not None else None,
+    )
 
 
 def _output(raw: str | None) -> OutputRecord | None:

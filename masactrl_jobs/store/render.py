@@ -50,7 +50,13 @@ def public_job(
     progress = None
     if record.progress is not None:
         p = record.progress
-        progress = JobProgress(phase=p.phase, step=p.step, total=p.total, fraction=p.fraction)
+        progress = JobProgress(
+            phase=p.phase,
+            step=p.step,
+            total=p.total,
+            fraction=p.fraction,
+            frames_done=p.frames_done,
+        )
     output = None
     if record.output is not None:
         expires = now + url_ttl_seconds

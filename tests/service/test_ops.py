@@ -173,6 +173,7 @@ def test_operation_ids_are_readable_and_stable() -> None:
     assert ids == {
         "POST /v1/edits": "createEdit",
         "POST /v1/syntheses": "createSynthesis",
+        "POST /v1/sequences": "createSequence",
         "GET /v1/jobs": "listJobs",
         "GET /v1/jobs/{job_id}": "getJob",
         "POST /v1/jobs/{job_id}/cancel": "cancelJob",

@@ -156,10 +156,20 @@ def _data_url(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
+def e2e_controlnet(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ControlNet the stack's model offers as ``canny`` (loaded only by jobs naming it)."""
+    from masactrl_core.tiny_conditions import write_tiny_condition_model
+
+    out = tmp_path_factory.mktemp("e2e-controlnet") / "canny"
+    return write_tiny_condition_model(out, kind="controlnet", base=tiny_checkpoint, seed=3)
+
+
+@pytest.fixture(scope="module")
 def stack(
     redis_server: RedisServer,
     s3_server: S3Server,
     tiny_checkpoint: Path,
+    e2e_controlnet: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     import redis
@@ -184,7 +194,10 @@ def stack(
         "MASACTRL_S3_REGION": s3_server.region,
         "MASACTRL_URL_SIGNING_SECRET": "e2e-url-signing-secret-0123456789abcdef",
         "MASACTRL_PUBLIC_BASE_URL": base_url,
-        "MASACTRL_CATALOG": tiny_catalog(tiny_checkpoint),
+        "MASACTRL_CATALOG": tiny_catalog(
+            tiny_checkpoint,
+            conditions={"canny": {"source": str(e2e_controlnet), "kind": "controlnet"}},
+        ),
         "MASACTRL_ALLOW_LOOPBACK_HTTP": "true",
         "MASACTRL_API_KEYS": json.dumps(
             [
@@ -576,3 +589,85 @@ def test_a_queued_job_survives_a_redis_restart(stack: Stack) -> None:
     final = stack.wait(running["id"], timeout=JOB_TIMEOUT * 2)
     # The running job rode through the restart: one attempt, not a rerun.
     assert (final["status"], final["attempts"]) == ("succeeded", 1), final
+
+
+# --- sequences -------------------------------------------------------------------------------
+
+
+def _layout(seed: int) -> Image.Image:
+    return Image.effect_noise((64, 64), 30 + 20 * seed).convert("RGB")
+
+
+def test_a_sequence_from_a_video_ends_equal_to_the_engine_with_frames_and_animations(
+    stack: Stack, reference_engine: Any, e2e_controlnet: Path
+) -> None:
+    from masactrl_core.canny import canny
+    from masactrl_core.conditions import Condition
+    from masactrl_jobs.media import decode_video, encode_mp4, probe_video
+
+    video = encode_mp4([_layout(k) for k in range(4)], 4.0)
+    params = {
+        "source_prompt": "a photo of a cat",
+        "target_prompts": ["a photo of a dog"],
+        "condition": {"model": "canny", "fps": 4, "max_frames": 3, "preprocess": "canny"},
+        "steps": 3,
+        "seed": 11,
+        "fps": 6,
+    }
+    response = stack.client.post(
+        "/v1/sequences",
+        files=[("video", ("clip.mp4", video, "video/mp4"))],
+        data={"params": json.dumps(params)},
+    )
+    assert response.status_code == 202, response.text
+    job = stack.wait(response.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["kind"] == "sequence" and job["progress"]["frames_done"] == 3
+    roles = [(image["role"], image["key"].rsplit("/", 1)[-1]) for image in job["output"]["images"]]
+    assert roles == [
+        ("source", "source_0.png"),
+        *[("frame", f"frame_{k}.png") for k in range(3)],
+        ("animation", "sequence.mp4"),
+        ("animation", "sequence.webp"),
+    ]
+
+    layouts = [canny(frame) for frame in decode_video(video, fps=4, max_frames=3)]
+    model = reference_engine.load_condition_model(str(e2e_controlnet))
+    expected = reference_engine.sequence(
+        "a photo of a cat",
+        "a photo of a dog",
+        Condition(model, layouts),
+        seed=11,
+        steps=3,
+        width=64,
+        height=64,
+        control=_control(job),
+    )
+    downloaded = _download(job)
+    assert downloaded[1:4] == [png_bytes(frame) for frame in expected.frames]
+    info = probe_video(downloaded[4])
+    assert (info.frame_count, round(info.fps)) == (3, 6)
+
+
+def test_cancel_of_a_running_sequence_stops_within_a_step_or_two(stack: Stack) -> None:
+    body = {
+        "source_prompt": "a cat",
+        "target_prompts": ["a dog"],
+        "steps": 60,
+        "condition": {
+            "model": "canny",
+            "frames": [_data_url(png_bytes(_layout(k))) for k in range(3)],
+        },
+    }
+    job = stack.submit("sequences", body)
+    stack.wait_running(job["id"], min_step=3)
+    response = stack.client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 202, response.text
+    step_at_cancel = response.json()["progress"]["step"]
+
+    final = stack.wait(job["id"])
+    assert final["status"] == "canceled"
+    assert final["progress"]["step"] <= step_at_cancel + 2
+    assert final["progress"]["frames_done"] == 0
+    assert final["output"] is None
+    assert stack.stored_keys(f"results/{job['id']}/") == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.routes import docs, edits, files, health, jobs, models, syntheses
+from service.api.routes import docs, edits, files, health, jobs, models, sequences, syntheses
 
 __all__ = ["ROUTERS"]
 
@@ -13,6 +13,7 @@ __all__ = ["ROUTERS"]
 ROUTERS: tuple[APIRouter, ...] = (
     syntheses.router,
     edits.router,
+    sequences.router,
     jobs.router,
     models.router,
     files.router,

@@ -43,6 +43,9 @@ class ProgressEvent(BaseModel):
     step: int
     total: int
     fraction: float = Field(description="`step / total`, 0 to 1.")
+    frames_done: int | None = Field(
+        default=None, description="Sequences only: frames decoded so far (they come at the end)."
+    )
 
 
 class RequeuedEvent(BaseModel):

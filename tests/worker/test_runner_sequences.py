@@ -1,0 +1,155 @@
+"""JobRunner with sequence jobs: frames equal ``engine.sequence`` run directly, plus animations."""
+
+# The runner fixtures are the conditions tests' (imported below); pytest passes them by name.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+from PIL import Image
+
+from masactrl_core import ControlConfig
+from masactrl_core.canny import canny
+from masactrl_core.conditions import Condition
+from masactrl_jobs.media import decode_video, encode_mp4, probe_video
+from masactrl_jobs.schema import ConditionInput, JobKind
+from masactrl_jobs.storage import FileStorage
+from masactrl_jobs.store import JobStore
+from tests.masactrl_jobs.test_media import webp_facts
+from tests.worker.test_runner import create_job, job_error, photo_png, put_input
+from tests.worker.test_runner_conditions import (  # noqa: F401 (fixtures)
+    controlnet,
+    make_runner,
+    settings,
+    storage,
+    store,
+)
+from worker.outputs import png_bytes
+from worker.runner import JobRunner
+
+CONTROL = ControlConfig(start_step=1, start_layer=10)
+
+
+def _layouts(count: int = 3) -> list[Image.Image]:
+    # Different sizes: the engine fits each one to the output size.
+    return [Image.effect_noise((64 + 8 * k, 64), 30 + 20 * k).convert("RGB") for k in range(count)]
+
+
+def _outputs(store: JobStore, job_id: str) -> list[tuple[str, str]]:
+    record = store.get(job_id)
+    assert record is not None and record.output is not None, record
+    return [(image.role.value, image.key.rsplit("/", 1)[-1]) for image in record.output.images]
+
+
+def test_a_sequence_job_equals_engine_sequence_with_frames_in_order(
+    make_runner: Callable[..., JobRunner],
+    store: JobStore,
+    storage: FileStorage,
+    tiny_engine: Any,
+) -> None:
+    layouts = _layouts()
+    keys = [put_input(storage, png_bytes(image)) for image in layouts]
+    job_id = create_job(
+        store,
+        JobKind.sequence,
+        target_prompts=["a photo of a dog"],
+        condition=ConditionInput(model="canny", images=keys, scale=0.8),
+        animation_fps=5.0,
+    )
+    runner = make_runner()
+    assert runner.run(job_id) == "succeeded"
+
+    expected = tiny_engine.sequence(
+        "a photo of a cat",
+        "a photo of a dog",
+        Condition(runner.conditions.get("canny"), layouts, scale=0.8),
+        seed=7,
+        steps=3,
+        width=64,
+        height=64,
+        control=CONTROL,
+    )
+    assert _outputs(store, job_id) == [
+        ("source", "source_0.png"),
+        ("frame", "frame_0.png"),
+        ("frame", "frame_1.png"),
+        ("frame", "frame_2.png"),
+        ("animation", "sequence.mp4"),
+        ("animation", "sequence.webp"),
+    ]
+    prefix = f"results/{job_id}/"
+    assert storage.get(prefix + "source_0.png") == png_bytes(expected.source)
+    frames = [storage.get(f"{prefix}frame_{k}.png") for k in range(3)]
+    assert frames == [png_bytes(frame) for frame in expected.frames]
+
+    video = storage.get(prefix + "sequence.mp4")
+    info = probe_video(video)
+    assert (info.frame_count, round(info.fps), info.size) == (3, 5, (64, 64))
+    assert webp_facts(storage.get(prefix + "sequence.webp")) == (3, [200, 200, 200])
+
+    record = store.get(job_id)
+    assert record is not None and record.progress is not None
+    assert record.progress.frames_done == 3 and record.progress.step == 3
+    metrics = record.metrics or {}
+    assert metrics["unet_image_evals"] == expected.stats.unet_image_evals
+    assert metrics["condition_evals"] == expected.stats.condition_evals == 3 * 2 * 3
+
+
+def test_a_video_sequence_from_a_photo_decodes_samples_and_applies_canny(
+    make_runner: Callable[..., JobRunner],
+    store: JobStore,
+    storage: FileStorage,
+    tiny_engine: Any,
+) -> None:
+    video = encode_mp4([image.resize((64, 64)) for image in _layouts(4)], 4.0)
+    video_key = "inputs/clip.video"
+    storage.put(video_key, video)
+    photo = photo_png()
+    photo_key = put_input(storage, photo)
+    condition = ConditionInput(
+        model="canny", images=[], video=video_key, fps=2.0, max_frames=2, preprocess="canny"
+    )
+    job_id = create_job(
+        store,
+        JobKind.sequence,
+        image=photo_key,
+        target_prompts=["a photo of a dog"],
+        condition=condition,
+        anchor_source=True,
+    )
+    runner = make_runner()
+    assert runner.run(job_id) == "succeeded"
+
+    layouts = [canny(frame) for frame in decode_video(video, fps=2.0, max_frames=2)]
+    expected = tiny_engine.sequence(
+        "a photo of a cat",
+        "a photo of a dog",
+        Condition(runner.conditions.get("canny"), layouts),
+        image=Image.open(io.BytesIO(photo)).convert("RGB"),
+        anchor_source=True,
+        seed=7,
+        steps=3,
+        width=64,
+        height=64,
+        control=CONTROL,
+    )
+    prefix = f"results/{job_id}/"
+    frames = [storage.get(f"{prefix}frame_{k}.png") for k in range(2)]
+    assert frames == [png_bytes(frame) for frame in expected.frames]
+    # The image source's inversion went to the cache, as for edits.
+    assert storage.list_prefix("cache/inversions/tiny/")
+
+
+def test_an_unreadable_video_fails_the_job_as_invalid_input(
+    make_runner: Callable[..., JobRunner], store: JobStore, storage: FileStorage
+) -> None:
+    storage.put("inputs/broken.video", b"not a video at all")
+    condition = ConditionInput(model="canny", images=[], video="inputs/broken.video")
+    job_id = create_job(store, JobKind.sequence, condition=condition)
+    assert make_runner().run(job_id) == "failed"
+    error = job_error(store, job_id)
+    assert error.code == "invalid_input" and "cannot be read as a video" in error.message
+    assert storage.list_prefix(f"results/{job_id}/") == []
