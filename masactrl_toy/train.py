@@ -283,9 +283,7 @@ def _train_vae(
     vae.train()
     optimiser = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
     losses: list[float] = []
-    while (steps is None or len(losses) < steps) and (
-        steps is not None or time.monotonic() < deadline
-    ):
+    while (steps is None or len(losses) < steps) and time.monotonic() < deadline:
         images, _ = scenes.batch(config.batch_size)
         posterior = vae.encode(images).latent_dist
         latents = posterior.sample(generator=generator)
@@ -328,9 +326,7 @@ def _train_unet(
     scale = pipe.vae.config.scaling_factor
     losses: list[float] = []
     next_sample = time.monotonic() + config.sample_every_s
-    while (steps is None or len(losses) < steps) and (
-        steps is not None or time.monotonic() < deadline
-    ):
+    while (steps is None or len(losses) < steps) and time.monotonic() < deadline:
         images, captions = scenes.batch(config.batch_size)
         drop = torch.rand(len(captions), generator=generator) < config.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
