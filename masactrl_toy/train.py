@@ -65,7 +65,7 @@ class ToyConfig:
     vae_fraction: float = 0.2  # share of the step and time budget spent on the VAE
     caption_dropout: float = 0.1
     kl_weight: float = 1e-6
-    sample_every_s: float = 60.0
+    sample_every_s: float = 180.0
 
     def unet_config(self) -> dict[str, Any]:
         return {
