@@ -8,6 +8,8 @@ no mask of its own), which is what an ablation needs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from PIL import Image
 
@@ -84,7 +86,7 @@ def read_pose(image: Image.Image, background: str) -> dict[str, str | None]:
     return {"position": "left" if cx < 0.5 else "right", "facing": facing, "stance": stance}
 
 
-def pose_compliance(image: Image.Image, pose: dict[str, str], background: str) -> float:
+def pose_compliance(image: Image.Image, pose: Mapping[str, str], background: str) -> float:
     """Fraction of the prompted pose attributes (of those `read_pose` reads) the image shows."""
     seen = read_pose(image, background)
     return sum(seen[k] == pose[k] for k in seen) / len(seen)

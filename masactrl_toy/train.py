@@ -3,7 +3,8 @@
 The result is an ordinary diffusers folder (VAE, UNet, CLIP text encoder, tokenizer, DDIM
 scheduler) that ``MasaCtrlEngine.from_pretrained`` loads like any SD1.x model. The UNet keeps the
 SD1.x topology (4 levels, 2 layers each, 16 transformer blocks: 6 in the encoder, 1 in the middle,
-9 in the decoder) at small widths, so the paper's start_layer 10 means "the decoder" here too.
+9 in the decoder) at small widths, so the paper's start_layer 10 (the decoder's later blocks)
+means the same blocks here.
 
 Two phases share the time budget: the VAE learns to reconstruct scenes (reconstruction plus a small
 KL term), then its latents are scaled to unit variance and the UNet and text encoder learn to

@@ -54,9 +54,12 @@ def test_short_training_lowers_loss_and_loads_in_the_engine(tmp_path: Path) -> N
     engine = MasaCtrlEngine.from_pretrained(tmp_path / "toy", device="cpu")
     assert engine.block_count == 16 and engine.native_size == (16, 16)
     assert engine.default_control.start_layer == 10
-    # Layer 10 is the first transformer block of the decoder, as in SD1.x.
-    assert engine.layer_names[10].startswith("up_blocks.")
-    assert not engine.layer_names[9].startswith("up_blocks.")
+    # As in SD1.x: blocks 0-5 encoder, 6 middle, 7-15 decoder; the default start layer 10 is the
+    # first block of the decoder's second cross-attention level (its later, higher-resolution half).
+    assert engine.layer_names[6].startswith("mid_block.")
+    assert engine.layer_names[7].startswith("up_blocks.1.")
+    assert engine.layer_names[10].startswith("up_blocks.2.")
+    assert engine.layer_names[9].startswith("up_blocks.1.")
     out = engine.synthesize(caption(random_scene(0)), [caption(random_scene(1))], seed=0, steps=3)
     assert out.targets[0].size == (16, 16)
 

@@ -71,7 +71,7 @@ def test_mask_covers_creature_and_measures_read_the_render(size: int) -> None:
         assert 0.03 < mask.mean() < 0.4
         found = foreground_mask(image, scene.background)
         recalls.append((found & mask).sum() / mask.sum())
-        pose = {"position": scene.pose.position, "facing": scene.pose.facing}
+        pose: dict[str, str] = {"position": scene.pose.position, "facing": scene.pose.facing}
         pose["stance"] = scene.pose.stance
         hits += pose_compliance(image, pose, scene.background) == 1.0
     # The analytic foreground finds most of the rendered mask without being told it (a creature
