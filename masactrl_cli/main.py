@@ -55,6 +55,9 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "masactrl_cli.tiny_model",
         "write a small random-weight checkpoint for offline tests and demos",
     ),
+    Subcommand(
+        "toy-model", "masactrl_cli.toy_model", "train the toy-world checkpoint from scratch"
+    ),
     Subcommand("serve", "masactrl_cli.serve", "run the HTTP gateway (FastAPI under uvicorn)"),
     Subcommand(
         "worker",
