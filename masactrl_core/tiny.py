@@ -23,6 +23,8 @@ __all__ = [
     "FAMILIES",
     "TinyCheckpointInfo",
     "build_sd_pipeline",
+    "bytes_to_unicode",
+    "learn_merges",
     "tiny_checkpoint_info",
     "write_tiny_checkpoint",
 ]
@@ -80,7 +82,7 @@ class TinyCheckpointInfo:
 # --- tokenizer -------------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode map (the byte-level alphabet)."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -97,7 +99,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
-def _learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
+def learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
     """Greedy BPE on a fixed word list; deterministic (ties broken lexicographically)."""
     # CLIP marks the end of a word by suffixing its last symbol with </w>.
     seqs = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in words if w)
@@ -129,8 +131,8 @@ def _learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
 
 def _tokenizer_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP's vocab layout: byte alphabet, the same with </w>, merged symbols, special tokens."""
-    alphabet = list(_bytes_to_unicode().values())
-    merges = _learn_merges(_MERGE_CORPUS.split(), _NUM_MERGES)
+    alphabet = list(bytes_to_unicode().values())
+    merges = learn_merges(_MERGE_CORPUS.split(), _NUM_MERGES)
     symbols = alphabet + [s + "</w>" for s in alphabet] + ["".join(m) for m in merges]
     symbols += [BOS_TOKEN, EOS_TOKEN]
     vocab: dict[str, int] = {}

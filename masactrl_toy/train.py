@@ -124,11 +124,11 @@ def write_tokenizer(folder: Path) -> int:
     """CLIP tokenizer files for the world's vocabulary (one token per word); returns vocab size."""
     # The project's tiny checkpoints already write CLIP's byte-level BPE; reuse its helpers with
     # this world's words, merging until every word is a single token.
-    from masactrl_core.tiny import _bytes_to_unicode, _learn_merges
+    from masactrl_core.tiny import bytes_to_unicode, learn_merges
 
     words = vocabulary()
-    merges = _learn_merges(words, sum(len(w) for w in words))
-    alphabet = list(_bytes_to_unicode().values())
+    merges = learn_merges(words, sum(len(w) for w in words))
+    alphabet = list(bytes_to_unicode().values())
     symbols = alphabet + [s + "</w>" for s in alphabet] + ["".join(m) for m in merges]
     vocab: dict[str, int] = {}
     for s in [*symbols, BOS_TOKEN, EOS_TOKEN]:
