@@ -95,9 +95,10 @@ def invalid(errors: Sequence[FieldError | ErrorDetail]) -> ApiError:
     first = details[0]
     where = ".".join(str(part) for part in first.loc if part != "body") or "request"
     name = str(first.loc[-1]) if first.loc else ""
-    # "image is 25 MiB; ..." already names its field: say it once, not "image: image is ...".
+    # "start_step must be ..." already names its field: say it once, with its full path
+    # ("control.start_step must be ..."), not "control.start_step: start_step must be ...".
     said = name and first.message.startswith((f"{name} ", f"{name}:"))
-    message = first.message if said else f"{where}: {first.message}"
+    message = where + first.message[len(name) :] if said else f"{where}: {first.message}"
     if len(details) > 1:
         message += f" (and {len(details) - 1} more problem{'s' if len(details) > 2 else ''})"
     return ApiError(422, "invalid_request", message, details=details)

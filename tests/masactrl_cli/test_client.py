@@ -121,7 +121,7 @@ def test_key_and_url_come_from_the_environment_and_the_dev_key_file(
         (
             ["synthesize", "--source-prompt", "a cat", "--target-prompt", "a dog"]
             + ["--steps", "20", "--start-step", "25"],
-            "masactrl client: error: control.start_step: start_step must be less than steps "
+            "masactrl client: error: control.start_step must be less than steps "
             "(20), got 25 (HTTP 422 invalid_request)",
         ),
         (
