@@ -1073,6 +1073,10 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.sequence:
         frames = sequence_frames(args.sequence, args.size)
         run = reference_sequence if variant == "reference" else ours_sequence
+        if variant == "reference":
+            # Every frame of the per-frame loop is the same run on another edge map: time one
+            # and count it K times in the table (the same steps, images and peak memory).
+            frames = frames[:1]
         with peak, torch.inference_mode():
             evals, condition_evals, _ = run(
                 pipe, frames, total, args.steps, timer, setup, condition["controlnet"]
