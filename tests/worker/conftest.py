@@ -26,3 +26,23 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Both take the test module's own `settings` fixture (each runner test module configures its
+# worker: catalog, lease, retries).
+@pytest.fixture()
+def store(settings: Any) -> Iterator[Any]:
+    """The job store on the module's Redis, closed after the test."""
+    from masactrl_jobs.store import JobStore
+
+    store = JobStore.from_url(settings.redis_url)
+    yield store
+    store.close()
+
+
+@pytest.fixture()
+def storage(settings: Any, tmp_path: Path) -> Any:
+    """File storage under the test's folder, signing with the module's key."""
+    from masactrl_jobs.storage import FileStorage
+
+    return FileStorage(tmp_path / "storage", signing_key=settings.signing_key)

@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -52,18 +52,6 @@ def settings(redis_url: str, tmp_path: Path, tiny_checkpoint: Path) -> WorkerSet
         progress_interval_seconds=0,
         webhook_progress_interval_seconds=0,
     )
-
-
-@pytest.fixture()
-def store(settings: WorkerSettings) -> Iterator[JobStore]:
-    store = JobStore.from_url(settings.redis_url)
-    yield store
-    store.close()
-
-
-@pytest.fixture()
-def storage(settings: WorkerSettings, tmp_path: Path) -> FileStorage:
-    return FileStorage(tmp_path / "storage", signing_key=settings.signing_key)
 
 
 @pytest.fixture()

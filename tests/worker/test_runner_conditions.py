@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,18 +53,6 @@ def settings(
         progress_interval_seconds=0,
         webhook_progress_interval_seconds=0,
     )
-
-
-@pytest.fixture()
-def store(settings: WorkerSettings) -> Iterator[JobStore]:
-    store = JobStore.from_url(settings.redis_url)
-    yield store
-    store.close()
-
-
-@pytest.fixture()
-def storage(settings: WorkerSettings, tmp_path: Path) -> FileStorage:
-    return FileStorage(tmp_path / "storage", signing_key=settings.signing_key)
 
 
 @pytest.fixture()

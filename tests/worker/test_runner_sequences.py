@@ -24,8 +24,6 @@ from tests.worker.test_runner_conditions import (  # noqa: F401 (fixtures)
     controlnet,
     make_runner,
     settings,
-    storage,
-    store,
 )
 from worker.outputs import png_bytes
 from worker.runner import JobRunner
