@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -57,14 +56,13 @@ sys.path.insert(0, str(REPO))
 
 from bench.service import (  # noqa: E402 (needs the path above)
     API_KEY,
-    WEBHOOK_SECRET,
     free_port,
     machine,
+    service_env,
     start,
     stop,
     wait_until,
 )
-from masactrl_jobs.catalog import tiny_model_entry  # noqa: E402 (needs the path above)
 
 FAULTS = (
     "worker_sigkill",
@@ -148,35 +146,16 @@ class Stack:
         self.receiver = Receiver()
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "PYTHONPATH": str(REPO),
-            "HOME": str(workdir),
+            **service_env(
+                workdir,
+                f"redis://127.0.0.1:{self.redis_port}/0",
+                self.port,
+                self.storage.as_uri(),
+                checkpoint,
+                tenant="chaos",
+            ),
             "HF_HUB_OFFLINE": "1",
-            "MASACTRL_ENVIRONMENT": "development",
-            "MASACTRL_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
-            "MASACTRL_STORAGE_URL": self.storage.as_uri(),
-            "MASACTRL_URL_SIGNING_SECRET": "chaos-url-signing-secret-0123456789abcdef",
-            "MASACTRL_PUBLIC_BASE_URL": f"http://127.0.0.1:{self.port}",
-            "MASACTRL_CATALOG": json.dumps(
-                {
-                    "default": "tiny",
-                    "models": [tiny_model_entry(str(checkpoint))],
-                }
-            ),
-            "MASACTRL_ALLOW_LOOPBACK_HTTP": "true",
-            "MASACTRL_API_KEYS": json.dumps(
-                [
-                    {
-                        "sha256": hashlib.sha256(API_KEY.encode()).hexdigest(),
-                        "tenant": "chaos",
-                        "webhook_secret": WEBHOOK_SECRET,
-                    }
-                ]
-            ),
-            "MASACTRL_RATE_LIMIT_PER_SECOND": "1000",
-            "MASACTRL_RATE_LIMIT_BURST": "1000",
             "MASACTRL_CLEANUP_INTERVAL_SECONDS": "0",
-            "MASACTRL_TORCH_THREADS": "1",
             "MASACTRL_WARMUP": "false",  # start-up time is not what this measures
             "MASACTRL_RECOVERY_SECONDS": str(RECOVERY_SECONDS),
             "MASACTRL_WORKER_HEARTBEAT_TTL_SECONDS": "3",

@@ -73,6 +73,38 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def service_env(
+    workdir: Path, redis_url: str, port: int, storage_url: str, checkpoint: Path, *, tenant: str
+) -> dict[str, str]:
+    """The environment of every process of a benchmark stack: one tenant, the tiny model."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(REPO),
+        "HOME": str(workdir),
+        "MASACTRL_ENVIRONMENT": "development",
+        "MASACTRL_REDIS_URL": redis_url,
+        "MASACTRL_STORAGE_URL": storage_url,
+        "MASACTRL_URL_SIGNING_SECRET": f"{tenant}-url-signing-secret-0123456789abcdef",
+        "MASACTRL_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "MASACTRL_CATALOG": json.dumps(
+            {"default": "tiny", "models": [tiny_model_entry(str(checkpoint))]}
+        ),
+        "MASACTRL_ALLOW_LOOPBACK_HTTP": "true",
+        "MASACTRL_API_KEYS": json.dumps(
+            [
+                {
+                    "sha256": hashlib.sha256(API_KEY.encode()).hexdigest(),
+                    "tenant": tenant,
+                    "webhook_secret": WEBHOOK_SECRET,
+                }
+            ]
+        ),
+        "MASACTRL_RATE_LIMIT_PER_SECOND": "1000",
+        "MASACTRL_RATE_LIMIT_BURST": "1000",
+        "MASACTRL_TORCH_THREADS": "1",
+    }
+
+
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -178,35 +210,9 @@ def main() -> int:
         )
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         port = free_port()
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "PYTHONPATH": str(REPO),
-            "HOME": str(workdir),
-            "MASACTRL_ENVIRONMENT": "development",
-            "MASACTRL_REDIS_URL": redis_url,
-            "MASACTRL_STORAGE_URL": (workdir / "storage").as_uri(),
-            "MASACTRL_URL_SIGNING_SECRET": "bench-url-signing-secret-0123456789abcdef",
-            "MASACTRL_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
-            "MASACTRL_CATALOG": json.dumps(
-                {
-                    "default": "tiny",
-                    "models": [tiny_model_entry(str(checkpoint))],
-                }
-            ),
-            "MASACTRL_ALLOW_LOOPBACK_HTTP": "true",
-            "MASACTRL_API_KEYS": json.dumps(
-                [
-                    {
-                        "sha256": hashlib.sha256(API_KEY.encode()).hexdigest(),
-                        "tenant": "bench",
-                        "webhook_secret": WEBHOOK_SECRET,
-                    }
-                ]
-            ),
-            "MASACTRL_RATE_LIMIT_PER_SECOND": "1000",
-            "MASACTRL_RATE_LIMIT_BURST": "1000",
-            "MASACTRL_TORCH_THREADS": "1",
-        }
+        env = service_env(
+            workdir, redis_url, port, (workdir / "storage").as_uri(), checkpoint, tenant="bench"
+        )
         if args.storage == "s3":
             s3_port = free_port()
             processes.append(
