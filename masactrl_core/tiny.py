@@ -25,6 +25,7 @@ __all__ = [
     "build_sd_pipeline",
     "bytes_to_unicode",
     "learn_merges",
+    "write_tokenizer",
     "tiny_checkpoint_info",
     "write_tiny_checkpoint",
 ]
@@ -129,10 +130,12 @@ def learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def _tokenizer_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _tokenizer_vocab_and_merges(
+    words: list[str], num_merges: int
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP's vocab layout: byte alphabet, the same with </w>, merged symbols, special tokens."""
     alphabet = list(bytes_to_unicode().values())
-    merges = learn_merges(_MERGE_CORPUS.split(), _NUM_MERGES)
+    merges = learn_merges(words, num_merges)
     symbols = alphabet + [s + "</w>" for s in alphabet] + ["".join(m) for m in merges]
     symbols += [BOS_TOKEN, EOS_TOKEN]
     vocab: dict[str, int] = {}
@@ -141,13 +144,20 @@ def _tokenizer_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]
     return vocab, merges
 
 
-def _write_tokenizer(folder: Path, pad_token: str = EOS_TOKEN) -> int:
-    """Write vocab.json, merges.txt and tokenizer_config.json; return the vocabulary size.
+def write_tokenizer(
+    folder: Path,
+    pad_token: str = EOS_TOKEN,
+    *,
+    words: list[str] | None = None,
+    num_merges: int = _NUM_MERGES,
+) -> int:
+    """Write a CLIP tokenizer's files, merges learnt from ``words``; return the vocabulary size.
 
     SD1.x pads with the end token, as openai/clip-vit-large-patch14 does; SDXL's second
-    tokenizer pads with "!".
+    tokenizer pads with "!". Without ``words``, the tiny checkpoints' own corpus is used.
     """
-    vocab, merges = _tokenizer_vocab_and_merges()
+    corpus = _MERGE_CORPUS.split() if words is None else words
+    vocab, merges = _tokenizer_vocab_and_merges(corpus, num_merges)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text(
@@ -256,7 +266,7 @@ def _build_sd_pipeline(
     from diffusers.schedulers.scheduling_ddim import DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    vocab_size = _write_tokenizer(tokenizer_dir)
+    vocab_size = write_tokenizer(tokenizer_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     bos_id, eos_id = tokenizer.convert_tokens_to_ids([BOS_TOKEN, EOS_TOKEN])
 
@@ -388,8 +398,8 @@ def _build_sdxl_pipeline(
         CLIPTokenizer,
     )
 
-    vocab_size = _write_tokenizer(tokenizer_dir / "tokenizer")
-    _write_tokenizer(tokenizer_dir / "tokenizer_2", pad_token="!")
+    vocab_size = write_tokenizer(tokenizer_dir / "tokenizer")
+    write_tokenizer(tokenizer_dir / "tokenizer_2", pad_token="!")
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer")
     tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer_2")
     bos_id, eos_id = tokenizer.convert_tokens_to_ids([BOS_TOKEN, EOS_TOKEN])
@@ -488,5 +498,5 @@ def write_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, family: str = "
         # Tokenizer files are this module's own, whatever the installed transformers would emit
         # (a fast-tokenizer tokenizer.json is derived from them on load).
         for name in spec.tokenizer_folders:
-            _write_tokenizer(out / name, pad_token="!" if name == "tokenizer_2" else EOS_TOKEN)
+            write_tokenizer(out / name, pad_token="!" if name == "tokenizer_2" else EOS_TOKEN)
     return out

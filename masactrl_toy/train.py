@@ -122,36 +122,11 @@ class TrainResult:
 
 def write_tokenizer(folder: Path) -> int:
     """CLIP tokenizer files for the world's vocabulary (one token per word); returns vocab size."""
-    # The project's tiny checkpoints already write CLIP's byte-level BPE; reuse its helpers with
-    # this world's words, merging until every word is a single token.
-    from masactrl_core.tiny import bytes_to_unicode, learn_merges
+    # The tiny checkpoints' byte-level BPE writer, merging until every word is a single token.
+    from masactrl_core.tiny import write_tokenizer as write_clip_tokenizer
 
     words = vocabulary()
-    merges = learn_merges(words, sum(len(w) for w in words))
-    alphabet = list(bytes_to_unicode().values())
-    symbols = alphabet + [s + "</w>" for s in alphabet] + ["".join(m) for m in merges]
-    vocab: dict[str, int] = {}
-    for s in [*symbols, BOS_TOKEN, EOS_TOKEN]:
-        vocab.setdefault(s, len(vocab))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
-    )
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": MODEL_MAX_LENGTH,
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "unk_token": EOS_TOKEN,
-        "pad_token": EOS_TOKEN,
-        "do_lower_case": True,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
-    special["pad_token"] = EOS_TOKEN
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
-    return len(vocab)
+    return write_clip_tokenizer(folder, words=words, num_merges=sum(len(w) for w in words))
 
 
 def build_pipeline(config: ToyConfig, seed: int, tokenizer_dir: Path) -> Any:
