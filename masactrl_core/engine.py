@@ -65,6 +65,10 @@ MAX_TARGETS = 8
 PAPER_START_STEP = 4
 PAPER_START_DEPTH = 10 / 16
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# A checkpoint folder may declare its own default control, e.g. {"start_step": 4, "start_layer":
+# 10}: a small UNet whose blocks sit at other depths than SD's says where "the decoder's later
+# blocks" are, instead of the depth rule guessing. masactrl_jobs.catalog reads the same file.
+CONTROL_DECLARATION = "masactrl.json"
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,23 @@ def detect_family(config: dict[str, Any]) -> str:
     return "sdxl" if "text_encoder_2" in config or "XL" in class_name else "sd"
 
 
+def declared_control(folder: str | os.PathLike[str]) -> ControlConfig | None:
+    """The default control a checkpoint folder declares in ``masactrl.json``, if it has one."""
+    path = os.path.join(folder, CONTROL_DECLARATION)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+        return ControlConfig(
+            start_step=int(data["start_step"]), start_layer=int(data["start_layer"])
+        )
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelLoadError(
+            f"{path} must be JSON with integer start_step and start_layer ({error})"
+        ) from error
+
+
 def _looks_like_local_path(model: str) -> bool:
     # "owner/name" is a hub id; anything rooted, relative or deeper is a folder.
     windows_separator = os.sep != "/" and os.sep in model
@@ -276,6 +297,7 @@ class MasaCtrlEngine:
         family: str = "sd",
         model_name: str = "",
         options: EngineOptions | None = None,
+        default_control: ControlConfig | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.unet: UNet2DConditionModel = pipeline.unet
@@ -315,7 +337,12 @@ class MasaCtrlEngine:
         sample_size = self.unet.config.sample_size
         native = sample_size if isinstance(sample_size, int) else sample_size[0]
         self.native_size = (native * self.vae_scale_factor, native * self.vae_scale_factor)
-        self.default_control = ControlConfig(
+        if default_control is not None and default_control.start_layer >= self.block_count:
+            raise ModelLoadError(
+                f"{model_name or 'the model'} declares start_layer {default_control.start_layer},"
+                f" but its UNet has {self.block_count} self-attention blocks"
+            )
+        self.default_control = default_control or ControlConfig(
             start_step=PAPER_START_STEP,
             start_layer=min(round(self.block_count * PAPER_START_DEPTH), self.block_count - 1),
         )
@@ -377,7 +404,10 @@ class MasaCtrlEngine:
         # diffusers leaves set_progress_bar_config unannotated.
         pipeline.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
         logger.info("loaded %s (%s) on %s as %s", model, family, device, dtype)
-        return cls(pipeline, family=family, model_name=model, options=options)
+        declared = declared_control(model) if os.path.isdir(model) else None
+        return cls(
+            pipeline, family=family, model_name=model, options=options, default_control=declared
+        )
 
     @property
     def device(self) -> torch.device:
@@ -1340,4 +1370,5 @@ __all__ = [
     "MasaCtrlResult",
     "RunStats",
     "SequenceResult",
+    "declared_control",
 ]
