@@ -398,10 +398,12 @@ def write_sample_grid(pipe: Any, path: Path, steps: int = 20, seed: int = 0) -> 
 
 
 def _save(pipe: Any, out: Path, config: ToyConfig, result: TrainResult) -> None:
-    pipe.save_pretrained(out, safe_serialization=True)
+    write_sample_grid(pipe, out / "samples" / "final.png")
+    # Stored in float16 (half the bytes, so the repository can carry it; loaders upcast).
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    pipe.to(torch.float32)
     write_tokenizer(out / "tokenizer")  # our files, whatever transformers would emit
     (out / "masactrl.json").write_text(json.dumps(DEFAULT_CONTROL, indent=2) + "\n")
-    write_sample_grid(pipe, out / "samples" / "final.png")
     tail = result.unet_losses[-50:] or [math.nan]
     record = {
         "seed": result.seed,
