@@ -25,7 +25,7 @@ from masactrl_jobs.settings import load_settings
 from masactrl_jobs.storage import storage_from_settings
 from masactrl_jobs.store import AsyncJobStore
 from service.api.routes import ROUTERS
-from service.api.routes.docs import ASSETS_PATH, assets
+from service.api.routes import docs, playground
 from service.api.routes.jobs import ProgressEvent, RequeuedEvent, StatusEvent
 from service.config import GatewaySettings
 from service.errors import install_error_handlers
@@ -137,7 +137,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     for router in ROUTERS:
         app.include_router(router)
-    app.mount(ASSETS_PATH, assets(), name="docs-assets")
+    app.mount(docs.ASSETS_PATH, docs.assets(), name="docs-assets")
+    app.mount(playground.ASSETS_PATH, playground.assets(), name="playground-assets")
     install_error_handlers(app)
     limits = BodyLimits(
         small=settings.max_json_bytes,
