@@ -83,7 +83,8 @@ function targetPrompts() {
 
 function syncSliders() {
   const steps = Math.max(1, Number($("steps").value) || 1);
-  $("start-step").max = String(steps);
+  // The control starts at a step before the last (the range clamps the value to it).
+  $("start-step").max = String(steps - 1);
   $("start-step-value").textContent = `${$("start-step").value} of ${steps}`;
   $("start-layer-value").textContent = `${$("start-layer").value} of ${Number($("start-layer").max) + 1} blocks`;
 }

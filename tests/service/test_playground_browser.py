@@ -121,6 +121,15 @@ def wait_until_done(page: Page) -> None:
     expect(page.locator("#status")).to_have_text("Succeeded.")
 
 
+def all_loaded(page: Page, testid: str) -> None:
+    """Wait until every image with the test id has loaded (a broken one has no natural width)."""
+    page.wait_for_function(
+        f"""() => [...document.querySelectorAll('[data-testid={testid}]')]
+                   .every(img => img.complete && img.naturalWidth > 0)""",
+        timeout=10_000,
+    )
+
+
 def fill_prompts(page: Page, source: str, *targets: str) -> None:
     page.get_by_test_id("source-prompt").fill(source)
     for index, target in enumerate(targets):
@@ -144,8 +153,7 @@ def test_a_synthesis_shows_progress_and_two_result_images(page: Page, stack: Sta
     expect(page.get_by_test_id("progress")).to_have_attribute("value", "1")
     seen = page.evaluate("window.seenProgress")
     assert "denoise step 12 of 12" in seen and len(seen) >= 2, seen
-    for index in range(2):  # both loaded: a broken image has no natural width
-        assert results.nth(index).evaluate("img => img.complete && img.naturalWidth > 0")
+    all_loaded(page, "result-image")
     job = api(stack).get(f"/v1/jobs/{job_id_of(page)}").json()
     assert job["input"]["seed"] == 7 and job["input"]["target_prompts"] == ["a cat running"]
     assert [image["role"] for image in job["output"]["images"]] == ["source", "target"]
