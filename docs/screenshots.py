@@ -74,6 +74,7 @@ def synthesis(page: Page, args: argparse.Namespace, key: str) -> Path:
             page.get_by_role("button", name="Add a target").click()
         page.get_by_test_id("target-prompt").nth(index).fill(target)
     run_and_wait(page)
+    page.evaluate("window.scrollTo(0, 0)")
     path = args.out / "playground-synthesis.png"
     page.screenshot(path=str(path))
     return path
@@ -90,12 +91,15 @@ def edit(page: Page, args: argparse.Namespace, key: str) -> Path:
     canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
     assert box is not None
-    for side, (x0, x1) in (("source", (0.55, 0.8)), ("target", (0.5, 0.75))):
+    # The cat (bottom right of the example) in the source; a little to the left in the target.
+    for side, left in (("source", 0.72), ("target", 0.6)):
         page.get_by_test_id("mask-side").select_option(side)
-        page.mouse.move(box["x"] + x0 * box["width"], box["y"] + 0.6 * box["height"])
-        page.mouse.down()
-        page.mouse.move(box["x"] + x1 * box["width"], box["y"] + 0.8 * box["height"], steps=10)
-        page.mouse.up()
+        for row in range(6):
+            y = box["y"] + (0.62 + 0.05 * row) * box["height"]
+            page.mouse.move(box["x"] + left * box["width"], y)
+            page.mouse.down()
+            page.mouse.move(box["x"] + (left + 0.18) * box["width"], y, steps=6)
+            page.mouse.up()
     run_and_wait(page)
     path = args.out / "playground-edit.png"
     page.screenshot(path=str(path), full_page=True)

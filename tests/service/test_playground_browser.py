@@ -266,3 +266,27 @@ def test_history_reloads_a_job_and_its_parameters_after_a_reload(
     expect(page.get_by_test_id("steps")).to_have_value("5")
     expect(page.get_by_test_id("result-image")).to_have_count(2)
     expect(page.locator("#status")).to_have_text("Succeeded.")
+
+
+UNLABELLED = """() => [...document.querySelectorAll('input, select, textarea, button, canvas')]
+    .filter(el => el.offsetParent !== null)
+    .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                  && !(el.tagName === 'BUTTON' && el.textContent.trim()))
+    .map(el => el.id || el.outerHTML.slice(0, 80))"""
+
+
+@pytest.mark.parametrize("mode", ["edit", "synthesis", "sequence"])
+def test_every_control_is_labelled_and_the_page_fits_a_phone(page: Page, mode: str) -> None:
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.get_by_test_id("mode").select_option(mode)
+    if mode != "sequence":
+        page.get_by_test_id("mask-mode").select_option("manual")
+    page.get_by_test_id("condition-model").select_option("canny")
+    assert page.evaluate(UNLABELLED) == []
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    # From the keyboard: the key is the first stop, and a focused control shows an outline.
+    page.reload()
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.dataset.testid") == "api-key"
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline not in ("none", "")
