@@ -11,7 +11,6 @@ import torch
 
 from masactrl_core import ControlConfig, MasaCtrlEngine, ModelLoadError
 from masactrl_core.previews import PreviewDecoder, Previews, load_preview_decoder
-from masactrl_core.tiny import write_tiny_preview_vae
 
 CONTROL = ControlConfig(start_step=1, start_layer=10)
 
@@ -22,8 +21,8 @@ def engine(tiny_checkpoint: Path) -> MasaCtrlEngine:
 
 
 @pytest.fixture(scope="module")
-def preview_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_preview_vae(tmp_path_factory.mktemp("preview-vae") / "taesd", seed=0)
+def preview_vae(tiny_preview_vae: Path) -> Path:
+    return tiny_preview_vae
 
 
 @pytest.fixture(scope="module")
