@@ -10,6 +10,8 @@ Everything lives in one folder (``var`` by default):
 - ``models/tiny-controlnet``: a seeded tiny ControlNet for that checkpoint, offered in the
   catalog as the condition model ``canny`` (its weights are random: it shows the plumbing of a
   layout-guided edit, not a real edge-guided image);
+- ``models/tiny-preview-vae``: a seeded tiny ``AutoencoderTiny``, the catalog entry's
+  ``preview_vae`` that decodes live previews (random too: noise-like previews, fast);
 - ``catalog.json``: a one-model catalog for that checkpoint;
 - ``storage``: the ``file://`` object storage.
 
@@ -166,6 +168,7 @@ class DevEnv:
         self.models = var / "models"
         self.tiny_model = self.models / "tiny-sd"
         self.tiny_controlnet = self.models / "tiny-controlnet"
+        self.tiny_preview_vae = self.models / "tiny-preview-vae"
         self.catalog = var / "catalog.json"
         self.api_key_file = var / "dev-api-key"
         self.webhook_secret_file = var / "dev-webhook-secret"
@@ -188,8 +191,13 @@ class DevEnv:
         if entry["name"] == "tiny":
             self._write_tiny_model(say)
             self._write_tiny_controlnet(say)
+            self._write_tiny_preview_vae(say)
             condition = {"source": str(self.tiny_controlnet.resolve()), "kind": "controlnet"}
-            entry = {**entry, "conditions": {TINY_CONDITION: condition}}
+            entry = {
+                **entry,
+                "conditions": {TINY_CONDITION: condition},
+                "preview_vae": str(self.tiny_preview_vae.resolve()),
+            }
         self.catalog.write_text(
             json.dumps({"default": entry["name"], "models": [entry]}) + "\n", encoding="utf-8"
         )
@@ -208,6 +216,13 @@ class DevEnv:
         say(f"writing the offline tiny ControlNet to {display_path(folder)}")
         argv = [str(folder), "--condition", "controlnet", "--base", str(self.tiny_model)]
         _tiny_model(argv, "the tiny ControlNet")
+
+    def _write_tiny_preview_vae(self, say: Callable[[str], None]) -> None:
+        folder = self.tiny_preview_vae
+        if (folder / "config.json").is_file():
+            return
+        say(f"writing the offline tiny preview autoencoder to {display_path(folder)}")
+        _tiny_model([str(folder), "--preview-vae"], "the tiny preview autoencoder")
 
     def environment(self, *, api_url: str, redis_url: str, model: str) -> dict[str, str]:
         """The variables of every stack process: this shell's, with the stack's on top."""

@@ -26,7 +26,7 @@ from masactrl_jobs.storage import storage_from_settings
 from masactrl_jobs.store import AsyncJobStore
 from service.api.routes import ROUTERS
 from service.api.routes import docs, playground
-from service.api.routes.jobs import ProgressEvent, RequeuedEvent, StatusEvent
+from service.api.routes.jobs import PreviewEvent, ProgressEvent, RequeuedEvent, StatusEvent
 from service.config import GatewaySettings
 from service.errors import install_error_handlers
 from service.gateway import Gateway
@@ -71,6 +71,7 @@ def _install_openapi(app: FastAPI) -> None:
                 (SequenceParams, "validation"),
                 (StatusEvent, "validation"),
                 (ProgressEvent, "validation"),
+                (PreviewEvent, "validation"),
                 (RequeuedEvent, "validation"),
             ],
             ref_template="#/components/schemas/{model}",

@@ -271,6 +271,7 @@ def _own_stack_root(local_stack: StackRun, root: Path) -> dict[str, str]:
     models.mkdir(parents=True)
     (models / "tiny-sd").symlink_to(local_stack.root / "var/models/tiny-sd")
     (models / "tiny-controlnet").symlink_to(local_stack.root / "var/models/tiny-controlnet")
+    (models / "tiny-preview-vae").symlink_to(local_stack.root / "var/models/tiny-preview-vae")
     return stack_environment(root)
 
 
