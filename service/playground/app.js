@@ -9,7 +9,7 @@ import { MaskPainter } from "./masks.js";
 
 const $ = (id) => document.getElementById(id);
 const form = $("job-form");
-const state = { models: [], job: null, abort: null, photo: null, layout: null };
+const state = { models: [], job: null, abort: null, photo: null, loading: new Set() };
 const painter = new MaskPainter($("mask-canvas"), $("mask-backdrop"));
 
 // -- small helpers ---------------------------------------------------------------------------
@@ -97,7 +97,8 @@ function applyModel() {
   $("start-step").value = String(model.default_control.start_step);
   $("model-info").textContent =
     `${model.family}, ${model.native_width}×${model.native_height}, ${model.block_count} blocks; ` +
-    (model.live ? "a worker is live." : "no live worker: jobs wait in the queue.");
+    (model.live ? "a worker is live" : "no live worker: jobs wait in the queue") +
+    (model.preview_decoder === "vae" ? "; previews decoded by its VAE, less often." : ".");
   const conditions = $("condition-model");
   const chosen = conditions.value;
   conditions.replaceChildren(element("option", { value: "", text: "none" }));
@@ -273,6 +274,7 @@ function showProgress(progress) {
 
 function showPreviews(preview) {
   const box = $("previews-box");
+  const step = preview.step;
   for (const image of preview.images) {
     const id = `preview-${image.role}-${image.index}`;
     let figure = document.getElementById(id);
@@ -280,13 +282,24 @@ function showPreviews(preview) {
       figure = element(
         "figure",
         { id },
-        element("img", { "data-testid": "preview-image", alt: `Preview of ${image.role} ${image.index}` }),
+        element("img", { "data-testid": "preview-image", alt: `Live preview of ${image.role} ${image.index}` }),
         element("figcaption"),
       );
       box.append(figure);
     }
-    figure.querySelector("img").src = image.url;
-    figure.querySelector("figcaption").textContent = `${image.role} ${image.index} · step ${preview.step} of ${preview.steps}`;
+    // Loaded aside and shown once complete, so a slow load never blanks the previous preview
+    // and an older one that arrives late never replaces a newer one.
+    figure.dataset.latest = String(step);
+    const next = new Image();
+    state.loading.add(next);
+    next.onload = () => {
+      state.loading.delete(next);
+      if (figure.isConnected && figure.dataset.latest === String(step)) {
+        figure.querySelector("img").src = image.url;
+        figure.querySelector("figcaption").textContent = `${image.role} ${image.index} · step ${step} of ${preview.steps}`;
+      }
+    };
+    next.src = image.url;
   }
 }
 
@@ -314,7 +327,14 @@ function showResults(job) {
 function finish(job) {
   state.job = job;
   setStatus(describe(job));
-  if (job.status === "succeeded") $("progress").value = 1;
+  if (job.status === "succeeded") {
+    $("progress").value = 1;
+    // The results replace the previews (the worker deletes them once a job succeeded), and
+    // loads still under way are dropped rather than answered 404.
+    $("previews-box").replaceChildren();
+    for (const image of state.loading) image.removeAttribute("src");
+    state.loading.clear();
+  }
   $("cancel").disabled = true;
   $("submit").disabled = false;
   showResults(job);
@@ -399,6 +419,7 @@ function fillForm(job) {
   $("start-step").value = String(input.control.start_step);
   $("start-layer").value = String(input.control.start_layer);
   $("anchor-source").checked = Boolean(input.anchor_source);
+  $("previews").checked = Boolean(input.previews);
   syncSliders();
 }
 

@@ -82,6 +82,7 @@ def test_a_second_up_starts_nothing(local_stack: StackRun) -> None:
     result = local_stack.run("up", timeout=60)
     assert result.returncode == 0, result.stderr
     assert _lines(result.stdout) == dict.fromkeys(SERVICES, "running")
+    assert f"playground: {local_stack.api_url}/playground" in result.stdout
     assert local_stack.pids() == before
 
 

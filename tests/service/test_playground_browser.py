@@ -31,7 +31,11 @@ JOB_TIMEOUT_MS = 90_000
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRun]:
     root = tmp_path_factory.mktemp("playground-stack")
-    run = StackRun(root, stack_environment(root))
+    # A preview every step, at most every 0.2 s: several previews within a short tiny job.
+    env = stack_environment(
+        root, MASACTRL_PREVIEW_EVERY_STEPS="1", MASACTRL_PREVIEW_MIN_INTERVAL_SECONDS="0.2"
+    )
+    run = StackRun(root, env)
     try:
         result = run.run("up")
         assert result.returncode == 0, result.stdout + result.stderr + _logs(root)
@@ -98,14 +102,25 @@ def job_id_of(page: Page) -> str:
     return match.group(1)
 
 
-def record_progress(page: Page) -> None:
-    """Keep every value the progress bar takes, to assert on the run as the user saw it."""
+def record_run(page: Page) -> None:
+    """Keep every value the progress bar takes and every preview shown, to assert on the run as
+    the user saw it (the results replace the previews at the end)."""
     page.evaluate(
         """() => {
           window.seenProgress = [];
+          window.seenPreviews = [];
           const bar = document.querySelector('[data-testid=progress]');
           new MutationObserver(() => window.seenProgress.push(bar.getAttribute('aria-valuetext')))
             .observe(bar, {attributes: true, attributeFilter: ['aria-valuetext']});
+          new MutationObserver((changes) => {
+            for (const change of changes) {
+              const img = change.target;
+              if (img.dataset && img.dataset.testid === 'preview-image' && img.src) {
+                window.seenPreviews.push({alt: img.alt, src: img.src, width: img.naturalWidth});
+              }
+            }
+          }).observe(document.querySelector('#previews-box'),
+                     {subtree: true, attributes: true, attributeFilter: ['src']});
         }"""
     )
 
@@ -138,13 +153,15 @@ def fill_prompts(page: Page, source: str, *targets: str) -> None:
         page.get_by_test_id("target-prompt").nth(index).fill(target)
 
 
-def test_a_synthesis_shows_progress_and_two_result_images(page: Page, stack: StackRun) -> None:
+def test_a_synthesis_shows_progress_previews_and_two_result_images(
+    page: Page, stack: StackRun
+) -> None:
     page.get_by_test_id("mode").select_option("synthesis")
-    page.get_by_test_id("previews").uncheck()
+    expect(page.get_by_test_id("previews")).to_be_checked()  # opted in by default
     fill_prompts(page, "a cat sitting", "a cat running")
     page.get_by_test_id("seed").fill("7")
-    page.get_by_test_id("steps").fill("12")
-    record_progress(page)
+    page.get_by_test_id("steps").fill("30")
+    record_run(page)
     page.get_by_test_id("submit").click()
 
     wait_until_done(page)
@@ -152,7 +169,17 @@ def test_a_synthesis_shows_progress_and_two_result_images(page: Page, stack: Sta
     expect(results).to_have_count(2)
     expect(page.get_by_test_id("progress")).to_have_attribute("value", "1")
     seen = page.evaluate("window.seenProgress")
-    assert "denoise step 12 of 12" in seen and len(seen) >= 2, seen
+    assert "denoise step 30 of 30" in seen and len(seen) >= 2, seen
+    # Both images were previewed while the job ran, from signed URLs that carry no API key.
+    previews = page.evaluate("window.seenPreviews")
+    assert {p["alt"] for p in previews} == {
+        "Live preview of source 0",
+        "Live preview of target 0",
+    }, previews
+    for preview in previews:
+        assert "/v1/files/results/" in preview["src"] and "signature=" in preview["src"]
+        assert stack.api_key not in preview["src"] and preview["width"] > 0
+    expect(page.get_by_test_id("preview-image")).to_have_count(0)  # the results replaced them
     all_loaded(page, "result-image")
     job = api(stack).get(f"/v1/jobs/{job_id_of(page)}").json()
     assert job["input"]["seed"] == 7 and job["input"]["target_prompts"] == ["a cat running"]
