@@ -24,8 +24,7 @@ from masactrl_jobs.schema import (
 from masactrl_jobs.settings import load_settings
 from masactrl_jobs.storage import storage_from_settings
 from masactrl_jobs.store import AsyncJobStore
-from service.api.routes import ROUTERS
-from service.api.routes import docs, playground
+from service.api.routes import ROUTERS, docs, playground
 from service.api.routes.jobs import PreviewEvent, ProgressEvent, RequeuedEvent, StatusEvent
 from service.config import GatewaySettings
 from service.errors import install_error_handlers
