@@ -1,4 +1,5 @@
-"""Screenshots of the playground at work, for the README: ``docs/playground-synthesis.png`` and
+"""Screenshots of the playground at work, for the README: ``docs/playground-previews.png`` (live
+previews of a synthesis while it runs), ``docs/playground-synthesis.png`` and
 ``docs/playground-edit.png``.
 
 Drives Debian's chromium (Playwright) through a synthesis and an edit with a drawn mask on a
@@ -18,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect, sync_playwright
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--edit-target-prompt", default="a house and a cat jumping")
     parser.add_argument("--source-prompt", default="a cat sitting")
     parser.add_argument("--target-prompt", action="append", help="repeat for several targets")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--no-previews", action="store_true", help="for a gateway without them")
     parser.add_argument("--out", type=Path, default=REPO / "docs")
@@ -55,8 +57,21 @@ def open_page(page: Page, args: argparse.Namespace, key: str) -> None:
     page.get_by_test_id("previews").set_checked(not args.no_previews)
 
 
-def run_and_wait(page: Page) -> None:
+def run_and_wait(page: Page, previews_shot: Path | None = None) -> None:
     page.get_by_test_id("submit").click()
+    if previews_shot is not None:
+        # The first live previews, while the job runs (the results replace them at the end).
+        try:
+            page.wait_for_function(
+                """() => [...document.querySelectorAll('[data-testid=preview-image]')]
+                           .some(img => img.complete && img.naturalWidth > 0)""",
+                timeout=JOB_TIMEOUT_MS,
+            )
+            page.evaluate("window.scrollTo(0, 0)")
+            page.screenshot(path=str(previews_shot))
+            print(previews_shot)
+        except PlaywrightError:
+            print("no preview arrived before the job ended: more --steps?", file=sys.stderr)
     expect(page.locator("#status")).to_have_text("Succeeded.", timeout=JOB_TIMEOUT_MS)
     page.wait_for_function(
         """() => [...document.querySelectorAll('img[data-testid]')]
@@ -73,7 +88,8 @@ def synthesis(page: Page, args: argparse.Namespace, key: str) -> Path:
         if index:
             page.get_by_role("button", name="Add a target").click()
         page.get_by_test_id("target-prompt").nth(index).fill(target)
-    run_and_wait(page)
+    previews = None if args.no_previews else args.out / "playground-previews.png"
+    run_and_wait(page, previews)
     page.evaluate("window.scrollTo(0, 0)")
     path = args.out / "playground-synthesis.png"
     page.screenshot(path=str(path))

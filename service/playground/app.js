@@ -257,7 +257,7 @@ function describe(job) {
   if (job.status === "queued") {
     return job.queue_position === null || job.queue_position === undefined
       ? "Queued."
-      : `Queued, position ${job.queue_position + 1} in line.`;
+      : `Queued, position ${job.queue_position} in line.`;
   }
   if (job.status === "running") return "Running.";
   if (job.status === "failed") return `Failed: ${job.error ? job.error.message : "no reason given"}`;

@@ -24,6 +24,7 @@ from tests.masactrl_cli.conftest import StackRun, _logs, kill_groups, masactrl, 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 CHROMIUM = Path("/usr/bin/chromium")
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples/house-and-cat.png"
 # A job on the tiny checkpoint takes a second or two; the margin is for a busy 2-core machine.
 JOB_TIMEOUT_MS = 90_000
 
@@ -317,3 +318,46 @@ def test_every_control_is_labelled_and_the_page_fits_a_phone(page: Page, mode: s
     assert page.evaluate("document.activeElement.dataset.testid") == "api-key"
     outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
     assert outline not in ("none", "")
+
+
+def test_a_sequence_of_uploaded_frames_gives_frames_and_an_animation(
+    page: Page, stack: StackRun
+) -> None:
+    page.get_by_test_id("mode").select_option("sequence")
+    fill_prompts(page, "a knight", "a knight dancing")
+    page.get_by_test_id("steps").fill("5")
+    page.get_by_test_id("condition-model").select_option("canny")
+    page.locator("#condition-preprocess").select_option("canny")
+    frames = [
+        {"name": f"pose_{i}.png", "mimeType": "image/png", "buffer": png_bytes(64, 64)}
+        for i in range(3)
+    ]
+    page.get_by_test_id("frames-input").set_input_files(frames)
+    page.get_by_test_id("submit").click()
+
+    wait_until_done(page)
+    # The source, three frames and the animated WebP as images; the MP4 as a video.
+    expect(page.get_by_test_id("result-image")).to_have_count(5)
+    expect(page.locator("#results video")).to_have_count(1)
+    job = api(stack).get(f"/v1/jobs/{job_id_of(page)}").json()
+    assert job["kind"] == "sequence" and job["input"]["condition"]["preprocess"] == "canny"
+    assert [i["role"] for i in job["output"]["images"]].count("frame") == 3
+
+
+def test_a_canny_layout_image_shows_its_edges(page: Page) -> None:
+    page.get_by_test_id("mode").select_option("edit")
+    page.get_by_test_id("condition-model").select_option("canny")
+    page.get_by_test_id("condition-image").set_input_files(str(EXAMPLE))
+    preview = page.get_by_test_id("canny-preview")
+    expect(preview).to_be_hidden()  # no preprocessing picked yet
+    page.locator("#condition-preprocess").select_option("canny")
+    expect(preview).to_be_visible()
+    page.wait_for_function(
+        """() => {
+          const canvas = document.querySelector('[data-testid=canny-preview]');
+          const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+          let white = 0;
+          for (let i = 0; i < pixels.length; i += 4) if (pixels[i] === 255) white += 1;
+          return white > 100 && white < pixels.length / 8;  // edges, not a blank or a copy
+        }"""
+    )
