@@ -316,6 +316,14 @@ function showResults(job) {
     const download = element("a", { href: image.url, download: image.key.split("/").pop(), text: "download" });
     results.append(element("figure", {}, media, element("figcaption", {}, `${label} · `, download)));
   }
+  const input = job.input;
+  const metrics = job.metrics || {};
+  const seconds = (value) => (typeof value === "number" ? `${value.toFixed(1)} s` : "–");
+  $("metrics").textContent =
+    `seed ${input.seed} · ${input.steps} steps · start step ${input.control.start_step}, ` +
+    `layer ${input.control.start_layer} · ${input.width}×${input.height} · ` +
+    `queued ${seconds(metrics.queue_seconds)}, denoised ${seconds(metrics.denoise_seconds)}, ` +
+    `total ${seconds(metrics.total_seconds)}`;
   $("details").hidden = false;
   $("job-json").textContent = JSON.stringify(
     { id: job.id, kind: job.kind, model: job.model, status: job.status, input: job.input, metrics: job.metrics },
@@ -347,6 +355,8 @@ async function follow(job) {
   state.job = job;
   $("previews-box").replaceChildren();
   $("results").replaceChildren();
+  $("metrics").textContent = "";
+  $("details").hidden = true;
   $("progress").value = 0;
   setStatus(describe(job));
   $("cancel").disabled = job.status !== "queued" && job.status !== "running";
@@ -370,6 +380,7 @@ async function follow(job) {
         if (event === "status") {
           state.job = { ...state.job, status: data.status };
           setStatus(describe(state.job));
+          loadHistory();
         } else if (event === "progress") {
           state.job = { ...state.job, status: "running" };
           showProgress(data);
