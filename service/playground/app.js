@@ -361,6 +361,8 @@ async function follow(job) {
   setStatus(describe(job));
   $("cancel").disabled = job.status !== "queued" && job.status !== "running";
   if (["succeeded", "failed", "canceled"].includes(job.status)) return finish(job);
+  // A running job reloaded from the history shows its latest preview until the next arrives.
+  if (job.preview) showPreviews(job.preview);
   $("submit").disabled = true;
   const poll = setInterval(async () => {
     // The stream says nothing while a job waits; its place in line comes from the job itself.

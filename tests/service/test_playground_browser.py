@@ -355,7 +355,8 @@ def test_a_canny_layout_image_shows_its_edges(page: Page) -> None:
     page.wait_for_function(
         """() => {
           const canvas = document.querySelector('[data-testid=canny-preview]');
-          const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+          const { width, height } = canvas;
+          const pixels = canvas.getContext('2d').getImageData(0, 0, width, height).data;
           let white = 0;
           for (let i = 0; i < pixels.length; i += 4) if (pixels[i] === 255) white += 1;
           return white > 100 && white < pixels.length / 8;  // edges, not a blank or a copy
