@@ -47,9 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.condition is None and args.base is not None:
         raise UsageError("--base is only used with --condition")
     if args.preview_vae and (args.condition is not None or args.family is not None):
-        raise UsageError(
-            "--preview-vae fits every tiny checkpoint; give no --condition or --family"
-        )
+        raise UsageError("--preview-vae fits every tiny checkpoint: no --condition or --family")
     if args.condition is not None:
         if args.base is None:
             raise UsageError("--condition needs --base, the tiny checkpoint it is made for")

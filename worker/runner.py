@@ -172,9 +172,7 @@ class JobRunner:
         self.cache = cache
         self.conditions = conditions or ConditionModels(entry, engine)
         # Loaded once per worker (worker.engine_loader); without one, the model's VAE decodes.
-        self.preview_decoder = preview_decoder or PreviewDecoder(
-            engine.vae, tiny=False, max_side=settings.preview_max_side
-        )
+        self.preview_decoder = preview_decoder
         self._sleep = sleep
         self.retry = Retrier(
             settings.storage_retry_attempts, settings.storage_retry_max_wait_seconds
@@ -675,8 +673,12 @@ class JobRunner:
             return None
         role = ImageRole.frame if record.kind is JobKind.sequence else ImageRole.target
         state.previews = PreviewPublisher(self.store, self.storage, record.id, target_role=role)
-        decoder = self.preview_decoder
         settings = self.settings
+        if self.preview_decoder is None:
+            self.preview_decoder = PreviewDecoder(
+                self.engine.vae, tiny=False, max_side=settings.preview_max_side
+            )
+        decoder = self.preview_decoder
         every = settings.preview_every_steps if decoder.tiny else settings.preview_vae_every_steps
         return Previews(
             decoder,

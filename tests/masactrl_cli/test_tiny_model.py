@@ -27,4 +27,4 @@ def test_tiny_model_writes_a_preview_autoencoder(
     config = (tmp_path / "taesd" / "config.json").read_text()
     assert '"_class_name": "AutoencoderTiny"' in config
     assert main(["tiny-model", str(tmp_path / "x"), "--preview-vae", "--family", "sdxl"]) == 2
-    assert "--preview-vae fits every tiny checkpoint" in capfd.readouterr().err
+    assert "--preview-vae fits every tiny checkpoint: no --condition" in capfd.readouterr().err
