@@ -9,7 +9,15 @@ import { MaskPainter } from "./masks.js";
 
 const $ = (id) => document.getElementById(id);
 const form = $("job-form");
-const state = { models: [], job: null, abort: null, photo: null, loading: new Set() };
+const state = {
+  models: [],
+  job: null,
+  abort: null,
+  photo: null,
+  loading: new Set(), // preview images being loaded
+  sentMasks: [], // the drawn masks of the request being submitted
+  masksByJob: new Map(), // job id -> the drawn masks it was sent
+};
 const painter = new MaskPainter($("mask-canvas"), $("mask-backdrop"));
 
 // -- small helpers ---------------------------------------------------------------------------
@@ -185,6 +193,7 @@ async function controlBody() {
   const maskMode = $("mask-mode").value;
   if (maskMode === "manual" && mode() !== "sequence") {
     control.mask = { mode: "manual", regions: painter.payload() };
+    state.sentMasks = control.mask.regions;
   } else if (maskMode === "auto" && mode() !== "sequence") {
     control.mask = {
       mode: "auto",
@@ -206,6 +215,7 @@ function conditionWindow() {
 }
 
 async function requestBody() {
+  state.sentMasks = [];
   const body = {
     model: $("model").value || undefined,
     source_prompt: $("source-prompt").value,
@@ -316,6 +326,13 @@ function showResults(job) {
     const download = element("a", { href: image.url, download: image.key.split("/").pop(), text: "download" });
     results.append(element("figure", {}, media, element("figcaption", {}, `${label} · `, download)));
   }
+  (state.masksByJob.get(job.id) || []).forEach((region, index) => {
+    for (const side of ["source", "target"]) {
+      const label = `${side} mask, region ${index + 1}`;
+      const mask = element("img", { src: region[side], alt: label, class: "mask" });
+      results.append(element("figure", {}, mask, element("figcaption", { text: label })));
+    }
+  });
   const input = job.input;
   const metrics = job.metrics || {};
   const seconds = (value) => (typeof value === "number" ? `${value.toFixed(1)} s` : "–");
@@ -575,6 +592,8 @@ function wire() {
     $("submit").disabled = true;
     try {
       const job = await submitJob();
+      // The job keeps its masks as storage keys; the page shows the ones it drew.
+      if (state.sentMasks.length) state.masksByJob.set(job.id, state.sentMasks);
       loadHistory();
       await follow(job);
     } catch (error) {

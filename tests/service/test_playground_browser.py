@@ -215,6 +215,8 @@ def test_an_edit_of_an_uploaded_photo_with_a_drawn_mask(page: Page, stack: Stack
 
     wait_until_done(page)
     expect(page.get_by_test_id("result-image")).to_have_count(2)
+    # The masks it used, beside the results.
+    expect(page.locator("#results img.mask")).to_have_count(2)
     job = api(stack).get(f"/v1/jobs/{job_id_of(page)}").json()
     assert job["kind"] == "edit" and job["input"]["image"].startswith("inputs/")
     mask = job["input"]["control"]["mask"]
