@@ -11,7 +11,9 @@ Everything lives in one folder (``var`` by default):
   tiny-model`` in a subprocess (the stack itself never imports torch), with
   ``models/tiny-controlnet``, a seeded tiny ControlNet offered in the catalog as the condition
   model ``canny`` (its weights are random: it shows the plumbing of a layout-guided edit, not a
-  real edge-guided image); any other value names a catalog model, a folder or a hub id;
+  real edge-guided image) and ``models/tiny-preview-vae``, a seeded tiny ``AutoencoderTiny``, the
+  entry's ``preview_vae`` that decodes live previews (random too); any other value names a
+  catalog model, a folder or a hub id (previews then decode with the model's own VAE);
 - ``catalog.json``: a one-model catalog for that checkpoint;
 - ``storage``: the ``file://`` object storage.
 
@@ -183,6 +185,7 @@ class DevEnv:
         self.models = var / "models"
         self.tiny_model = self.models / "tiny-sd"
         self.tiny_controlnet = self.models / "tiny-controlnet"
+        self.tiny_preview_vae = self.models / "tiny-preview-vae"
         self.catalog = var / "catalog.json"
         self.api_key_file = var / "dev-api-key"
         self.webhook_secret_file = var / "dev-webhook-secret"
@@ -205,8 +208,13 @@ class DevEnv:
         if entry["name"] == "tiny":
             self._write_tiny_model(say)
             self._write_tiny_controlnet(say)
+            self._write_tiny_preview_vae(say)
             condition = {"source": str(self.tiny_controlnet.resolve()), "kind": "controlnet"}
-            entry = {**entry, "conditions": {TINY_CONDITION: condition}}
+            entry = {
+                **entry,
+                "conditions": {TINY_CONDITION: condition},
+                "preview_vae": str(self.tiny_preview_vae.resolve()),
+            }
         self.catalog.write_text(
             json.dumps({"default": entry["name"], "models": [entry]}) + "\n", encoding="utf-8"
         )
@@ -225,6 +233,13 @@ class DevEnv:
         say(f"writing the offline tiny ControlNet to {display_path(folder)}")
         argv = [str(folder), "--condition", "controlnet", "--base", str(self.tiny_model)]
         _tiny_model(argv, "the tiny ControlNet")
+
+    def _write_tiny_preview_vae(self, say: Callable[[str], None]) -> None:
+        folder = self.tiny_preview_vae
+        if (folder / "config.json").is_file():
+            return
+        say(f"writing the offline tiny preview autoencoder to {display_path(folder)}")
+        _tiny_model([str(folder), "--preview-vae"], "the tiny preview autoencoder")
 
     def environment(self, *, api_url: str, redis_url: str, model: str) -> dict[str, str]:
         """The variables of every stack process: this shell's, with the stack's on top."""

@@ -46,6 +46,7 @@ from masactrl_core.conditions import (
 )
 from masactrl_core.errors import InvalidInput, JobCancelled, ModelLoadError
 from masactrl_core.masks import ManualMasks, MaskConfig, WordMasks, word_positions
+from masactrl_core.previews import LatentsCallback
 
 if TYPE_CHECKING:
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -448,11 +449,14 @@ class MasaCtrlEngine:
         should_cancel: CancelCheck | None = None,
         masks: MaskConfig | None = None,
         condition: Condition | None = None,
+        on_latents: LatentsCallback | None = None,
     ) -> MasaCtrlResult:
         """The source image and one consistent image per target prompt, from the same noise.
 
         ``condition`` guides the layout of the targets (and of the source, with its
-        ``source_image``) with a ControlNet or T2I-Adapter.
+        ``source_image``) with a ControlNet or T2I-Adapter. ``on_latents(step, total, x0)``
+        gets every denoising step's predicted clean latents, one row per image (live previews,
+        see :mod:`masactrl_core.previews`).
         """
         return self._synthesis(
             source_prompt,
@@ -469,6 +473,7 @@ class MasaCtrlEngine:
             masks=masks,
             condition=condition,
             target_limit=MAX_TARGETS,
+            on_latents=on_latents,
         )
 
     def _synthesis(
@@ -489,6 +494,7 @@ class MasaCtrlEngine:
         condition: Condition | None,
         target_limit: int,
         on_image: ImageCallback | None = None,
+        on_latents: LatentsCallback | None = None,
     ) -> MasaCtrlResult:
         """:meth:`synthesize` for up to ``target_limit`` targets."""
         width, height = self._check_size(width, height)
@@ -511,6 +517,7 @@ class MasaCtrlEngine:
             should_cancel,
             condition=prepared,
             on_image=on_image,
+            on_latents=on_latents,
         )
 
     def invert(
@@ -596,6 +603,7 @@ class MasaCtrlEngine:
         masks: MaskConfig | None = None,
         condition: Condition | None = None,
         anchor_source: bool = False,
+        on_latents: LatentsCallback | None = None,
     ) -> MasaCtrlResult:
         """Real-image editing: invert ``image``, then denoise [source, targets] with control.
 
@@ -623,6 +631,7 @@ class MasaCtrlEngine:
             condition=condition,
             anchor_source=anchor_source,
             target_limit=MAX_TARGETS,
+            on_latents=on_latents,
         )
 
     def _edit(
@@ -646,6 +655,7 @@ class MasaCtrlEngine:
         anchor_source: bool,
         target_limit: int,
         on_image: ImageCallback | None = None,
+        on_latents: LatentsCallback | None = None,
     ) -> MasaCtrlResult:
         """:meth:`edit` for up to ``target_limit`` targets."""
         width, height = self._check_size(width, height)
@@ -700,6 +710,7 @@ class MasaCtrlEngine:
             condition=prepared,
             anchor=inverted.trajectory if anchor_source else None,
             on_image=on_image,
+            on_latents=on_latents,
         )
 
     def sequence(
@@ -722,6 +733,7 @@ class MasaCtrlEngine:
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
         on_frame: ImageCallback | None = None,
+        on_latents: LatentsCallback | None = None,
     ) -> SequenceResult:
         """Frames that keep one source's content while following a series of layouts.
 
@@ -732,7 +744,8 @@ class MasaCtrlEngine:
         run with condition frame k from the same initial noise: this is that run with K
         targets, whose one source branch per step serves every frame (chunks of
         ``options.max_batch`` rows read its cached keys and values). ``on_frame(k, image)`` is
-        called as frame k is decoded.
+        called as frame k is decoded; ``on_latents`` gets each step's predicted clean latents
+        ([source, frames]), as in :meth:`synthesize`.
         """
         frames = self._sequence_frames(condition)
         prompts = [target_prompts] if isinstance(target_prompts, str) else list(target_prompts)
@@ -769,6 +782,7 @@ class MasaCtrlEngine:
                 condition=condition,
                 target_limit=self.options.max_sequence_frames,
                 on_image=decoded,
+                on_latents=on_latents,
             )
         else:
             result = self._edit(
@@ -790,6 +804,7 @@ class MasaCtrlEngine:
                 anchor_source=anchor_source,
                 target_limit=self.options.max_sequence_frames,
                 on_image=decoded,
+                on_latents=on_latents,
             )
         return SequenceResult(
             result.source, result.targets, result.stats, result.inverted, result.latents
@@ -828,6 +843,7 @@ class MasaCtrlEngine:
         condition: PreparedCondition | None = None,
         anchor: torch.Tensor | None = None,
         on_image: ImageCallback | None = None,
+        on_latents: LatentsCallback | None = None,
     ) -> MasaCtrlResult:
         """Denoise [source, targets] from ``noise`` under the control, then decode."""
         with self._lock, torch.inference_mode():
@@ -845,6 +861,7 @@ class MasaCtrlEngine:
                 plan,
                 condition=condition,
                 anchor=None if anchor is None else anchor.to(self.device, self.dtype),
+                on_latents=on_latents,
             )
             images = self._decode(latents, on_image)
             self._finish_stats(stats)
@@ -1198,6 +1215,7 @@ class MasaCtrlEngine:
         *,
         condition: PreparedCondition | None = None,
         anchor: torch.Tensor | None = None,
+        on_latents: LatentsCallback | None = None,
     ) -> torch.Tensor:
         """Denoise [source, targets]; ``anchor`` is the source's inversion trajectory, if kept."""
         started = time.perf_counter()
@@ -1314,9 +1332,13 @@ class MasaCtrlEngine:
                         for u, c in pairs
                     ]
                 )
-                latents = self.scheduler.step(guided_outputs, timestep, latents).prev_sample
+                stepped = self.scheduler.step(guided_outputs, timestep, latents)
+                latents = stepped.prev_sample
                 if progress is not None:
                     progress("denoise", index + 1, steps)
+                if on_latents is not None:
+                    # DDIM's x̂₀ of this step, which it computes anyway on the way to x_{t-1}.
+                    on_latents(index + 1, steps, stepped.pred_original_sample)
         finally:
             self.unet.set_attn_processor(dict(original))
             state.begin_step(None)

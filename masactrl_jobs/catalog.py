@@ -21,6 +21,10 @@ by name; requests pick one by that name, never by an arbitrary source::
 
 A condition's family must be its model's (an SD 1.5 ControlNet cannot steer SDXL); ``family``
 may be omitted and then is the model's.
+
+``preview_vae`` names a tiny autoencoder (diffusers' ``AutoencoderTiny``: ``madebyollin/taesd``
+for SD 1.x/2.x, ``madebyollin/taesdxl`` for SDXL) that decodes live previews; without it the
+workers use the model's own VAE, less often.
 """
 
 from __future__ import annotations
@@ -122,6 +126,11 @@ class ModelEntry(BaseModel):
     size_multiple: int = Field(gt=0)
     max_pixels: int = Field(gt=0)
     conditions: dict[str, ConditionEntry] = Field(default_factory=dict)
+    # Live previews decode each step's predicted image with this AutoencoderTiny (TAESD for SD
+    # models, TAESDXL for SDXL); without one, with the model's own VAE, less often.
+    preview_vae: str | None = Field(
+        default=None, min_length=1, description="Hub id or local folder of an AutoencoderTiny."
+    )
 
     @model_validator(mode="before")
     @classmethod

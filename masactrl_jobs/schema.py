@@ -48,6 +48,7 @@ __all__ = [
     "JobList",
     "JobMetrics",
     "JobOutput",
+    "JobPreview",
     "JobProgress",
     "JobPublic",
     "JobStatus",
@@ -60,6 +61,7 @@ __all__ = [
     "ModelPublic",
     "OutputImage",
     "Preprocess",
+    "PreviewImage",
     "ProgressPhase",
     "SequenceCondition",
     "SequenceCreate",
@@ -266,6 +268,11 @@ class _JobCreate(_Strict):
     control: ControlParams = Field(default_factory=ControlParams)
     condition: ConditionParams | None = None
     webhook: WebhookCreate | None = None
+    previews: bool = Field(
+        default=False,
+        description="Publish live previews while the job runs: `preview` events on "
+        "`GET /v1/jobs/{id}/events` and the job's `preview`, every few steps.",
+    )
 
 
 class EditParams(_JobCreate):
@@ -360,6 +367,11 @@ class SequenceParams(_Strict):
     )
     fps: float = Field(default=8.0, gt=0, le=120, description="Frame rate of the animations.")
     webhook: WebhookCreate | None = None
+    previews: bool = Field(
+        default=False,
+        description="Publish live previews while the job runs: `preview` events on "
+        "`GET /v1/jobs/{id}/events` and the job's `preview`, every few steps.",
+    )
 
 
 class SequenceCreate(SequenceParams):
@@ -417,6 +429,7 @@ class JobInput(BaseModel):
     animation_fps: float | None = Field(
         default=None, description="Sequences: the frame rate of the MP4 and WebP."
     )
+    previews: bool = Field(default=False, description="Whether live previews were asked for.")
 
 
 class JobProgress(BaseModel):
@@ -436,6 +449,22 @@ class OutputImage(BaseModel):
     key: str
     width: int
     height: int
+
+
+class PreviewImage(BaseModel):
+    """One image of a live preview: the run's current guess of a final image, small."""
+
+    role: ImageRole = Field(description="`source`, then `target` (sequences: `frame`).")
+    index: int = Field(description="The index of the output image this one previews.")
+    url: str = Field(description="A short-lived signed URL (an `<img src>` loads it as it is).")
+
+
+class JobPreview(BaseModel):
+    """The latest live preview of a running job that asked for `previews`."""
+
+    step: int = Field(description="The denoising step the preview shows.")
+    steps: int = Field(description="The job's denoising steps.")
+    images: list[PreviewImage]
 
 
 class JobOutput(BaseModel):
@@ -512,6 +541,9 @@ class JobPublic(BaseModel):
         default=None, description="1 for the next job to start; only while queued."
     )
     progress: JobProgress | None = None
+    preview: JobPreview | None = Field(
+        default=None, description="The latest live preview, while a job with `previews` runs."
+    )
     output: JobOutput | None = None
     error: JobError | None = None
     metrics: JobMetrics | None = None
@@ -572,6 +604,10 @@ class ModelPublic(BaseModel):
     max_pixels: int
     default_control: DefaultControl
     live: bool = Field(description="Whether a live worker currently serves this model.")
+    preview_decoder: Literal["tiny_autoencoder", "vae"] = Field(
+        description="What decodes live previews: a tiny autoencoder (fast, every few steps) or "
+        "the model's own VAE (slower, so less often)."
+    )
     conditions: list[ConditionPublic] = Field(
         default_factory=list, description="Condition models a request may name."
     )

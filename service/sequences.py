@@ -250,4 +250,5 @@ def resolve_input(body: SequenceBody, entry: ModelEntry, inputs: SequenceInputs)
         ),
         anchor_source=body.anchor_source,
         animation_fps=body.fps,
+        previews=body.previews,
     )

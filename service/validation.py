@@ -181,4 +181,5 @@ def resolve_input(
             preprocess=body.condition.preprocess,
         ),
         anchor_source=getattr(body, "anchor_source", False),
+        previews=body.previews,
     )

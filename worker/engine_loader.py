@@ -7,6 +7,8 @@ in seconds with one line, not inside a pool process.
 
 Layout condition models (the catalog entry's ``conditions``) are loaded into the engine on first
 use and kept warm by :class:`ConditionModels`: loading one takes seconds, a job uses it for many.
+The live-preview decoder (the entry's ``preview_vae``, else the model's VAE) is loaded with the
+model, once, by :func:`load_preview_decoder`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from worker.config import WorkerSettings
 if TYPE_CHECKING:
     from masactrl_core import MasaCtrlEngine
     from masactrl_core.conditions import ConditionModel
+    from masactrl_core.previews import PreviewDecoder
 
-__all__ = ["ConditionModels", "load_engine", "resolve_source", "warm_up"]
+__all__ = ["ConditionModels", "load_engine", "load_preview_decoder", "resolve_source", "warm_up"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +102,25 @@ def load_engine(entry: ModelEntry, settings: WorkerSettings, source: str) -> Mas
         time.monotonic() - started,
     )
     return engine
+
+
+def load_preview_decoder(
+    entry: ModelEntry, settings: WorkerSettings, engine: MasaCtrlEngine
+) -> PreviewDecoder:
+    """The decoder of live previews: the entry's ``preview_vae`` (an AutoencoderTiny, hub id or
+    local folder) on the engine's device, else the model's own VAE."""
+    from masactrl_core.previews import load_preview_decoder as load
+
+    started = time.monotonic()
+    decoder = load(engine, entry.preview_vae, max_side=settings.preview_max_side)
+    if entry.preview_vae is not None:
+        logger.info(
+            "preview autoencoder of %s loaded from %s in %.1f s",
+            entry.name,
+            entry.preview_vae,
+            time.monotonic() - started,
+        )
+    return decoder
 
 
 def warm_up(engine: MasaCtrlEngine) -> float:

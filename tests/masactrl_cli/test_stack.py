@@ -83,6 +83,7 @@ def test_a_second_up_starts_nothing(local_stack: StackRun) -> None:
     result = local_stack.run("up", timeout=60)
     assert result.returncode == 0, result.stderr
     assert _lines(result.stdout) == dict.fromkeys(SERVICES, "running")
+    assert f"playground: {local_stack.api_url}/playground" in result.stdout
     assert local_stack.pids() == before
 
 
@@ -283,6 +284,7 @@ def _own_stack_root(local_stack: StackRun, root: Path) -> dict[str, str]:
     models.mkdir(parents=True)
     (models / "tiny-sd").symlink_to(local_stack.root / "var/models/tiny-sd")
     (models / "tiny-controlnet").symlink_to(local_stack.root / "var/models/tiny-controlnet")
+    (models / "tiny-preview-vae").symlink_to(local_stack.root / "var/models/tiny-preview-vae")
     return stack_environment(root)
 
 
