@@ -31,11 +31,12 @@ if TYPE_CHECKING:
     from masactrl_cli.stack import LocalStack
 
 SAMPLE_IMAGE = Path("examples/house-and-cat.png")
-# A render of the toy world (masactrl_toy.world.scene_pair(TOY_SCENE_SEED)[0] at 32 px), to edit.
+# A render of the toy world to edit: masactrl_toy.world.scene_pair(1)[0] at 32 px, the source of
+# the first pair of models/toy-shapes/examples.json (whose synthesis shows the effect at seed 0).
 TOY_SCENE = Path("examples/toy-scene.png")
 TOY_EDIT: dict[str, Any] = {
-    "source_prompt": "TOY_SOURCE",
-    "target_prompts": ["TOY_TARGET"],
+    "source_prompt": "a creature with arms up sitting facing left on snow on the left",
+    "target_prompts": ["a creature with arms down sitting facing left on snow on the right"],
 }
 TOY_SYNTHESIS_SEED = 0
 # Any: spread into the client's keyword arguments, each of its own type.
@@ -133,8 +134,8 @@ def _run_jobs(stack: LocalStack, args: argparse.Namespace, submitted: list[str])
         print(f"submitted edit {edit['id']} and synthesis {synthesis['id']} to {stack.api_url}")
         jobs = [("edit", edit), ("synthesis", synthesis)]
         if examples:
-            # The same jobs with MasaCtrl off (control from the last step: never), for the sheet.
-            off = {"start_step": args.steps}
+            # The same jobs with MasaCtrl off (mutual self-attention at no step), for the sheet.
+            off: dict[str, Any] = {"steps": []}
             for label, job in (
                 (
                     "edit-off",
