@@ -161,13 +161,12 @@ def _coarse_check(
     with tempfile.TemporaryDirectory(prefix="masactrl-ablation-") as tmp:
         write_tiny_checkpoint(Path(tmp) / "tiny")
         tiny = MasaCtrlEngine.from_pretrained(Path(tmp) / "tiny", device="cpu")
-        tv_tiny = [
-            total_variation(image)
-            for seed in seeds
-            for image in tiny.synthesize(
+        tv_tiny = []
+        for seed in seeds:
+            drawn = tiny.synthesize(
                 examples[0]["source_prompt"], [examples[0]["target_prompt"]], seed=seed, steps=10
-            ).images
-        ]
+            )
+            tv_tiny += [total_variation(image) for image in (drawn.source, *drawn.targets)]
     result = {key: mean(values) for key, values in distances.items()}
     return {
         "pairs": len(examples),
@@ -184,31 +183,33 @@ def _grid_table(
     grid: dict[tuple[int, int], Scores], off: Scores, steps: list[int], layers: list[int]
 ) -> str:
     lines = [
-        "\nSynthesis, consistency / compliance per start step (rows) × start layer (columns):\n",
+        "\nSynthesis, identity consistency / compliance with the changed pose attributes, per start"
+        " step (rows) × start layer (columns):\n",
         "| start step | " + " | ".join(f"layer {layer}" for layer in layers) + " |",
         "|---|" + "---:|" * len(layers),
     ]
     for step in steps:
         cells = [
-            f"{grid[step, layer].consistency:.2f} / {grid[step, layer].compliance:.2f}"
+            f"{grid[step, layer].consistency:.2f} / {grid[step, layer].change:.2f}"
             for layer in layers
         ]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    lines.append(f"| off | {off.consistency:.2f} / {off.compliance:.2f} (any layer) |")
+    lines.append(f"| off | {off.consistency:.2f} / {off.change:.2f} (any layer) |")
     return "\n".join(lines)
 
 
 def _defaults_table(off: Scores, on: Scores, edits: dict[str, Scores]) -> str:
     lines = [
         "\nAt the default control (consistency ↑, colour distance ↓, compliance ↑):\n",
-        "| task | MasaCtrl | consistency | mean-colour distance | compliance |",
+        "| task | MasaCtrl | consistency | mean-colour distance | compliance: all / changed |",
         "|---|---|---:|---:|---:|",
     ]
     rows = [("synthesis", "off", off), ("synthesis", "on", on)]
     rows += [("edit of a rendered scene", name, scores) for name, scores in edits.items()]
     for task, name, s in rows:
         lines.append(
-            f"| {task} | {name} | {s.consistency:.3f} | {s.colour:.3f} | {s.compliance:.3f} |"
+            f"| {task} | {name} | {s.consistency:.3f} | {s.colour:.3f} | "
+            f"{s.compliance:.3f} / {s.change:.3f} |"
         )
     return "\n".join(lines)
 
@@ -224,7 +225,7 @@ def _heatmaps(
     path: Path,
 ) -> None:
     """Two panels (consistency, compliance): rows start steps, then "off"; columns start layers."""
-    panels = [("identity consistency", "consistency"), ("prompt compliance", "compliance")]
+    panels = [("identity consistency", "consistency"), ("changed-pose compliance", "change")]
     rows = [*steps, None]
     left, top, gap = 70, 40, 30
     panel_w = len(layers) * _CELL

@@ -13,6 +13,8 @@ Scores of one (source, target) image pair, all analytic (``masactrl_toy.measures
 - ``image``: the colour-histogram distance of the whole images (the issue's coarse outside check).
 - ``compliance``: the fraction of the target caption's pose attributes (position, facing, stance,
   arms) that ``read_pose`` reads in the target.
+- ``change``: the same over the attributes the target caption *changes* only: a target that
+  copies its source scores 0 here however well it scores above.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Scores:
     colour: float
     image: float
     compliance: float
+    change: float
 
     @staticmethod
     def average(scores: Iterable[Scores]) -> Scores:
@@ -52,11 +55,14 @@ def pair_scores(source: Image.Image, target: Image.Image, pair: tuple[Scene, Sce
     source_scene, target_scene = pair
     mask_a = foreground_mask(source, source_scene.background)
     mask_b = foreground_mask(target, target_scene.background)
+    wanted, before = asdict(target_scene.pose), asdict(source_scene.pose)
+    changed = {key: value for key, value in wanted.items() if before[key] != value}
     return Scores(
         consistency=1.0 - histogram_distance(source, target, mask_a, mask_b),
         colour=_mean_colour_distance(source, target, mask_a, mask_b),
         image=histogram_distance(source, target),
         compliance=pose_compliance(target, asdict(target_scene.pose), target_scene.background),
+        change=pose_compliance(target, changed, target_scene.background),
     )
 
 

@@ -115,6 +115,7 @@ def _arms(mask: np.ndarray, cx: float, facing: str | None) -> str | None:
 
 
 def pose_compliance(image: Image.Image, pose: Mapping[str, str], background: str) -> float:
-    """Fraction of the prompted pose attributes (of those `read_pose` reads) the image shows."""
+    """Fraction of the attributes in `pose` (any of those `read_pose` reads) the image shows."""
     seen = read_pose(image, background)
-    return sum(seen[k] == pose[k] for k in seen) / len(seen)
+    asked = [key for key in seen if key in pose]
+    return sum(seen[k] == pose[k] for k in asked) / max(len(asked), 1)
