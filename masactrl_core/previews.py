@@ -89,7 +89,7 @@ def load_preview_decoder(
 
     name = str(source)
     try:
-        tiny = AutoencoderTiny.from_pretrained(name, torch_dtype=engine.dtype)
+        tiny = AutoencoderTiny.from_pretrained(name, dtype=engine.dtype)
     except Exception as error:  # hub or file errors: one sentence for the caller
         raise ModelLoadError(f"cannot load preview autoencoder {name}: {error}") from error
     channels = int(tiny.config.latent_channels)

@@ -151,3 +151,57 @@ def test_an_unreadable_video_fails_the_job_as_invalid_input(
     error = job_error(store, job_id)
     assert error.code == "invalid_input" and "cannot be read as a video" in error.message
     assert storage.list_prefix(f"results/{job_id}/") == []
+
+
+def test_sequence_previews_show_the_source_then_every_frame_and_go_with_success(
+    settings: Any, store: JobStore, storage: FileStorage, tiny_engine: Any
+) -> None:
+    from masactrl_jobs.catalog import load_catalog
+    from masactrl_jobs.queue import make_celery
+    from worker.webhooks import Emitter
+
+    # The model's VAE decodes (the catalog names no preview_vae): every step here, with time
+    # between steps so that no preview is dropped while the one before is being stored.
+    settings = settings.model_copy(
+        update={
+            "preview_vae_every_steps": 1,
+            "preview_min_interval_seconds": 0.0,
+            "step_delay_seconds": 0.3,
+        }
+    )
+    app = make_celery(settings.redis_url)
+    runner = JobRunner(
+        settings=settings,
+        entry=load_catalog(settings).get("tiny"),
+        engine=tiny_engine,
+        store=store,
+        storage=storage,
+        app=app,
+        emitter=Emitter(store, app, lambda record: {"id": record.id}),
+        worker_id="test-worker",
+    )
+    keys = [put_input(storage, png_bytes(image)) for image in _layouts()]
+    job_id = create_job(
+        store,
+        JobKind.sequence,
+        target_prompts=["a photo of a dog"],
+        condition=ConditionInput(model="canny", images=keys),
+        previews=True,
+    )
+    assert runner.run(job_id) == "succeeded"
+    previews = [e.data for e in store.read_events(job_id) if e.event == "preview"]
+    # Steps 1 and 2 of 3 (never the last), each with the source and the three frames.
+    assert [(p["step"], p["steps"]) for p in previews] == [(1, 3), (2, 3)]
+    for preview in previews:
+        assert [(i["role"], i["index"]) for i in preview["images"]] == [
+            ("source", 0),
+            ("frame", 0),
+            ("frame", 1),
+            ("frame", 2),
+        ]
+        assert preview["images"][3]["key"] == (
+            f"results/{job_id}/previews/{preview['step']}/frame_2.webp"
+        )
+    # The results replace them.
+    assert storage.list_prefix(f"results/{job_id}/previews/") == []
+    assert len(storage.list_prefix(f"results/{job_id}/")) == 6
