@@ -49,7 +49,7 @@ from masactrl_core import (
     MasaCtrlEngine,
     MaskConfig,
 )
-from masactrl_jobs.catalog import ModelEntry, UnknownCondition
+from masactrl_jobs.catalog import ModelEntry, UnknownCondition, UnknownLora
 from masactrl_jobs.control import InvalidParameters, check_control, condition_problems
 from masactrl_jobs.media import MediaError, decode_video, encode_mp4, encode_webp
 from masactrl_jobs.queue import enqueue_job
@@ -65,7 +65,7 @@ from masactrl_jobs.storage import (
 )
 from masactrl_jobs.store import FinishResult, JobRecord, JobStore
 from worker.config import WorkerSettings
-from worker.engine_loader import ConditionModels
+from worker.engine_loader import CatalogLoras, ConditionModels
 from worker.inversion_cache import InversionCache, inversion_cache_key
 from worker.leases import JobLease
 from worker.outputs import png_bytes
@@ -164,6 +164,7 @@ class JobRunner:
         self.worker_id = worker_id
         self.cache = cache
         self.conditions = conditions or ConditionModels(entry, engine)
+        self.loras = CatalogLoras(entry, engine)
         self._sleep = sleep
         self.retry = Retrier(
             settings.storage_retry_attempts, settings.storage_retry_max_wait_seconds
@@ -261,7 +262,9 @@ class JobRunner:
         try:
             try:
                 image, image_sha = self._load_input(record)
-                result, engine_seconds = self._run_engine(record, image, image_sha, state)
+                # Only this job's adapters are active while it runs, none after (even on errors).
+                with self.engine.loras.activated(self._adapters(record)):
+                    result, engine_seconds = self._run_engine(record, image, image_sha, state)
                 metrics = self._metrics(record, result.stats, engine_seconds)
                 if lease.lost:
                     raise _Abandon
@@ -529,6 +532,17 @@ class JobRunner:
         self._keep_inversion(record, cache_key, inverted, result.inverted)
         return result, engine_seconds
 
+    def _adapters(self, record: JobRecord) -> dict[str, float]:
+        """The job's LoRA adapters with their weights, loaded on first use."""
+        from masactrl_core import ModelLoadError
+
+        try:
+            return self.loras.weights(record.input.loras)
+        except UnknownLora as exc:
+            raise _Failure(ErrorCode.invalid_input, str(exc)) from None
+        except ModelLoadError as exc:
+            raise _Failure(ErrorCode.internal_error, str(exc)) from exc
+
     def _cached_inversion(
         self, record: JobRecord, image_sha: str
     ) -> tuple[str | None, InvertedImage | None]:
@@ -544,6 +558,10 @@ class JobRunner:
                 params.height,
                 params.steps,
                 params.source_prompt,
+                [
+                    (lora.name, self.entry.lora(lora.name).source, lora.weight)
+                    for lora in params.loras
+                ],
             )
             cached = self.cache.load(cache_key)
             if cached is not None:

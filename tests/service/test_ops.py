@@ -126,6 +126,7 @@ def test_models_with_live_workers(client: TestClient, redis_url: str) -> None:
         "default_control": {"start_step": 4, "start_layer": 10},
         "live": False,
         "conditions": [],
+        "loras": [],
     }
     store = JobStore.from_url(redis_url)
     store.register_worker("sdxl", "gpu-0", ttl=30)
