@@ -1,4 +1,4 @@
-"""The catalog's single-file models and LoRA adapters, and the rules that resolve a job's adapters."""
+"""The catalog's single-file models and LoRA adapters, and how a job's adapters resolve."""
 
 from __future__ import annotations
 
