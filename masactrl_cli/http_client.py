@@ -275,6 +275,7 @@ class MasaCtrlClient:
         width: int | None = None,
         height: int | None = None,
         control: Mapping[str, Any] | None = None,
+        loras: Sequence[Mapping[str, Any]] | None = None,
         condition: Mapping[str, Any] | None = None,
         anchor_source: bool | None = None,
         webhook: Mapping[str, Any] | None = None,
@@ -285,6 +286,7 @@ class MasaCtrlClient:
         ``image`` is a file (a ``Path``) or its bytes, uploaded as multipart, or a ``data:`` /
         ``https://`` / ``s3://`` URL string that the gateway reads itself. ``condition`` is the
         API's object (``{"model": "canny", "images": [url], ...}``; see :func:`image_url`).
+        ``loras`` are the model's catalog adapters, ``[{"name": "ink", "weight": 0.8}]``.
         """
         params = _drop_none(
             {
@@ -298,6 +300,7 @@ class MasaCtrlClient:
                 "width": width,
                 "height": height,
                 "control": dict(control) if control else None,
+                "loras": [dict(lora) for lora in loras] if loras else None,
                 "condition": dict(condition) if condition else None,
                 "anchor_source": anchor_source,
                 "webhook": dict(webhook) if webhook else None,
@@ -330,6 +333,7 @@ class MasaCtrlClient:
         width: int | None = None,
         height: int | None = None,
         control: Mapping[str, Any] | None = None,
+        loras: Sequence[Mapping[str, Any]] | None = None,
         condition: Mapping[str, Any] | None = None,
         webhook: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
@@ -347,6 +351,7 @@ class MasaCtrlClient:
                 "width": width,
                 "height": height,
                 "control": dict(control) if control else None,
+                "loras": [dict(lora) for lora in loras] if loras else None,
                 "condition": dict(condition) if condition else None,
                 "webhook": dict(webhook) if webhook else None,
             }
@@ -372,6 +377,7 @@ class MasaCtrlClient:
         width: int | None = None,
         height: int | None = None,
         control: Mapping[str, Any] | None = None,
+        loras: Sequence[Mapping[str, Any]] | None = None,
         webhook: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
@@ -395,6 +401,7 @@ class MasaCtrlClient:
                 "width": width,
                 "height": height,
                 "control": dict(control) if control else None,
+                "loras": [dict(lora) for lora in loras] if loras else None,
                 "anchor_source": anchor_source,
                 "fps": fps,
                 "webhook": dict(webhook) if webhook else None,
