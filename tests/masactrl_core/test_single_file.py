@@ -119,3 +119,38 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tiny_single_file, tmp_pat
     )
     expected = folder_engine.synthesize(**SYNTHESIS)
     assert torch.equal(allowed.synthesize(**SYNTHESIS).latents, expected.latents)
+
+
+@pytest.mark.parametrize(
+    ("text_keys", "family", "generation"),
+    [
+        (["cond_stage_model.transformer.text_model.final_layer_norm.weight"], "sd", "sd1"),
+        (["cond_stage_model.model.token_embedding.weight"], "sd", "sd2"),
+        (
+            [
+                "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                "conditioner.embedders.1.model.positional_embedding",
+            ],
+            "sdxl",
+            "sdxl",
+        ),
+    ],
+)
+def test_the_family_is_read_from_the_keys(tmp_path, text_keys, family, generation):
+    path = tmp_path / "model.safetensors"
+    keys = ["model.diffusion_model.out.2.weight", "first_stage_model.quant_conv.weight"]
+    save_file({key: torch.zeros(1) for key in [*keys, *text_keys]}, str(path))
+    info = inspect_checkpoint(path)
+    assert (info.family, info.generation) == (family, generation)
+    other = "sd" if family == "sdxl" else "sdxl"
+    with pytest.raises(ModelLoadError, match=f"is an {family} checkpoint, but it is declared"):
+        MasaCtrlEngine.from_single_file(path, family=other, device="cpu")
+
+
+def test_an_sdxl_refiner_is_refused(tmp_path):
+    path = tmp_path / "refiner.safetensors"
+    keys = ["model.diffusion_model.out.2.weight", "first_stage_model.quant_conv.weight"]
+    keys.append("conditioner.embedders.0.model.text_projection")
+    save_file({key: torch.zeros(1) for key in keys}, str(path))
+    with pytest.raises(ModelLoadError, match="is an SDXL refiner"):
+        inspect_checkpoint(path)
