@@ -33,6 +33,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,8 +263,13 @@ class JobRunner:
         try:
             try:
                 image, image_sha = self._load_input(record)
-                # Only this job's adapters are active while it runs, none after (even on errors).
-                with self.engine.loras.activated(self._adapters(record)):
+                # Only this job's adapters are active while it runs, and none after it (even on
+                # errors), so a job without adapters runs on the plain model as it is.
+                adapters = self._adapters(record)
+                active: AbstractContextManager[None] = (
+                    self.engine.loras.activated(adapters) if adapters else nullcontext()
+                )
+                with active:
                     result, engine_seconds = self._run_engine(record, image, image_sha, state)
                 metrics = self._metrics(record, result.stats, engine_seconds)
                 if lease.lost:
