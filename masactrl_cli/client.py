@@ -6,6 +6,7 @@
     masactrl client synthesize --source-prompt "a cat" --target-prompt "a dog" --steps 20
     masactrl client sequence --source-prompt "a knight" --target-prompt "a knight dancing" \
         --condition-model openpose --frames poses/ --out clip/   # frames, sequence.mp4/.webp
+    masactrl client synthesize ... --previews --out out/   # live previews kept in out/preview/
     masactrl client wait JOB_ID --out out/      # progress bars from the SSE stream, then the PNGs
     masactrl client get JOB_ID | cancel JOB_ID | models
 
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +119,7 @@ def _job_options(parser: argparse.ArgumentParser, command: str) -> None:
             action="store_true",
             help="reset the source latent to the inversion's latent at every step",
         )
+    _previews_option(parser)
     parser.add_argument("--webhook", metavar="URL", help="POST signed job events to this URL")
     parser.add_argument(
         "--webhook-event",
@@ -127,6 +131,14 @@ def _job_options(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--idempotency-key", help="make retries of this submission safe")
     parser.add_argument(
         "--wait", action="store_true", help="follow the job to its end (implied by --out)"
+    )
+
+
+def _previews_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--previews",
+        action="store_true",
+        help="ask for live previews; with --out the latest is kept in OUT/preview/",
     )
 
 
@@ -176,6 +188,7 @@ def _sequence_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=positive_int, help="default: the model's native size")
     parser.add_argument("--start-step", type=non_negative_int, help="first controlled step")
     parser.add_argument("--start-layer", type=non_negative_int, help="first controlled layer")
+    _previews_option(parser)
     parser.add_argument("--idempotency-key", help="make retries of this submission safe")
     parser.add_argument(
         "--wait", action="store_true", help="follow the job to its end (implied by --out)"
@@ -304,6 +317,7 @@ def _job_params(args: argparse.Namespace) -> dict[str, Any]:
         "condition": _condition(args),
         **({"anchor_source": True} if getattr(args, "anchor_source", False) else {}),
         "webhook": webhook,
+        "previews": True if args.previews else None,
         "idempotency_key": args.idempotency_key,
     }
 
@@ -365,6 +379,7 @@ def _sequence_params(args: argparse.Namespace) -> dict[str, Any]:
         "height": args.height,
         "control": control or None,
         "loras": _loras(args),
+        "previews": True if args.previews else None,
         "idempotency_key": args.idempotency_key,
     }
 
@@ -384,19 +399,31 @@ def _image_argument(value: str, what: str = "image") -> Path | str:
 
 
 class EventProgress:
-    """Draws a job's SSE events: a status line per change, a tqdm bar per phase."""
+    """Draws a job's SSE events: a status line per change, a tqdm bar per phase.
 
-    def __init__(self, label: str = "job", *, enabled: bool = True) -> None:
+    ``on_preview`` gets the data of each ``preview`` event (jobs submitted with previews).
+    """
+
+    def __init__(
+        self,
+        label: str = "job",
+        *,
+        enabled: bool = True,
+        on_preview: Callable[[dict[str, Any]], object] | None = None,
+    ) -> None:
         from masactrl_cli.generate import ProgressBars
 
         self.label = label
         self.enabled = enabled
+        self.on_preview = on_preview
         self._bars = ProgressBars(enabled=enabled)
         self._status: str | None = None
 
     def __call__(self, event: Event) -> None:
         data = event.data if isinstance(event.data, dict) else {}
-        if event.event == "progress" and {"phase", "step", "total"} <= data.keys():
+        if event.event == "preview" and self.on_preview is not None:
+            self.on_preview(data)
+        elif event.event == "progress" and {"phase", "step", "total"} <= data.keys():
             self._bars(str(data["phase"]), int(data["step"]), int(data["total"]))
         elif event.event == "status" and self.enabled:
             status = data.get("status")
@@ -413,10 +440,21 @@ class EventProgress:
 
 
 def follow(
-    client: MasaCtrlClient, job_id: str, *, label: str = "job", quiet: bool = False
+    client: MasaCtrlClient,
+    job_id: str,
+    *,
+    label: str = "job",
+    quiet: bool = False,
+    preview_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Wait for the job through its event stream, drawing progress; returns the final job."""
-    progress = EventProgress(label, enabled=not quiet)
+    """Wait for the job through its event stream, drawing progress; returns the final job.
+
+    With ``preview_dir``, each live preview's images are saved there as they come.
+    """
+    on_preview = None
+    if preview_dir is not None:
+        on_preview = functools.partial(client.download_preview, out_dir=preview_dir)
+    progress = EventProgress(label, enabled=not quiet, on_preview=on_preview)
     try:
         return client.wait(job_id, on_event=progress)
     finally:
@@ -495,7 +533,8 @@ def _run(args: argparse.Namespace, client: MasaCtrlClient, params: dict[str, Any
         return 0
     if not args.quiet:
         print(f"{action}: job {job['id']} submitted", file=sys.stderr)
-    job = follow(client, job["id"], label=action, quiet=args.quiet)
+    preview_dir = args.out / "preview" if args.previews and args.out is not None else None
+    job = follow(client, job["id"], label=action, quiet=args.quiet, preview_dir=preview_dir)
     return finish(client, job, args.out, as_json=args.json)[0]
 
 

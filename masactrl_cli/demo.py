@@ -1,10 +1,15 @@
 """``masactrl demo``: the whole service once, end to end, on this machine.
 
-Brings the local stack up (or reuses the one ``masactrl up`` runs), submits a real-image edit of
-the bundled sample, a consistent synthesis and a layout-guided edit (the sample's canny edge map
-through the catalog's ``canny`` ControlNet, the source anchored to its inversion) through the HTTP
+Brings the local stack up (or reuses the one ``masactrl up`` runs), submits jobs through the HTTP
 API with the dev key, follows them over Server-Sent Events with progress bars, saves the results
 under ./out/ and stops whatever it started, also on Ctrl-C or an error.
+
+On the toy-world model (the stack's default): a real-image edit of a committed render and a
+consistent synthesis, each also with MasaCtrl off, and a side-by-side sheet (source | without
+MasaCtrl | with MasaCtrl) at ``out/comparison.png``. On the random tiny checkpoint
+(``MASACTRL_MODEL=tiny``): an edit of the bundled sample, a synthesis and a layout-guided edit (the
+sample's canny edge map through the catalog's ``canny`` ControlNet, the source anchored to its
+inversion) — plumbing only, its pictures are noise.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import signal
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +31,13 @@ if TYPE_CHECKING:
     from masactrl_cli.stack import LocalStack
 
 SAMPLE_IMAGE = Path("examples/house-and-cat.png")
+# A render of the toy world (masactrl_toy.world.scene_pair(TOY_SCENE_SEED)[0] at 32 px), to edit.
+TOY_SCENE = Path("examples/toy-scene.png")
+TOY_EDIT: dict[str, Any] = {
+    "source_prompt": "TOY_SOURCE",
+    "target_prompts": ["TOY_TARGET"],
+}
+TOY_SYNTHESIS_SEED = 0
 # Any: spread into the client's keyword arguments, each of its own type.
 EDIT: dict[str, Any] = {
     "source_prompt": "a house and a cat",
@@ -50,7 +63,7 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         "--image", type=Path, help=f"image to edit (default: the bundled {SAMPLE_IMAGE})"
     )
     parser.add_argument(
-        "--steps", type=int, default=20, help="denoising steps per job (default %(default)s)"
+        "--steps", type=int, default=50, help="denoising steps per job (default %(default)s)"
     )
     parser.add_argument(
         "--out", type=Path, default=Path("out"), help="results folder (default %(default)s)"
@@ -61,16 +74,17 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     )
 
 
-def _sample_image(explicit: Path | None) -> Path:
+def _sample_image(explicit: Path | None, default: Path) -> Path:
+    from masactrl_cli.devenv import bundled
+
     if explicit is not None:
         if not explicit.is_file():
             raise UsageError(f"image file {explicit} does not exist")
         return explicit
-    # From the repository root (make demo) or, for an installed package, next to its sources.
-    for candidate in (SAMPLE_IMAGE, Path(__file__).resolve().parents[1] / SAMPLE_IMAGE):
-        if candidate.is_file():
-            return candidate
-    raise UsageError(f"the sample image {SAMPLE_IMAGE} is missing; pass --image FILE")
+    found = bundled(default)
+    if found is None:
+        raise UsageError(f"the sample image {default} is missing; pass --image FILE")
+    return found
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -79,32 +93,71 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _run_jobs(
-    stack: LocalStack, image: Path, args: argparse.Namespace, submitted: list[str]
-) -> int:
+def _toy_examples() -> list[dict[str, str]] | None:
+    """The toy checkpoint's example prompt pairs, if this checkout has it."""
+    from masactrl_cli.devenv import TOY_MODEL, bundled
+
+    found = bundled(TOY_MODEL / "examples.json")
+    return json.loads(found.read_text(encoding="utf-8")) if found is not None else None
+
+
+def _run_jobs(stack: LocalStack, args: argparse.Namespace, submitted: list[str]) -> int:
     from masactrl_cli.client import finish, follow
-    from masactrl_cli.devenv import TINY_CONDITION
+    from masactrl_cli.devenv import TINY_CONDITION, TOY_MODEL
     from masactrl_cli.http_client import MasaCtrlClient, image_url
 
     with MasaCtrlClient(stack.api_url, stack.api_key, timeout=60) as client:
+        models = client.models()
+        served = next(m for m in models["data"] if m["name"] == models["default"])
+        examples = _toy_examples() if served["name"] == TOY_MODEL.name else None
+        edit_request: dict[str, Any]
+        synthesis_request: dict[str, Any]
+        if examples:
+            image = _sample_image(args.image, TOY_SCENE)
+            edit_request, synthesis_request = (
+                TOY_EDIT,
+                {
+                    "source_prompt": examples[0]["source_prompt"],
+                    "target_prompts": [examples[0]["target_prompt"]],
+                    "seed": TOY_SYNTHESIS_SEED,
+                },
+            )
+        else:
+            image = _sample_image(args.image, SAMPLE_IMAGE)
+            edit_request, synthesis_request = EDIT, SYNTHESIS
         # All are queued at once; the worker takes them one after the other.
-        edit = client.edit(image, steps=args.steps, seed=0, **EDIT)
+        edit = client.edit(image, steps=args.steps, seed=0, **edit_request)
         submitted.append(edit["id"])
-        synthesis = client.synthesize(steps=args.steps, **SYNTHESIS)
+        synthesis = client.synthesize(steps=args.steps, **synthesis_request)
         submitted.append(synthesis["id"])
         print(f"submitted edit {edit['id']} and synthesis {synthesis['id']} to {stack.api_url}")
         jobs = [("edit", edit), ("synthesis", synthesis)]
-        models = client.models()
-        served = next(m for m in models["data"] if m["name"] == models["default"])
+        if examples:
+            # The same jobs with MasaCtrl off (control from the last step: never), for the sheet.
+            off = {"start_step": args.steps}
+            for label, job in (
+                (
+                    "edit-off",
+                    client.edit(image, steps=args.steps, seed=0, control=off, **edit_request),
+                ),
+                (
+                    "synthesis-off",
+                    client.synthesize(steps=args.steps, control=off, **synthesis_request),
+                ),
+            ):
+                submitted.append(job["id"])
+                jobs.append((label, job))
+            print("submitted both again with MasaCtrl off, for the comparison sheet")
         if any(c["name"] == TINY_CONDITION for c in served.get("conditions", [])):
             edges = {"model": TINY_CONDITION, "images": [image_url(image)], "preprocess": "canny"}
             layout = client.edit(image, steps=args.steps, seed=0, condition=edges, **LAYOUT_EDIT)
             submitted.append(layout["id"])
             print(f"submitted layout-guided edit {layout['id']} (canny map of {image})")
             jobs.append(("layout", layout))
-        else:
+        elif not examples:
             print(f"{served['name']} offers no {TINY_CONDITION!r} condition model: no layout edit")
         status = 0
+        results: dict[str, dict[str, Path]] = {}
         for label, job in jobs:
             final = follow(client, job["id"], label=label, quiet=args.quiet)
             code, saved = finish(client, final, args.out / label, show=False)
@@ -112,8 +165,64 @@ def _run_jobs(
                 seconds = (final.get("metrics") or {}).get("total_seconds")
                 took = f" in {seconds:.1f} s" if seconds is not None else ""
                 print(f"{label} done{took}: {', '.join(str(p) for p in saved[:-1])}")
+                results[label] = _by_role(final, args.out / label)
             status = status or code
+        if examples and status == 0:
+            sheet = write_sheet(
+                [
+                    (
+                        "real-image edit",
+                        image,
+                        results["edit-off"]["target"],
+                        results["edit"]["target"],
+                    ),
+                    (
+                        "synthesis",
+                        results["synthesis"]["source"],
+                        results["synthesis-off"]["target"],
+                        results["synthesis"]["target"],
+                    ),
+                ],
+                args.out / "comparison.png",
+            )
+            print(f"comparison sheet (source | without MasaCtrl | with MasaCtrl): {sheet}")
     return status
+
+
+def _by_role(job: dict[str, Any], folder: Path) -> dict[str, Path]:
+    """The saved file of the first image of each role ("source", "target") of a finished job."""
+    found: dict[str, Path] = {}
+    for image in (job.get("output") or {}).get("images", []):
+        found.setdefault(image["role"], folder / PurePosixPath(image["key"]).name)
+    return found
+
+
+def write_sheet(rows: list[tuple[str, Path, Path, Path]], path: Path, scale: int = 6) -> Path:
+    """A grid, one row per task: source | without MasaCtrl | with MasaCtrl, enlarged ``scale``×
+    with square pixels (the toy model draws at 32 px)."""
+    from PIL import Image, ImageDraw
+
+    headers = ("source", "without MasaCtrl", "with MasaCtrl")
+    images = [[Image.open(p).convert("RGB") for p in row[1:]] for row in rows]
+    side = max(im.width for row in images for im in row) * scale
+    label_w, header_h, gap = 120, 24, 6
+    sheet = Image.new(
+        "RGB",
+        (label_w + 3 * (side + gap), header_h + len(rows) * (side + gap)),
+        "white",
+    )
+    draw = ImageDraw.Draw(sheet)
+    for c, header in enumerate(headers):
+        draw.text((label_w + c * (side + gap) + 4, 6), header, fill="black")
+    for r, ((label, *_), row) in enumerate(zip(rows, images, strict=True)):
+        y = header_h + r * (side + gap)
+        draw.text((6, y + side // 2 - 6), label, fill="black")
+        for c, image in enumerate(row):
+            enlarged = image.resize((side, side), Image.Resampling.NEAREST)
+            sheet.paste(enlarged, (label_w + c * (side + gap), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
 
 
 def _cancel(stack: LocalStack, job_ids: list[str]) -> None:
@@ -137,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")
-    image = _sample_image(args.image)
+    if args.image is not None and not args.image.is_file():
+        raise UsageError(f"image file {args.image} does not exist")
     stack = LocalStack(load_stack_settings(port=args.port))
     started: list[str] = []
     already: dict[str, int] = {}
@@ -150,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         started = stack.up()
         if not started:
             print(f"using the running stack ({', '.join(already)})")
-        status = _run_jobs(stack, image, args, submitted)
+        status = _run_jobs(stack, args, submitted)
         completed = True
         took = f"demo took {time.monotonic() - begin:.0f} s"
         # A gateway this demo started stops below: its docs URL would lead nowhere.

@@ -5,11 +5,15 @@ Everything lives in one folder (``var`` by default):
 
 - ``dev-api-key``, ``dev-webhook-secret``, ``url-signing-secret``: created once, mode 0600, and
   kept, so a key that a developer copied keeps working across restarts;
-- ``models/tiny-sd``: the offline tiny checkpoint, written by ``masactrl tiny-model`` in a
-  subprocess (the stack itself never imports torch), unless ``MASACTRL_MODEL`` names another;
-- ``models/tiny-controlnet``: a seeded tiny ControlNet for that checkpoint, offered in the
-  catalog as the condition model ``canny`` (its weights are random: it shows the plumbing of a
-  layout-guided edit, not a real edge-guided image);
+- the model: by default the committed toy-world checkpoint ``models/toy-shapes`` of the
+  repository (trained here, it draws: see docs/toy-world.md); ``MASACTRL_MODEL=tiny`` serves
+  instead the random-weight tiny checkpoint ``models/tiny-sd``, written by ``masactrl
+  tiny-model`` in a subprocess (the stack itself never imports torch), with
+  ``models/tiny-controlnet``, a seeded tiny ControlNet offered in the catalog as the condition
+  model ``canny`` (its weights are random: it shows the plumbing of a layout-guided edit, not a
+  real edge-guided image) and ``models/tiny-preview-vae``, a seeded tiny ``AutoencoderTiny``, the
+  entry's ``preview_vae`` that decodes live previews (random too); any other value names a
+  catalog model, a folder or a hub id (previews then decode with the model's own VAE);
 - ``catalog.json``: a one-model catalog for that checkpoint;
 - ``storage``: the ``file://`` object storage.
 
@@ -35,10 +39,12 @@ from typing import Any
 from masactrl_cli.errors import StackError
 from masactrl_jobs.catalog import tiny_model_entry
 
-__all__ = ["TINY_CONDITION", "DevEnv", "catalog_entry", "display_path"]
+__all__ = ["TINY_CONDITION", "TOY_MODEL", "DevEnv", "bundled", "catalog_entry", "display_path"]
 
 # The condition model name the tiny entry offers (``masactrl demo`` runs a canny edit with it).
 TINY_CONDITION = "canny"
+# The committed toy-world checkpoint, relative to the repository: the stack's default model.
+TOY_MODEL = Path("models/toy-shapes")
 
 _BUILTIN_MODELS = {
     "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd"),
@@ -51,6 +57,15 @@ def display_path(path: Path) -> str:
     with contextlib.suppress(ValueError):
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     return str(path)
+
+
+def bundled(relative: Path) -> Path | None:
+    """A file or folder of the repository: from the current directory (``make``) or, for an
+    installed package, next to its sources; None if neither has it."""
+    for candidate in (relative, Path(__file__).resolve().parents[1] / relative):
+        if candidate.exists():
+            return candidate
+    return None
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -86,15 +101,19 @@ def _folder_entry(folder: Path) -> dict[str, Any]:
 
 
 def catalog_entry(model: str | None, tiny_model: Path) -> dict[str, Any]:
-    """The catalog entry the stack serves: the tiny checkpoint, or ``model`` with a family/size.
+    """The catalog entry the stack serves: the toy-world checkpoint, or ``model``.
 
-    ``model`` is a built-in catalog name (``sd15``, ``sdxl``), a local diffusers folder (family and
-    native size read from its configs) or a hub id (family from the name: ``xl`` means SDXL;
-    SD 2.x non-base checkpoints are 768 px).
+    ``model`` is ``tiny`` (the random-weight tiny checkpoint at ``tiny_model``), a built-in
+    catalog name (``sd15``, ``sdxl``), a local diffusers folder (family and native size read from
+    its configs) or a hub id (family from the name: ``xl`` means SDXL; SD 2.x non-base checkpoints
+    are 768 px). Without one, the committed toy checkpoint (the tiny one where it is missing).
     """
+    model = (model or "").strip()
     if not model:
+        toy = bundled(TOY_MODEL)
+        model = str(toy.resolve()) if toy is not None else "tiny"
+    if model == "tiny":
         return tiny_model_entry(str(tiny_model.resolve()))
-    model = model.strip()
     if model in _BUILTIN_MODELS:
         source, family = _BUILTIN_MODELS[model]
         return {"name": model, "source": source, "family": family}
@@ -166,6 +185,7 @@ class DevEnv:
         self.models = var / "models"
         self.tiny_model = self.models / "tiny-sd"
         self.tiny_controlnet = self.models / "tiny-controlnet"
+        self.tiny_preview_vae = self.models / "tiny-preview-vae"
         self.catalog = var / "catalog.json"
         self.api_key_file = var / "dev-api-key"
         self.webhook_secret_file = var / "dev-webhook-secret"
@@ -188,8 +208,13 @@ class DevEnv:
         if entry["name"] == "tiny":
             self._write_tiny_model(say)
             self._write_tiny_controlnet(say)
+            self._write_tiny_preview_vae(say)
             condition = {"source": str(self.tiny_controlnet.resolve()), "kind": "controlnet"}
-            entry = {**entry, "conditions": {TINY_CONDITION: condition}}
+            entry = {
+                **entry,
+                "conditions": {TINY_CONDITION: condition},
+                "preview_vae": str(self.tiny_preview_vae.resolve()),
+            }
         self.catalog.write_text(
             json.dumps({"default": entry["name"], "models": [entry]}) + "\n", encoding="utf-8"
         )
@@ -208,6 +233,13 @@ class DevEnv:
         say(f"writing the offline tiny ControlNet to {display_path(folder)}")
         argv = [str(folder), "--condition", "controlnet", "--base", str(self.tiny_model)]
         _tiny_model(argv, "the tiny ControlNet")
+
+    def _write_tiny_preview_vae(self, say: Callable[[str], None]) -> None:
+        folder = self.tiny_preview_vae
+        if (folder / "config.json").is_file():
+            return
+        say(f"writing the offline tiny preview autoencoder to {display_path(folder)}")
+        _tiny_model([str(folder), "--preview-vae"], "the tiny preview autoencoder")
 
     def environment(self, *, api_url: str, redis_url: str, model: str) -> dict[str, str]:
         """The variables of every stack process: this shell's, with the stack's on top."""

@@ -279,6 +279,7 @@ class MasaCtrlClient:
         condition: Mapping[str, Any] | None = None,
         anchor_source: bool | None = None,
         webhook: Mapping[str, Any] | None = None,
+        previews: bool | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Submit a real-image edit; returns the queued job.
@@ -304,6 +305,7 @@ class MasaCtrlClient:
                 "condition": dict(condition) if condition else None,
                 "anchor_source": anchor_source,
                 "webhook": dict(webhook) if webhook else None,
+                "previews": previews,
             }
         )
         if isinstance(image, str) and image.startswith(_URL_SCHEMES):
@@ -336,6 +338,7 @@ class MasaCtrlClient:
         loras: Sequence[Mapping[str, Any]] | None = None,
         condition: Mapping[str, Any] | None = None,
         webhook: Mapping[str, Any] | None = None,
+        previews: bool | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Submit a consistent synthesis; returns the queued job."""
@@ -354,6 +357,7 @@ class MasaCtrlClient:
                 "loras": [dict(lora) for lora in loras] if loras else None,
                 "condition": dict(condition) if condition else None,
                 "webhook": dict(webhook) if webhook else None,
+                "previews": previews,
             }
         )
         return self._submit("/v1/syntheses", idempotency_key, json=body)
@@ -379,6 +383,7 @@ class MasaCtrlClient:
         control: Mapping[str, Any] | None = None,
         loras: Sequence[Mapping[str, Any]] | None = None,
         webhook: Mapping[str, Any] | None = None,
+        previews: bool | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Submit a sequence; returns the queued job.
@@ -405,6 +410,7 @@ class MasaCtrlClient:
                 "anchor_source": anchor_source,
                 "fps": fps,
                 "webhook": dict(webhook) if webhook else None,
+                "previews": previews,
             }
         )
         inputs = [*frames, *(x for x in (video, image) if x is not None)]
@@ -483,6 +489,24 @@ class MasaCtrlClient:
             if terminal and "status" in event.data and "output" in event.data:
                 return event.data
         return self.get(job_id)
+
+    def download_preview(self, preview: Mapping[str, Any], out_dir: Path) -> list[Path]:
+        """Save a ``preview`` event's images as ``<role>_<index>.webp`` (replacing the last).
+
+        Previews are short-lived: an image already replaced or deleted is skipped, not an error.
+        """
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for image in preview.get("images", []):
+            try:
+                response = self._downloads.get(image["url"])
+            except httpx.TransportError:
+                continue
+            if response.is_success:
+                path = out_dir / f"{image['role']}_{int(image['index'])}.webp"
+                _write_atomically(path, response.content)
+                paths.append(path)
+        return paths
 
     def download(self, job: Mapping[str, Any], out_dir: Path) -> list[Path]:
         """Save a succeeded job's images (``source_0.png``, ``target_0.png``, ...) and job.json."""

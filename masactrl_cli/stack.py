@@ -584,6 +584,7 @@ class LocalStack:
         masactrl = display_path(Path(sys.executable).with_name("masactrl"))
         lines = [
             f"gateway:  {self.api_url}   API docs: {self.api_url}/docs",
+            f"playground: {self.api_url}/playground   (paste the API key below)",
             f"API key:  {self.api_key}   (saved in {key_file})",
             f"webhooks: signed with the dev secret in {secret_file}; http://127.0.0.1 receivers "
             "allowed",

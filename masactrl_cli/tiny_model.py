@@ -1,7 +1,9 @@
 """``masactrl tiny-model``: write the offline random-weight checkpoint that tests and demos use.
 
 With ``--condition controlnet|adapter --base BASE_DIR`` it writes a seeded ControlNet or
-T2I-Adapter whose shapes fit the tiny checkpoint in BASE_DIR (its family comes from there).
+T2I-Adapter whose shapes fit the tiny checkpoint in BASE_DIR (its family comes from there). With
+``--preview-vae`` it writes a seeded tiny ``AutoencoderTiny`` that decodes either family's live
+previews (a catalog entry's ``preview_vae``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--base", type=Path, metavar="BASE_DIR", help="tiny checkpoint the condition model fits"
     )
+    parser.add_argument(
+        "--preview-vae",
+        action="store_true",
+        help="write a tiny AutoencoderTiny that decodes live previews instead",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} exists and is not a folder")
     if args.condition is None and args.base is not None:
         raise UsageError("--base is only used with --condition")
+    if args.preview_vae and (args.condition is not None or args.family is not None):
+        raise UsageError("--preview-vae fits every tiny checkpoint: no --condition or --family")
     if args.condition is not None:
         if args.base is None:
             raise UsageError("--condition needs --base, the tiny checkpoint it is made for")
@@ -48,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.base} is not a diffusers checkpoint (no model_index.json)")
     quiet_libraries()
     try:
-        if args.condition is not None:
+        if args.preview_vae:
+            description = _write_preview_vae(out, args.seed)
+        elif args.condition is not None:
             description = _write_condition(out, args.condition, args.base, args.seed)
         else:
             description = _write_checkpoint(out, args.family or "sd", args.seed)
@@ -76,3 +87,10 @@ def _write_condition(out: Path, kind: str, base: Path, seed: int) -> str:
 
     path = write_tiny_condition_model(out, kind=kind, base=base, seed=seed)
     return describe_tiny_condition_model(path, kind, base, seed)
+
+
+def _write_preview_vae(out: Path, seed: int) -> str:
+    from masactrl_core.tiny import write_tiny_preview_vae
+
+    path = write_tiny_preview_vae(out, seed=seed)
+    return f"tiny preview autoencoder (AutoencoderTiny, seed {seed}) at {path}"

@@ -47,6 +47,7 @@ from masactrl_core.conditions import (
 from masactrl_core.errors import InvalidInput, JobCancelled, ModelLoadError
 from masactrl_core.lora import LoraAdapters
 from masactrl_core.masks import ManualMasks, MaskConfig, WordMasks, word_positions
+from masactrl_core.previews import LatentsCallback
 from masactrl_core.single_file import is_single_file, load_single_file_pipeline
 
 if TYPE_CHECKING:
@@ -67,6 +68,10 @@ MAX_TARGETS = 8
 PAPER_START_STEP = 4
 PAPER_START_DEPTH = 10 / 16
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# A checkpoint folder may declare its own default control, e.g. {"start_step": 4, "start_layer":
+# 10}: a small UNet whose blocks sit at other depths than SD's says where "the decoder's later
+# blocks" are, instead of the depth rule guessing. masactrl_jobs.catalog reads the same file.
+CONTROL_DECLARATION = "masactrl.json"
 
 
 @dataclass(frozen=True)
@@ -271,6 +276,23 @@ def detect_family(config: dict[str, Any]) -> str:
     return "sdxl" if "text_encoder_2" in config or "XL" in class_name else "sd"
 
 
+def declared_control(folder: str | os.PathLike[str]) -> ControlConfig | None:
+    """The default control a checkpoint folder declares in ``masactrl.json``, if it has one."""
+    path = os.path.join(folder, CONTROL_DECLARATION)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+        return ControlConfig(
+            start_step=int(data["start_step"]), start_layer=int(data["start_layer"])
+        )
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelLoadError(
+            f"{path} must be JSON with integer start_step and start_layer ({error})"
+        ) from error
+
+
 def _looks_like_local_path(model: str) -> bool:
     # "owner/name" is a hub id; anything rooted, relative or deeper is a folder.
     windows_separator = os.sep != "/" and os.sep in model
@@ -287,6 +309,7 @@ class MasaCtrlEngine:
         family: str = "sd",
         model_name: str = "",
         options: EngineOptions | None = None,
+        default_control: ControlConfig | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.unet: UNet2DConditionModel = pipeline.unet
@@ -326,7 +349,12 @@ class MasaCtrlEngine:
         sample_size = self.unet.config.sample_size
         native = sample_size if isinstance(sample_size, int) else sample_size[0]
         self.native_size = (native * self.vae_scale_factor, native * self.vae_scale_factor)
-        self.default_control = ControlConfig(
+        if default_control is not None and default_control.start_layer >= self.block_count:
+            raise ModelLoadError(
+                f"{model_name or 'the model'} declares start_layer {default_control.start_layer},"
+                f" but its UNet has {self.block_count} self-attention blocks"
+            )
+        self.default_control = default_control or ControlConfig(
             start_step=PAPER_START_STEP,
             start_layer=min(round(self.block_count * PAPER_START_DEPTH), self.block_count - 1),
         )
@@ -391,7 +419,10 @@ class MasaCtrlEngine:
         # diffusers leaves set_progress_bar_config unannotated.
         pipeline.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
         logger.info("loaded %s (%s) on %s as %s", model, family, device, dtype)
-        return cls(pipeline, family=family, model_name=model, options=options)
+        declared = declared_control(model) if os.path.isdir(model) else None
+        return cls(
+            pipeline, family=family, model_name=model, options=options, default_control=declared
+        )
 
     @classmethod
     def from_single_file(
@@ -469,11 +500,14 @@ class MasaCtrlEngine:
         should_cancel: CancelCheck | None = None,
         masks: MaskConfig | None = None,
         condition: Condition | None = None,
+        on_latents: LatentsCallback | None = None,
     ) -> MasaCtrlResult:
         """The source image and one consistent image per target prompt, from the same noise.
 
         ``condition`` guides the layout of the targets (and of the source, with its
-        ``source_image``) with a ControlNet or T2I-Adapter.
+        ``source_image``) with a ControlNet or T2I-Adapter. ``on_latents(step, total, x0)``
+        gets every denoising step's predicted clean latents, one row per image (live previews,
+        see :mod:`masactrl_core.previews`).
         """
         return self._synthesis(
             source_prompt,
@@ -490,6 +524,7 @@ class MasaCtrlEngine:
             masks=masks,
             condition=condition,
             target_limit=MAX_TARGETS,
+            on_latents=on_latents,
         )
 
     def _synthesis(
@@ -510,6 +545,7 @@ class MasaCtrlEngine:
         condition: Condition | None,
         target_limit: int,
         on_image: ImageCallback | None = None,
+        on_latents: LatentsCallback | None = None,
     ) -> MasaCtrlResult:
         """:meth:`synthesize` for up to ``target_limit`` targets."""
         width, height = self._check_size(width, height)
@@ -532,6 +568,7 @@ class MasaCtrlEngine:
             should_cancel,
             condition=prepared,
             on_image=on_image,
+            on_latents=on_latents,
         )
 
     def invert(
@@ -617,6 +654,7 @@ class MasaCtrlEngine:
         masks: MaskConfig | None = None,
         condition: Condition | None = None,
         anchor_source: bool = False,
+        on_latents: LatentsCallback | None = None,
     ) -> MasaCtrlResult:
         """Real-image editing: invert ``image``, then denoise [source, targets] with control.
 
@@ -644,6 +682,7 @@ class MasaCtrlEngine:
             condition=condition,
             anchor_source=anchor_source,
             target_limit=MAX_TARGETS,
+            on_latents=on_latents,
         )
 
     def _edit(
@@ -667,6 +706,7 @@ class MasaCtrlEngine:
         anchor_source: bool,
         target_limit: int,
         on_image: ImageCallback | None = None,
+        on_latents: LatentsCallback | None = None,
     ) -> MasaCtrlResult:
         """:meth:`edit` for up to ``target_limit`` targets."""
         width, height = self._check_size(width, height)
@@ -721,6 +761,7 @@ class MasaCtrlEngine:
             condition=prepared,
             anchor=inverted.trajectory if anchor_source else None,
             on_image=on_image,
+            on_latents=on_latents,
         )
 
     def sequence(
@@ -743,6 +784,7 @@ class MasaCtrlEngine:
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
         on_frame: ImageCallback | None = None,
+        on_latents: LatentsCallback | None = None,
     ) -> SequenceResult:
         """Frames that keep one source's content while following a series of layouts.
 
@@ -753,7 +795,8 @@ class MasaCtrlEngine:
         run with condition frame k from the same initial noise: this is that run with K
         targets, whose one source branch per step serves every frame (chunks of
         ``options.max_batch`` rows read its cached keys and values). ``on_frame(k, image)`` is
-        called as frame k is decoded.
+        called as frame k is decoded; ``on_latents`` gets each step's predicted clean latents
+        ([source, frames]), as in :meth:`synthesize`.
         """
         frames = self._sequence_frames(condition)
         prompts = [target_prompts] if isinstance(target_prompts, str) else list(target_prompts)
@@ -790,6 +833,7 @@ class MasaCtrlEngine:
                 condition=condition,
                 target_limit=self.options.max_sequence_frames,
                 on_image=decoded,
+                on_latents=on_latents,
             )
         else:
             result = self._edit(
@@ -811,6 +855,7 @@ class MasaCtrlEngine:
                 anchor_source=anchor_source,
                 target_limit=self.options.max_sequence_frames,
                 on_image=decoded,
+                on_latents=on_latents,
             )
         return SequenceResult(
             result.source, result.targets, result.stats, result.inverted, result.latents
@@ -849,6 +894,7 @@ class MasaCtrlEngine:
         condition: PreparedCondition | None = None,
         anchor: torch.Tensor | None = None,
         on_image: ImageCallback | None = None,
+        on_latents: LatentsCallback | None = None,
     ) -> MasaCtrlResult:
         """Denoise [source, targets] from ``noise`` under the control, then decode."""
         with self._lock, torch.inference_mode():
@@ -866,6 +912,7 @@ class MasaCtrlEngine:
                 plan,
                 condition=condition,
                 anchor=None if anchor is None else anchor.to(self.device, self.dtype),
+                on_latents=on_latents,
             )
             images = self._decode(latents, on_image)
             self._finish_stats(stats)
@@ -1219,6 +1266,7 @@ class MasaCtrlEngine:
         *,
         condition: PreparedCondition | None = None,
         anchor: torch.Tensor | None = None,
+        on_latents: LatentsCallback | None = None,
     ) -> torch.Tensor:
         """Denoise [source, targets]; ``anchor`` is the source's inversion trajectory, if kept."""
         started = time.perf_counter()
@@ -1335,9 +1383,13 @@ class MasaCtrlEngine:
                         for u, c in pairs
                     ]
                 )
-                latents = self.scheduler.step(guided_outputs, timestep, latents).prev_sample
+                stepped = self.scheduler.step(guided_outputs, timestep, latents)
+                latents = stepped.prev_sample
                 if progress is not None:
                     progress("denoise", index + 1, steps)
+                if on_latents is not None:
+                    # DDIM's x̂₀ of this step, which it computes anyway on the way to x_{t-1}.
+                    on_latents(index + 1, steps, stepped.pred_original_sample)
         finally:
             self.unet.set_attn_processor(dict(original))
             state.begin_step(None)
@@ -1392,4 +1444,5 @@ __all__ = [
     "MasaCtrlResult",
     "RunStats",
     "SequenceResult",
+    "declared_control",
 ]

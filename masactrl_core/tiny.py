@@ -28,6 +28,7 @@ __all__ = [
     "write_tokenizer",
     "tiny_checkpoint_info",
     "write_tiny_checkpoint",
+    "write_tiny_preview_vae",
 ]
 
 # Native image size of the tiny SD checkpoint: VAE factor 2 and UNet sample_size 32 -> 64x64 px.
@@ -499,4 +500,36 @@ def write_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, family: str = "
         # (a fast-tokenizer tokenizer.json is derived from them on load).
         for name in spec.tokenizer_folders:
             write_tokenizer(out / name, pad_token="!" if name == "tokenizer_2" else EOS_TOKEN)
+    return out
+
+
+# --- preview autoencoder ---------------------------------------------------------------------
+
+# An AutoencoderTiny (TAESD's architecture) with tiny widths for the tiny checkpoints of both
+# families: 4 latent channels, and one halving / doubling stage, like their VAE (factor 2).
+TINY_PREVIEW_VAE_CONFIG: dict[str, Any] = {
+    "encoder_block_out_channels": (8, 8),
+    "decoder_block_out_channels": (8, 8),
+    "num_encoder_blocks": (1, 1),
+    "num_decoder_blocks": (1, 1),
+    "latent_channels": 4,
+}
+
+
+def write_tiny_preview_vae(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write a seeded random-weight ``AutoencoderTiny`` that decodes the tiny checkpoints' latents.
+
+    The live-preview decoder a catalog entry names as ``preview_vae``; it goes in its own folder
+    (a sibling of the checkpoint), as real TAESD weights do. Same seed -> identical weights.
+    """
+    import torch
+    from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    # Every layer, the output convolution included, has PyTorch's random default initialisation:
+    # none starts at zero, so its images depend on the latents.
+    model = AutoencoderTiny(**TINY_PREVIEW_VAE_CONFIG)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
     return out

@@ -8,7 +8,10 @@ JSON shape::
      "models": [{"name": "sd15", "source": "stable-diffusion-v1-5/stable-diffusion-v1-5",
                  "family": "sd"}, ...]}
 
-``models`` may also be an object keyed by name. Omitted fields take the family's defaults.
+``models`` may also be an object keyed by name. Omitted fields take the family's defaults, except
+that a local checkpoint folder declaring its default control in ``masactrl.json`` (``{"start_step":
+4, "start_layer": 10}``, as the engine reads it) gives the omitted ``default_start_step`` and
+``default_start_layer``.
 
 A model may list the layout condition models (ControlNets, T2I-Adapters) its workers may load,
 by name; requests pick one by that name, never by an arbitrary source::
@@ -34,6 +37,10 @@ the weight a request gets when it names none; a request activates up to ``MAX_LO
 them by name::
 
     "loras": {"watercolor": {"source": "/models/loras/watercolor.safetensors", "weight": 0.8}}
+
+``preview_vae`` names a tiny autoencoder (diffusers' ``AutoencoderTiny``: ``madebyollin/taesd``
+for SD 1.x/2.x, ``madebyollin/taesdxl`` for SDXL) that decodes live previews; without it the
+workers use the model's own VAE, less often.
 """
 
 from __future__ import annotations
@@ -81,6 +88,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
 }
 
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+# A checkpoint folder's own default control (the engine reads the same file).
+CONTROL_DECLARATION = "masactrl.json"
 
 
 class CatalogError(ValueError):
@@ -188,6 +197,11 @@ class ModelEntry(BaseModel):
     config: str | None = Field(default=None, min_length=1)
     prediction_type: PredictionType | None = None
     allow_pickle: bool = False
+    # Live previews decode each step's predicted image with this AutoencoderTiny (TAESD for SD
+    # models, TAESDXL for SDXL); without one, with the model's own VAE, less often.
+    preview_vae: str | None = Field(
+        default=None, min_length=1, description="Hub id or local folder of an AutoencoderTiny."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -400,9 +414,41 @@ def catalog_from_data(data: Any, *, origin: str = "catalog") -> Catalog:
     if not isinstance(data, dict):
         raise CatalogError(f"{origin} must be a JSON object with 'models' and 'default'")
     try:
-        return Catalog.model_validate(data)
+        return Catalog.model_validate(_with_declared_controls(data, origin))
     except ValidationError as exc:
         raise CatalogError(f"{origin} is invalid: {_describe(exc)}") from None
+
+
+def _with_declared_controls(data: dict[str, Any], origin: str) -> dict[str, Any]:
+    """``data`` with each local checkpoint's declared default control filled in where omitted."""
+    models = data.get("models")
+    entries = list(models.values()) if isinstance(models, dict) else models
+    if not isinstance(entries, list):
+        return data
+    filled = []
+    for entry in entries:
+        if isinstance(entry, dict) and isinstance(entry.get("source"), str):
+            entry = {**_declared_control(entry["source"], origin), **entry}
+        filled.append(entry)
+    if isinstance(models, dict):
+        return {**data, "models": dict(zip(models, filled, strict=True))}
+    return {**data, "models": filled}
+
+
+def _declared_control(source: str, origin: str) -> dict[str, int]:
+    path = Path(source) / CONTROL_DECLARATION
+    if not path.is_file():
+        return {}
+    try:
+        declared = json.loads(path.read_text(encoding="utf-8"))
+        return {
+            "default_start_step": int(declared["start_step"]),
+            "default_start_layer": int(declared["start_layer"]),
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CatalogError(
+            f"{origin}: {path} must be JSON with integer start_step and start_layer ({exc})"
+        ) from None
 
 
 class CatalogSettings(Protocol):

@@ -50,6 +50,7 @@ __all__ = [
     "JobList",
     "JobMetrics",
     "JobOutput",
+    "JobPreview",
     "JobProgress",
     "JobPublic",
     "JobStatus",
@@ -65,6 +66,7 @@ __all__ = [
     "ModelPublic",
     "OutputImage",
     "Preprocess",
+    "PreviewImage",
     "ProgressPhase",
     "SequenceCondition",
     "SequenceCreate",
@@ -306,6 +308,11 @@ class _JobCreate(_Strict):
     condition: ConditionParams | None = None
     loras: Loras = Field(default_factory=list)
     webhook: WebhookCreate | None = None
+    previews: bool = Field(
+        default=False,
+        description="Publish live previews while the job runs: `preview` events on "
+        "`GET /v1/jobs/{id}/events` and the job's `preview`, every few steps.",
+    )
 
 
 class EditParams(_JobCreate):
@@ -401,6 +408,11 @@ class SequenceParams(_Strict):
     fps: float = Field(default=8.0, gt=0, le=120, description="Frame rate of the animations.")
     loras: Loras = Field(default_factory=list)
     webhook: WebhookCreate | None = None
+    previews: bool = Field(
+        default=False,
+        description="Publish live previews while the job runs: `preview` events on "
+        "`GET /v1/jobs/{id}/events` and the job's `preview`, every few steps.",
+    )
 
 
 class SequenceCreate(SequenceParams):
@@ -466,6 +478,7 @@ class JobInput(BaseModel):
     animation_fps: float | None = Field(
         default=None, description="Sequences: the frame rate of the MP4 and WebP."
     )
+    previews: bool = Field(default=False, description="Whether live previews were asked for.")
 
 
 class JobProgress(BaseModel):
@@ -485,6 +498,22 @@ class OutputImage(BaseModel):
     key: str
     width: int
     height: int
+
+
+class PreviewImage(BaseModel):
+    """One image of a live preview: the run's current guess of a final image, small."""
+
+    role: ImageRole = Field(description="`source`, then `target` (sequences: `frame`).")
+    index: int = Field(description="The index of the output image this one previews.")
+    url: str = Field(description="A short-lived signed URL (an `<img src>` loads it as it is).")
+
+
+class JobPreview(BaseModel):
+    """The latest live preview of a running job that asked for `previews`."""
+
+    step: int = Field(description="The denoising step the preview shows.")
+    steps: int = Field(description="The job's denoising steps.")
+    images: list[PreviewImage]
 
 
 class JobOutput(BaseModel):
@@ -561,6 +590,9 @@ class JobPublic(BaseModel):
         default=None, description="1 for the next job to start; only while queued."
     )
     progress: JobProgress | None = None
+    preview: JobPreview | None = Field(
+        default=None, description="The latest live preview, while a job with `previews` runs."
+    )
     output: JobOutput | None = None
     error: JobError | None = None
     metrics: JobMetrics | None = None
@@ -626,6 +658,10 @@ class ModelPublic(BaseModel):
     max_pixels: int
     default_control: DefaultControl
     live: bool = Field(description="Whether a live worker currently serves this model.")
+    preview_decoder: Literal["tiny_autoencoder", "vae"] = Field(
+        description="What decodes live previews: a tiny autoencoder (fast, every few steps) or "
+        "the model's own VAE (slower, so less often)."
+    )
     conditions: list[ConditionPublic] = Field(
         default_factory=list, description="Condition models a request may name."
     )

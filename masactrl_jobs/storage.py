@@ -39,6 +39,8 @@ __all__ = [
     "StorageError",
     "StorageUnavailable",
     "content_type_for",
+    "preview_key",
+    "previews_prefix",
     "result_key",
     "results_prefix",
     "animation_key",
@@ -110,6 +112,18 @@ def result_key(job_id: str, role: str, index: int) -> str:
 def animation_key(job_id: str, extension: str) -> str:
     """``results/<job_id>/sequence.mp4`` or ``.webp``: a sequence job's animation."""
     return f"{results_prefix(job_id)}sequence.{extension}"
+
+
+def previews_prefix(job_id: str) -> str:
+    """Where a running job's live previews live (``results/<job_id>/previews/``): inside its
+    results, so whatever removes those (retention, a failure, a cancel) removes them too."""
+    return f"{results_prefix(job_id)}previews/"
+
+
+def preview_key(job_id: str, step: int, role: str, index: int) -> str:
+    """``results/<job_id>/previews/<step>/<role>_<index>.webp``: one image of the preview after
+    ``step``. A new key per step, so a browser never shows a cached older image under its URL."""
+    return f"{previews_prefix(job_id)}{step}/{role}_{index}.webp"
 
 
 def content_type_for(key: str) -> str:

@@ -29,6 +29,10 @@ _BEAK_TOLERANCE = 60.0
 # Sitting lowers the body: over 300 renders at 32 px the creature's vertical centroid lies in
 # 0.38-0.45 of the height when standing and 0.48-0.58 when sitting.
 _SITTING_CENTROID = 0.465
+# Arms reach ~0.2 of the width from the body's centre (the body only 0.13); raised, their top is
+# 0.05-0.12 below the top of the head or hat, hanging 0.22-0.29 (see world._draw_creature).
+_ARM_REACH = 0.15
+_ARMS_UP_DROP = 0.17
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -74,7 +78,7 @@ def read_pose(image: Image.Image, background: str) -> dict[str, str | None]:
     mask = foreground_mask(image, background)
     size = mask.shape[0]
     if mask.sum() < max(4, size * size // 200):
-        return {"position": None, "facing": None, "stance": None}
+        return {"position": None, "facing": None, "stance": None, "arms": None}
     ys, xs = np.nonzero(mask)
     cx, cy = xs.mean() / size, ys.mean() / size
     beak = np.linalg.norm(_pixels(image) - np.asarray(_BEAK, np.float32), axis=-1)
@@ -83,7 +87,31 @@ def read_pose(image: Image.Image, background: str) -> dict[str, str | None]:
     if len(beak_xs):
         facing = "left" if beak_xs.mean() / size < cx else "right"
     stance = "sitting" if cy > _SITTING_CENTROID else "standing"
-    return {"position": "left" if cx < 0.5 else "right", "facing": facing, "stance": stance}
+    return {
+        "position": "left" if cx < 0.5 else "right",
+        "facing": facing,
+        "stance": stance,
+        "arms": _arms(mask, cx, facing),
+    }
+
+
+def _arms(mask: np.ndarray, cx: float, facing: str | None) -> str | None:
+    """Arms up or down from the back arm: the only part reaching that far out behind the body.
+
+    The beak (and a sitting creature's feet) stick out on the facing side, so only the other side
+    is read; there, the highest far-out pixel is the arm's top: near the head's height when the
+    arms are up, at the shoulder when they hang down.
+    """
+    if facing is None:
+        return None
+    size = mask.shape[0]
+    ys, xs = np.nonzero(mask)
+    offset = (xs + 0.5) / size - cx
+    behind = offset < -_ARM_REACH if facing == "right" else offset > _ARM_REACH
+    if not behind.any():
+        return None
+    drop = (ys[behind].min() - ys.min()) / size  # below the top of the head (or hat)
+    return "up" if drop < _ARMS_UP_DROP else "down"
 
 
 def pose_compliance(image: Image.Image, pose: Mapping[str, str], background: str) -> float:

@@ -98,6 +98,9 @@ class GatewaySettings(CommonSettings):
     queue_full_retry_after_seconds: int = Field(10, ge=1, le=3600)
     max_wait_seconds: int = Field(60, ge=0, le=60, description="Cap of `Prefer: wait=N`.")
     sse_ping_seconds: float = Field(15.0, gt=0, le=300)
+    preview_url_ttl_seconds: int = Field(
+        300, ge=10, le=3600, description="Lifetime of the signed URLs of live previews."
+    )
     cleanup_interval_seconds: float = Field(
         60.0, ge=0, description="How often expired jobs are purged; 0 disables the sweeper."
     )

@@ -63,13 +63,18 @@ class Gateway:
 
     # -- rendering
     def render(self, record: JobRecord) -> JobPublic:
-        """The public job object, with presigned output URLs."""
+        """The public job object, with presigned output URLs (and short-lived preview URLs)."""
         return record.to_public(
             base_url=self.settings.public_base_url,
             url_for=self.storage.url,
             url_ttl_seconds=self.settings.presigned_url_ttl_seconds,
             retention_seconds=self.settings.job_retention_seconds,
+            preview_url_for=self.preview_url,
         )
+
+    def preview_url(self, key: str) -> str:
+        """A live preview's URL: signed like the outputs', but living only a few minutes."""
+        return self.storage.url(key, expires_in=self.settings.preview_url_ttl_seconds)
 
     def job_response(
         self, record: JobRecord, status_code: int = 200, headers: dict[str, str] | None = None
@@ -90,6 +95,7 @@ class Gateway:
             or record.started_at is not None
             or record.completed_at is not None
             or record.progress
+            or record.preview is not None
             or record.output is not None
             or record.error
             or record.metrics
@@ -104,7 +110,7 @@ class Gateway:
             f'"status":"queued","created_at":{created.decode()},"started_at":null,'
             f'"completed_at":null,"model":{_json_string(record.model)},'
             f'"input":{record.input.model_dump_json()},"queue_position":{position},'
-            f'"progress":null,"output":null,"error":null,"metrics":null,'
+            f'"progress":null,"preview":null,"output":null,"error":null,"metrics":null,'
             f'"attempts":{int(record.attempts)},"webhook":null,'
             f'"urls":{{"self":"{url}","cancel":"{url}/cancel","events":"{url}/events"}}}}'
         ).encode()

@@ -24,9 +24,8 @@ from masactrl_jobs.schema import (
 from masactrl_jobs.settings import load_settings
 from masactrl_jobs.storage import storage_from_settings
 from masactrl_jobs.store import AsyncJobStore
-from service.api.routes import ROUTERS
-from service.api.routes.docs import ASSETS_PATH, assets
-from service.api.routes.jobs import ProgressEvent, RequeuedEvent, StatusEvent
+from service.api.routes import ROUTERS, docs, playground
+from service.api.routes.jobs import PreviewEvent, ProgressEvent, RequeuedEvent, StatusEvent
 from service.config import GatewaySettings
 from service.errors import install_error_handlers
 from service.gateway import Gateway
@@ -71,6 +70,7 @@ def _install_openapi(app: FastAPI) -> None:
                 (SequenceParams, "validation"),
                 (StatusEvent, "validation"),
                 (ProgressEvent, "validation"),
+                (PreviewEvent, "validation"),
                 (RequeuedEvent, "validation"),
             ],
             ref_template="#/components/schemas/{model}",
@@ -137,7 +137,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     for router in ROUTERS:
         app.include_router(router)
-    app.mount(ASSETS_PATH, assets(), name="docs-assets")
+    app.mount(docs.ASSETS_PATH, docs.assets(), name="docs-assets")
+    app.mount(playground.ASSETS_PATH, playground.assets(), name="playground-assets")
     install_error_handlers(app)
     limits = BodyLimits(
         small=settings.max_json_bytes,

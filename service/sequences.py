@@ -254,4 +254,5 @@ def resolve_input(body: SequenceBody, entry: ModelEntry, inputs: SequenceInputs)
         anchor_source=body.anchor_source,
         loras=resolve_loras(entry, body.loras),
         animation_fps=body.fps,
+        previews=body.previews,
     )

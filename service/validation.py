@@ -185,4 +185,5 @@ def resolve_input(
         ),
         anchor_source=getattr(body, "anchor_source", False),
         loras=resolve_loras(entry, body.loras),
+        previews=body.previews,
     )

@@ -191,3 +191,12 @@ def tiny_sdxl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from masactrl_core.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-sdxl") / "model", family="sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_preview_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny AutoencoderTiny (seed 0) that decodes both tiny checkpoints' live previews, in a
+    sibling folder of theirs, as a catalog's ``preview_vae`` names it."""
+    from masactrl_core.tiny import write_tiny_preview_vae
+
+    return write_tiny_preview_vae(tmp_path_factory.mktemp("tiny-preview-vae") / "model", seed=0)

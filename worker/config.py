@@ -84,6 +84,24 @@ class WorkerSettings(CommonSettings):
         description="Development only: sleep this long every step (demos of cancel/recovery).",
     )
 
+    # --- live previews (jobs with `previews: true`) -------------------------------------------
+    preview_every_steps: int = Field(
+        5, ge=1, le=1000, description="Steps between previews decoded by a tiny autoencoder."
+    )
+    preview_vae_every_steps: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="Steps between previews decoded by the model's own VAE (no `preview_vae` in "
+        "the catalog entry): it costs as much as decoding the results, so less often.",
+    )
+    preview_min_interval_seconds: float = Field(
+        0.5, ge=0, le=60, description="Least time between two previews of a job (a rate limit)."
+    )
+    preview_max_side: int = Field(
+        256, ge=16, le=256, description="Previews are at most this many pixels on a side."
+    )
+
     # --- storage retries ----------------------------------------------------------------------
     storage_retry_attempts: int = Field(
         5, ge=1, le=20, description="Tries of a storage or Redis call before giving up."

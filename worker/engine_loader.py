@@ -10,6 +10,8 @@ Layout condition models (the catalog entry's ``conditions``) are loaded into the
 use and kept warm by :class:`ConditionModels`: loading one takes seconds, a job uses it for many.
 LoRA adapters (the entry's ``loras``) likewise, by :class:`CatalogLoras`: each is loaded into the
 engine once, and a job activates the set it asks for (``engine.loras.activated``).
+The live-preview decoder (the entry's ``preview_vae``, else the model's VAE) is loaded with the
+model, once, by :func:`load_preview_decoder`.
 """
 
 from __future__ import annotations
@@ -29,8 +31,16 @@ from worker.config import WorkerSettings
 if TYPE_CHECKING:
     from masactrl_core import MasaCtrlEngine
     from masactrl_core.conditions import ConditionModel
+    from masactrl_core.previews import PreviewDecoder
 
-__all__ = ["CatalogLoras", "ConditionModels", "load_engine", "resolve_source", "warm_up"]
+__all__ = [
+    "CatalogLoras",
+    "ConditionModels",
+    "load_engine",
+    "load_preview_decoder",
+    "resolve_source",
+    "warm_up",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +137,25 @@ def load_engine(entry: ModelEntry, settings: WorkerSettings, source: str) -> Mas
         time.monotonic() - started,
     )
     return engine
+
+
+def load_preview_decoder(
+    entry: ModelEntry, settings: WorkerSettings, engine: MasaCtrlEngine
+) -> PreviewDecoder:
+    """The decoder of live previews: the entry's ``preview_vae`` (an AutoencoderTiny, hub id or
+    local folder) on the engine's device, else the model's own VAE."""
+    from masactrl_core.previews import load_preview_decoder as load
+
+    started = time.monotonic()
+    decoder = load(engine, entry.preview_vae, max_side=settings.preview_max_side)
+    if entry.preview_vae is not None:
+        logger.info(
+            "preview autoencoder of %s loaded from %s in %.1f s",
+            entry.name,
+            entry.preview_vae,
+            time.monotonic() - started,
+        )
+    return decoder
 
 
 def warm_up(engine: MasaCtrlEngine) -> float:

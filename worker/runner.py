@@ -13,6 +13,8 @@ least once (late acks, broker redelivery, the janitor); the job's effect happens
    background;
 4. read the input, run the engine, write ``results/<job_id>/<role>_<k>.png`` (a rerun overwrites
    the same keys), then mark the job ``succeeded``; a worker that lost its lease writes nothing.
+   A job with ``previews`` publishes small previews while it runs (``worker.previews``), under
+   ``results/<job_id>/previews/``; they are deleted once it succeeded, with its results otherwise.
 
 Every end of the job (succeeded, failed, canceled) is fenced by the attempt number inside the
 store's script: a worker that stalled past its lease while another started the job can no longer
@@ -50,11 +52,12 @@ from masactrl_core import (
     MasaCtrlEngine,
     MaskConfig,
 )
+from masactrl_core.previews import LatentsCallback, PreviewDecoder, Previews
 from masactrl_jobs.catalog import ModelEntry, UnknownCondition, UnknownLora
 from masactrl_jobs.control import InvalidParameters, check_control, condition_problems
 from masactrl_jobs.media import MediaError, decode_video, encode_mp4, encode_webp
 from masactrl_jobs.queue import enqueue_job
-from masactrl_jobs.schema import ErrorCode, JobKind, JobStatus, MaskMode
+from masactrl_jobs.schema import ErrorCode, ImageRole, JobKind, JobStatus, MaskMode
 from masactrl_jobs.storage import (
     ObjectNotFound,
     Storage,
@@ -70,6 +73,7 @@ from worker.engine_loader import CatalogLoras, ConditionModels
 from worker.inversion_cache import InversionCache, inversion_cache_key
 from worker.leases import JobLease
 from worker.outputs import png_bytes
+from worker.previews import PreviewPublisher
 from worker.retry import Retrier
 from worker.webhooks import Emitter
 
@@ -108,6 +112,8 @@ class _RunState:
     condition_images: list[tuple[str, Image.Image]] = field(default_factory=list)
     # Sequences: frames decoded so far, reported with the progress.
     frames_done: int | None = None
+    # Jobs with previews: where this run's previews go.
+    previews: PreviewPublisher | None = None
 
 
 def _decode(data: bytes, what: str, mode: str = "RGB") -> Image.Image:
@@ -153,6 +159,7 @@ class JobRunner:
         worker_id: str,
         cache: InversionCache | None = None,
         conditions: ConditionModels | None = None,
+        preview_decoder: PreviewDecoder | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
@@ -166,6 +173,8 @@ class JobRunner:
         self.cache = cache
         self.conditions = conditions or ConditionModels(entry, engine)
         self.loras = CatalogLoras(entry, engine)
+        # Loaded once per worker (worker.engine_loader); without one, the model's VAE decodes.
+        self.preview_decoder = preview_decoder
         self._sleep = sleep
         self.retry = Retrier(
             settings.storage_retry_attempts, settings.storage_retry_max_wait_seconds
@@ -269,8 +278,13 @@ class JobRunner:
                 active: AbstractContextManager[None] = (
                     self.engine.loras.activated(adapters) if adapters else nullcontext()
                 )
-                with active:
-                    result, engine_seconds = self._run_engine(record, image, image_sha, state)
+                try:
+                    with active:
+                        result, engine_seconds = self._run_engine(record, image, image_sha, state)
+                finally:
+                    # No preview may land after the results or the end of the job.
+                    if state.previews is not None:
+                        state.previews.close()
                 metrics = self._metrics(record, result.stats, engine_seconds)
                 if lease.lost:
                     raise _Abandon
@@ -336,6 +350,8 @@ class JobRunner:
         finish = self.store_retry(self.store.succeed, job_id, images, metrics, attempt=attempt)
         if not finish.ok:
             return self._superseded(job_id, attempt, finish)
+        if state.previews is not None:
+            state.previews.remove()  # the results replace them
         self.emitter.emit_terminal(job_id)
         logger.info(
             "job %s succeeded in %.2f s (engine %.2f s)",
@@ -517,6 +533,7 @@ class JobRunner:
             "should_cancel": lambda: self._should_cancel(state),
             "masks": self._masks(record),
             "condition": self._condition(record, state),
+            "on_latents": self._previews(record, state),
         }
         started = time.perf_counter()
         if record.kind is JobKind.synthesis:
@@ -668,10 +685,31 @@ class JobRunner:
             ),
             should_cancel=lambda: self._should_cancel(state),
             on_frame=frame_done,
+            on_latents=self._previews(record, state),
         )
         engine_seconds = time.perf_counter() - started
         self._keep_inversion(record, cache_key, inverted, result.inverted)
         return result, engine_seconds
+
+    def _previews(self, record: JobRecord, state: _RunState) -> LatentsCallback | None:
+        """The engine's x̂₀ callback of a job that asked for previews (None otherwise)."""
+        if not record.input.previews:
+            return None
+        role = ImageRole.frame if record.kind is JobKind.sequence else ImageRole.target
+        state.previews = PreviewPublisher(self.store, self.storage, record.id, target_role=role)
+        settings = self.settings
+        if self.preview_decoder is None:
+            self.preview_decoder = PreviewDecoder(
+                self.engine.vae, tiny=False, max_side=settings.preview_max_side
+            )
+        decoder = self.preview_decoder
+        every = settings.preview_every_steps if decoder.tiny else settings.preview_vae_every_steps
+        return Previews(
+            decoder,
+            state.previews,
+            every=every,
+            min_interval=settings.preview_min_interval_seconds,
+        )
 
     def _on_progress(
         self, record: JobRecord, state: _RunState, phase: str, step: int, total: int

@@ -138,12 +138,13 @@ class WorkerRuntime:
 
     def start_gpu(self) -> None:
         """Load and warm the engine, then announce the model and start the janitor."""
-        from worker.engine_loader import load_engine, warm_up
+        from worker.engine_loader import load_engine, load_preview_decoder, warm_up
         from worker.runner import JobRunner
 
         entry, source = self.config.entry, self.config.source
         assert entry is not None and source is not None
         engine = load_engine(entry, self.settings, source)
+        preview_decoder = load_preview_decoder(entry, self.settings, engine)
         if self.settings.warmup:
             warm_up(engine)
         cache = None
@@ -164,6 +165,7 @@ class WorkerRuntime:
             emitter=self.emitter,
             worker_id=self.worker_id,
             cache=cache,
+            preview_decoder=preview_decoder,
         )
         ttl = self.settings.worker_heartbeat_ttl_seconds
         self._threads.append(

@@ -3,7 +3,7 @@
 All keys live under one prefix (``masactrl`` unless configured)::
 
     job:<id>                  hash    the job record (see records.py)
-    job:<id>:events           stream  status / progress / terminal events; ids serve as SSE ids
+    job:<id>:events           stream  status / progress / preview / terminal events; ids are SSE ids
     job:<id>:lease            string  worker id holding the job, with a TTL renewed by heartbeat
     job:<id>:webhook:outbox   list    webhook events waiting for their first attempt, in order
     job:<id>:webhook:sent     set     webhook message ids whose first attempt was made

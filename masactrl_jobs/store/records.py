@@ -19,6 +19,8 @@ __all__ = [
     "JobEvent",
     "JobRecord",
     "OutputRecord",
+    "PreviewImageRecord",
+    "PreviewRecord",
     "ProgressRecord",
     "ProgressResult",
     "RateLimitResult",
@@ -66,6 +68,39 @@ class ImageRecord:
 
 
 @dataclass(frozen=True)
+class PreviewImageRecord:
+    """One image of a live preview by storage key: what it previews (role, index) and where."""
+
+    role: ImageRole
+    index: int
+    key: str
+
+
+@dataclass(frozen=True)
+class PreviewRecord:
+    """The latest live preview of a job: after denoising step ``step`` of ``steps``."""
+
+    step: int
+    steps: int
+    images: list[PreviewImageRecord]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "steps": self.steps,
+            "images": [{"role": i.role.value, "index": i.index, "key": i.key} for i in self.images],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PreviewRecord:
+        images = [
+            PreviewImageRecord(ImageRole(i["role"]), int(i["index"]), str(i["key"]))
+            for i in data.get("images", [])
+        ]
+        return cls(int(data["step"]), int(data["steps"]), images)
+
+
+@dataclass(frozen=True)
 class OutputRecord:
     images: list[ImageRecord]
 
@@ -110,6 +145,11 @@ def _output(raw: str | None) -> OutputRecord | None:
     return OutputRecord(images)
 
 
+def _preview(raw: str | None) -> PreviewRecord | None:
+    data = _json_or_none(raw)
+    return PreviewRecord.from_json(data) if data else None
+
+
 def _error(raw: str | None) -> ErrorRecord | None:
     data = _json_or_none(raw)
     return ErrorRecord(data["code"], data["message"]) if data else None
@@ -133,6 +173,7 @@ class JobRecord:
     started_at: float | None = None
     completed_at: float | None = None
     progress: ProgressRecord | None = None
+    preview: PreviewRecord | None = None
     output: OutputRecord | None = None
     error: ErrorRecord | None = None
     metrics: dict[str, Any] | None = None
@@ -162,6 +203,7 @@ class JobRecord:
             started_at=_float_or_none(h.get("started_at")),
             completed_at=_float_or_none(h.get("completed_at")),
             progress=_progress(h.get("progress")),
+            preview=_preview(h.get("preview")),
             output=_output(h.get("output")),
             error=_error(h.get("error")),
             metrics=_json_or_none(h.get("metrics")),

@@ -11,24 +11,40 @@ from masactrl_jobs.schema import (
     JobError,
     JobMetrics,
     JobOutput,
+    JobPreview,
     JobProgress,
     JobPublic,
+    JobStatus,
     JobUrls,
     JobWebhook,
     OutputImage,
+    PreviewImage,
     WebhookDelivery,
 )
 
 if TYPE_CHECKING:
-    from masactrl_jobs.store.records import JobRecord
+    from masactrl_jobs.store.records import JobRecord, PreviewRecord
 
-__all__ = ["DEFAULT_RETENTION_SECONDS", "public_job"]
+__all__ = ["DEFAULT_RETENTION_SECONDS", "public_job", "public_preview"]
 
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
 
 
 def _dt(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def public_preview(preview: PreviewRecord, url_for: Callable[[str], str]) -> JobPreview:
+    """A live preview as the API shows it (the job's ``preview``, the ``preview`` SSE event):
+    its keys become the short-lived URLs ``url_for`` makes."""
+    return JobPreview.model_construct(
+        step=preview.step,
+        steps=preview.steps,
+        images=[
+            PreviewImage.model_construct(role=i.role, index=i.index, url=url_for(i.key))
+            for i in preview.images
+        ],
+    )
 
 
 def public_job(
@@ -39,11 +55,14 @@ def public_job(
     url_ttl_seconds: int,
     retention_seconds: int = DEFAULT_RETENTION_SECONDS,
     now: float | None = None,
+    preview_url_for: Callable[[str], str] | None = None,
 ) -> JobPublic:
     """The job object of ``record``: output keys become presigned URLs made by ``url_for``.
 
     Output URLs expire with the presigned URL or the job's retention, whichever comes first;
     ``queue_seconds`` and ``total_seconds`` are derived from the timestamps unless recorded.
+    The latest live preview is shown while the job runs, its URLs made by ``preview_url_for``
+    (short-lived; ``url_for`` when not given).
     """
     now = time.time() if now is None else now
     base = base_url.rstrip("/")
@@ -76,6 +95,9 @@ def public_job(
             ],
             expires_at=_dt(expires),
         )
+    preview = None
+    if record.preview is not None and record.status is JobStatus.running:
+        preview = public_preview(record.preview, preview_url_for or url_for)
     metrics = dict(record.metrics or {})
     if record.started_at is not None:
         metrics.setdefault("queue_seconds", round(record.started_at - record.created_at, 3))
@@ -104,6 +126,7 @@ def public_job(
         input=record.input,
         queue_position=record.queue_position,
         progress=progress,
+        preview=preview,
         output=output,
         error=error,
         metrics=JobMetrics.model_validate(metrics) if metrics else None,

@@ -26,6 +26,7 @@ _NAMES = (
     "list",
     "live_models",
     "mark_webhook_sent",
+    "preview",
     "progress",
     "purge",
     "push_webhook",
@@ -38,7 +39,7 @@ _NAMES = (
     "start",
 )
 _USE_PRELUDE = frozenset(
-    {"cancel", "create", "finish", "progress", "rate_limit", "requeue", "start"}
+    {"cancel", "create", "finish", "preview", "progress", "rate_limit", "requeue", "start"}
 )
 
 

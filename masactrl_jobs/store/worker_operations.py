@@ -14,7 +14,7 @@ from typing import Any
 from masactrl_jobs.store.keys import Keys
 from masactrl_jobs.store.operation import Call, operation
 from masactrl_jobs.store.operations import compact, flag, nothing, texts
-from masactrl_jobs.store.records import text
+from masactrl_jobs.store.records import PreviewRecord, ProgressResult, text
 
 __all__ = ["WEBHOOK_BOOKKEEPING_TTL_SECONDS", "WEBHOOK_CLAIM_SECONDS", "WorkerOperations"]
 
@@ -49,6 +49,19 @@ class WorkerOperations:
 
     keys: Keys
     events_maxlen: int
+
+    # -- live previews -----------------------------------------------------------------------
+
+    @operation
+    def preview(self, job_id: str, preview: PreviewRecord) -> Call[ProgressResult]:
+        """Record a running job's latest live preview and add it to its events (a ``preview``
+        event); like ``progress``, also says whether cancellation was requested."""
+        return Call(
+            "preview",
+            [self.keys.job(job_id), self.keys.events(job_id)],
+            [compact(preview.to_json()), self.events_maxlen],
+            lambda r: ProgressResult(flag(r[0]), flag(r[1])),
+        )
 
     # -- leases ----------------------------------------------------------------------------
 

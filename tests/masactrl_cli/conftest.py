@@ -36,6 +36,9 @@ def stack_environment(root: Path, **extra: str) -> dict[str, str]:
         "MASACTRL_STACK_STOP_TIMEOUT_SECONDS": "10",
         # Passed on to the worker: one torch thread on a shared machine.
         "MASACTRL_TORCH_THREADS": "1",
+        # The random tiny checkpoint (written in seconds, with a ControlNet); the demo test asks
+        # for the stack's real default, the committed toy-world model.
+        "MASACTRL_MODEL": "tiny",
         **extra,
     }
 

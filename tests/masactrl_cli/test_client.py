@@ -91,6 +91,32 @@ def test_edit_then_wait_get_and_cancel_by_id(
 
 
 @pytest.mark.slow
+def test_previews_are_asked_for_and_their_events_reach_the_client(
+    local_stack: StackRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    status = main(
+        ["client", "synthesize", "--source-prompt", "a cat", "--target-prompt", "a dog"]
+        + ["--steps", "12", "--previews", "--out", str(out), "--quiet", *_flags(local_stack)]
+    )
+    assert status == 0, capsys.readouterr().err
+    job = json.loads((out / "job.json").read_text())
+    assert job["status"] == "succeeded" and job["input"]["previews"] is True
+    # The stack's tiny autoencoder previews every 5 steps; the first is never rate-limited.
+    with MasaCtrlClient(local_stack.api_url, local_stack.api_key) as client:
+        assert client.models()["data"][0]["preview_decoder"] == "tiny_autoencoder"
+        again = client.synthesize("a cat", ["a dog"], steps=12, previews=True)
+        events: list[Event] = []
+        client.wait(again["id"], on_event=events.append)
+    previews = [e.data for e in events if e.event == "preview"]
+    assert previews and previews[0]["step"] == 5 and previews[0]["steps"] == 12
+    assert [(i["role"], i["index"]) for i in previews[0]["images"]] == [
+        ("source", 0),
+        ("target", 0),
+    ]
+
+
+@pytest.mark.slow
 def test_wait_follows_progress_of_both_phases_over_sse(local_stack: StackRun) -> None:
     with MasaCtrlClient(local_stack.api_url, local_stack.api_key) as client:
         job = client.edit(SAMPLE, ["a red house"], steps=4, seed=1)
@@ -314,6 +340,31 @@ def test_downloads_do_not_send_the_api_key(tmp_path: Path) -> None:
         paths = client.download(job, tmp_path)
     assert paths == [tmp_path / "target_0.png", tmp_path / "job.json"]
     assert sent == [None] and (tmp_path / "target_0.png").read_bytes() == b"png bytes"
+
+
+def test_preview_downloads_keep_the_latest_and_skip_images_already_gone(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.headers.get("Authorization") is None
+        if "gone" in str(request.url):
+            return httpx.Response(404)
+        return httpx.Response(200, content=str(request.url).encode())
+
+    def preview(step: int, target_url: str) -> dict[str, object]:
+        return {
+            "step": step,
+            "images": [
+                {"role": "source", "index": 0, "url": f"https://s3/p/{step}/s?sig=1"},
+                {"role": "target", "index": 0, "url": target_url},
+            ],
+        }
+
+    with MasaCtrlClient("http://gw", "secret", transport=httpx.MockTransport(handler)) as client:
+        first = client.download_preview(preview(5, "https://s3/p/5/t?sig=1"), tmp_path)
+        second = client.download_preview(preview(10, "https://s3/gone?sig=1"), tmp_path)
+    assert first == [tmp_path / "source_0.webp", tmp_path / "target_0.webp"]
+    assert second == [tmp_path / "source_0.webp"]
+    assert (tmp_path / "source_0.webp").read_bytes() == b"https://s3/p/10/s?sig=1"
+    assert (tmp_path / "target_0.webp").read_bytes() == b"https://s3/p/5/t?sig=1"
 
 
 def test_connect_errors_raise_gateway_unreachable() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from PIL import Image
 
 from masactrl_cli.devenv import catalog_entry
 from masactrl_cli.errors import StackError
@@ -73,7 +74,7 @@ def test_up_writes_pids_logs_keys_and_serves_the_tiny_model(local_stack: StackRu
 def test_catalog_entry_of_the_tiny_checkpoint_matches_its_configs(local_stack: StackRun) -> None:
     folder = local_stack.root / "var/models/tiny-sd"
     derived = catalog_entry(str(folder), folder)
-    assert derived == {**catalog_entry(None, folder), "name": "tiny-sd"}
+    assert derived == {**catalog_entry("tiny", folder), "name": "tiny-sd"}
 
 
 @pytest.mark.slow
@@ -82,6 +83,7 @@ def test_a_second_up_starts_nothing(local_stack: StackRun) -> None:
     result = local_stack.run("up", timeout=60)
     assert result.returncode == 0, result.stderr
     assert _lines(result.stdout) == dict.fromkeys(SERVICES, "running")
+    assert f"playground: {local_stack.api_url}/playground" in result.stdout
     assert local_stack.pids() == before
 
 
@@ -253,10 +255,21 @@ def test_catalog_entry_refuses_a_missing_folder(tmp_path: Path) -> None:
         catalog_entry(str(tmp_path / "empty"), tmp_path)
 
 
-def test_the_written_catalog_is_valid(tmp_path: Path) -> None:
+def test_the_default_model_is_the_committed_toy_checkpoint(tmp_path: Path) -> None:
     from masactrl_jobs.catalog import catalog_from_data
 
     entry = catalog_entry(None, tmp_path / "tiny")
+    assert (entry["name"], entry["family"], entry["native_width"]) == ("toy-shapes", "sd", 32)
+    toy = catalog_from_data({"default": "toy-shapes", "models": [entry]}).default_entry
+    # Declared by the checkpoint (models/toy-shapes/masactrl.json): the paper's defaults.
+    assert toy.default_control == {"start_step": 4, "start_layer": 10}
+    assert toy.size_multiple == 16
+
+
+def test_the_written_catalog_is_valid(tmp_path: Path) -> None:
+    from masactrl_jobs.catalog import catalog_from_data
+
+    entry = catalog_entry("tiny", tmp_path / "tiny")
     catalog = catalog_from_data({"default": "tiny", "models": [entry]})
     assert catalog.default_entry.max_pixels == 64 * 64 * 4
     assert json.loads(json.dumps(entry)) == entry
@@ -271,6 +284,7 @@ def _own_stack_root(local_stack: StackRun, root: Path) -> dict[str, str]:
     models.mkdir(parents=True)
     (models / "tiny-sd").symlink_to(local_stack.root / "var/models/tiny-sd")
     (models / "tiny-controlnet").symlink_to(local_stack.root / "var/models/tiny-controlnet")
+    (models / "tiny-preview-vae").symlink_to(local_stack.root / "var/models/tiny-preview-vae")
     return stack_environment(root)
 
 
@@ -279,6 +293,7 @@ def test_demo_starts_its_own_stack_and_stops_all_of_it(
     local_stack: StackRun, tmp_path: Path
 ) -> None:
     env = _own_stack_root(local_stack, tmp_path)
+    del env["MASACTRL_MODEL"]  # the stack's default: the committed toy-world checkpoint
     try:
         result = masactrl(tmp_path, env, "demo", "--steps", "2", "--quiet", timeout=240)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -288,7 +303,11 @@ def test_demo_starts_its_own_stack_and_stops_all_of_it(
         assert "stopping the stack this demo started (redis, gateway, worker, webhooks)" in (
             result.stdout
         )
-        assert (tmp_path / "out/synthesis/target_1.png").is_file()
+        for name in ("edit", "edit-off", "synthesis", "synthesis-off"):
+            assert (tmp_path / "out" / name / "target_0.png").is_file()
+        sheet = tmp_path / "out/comparison.png"
+        assert "without MasaCtrl | with MasaCtrl): out/comparison.png" in result.stdout
+        assert Image.open(sheet).size[0] > 3 * 32 * 6
         assert list((tmp_path / "var/run").glob("*.pid")) == []
     finally:
         kill_groups({int(p.read_text()) for p in (tmp_path / "var/run").glob("*.pid")})

@@ -17,3 +17,14 @@ def test_tiny_model_command(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -
     assert main(["tiny-model", str(tmp_path / "xl"), "--family", "sdxl"]) == 0
     assert "tiny sdxl checkpoint" in capfd.readouterr().out
     assert (tmp_path / "xl" / "text_encoder_2").is_dir()
+
+
+def test_tiny_model_writes_a_preview_autoencoder(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["tiny-model", str(tmp_path / "taesd"), "--preview-vae", "--seed", "2"]) == 0
+    assert "tiny preview autoencoder (AutoencoderTiny, seed 2)" in capfd.readouterr().out
+    config = (tmp_path / "taesd" / "config.json").read_text()
+    assert '"_class_name": "AutoencoderTiny"' in config
+    assert main(["tiny-model", str(tmp_path / "x"), "--preview-vae", "--family", "sdxl"]) == 2
+    assert "--preview-vae fits every tiny checkpoint: no --condition" in capfd.readouterr().err

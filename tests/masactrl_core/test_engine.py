@@ -237,3 +237,26 @@ def test_the_library_fallback_control_is_the_papers_depth_of_this_unet(engine):
     assert engine.block_count == 16
     assert (engine.default_control.start_step, engine.default_control.start_layer) == (4, 10)
     assert engine._resolve_control(None, 2) == (frozenset(), frozenset(range(10, 16)))
+
+
+def _declaring_copy(checkpoint, folder, declaration: str):
+    import shutil
+
+    shutil.copytree(checkpoint, folder)
+    (folder / "masactrl.json").write_text(declaration)
+    return folder
+
+
+def test_checkpoint_declares_its_default_control(tiny_checkpoint, tmp_path):
+    from masactrl_core import ModelLoadError
+
+    folder = _declaring_copy(tiny_checkpoint, tmp_path / "a", '{"start_step": 2, "start_layer": 3}')
+    engine = MasaCtrlEngine.from_pretrained(folder, device="cpu")
+    assert (engine.default_control.start_step, engine.default_control.start_layer) == (2, 3)
+    undeclared = MasaCtrlEngine.from_pretrained(tiny_checkpoint, device="cpu")
+    assert undeclared.default_control.start_layer != 3  # the depth rule, not the declaration
+    too_deep = f'{{"start_step": 4, "start_layer": {engine.block_count}}}'
+    with pytest.raises(ModelLoadError, match="self-attention blocks"):
+        MasaCtrlEngine.from_pretrained(_declaring_copy(tiny_checkpoint, tmp_path / "b", too_deep))
+    with pytest.raises(ModelLoadError, match="integer start_step"):
+        MasaCtrlEngine.from_pretrained(_declaring_copy(tiny_checkpoint, tmp_path / "c", "[1]"))

@@ -224,3 +224,25 @@ def test_bad_conditions_are_refused_with_a_sentence(
     with pytest.raises(CatalogError, match="catalog is invalid") as raised:
         catalog_from_data(_with_conditions(conditions, family))
     assert message in str(raised.value)
+
+
+def test_a_local_checkpoint_declares_its_default_control(tmp_path: Path) -> None:
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    (folder / "masactrl.json").write_text('{"start_step": 3, "start_layer": 12}')
+    declared = {"name": "toy", "source": str(folder), "family": "sd"}
+    explicit = {**declared, "name": "toy2", "default_start_layer": 9}
+    catalog = catalog_from_data({"default": "toy", "models": [declared, explicit]})
+    assert catalog.get("toy").default_control == {"start_step": 3, "start_layer": 12}
+    # The catalog's own value wins over the folder's.
+    assert catalog.get("toy2").default_control == {"start_step": 3, "start_layer": 9}
+    keyed = catalog_from_data({"default": "toy", "models": {"toy": declared}})
+    assert keyed.get("toy").default_start_layer == 12
+
+
+def test_a_broken_control_declaration_is_one_sentence(tmp_path: Path) -> None:
+    (tmp_path / "masactrl.json").write_text('{"start_step": 3}')
+    with pytest.raises(CatalogError, match="start_step and start_layer"):
+        catalog_from_data(
+            {"default": "toy", "models": [{"name": "toy", "source": str(tmp_path), "family": "sd"}]}
+        )

@@ -318,3 +318,47 @@ def test_async_store_matches(redis_url: str) -> None:
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_running_job_keeps_its_latest_preview_and_streams_each_one(store: JobStore) -> None:
+    from masactrl_jobs.schema import ImageRole
+    from masactrl_jobs.store import PreviewImageRecord, PreviewRecord
+
+    job = create(store)
+
+    def preview(step: int) -> PreviewRecord:
+        images = [
+            PreviewImageRecord(ImageRole.source, 0, f"results/{job}/previews/{step}/source_0.webp"),
+            PreviewImageRecord(ImageRole.target, 0, f"results/{job}/previews/{step}/target_0.webp"),
+        ]
+        return PreviewRecord(step, 10, images)
+
+    # Only a running job takes previews.
+    assert store.preview(job, preview(2)).updated is False
+    store.start(job, "worker-1")
+    assert store.preview(job, preview(5)).updated
+    assert store.preview(job, preview(10)).updated
+    record = store.get(job)
+    assert record.preview == preview(10)
+    events = [e for e in store.read_events(job) if e.event == "preview"]
+    assert [PreviewRecord.from_json(e.data) for e in events] == [preview(5), preview(10)]
+
+    public = record.to_public(
+        base_url="http://gw",
+        url_for=lambda key: f"http://long/{key}",
+        url_ttl_seconds=60,
+        preview_url_for=lambda key: f"http://short/{key}",
+    )
+    assert public.preview is not None and public.preview.step == 10
+    shown = [(i.role.value, i.index, i.url) for i in public.preview.images]
+    assert shown == [
+        ("source", 0, f"http://short/results/{job}/previews/10/source_0.webp"),
+        ("target", 0, f"http://short/results/{job}/previews/10/target_0.webp"),
+    ]
+    # Cancellation rides on the answer, as with progress; an ended job shows no preview.
+    store.cancel(job)
+    assert store.preview(job, preview(10)).cancel_requested
+    assert store.succeed(job, []).ok
+    assert store.preview(job, preview(10)).updated is False
+    ended = store.get(job).to_public(base_url="http://gw", url_for=str, url_ttl_seconds=60)
+    assert ended.preview is None

@@ -72,7 +72,7 @@ def test_mask_covers_creature_and_measures_read_the_render(size: int) -> None:
         found = foreground_mask(image, scene.background)
         recalls.append((found & mask).sum() / mask.sum())
         pose: dict[str, str] = {"position": scene.pose.position, "facing": scene.pose.facing}
-        pose["stance"] = scene.pose.stance
+        pose |= {"stance": scene.pose.stance, "arms": scene.pose.arms}
         hits += pose_compliance(image, pose, scene.background) == 1.0
     # The analytic foreground finds most of the rendered mask without being told it (a creature
     # coloured like its background is the exception that keeps this from being 1.0).

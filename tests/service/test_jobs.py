@@ -283,3 +283,82 @@ def test_files_route_is_empty_with_s3(
     )
     client = make_client(settings)
     assert client.get("/v1/files/results/a.png?expires=9999999999&signature=00").status_code == 404
+
+
+def test_sse_preview_events_carry_short_lived_urls_and_a_replay_keeps_the_latest(
+    client: TestClient, store: JobStore, make_settings: Callable[..., GatewaySettings]
+) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    from masactrl_jobs.schema import ImageRole
+    from masactrl_jobs.store import PreviewImageRecord, PreviewRecord
+
+    job = submit(client, previews=True)
+    assert job["input"]["previews"] is True and job["preview"] is None
+    job_id = job["id"]
+    store.start(job_id, "w")
+
+    def preview(step: int) -> PreviewRecord:
+        keys = [(ImageRole.source, 0), (ImageRole.target, 0)]
+        images = [
+            PreviewImageRecord(role, index, f"results/{job_id}/previews/{step}/{role.value}_0.webp")
+            for role, index in keys
+        ]
+        return PreviewRecord(step, 10, images)
+
+    store.progress(job_id, "denoise", 5, 10)
+    store.preview(job_id, preview(5))
+    store.progress(job_id, "denoise", 6, 10)
+    store.preview(job_id, preview(6))
+    store.preview(job_id, preview(8))
+    shown = client.get(f"/v1/jobs/{job_id}").json()
+    assert shown["preview"]["step"] == 8
+    store.succeed(job_id, [])
+
+    events = read_sse(client, f"/v1/jobs/{job_id}/events")
+    # Read back in one batch, the older previews are left out: their images are gone anyway.
+    assert [e["event"] for e in events] == [
+        "status",
+        "status",
+        "progress",
+        "progress",
+        "preview",
+        "succeeded",
+    ]
+    data = events[4]["data"]
+    assert data["job_id"] == job_id and (data["step"], data["steps"]) == (8, 10)
+    assert [(i["role"], i["index"]) for i in data["images"]] == [("source", 0), ("target", 0)]
+    url = urlsplit(data["images"][1]["url"])
+    assert url.path == f"/v1/files/results/{job_id}/previews/8/target_0.webp"
+    expires = int(parse_qs(url.query)["expires"][0])
+    ttl = make_settings().preview_url_ttl_seconds
+    assert time.time() < expires <= time.time() + ttl + 1
+    # The ended job shows no preview any more.
+    assert client.get(f"/v1/jobs/{job_id}").json()["preview"] is None
+
+
+def test_live_preview_events_each_reach_a_listening_client(
+    client: TestClient, store: JobStore
+) -> None:
+    from masactrl_jobs.schema import ImageRole
+    from masactrl_jobs.store import PreviewImageRecord, PreviewRecord
+
+    job_id = submit(client, previews=True)["id"]
+
+    def worker() -> None:
+        time.sleep(0.3)
+        store.start(job_id, "w")
+        for step in (2, 4):
+            time.sleep(0.3)
+            key = f"results/{job_id}/previews/{step}/source_0.webp"
+            store.preview(
+                job_id, PreviewRecord(step, 6, [PreviewImageRecord(ImageRole.source, 0, key)])
+            )
+        time.sleep(0.3)
+        store.succeed(job_id, [])
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    events = read_sse(client, f"/v1/jobs/{job_id}/events")
+    thread.join()
+    assert [e["data"]["step"] for e in events if e["event"] == "preview"] == [2, 4]

@@ -125,6 +125,7 @@ def test_models_with_live_workers(client: TestClient, redis_url: str) -> None:
         "max_pixels": 1048576,
         "default_control": {"start_step": 4, "start_layer": 10},
         "live": False,
+        "preview_decoder": "vae",
         "conditions": [],
         "loras": [],
     }

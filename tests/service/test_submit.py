@@ -141,6 +141,37 @@ def test_edit_as_multipart_with_params_as_a_json_file(client: TestClient) -> Non
     assert response.status_code == 202, response.text
 
 
+def test_a_multipart_edit_asks_for_previews_with_a_form_field(client: TestClient) -> None:
+    def post(data: dict[str, Any]) -> Any:
+        files = {"image": ("a.png", png_bytes(), "image/png")}
+        return client.post("/v1/edits", files=files, data=data)
+
+    params = json.dumps({"target_prompts": ["a dog"]})
+    asked = post({"params": params, "previews": "true"})
+    assert asked.status_code == 202, asked.text
+    assert asked.json()["input"]["previews"] is True
+    assert post({"params": params, "previews": "false"}).json()["input"]["previews"] is False
+    assert post({"params": params}).json()["input"]["previews"] is False
+    in_params = json.dumps({"target_prompts": ["a dog"], "previews": True})
+    assert post({"params": in_params}).json()["input"]["previews"] is True
+    for data, message in [
+        ({"params": params, "previews": "yes"}, "previews must be true or false"),
+        ({"params": in_params, "previews": "true"}, "give previews once"),
+    ]:
+        refused = post(data)
+        assert refused.status_code == 422, refused.text
+        detail = refused.json()["error"]["details"][0]
+        assert detail["loc"] == ["body", "previews"] and message in detail["message"]
+
+
+def test_json_jobs_ask_for_previews_and_only_with_a_boolean(client: TestClient) -> None:
+    body = {"source_prompt": "a cat", "target_prompts": ["a dog"], "previews": True}
+    assert client.post("/v1/syntheses", json=body).json()["input"]["previews"] is True
+    refused = client.post("/v1/syntheses", json={**body, "previews": "true"})
+    assert refused.status_code == 422
+    assert refused.json()["error"]["details"][0]["loc"] == ["body", "previews"]
+
+
 @pytest.mark.parametrize(
     ("files", "data", "loc"),
     [

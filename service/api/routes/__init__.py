@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.routes import docs, edits, files, health, jobs, models, sequences, syntheses
+from service.api.routes import (
+    docs,
+    edits,
+    files,
+    health,
+    jobs,
+    models,
+    playground,
+    sequences,
+    syntheses,
+)
 
 __all__ = ["ROUTERS"]
 
@@ -19,4 +29,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     files.router,
     health.router,
     docs.router,
+    playground.router,
 )

@@ -56,13 +56,18 @@ _OPENAPI = submission_openapi(
                         "the condition model and leaves out `images`.",
                     },
                     "params": {"$ref": "#/components/schemas/EditParams"},
+                    "previews": {
+                        "type": "string",
+                        "enum": ["true", "false"],
+                        "description": "Live previews (as `params.previews`; give one of the two).",
+                    },
                 },
             },
             "encoding": {"params": {"contentType": "application/json"}},
         },
     }
 )
-MULTIPART_PARTS = {"image", "condition_image", "params"}
+MULTIPART_PARTS = {"image", "condition_image", "params", "previews"}
 # The reference each condition_image part stands for in ``params.condition.images`` while the
 # params are validated; the submission reads the part's bytes in its place.
 _PART_REF = "part:condition_image/{}"
@@ -116,6 +121,23 @@ def _with_part_refs(params_text: bytes | str, parts: int) -> bytes | str:
     return json.dumps(params)
 
 
+def _with_previews_field(params: EditParams, values: list[UploadFile | str]) -> EditParams:
+    """``params`` with the ``previews`` form field applied: ``true`` or ``false``, sent once, and
+    not also in ``params`` (an HTML form sends the field; a JSON client may use either)."""
+    if not values:
+        return params
+    loc = ("body", "previews")
+    if len(values) > 1:
+        raise invalid([FieldError(loc, "send the previews field once", "too_many_parts")])
+    value = values[0]
+    if not isinstance(value, str) or value not in ("true", "false"):
+        raise invalid([FieldError(loc, "previews must be true or false", "bool_parsing")])
+    if "previews" in params.model_fields_set:
+        message = "give previews once: as the form field or in params, not both"
+        raise invalid([FieldError(loc, message, "duplicate")])
+    return params.model_copy(update={"previews": value == "true"})
+
+
 async def _parse_multipart(
     request: Request, settings: GatewaySettings
 ) -> tuple[EditParams, Uploads]:
@@ -155,6 +177,7 @@ async def _parse_multipart(
     if condition_parts:
         params_text = _with_part_refs(params_text, len(condition_parts))
     params = parse_json(EditParams, params_text, prefix=("body", "params"))
+    params = _with_previews_field(params, form.getlist("previews"))
     image_data = await _read_file(image, ("body", "image"), "image", max_bytes)
     conditions = [
         await _read_file(part, ("body", "condition_image", i), "condition image", max_bytes)

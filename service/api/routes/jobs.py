@@ -14,7 +14,9 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
 from masactrl_jobs.ids import is_job_id
-from masactrl_jobs.schema import JobList, JobStatus, ProgressPhase
+from masactrl_jobs.schema import JobList, JobStatus, PreviewImage, ProgressPhase
+from masactrl_jobs.store import JobEvent, PreviewRecord
+from masactrl_jobs.store.render import public_preview
 from service.api.deps import GatewayDep, Prefer, TenantDep
 from service.api.responses import errors, job_response
 from service.errors import ApiError, FieldError, invalid, shown_id
@@ -45,6 +47,20 @@ class ProgressEvent(BaseModel):
     fraction: float = Field(description="`step / total`, 0 to 1.")
     frames_done: int | None = Field(
         default=None, description="Sequences only: frames decoded so far (they come at the end)."
+    )
+
+
+class PreviewEvent(BaseModel):
+    """Data of a `preview` event (jobs submitted with `previews: true`): small images of what
+    the run currently predicts each output image will be, every few steps."""
+
+    job_id: str
+    step: int = Field(description="The denoising step the preview shows.")
+    steps: int = Field(description="The job's denoising steps.")
+    images: list[PreviewImage] = Field(
+        description="The source first, then each target (sequences: each frame); `role` and "
+        "`index` are those of the output image each one previews. The URLs are signed and "
+        "live a few minutes; an `<img src>` loads them without an Authorization header."
     )
 
 
@@ -131,12 +147,27 @@ async def cancel_job(job_id: str, gateway: GatewayDep, tenant: TenantDep) -> Res
     return gateway.job_response(record, 200 if result.outcome == "canceled" else 202)
 
 
+def _latest_previews(events: list[JobEvent]) -> list[JobEvent]:
+    """``events`` without the preview events that a later one in the same read supersedes.
+
+    Only the latest preview's images are kept in storage, and a client that catches up (a
+    reconnect, a slow reader) needs only the newest picture.
+    """
+    last = max((i for i, e in enumerate(events) if e.event == "preview"), default=-1)
+    return [e for i, e in enumerate(events) if e.event != "preview" or i == last]
+
+
 async def _events(gateway: Gateway, job_id: str, after: str) -> AsyncIterator[ServerSentEvent]:
     store = gateway.store
     while True:
         events = await store.wait_events(job_id, after=after, block_ms=_BLOCK_MS)
-        for event in events:
+        for event in _latest_previews(events):
             after = event.id
+            if event.event == "preview":
+                preview = public_preview(PreviewRecord.from_json(event.data), gateway.preview_url)
+                shown = {"job_id": job_id, **preview.model_dump(mode="json")}
+                yield ServerSentEvent(json.dumps(shown), event=event.event, id=event.id)
+                continue
             if event.is_terminal:
                 record = await store.get(job_id)
                 data: Any = (
@@ -162,7 +193,9 @@ async def _events(gateway: Gateway, job_id: str, after: str) -> AsyncIterator[Se
             "description": (
                 "Server-Sent Events, each with an `id` (reconnect with `Last-Event-ID` to resume "
                 "after it), an `event` name and JSON `data`: `status` (StatusEvent) when the "
-                "status changes, `progress` (ProgressEvent) at each step, `requeued` "
+                "status changes, `progress` (ProgressEvent) at each step, `preview` "
+                "(PreviewEvent) every few steps of a job submitted with `previews: true` (only "
+                "the latest preview matters: earlier ones' images are deleted), `requeued` "
                 "(RequeuedEvent) when an abandoned run puts the job back in the queue, then "
                 "exactly one of "
                 "`succeeded`, `failed`, `canceled` whose data is the job object (JobPublic), "
@@ -178,6 +211,7 @@ async def _events(gateway: Gateway, job_id: str, after: str) -> AsyncIterator[Se
                     "x-sse-events": {
                         "status": {"$ref": "#/components/schemas/StatusEvent"},
                         "progress": {"$ref": "#/components/schemas/ProgressEvent"},
+                        "preview": {"$ref": "#/components/schemas/PreviewEvent"},
                         "requeued": {"$ref": "#/components/schemas/RequeuedEvent"},
                         **{
                             name: {"$ref": "#/components/schemas/JobPublic"}

@@ -19,7 +19,8 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 @router.get("", response_model=ModelList, responses=errors(401, 503))
 async def list_models(gateway: GatewayDep, tenant: TenantDep) -> ModelList:
-    """List the models on offer, their sizes, control defaults, adapters and live capacity."""
+    """List the models on offer, their sizes, block counts, control defaults, adapters and live
+    workers."""
     live = await gateway.store.live_models()
     return ModelList(
         default=gateway.catalog.default,
@@ -34,6 +35,7 @@ async def list_models(gateway: GatewayDep, tenant: TenantDep) -> ModelList:
                 max_pixels=entry.max_pixels,
                 default_control=DefaultControl(**entry.default_control),
                 live=entry.name in live,
+                preview_decoder="tiny_autoencoder" if entry.preview_vae else "vae",
                 conditions=[
                     ConditionPublic(name=name, kind=condition.kind, family=condition.family)
                     for name, condition in sorted(entry.conditions.items())
