@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from masactrl_cli.errors import UsageError
 from masactrl_cli.options import (
     add_condition_options,
+    add_lora_option,
     add_mask_options,
     condition_options,
     mask_options,
@@ -87,6 +88,7 @@ def _job_options(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument("--negative-prompt", help="negative prompt (default empty)")
     parser.add_argument("--model", help="catalog model name (default: the catalog's default)")
+    add_lora_option(parser, "a name the model lists in `masactrl client models`")
     parser.add_argument("--seed", type=non_negative_int, help="noise seed (default: random)")
     parser.add_argument("--steps", type=positive_int, help="DDIM steps (default 50)")
     parser.add_argument(
@@ -178,6 +180,7 @@ def _sequence_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--negative-prompt", help="negative prompt (default empty)")
     parser.add_argument("--model", help="catalog model name (default: the catalog's default)")
+    add_lora_option(parser, "a name the model lists in `masactrl client models`")
     parser.add_argument("--seed", type=non_negative_int, help="noise seed (default: random)")
     parser.add_argument("--steps", type=positive_int, help="DDIM steps (default 50)")
     parser.add_argument("--guidance", dest="guidance_scale", type=float, help="default 7.5")
@@ -283,6 +286,15 @@ def _condition(args: argparse.Namespace) -> dict[str, Any] | None:
     return condition
 
 
+def _loras(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The request's ``loras`` from ``--lora NAME[:WEIGHT]`` (the weight omitted: the catalog's)."""
+    loras = [
+        {"name": lora.name, **({} if lora.weight is None else {"weight": lora.weight})}
+        for lora in args.loras
+    ]
+    return loras or None
+
+
 def _job_params(args: argparse.Namespace) -> dict[str, Any]:
     webhook = None
     if args.webhook:
@@ -301,6 +313,7 @@ def _job_params(args: argparse.Namespace) -> dict[str, Any]:
         "width": args.width,
         "height": args.height,
         "control": _control(args),
+        "loras": _loras(args),
         "condition": _condition(args),
         **({"anchor_source": True} if getattr(args, "anchor_source", False) else {}),
         "webhook": webhook,
@@ -365,6 +378,7 @@ def _sequence_params(args: argparse.Namespace) -> dict[str, Any]:
         "width": args.width,
         "height": args.height,
         "control": control or None,
+        "loras": _loras(args),
         "previews": True if args.previews else None,
         "idempotency_key": args.idempotency_key,
     }

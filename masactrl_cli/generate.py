@@ -24,12 +24,13 @@ from masactrl_cli.options import (
     ConditionOptions,
     add_condition_options,
     add_mask_options,
+    add_model_options,
     condition_options,
     mask_options,
     non_negative_int,
     positive_int,
 )
-from masactrl_jobs.catalog import ModelEntry
+from masactrl_jobs.catalog import ModelEntry, is_single_file
 from masactrl_jobs.control import InvalidParameters, resolve_control, resolve_size
 from masactrl_jobs.schema import ControlParams
 
@@ -71,7 +72,7 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
     """Arguments shared by ``synthesize`` and ``edit`` (``edit`` adds ``--image``)."""
-    parser.add_argument("--model", required=True, help="hub id or local diffusers folder")
+    add_model_options(parser)
     if command == "edit":
         parser.add_argument("--image", required=True, type=Path, help="the real image to edit")
         parser.add_argument(
@@ -129,9 +130,12 @@ def _looks_like_path(model: str) -> bool:
 
 
 def check_model(model: str) -> None:
-    """Refuse a local model path that is missing or is not a diffusers folder."""
+    """Refuse a local model path that is missing or is not a diffusers folder or checkpoint."""
     path = Path(model).expanduser()
-    if path.exists():
+    if is_single_file(model):
+        if not path.is_file():
+            raise UsageError(f"checkpoint file {model} does not exist")
+    elif path.exists():
         if not (path / "model_index.json").is_file():
             raise UsageError(
                 f"{model} is not a diffusers model folder (it has no model_index.json)"
@@ -346,8 +350,36 @@ def load_engine(args: argparse.Namespace) -> Any:
     from masactrl_core import InvalidInput, MasaCtrlEngine, ModelLoadError
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    single_file = is_single_file(args.model)
+    for flag, value in (
+        ("--model-config", args.model_config),
+        ("--prediction-type", args.prediction_type),
+        ("--allow-pickle", args.allow_pickle or None),
+    ):
+        if value is not None and not single_file:
+            raise UsageError(f"{flag} applies only to a single-file --model (.safetensors)")
+    names = [lora.name for lora in args.loras]
+    if len(set(names)) < len(names):
+        raise UsageError("each --lora may be given once")
     try:
-        return MasaCtrlEngine.from_pretrained(args.model, device=args.device, dtype=dtype)
+        if single_file:
+            engine = MasaCtrlEngine.from_single_file(
+                args.model,
+                config=args.model_config,
+                prediction_type=args.prediction_type,
+                allow_pickle=args.allow_pickle,
+                device=args.device,
+                dtype=dtype,
+            )
+        else:
+            engine = MasaCtrlEngine.from_pretrained(args.model, device=args.device, dtype=dtype)
+        for lora in args.loras:
+            engine.loras.load(lora.name, lora.name)
+        # One run per process: the adapters stay active until it ends.
+        engine.loras.activate(
+            {lora.name: 1.0 if lora.weight is None else lora.weight for lora in args.loras}
+        )
+        return engine
     except (InvalidInput, ModelLoadError) as exc:
         raise UsageError(one_line(exc)) from None
     except Exception as exc:  # noqa: BLE001 - e.g. a bad --device: reported, not dumped
@@ -447,6 +479,8 @@ def run(args: argparse.Namespace) -> int:
     record: dict[str, Any] = {
         "command": args.command,
         "model": args.model,
+        "model_config": args.model_config,
+        "loras": [{"name": n, "weight": w} for n, w in engine.loras.active.items()],
         "family": engine.family,
         "block_count": engine.block_count,
         "device": str(engine.device),

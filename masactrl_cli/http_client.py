@@ -275,6 +275,7 @@ class MasaCtrlClient:
         width: int | None = None,
         height: int | None = None,
         control: Mapping[str, Any] | None = None,
+        loras: Sequence[Mapping[str, Any]] | None = None,
         condition: Mapping[str, Any] | None = None,
         anchor_source: bool | None = None,
         webhook: Mapping[str, Any] | None = None,
@@ -286,6 +287,7 @@ class MasaCtrlClient:
         ``image`` is a file (a ``Path``) or its bytes, uploaded as multipart, or a ``data:`` /
         ``https://`` / ``s3://`` URL string that the gateway reads itself. ``condition`` is the
         API's object (``{"model": "canny", "images": [url], ...}``; see :func:`image_url`).
+        ``loras`` are the model's catalog adapters, ``[{"name": "ink", "weight": 0.8}]``.
         """
         params = _drop_none(
             {
@@ -299,6 +301,7 @@ class MasaCtrlClient:
                 "width": width,
                 "height": height,
                 "control": dict(control) if control else None,
+                "loras": [dict(lora) for lora in loras] if loras else None,
                 "condition": dict(condition) if condition else None,
                 "anchor_source": anchor_source,
                 "webhook": dict(webhook) if webhook else None,
@@ -332,6 +335,7 @@ class MasaCtrlClient:
         width: int | None = None,
         height: int | None = None,
         control: Mapping[str, Any] | None = None,
+        loras: Sequence[Mapping[str, Any]] | None = None,
         condition: Mapping[str, Any] | None = None,
         webhook: Mapping[str, Any] | None = None,
         previews: bool | None = None,
@@ -350,6 +354,7 @@ class MasaCtrlClient:
                 "width": width,
                 "height": height,
                 "control": dict(control) if control else None,
+                "loras": [dict(lora) for lora in loras] if loras else None,
                 "condition": dict(condition) if condition else None,
                 "webhook": dict(webhook) if webhook else None,
                 "previews": previews,
@@ -376,6 +381,7 @@ class MasaCtrlClient:
         width: int | None = None,
         height: int | None = None,
         control: Mapping[str, Any] | None = None,
+        loras: Sequence[Mapping[str, Any]] | None = None,
         webhook: Mapping[str, Any] | None = None,
         previews: bool | None = None,
         idempotency_key: str | None = None,
@@ -400,6 +406,7 @@ class MasaCtrlClient:
                 "width": width,
                 "height": height,
                 "control": dict(control) if control else None,
+                "loras": [dict(lora) for lora in loras] if loras else None,
                 "anchor_source": anchor_source,
                 "fps": fps,
                 "webhook": dict(webhook) if webhook else None,

@@ -10,6 +10,10 @@ from masactrl_cli.errors import UsageError
 from masactrl_jobs.control import PREPROCESSINGS, condition_problems
 
 __all__ = [
+    "LoraSpec",
+    "add_lora_option",
+    "add_model_options",
+    "lora_spec",
     "ConditionOptions",
     "MaskOptions",
     "add_condition_options",
@@ -26,6 +30,70 @@ def _integer(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One ``--lora``: what names the adapter (a file, folder, hub id or catalog name) and its
+    weight (None: 1 for a file, the catalog's weight for a name)."""
+
+    name: str
+    weight: float | None
+
+    def record(self) -> dict[str, object]:
+        return {"name": self.name, "weight": self.weight}
+
+
+def lora_spec(text: str) -> LoraSpec:
+    """``NAME`` or ``NAME:WEIGHT``; a suffix that is not a number stays part of the name."""
+    name, colon, weight = text.rpartition(":")
+    if colon and name:
+        try:
+            return LoraSpec(name, float(weight))
+        except ValueError:
+            pass
+    return LoraSpec(text, None)
+
+
+def add_lora_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """The repeatable ``--lora`` option; ``what`` says what names an adapter here."""
+    parser.add_argument(
+        "--lora",
+        dest="loras",
+        action="append",
+        type=lora_spec,
+        default=[],
+        metavar="NAME[:WEIGHT]",
+        help=f"a LoRA adapter ({what}) and its weight; repeat for up to 4",
+    )
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--model`` (a folder, hub id or one checkpoint file), its single-file options and
+    ``--lora``, for the commands that run the engine here."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="hub id, local diffusers folder or single-file checkpoint (.safetensors)",
+    )
+    single = parser.add_argument_group("single-file checkpoints (--model FILE.safetensors)")
+    single.add_argument(
+        "--model-config",
+        metavar="DIR_OR_ID",
+        help="diffusers config folder (offline) or hub id for the file's components (default: "
+        "the family's reference config, from the Hugging Face cache)",
+    )
+    single.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        help="declare the file's prediction type (default: detected, else the config's)",
+    )
+    single.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept a .ckpt pickle file (it can run arbitrary code while it loads)",
+    )
+    add_lora_option(parser, "a .safetensors file, a folder holding one, or a hub id")
 
 
 def positive_int(text: str) -> int:

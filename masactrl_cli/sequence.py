@@ -36,7 +36,12 @@ from masactrl_cli.generate import (
     versions,
     write_json,
 )
-from masactrl_cli.options import add_condition_options, condition_options, positive_int
+from masactrl_cli.options import (
+    add_condition_options,
+    add_model_options,
+    condition_options,
+    positive_int,
+)
 
 # The output rate of image frames when --fps is not given (a video keeps its own rate).
 DEFAULT_FPS = 8.0
@@ -54,7 +59,7 @@ def _positive_float(text: str) -> float:
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
     """The sequence's source, target, frame source, condition and sampling options."""
-    parser.add_argument("--model", required=True, help="hub id or local diffusers folder")
+    add_model_options(parser)
     source = parser.add_argument_group(
         "source", "a prompt to synthesize, or a photo to invert (with an optional prompt)"
     )
@@ -247,6 +252,8 @@ def run(args: argparse.Namespace) -> int:
     record: dict[str, Any] = {
         "command": args.command,
         "model": args.model,
+        "model_config": args.model_config,
+        "loras": [{"name": n, "weight": w} for n, w in engine.loras.active.items()],
         "family": engine.family,
         "block_count": engine.block_count,
         "device": str(engine.device),

@@ -45,8 +45,10 @@ from masactrl_core.conditions import (
     prepare_condition,
 )
 from masactrl_core.errors import InvalidInput, JobCancelled, ModelLoadError
+from masactrl_core.lora import LoraAdapters
 from masactrl_core.masks import ManualMasks, MaskConfig, WordMasks, word_positions
 from masactrl_core.previews import LatentsCallback
+from masactrl_core.single_file import is_single_file, load_single_file_pipeline
 
 if TYPE_CHECKING:
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -259,6 +261,15 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _device_and_dtype(
+    device: str | torch.device | None, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    resolved = torch.device(device) if device is not None else _default_device()
+    if dtype is None:
+        dtype = torch.float16 if resolved.type in ("cuda", "mps") else torch.float32
+    return resolved, dtype
+
+
 def detect_family(config: dict[str, Any]) -> str:
     """``sdxl`` for checkpoints with SDXL's second text encoder or pipeline class, else ``sd``."""
     class_name = config.get("_class_name", "")
@@ -347,6 +358,8 @@ class MasaCtrlEngine:
             start_step=PAPER_START_STEP,
             start_layer=min(round(self.block_count * PAPER_START_DEPTH), self.block_count - 1),
         )
+        # LoRA adapters, loaded once each and active only inside ``loras.activated(...)``.
+        self.loras = LoraAdapters(pipeline)
         self.processor_class: type[MutualSelfAttentionProcessor] = MutualSelfAttentionProcessor
         # Installed on the cross-attention of the blocks automatic masks read.
         self.cross_processor_class: type = CrossAttentionMapProcessor
@@ -362,11 +375,12 @@ class MasaCtrlEngine:
         dtype: torch.dtype | None = None,
         options: EngineOptions | None = None,
     ) -> MasaCtrlEngine:
-        """Load a hub id or a local diffusers folder (SD1.x/2.x- or SDXL-shaped)."""
+        """Load a hub id, a local diffusers folder (SD1.x/2.x- or SDXL-shaped) or a checkpoint
+        file (:meth:`from_single_file` with its defaults)."""
         model = str(model)
-        device = torch.device(device) if device is not None else _default_device()
-        if dtype is None:
-            dtype = torch.float16 if device.type in ("cuda", "mps") else torch.float32
+        if is_single_file(model):
+            return cls.from_single_file(model, device=device, dtype=dtype, options=options)
+        device, dtype = _device_and_dtype(device, dtype)
         if not os.path.exists(model) and _looks_like_local_path(model):
             raise ModelLoadError(f"model folder {model} does not exist")
         if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
@@ -409,6 +423,43 @@ class MasaCtrlEngine:
         return cls(
             pipeline, family=family, model_name=model, options=options, default_control=declared
         )
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        config: str | None = None,
+        family: str | None = None,
+        prediction_type: str | None = None,
+        allow_pickle: bool = False,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        options: EngineOptions | None = None,
+    ) -> MasaCtrlEngine:
+        """Load one checkpoint file in the original SD layout (see ``masactrl_core.single_file``).
+
+        ``config``: a diffusers config folder (offline) or hub id, else the family's reference
+        config from the Hugging Face cache; ``family``: the declared family, checked against the
+        file; ``prediction_type``: declared, else detected; ``allow_pickle``: accept ``.ckpt``.
+        """
+        device, dtype = _device_and_dtype(device, dtype)
+        if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+            raise ModelLoadError(
+                f"prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}"
+            )
+        pipeline, info = load_single_file_pipeline(
+            path,
+            dtype=dtype,
+            config=config,
+            family=family,
+            prediction_type=prediction_type,
+            allow_pickle=allow_pickle,
+        )
+        pipeline.to(device)
+        pipeline.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
+        logger.info("loaded %s (%s) on %s as %s", path, info.generation, device, dtype)
+        return cls(pipeline, family=info.family, model_name=str(path), options=options)
 
     @property
     def device(self) -> torch.device:
@@ -1369,6 +1420,7 @@ class MasaCtrlEngine:
             "native_size": list(self.native_size),
             "size_multiple": self.size_multiple,
             "default_control": asdict(self.default_control),
+            "loras": self.loras.active,
         }
 
 

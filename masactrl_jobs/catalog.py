@@ -22,6 +22,22 @@ by name; requests pick one by that name, never by an arbitrary source::
 A condition's family must be its model's (an SD 1.5 ControlNet cannot steer SDXL); ``family``
 may be omitted and then is the model's.
 
+A ``source`` may be one checkpoint file in the original single-file layout (``.safetensors``),
+as community models circulate. Its components' configuration comes from ``config`` (a local
+diffusers config folder: loading is then offline; or a hub id), else from the family's reference
+repository in the Hugging Face cache. ``prediction_type`` declares ``epsilon`` or
+``v_prediction`` where the file does not say (SD 2.x). Pickle files (``.ckpt``, ...) can run code
+while they load and are refused unless ``allow_pickle`` is true::
+
+    {"name": "anything", "source": "/models/anything-v4.5.safetensors", "family": "sd",
+     "config": "/models/configs/sd15"}
+
+A model may list LoRA adapters (a ``.safetensors`` file, a folder holding one, or a hub id) with
+the weight a request gets when it names none; a request activates up to ``MAX_LORAS`` (4) of
+them by name::
+
+    "loras": {"watercolor": {"source": "/models/loras/watercolor.safetensors", "weight": 0.8}}
+
 ``preview_vae`` names a tiny autoencoder (diffusers' ``AutoencoderTiny``: ``madebyollin/taesd``
 for SD 1.x/2.x, ``madebyollin/taesdxl`` for SDXL) that decodes live previews; without it the
 workers use the model's own VAE, less often.
@@ -36,8 +52,16 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from masactrl_jobs.schema import LORA_WEIGHT_LIMIT
+
 Family = Literal["sd", "sdxl"]
 ConditionKind = Literal["controlnet", "t2i_adapter"]
+PredictionType = Literal["epsilon", "v_prediction"]
+
+# How a source names one checkpoint file rather than a folder or hub id; the pickle suffixes are
+# refused unless the entry allows them (masactrl_core.single_file applies the same rule on load).
+SINGLE_FILE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 # What the engine derives from the UNet of each family: self-attention blocks (16 in SD 1.x/2.x,
 # 70 in SDXL) and the pixel multiple the UNet's down/up sampling needs (VAE factor 8 times
@@ -109,6 +133,48 @@ class UnknownCondition(KeyError):
         return f"{self.model} has no condition model {self.name!r}; available: {offered}"
 
 
+class LoraEntry(BaseModel):
+    """A LoRA adapter a model's workers may load (once, on first use) and activate per job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, description=".safetensors file, folder or hub id.")
+    weight: float = Field(
+        default=1.0,
+        ge=-LORA_WEIGHT_LIMIT,
+        le=LORA_WEIGHT_LIMIT,
+        description="The weight a request gets when it names none.",
+    )
+
+    @model_validator(mode="after")
+    def _safe_format(self) -> LoraEntry:
+        if self.source.lower().endswith(PICKLE_SUFFIXES):
+            raise ValueError(
+                f"{self.source} is a pickle file, which can run arbitrary code when loaded; "
+                "convert it to .safetensors"
+            )
+        return self
+
+
+class UnknownLora(KeyError):
+    """A LoRA adapter name that a catalog model does not list."""
+
+    def __init__(self, name: str, model: str, available: list[str]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.model = model
+        self.available = available
+
+    def __str__(self) -> str:
+        offered = ", ".join(self.available) if self.available else "none"
+        return f"{self.model} has no LoRA adapter {self.name!r}; available: {offered}"
+
+
+def is_single_file(source: str) -> bool:
+    """Whether ``source`` names one checkpoint file (by its suffix)."""
+    return source.lower().endswith(SINGLE_FILE_SUFFIXES + PICKLE_SUFFIXES)
+
+
 class ModelEntry(BaseModel):
     """One model the service can run."""
 
@@ -126,6 +192,11 @@ class ModelEntry(BaseModel):
     size_multiple: int = Field(gt=0)
     max_pixels: int = Field(gt=0)
     conditions: dict[str, ConditionEntry] = Field(default_factory=dict)
+    loras: dict[str, LoraEntry] = Field(default_factory=dict)
+    # Single-file sources only: where their configuration comes from, and how to read them.
+    config: str | None = Field(default=None, min_length=1)
+    prediction_type: PredictionType | None = None
+    allow_pickle: bool = False
     # Live previews decode each step's predicted image with this AutoencoderTiny (TAESD for SD
     # models, TAESDXL for SDXL); without one, with the model's own VAE, less often.
     preview_vae: str | None = Field(
@@ -172,6 +243,20 @@ class ModelEntry(BaseModel):
                 raise ValueError(f"{side} {value} is not a multiple of {self.size_multiple}")
         if self.native_width * self.native_height > self.max_pixels:
             raise ValueError("max_pixels is smaller than the native size")
+        if not self.single_file:
+            for name in ("config", "prediction_type"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} applies only to a single-file source (.safetensors)")
+        elif self.source.lower().endswith(PICKLE_SUFFIXES) and not self.allow_pickle:
+            raise ValueError(
+                f"{self.source} is a pickle checkpoint, which can run arbitrary code when loaded; "
+                "convert it to .safetensors, or set allow_pickle: true if you trust it"
+            )
+        for name in self.loras:
+            if not re.fullmatch(MODEL_NAME_PATTERN, name):
+                raise ValueError(
+                    f"LoRA name {name!r} must be lowercase letters, digits, '_', '.' or '-'"
+                )
         for name, condition in self.conditions.items():
             if not re.fullmatch(MODEL_NAME_PATTERN, name):
                 raise ValueError(
@@ -190,6 +275,18 @@ class ModelEntry(BaseModel):
             return self.conditions[name]
         except KeyError:
             raise UnknownCondition(name, self.name, sorted(self.conditions)) from None
+
+    def lora(self, name: str) -> LoraEntry:
+        """The LoRA adapter called ``name``; :class:`UnknownLora` if this model lacks it."""
+        try:
+            return self.loras[name]
+        except KeyError:
+            raise UnknownLora(name, self.name, sorted(self.loras)) from None
+
+    @property
+    def single_file(self) -> bool:
+        """Whether the source is one checkpoint file rather than a folder or hub id."""
+        return is_single_file(self.source)
 
     @property
     def native_size(self) -> tuple[int, int]:

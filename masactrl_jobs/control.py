@@ -10,6 +10,8 @@ One home for these rules, used by the gateway (to answer 422 before queueing), t
   ``block_count``; explicit ``layers`` / ``steps`` lists override the start values.
 - **Size.** Width and height default to the native size, must be multiples of the model's
   ``size_multiple`` (the VAE factor times the UNet's downsampling) and stay within ``max_pixels``.
+- **LoRA adapters.** Each named adapter must be one of the model's catalog adapters; an omitted
+  weight is the catalog's weight for it.
 - **Condition.** A layout condition (ControlNet or T2I-Adapter) has one image per target or one
   shared by all, a source image only in a synthesis (an edit's source is the inverted photo), a
   window ``0 <= start < end <= 1``, a non-negative scale and a preprocessing in
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol, get_args
 
 from masactrl_jobs.catalog import ModelEntry
-from masactrl_jobs.schema import ControlInput, MaskControl, Preprocess
+from masactrl_jobs.schema import ControlInput, LoraInput, MaskControl, Preprocess
 
 __all__ = [
     "InvalidParameters",
@@ -36,6 +38,8 @@ __all__ = [
     "check_control",
     "condition_problems",
     "control_problems",
+    "lora_problems",
+    "resolve_loras",
     "resolve_control",
     "resolve_size",
     "sequence_problems",
@@ -169,6 +173,43 @@ def check_control(entry: ModelEntry, control: ControlInput, steps: int) -> None:
     problems = _step_problems(control, steps, last_start=steps) + _layer_problems(control, entry)
     if problems:
         raise InvalidParameters(problems)
+
+
+class RequestedLora(Protocol):
+    """A LoRA adapter a caller asks for (``schema.LoraParams``); weight None is the catalog's."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def weight(self) -> float | None: ...
+
+
+def lora_problems(entry: ModelEntry, loras: Sequence[RequestedLora]) -> list[Problem]:
+    """One problem per adapter name that ``entry`` does not list."""
+    available = ", ".join(sorted(entry.loras)) or "none"
+    return [
+        Problem(
+            ("loras", index, "name"),
+            f"{entry.name} has no LoRA adapter {lora.name!r}; available: {available}",
+        )
+        for index, lora in enumerate(loras)
+        if lora.name not in entry.loras
+    ]
+
+
+def resolve_loras(entry: ModelEntry, loras: Sequence[RequestedLora]) -> list[LoraInput]:
+    """The adapters as the job runs them, omitted weights filled in from the catalog."""
+    problems = lora_problems(entry, loras)
+    if problems:
+        raise InvalidParameters(problems)
+    return [
+        LoraInput(
+            name=lora.name,
+            weight=entry.loras[lora.name].weight if lora.weight is None else lora.weight,
+        )
+        for lora in loras
+    ]
 
 
 def size_problems(entry: ModelEntry, width: int | None, height: int | None) -> list[Problem]:

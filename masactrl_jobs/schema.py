@@ -22,7 +22,9 @@ from pydantic import (
 )
 
 __all__ = [
+    "LORA_WEIGHT_LIMIT",
     "MAX_IMAGE_REF_CHARS",
+    "MAX_LORAS",
     "MAX_PROMPT_CHARS",
     "MAX_SEED",
     "MAX_SEQUENCE_FRAMES",
@@ -54,6 +56,9 @@ __all__ = [
     "JobStatus",
     "JobUrls",
     "JobWebhook",
+    "LoraInput",
+    "LoraParams",
+    "LoraPublic",
     "MaskControl",
     "MaskMode",
     "MaskRegion",
@@ -83,6 +88,10 @@ MAX_SEQUENCE_FRAMES = 1000
 # A base64 data: URL of the largest accepted image (20 MB) is about 27 MB of text; the gateway
 # enforces the byte limit after decoding, this only stops absurd strings before they are parsed.
 MAX_IMAGE_REF_CHARS = 64 * 1024 * 1024
+# LoRA adapters a job may activate at once (each adds its cost to every adapted layer), and the
+# bound on their weights (community adapters are used between about -2 and 2).
+MAX_LORAS = 4
+LORA_WEIGHT_LIMIT = 4.0
 
 
 class JobKind(str, Enum):
@@ -242,6 +251,36 @@ class ConditionParams(_Strict):
     )
 
 
+class LoraParams(_Strict):
+    """A LoRA adapter of the model's catalog entry (``GET /v1/models`` lists them)."""
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    weight: float | None = Field(
+        default=None,
+        ge=-LORA_WEIGHT_LIMIT,
+        le=LORA_WEIGHT_LIMIT,
+        description="Scale of the adapter; default: the catalog's weight for it.",
+    )
+
+
+def _distinct_loras(loras: list[LoraParams]) -> list[LoraParams]:
+    names = [lora.name for lora in loras]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"each LoRA adapter may be named once; repeated: {', '.join(repeated)}")
+    return loras
+
+
+Loras = Annotated[
+    list[LoraParams],
+    Field(
+        max_length=MAX_LORAS,
+        description=f"LoRA adapters active for this job, at most {MAX_LORAS}.",
+    ),
+    AfterValidator(_distinct_loras),
+]
+
+
 class WebhookCreate(_Strict):
     """Where to POST signed job events (Standard Webhooks), and which ones."""
 
@@ -267,6 +306,7 @@ class _JobCreate(_Strict):
     height: int | None = Field(default=None, ge=1, le=16384, description="Default: native size.")
     control: ControlParams = Field(default_factory=ControlParams)
     condition: ConditionParams | None = None
+    loras: Loras = Field(default_factory=list)
     webhook: WebhookCreate | None = None
     previews: bool = Field(
         default=False,
@@ -366,6 +406,7 @@ class SequenceParams(_Strict):
         description="Image source only: reset the source latent to the inversion's at every step.",
     )
     fps: float = Field(default=8.0, gt=0, le=120, description="Frame rate of the animations.")
+    loras: Loras = Field(default_factory=list)
     webhook: WebhookCreate | None = None
     previews: bool = Field(
         default=False,
@@ -411,6 +452,13 @@ class ConditionInput(BaseModel):
     max_frames: int | None = None
 
 
+class LoraInput(BaseModel):
+    """A LoRA adapter as the job runs it: its catalog name and resolved weight."""
+
+    name: str
+    weight: float
+
+
 class JobInput(BaseModel):
     """The validated parameters; images are storage keys (``inputs/<sha256>.<ext>``)."""
 
@@ -426,6 +474,7 @@ class JobInput(BaseModel):
     control: ControlInput
     condition: ConditionInput | None = None
     anchor_source: bool = False
+    loras: list[LoraInput] = Field(default_factory=list)
     animation_fps: float | None = Field(
         default=None, description="Sequences: the frame rate of the MP4 and WebP."
     )
@@ -594,6 +643,11 @@ class ConditionPublic(BaseModel):
     family: str
 
 
+class LoraPublic(BaseModel):
+    name: str
+    weight: float = Field(description="The weight a request gets when it names none.")
+
+
 class ModelPublic(BaseModel):
     name: str
     family: str
@@ -610,6 +664,9 @@ class ModelPublic(BaseModel):
     )
     conditions: list[ConditionPublic] = Field(
         default_factory=list, description="Condition models a request may name."
+    )
+    loras: list[LoraPublic] = Field(
+        default_factory=list, description="LoRA adapters a request may activate."
     )
 
 

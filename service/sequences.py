@@ -28,7 +28,9 @@ from masactrl_jobs.catalog import ModelEntry, UnknownCondition
 from masactrl_jobs.control import (
     condition_problems,
     control_problems,
+    lora_problems,
     resolve_control,
+    resolve_loras,
     resolve_size,
     sequence_problems,
     size_problems,
@@ -93,6 +95,7 @@ def check_sequence(
     """Every problem of ``body`` (and its file parts) that needs no input read."""
     problems = control_problems(entry, body.control, body.steps)
     problems += size_problems(entry, body.width, body.height)
+    problems += lora_problems(entry, body.loras)
     condition = body.condition
     # The window, scale and preprocessing rules are the conditions' own; a sequence's frames
     # stand in for the images, whose count sequence_problems checks below.
@@ -249,6 +252,7 @@ def resolve_input(body: SequenceBody, entry: ModelEntry, inputs: SequenceInputs)
             max_frames=condition.max_frames,
         ),
         anchor_source=body.anchor_source,
+        loras=resolve_loras(entry, body.loras),
         animation_fps=body.fps,
         previews=body.previews,
     )

@@ -19,7 +19,9 @@ from masactrl_jobs.catalog import ModelEntry, UnknownCondition
 from masactrl_jobs.control import (
     condition_problems,
     control_problems,
+    lora_problems,
     resolve_control,
+    resolve_loras,
     resolve_size,
     size_problems,
 )
@@ -51,6 +53,7 @@ def check_request(body: JobCreate, entry: ModelEntry) -> list[FieldError]:
     """Every cross-field or catalog problem of ``body`` (empty when it can run)."""
     problems = control_problems(entry, body.control, body.steps)
     problems += size_problems(entry, body.width, body.height)
+    problems += lora_problems(entry, body.loras)
     errors = [FieldError((_BODY, *problem.field), problem.message) for problem in problems]
     return errors + _check_mask(body) + _check_condition(body, entry)
 
@@ -181,5 +184,6 @@ def resolve_input(
             preprocess=body.condition.preprocess,
         ),
         anchor_source=getattr(body, "anchor_source", False),
+        loras=resolve_loras(entry, body.loras),
         previews=body.previews,
     )

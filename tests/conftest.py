@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,6 +150,39 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from masactrl_core.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
+
+
+@dataclass(frozen=True)
+class TinySingleFile:
+    """The tiny checkpoint as one original-layout file, and a config folder without weights."""
+
+    file: Path
+    config: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_single_file(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``tiny_checkpoint`` written as ``tiny.safetensors`` plus its weightless config folder."""
+    from masactrl_core.tiny_single_file import write_config_folder, write_single_file
+
+    folder = tmp_path_factory.mktemp("tiny-single-file")
+    return TinySingleFile(
+        write_single_file(tiny_checkpoint, folder / "tiny.safetensors"),
+        write_config_folder(tiny_checkpoint, folder / "config"),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two seeded random LoRAs for ``tiny_checkpoint``: ``style`` (UNet and text encoder) and
+    ``pose`` (UNet only), as ``TinyLoraInfo`` by name."""
+    from masactrl_core.tiny_lora import write_tiny_lora
+
+    folder = tmp_path_factory.mktemp("tiny-loras")
+    return {
+        "style": write_tiny_lora(tiny_checkpoint, folder / "style", seed=1),
+        "pose": write_tiny_lora(tiny_checkpoint, folder / "pose", seed=2, text_encoder=False),
+    }
 
 
 @pytest.fixture(scope="session")

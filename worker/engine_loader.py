@@ -1,12 +1,15 @@
 """Loading a catalog model into an engine, once per worker process, and warming it up.
 
-Sources: a Hugging Face hub id, a local diffusers folder, or ``s3://bucket/prefix`` (downloaded
-once to ``model_cache_dir/<name>/`` with the service's S3 endpoint and credentials). Resolving
-the source needs no torch, so the CLI does it before the worker starts and a bad source fails
-in seconds with one line, not inside a pool process.
+Sources: a Hugging Face hub id, a local diffusers folder, one checkpoint file in the original
+single-file layout (configured by the entry's ``config``), or ``s3://bucket/prefix`` (a folder or
+one file, downloaded once to ``model_cache_dir/<name>/`` with the service's S3 endpoint and
+credentials). Resolving the source needs no torch, so the CLI does it before the worker starts
+and a bad source fails in seconds with one line, not inside a pool process.
 
 Layout condition models (the catalog entry's ``conditions``) are loaded into the engine on first
 use and kept warm by :class:`ConditionModels`: loading one takes seconds, a job uses it for many.
+LoRA adapters (the entry's ``loras``) likewise, by :class:`CatalogLoras`: each is loaded into the
+engine once, and a job activates the set it asks for (``engine.loras.activated``).
 The live-preview decoder (the entry's ``preview_vae``, else the model's VAE) is loaded with the
 model, once, by :func:`load_preview_decoder`.
 """
@@ -18,10 +21,11 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from masactrl_jobs.catalog import ModelEntry
+from masactrl_jobs.schema import LoraInput
 from worker.config import WorkerSettings
 
 if TYPE_CHECKING:
@@ -29,30 +33,50 @@ if TYPE_CHECKING:
     from masactrl_core.conditions import ConditionModel
     from masactrl_core.previews import PreviewDecoder
 
-__all__ = ["ConditionModels", "load_engine", "load_preview_decoder", "resolve_source", "warm_up"]
+__all__ = [
+    "CatalogLoras",
+    "ConditionModels",
+    "load_engine",
+    "load_preview_decoder",
+    "resolve_source",
+    "warm_up",
+]
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_source(entry: ModelEntry, settings: WorkerSettings) -> str:
-    """A hub id or local folder for ``entry``, downloading an ``s3://`` source first."""
-    source = entry.source
-    if not source.startswith("s3://"):
-        return source
-    parts = urlsplit(source)
-    target = Path(settings.model_cache_dir).resolve() / entry.name
-    if (target / "model_index.json").is_file():
-        return str(target)
+def _s3_client(settings: WorkerSettings) -> Any:
     import boto3
 
     secret = settings.s3_secret_access_key
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=settings.s3_endpoint_url,
         aws_access_key_id=settings.s3_access_key_id,
         aws_secret_access_key=secret.get_secret_value() if secret else None,
         region_name=settings.s3_region,
     )
+
+
+def resolve_source(entry: ModelEntry, settings: WorkerSettings) -> str:
+    """A hub id, local folder or file for ``entry``, downloading an ``s3://`` source first."""
+    source = entry.source
+    if not source.startswith("s3://"):
+        return source
+    parts = urlsplit(source)
+    target = Path(settings.model_cache_dir).resolve() / entry.name
+    if entry.single_file:
+        file = target / Path(parts.path).name
+        if not file.is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            partial = file.with_name(file.name + ".partial")
+            _s3_client(settings).download_file(parts.netloc, parts.path.lstrip("/"), str(partial))
+            # Renamed last, so an interrupted download is never mistaken for the checkpoint.
+            partial.rename(file)
+        return str(file)
+    if (target / "model_index.json").is_file():
+        return str(target)
+    client = _s3_client(settings)
     bucket, prefix = parts.netloc, parts.path.strip("/")
     prefix = f"{prefix}/" if prefix else ""
     partial = target.with_name(target.name + ".partial")
@@ -91,7 +115,18 @@ def load_engine(entry: ModelEntry, settings: WorkerSettings, source: str) -> Mas
         torch.set_num_threads(settings.torch_threads)
     dtype = getattr(torch, settings.dtype) if settings.dtype else None
     started = time.monotonic()
-    engine = MasaCtrlEngine.from_pretrained(source, device=settings.device, dtype=dtype)
+    if entry.single_file:
+        engine = MasaCtrlEngine.from_single_file(
+            source,
+            config=entry.config,
+            family=entry.family,
+            prediction_type=entry.prediction_type,
+            allow_pickle=entry.allow_pickle,
+            device=settings.device,
+            dtype=dtype,
+        )
+    else:
+        engine = MasaCtrlEngine.from_pretrained(source, device=settings.device, dtype=dtype)
     engine.model_name = entry.name
     logger.info(
         "model %s loaded from %s on %s (%s) in %.1f s",
@@ -159,3 +194,30 @@ class ConditionModels:
                     time.monotonic() - started,
                 )
             return self._loaded[name]
+
+
+class CatalogLoras:
+    """The catalog entry's LoRA adapters, each loaded into ``engine`` on first use and kept."""
+
+    def __init__(self, entry: ModelEntry, engine: MasaCtrlEngine) -> None:
+        self.entry = entry
+        self.engine = engine
+
+    def weights(self, loras: list[LoraInput]) -> dict[str, float]:
+        """The job's adapters by name with their weights, loading any not loaded yet.
+
+        ``UnknownLora`` for a name the entry lacks; ``ModelLoadError`` when one cannot load.
+        """
+        for lora in loras:
+            adapter = self.entry.lora(lora.name)
+            if lora.name not in self.engine.loras.names:
+                started = time.monotonic()
+                self.engine.loras.load(lora.name, adapter.source)
+                logger.info(
+                    "LoRA %s of %s loaded from %s in %.1f s",
+                    lora.name,
+                    self.entry.name,
+                    adapter.source,
+                    time.monotonic() - started,
+                )
+        return {lora.name: lora.weight for lora in loras}

@@ -1,8 +1,8 @@
 """A cache of inverted latents (x_T) of real images, in object storage as safetensors.
 
 DDIM inversion costs as many UNet evaluations as denoising, and it depends only on the image, the
-model, the size, the step count and the inversion prompt. A user trying new target prompts on the
-same photo therefore pays for it once. Objects live at
+model, the size, the step count, the inversion prompt and the active LoRA adapters. A user
+trying new target prompts on the same photo therefore pays for it once. Objects live at
 ``cache/inversions/<model>/<sha256 of the key fields>.safetensors``; an index in the job store
 remembers when each was last used, and :meth:`InversionCache.sweep` deletes what has not been
 used within the retention or exceeds the entry limit (least recently used first).
@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 
 from masactrl_jobs.storage import ObjectNotFound, Storage
 from masactrl_jobs.store import JobStore
@@ -28,10 +29,23 @@ CACHE_PREFIX = "cache/inversions"
 
 
 def inversion_cache_key(
-    image_sha256: str, model: str, width: int, height: int, steps: int, prompt: str
+    image_sha256: str,
+    model: str,
+    width: int,
+    height: int,
+    steps: int,
+    prompt: str,
+    loras: Sequence[tuple[str, str, float]] = (),
 ) -> str:
-    """The storage key of an inversion; any change in the inputs gives another key."""
-    fields = [image_sha256, model, int(width), int(height), int(steps), prompt]
+    """The storage key of an inversion; any change in the inputs gives another key.
+
+    ``loras`` are the active adapters as (name, source, weight): they change the UNet and the
+    text encoder, so an inversion under one set is not valid under another. Their order does
+    not matter (adapters add up); without adapters the key is what it was before adapters existed.
+    """
+    fields: list[object] = [image_sha256, model, int(width), int(height), int(steps), prompt]
+    if loras:
+        fields.append(sorted([name, source, float(weight)] for name, source, weight in loras))
     digest = hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
     return f"{CACHE_PREFIX}/{model}/{digest}.safetensors"
 

@@ -35,6 +35,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,7 @@ from masactrl_core import (
     MaskConfig,
 )
 from masactrl_core.previews import LatentsCallback, PreviewDecoder, Previews
-from masactrl_jobs.catalog import ModelEntry, UnknownCondition
+from masactrl_jobs.catalog import ModelEntry, UnknownCondition, UnknownLora
 from masactrl_jobs.control import InvalidParameters, check_control, condition_problems
 from masactrl_jobs.media import MediaError, decode_video, encode_mp4, encode_webp
 from masactrl_jobs.queue import enqueue_job
@@ -68,7 +69,7 @@ from masactrl_jobs.storage import (
 )
 from masactrl_jobs.store import FinishResult, JobRecord, JobStore
 from worker.config import WorkerSettings
-from worker.engine_loader import ConditionModels
+from worker.engine_loader import CatalogLoras, ConditionModels
 from worker.inversion_cache import InversionCache, inversion_cache_key
 from worker.leases import JobLease
 from worker.outputs import png_bytes
@@ -171,6 +172,7 @@ class JobRunner:
         self.worker_id = worker_id
         self.cache = cache
         self.conditions = conditions or ConditionModels(entry, engine)
+        self.loras = CatalogLoras(entry, engine)
         # Loaded once per worker (worker.engine_loader); without one, the model's VAE decodes.
         self.preview_decoder = preview_decoder
         self._sleep = sleep
@@ -270,8 +272,15 @@ class JobRunner:
         try:
             try:
                 image, image_sha = self._load_input(record)
+                # Only this job's adapters are active while it runs, and none after it (even on
+                # errors), so a job without adapters runs on the plain model as it is.
+                adapters = self._adapters(record)
+                active: AbstractContextManager[None] = (
+                    self.engine.loras.activated(adapters) if adapters else nullcontext()
+                )
                 try:
-                    result, engine_seconds = self._run_engine(record, image, image_sha, state)
+                    with active:
+                        result, engine_seconds = self._run_engine(record, image, image_sha, state)
                 finally:
                     # No preview may land after the results or the end of the job.
                     if state.previews is not None:
@@ -546,6 +555,17 @@ class JobRunner:
         self._keep_inversion(record, cache_key, inverted, result.inverted)
         return result, engine_seconds
 
+    def _adapters(self, record: JobRecord) -> dict[str, float]:
+        """The job's LoRA adapters with their weights, loaded on first use."""
+        from masactrl_core import ModelLoadError
+
+        try:
+            return self.loras.weights(record.input.loras)
+        except UnknownLora as exc:
+            raise _Failure(ErrorCode.invalid_input, str(exc)) from None
+        except ModelLoadError as exc:
+            raise _Failure(ErrorCode.internal_error, str(exc)) from exc
+
     def _cached_inversion(
         self, record: JobRecord, image_sha: str
     ) -> tuple[str | None, InvertedImage | None]:
@@ -561,6 +581,10 @@ class JobRunner:
                 params.height,
                 params.steps,
                 params.source_prompt,
+                [
+                    (lora.name, self.entry.lora(lora.name).source, lora.weight)
+                    for lora in params.loras
+                ],
             )
             cached = self.cache.load(cache_key)
             if cached is not None:

@@ -127,6 +127,7 @@ def test_models_with_live_workers(client: TestClient, redis_url: str) -> None:
         "live": False,
         "preview_decoder": "vae",
         "conditions": [],
+        "loras": [],
     }
     store = JobStore.from_url(redis_url)
     store.register_worker("sdxl", "gpu-0", ttl=30)

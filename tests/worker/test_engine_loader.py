@@ -1,4 +1,4 @@
-"""Model sources: an ``s3://`` prefix is downloaded once into the model cache."""
+"""Model sources: an ``s3://`` prefix or single file is downloaded once into the model cache."""
 
 from __future__ import annotations
 
@@ -58,6 +58,29 @@ def test_an_s3_model_is_downloaded_once(
 
     client.delete_object(Bucket=s3_server.bucket, Key="models/tiny-sd/model_index.json")
     assert Path(resolve_source(entry(source), settings)) == local  # the cached copy
+
+
+def test_an_s3_single_file_is_downloaded_once(s3_server: S3Server, tmp_path: Path) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+    )
+    client.put_object(Bucket=s3_server.bucket, Key="models/anything.safetensors", Body=b"weights")
+    settings = settings_for(s3_server, tmp_path / "cache")
+    single = entry(f"s3://{s3_server.bucket}/models/anything.safetensors")
+    assert single.single_file
+
+    local = Path(resolve_source(single, settings))
+    assert local == (tmp_path / "cache" / "tiny" / "anything.safetensors").resolve()
+    assert local.read_bytes() == b"weights"
+    assert not list(local.parent.glob("*.partial"))
+    client.delete_object(Bucket=s3_server.bucket, Key="models/anything.safetensors")
+    assert Path(resolve_source(single, settings)) == local  # the cached copy
 
 
 def test_an_s3_prefix_without_a_model_is_refused(s3_server: S3Server, tmp_path: Path) -> None:

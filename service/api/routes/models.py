@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from masactrl_jobs.schema import ConditionPublic, DefaultControl, ModelList, ModelPublic
+from masactrl_jobs.schema import (
+    ConditionPublic,
+    DefaultControl,
+    LoraPublic,
+    ModelList,
+    ModelPublic,
+)
 from service.api.deps import GatewayDep, TenantDep
 from service.api.responses import errors
 
@@ -13,7 +19,8 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 @router.get("", response_model=ModelList, responses=errors(401, 503))
 async def list_models(gateway: GatewayDep, tenant: TenantDep) -> ModelList:
-    """List the models on offer, their sizes, block counts, control defaults and live workers."""
+    """List the models on offer, their sizes, block counts, control defaults, adapters and live
+    workers."""
     live = await gateway.store.live_models()
     return ModelList(
         default=gateway.catalog.default,
@@ -32,6 +39,10 @@ async def list_models(gateway: GatewayDep, tenant: TenantDep) -> ModelList:
                 conditions=[
                     ConditionPublic(name=name, kind=condition.kind, family=condition.family)
                     for name, condition in sorted(entry.conditions.items())
+                ],
+                loras=[
+                    LoraPublic(name=name, weight=lora.weight)
+                    for name, lora in sorted(entry.loras.items())
                 ],
             )
             for entry in gateway.catalog.models

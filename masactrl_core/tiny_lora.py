@@ -1,0 +1,87 @@
+"""Tiny seeded LoRA adapters for a tiny checkpoint, made with peft, saved the way diffusers saves.
+
+An adapter targets the attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) of the
+UNet and, optionally, those of the text encoder (``q_proj``, ``k_proj``, ``v_proj``,
+``out_proj``). peft initialises ``B`` to zero (a new adapter changes nothing); here both ``A`` and
+``B`` are drawn from a seeded normal, so the adapter visibly changes the model's output. The file
+is ``pytorch_lora_weights.safetensors`` in diffusers' key layout, with each component's peft
+config (rank, alpha) in the metadata, as diffusers' training scripts write it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["TinyLoraInfo", "write_tiny_lora"]
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class TinyLoraInfo:
+    """Where an adapter was written and how it scales: ``alpha / rank`` times its weight."""
+
+    path: Path
+    rank: int
+    alpha: float
+    text_encoder: bool
+
+    @property
+    def file(self) -> Path:
+        return self.path / WEIGHT_NAME
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _randomise(model: Any, generator: torch.Generator, std: float) -> None:
+    for name, parameter in sorted(model.named_parameters()):
+        if ".lora_A." in name or ".lora_B." in name:
+            with torch.no_grad():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+
+
+def write_tiny_lora(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    rank: int = 4,
+    alpha: int = 2,
+    text_encoder: bool = True,
+    std: float = 0.2,
+) -> TinyLoraInfo:
+    """Write a seeded random LoRA for the SD 1.x-shaped diffusers folder ``checkpoint``."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        str(checkpoint), safety_checker=None, requires_safety_checker=False
+    )
+    generator = torch.Generator("cpu").manual_seed(seed)
+    unet_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(UNET_TARGETS))
+    inject_adapter_in_model(unet_config, pipeline.unet)
+    _randomise(pipeline.unet, generator, std)
+    layers: dict[str, Any] = {
+        "unet_lora_layers": get_peft_model_state_dict(pipeline.unet),
+        "unet_lora_adapter_metadata": unet_config.to_dict(),  # type: ignore[no-untyped-call]
+    }
+    if text_encoder:
+        text_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TEXT_TARGETS))
+        inject_adapter_in_model(text_config, pipeline.text_encoder)
+        _randomise(pipeline.text_encoder, generator, std)
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(pipeline.text_encoder)
+        layers["text_encoder_lora_adapter_metadata"] = text_config.to_dict()  # type: ignore[no-untyped-call]
+    out = Path(out_dir)
+    StableDiffusionPipeline.save_lora_weights(out, weight_name=WEIGHT_NAME, **layers)
+    return TinyLoraInfo(out, rank, float(alpha), text_encoder)
