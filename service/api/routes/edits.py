@@ -21,9 +21,9 @@ from service.api.deps import CROSS_FIELD_RULES, DirectRoute, Submission, submiss
 from service.api.responses import errors, job_response, submitted_response
 from service.bodies import (
     is_json,
+    load_json,
     media_type,
     parse_json,
-    refuse_duplicates,
     unsupported_media_type,
 )
 from service.config import GatewaySettings
@@ -87,7 +87,7 @@ async def _read_file(
 def _with_part_refs(params_text: bytes | str, parts: int) -> bytes | str:
     """The params with ``condition.images`` standing for ``parts`` condition_image parts."""
     try:
-        params = json.loads(params_text, object_pairs_hook=refuse_duplicates)
+        params = load_json(params_text)
     except ValueError:
         return params_text  # parse_json names the JSON error or the duplicate key
     condition = params.get("condition") if isinstance(params, dict) else None
