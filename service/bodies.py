@@ -10,7 +10,6 @@ import json
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
 
 from service.errors import ApiError, FieldError, Loc, invalid, validation_details
 
@@ -26,9 +25,9 @@ __all__ = [
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def media_type(request: Request) -> str:
-    """The request's media type, lowercase, without parameters."""
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+def media_type(content_type: str | None) -> str:
+    """The media type of a ``Content-Type`` value, lowercase, without parameters."""
+    return (content_type or "").split(";")[0].strip().lower()
 
 
 def is_json(kind: str) -> bool:

@@ -22,7 +22,6 @@ from service.api.responses import errors, job_response, submitted_response
 from service.bodies import (
     is_json,
     load_json,
-    media_type,
     parse_json,
     unsupported_media_type,
 )
@@ -182,7 +181,7 @@ _SUMMARY = "Submit a real-image edit (JSON with an image URL, or multipart with 
 async def create_edit(request: Request) -> Response:
     """The route of _SUMMARY; its OpenAPI description adds the cross-field rules."""
     context = Submission.from_request(request)
-    content_type = media_type(request)
+    content_type = context.media_type
     if is_json(content_type):
         body: EditCreate | EditParams = parse_json(EditCreate, await request.body())
         uploads = None
