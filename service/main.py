@@ -93,11 +93,11 @@ def _startup_heap_frozen() -> Iterator[None]:
     Modules, classes, pydantic schemas, Celery's message template, the catalog: some 100,000
     objects that live as long as the process, walked again by every full collection, which a
     busy gateway triggers about once a second. Frozen, the collector looks only at what requests
-    allocate: bench/gateway.py measured about 100 us less CPU per submission (see
-    docs/performance-gateway.md). Start-up's garbage is collected first, so none is kept for
-    good. ``gc.freeze`` is process-wide: stopping any app (tests run several) unfreezes.
+    allocate: bench/gateway.py measured about 50 us less CPU per submission (see
+    docs/performance-gateway.md). Start-up's few hundred garbage objects are frozen with the rest
+    rather than collected first: a full collection costs 50-100 ms at every app start, and tests
+    start hundreds. ``gc.freeze`` is process-wide: stopping any app unfreezes everything.
     """
-    gc.collect()
     gc.freeze()
     try:
         yield
