@@ -202,9 +202,10 @@ class MaskControl(_Strict):
 class ControlParams(_Strict):
     """Where mutual self-attention applies; omitted values take the model's defaults."""
 
-    # A value, never changed once parsed. Frozen (so hashable), one instance serves as the default
-    # of every request that omits it, and pydantic shares it as it is: a default_factory built
-    # this model and its mask on every request, a third of parsing a submission's body.
+    # A value, never changed once parsed. Frozen, one instance serves as the default of every
+    # request that omits it: pydantic copies a default only when it cannot hash it, and the frozen
+    # default (no lists set) hashes. A default_factory built this model and its mask on every
+    # request, a third of parsing a submission's body.
     model_config = ConfigDict(frozen=True)
 
     start_step: int | None = Field(default=None, ge=0, le=MAX_STEPS)
