@@ -140,10 +140,15 @@ def resolve_control(
     requested: RequestedControl,
     steps: int,
     mask: MaskControl | None = None,
+    *,
+    checked: bool = False,
 ) -> ControlInput:
-    """The control as it will run on ``entry``; :class:`InvalidParameters` when it cannot."""
-    problems = control_problems(entry, requested, steps)
-    if problems:
+    """The control as it will run on ``entry``; :class:`InvalidParameters` when it cannot.
+
+    ``checked``: the caller has already reported :func:`control_problems` (the gateway collects
+    every problem of a request first), so they are not looked for again.
+    """
+    if not checked and (problems := control_problems(entry, requested, steps)):
         raise InvalidParameters(problems)
     return ControlInput(
         # A default start step past a short run means no controlled step, which is allowed;
@@ -244,10 +249,14 @@ def size_problems(entry: ModelEntry, width: int | None, height: int | None) -> l
     return problems
 
 
-def resolve_size(entry: ModelEntry, width: int | None, height: int | None) -> tuple[int, int]:
-    """``(width, height)`` as the job will run; :class:`InvalidParameters` when ``entry`` can't."""
-    problems = size_problems(entry, width, height)
-    if problems:
+def resolve_size(
+    entry: ModelEntry, width: int | None, height: int | None, *, checked: bool = False
+) -> tuple[int, int]:
+    """``(width, height)`` as the job will run; :class:`InvalidParameters` when ``entry`` can't.
+
+    ``checked``: the caller has already reported :func:`size_problems`.
+    """
+    if not checked and (problems := size_problems(entry, width, height)):
         raise InvalidParameters(problems)
     return width or entry.native_width, height or entry.native_height
 

@@ -189,6 +189,9 @@ class MaskRegion(_Strict):
 class MaskControl(_Strict):
     """Restrict mutual self-attention to foreground regions (MasaCtrl's mask-guided variant)."""
 
+    # Frozen, like ControlParams: one instance is the default of every request that omits it.
+    model_config = ConfigDict(frozen=True)
+
     # Strict(False): in Python, strict mode takes only enum members; "manual" is fine too.
     mode: Annotated[MaskMode, Strict(False)] = MaskMode.none
     regions: list[MaskRegion] | None = Field(
@@ -210,6 +213,12 @@ class MaskControl(_Strict):
 class ControlParams(_Strict):
     """Where mutual self-attention applies; omitted values take the model's defaults."""
 
+    # A value, never changed once parsed. Frozen, one instance serves as the default of every
+    # request that omits it: pydantic copies a default only when it cannot hash it, and the frozen
+    # default (no lists set) hashes. A default_factory built this model and its mask on every
+    # request, a third of parsing a submission's body.
+    model_config = ConfigDict(frozen=True)
+
     start_step: int | None = Field(default=None, ge=0, le=MAX_STEPS)
     start_layer: int | None = Field(default=None, ge=0, le=1000)
     layers: list[Annotated[int, Field(ge=0, le=1000)]] | None = Field(
@@ -220,7 +229,7 @@ class ControlParams(_Strict):
         max_length=MAX_STEPS,
         description="Explicit step indices (override start_step).",
     )
-    mask: MaskControl = Field(default_factory=MaskControl)
+    mask: MaskControl = MaskControl()
 
 
 # What the worker may make of a condition image first; ``masactrl_jobs.control`` checks it.
@@ -304,7 +313,7 @@ class _JobCreate(_Strict):
     guidance_scale: float = Field(default=7.5, ge=0, le=30)
     width: int | None = Field(default=None, ge=1, le=16384, description="Default: native size.")
     height: int | None = Field(default=None, ge=1, le=16384, description="Default: native size.")
-    control: ControlParams = Field(default_factory=ControlParams)
+    control: ControlParams = ControlParams()
     condition: ConditionParams | None = None
     loras: Loras = Field(default_factory=list)
     webhook: WebhookCreate | None = None
@@ -399,7 +408,7 @@ class SequenceParams(_Strict):
     guidance_scale: float = Field(default=7.5, ge=0, le=30)
     width: int | None = Field(default=None, ge=1, le=16384, description="Default: native size.")
     height: int | None = Field(default=None, ge=1, le=16384, description="Default: native size.")
-    control: ControlParams = Field(default_factory=ControlParams)
+    control: ControlParams = ControlParams()
     condition: SequenceCondition
     anchor_source: bool = Field(
         default=False,
@@ -433,7 +442,7 @@ class ControlInput(BaseModel):
     start_layer: int
     layers: list[int] | None = None
     steps: list[int] | None = None
-    mask: MaskControl = Field(default_factory=MaskControl)
+    mask: MaskControl = MaskControl()
 
 
 class ConditionInput(BaseModel):

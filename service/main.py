@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -85,6 +86,25 @@ def _install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def _startup_heap_frozen() -> Iterator[None]:
+    """Leave what start-up built out of the garbage collector's passes while the app serves.
+
+    Modules, classes, pydantic schemas, Celery's message template, the catalog: some 100,000
+    objects that live as long as the process, walked again by every full collection, which a
+    busy gateway triggers about once a second. Frozen, the collector looks only at what requests
+    allocate: bench/gateway.py measured about 50 us less CPU per submission (see
+    docs/performance-gateway.md). Start-up's few hundred garbage objects are frozen with the rest
+    rather than collected first: a full collection costs 50-100 ms at every app start, and tests
+    start hundreds. ``gc.freeze`` is process-wide: stopping any app unfreezes everything.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """Build the gateway; settings come from ``MASACTRL_*`` when not given."""
     settings = settings or load_settings(GatewaySettings)
@@ -112,7 +132,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         if settings.cleanup_interval_seconds > 0:
             sweeper = asyncio.create_task(gateway.run_sweeper(), name="retention-sweeper")
         try:
-            yield
+            with _startup_heap_frozen():
+                yield
         finally:
             if sweeper is not None:
                 sweeper.cancel()

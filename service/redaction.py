@@ -22,6 +22,10 @@ _SECRET_PARAMS = re.compile(
 
 def redact(text: str) -> str:
     """``text`` with the values of secret query parameters replaced by ``REDACTED``."""
+    # Every secret parameter is "name=value": text without "=" (the client address, the method,
+    # a path without a query: nearly every access-log argument) is returned without a regex scan.
+    if "=" not in text:
+        return text
     return _SECRET_PARAMS.sub(r"\g<name>REDACTED", text)
 
 

@@ -139,6 +139,17 @@ def check_webhook_url(url: str, *, allow_loopback_http: bool) -> FieldError | No
     return None
 
 
+_SEED_BITS = MAX_SEED.bit_length()
+
+
+def _random_seed() -> int:
+    """A uniform seed in [0, MAX_SEED]: random bits, as many as MAX_SEED has."""
+    # MAX_SEED is 2**32 - 1, so 32 bits always fit; randbelow(2**32) would draw 33 bits and
+    # retry half the time. The fallback keeps the draw uniform should MAX_SEED ever change.
+    seed = secrets.randbits(_SEED_BITS)
+    return seed if seed <= MAX_SEED else secrets.randbelow(MAX_SEED + 1)
+
+
 def resolve_input(
     body: JobCreate,
     entry: ModelEntry,
@@ -153,25 +164,29 @@ def resolve_input(
     ``body`` has passed :func:`check_request`.
     """
     mask = body.control.mask
-    stored_mask = MaskControl(
-        mode=mask.mode,
-        regions=[MaskRegion(source=s, target=t) for s, t in region_keys] or None,
-        source_word=mask.source_word,
-        target_word=mask.target_word,
-        threshold=mask.threshold,
-    )
-    width, height = resolve_size(entry, body.width, body.height)
+    if region_keys or mask.regions is not None:
+        stored_mask = MaskControl(
+            mode=mask.mode,
+            regions=[MaskRegion(source=s, target=t) for s, t in region_keys] or None,
+            source_word=mask.source_word,
+            target_word=mask.target_word,
+            threshold=mask.threshold,
+        )
+    else:
+        stored_mask = mask  # no images to replace by keys: the request's mask runs as it is
+    # check_request has reported every control and size problem: resolve without looking again.
+    width, height = resolve_size(entry, body.width, body.height, checked=True)
     return JobInput(
         image=image_key,
         source_prompt=body.source_prompt,
         target_prompts=list(body.target_prompts),
         negative_prompt=body.negative_prompt,
-        seed=body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1),
+        seed=body.seed if body.seed is not None else _random_seed(),
         steps=body.steps,
         guidance_scale=body.guidance_scale,
         width=width,
         height=height,
-        control=resolve_control(entry, body.control, body.steps, stored_mask),
+        control=resolve_control(entry, body.control, body.steps, stored_mask, checked=True),
         condition=None
         if body.condition is None
         else ConditionInput(
@@ -183,7 +198,8 @@ def resolve_input(
             end=body.condition.end,
             preprocess=body.condition.preprocess,
         ),
-        anchor_source=getattr(body, "anchor_source", False),
+        # Not getattr(body, ...): a missing attribute costs pydantic a raised exception.
+        anchor_source=False if isinstance(body, SynthesisCreate) else body.anchor_source,
         loras=resolve_loras(entry, body.loras),
         previews=body.previews,
     )

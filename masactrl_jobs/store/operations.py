@@ -180,6 +180,7 @@ class JobOperations:
         job_id = job_id or new_id()
         now = time.time() if now is None else now
         idem_key = k.idempotency(tenant, idempotency_key) if idempotency_key else ""
+        input_json = input.model_dump_json()
         record = JobRecord(
             id=job_id,
             tenant=tenant,
@@ -191,6 +192,7 @@ class JobOperations:
             webhook=webhook.model_dump(mode="json") if webhook else None,
             webhook_secrets=list(webhook_secrets) if webhook else [],
             request_hash=request_hash,
+            input_json=input_json,
         )
         fields = _strings(
             {
@@ -200,7 +202,7 @@ class JobOperations:
                 "model": model,
                 "status": JobStatus.queued.value,
                 "created_at": repr(now),
-                "input": input.model_dump_json(),
+                "input": input_json,
                 "attempts": "0",
                 "webhook": record.webhook,
                 "webhook_secrets": record.webhook_secrets or None,

@@ -185,6 +185,10 @@ class JobRecord:
     request_hash: str = ""
     worker_id: str | None = None
     queue_position: int | None = None
+    # ``input`` as the store just wrote it (JSON), on a record it created: what the new job's
+    # object embeds, so answering the submission does not serialize the input a second time.
+    # Empty on records read back (stored by any version, they are serialized afresh).
+    input_json: str = field(default="", repr=False, compare=False)
 
     @classmethod
     def from_hash(cls, raw: dict[Any, Any], rank: int = -1) -> JobRecord:

@@ -13,6 +13,7 @@ from fastapi import Depends, Header, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.bodies import media_type
 from service.config import Tenant
 from service.errors import ApiError, FieldError
 from service.gateway import Gateway
@@ -131,13 +132,14 @@ class Submission:
     tenant: Tenant
     idempotency_key: str | None
     prefer: str | None
+    media_type: str  # of the body, lowercase, without parameters ("" when none was sent)
 
     @classmethod
     def from_request(cls, request: Request) -> Submission:
         gateway: Gateway = request.app.state.gateway
         # One pass over the raw headers (ASGI names are lowercase; the first of repeats wins, as
         # in Starlette's Headers.get), rather than a scan of them for each header read.
-        authorization = idempotency_key = prefer = None
+        authorization = idempotency_key = prefer = content_type = None
         for name, value in request.scope["headers"]:
             if name == b"authorization":
                 if authorization is None:
@@ -145,15 +147,18 @@ class Submission:
             elif name == b"idempotency-key":
                 if idempotency_key is None:
                     idempotency_key = value.decode("latin-1")
-            elif name == b"prefer" and prefer is None:
-                prefer = value.decode("latin-1")
+            elif name == b"prefer":
+                if prefer is None:
+                    prefer = value.decode("latin-1")
+            elif name == b"content-type" and content_type is None:
+                content_type = value.decode("latin-1")
         scheme, _, key = (authorization or "").partition(" ")
         tenant = tenant_for_key(gateway, key.strip() if scheme.lower() == "bearer" else None)
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise FieldError(
                 ("header", "Idempotency-Key"), "must be 1 to 255 characters", "string_too_long"
             )
-        return cls(gateway, tenant, idempotency_key, prefer)
+        return cls(gateway, tenant, idempotency_key, prefer, media_type(content_type))
 
 
 class DirectRoute(APIRoute):

@@ -53,6 +53,26 @@ def test_every_problem_is_reported_with_its_field() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    "requested", [ControlParams(), ControlParams(start_step=3, start_layer=12, layers=[12, 15])]
+)
+def test_a_checked_control_resolves_to_the_same_values(requested: ControlParams) -> None:
+    # checked=True only skips looking for problems again (the gateway has reported them).
+    assert resolve_control(SD15, requested, 20, checked=True) == resolve_control(
+        SD15, requested, 20
+    )
+    assert resolve_size(SDXL, None, 896, checked=True) == resolve_size(SDXL, None, 896)
+
+
+def test_a_control_shared_as_the_default_cannot_be_changed() -> None:
+    # Every request without a control shares one default instance (schema.ControlParams).
+    default = ControlParams()
+    with pytest.raises(ValueError, match="frozen"):
+        default.start_step = 3  # type: ignore[misc]
+    with pytest.raises(ValueError, match="frozen"):
+        default.mask.threshold = 0.5  # type: ignore[misc]
+
+
 def test_the_worker_check_accepts_a_stored_clipped_default_but_not_a_smaller_model() -> None:
     stored = resolve_control(SDXL, ControlParams(), 2)
     check_control(SDXL, stored, 2)  # start_step == steps: no controlled step, as resolved

@@ -63,3 +63,14 @@ def test_created_body_matches_the_rendered_job(client: TestClient, overrides: di
 def test_other_jobs_are_rendered_by_the_models(client: TestClient, overrides: dict) -> None:
     gw = client.app.state.gateway  # type: ignore[attr-defined]
     assert gw.created_body(_record(client, **overrides)) is None
+
+
+def test_a_submission_answers_with_the_job_as_read_back(client: TestClient) -> None:
+    # The answer embeds the input JSON the store wrote; reading the job back serializes it anew.
+    created = client.post(
+        "/v1/syntheses",
+        json={"source_prompt": 'a "corgi" \u00e9', "target_prompts": ["a corgi \u6f22"], "seed": 3},
+    )
+    assert created.status_code == 202
+    again = client.get(f"/v1/jobs/{created.json()['id']}")
+    assert again.status_code == 200 and again.content == created.content

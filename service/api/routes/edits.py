@@ -21,9 +21,8 @@ from service.api.deps import CROSS_FIELD_RULES, DirectRoute, Submission, submiss
 from service.api.responses import errors, job_response, submitted_response
 from service.bodies import (
     is_json,
-    media_type,
+    load_json,
     parse_json,
-    refuse_duplicates,
     unsupported_media_type,
 )
 from service.config import GatewaySettings
@@ -92,7 +91,7 @@ async def _read_file(
 def _with_part_refs(params_text: bytes | str, parts: int) -> bytes | str:
     """The params with ``condition.images`` standing for ``parts`` condition_image parts."""
     try:
-        params = json.loads(params_text, object_pairs_hook=refuse_duplicates)
+        params = load_json(params_text)
     except ValueError:
         return params_text  # parse_json names the JSON error or the duplicate key
     condition = params.get("condition") if isinstance(params, dict) else None
@@ -205,7 +204,7 @@ _SUMMARY = "Submit a real-image edit (JSON with an image URL, or multipart with 
 async def create_edit(request: Request) -> Response:
     """The route of _SUMMARY; its OpenAPI description adds the cross-field rules."""
     context = Submission.from_request(request)
-    content_type = media_type(request)
+    content_type = context.media_type
     if is_json(content_type):
         body: EditCreate | EditParams = parse_json(EditCreate, await request.body())
         uploads = None

@@ -16,7 +16,7 @@ from masactrl_jobs.images import too_large_message
 from masactrl_jobs.schema import JobKind, SequenceCreate, SequenceParams
 from service.api.deps import CROSS_FIELD_RULES, DirectRoute, Submission, submission_openapi
 from service.api.responses import errors, job_response, submitted_response
-from service.bodies import is_json, media_type, parse_json, unsupported_media_type
+from service.bodies import is_json, parse_json, unsupported_media_type
 from service.config import GatewaySettings
 from service.errors import FieldError, invalid
 from service.sequences import SequenceUploads
@@ -131,7 +131,7 @@ _SUMMARY = (
 async def create_sequence(request: Request) -> Response:
     """The route of _SUMMARY; its OpenAPI description adds the cross-field rules."""
     context = Submission.from_request(request)
-    content_type = media_type(request)
+    content_type = context.media_type
     uploads: SequenceUploads | None = None
     if is_json(content_type):
         body: SequenceParams = parse_json(SequenceCreate, await request.body())

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 from masactrl_jobs.schema import JobKind, SynthesisCreate
 from service.api.deps import CROSS_FIELD_RULES, DirectRoute, Submission, submission_openapi
 from service.api.responses import errors, job_response, submitted_response
-from service.bodies import is_json, media_type, parse_json, unsupported_media_type
+from service.bodies import is_json, parse_json, unsupported_media_type
 from service.submission import submit
 
 router = APIRouter(prefix="/v1/syntheses", tags=["syntheses"], route_class=DirectRoute)
@@ -34,7 +34,7 @@ _SUMMARY = "Submit a consistent synthesis: a source image and one image per targ
 async def create_synthesis(request: Request) -> Response:
     """The route of _SUMMARY; its OpenAPI description adds the cross-field rules."""
     context = Submission.from_request(request)
-    if not is_json(media_type(request)):
+    if not is_json(context.media_type):
         raise unsupported_media_type("application/json")
     body = parse_json(SynthesisCreate, await request.body())
     submitted = await submit(
