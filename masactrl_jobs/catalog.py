@@ -119,8 +119,10 @@ class ConditionEntry(BaseModel):
     family: Family
 
 
-class UnknownCondition(KeyError):
-    """A condition model name that a catalog model does not list."""
+class _UnknownOption(KeyError):
+    """A name (of a condition model, an adapter) that a catalog model does not list."""
+
+    what = "option"
 
     def __init__(self, name: str, model: str, available: list[str]) -> None:
         super().__init__(name)
@@ -130,7 +132,13 @@ class UnknownCondition(KeyError):
 
     def __str__(self) -> str:
         offered = ", ".join(self.available) if self.available else "none"
-        return f"{self.model} has no condition model {self.name!r}; available: {offered}"
+        return f"{self.model} has no {self.what} {self.name!r}; available: {offered}"
+
+
+class UnknownCondition(_UnknownOption):
+    """A condition model name that a catalog model does not list."""
+
+    what = "condition model"
 
 
 class LoraEntry(BaseModel):
@@ -156,18 +164,10 @@ class LoraEntry(BaseModel):
         return self
 
 
-class UnknownLora(KeyError):
+class UnknownLora(_UnknownOption):
     """A LoRA adapter name that a catalog model does not list."""
 
-    def __init__(self, name: str, model: str, available: list[str]) -> None:
-        super().__init__(name)
-        self.name = name
-        self.model = model
-        self.available = available
-
-    def __str__(self) -> str:
-        offered = ", ".join(self.available) if self.available else "none"
-        return f"{self.model} has no LoRA adapter {self.name!r}; available: {offered}"
+    what = "LoRA adapter"
 
 
 def is_single_file(source: str) -> bool:
