@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from masactrl_cli.errors import UsageError
 from masactrl_cli.options import (
     add_condition_options,
+    add_control_options,
     add_lora_option,
     add_mask_options,
     condition_options,
@@ -100,11 +101,8 @@ def _job_options(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument("--width", type=positive_int, help="default: the model's native size")
     parser.add_argument("--height", type=positive_int, help="default: the model's native size")
-    parser.add_argument(
-        "--start-step", type=non_negative_int, help="first controlled step (default: model's)"
-    )
-    parser.add_argument(
-        "--start-layer", type=non_negative_int, help="first controlled layer (default: model's)"
+    add_control_options(
+        parser, start_step_help="first controlled step (default: model's; = steps: no control)"
     )
     add_mask_options(parser, "image")
     add_condition_options(
@@ -186,8 +184,9 @@ def _sequence_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", dest="guidance_scale", type=float, help="default 7.5")
     parser.add_argument("--width", type=positive_int, help="default: the model's native size")
     parser.add_argument("--height", type=positive_int, help="default: the model's native size")
-    parser.add_argument("--start-step", type=non_negative_int, help="first controlled step")
-    parser.add_argument("--start-layer", type=non_negative_int, help="first controlled layer")
+    add_control_options(
+        parser, start_step_help="first controlled step (default: model's; = steps: no control)"
+    )
     _previews_option(parser)
     parser.add_argument("--idempotency-key", help="make retries of this submission safe")
     parser.add_argument(
@@ -239,12 +238,17 @@ def _data_url(path: Path, what: str) -> str:
     return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
 
 
+def _control_starts(args: argparse.Namespace) -> dict[str, Any]:
+    """The request's control start values; ``--no-control`` is an empty list of steps."""
+    control: dict[str, Any] = {"steps": []} if args.no_control else {}
+    for key in ("start_step", "start_layer"):
+        if getattr(args, key) is not None:
+            control[key] = getattr(args, key)
+    return control
+
+
 def _control(args: argparse.Namespace) -> dict[str, Any] | None:
-    control: dict[str, Any] = {}
-    if args.start_step is not None:
-        control["start_step"] = args.start_step
-    if args.start_layer is not None:
-        control["start_layer"] = args.start_layer
+    control = _control_starts(args)
     masks = mask_options(args)
     if masks is not None and masks.regions:
         control["mask"] = {
@@ -356,11 +360,7 @@ def _sequence_params(args: argparse.Namespace) -> dict[str, Any]:
         }.items()
         if value is not None
     }
-    control = {
-        key: value
-        for key, value in (("start_step", args.start_step), ("start_layer", args.start_layer))
-        if value is not None
-    }
+    control = _control_starts(args)
     return {
         "target_prompts": args.target_prompts,
         "condition": condition,

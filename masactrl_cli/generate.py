@@ -17,12 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from masactrl_cli.errors import UsageError
 from masactrl_cli.options import (
     ConditionOptions,
     add_condition_options,
+    add_control_options,
     add_mask_options,
     add_model_options,
     condition_options,
@@ -30,9 +29,10 @@ from masactrl_cli.options import (
     non_negative_int,
     positive_int,
 )
-from masactrl_jobs.catalog import ModelEntry, is_single_file
+from masactrl_jobs.catalog import CatalogError, ModelEntry, checkpoint_entry, is_single_file
 from masactrl_jobs.control import InvalidParameters, resolve_control, resolve_size
 from masactrl_jobs.schema import ControlParams
+from masactrl_jobs.shape import ModelShape
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -45,16 +45,10 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)"
     )
-    parser.add_argument(
-        "--start-step",
-        type=non_negative_int,
-        help="first denoising step with mutual self-attention (default: the model's, 4)",
-    )
-    parser.add_argument(
-        "--start-layer",
-        type=non_negative_int,
-        help="first transformer block with mutual self-attention, in execution order "
-        "(default: the model's, 10 of 16 for SD, 44 of 70 for SDXL)",
+    add_control_options(
+        parser,
+        start_step_help="first denoising step with mutual self-attention (default: the model's, "
+        "4); equal to --steps runs without the control",
     )
 
 
@@ -321,25 +315,17 @@ def _mask_record(args: argparse.Namespace, options: dict[str, Any] | None) -> di
 
 def model_entry(model: str, engine: Any) -> ModelEntry:
     """The loaded checkpoint as a catalog entry: its shape as the engine measured it, and the
-    control defaults and size limit the catalog gives its family."""
+    control defaults that follow from it (or that its folder's ``masactrl.json`` declares)."""
     name = re.sub(r"[^a-z0-9_.-]+", "-", Path(model.rstrip("/")).name.lower()).strip("-._")
     try:
-        return ModelEntry.model_validate(
-            {
-                "name": name[:63] or "model",
-                "source": model,
-                "family": engine.family,
-                "native_width": engine.native_size[0],
-                "native_height": engine.native_size[1],
-                "block_count": engine.block_count,
-                "size_multiple": engine.size_multiple,
-            }
-        )
-    except ValidationError as exc:
-        problem = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
-        raise UsageError(
-            f"{model} does not fit the {engine.family} family's defaults: {problem}"
-        ) from None
+        entry = checkpoint_entry(name[:63] or "model", model, engine.family)
+    except CatalogError as exc:
+        raise UsageError(one_line(exc)) from None
+    shape = ModelShape.from_description(engine.describe())
+    conflicts = entry.shape_conflicts(shape)
+    if conflicts:
+        raise UsageError(conflicts[0])
+    return entry.with_shape(shape)
 
 
 def load_engine(args: argparse.Namespace) -> Any:
@@ -390,11 +376,13 @@ def load_engine(args: argparse.Namespace) -> Any:
 
 def resolve_run(args: argparse.Namespace, engine: Any) -> tuple[int, int, int, int]:
     """(width, height, start_step, start_layer) by the service's rules, against the loaded
-    checkpoint: unset values take its family's defaults (SD 4/10, SDXL 4/44), and what the model
-    cannot run is a UsageError."""
+    checkpoint: unset values take its defaults (masactrl_jobs.shape: start step 4, start layer
+    at 10/16 of its depth, or what it declares), and what the model cannot run is a
+    UsageError."""
     entry = model_entry(args.model, engine)
     requested = ControlParams.model_construct(
-        start_step=args.start_step, start_layer=args.start_layer
+        start_step=args.steps if args.no_control else args.start_step,
+        start_layer=args.start_layer,
     )
     try:
         width, height = resolve_size(entry, args.width, args.height)

@@ -17,6 +17,7 @@ __all__ = [
     "ConditionOptions",
     "MaskOptions",
     "add_condition_options",
+    "add_control_options",
     "add_mask_options",
     "condition_options",
     "mask_options",
@@ -94,6 +95,25 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="accept a .ckpt pickle file (it can run arbitrary code while it loads)",
     )
     add_lora_option(parser, "a .safetensors file, a folder holding one, or a hub id")
+
+
+def add_control_options(parser: argparse.ArgumentParser, *, start_step_help: str) -> None:
+    """``--start-step`` or ``--no-control`` (exclusive), and ``--start-layer``."""
+    control = parser.add_mutually_exclusive_group()
+    control.add_argument("--start-step", type=non_negative_int, help=start_step_help)
+    control.add_argument(
+        "--no-control",
+        action="store_true",
+        help="run without mutual self-attention (as --start-step equal to --steps): the plain "
+        "model's images, for a side-by-side",
+    )
+    parser.add_argument(
+        "--start-layer",
+        type=non_negative_int,
+        help="first self-attention block with mutual self-attention, in execution order "
+        "(default: the model's: the paper's 10 of 16 kept at the same depth, so 44 of SDXL's "
+        "70 and 4 of a 7-block model)",
+    )
 
 
 def positive_int(text: str) -> int:

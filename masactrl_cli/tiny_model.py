@@ -23,6 +23,13 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         "--family", choices=("sd", "sdxl"), help="model family (default sd; not with --condition)"
     )
     parser.add_argument(
+        "--variant",
+        choices=("standard", "two-level", "no-mid", "three-level"),
+        default="standard",
+        help="the UNet's shape (sd family): SD 1.5's 16 blocks (standard), or a pruned model's: "
+        "two-level (7 blocks), no-mid (9 blocks, no mid block, as BK-SDM), three-level (11)",
+    )
+    parser.add_argument(
         "--condition",
         choices=("controlnet", "adapter"),
         help="write a ControlNet or T2I-Adapter for the checkpoint in --base instead",
@@ -46,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} exists and is not a folder")
     if args.condition is None and args.base is not None:
         raise UsageError("--base is only used with --condition")
+    if args.variant != "standard" and (args.condition is not None or args.preview_vae):
+        raise UsageError("--variant shapes a checkpoint's UNet: no --condition or --preview-vae")
     if args.preview_vae and (args.condition is not None or args.family is not None):
         raise UsageError("--preview-vae fits every tiny checkpoint: no --condition or --family")
     if args.condition is not None:
@@ -62,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
         elif args.condition is not None:
             description = _write_condition(out, args.condition, args.base, args.seed)
         else:
-            description = _write_checkpoint(out, args.family or "sd", args.seed)
-    except NotImplementedError as exc:
+            description = _write_checkpoint(out, args.family or "sd", args.seed, args.variant)
+    except (NotImplementedError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
@@ -72,11 +81,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_checkpoint(out: Path, family: str, seed: int) -> str:
+def _write_checkpoint(out: Path, family: str, seed: int, variant: str) -> str:
     from masactrl_core.tiny import tiny_checkpoint_info, write_tiny_checkpoint
 
-    path = write_tiny_checkpoint(out, seed=seed, family=family)
-    return tiny_checkpoint_info(path, seed=seed, family=family).describe()
+    path = write_tiny_checkpoint(out, seed=seed, family=family, variant=variant)
+    return tiny_checkpoint_info(path, seed=seed, family=family, variant=variant).describe()
 
 
 def _write_condition(out: Path, kind: str, base: Path, seed: int) -> str:

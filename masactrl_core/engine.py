@@ -80,11 +80,12 @@ class ControlConfig:
 
     Blocks are numbered 0..L-1 in execution order (down, mid, up); step 0 is the noisiest.
     ``steps`` / ``layers`` lists override the ``start_step`` / ``start_layer`` ranges.
-    ``start_step == steps`` (or ``steps=[]``) disables the control.
+    ``start_step == steps`` (or ``steps=[]``) disables the control. ``start_layer=None`` is the
+    model's default (``engine.default_control``): a depth, not SD 1.5's block 10.
     """
 
-    start_step: int = 4
-    start_layer: int = 10
+    start_step: int = PAPER_START_STEP
+    start_layer: int | None = None
     layers: Sequence[int] | None = None
     steps: Sequence[int] | None = None
 
@@ -105,6 +106,8 @@ class ControlConfig:
                 )
             steps = frozenset(self.steps)
         if self.layers is None:
+            if self.start_layer is None:
+                return steps, frozenset(range(paper_start_layer(block_count), block_count))
             if not 0 <= self.start_layer < block_count:
                 raise InvalidInput(
                     f"start_layer must be between 0 and {block_count - 1} "
@@ -270,6 +273,11 @@ def _device_and_dtype(
     return resolved, dtype
 
 
+def paper_start_layer(block_count: int) -> int:
+    """The paper's start layer 10 of SD 1.5's 16 blocks, kept at the same depth of this model."""
+    return min(round(block_count * PAPER_START_DEPTH), block_count - 1)
+
+
 def detect_family(config: dict[str, Any]) -> str:
     """``sdxl`` for checkpoints with SDXL's second text encoder or pipeline class, else ``sd``."""
     class_name = config.get("_class_name", "")
@@ -349,14 +357,14 @@ class MasaCtrlEngine:
         sample_size = self.unet.config.sample_size
         native = sample_size if isinstance(sample_size, int) else sample_size[0]
         self.native_size = (native * self.vae_scale_factor, native * self.vae_scale_factor)
-        if default_control is not None and default_control.start_layer >= self.block_count:
+        declared_layer = None if default_control is None else default_control.start_layer
+        if declared_layer is not None and declared_layer >= self.block_count:
             raise ModelLoadError(
-                f"{model_name or 'the model'} declares start_layer {default_control.start_layer},"
+                f"{model_name or 'the model'} declares start_layer {declared_layer},"
                 f" but its UNet has {self.block_count} self-attention blocks"
             )
         self.default_control = default_control or ControlConfig(
-            start_step=PAPER_START_STEP,
-            start_layer=min(round(self.block_count * PAPER_START_DEPTH), self.block_count - 1),
+            start_step=PAPER_START_STEP, start_layer=paper_start_layer(self.block_count)
         )
         # LoRA adapters, loaded once each and active only inside ``loras.activated(...)``.
         self.loras = LoraAdapters(pipeline)
@@ -965,6 +973,8 @@ class MasaCtrlEngine:
             # out of range are errors.
             start = min(self.default_control.start_step, steps)
             control = replace(self.default_control, start_step=start)
+        elif control.start_layer is None:
+            control = replace(control, start_layer=self.default_control.start_layer)
         return control.resolve(steps, self.block_count)
 
     @staticmethod

@@ -2,6 +2,11 @@
 
 Family ``sd``: the UNet keeps the full SD1.x *topology* (4 down blocks, 2 layers each, 16
 transformer blocks) so the paper's default control (start_layer=10 of 16) applies unchanged.
+Real checkpoints are not all shaped like SD 1.5: pruned and distilled ones (BK-SDM, segmind's
+small-sd/tiny-sd) have fewer levels, fewer layers or no mid block. ``SD_VARIANTS`` builds tiny
+SD-family UNets of such shapes (``two-level``: 7 blocks; ``no-mid``: 9 blocks, no mid block, one
+layer per level as BK-SDM; ``three-level``: 11 blocks), so everything that reads a model's shape
+is tested on more than one copy of SD's numbering.
 Family ``sdxl``: SDXL's topology (3 down blocks, transformer depths 1/2/10, 70 transformer blocks,
 text_time added conditioning, two text encoders, the second with a projection) so its default
 start_layer 44 of 70 applies unchanged. Only the widths are tiny; one SDXL UNet forward at the
@@ -26,6 +31,7 @@ __all__ = [
     "bytes_to_unicode",
     "learn_merges",
     "write_tokenizer",
+    "SD_VARIANTS",
     "tiny_checkpoint_info",
     "write_tiny_checkpoint",
     "write_tiny_preview_vae",
@@ -207,6 +213,26 @@ SD_TINY_UNET_CONFIG: dict[str, Any] = {
     # Legacy diffusers naming: for SD1.x this is the number of heads per attention layer.
     "attention_head_dim": 2,
     "cross_attention_dim": 32,
+}
+
+# UNet config changes giving tiny SD-family models of other shapes than SD 1.5's (see above).
+SD_VARIANTS: dict[str, dict[str, Any]] = {
+    "standard": {},
+    # Two levels, one layer per down block: 2 down + 1 mid + 4 up = 7 self-attention blocks.
+    "two-level": {
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "block_out_channels": (16, 32),
+        "layers_per_block": 1,
+    },
+    # BK-SDM's cut: no mid block and one layer per down block: 3 down + 6 up = 9 blocks.
+    "no-mid": {"mid_block_type": None, "layers_per_block": 1},
+    # Three levels, the last without attention: 4 down + 1 mid + 6 up = 11 blocks.
+    "three-level": {
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "block_out_channels": (8, 16, 32),
+    },
 }
 
 SD_TINY_VAE_CONFIG: dict[str, Any] = {
@@ -439,38 +465,61 @@ def _build_sdxl_pipeline(
 
 @dataclass(frozen=True)
 class _Family:
-    build: Callable[[int, Path], Any]
+    build: Callable[[int, Path, dict[str, Any]], Any]
     native_size: int
     vae_scale_factor: int
-    transformer_blocks: int
+    unet_config: dict[str, Any]
     # Tokenizer subfolders whose vocab/merges must be the ones this module wrote.
     tokenizer_folders: tuple[str, ...]
 
 
 FAMILIES: dict[str, _Family] = {
-    "sd": _Family(_build_sd_pipeline, SD_NATIVE_SIZE, SD_VAE_SCALE_FACTOR, 16, ("tokenizer",)),
+    "sd": _Family(
+        _build_sd_pipeline,
+        SD_NATIVE_SIZE,
+        SD_VAE_SCALE_FACTOR,
+        SD_TINY_UNET_CONFIG,
+        ("tokenizer",),
+    ),
     "sdxl": _Family(
         _build_sdxl_pipeline,
         SDXL_NATIVE_SIZE,
         SDXL_VAE_SCALE_FACTOR,
-        70,
+        SDXL_TINY_UNET_CONFIG,
         ("tokenizer", "tokenizer_2"),
     ),
 }
 
 
+def _self_attention_blocks(unet_config: dict[str, Any]) -> int:
+    """Counted on the UNet the config builds (on the meta device: no weights are made)."""
+    import torch
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    return sum(1 for name in unet.attn_processors if name.endswith("attn1.processor"))
+
+
 def tiny_checkpoint_info(
-    out_dir: str | Path, *, seed: int = 0, family: str = "sd"
+    out_dir: str | Path, *, seed: int = 0, family: str = "sd", variant: str = "standard"
 ) -> TinyCheckpointInfo:
-    """The facts about the checkpoint `write_tiny_checkpoint` writes, without writing it."""
+    """The facts about the checkpoint ``write_tiny_checkpoint`` writes to ``out_dir``: its
+    block count is counted on the UNet that its config builds, never looked up."""
     spec = _family(family)
+    path = Path(out_dir)
+    config_file = path / "unet" / "config.json"
+    if config_file.is_file():
+        unet_config = json.loads(config_file.read_text(encoding="utf-8"))
+    else:
+        unet_config = {**spec.unet_config, **_variant(family, variant)}
     return TinyCheckpointInfo(
-        path=Path(out_dir),
+        path=path,
         family=family,
         seed=seed,
         native_size=spec.native_size,
         vae_scale_factor=spec.vae_scale_factor,
-        transformer_blocks=spec.transformer_blocks,
+        transformer_blocks=_self_attention_blocks(unet_config),
     )
 
 
@@ -483,17 +532,32 @@ def _family(family: str) -> _Family:
         ) from None
 
 
-def write_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, family: str = "sd") -> Path:
+def _variant(family: str, variant: str) -> dict[str, Any]:
+    if variant == "standard":
+        return {}
+    if family != "sd" or variant not in SD_VARIANTS:
+        raise ValueError(
+            f"unknown {family} variant {variant!r}; the sd family has "
+            f"{', '.join(SD_VARIANTS)}, sdxl only standard"
+        )
+    return SD_VARIANTS[variant]
+
+
+def write_tiny_checkpoint(
+    out_dir: str | Path, *, seed: int = 0, family: str = "sd", variant: str = "standard"
+) -> Path:
     """Write a seeded random-weight checkpoint to `out_dir` and return its path.
 
     Same seed -> byte-identical weight files. Both families have a native size of 64x64 px
-    (latents 4x32x32); family "sd" has the SD1.5 block layout (16 transformer blocks), family
-    "sdxl" SDXL's (70 transformer blocks, two text encoders).
+    (latents 4x32x32); family "sd" has the SD1.5 block layout (16 transformer blocks) or, with
+    ``variant``, one of :data:`SD_VARIANTS`' other shapes; family "sdxl" SDXL's (70 transformer
+    blocks, two text encoders).
     """
     spec = _family(family)
+    changes = _variant(family, variant)
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="masactrl-tok-") as tmp:
-        pipe = spec.build(seed, Path(tmp))
+        pipe = spec.build(seed, Path(tmp), {**spec.unet_config, **changes})
         out.mkdir(parents=True, exist_ok=True)
         pipe.save_pretrained(out, safe_serialization=True)
         # Tokenizer files are this module's own, whatever the installed transformers would emit

@@ -8,10 +8,14 @@ JSON shape::
      "models": [{"name": "sd15", "source": "stable-diffusion-v1-5/stable-diffusion-v1-5",
                  "family": "sd"}, ...]}
 
-``models`` may also be an object keyed by name. Omitted fields take the family's defaults, except
-that a local checkpoint folder declaring its default control in ``masactrl.json`` (``{"start_step":
-4, "start_layer": 10}``, as the engine reads it) gives the omitted ``default_start_step`` and
-``default_start_layer``.
+``models`` may also be an object keyed by name. The model's shape (``block_count``,
+``native_width``/``native_height``, ``size_multiple``) is measured by its workers from the loaded
+checkpoint (``masactrl_jobs.shape``); an entry may declare it, and a worker whose model measures
+otherwise refuses to start. Until a worker has reported, the gateway assumes what the entry
+declares, else the family's reference shape. The default control is a rule over the block count
+(start step 4, start layer at 10/16 of the depth) unless declared: by the entry
+(``default_start_step``, ``default_start_layer``) or by a local checkpoint folder's
+``masactrl.json`` (``{"start_step": 4, "start_layer": 10}``, as the engine reads it).
 
 A model may list the layout condition models (ControlNets, T2I-Adapters) its workers may load,
 by name; requests pick one by that name, never by an arbitrary source::
@@ -53,41 +57,28 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from masactrl_jobs.schema import LORA_WEIGHT_LIMIT
+from masactrl_jobs.shape import (
+    DEFAULT_START_STEP,
+    FAMILY_REFERENCE_SHAPES,
+    SHAPE_FIELDS,
+    Family,
+    ModelShape,
+    PredictionType,
+    default_start_layer,
+)
 
-Family = Literal["sd", "sdxl"]
 ConditionKind = Literal["controlnet", "t2i_adapter"]
-PredictionType = Literal["epsilon", "v_prediction"]
 
 # How a source names one checkpoint file rather than a folder or hub id; the pickle suffixes are
 # refused unless the entry allows them (masactrl_core.single_file applies the same rule on load).
 SINGLE_FILE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
-# What the engine derives from the UNet of each family: self-attention blocks (16 in SD 1.x/2.x,
-# 70 in SDXL) and the pixel multiple the UNet's down/up sampling needs (VAE factor 8 times
-# 2**downsamplers: 3 in SD, 2 in SDXL); and the control defaults the service fills in: the MasaCtrl
-# paper's start step 4 and start layer 10 of 16 for SD, 44 of 70 (one of the authors' SDXL
-# examples) for SDXL. This table is their only home; masactrl_jobs.control applies them.
-FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
-    "sd": {
-        "native_width": 512,
-        "native_height": 512,
-        "block_count": 16,
-        "default_start_step": 4,
-        "default_start_layer": 10,
-        "size_multiple": 64,
-    },
-    "sdxl": {
-        "native_width": 1024,
-        "native_height": 1024,
-        "block_count": 70,
-        "default_start_step": 4,
-        "default_start_layer": 44,
-        "size_multiple": 32,
-    },
-}
-
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+# Entry fields an operator may declare about the model or its control, checked against the model.
+_DECLARABLE = frozenset((*SHAPE_FIELDS, "default_start_step", "default_start_layer", "max_pixels"))
+# Entry fields the validator computes; never taken from the catalog's text.
+_COMPUTED = frozenset(("declared", "measured"))
 # A checkpoint folder's own default control (the engine reads the same file).
 CONTROL_DECLARATION = "masactrl.json"
 
@@ -170,6 +161,12 @@ class UnknownLora(_UnknownOption):
     what = "LoRA adapter"
 
 
+def _default_max_pixels(width: Any, height: Any) -> Any:
+    # Twice the native side: enough for upscaled edits, bounded for the GPU. (Any: the raw
+    # catalog values are checked by the fields after this runs.)
+    return 4 * width * height
+
+
 def is_single_file(source: str) -> bool:
     """Whether ``source`` names one checkpoint file (by its suffix)."""
     return source.lower().endswith(SINGLE_FILE_SUFFIXES + PICKLE_SUFFIXES)
@@ -203,23 +200,36 @@ class ModelEntry(BaseModel):
         default=None, min_length=1, description="Hub id or local folder of an AutoencoderTiny."
     )
 
+    # Which of the shape and default-control fields the operator (or the checkpoint's
+    # masactrl.json) wrote; the others are rules or assumptions. Computed from the input.
+    declared: frozenset[str] = Field(default=frozenset(), exclude=True, repr=False)
+    # What a worker measured from the loaded model, once one has (see :meth:`with_shape`).
+    measured: ModelShape | None = Field(default=None, exclude=True)
+
     @model_validator(mode="before")
     @classmethod
     def _family_defaults(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
         family = data.get("family")
-        if family not in FAMILY_DEFAULTS:
+        if family not in FAMILY_REFERENCE_SHAPES:
             # Said here, once: otherwise every family-derived field would also report "missing".
-            known = " or ".join(repr(name) for name in FAMILY_DEFAULTS)
+            known = " or ".join(repr(name) for name in FAMILY_REFERENCE_SHAPES)
             if family is None:
                 raise ValueError(f"family is required ({known})")
             raise ValueError(f"family {family!r} is not {known}")
-        defaults = FAMILY_DEFAULTS[family]
-        filled = {**defaults, **{k: v for k, v in data.items() if v is not None}}
+        given = {k: v for k, v in data.items() if v is not None and k not in _COMPUTED}
+        filled = {**FAMILY_REFERENCE_SHAPES[family], **given}
+        filled["declared"] = frozenset(given) & _DECLARABLE
+        filled["measured"] = None
+        filled.setdefault("default_start_step", DEFAULT_START_STEP)
+        block_count = filled["block_count"]
+        if "default_start_layer" not in filled and isinstance(block_count, int) and block_count > 0:
+            filled["default_start_layer"] = default_start_layer(block_count)
         if "max_pixels" not in filled:
-            # Twice the native side by default: enough for upscaled edits, bounded for the GPU.
-            filled["max_pixels"] = 4 * filled["native_width"] * filled["native_height"]
+            filled["max_pixels"] = _default_max_pixels(
+                filled["native_width"], filled["native_height"]
+            )
         conditions = filled.get("conditions")
         if isinstance(conditions, dict):
             filled["conditions"] = {
@@ -268,6 +278,51 @@ class ModelEntry(BaseModel):
                     f"{self.name} is {self.family}"
                 )
         return self
+
+    def shape_conflicts(self, shape: ModelShape) -> list[str]:
+        """Sentences for each declared value that the loaded model contradicts (empty if none)."""
+        conflicts = []
+        if shape.family != self.family:
+            conflicts.append(
+                f"{self.name} is declared {self.family}, but its checkpoint is {shape.family}"
+            )
+        for name, measured in shape.values().items():
+            declared = getattr(self, name)
+            if name in self.declared and declared != measured:
+                conflicts.append(
+                    f"{self.name} declares {name} {declared}, but the model measures {measured}"
+                )
+        if "default_start_layer" in self.declared and self.default_start_layer >= shape.block_count:
+            conflicts.append(
+                f"{self.name} declares default_start_layer {self.default_start_layer}, but the "
+                f"model has {shape.block_count} self-attention blocks"
+            )
+        declared_prediction = self.prediction_type
+        if declared_prediction is not None and shape.prediction_type not in (
+            None,
+            declared_prediction,
+        ):
+            conflicts.append(
+                f"{self.name} declares prediction_type {declared_prediction}, but the model "
+                f"predicts {shape.prediction_type}"
+            )
+        return conflicts
+
+    def with_shape(self, shape: ModelShape) -> ModelEntry:
+        """This entry with the shape its model measures: undeclared sizes and the default start
+        layer follow the model; declared values stay (:meth:`shape_conflicts` says if they
+        contradict it)."""
+        update: dict[str, Any] = {
+            name: value for name, value in shape.values().items() if name not in self.declared
+        }
+        if "default_start_layer" not in self.declared:
+            update["default_start_layer"] = default_start_layer(shape.block_count)
+        if "max_pixels" not in self.declared:
+            width = update.get("native_width", self.native_width)
+            height = update.get("native_height", self.native_height)
+            update["max_pixels"] = _default_max_pixels(width, height)
+        update["measured"] = shape
+        return self.model_copy(update=update)
 
     def condition(self, name: str) -> ConditionEntry:
         """The condition model called ``name``; :class:`UnknownCondition` if this model lacks it."""
@@ -433,6 +488,19 @@ def _with_declared_controls(data: dict[str, Any], origin: str) -> dict[str, Any]
     if isinstance(models, dict):
         return {**data, "models": dict(zip(models, filled, strict=True))}
     return {**data, "models": filled}
+
+
+def checkpoint_entry(name: str, source: str, family: Family) -> ModelEntry:
+    """An entry for one checkpoint outside any catalog (``masactrl synthesize --model``): no
+    declared shape, the default control its folder's ``masactrl.json`` declares, if any.
+
+    Give it the shape the loaded model measures with :meth:`ModelEntry.with_shape`.
+    """
+    data = {**_declared_control(source, source), "name": name, "source": source, "family": family}
+    try:
+        return ModelEntry.model_validate(data)
+    except ValidationError as exc:
+        raise CatalogError(f"{source}: {_describe(exc)}") from None
 
 
 def _declared_control(source: str, origin: str) -> dict[str, int]:

@@ -4,10 +4,11 @@ One home for these rules, used by the gateway (to answer 422 before queueing), t
 (before handing the job to the engine) and ``masactrl synthesize``/``edit``:
 
 - **Control.** Omitted values take the model's defaults (the catalog entry's
-  ``default_start_step`` / ``default_start_layer``, which come from its family). A requested
-  ``start_step`` must be below ``steps``; a default one is clipped to ``steps``, which leaves a
-  short run without controlled steps rather than failing it. Layers must be below the model's
-  ``block_count``; explicit ``layers`` / ``steps`` lists override the start values.
+  ``default_start_step`` / ``default_start_layer``: declared, else the rules of
+  ``masactrl_jobs.shape`` over the model's block count). A ``start_step`` may be at most
+  ``steps``: ``start_step == steps`` (or ``steps: []``) runs without the control, the one way to
+  do so everywhere. A default start step is clipped to ``steps``. Layers must be below the
+  model's ``block_count``; explicit ``layers`` / ``steps`` lists override the start values.
 - **Size.** Width and height default to the native size, must be multiples of the model's
   ``size_multiple`` (the VAE factor times the UNet's downsampling) and stay within ``max_pixels``.
 - **LoRA adapters.** Each named adapter must be one of the model's catalog adapters; an omitted
@@ -84,15 +85,15 @@ class RequestedControl(Protocol):
 _CONTROL = "control"
 
 
-def _step_problems(control: RequestedControl, steps: int, *, last_start: int) -> list[Problem]:
+def _step_problems(control: RequestedControl, steps: int) -> list[Problem]:
     problems = []
-    if control.start_step is not None and not 0 <= control.start_step <= last_start:
+    # start_step == steps is allowed: it is how a run goes without the control.
+    if control.start_step is not None and not 0 <= control.start_step <= steps:
         problems.append(
             Problem(
                 (_CONTROL, "start_step"),
-                f"start_step must be less than steps ({steps}), got {control.start_step}"
-                if last_start < steps
-                else f"start_step must be between 0 and steps ({steps}), got {control.start_step}",
+                f"start_step must be between 0 and steps ({steps}; equal to steps runs without "
+                f"the control), got {control.start_step}",
             )
         )
     bad_steps = [s for s in control.steps or [] if not 0 <= s < steps]
@@ -130,9 +131,7 @@ def _layer_problems(control: RequestedControl, entry: ModelEntry) -> list[Proble
 
 def control_problems(entry: ModelEntry, requested: RequestedControl, steps: int) -> list[Problem]:
     """Every problem of a requested control for ``entry`` and a run of ``steps`` (empty if none)."""
-    return _step_problems(requested, steps, last_start=steps - 1) + _layer_problems(
-        requested, entry
-    )
+    return _step_problems(requested, steps) + _layer_problems(requested, entry)
 
 
 def resolve_control(
@@ -145,14 +144,16 @@ def resolve_control(
 ) -> ControlInput:
     """The control as it will run on ``entry``; :class:`InvalidParameters` when it cannot.
 
-    ``checked``: the caller has already reported :func:`control_problems` (the gateway collects
-    every problem of a request first), so they are not looked for again.
+    Omitted start values take the entry's defaults and are listed in ``defaulted``, so a worker
+    that measures another shape than the one the gateway knew resolves them again
+    (:func:`rebase_control`). ``checked``: the caller has already reported
+    :func:`control_problems` (the gateway collects every problem of a request first).
     """
     if not checked and (problems := control_problems(entry, requested, steps)):
         raise InvalidParameters(problems)
+    defaulted = [name for name in ("start_step", "start_layer") if getattr(requested, name) is None]
     return ControlInput(
-        # A default start step past a short run means no controlled step, which is allowed;
-        # a requested one there is a mistake and reported above.
+        # A default start step past a short run means no controlled step, which is allowed.
         start_step=(
             requested.start_step
             if requested.start_step is not None
@@ -166,18 +167,28 @@ def resolve_control(
         layers=list(requested.layers) if requested.layers is not None else None,
         steps=list(requested.steps) if requested.steps is not None else None,
         mask=mask if mask is not None else MaskControl(),
+        defaulted=defaulted,
     )
 
 
-def check_control(entry: ModelEntry, control: ControlInput, steps: int) -> None:
-    """Check an already resolved control against the model that will run it (a worker's check).
+def check_control(entry: ModelEntry, control: ControlInput, steps: int) -> ControlInput:
+    """The control a worker runs: its defaulted values resolved again against ``entry`` (the
+    shape the worker measured; the gateway may have known only the catalog's), then checked.
 
-    The gateway resolved it against its own copy of the catalog; the worker's entry is the one
-    that matters. ``start_step == steps`` is valid here: it is how a clipped default is stored.
+    The gateway resolved the rest against its own copy of the catalog; the worker's entry is the
+    one that matters, so :class:`InvalidParameters` when it cannot run them.
     """
-    problems = _step_problems(control, steps, last_start=steps) + _layer_problems(control, entry)
-    if problems:
+    if control.defaulted:
+        rebased = {
+            "start_step": min(entry.default_start_step, steps),
+            "start_layer": entry.default_start_layer,
+        }
+        control = control.model_copy(
+            update={name: rebased[name] for name in control.defaulted if name in rebased}
+        )
+    if problems := control_problems(entry, control, steps):
         raise InvalidParameters(problems)
+    return control
 
 
 class RequestedLora(Protocol):

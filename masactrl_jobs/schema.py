@@ -443,6 +443,11 @@ class ControlInput(BaseModel):
     layers: list[int] | None = None
     steps: list[int] | None = None
     mask: MaskControl = MaskControl()
+    defaulted: list[Literal["start_step", "start_layer"]] = Field(
+        default_factory=list,
+        description="Which start values came from the model's defaults; the worker resolves "
+        "them again against the shape it measured from the loaded model.",
+    )
 
 
 class ConditionInput(BaseModel):
@@ -666,6 +671,14 @@ class ModelPublic(BaseModel):
     size_multiple: int
     max_pixels: int
     default_control: DefaultControl
+    shape_source: Literal["measured", "catalog"] = Field(
+        description="`measured`: the sizes, block count and default start layer are what a live "
+        "worker measured from the loaded checkpoint; `catalog`: no worker has reported yet, so "
+        "they are the catalog's declared values, else the family's reference checkpoint's."
+    )
+    prediction_type: str | None = Field(
+        default=None, description="What the model predicts (`epsilon`, `v_prediction`), measured."
+    )
     live: bool = Field(description="Whether a live worker currently serves this model.")
     preview_decoder: Literal["tiny_autoencoder", "vae"] = Field(
         description="What decodes live previews: a tiny autoencoder (fast, every few steps) or "

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from fastapi import Response
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from masactrl_jobs.catalog import Catalog
+from masactrl_jobs.catalog import Catalog, ModelEntry
 from masactrl_jobs.queue import TaskMessages
 from masactrl_jobs.schema import JobPublic, JobStatus
+from masactrl_jobs.shape import ModelShape
 from masactrl_jobs.storage import Storage, results_prefix
 from masactrl_jobs.store import AsyncJobStore, JobRecord
 from service.config import GatewaySettings, Tenant
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 # Blocking reads stay well below the store's socket timeout (5 s), so a slow stream is never
 # mistaken for a dead Redis.
 _BLOCK_MS = 1000
+# How long a model's reported shape is reused before asking Redis again: a shape changes only
+# when its workers are replaced by ones serving another checkpoint.
+_SHAPE_REFRESH_SECONDS = 2.0
 
 _DATETIME = TypeAdapter(datetime)
 # A JSON string literal, non-ASCII kept as is and control characters escaped as pydantic does.
@@ -54,6 +58,10 @@ class Gateway:
     _url_base: str = field(init=False, repr=False)
     # Open streams and held waits per (what, tenant), in this process.
     _held: Counter[tuple[str, str]] = field(init=False, repr=False, default_factory=Counter)
+    # Catalog entries with their workers' measured shapes, by name, with when to ask again.
+    _entries: dict[str, tuple[float, ModelEntry]] = field(
+        init=False, repr=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         self.intake = ImageIntake(self.settings, self.storage)
@@ -123,6 +131,34 @@ class Gateway:
             # Never 403: that would confirm to another tenant that the id exists.
             raise ApiError(404, "not_found", f"No job with id {shown_id(job_id)}.")
         return record
+
+    # -- models
+    async def model_entry(self, name: str | None = None) -> ModelEntry:
+        """The catalog entry ``name`` (or the default) as its live workers measured the model,
+        or as the catalog declares it until one has reported; ``UnknownModel`` if absent."""
+        entry = self.catalog.get(name)
+        cached = self._entries.get(entry.name)
+        if cached is not None and time.monotonic() < cached[0]:
+            return cached[1]
+        return (await self._measured([entry]))[0]
+
+    async def model_entries(self) -> list[ModelEntry]:
+        """Every catalog entry, each as :meth:`model_entry` gives it (one round trip)."""
+        return await self._measured(self.catalog.models)
+
+    async def _measured(self, entries: list[ModelEntry]) -> list[ModelEntry]:
+        shapes = await self.store.model_shapes([entry.name for entry in entries])
+        refresh_at = time.monotonic() + _SHAPE_REFRESH_SECONDS
+        measured = []
+        for entry in entries:
+            if (reported := shapes.get(entry.name)) is not None:
+                try:
+                    entry = entry.with_shape(ModelShape.model_validate_json(reported))
+                except ValidationError as exc:
+                    logger.warning("ignoring the shape reported for %s: %s", entry.name, exc)
+            self._entries[entry.name] = (refresh_at, entry)
+            measured.append(entry)
+        return measured
 
     # -- held connections
     @contextlib.contextmanager

@@ -198,7 +198,7 @@ async def _submit(
                 return replay
 
     try:
-        entry = gw.catalog.get(body.model)
+        entry = await gw.model_entry(body.model)
     except UnknownModel as exc:
         raise invalid([FieldError(("body", "model"), str(exc), "unknown_model")]) from None
     if isinstance(body, SequenceParams):

@@ -152,6 +152,20 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_shaped_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny SD-family checkpoints shaped unlike SD 1.5 (``masactrl_core.tiny.SD_VARIANTS``:
+    7 blocks on two levels, 9 without a mid block, 11 on three levels), by variant name."""
+    from masactrl_core.tiny import SD_VARIANTS, write_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny-shapes")
+    return {
+        variant: write_tiny_checkpoint(folder / variant, seed=0, variant=variant)
+        for variant in SD_VARIANTS
+        if variant != "standard"
+    }
+
+
 @dataclass(frozen=True)
 class TinySingleFile:
     """The tiny checkpoint as one original-layout file, and a config folder without weights."""

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from masactrl_jobs.catalog import ModelEntry
 from masactrl_jobs.schema import LoraInput
+from masactrl_jobs.shape import ModelShape
 from worker.config import WorkerSettings
 
 if TYPE_CHECKING:
@@ -36,7 +37,9 @@ if TYPE_CHECKING:
 __all__ = [
     "CatalogLoras",
     "ConditionModels",
+    "ModelShapeMismatch",
     "load_engine",
+    "measured_entry",
     "load_preview_decoder",
     "resolve_source",
     "warm_up",
@@ -137,6 +140,27 @@ def load_engine(entry: ModelEntry, settings: WorkerSettings, source: str) -> Mas
         time.monotonic() - started,
     )
     return engine
+
+
+class ModelShapeMismatch(RuntimeError):
+    """The catalog entry declares a shape that the loaded model contradicts."""
+
+
+def measured_entry(entry: ModelEntry, engine: MasaCtrlEngine) -> ModelEntry:
+    """``entry`` with the shape ``engine`` measures from the loaded model.
+
+    A declared value the model contradicts (a block count, a size, a default start layer past
+    its blocks) stops the worker with :class:`ModelShapeMismatch` naming both values: serving a
+    model other than the one the catalog describes would fail its jobs one by one instead.
+    """
+    shape = ModelShape.from_description(engine.describe())
+    conflicts = entry.shape_conflicts(shape)
+    if conflicts:
+        raise ModelShapeMismatch(
+            "; ".join(conflicts)
+            + ". Correct the catalog entry, or remove the declared values and let the model say."
+        )
+    return entry.with_shape(shape)
 
 
 def load_preview_decoder(

@@ -437,10 +437,10 @@ class JobRunner:
         return MaskConfig(regions=regions)
 
     def _control(self, record: JobRecord) -> ControlConfig:
-        control = record.input.control
         try:
-            # The gateway resolved the control against its catalog; this worker's model decides.
-            check_control(self.entry, control, record.input.steps)
+            # The gateway resolved the control against the shape it knew; this worker's model
+            # (its entry carries the shape measured at start-up) decides.
+            control = check_control(self.entry, record.input.control, record.input.steps)
         except InvalidParameters as exc:
             raise _Failure(ErrorCode.invalid_input, str(exc)) from None
         return ControlConfig(

@@ -138,12 +138,22 @@ class WorkerRuntime:
 
     def start_gpu(self) -> None:
         """Load and warm the engine, then announce the model and start the janitor."""
-        from worker.engine_loader import load_engine, load_preview_decoder, warm_up
+        from worker.engine_loader import (
+            load_engine,
+            load_preview_decoder,
+            measured_entry,
+            warm_up,
+        )
         from worker.runner import JobRunner
 
-        entry, source = self.config.entry, self.config.source
-        assert entry is not None and source is not None
-        engine = load_engine(entry, self.settings, source)
+        declared, source = self.config.entry, self.config.source
+        assert declared is not None and source is not None
+        engine = load_engine(declared, self.settings, source)
+        # From here on the entry is the model as measured; the gateway learns it from the
+        # heartbeat and validates new jobs against it.
+        entry = measured_entry(declared, engine)
+        assert entry.measured is not None
+        shape = entry.measured.model_dump_json()
         preview_decoder = load_preview_decoder(entry, self.settings, engine)
         if self.settings.warmup:
             warm_up(engine)
@@ -172,7 +182,7 @@ class WorkerRuntime:
             Periodic(
                 "worker-heartbeat",
                 ttl / 3,
-                lambda: self.store.register_worker(entry.name, self.worker_id, ttl),
+                lambda: self.store.register_worker(entry.name, self.worker_id, ttl, shape),
             ).start()
         )
         self._start_janitor(cache)
@@ -273,8 +283,15 @@ def _init_pool_process(**_: Any) -> None:
         return
     # A fresh runtime per child: the parent's (if any) holds the parent's worker id.
     _current = None
+    from worker.engine_loader import ModelShapeMismatch
+
     try:
         current().start_gpu()
+    except ModelShapeMismatch as exc:
+        # An operator's mistake, said in one sentence; no traceback to dig it out of.
+        logger.critical("the worker cannot serve this model: %s", exc)
+        os.kill(os.getppid(), signal.SIGQUIT)
+        raise
     except BaseException:
         logger.critical("the model could not be loaded; stopping the worker", exc_info=True)
         # Without the model this worker can only fail; a cold shutdown of the parent (exit 1)

@@ -17,6 +17,7 @@ All keys live under one prefix (``masactrl`` unless configured)::
     idem:<t>:<sha256(key)>    string  "<body hash> <job id>", TTL = job retention
     ratelimit:<t>             hash    token bucket
     workers:<model>           zset    live worker ids by heartbeat deadline
+    model-shape:<model>       string  the shape (JSON) its live workers measured, TTL = heartbeat
     worker-models             set     models that ever had a worker
     webhooks:scheduled        zset    webhook retries (JSON) by the time they are due
     inversion-cache           zset    cached inversion storage keys by last use
@@ -85,3 +86,6 @@ class Keys:
 
     def workers(self, model: str) -> str:
         return f"{self.workers_prefix}{model}"
+
+    def model_shape(self, model: str) -> str:
+        return f"{self.prefix}:model-shape:{model}"

@@ -135,10 +135,14 @@ class WorkerOperations:
     # -- the worker registry ---------------------------------------------------------------
 
     @operation
-    def register_worker(self, model: str, worker_id: str, ttl: float) -> Call[bool]:
-        """Heartbeat: the worker serves ``model`` for the next ``ttl`` seconds."""
-        keys = [self.keys.workers(model), self.keys.worker_models]
-        return Call("register", keys, [worker_id, time.time() + ttl, model], lambda r: True)
+    def register_worker(
+        self, model: str, worker_id: str, ttl: float, shape: str | None = None
+    ) -> Call[bool]:
+        """Heartbeat: the worker serves ``model`` for the next ``ttl`` seconds, and its loaded
+        model measures ``shape`` (``ModelShape`` JSON; the gateway validates against it)."""
+        keys = [self.keys.workers(model), self.keys.worker_models, self.keys.model_shape(model)]
+        args = [worker_id, time.time() + ttl, model, shape or "", _ms(ttl)]
+        return Call("register", keys, args, lambda r: True)
 
     @operation
     def unregister_worker(self, model: str, worker_id: str) -> Call[bool]:
@@ -150,6 +154,19 @@ class WorkerOperations:
         """Models with at least one worker whose heartbeat has not lapsed."""
         args = [self.keys.workers_prefix, time.time()]
         return Call("live_models", [self.keys.worker_models], args, lambda r: set(texts(r)))
+
+    @operation
+    def model_shapes(self, models: Sequence[str]) -> Call[dict[str, str]]:
+        """The shape JSON the live workers of each model reported (absent: none reported, or
+        their heartbeats lapsed)."""
+        names = list(models)
+
+        def parse(reply: Any) -> dict[str, str]:
+            return {n: text(v) for n, v in zip(names, reply or [], strict=False) if v is not None}
+
+        if not names:
+            return nothing({})
+        return Call(None, (), ["MGET", *(self.keys.model_shape(n) for n in names)], parse)
 
     @operation
     def live_workers(self, model: str) -> Call[set[str]]:

@@ -21,9 +21,22 @@ def problems(error: pytest.ExceptionInfo[InvalidParameters]) -> dict[tuple[str |
     return {problem.field: problem.message for problem in error.value.problems}
 
 
-def test_omitted_values_take_the_family_defaults_of_the_catalog_entry() -> None:
-    assert resolve_control(SD15, ControlParams(), 50) == ControlInput(start_step=4, start_layer=10)
-    assert resolve_control(SDXL, ControlParams(), 50) == ControlInput(start_step=4, start_layer=44)
+def test_omitted_values_take_the_models_defaults_and_say_so() -> None:
+    defaulted: list = ["start_step", "start_layer"]
+    assert resolve_control(SD15, ControlParams(), 50) == ControlInput(
+        start_step=4, start_layer=10, defaulted=defaulted
+    )
+    assert resolve_control(SDXL, ControlParams(), 50) == ControlInput(
+        start_step=4, start_layer=44, defaulted=defaulted
+    )
+    assert resolve_control(SD15, ControlParams(start_layer=3), 50).defaulted == ["start_step"]
+
+
+def test_start_step_equal_to_steps_runs_without_the_control_everywhere() -> None:
+    resolved = resolve_control(SD15, ControlParams(start_step=25), 25)
+    assert (resolved.start_step, resolved.defaulted) == (25, ["start_layer"])
+    assert check_control(SD15, resolved, 25).start_step == 25
+    assert resolve_control(SD15, ControlParams(steps=[]), 25).steps == []
 
 
 def test_a_default_start_step_past_a_short_run_is_clipped() -> None:
@@ -40,11 +53,14 @@ def test_requested_values_and_lists_pass_through_with_the_mask() -> None:
 
 
 def test_every_problem_is_reported_with_its_field() -> None:
-    requested = ControlParams(start_step=10, start_layer=16, layers=[3, 16], steps=[9, 10])
+    requested = ControlParams(start_step=11, start_layer=16, layers=[3, 16], steps=[9, 10])
     with pytest.raises(InvalidParameters) as caught:
         resolve_control(SD15, requested, 10)
     assert problems(caught) == {
-        ("control", "start_step"): "start_step must be less than steps (10), got 10",
+        ("control", "start_step"): (
+            "start_step must be between 0 and steps (10; equal to steps runs without the "
+            "control), got 11"
+        ),
         ("control", "steps"): "control steps must be below steps (10), got [10]",
         ("control", "start_layer"): (
             "start_layer must be less than 16 (sd15 has 16 transformer blocks), got 16"
@@ -73,14 +89,19 @@ def test_a_control_shared_as_the_default_cannot_be_changed() -> None:
         default.mask.threshold = 0.5  # type: ignore[misc]
 
 
-def test_the_worker_check_accepts_a_stored_clipped_default_but_not_a_smaller_model() -> None:
+def test_the_worker_resolves_defaults_again_for_its_model_but_checks_requested_values() -> None:
     stored = resolve_control(SDXL, ControlParams(), 2)
-    check_control(SDXL, stored, 2)  # start_step == steps: no controlled step, as resolved
+    # start_step == steps: no controlled step, as resolved
+    assert check_control(SDXL, stored, 2) == stored
+    # The gateway knew another shape than the worker's model: its defaults follow the model.
+    rebased = check_control(SD15, stored, 2)
+    assert (rebased.start_step, rebased.start_layer) == (2, 10)
+    requested = resolve_control(SDXL, ControlParams(start_layer=44), 2)
     with pytest.raises(InvalidParameters) as caught:
-        check_control(SD15, stored, 2)
+        check_control(SD15, requested, 2)
     assert list(problems(caught)) == [("control", "start_layer")]
     with pytest.raises(InvalidParameters, match="between 0 and steps"):
-        check_control(SDXL, stored.model_copy(update={"start_step": 3}), 2)
+        check_control(SDXL, requested.model_copy(update={"start_step": 3, "defaulted": []}), 2)
 
 
 def test_size_defaults_to_the_native_size() -> None:

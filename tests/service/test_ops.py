@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -126,6 +127,8 @@ def test_models_with_live_workers(client: TestClient, redis_url: str) -> None:
         "size_multiple": 64,
         "max_pixels": 1048576,
         "default_control": {"start_step": 4, "start_layer": 10},
+        "shape_source": "catalog",
+        "prediction_type": None,
         "live": False,
         "preview_decoder": "vae",
         "conditions": [],
@@ -136,6 +139,33 @@ def test_models_with_live_workers(client: TestClient, redis_url: str) -> None:
     store.close()
     live = {m["name"]: m["live"] for m in client.get("/v1/models").json()["data"]}
     assert live == {"sd15": False, "sdxl": True}
+
+
+def test_the_gateway_validates_against_the_shape_a_live_worker_measured(
+    client: TestClient, redis_url: str
+) -> None:
+    # Before any worker reports, sd15 is assumed shaped like SD 1.5: 16 blocks.
+    assert client.post("/v1/syntheses", json=_with_layer(12)).status_code == 202
+    pruned = {"family": "sd", "block_count": 7, "native_width": 512, "native_height": 512}
+    pruned |= {"size_multiple": 32, "prediction_type": "v_prediction"}
+    store = JobStore.from_url(redis_url)
+    store.register_worker("sd15", "gpu-0", 30, json.dumps(pruned))
+    store.close()
+    sd15 = client.get("/v1/models").json()["data"][0]
+    assert (sd15["shape_source"], sd15["prediction_type"]) == ("measured", "v_prediction")
+    assert (sd15["block_count"], sd15["size_multiple"]) == (7, 32)
+    assert sd15["default_control"] == {"start_step": 4, "start_layer": 4}
+    refused = client.post("/v1/syntheses", json=_with_layer(12))
+    assert refused.status_code == 422
+    assert refused.json()["error"]["details"][0]["message"] == (
+        "start_layer must be less than 7 (sd15 has 7 transformer blocks), got 12"
+    )
+    job = client.post("/v1/syntheses", json={**SYNTHESIS, "width": 544}).json()
+    assert (job["input"]["control"]["start_layer"], job["input"]["width"]) == (4, 544)
+
+
+def _with_layer(layer: int) -> dict[str, Any]:
+    return {**SYNTHESIS, "control": {"start_layer": layer}}
 
 
 def test_the_startup_heap_is_out_of_garbage_collection_while_serving(

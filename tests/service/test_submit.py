@@ -279,7 +279,7 @@ INVALID_SYNTHESES: list[tuple[dict[str, Any], list[Any]]] = [
     ({"guidance_scale": 30.5}, ["body", "guidance_scale"]),
     ({"guidance_scale": -1}, ["body", "guidance_scale"]),
     ({"seed": -1}, ["body", "seed"]),
-    ({"steps": 10, "control": {"start_step": 10}}, ["body", "control", "start_step"]),
+    ({"steps": 10, "control": {"start_step": 11}}, ["body", "control", "start_step"]),
     ({"steps": 10, "control": {"steps": [2, 10]}}, ["body", "control", "steps"]),
     ({"control": {"start_layer": 16}}, ["body", "control", "start_layer"]),
     ({"control": {"layers": [3, 16]}}, ["body", "control", "layers"]),

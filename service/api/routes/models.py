@@ -22,6 +22,7 @@ async def list_models(gateway: GatewayDep, tenant: TenantDep) -> ModelList:
     """List the models on offer, their sizes, block counts, control defaults, adapters and live
     workers."""
     live = await gateway.store.live_models()
+    entries = await gateway.model_entries()
     return ModelList(
         default=gateway.catalog.default,
         data=[
@@ -34,6 +35,8 @@ async def list_models(gateway: GatewayDep, tenant: TenantDep) -> ModelList:
                 size_multiple=entry.size_multiple,
                 max_pixels=entry.max_pixels,
                 default_control=DefaultControl(**entry.default_control),
+                shape_source="measured" if entry.measured else "catalog",
+                prediction_type=entry.measured.prediction_type if entry.measured else None,
                 live=entry.name in live,
                 preview_decoder="tiny_autoencoder" if entry.preview_vae else "vae",
                 conditions=[
@@ -45,6 +48,6 @@ async def list_models(gateway: GatewayDep, tenant: TenantDep) -> ModelList:
                     for name, lora in sorted(entry.loras.items())
                 ],
             )
-            for entry in gateway.catalog.models
+            for entry in entries
         ],
     )
