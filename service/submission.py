@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from masactrl_jobs.catalog import UnknownModel
+from masactrl_jobs.catalog import ModelEntry, UnknownModel
 from masactrl_jobs.ids import new_id
 from masactrl_jobs.kinds import Kind, kind_of
 from masactrl_jobs.kinds.base import Inputs, Issue, JobBody, Refused
@@ -184,6 +184,26 @@ async def _read_inputs(
     return inputs
 
 
+def _checked(gw: Gateway, spec: Kind[Any, Any, Any], body: Any, files: Any) -> ModelEntry:
+    """The model the request names, once the request has passed the kind's checks and the
+    webhook's (422 listing every problem otherwise)."""
+    job_body: JobBody = body
+    try:
+        entry = gw.catalog.get(job_body.model)
+    except UnknownModel as exc:
+        raise invalid([FieldError(("body", "model"), str(exc), "unknown_model")]) from None
+    errors = [_field_error(issue) for issue in spec.check(body, entry, gw.settings, files)]
+    if job_body.webhook is not None:
+        webhook_error = check_webhook_url(
+            job_body.webhook.url, allow_loopback_http=gw.settings.allow_loopback_http
+        )
+        if webhook_error is not None:
+            errors.append(webhook_error)
+    if errors:
+        raise invalid(errors)
+    return entry
+
+
 async def _submit(
     gw: Gateway,
     tenant: Tenant,
@@ -206,20 +226,7 @@ async def _submit(
             if replay is not None:
                 return replay
 
-    try:
-        entry = gw.catalog.get(job_body.model)
-    except UnknownModel as exc:
-        raise invalid([FieldError(("body", "model"), str(exc), "unknown_model")]) from None
-    errors = [_field_error(issue) for issue in spec.check(body, entry, settings, files)]
-    if job_body.webhook is not None:
-        webhook_error = check_webhook_url(
-            job_body.webhook.url, allow_loopback_http=settings.allow_loopback_http
-        )
-        if webhook_error is not None:
-            errors.append(webhook_error)
-    if errors:
-        raise invalid(errors)
-
+    entry = _checked(gw, spec, body, files)
     rate: tuple[float, int] | None = (settings.rate_limit_per_second, settings.rate_limit_burst)
     inputs: Inputs | None = None
     if spec.takes_inputs(body, files):

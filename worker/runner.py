@@ -11,8 +11,10 @@ least once (late acks, broker redelivery, the janitor); the job's effect happens
    and running the job: drop;
 3. mark it running (``attempts`` + 1: this run's fencing token) and renew the lease in the
    background;
-4. read the input, run the engine, write ``results/<job_id>/<role>_<k>.png`` (a rerun overwrites
-   the same keys), then mark the job ``succeeded``; a worker that lost its lease writes nothing.
+4. run the job's kind (``masactrl_jobs.kinds``, looked up by ``record.kind``): load its inputs,
+   run the engine, write ``results/<job_id>/<role>_<k>.png`` (a rerun overwrites the same keys),
+   then mark the job ``succeeded``; a worker that lost its lease writes nothing. What a kind's run
+   gets from the worker is ``worker.context.JobContext``.
    A job with ``previews`` publishes small previews while it runs (``worker.previews``), under
    ``results/<job_id>/previews/``; they are deleted once it succeeded, with its results otherwise.
 
