@@ -24,6 +24,7 @@ from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, Web
 __all__ = [
     "MIN_IMAGE_SIDE",
     "InvalidImage",
+    "StoredInput",
     "ValidatedImage",
     "too_large_message",
     "decode_data_url",
@@ -84,6 +85,20 @@ class ValidatedImage:
     def key(self) -> str:
         """The content-addressed storage key, ``inputs/<sha256>.<ext>``."""
         return f"inputs/{self.sha256}.{self.ext}"
+
+
+@dataclass(frozen=True)
+class StoredInput:
+    """A checked input that is not an image (a sequence's video), content-addressed like images."""
+
+    data: bytes
+    ext: str
+    content_type: str = "application/octet-stream"
+
+    @property
+    def key(self) -> str:
+        """``inputs/<sha256>.<ext>``."""
+        return f"inputs/{hashlib.sha256(self.data).hexdigest()}.{self.ext}"
 
 
 def _megabytes(size: int) -> str:

@@ -9,9 +9,7 @@ event loop keeps serving other requests while a 20 MB upload is decoded.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from starlette.concurrency import run_in_threadpool
@@ -19,11 +17,13 @@ from starlette.concurrency import run_in_threadpool
 from masactrl_jobs import netguard
 from masactrl_jobs.images import (
     InvalidImage,
+    StoredInput,
     ValidatedImage,
     decode_data_url,
     too_large_message,
     validate_image,
 )
+from masactrl_jobs.media import VideoInfo, probe_video
 from masactrl_jobs.storage import (
     InvalidKey,
     ObjectNotFound,
@@ -39,20 +39,6 @@ from service.errors import FieldError
 __all__ = ["ImageIntake", "StoredInput"]
 
 Loc = Sequence[str | int]
-
-
-@dataclass(frozen=True)
-class StoredInput:
-    """A checked non-image input (a video), content-addressed like images."""
-
-    data: bytes
-    ext: str
-    content_type: str = "application/octet-stream"
-
-    @property
-    def key(self) -> str:
-        """``inputs/<sha256>.<ext>``."""
-        return f"inputs/{hashlib.sha256(self.data).hexdigest()}.{self.ext}"
 
 
 class ImageIntake:
@@ -90,6 +76,10 @@ class ImageIntake:
             )
         except InvalidImage as exc:
             raise FieldError(loc, str(exc), "invalid_image") from None
+
+    async def probe_video(self, data: bytes) -> VideoInfo:
+        """A video's duration and frame count from its headers (``MediaError`` when unreadable)."""
+        return await run_in_threadpool(probe_video, data)
 
     async def store(self, images: Sequence[ValidatedImage | StoredInput]) -> None:
         """Store validated images under ``inputs/<sha256>.<ext>``.

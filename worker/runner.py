@@ -11,8 +11,10 @@ least once (late acks, broker redelivery, the janitor); the job's effect happens
    and running the job: drop;
 3. mark it running (``attempts`` + 1: this run's fencing token) and renew the lease in the
    background;
-4. read the input, run the engine, write ``results/<job_id>/<role>_<k>.png`` (a rerun overwrites
-   the same keys), then mark the job ``succeeded``; a worker that lost its lease writes nothing.
+4. run the job's kind (``masactrl_jobs.kinds``, looked up by ``record.kind``): load its inputs,
+   run the engine, write ``results/<job_id>/<role>_<k>.png`` (a rerun overwrites the same keys),
+   then mark the job ``succeeded``; a worker that lost its lease writes nothing. What a kind's run
+   gets from the worker is ``worker.context.JobContext``.
    A job with ``previews`` publishes small previews while it runs (``worker.previews``), under
    ``results/<job_id>/previews/``; they are deleted once it succeeded, with its results otherwise.
 
@@ -30,36 +32,24 @@ Every failure ends as a job status with a code, never as a traceback in the job.
 from __future__ import annotations
 
 import gc
-import hashlib
-import io
 import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
-from PIL import Image, UnidentifiedImageError
 
-from masactrl_core import (
-    ControlConfig,
-    InvalidInput,
-    InvertedImage,
-    JobCancelled,
-    MasaCtrlEngine,
-    MaskConfig,
-)
-from masactrl_core.previews import LatentsCallback, PreviewDecoder, Previews
-from masactrl_jobs.catalog import ModelEntry, UnknownCondition, UnknownLora
-from masactrl_jobs.control import InvalidParameters, check_control, condition_problems
-from masactrl_jobs.media import MediaError, decode_video, encode_mp4, encode_webp
+from masactrl_core import InvalidInput, JobCancelled, MasaCtrlEngine
+from masactrl_core.previews import PreviewDecoder
+from masactrl_jobs.catalog import ModelEntry, UnknownLora
+from masactrl_jobs.kinds import Kind, kind_of
+from masactrl_jobs.kinds.base import AnimationOutput, JobInputError, Output
 from masactrl_jobs.queue import enqueue_job
-from masactrl_jobs.schema import ErrorCode, ImageRole, JobKind, JobStatus, MaskMode
+from masactrl_jobs.schema import ErrorCode, JobStatus
 from masactrl_jobs.storage import (
-    ObjectNotFound,
     Storage,
     StorageError,
     animation_key,
@@ -69,11 +59,11 @@ from masactrl_jobs.storage import (
 )
 from masactrl_jobs.store import FinishResult, JobRecord, JobStore
 from worker.config import WorkerSettings
+from worker.context import Failure, JobContext
 from worker.engine_loader import CatalogLoras, ConditionModels
-from worker.inversion_cache import InversionCache, inversion_cache_key
+from worker.inversion_cache import InversionCache
 from worker.leases import JobLease
 from worker.outputs import png_bytes
-from worker.previews import PreviewPublisher
 from worker.retry import Retrier
 from worker.webhooks import Emitter
 
@@ -81,49 +71,22 @@ __all__ = ["JobRunner"]
 
 logger = logging.getLogger(__name__)
 
-# The animations' frame rate when a job does not say (jobs made by the gateway always do).
-DEFAULT_ANIMATION_FPS = 8.0
-
-
-class _Failure(Exception):
-    """A job failure with its code and user-facing message."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+# What a run did, for logs and tests.
+Outcome = Literal[
+    "succeeded",
+    "failed",
+    "canceled",
+    "missing",
+    "dropped",
+    "rerouted",
+    "leased",
+    "abandoned",
+    "conflict",
+]
 
 
 class _Abandon(Exception):
     """This worker lost the job's lease: another one runs it now, so write nothing."""
-
-
-@dataclass
-class _RunState:
-    """Progress throttling and cancel polling for one run."""
-
-    job_id: str
-    lease: JobLease
-    cancel_seen: bool = False
-    last_write: float = float("-inf")
-    last_webhook: float = float("-inf")
-    last_progress: tuple[str, int, int] | None = None
-    # The condition images as the engine received them (after canny), published with the results.
-    condition_images: list[tuple[str, Image.Image]] = field(default_factory=list)
-    # Sequences: frames decoded so far, reported with the progress.
-    frames_done: int | None = None
-    # Jobs with previews: where this run's previews go.
-    previews: PreviewPublisher | None = None
-
-
-def _decode(data: bytes, what: str, mode: str = "RGB") -> Image.Image:
-    """Decode stored bytes fully; a damaged object is the job's input error, not a crash."""
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            return opened.convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise _Failure(ErrorCode.invalid_input, f"the {what} cannot be decoded: {exc}") from None
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -175,7 +138,7 @@ class JobRunner:
         self.loras = CatalogLoras(entry, engine)
         # Loaded once per worker (worker.engine_loader); without one, the model's VAE decodes.
         self.preview_decoder = preview_decoder
-        self._sleep = sleep
+        self.sleep = sleep
         self.retry = Retrier(
             settings.storage_retry_attempts, settings.storage_retry_max_wait_seconds
         )
@@ -185,7 +148,7 @@ class JobRunner:
 
     # -- the protocol ----------------------------------------------------------------------
 
-    def run(self, job_id: str) -> str:
+    def run(self, job_id: str) -> Outcome:
         """Run (or drop) the job; returns what happened, for logs and tests."""
         self.store_retry(self.store.take, job_id)
         outcome = self._run_taken(job_id)
@@ -194,7 +157,7 @@ class JobRunner:
             self._quietly(self.store.untake, job_id)
         return outcome
 
-    def _run_taken(self, job_id: str) -> str:
+    def _run_taken(self, job_id: str) -> Outcome:
         record = self.store_retry(self.store.get, job_id)
         if record is None:
             logger.info("job %s does not exist (expired?); dropping the message", job_id)
@@ -240,7 +203,7 @@ class JobRunner:
                 return self._fail(
                     job_id,
                     attempt,
-                    _Failure(
+                    Failure(
                         ErrorCode.worker_lost,
                         f"the job's worker stopped {attempt - 1} times while running "
                         "it; it is not tried again",
@@ -265,64 +228,18 @@ class JobRunner:
         except Exception as exc:
             logger.warning("%s of job %s failed: %s", fn.__name__, job_id, exc)
 
-    def _execute(self, record: JobRecord, attempt: int, lease: JobLease) -> str:
+    def _execute(self, record: JobRecord, attempt: int, lease: JobLease) -> Outcome:
         job_id = record.id
-        state = _RunState(job_id, lease)
+        kind = kind_of(record.kind)
+        ctx = JobContext(self, record, lease, kind.preview_role)
         metrics: dict[str, Any] = {}
         try:
-            try:
-                image, image_sha = self._load_input(record)
-                # Only this job's adapters are active while it runs, and none after it (even on
-                # errors), so a job without adapters runs on the plain model as it is.
-                adapters = self._adapters(record)
-                active: AbstractContextManager[None] = (
-                    self.engine.loras.activated(adapters) if adapters else nullcontext()
-                )
-                try:
-                    with active:
-                        result, engine_seconds = self._run_engine(record, image, image_sha, state)
-                finally:
-                    # No preview may land after the results or the end of the job.
-                    if state.previews is not None:
-                        state.previews.close()
-                metrics = self._metrics(record, result.stats, engine_seconds)
-                if lease.lost:
-                    raise _Abandon
-                images = self._write_outputs(record, result, state.condition_images)
-                metrics["total_seconds"] = round(max(0.0, time.time() - record.created_at), 3)
-            except JobCancelled:
-                if lease.lost:
-                    raise _Abandon from None
-                raise
-            except SoftTimeLimitExceeded:
-                raise _Failure(
-                    ErrorCode.timeout,
-                    f"the job ran longer than {self.settings.soft_time_limit_seconds:g} s; "
-                    "try fewer steps, fewer targets or a smaller size",
-                ) from None
-            except (InvalidInput, _Failure):
-                raise
-            except StorageError as exc:
-                raise _Failure(
-                    ErrorCode.storage_unavailable, f"storage failed while running the job: {exc}"
-                ) from exc
-            except (redis.ConnectionError, redis.TimeoutError):
-                raise  # cannot record anything in Redis; the lease lapses and the job reruns
-            except Exception as exc:
-                if _is_out_of_memory(exc):
-                    _release_gpu_memory()
-                    raise _Failure(
-                        ErrorCode.out_of_memory,
-                        f"the GPU ran out of memory at {record.input.width}x{record.input.height} "
-                        f"with {len(record.input.target_prompts)} target prompt(s); try a smaller "
-                        "width/height or fewer target prompts",
-                    ) from exc
-                raise
+            images = self._run_kind(kind, ctx, metrics)
         except _Abandon:
             logger.warning("job %s: lease lost, leaving the job to its new worker", job_id)
             return "abandoned"
         except JobCancelled:
-            self._progress_now(state)
+            ctx.progress_now()
             canceled = self.store_retry(
                 self.store.finish_canceled, job_id, metrics or None, attempt=attempt
             )
@@ -333,8 +250,8 @@ class JobRunner:
             logger.info("job %s canceled", job_id)
             return "canceled"
         except InvalidInput as exc:
-            return self._fail(job_id, attempt, _Failure(ErrorCode.invalid_input, str(exc)), metrics)
-        except _Failure as failure:
+            return self._fail(job_id, attempt, Failure(ErrorCode.invalid_input, str(exc)), metrics)
+        except Failure as failure:
             return self._fail(job_id, attempt, failure, metrics)
         except (redis.ConnectionError, redis.TimeoutError):
             logger.exception("job %s: Redis unreachable; the job will be rerun", job_id)
@@ -344,14 +261,14 @@ class JobRunner:
             return self._fail(
                 job_id,
                 attempt,
-                _Failure(ErrorCode.internal_error, "the worker hit an unexpected error (logged)"),
+                Failure(ErrorCode.internal_error, "the worker hit an unexpected error (logged)"),
                 metrics,
             )
         finish = self.store_retry(self.store.succeed, job_id, images, metrics, attempt=attempt)
         if not finish.ok:
             return self._superseded(job_id, attempt, finish)
-        if state.previews is not None:
-            state.previews.remove()  # the results replace them
+        if ctx.previews is not None:
+            ctx.previews.remove()  # the results replace them
         self.emitter.emit_terminal(job_id)
         logger.info(
             "job %s succeeded in %.2f s (engine %.2f s)",
@@ -361,7 +278,7 @@ class JobRunner:
         )
         return "succeeded"
 
-    def _superseded(self, job_id: str, attempt: int, finish: FinishResult) -> str:
+    def _superseded(self, job_id: str, attempt: int, finish: FinishResult) -> Outcome:
         logger.warning(
             "job %s: attempt %d may not end the job (%s, now %s); leaving it as it is",
             job_id,
@@ -371,7 +288,9 @@ class JobRunner:
         )
         return "conflict"
 
-    def _fail(self, job_id: str, attempt: int, failure: _Failure, metrics: dict[str, Any]) -> str:
+    def _fail(
+        self, job_id: str, attempt: int, failure: Failure, metrics: dict[str, Any]
+    ) -> Outcome:
         logger.warning("job %s failed: %s: %s", job_id, failure.code.value, failure.message)
         failed = self.store_retry(
             self.store.fail,
@@ -395,165 +314,72 @@ class JobRunner:
         except Exception as exc:
             logger.warning("could not delete partial results of job %s: %s", job_id, exc)
 
-    # -- pieces ----------------------------------------------------------------------------
+    # -- the job's kind ----------------------------------------------------------------------
 
-    def _load_input(self, record: JobRecord) -> tuple[Image.Image | None, str | None]:
-        # A sequence's source is a photo when it names one, else synthesized like a synthesis.
-        if record.kind is JobKind.synthesis or (
-            record.kind is JobKind.sequence and not record.input.image
-        ):
-            return None, None
-        key = record.input.image
-        if not key:
-            raise _Failure(ErrorCode.invalid_input, "the edit has no input image")
-        data = self._read(key, "input image")
-        return _decode(data, "input image"), hashlib.sha256(data).hexdigest()
-
-    def _read(self, key: str, what: str) -> bytes:
+    def _run_kind(
+        self, kind: Kind[Any, Any, Any], ctx: JobContext, metrics: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The kind's steps (load, run, outputs) with what surrounds every kind's run; what
+        can go wrong becomes a :class:`Failure` with its code, or ends the run as it is
+        (cancelled, lease lost, Redis unreachable)."""
+        record = ctx.record
         try:
-            return self.retry(self.storage.get, key)
-        except ObjectNotFound:
-            raise _Failure(
-                ErrorCode.invalid_input, f"the {what} {key} is no longer in storage"
+            return self._run_steps(kind, ctx, metrics)
+        except JobCancelled:
+            if ctx.lease.lost:
+                raise _Abandon from None
+            raise
+        except SoftTimeLimitExceeded:
+            raise Failure(
+                ErrorCode.timeout,
+                f"the job ran longer than {self.settings.soft_time_limit_seconds:g} s; "
+                "try fewer steps, fewer targets or a smaller size",
             ) from None
-
-    def _masks(self, record: JobRecord) -> MaskConfig | None:
-        mask = record.input.control.mask
-        if mask.mode is MaskMode.none:
-            return None
-        if mask.mode is MaskMode.auto:
-            return MaskConfig(
-                source_word=mask.source_word,
-                target_word=mask.target_word,
-                threshold=mask.threshold,
-            )
-        regions = [
-            (
-                _decode(self._read(region.source, "source mask"), "source mask", "L"),
-                _decode(self._read(region.target, "target mask"), "target mask", "L"),
-            )
-            for region in mask.regions or []
-        ]
-        return MaskConfig(regions=regions)
-
-    def _control(self, record: JobRecord) -> ControlConfig:
-        try:
-            # The gateway resolved the control against the shape it knew; this worker's model
-            # (its entry carries the shape measured at start-up) decides.
-            control = check_control(self.entry, record.input.control, record.input.steps)
-        except InvalidParameters as exc:
-            raise _Failure(ErrorCode.invalid_input, str(exc)) from None
-        return ControlConfig(
-            start_step=control.start_step,
-            start_layer=control.start_layer,
-            layers=control.layers,
-            steps=control.steps,
-        )
-
-    def _condition(self, record: JobRecord, state: _RunState) -> Any:
-        """The engine's ``Condition`` for the job (model kept warm, canny applied), or None."""
-        requested = record.input.condition
-        if requested is None:
-            return None
-        from masactrl_core import ModelLoadError
-        from masactrl_core.conditions import Condition
-
-        problems = condition_problems(
-            targets=len(record.input.target_prompts),
-            images=len(requested.images),
-            has_source_image=requested.source_image is not None,
-            editing=record.kind is JobKind.edit,
-            scale=requested.scale,
-            start=requested.start,
-            end=requested.end,
-            preprocess=requested.preprocess,
-        )
-        if problems:
-            raise _Failure(ErrorCode.invalid_input, str(InvalidParameters(problems)))
-        try:
-            model = self.conditions.get(requested.model)
-        except UnknownCondition as exc:
-            # The gateway's catalog listed it; this worker's does not.
-            raise _Failure(ErrorCode.invalid_input, str(exc)) from None
-        except ModelLoadError as exc:
-            raise _Failure(
-                ErrorCode.internal_error, f"condition model {requested.model}: {exc}"
+        except (InvalidInput, Failure):
+            raise
+        except JobInputError as exc:
+            raise Failure(ErrorCode.invalid_input, str(exc)) from None
+        except StorageError as exc:
+            raise Failure(
+                ErrorCode.storage_unavailable, f"storage failed while running the job: {exc}"
             ) from exc
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise  # cannot record anything in Redis; the lease lapses and the job reruns
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                _release_gpu_memory()
+                raise Failure(
+                    ErrorCode.out_of_memory,
+                    f"the GPU ran out of memory at {record.input.width}x{record.input.height} "
+                    f"with {len(record.input.target_prompts)} target prompt(s); try a smaller "
+                    "width/height or fewer target prompts",
+                ) from exc
+            raise
 
-        def read(key: str, what: str) -> Image.Image:
-            image = _decode(self._read(key, what), what)
-            if requested.preprocess == "canny":
-                from masactrl_core.canny import canny
-
-                return canny(image)
-            return image
-
-        images = [read(key, f"condition image {k}") for k, key in enumerate(requested.images)]
-        source = (
-            None
-            if requested.source_image is None
-            else read(requested.source_image, "source condition image")
+    def _run_steps(
+        self, kind: Kind[Any, Any, Any], ctx: JobContext, metrics: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        record = ctx.record
+        source = kind.load(ctx)
+        # Only this job's adapters are active while it runs, and none after it (even on errors),
+        # so a job without adapters runs on the plain model as it is.
+        adapters = self._adapters(record)
+        active: AbstractContextManager[None] = (
+            self.engine.loras.activated(adapters) if adapters else nullcontext()
         )
-        # Labelled with the prompt each one lays out; one shared image serves every target.
-        prompts = record.input.target_prompts if len(images) > 1 else ["(every target prompt)"]
-        state.condition_images = [
-            *([(record.input.source_prompt, source)] if source is not None else []),
-            *zip(prompts, images, strict=True),
-        ]
-        return Condition(
-            model,
-            images,
-            source_image=source,
-            scale=requested.scale,
-            start=requested.start,
-            end=requested.end,
-        )
-
-    def _run_engine(
-        self,
-        record: JobRecord,
-        image: Image.Image | None,
-        image_sha: str | None,
-        state: _RunState,
-    ) -> tuple[Any, float]:
-        if record.kind is JobKind.sequence:
-            return self._run_sequence(record, image, image_sha, state)
-        params = record.input
-        common: dict[str, Any] = {
-            "seed": params.seed,
-            "steps": params.steps,
-            "guidance_scale": params.guidance_scale,
-            "negative_prompt": params.negative_prompt,
-            "width": params.width,
-            "height": params.height,
-            "control": self._control(record),
-            "progress": lambda phase, step, total: self._on_progress(
-                record, state, phase, step, total
-            ),
-            "should_cancel": lambda: self._should_cancel(state),
-            "masks": self._masks(record),
-            "condition": self._condition(record, state),
-            "on_latents": self._previews(record, state),
-        }
-        started = time.perf_counter()
-        if record.kind is JobKind.synthesis:
-            result = self.engine.synthesize(params.source_prompt, params.target_prompts, **common)
-            return result, time.perf_counter() - started
-
-        assert image is not None and image_sha is not None
-        cache_key, inverted = self._cached_inversion(record, image_sha)
-        started = time.perf_counter()
-        result = self.engine.edit(
-            image,
-            params.target_prompts,
-            source_prompt=params.source_prompt,
-            inverted=inverted,
-            anchor_source=params.anchor_source,
-            **common,
-        )
-        engine_seconds = time.perf_counter() - started
-        self._keep_inversion(record, cache_key, inverted, result.inverted)
-        return result, engine_seconds
+        try:
+            with active:
+                ran = kind.run(ctx, source)
+        finally:
+            # No preview may land after the results or the end of the job.
+            if ctx.previews is not None:
+                ctx.previews.close()
+        metrics.update(self._metrics(record, ran.stats, ran.engine_seconds))
+        if ctx.lease.lost:
+            raise _Abandon
+        images = self._write_outputs(record.id, kind.outputs(record.input, ran))
+        metrics["total_seconds"] = round(max(0.0, time.time() - record.created_at), 3)
+        return images
 
     def _adapters(self, record: JobRecord) -> dict[str, float]:
         """The job's LoRA adapters with their weights, loaded on first use."""
@@ -562,253 +388,24 @@ class JobRunner:
         try:
             return self.loras.weights(record.input.loras)
         except UnknownLora as exc:
-            raise _Failure(ErrorCode.invalid_input, str(exc)) from None
+            raise Failure(ErrorCode.invalid_input, str(exc)) from None
         except ModelLoadError as exc:
-            raise _Failure(ErrorCode.internal_error, str(exc)) from exc
+            raise Failure(ErrorCode.internal_error, str(exc)) from exc
 
-    def _cached_inversion(
-        self, record: JobRecord, image_sha: str
-    ) -> tuple[str | None, InvertedImage | None]:
-        """The inversion cache's key for this job's image and its entry (None when absent)."""
-        params = record.input
-        cache_key = None
-        inverted = None
-        if self.cache is not None:
-            cache_key = inversion_cache_key(
-                image_sha,
-                self.entry.name,
-                params.width,
-                params.height,
-                params.steps,
-                params.source_prompt,
-                [
-                    (lora.name, self.entry.lora(lora.name).source, lora.weight)
-                    for lora in params.loras
-                ],
-            )
-            cached = self.cache.load(cache_key)
-            if cached is not None:
-                try:
-                    inverted = InvertedImage.from_safetensors_bytes(cached)
-                except Exception as exc:
-                    logger.warning("ignoring unreadable cached inversion %s: %s", cache_key, exc)
-            if inverted is not None and params.anchor_source and not inverted.has_trajectory:
-                # An entry written before trajectories were kept: invert again (and replace it).
-                inverted = None
-        return cache_key, inverted
-
-    def _keep_inversion(
-        self,
-        record: JobRecord,
-        cache_key: str | None,
-        cached: InvertedImage | None,
-        fresh: InvertedImage | None,
-    ) -> None:
-        """Save a fresh inversion to the cache (or log that the cached one served)."""
-        if cached is not None:
-            logger.info("job %s: reused the cached inversion %s", record.id, cache_key)
-        elif self.cache is not None and cache_key and fresh is not None:
-            self.cache.save(cache_key, fresh.to_safetensors_bytes())
-
-    def _sequence_condition(self, record: JobRecord) -> Any:
-        """The engine's ``Condition`` holding the sequence's frames (a video decoded here)."""
-        from masactrl_core import ModelLoadError
-        from masactrl_core.conditions import Condition
-
-        requested = record.input.condition
-        if requested is None:
-            raise _Failure(ErrorCode.invalid_input, "the sequence has no condition frames")
-        try:
-            model = self.conditions.get(requested.model)
-        except UnknownCondition as exc:
-            raise _Failure(ErrorCode.invalid_input, str(exc)) from None
-        except ModelLoadError as exc:
-            raise _Failure(
-                ErrorCode.internal_error, f"condition model {requested.model}: {exc}"
-            ) from exc
-        if requested.video is not None:
-            # One past the engine's limit at most, so a long video is refused, not decoded whole.
-            most = requested.max_frames or self.engine.options.max_sequence_frames + 1
-            data = self._read(requested.video, "video")
-            try:
-                frames = decode_video(data, fps=requested.fps, max_frames=most)
-            except MediaError as exc:
-                raise _Failure(ErrorCode.invalid_input, str(exc)) from None
-        else:
-            frames = [
-                _decode(self._read(key, f"condition frame {k}"), f"condition frame {k}")
-                for k, key in enumerate(requested.images)
-            ]
-        if requested.preprocess == "canny":
-            from masactrl_core.canny import canny
-
-            frames = [canny(frame) for frame in frames]
-        return Condition(
-            model, frames, scale=requested.scale, start=requested.start, end=requested.end
-        )
-
-    def _run_sequence(
-        self,
-        record: JobRecord,
-        image: Image.Image | None,
-        image_sha: str | None,
-        state: _RunState,
-    ) -> tuple[Any, float]:
-        params = record.input
-        condition = self._sequence_condition(record)
-        cache_key, inverted = (
-            self._cached_inversion(record, image_sha) if image_sha is not None else (None, None)
-        )
-        state.frames_done = 0
-
-        def frame_done(index: int, frame: Image.Image) -> None:
-            state.frames_done = index + 1
-            self._progress_now(state)
-
-        started = time.perf_counter()
-        result = self.engine.sequence(
-            params.source_prompt,
-            params.target_prompts,
-            condition,
-            image=image,
-            inverted=inverted,
-            anchor_source=params.anchor_source,
-            seed=params.seed,
-            steps=params.steps,
-            guidance_scale=params.guidance_scale,
-            negative_prompt=params.negative_prompt,
-            width=params.width,
-            height=params.height,
-            control=self._control(record),
-            progress=lambda phase, step, total: self._on_progress(
-                record, state, phase, step, total
-            ),
-            should_cancel=lambda: self._should_cancel(state),
-            on_frame=frame_done,
-            on_latents=self._previews(record, state),
-        )
-        engine_seconds = time.perf_counter() - started
-        self._keep_inversion(record, cache_key, inverted, result.inverted)
-        return result, engine_seconds
-
-    def _previews(self, record: JobRecord, state: _RunState) -> LatentsCallback | None:
-        """The engine's x̂₀ callback of a job that asked for previews (None otherwise)."""
-        if not record.input.previews:
-            return None
-        role = ImageRole.frame if record.kind is JobKind.sequence else ImageRole.target
-        state.previews = PreviewPublisher(self.store, self.storage, record.id, target_role=role)
-        settings = self.settings
-        if self.preview_decoder is None:
-            self.preview_decoder = PreviewDecoder(
-                self.engine.vae, tiny=False, max_side=settings.preview_max_side
-            )
-        decoder = self.preview_decoder
-        every = settings.preview_every_steps if decoder.tiny else settings.preview_vae_every_steps
-        return Previews(
-            decoder,
-            state.previews,
-            every=every,
-            min_interval=settings.preview_min_interval_seconds,
-        )
-
-    def _on_progress(
-        self, record: JobRecord, state: _RunState, phase: str, step: int, total: int
-    ) -> None:
-        if self.settings.step_delay_seconds:
-            self._sleep(self.settings.step_delay_seconds)
-        state.last_progress = (phase, step, total)
-        now = time.monotonic()
-        if now - state.last_write >= self.settings.progress_interval_seconds or step == total:
-            state.last_write = now
-            self._progress_now(state)
-        interval = self.settings.webhook_progress_interval_seconds
-        if now - state.last_webhook >= interval and record.webhook:
-            state.last_webhook = now
-            try:
-                fresh = self.store.get(record.id)
-            except Exception:
-                fresh = None
-            if fresh is not None:
-                self.emitter.emit(fresh, "job.progress", suffix=f"{phase}_{step}_{fresh.attempts}")
-
-    def _progress_now(self, state: _RunState) -> None:
-        if state.last_progress is None:
-            return
-        phase, step, total = state.last_progress
-        try:
-            result = self.store.progress(state.job_id, phase, step, total, state.frames_done)
-        except Exception as exc:
-            # Progress is informational: a Redis blip must not stop the run.
-            logger.warning("progress update of job %s failed: %s", state.job_id, exc)
-            return
-        state.cancel_seen = state.cancel_seen or result.cancel_requested
-
-    def _should_cancel(self, state: _RunState) -> bool:
-        if state.lease.lost or state.cancel_seen:
-            return True
-        try:
-            state.cancel_seen = self.store.cancel_requested(state.job_id)
-        except Exception as exc:
-            logger.warning("cancel check of job %s failed: %s", state.job_id, exc)
-        return state.cancel_seen
-
-    def _write_outputs(
-        self,
-        record: JobRecord,
-        result: Any,
-        condition_images: Sequence[tuple[str, Image.Image]] = (),
-    ) -> list[dict[str, Any]]:
-        params = record.input
-        if record.kind is JobKind.sequence:
-            return self._write_sequence(record, result)
-        outputs = [("source", 0, params.source_prompt, result.source)]
-        outputs += [
-            ("target", k, prompt, image)
-            for k, (prompt, image) in enumerate(
-                zip(params.target_prompts, result.targets, strict=True)
-            )
-        ]
-        outputs += [
-            ("condition", k, prompt, image) for k, (prompt, image) in enumerate(condition_images)
-        ]
+    def _write_outputs(self, job_id: str, outputs: Sequence[Output]) -> list[dict[str, Any]]:
+        """Store the results (a rerun overwrites the same keys); the job's list of them."""
         images = []
-        for role, index, prompt, image in outputs:
-            key = result_key(record.id, role, index)
-            self.retry(self.storage.put, key, png_bytes(image), "image/png")
-            images.append(
-                {
-                    "role": role,
-                    "prompt": prompt,
-                    "key": key,
-                    "width": image.width,
-                    "height": image.height,
-                }
-            )
-        return images
-
-    def _write_sequence(self, record: JobRecord, result: Any) -> list[dict[str, Any]]:
-        """The source, every frame, and the frames as an MP4 and an animated WebP."""
-        params = record.input
-        prompts = params.target_prompts
-        if len(prompts) == 1:
-            prompts = prompts * len(result.frames)
-        outputs = [("source", 0, params.source_prompt, result.source)]
-        outputs += [
-            ("frame", k, prompt, frame)
-            for k, (prompt, frame) in enumerate(zip(prompts, result.frames, strict=True))
-        ]
-        images = []
-        for role, index, prompt, image in outputs:
-            key = result_key(record.id, role, index)
-            self.retry(self.storage.put, key, png_bytes(image), "image/png")
-            images.append(self._output(role, prompt, key, image.size))
-        fps = params.animation_fps or DEFAULT_ANIMATION_FPS
-        for extension, encode in (("mp4", encode_mp4), ("webp", encode_webp)):
-            key = animation_key(record.id, extension)
-            self.retry(self.storage.put, key, encode(result.frames, fps), content_type_for(key))
-            images.append(
-                self._output("animation", params.target_prompts[0], key, result.frames[0].size)
-            )
+        for output in outputs:
+            if isinstance(output, AnimationOutput):
+                key = animation_key(job_id, output.extension)
+                self.retry(self.storage.put, key, output.data, content_type_for(key))
+                images.append(self._output("animation", output.prompt, key, output.size))
+            else:
+                key = result_key(job_id, output.role.value, output.index)
+                self.retry(self.storage.put, key, png_bytes(output.image), "image/png")
+                images.append(
+                    self._output(output.role.value, output.prompt, key, output.image.size)
+                )
         return images
 
     @staticmethod

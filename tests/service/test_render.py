@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from masactrl_jobs.kinds.synthesis import SYNTHESIS
 from masactrl_jobs.schema import JobKind, JobStatus, ProgressPhase, SynthesisCreate
 from masactrl_jobs.store import JobRecord, ProgressRecord
-from service.validation import resolve_input
 
 
 def _record(client: TestClient, **overrides: object) -> JobRecord:
@@ -27,7 +27,7 @@ def _record(client: TestClient, **overrides: object) -> JobRecord:
         "model": "sd15",
         "status": JobStatus.queued,
         "created_at": 1_700_000_000.123456,
-        "input": resolve_input(body, gw.catalog.get("sd15")),
+        "input": SYNTHESIS.resolve(body, gw.catalog.get("sd15"), None),
         "queue_position": 3,
     }
     values.update(overrides)

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from masactrl_jobs.images import too_large_message
+from masactrl_jobs.kinds.edit import EditFiles
 from masactrl_jobs.schema import MAX_MASK_REGIONS, MAX_TARGETS, EditCreate, EditParams, JobKind
 from service.api.deps import CROSS_FIELD_RULES, DirectRoute, Submission, submission_openapi
 from service.api.responses import errors, job_response, submitted_response
@@ -28,7 +29,7 @@ from service.bodies import (
 from service.config import GatewaySettings
 from service.errors import FieldError, invalid
 from service.middleware import FILE_PARTS, encoded_image_bytes
-from service.submission import Uploads, submit
+from service.submission import submit
 
 router = APIRouter(prefix="/v1/edits", tags=["edits"], route_class=DirectRoute)
 
@@ -139,7 +140,7 @@ def _with_previews_field(params: EditParams, values: list[UploadFile | str]) -> 
 
 async def _parse_multipart(
     request: Request, settings: GatewaySettings
-) -> tuple[EditParams, Uploads]:
+) -> tuple[EditParams, EditFiles]:
     max_bytes = settings.max_image_bytes
     try:
         # File parts are spooled to disk past 1 MiB; the params part is held in memory, so it
@@ -183,7 +184,7 @@ async def _parse_multipart(
         for i, part in enumerate(condition_parts)
         if isinstance(part, UploadFile)
     ]
-    return params, Uploads(image_data, conditions)
+    return params, EditFiles(image_data, conditions)
 
 
 _SUMMARY = "Submit a real-image edit (JSON with an image URL, or multipart with an image file)."
@@ -205,11 +206,11 @@ async def create_edit(request: Request) -> Response:
     """The route of _SUMMARY; its OpenAPI description adds the cross-field rules."""
     context = Submission.from_request(request)
     content_type = context.media_type
+    files: EditFiles | None = None
     if is_json(content_type):
         body: EditCreate | EditParams = parse_json(EditCreate, await request.body())
-        uploads = None
     elif content_type == "multipart/form-data":
-        body, uploads = await _parse_multipart(request, context.gateway.settings)
+        body, files = await _parse_multipart(request, context.gateway.settings)
     else:
         raise unsupported_media_type(
             "application/json, or multipart/form-data with 'image' and 'params' parts "
@@ -220,7 +221,7 @@ async def create_edit(request: Request) -> Response:
         context.tenant,
         JobKind.edit,
         body,
-        uploads=uploads,
+        files=files,
         idempotency_key=context.idempotency_key,
         prefer=context.prefer,
     )

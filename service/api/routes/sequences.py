@@ -13,13 +13,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from masactrl_jobs.images import too_large_message
+from masactrl_jobs.kinds.sequence import SequenceFiles
 from masactrl_jobs.schema import JobKind, SequenceCreate, SequenceParams
 from service.api.deps import CROSS_FIELD_RULES, DirectRoute, Submission, submission_openapi
 from service.api.responses import errors, job_response, submitted_response
 from service.bodies import is_json, parse_json, unsupported_media_type
 from service.config import GatewaySettings
 from service.errors import FieldError, invalid
-from service.sequences import SequenceUploads
 from service.submission import submit
 
 router = APIRouter(prefix="/v1/sequences", tags=["sequences"], route_class=DirectRoute)
@@ -68,7 +68,7 @@ async def _file(part: UploadFile, loc: tuple[str | int, ...], what: str, limit: 
 
 async def _parse_multipart(
     request: Request, settings: GatewaySettings
-) -> tuple[SequenceParams, SequenceUploads]:
+) -> tuple[SequenceParams, SequenceFiles]:
     try:
         form = await request.form(
             max_files=settings.max_sequence_frames + 2,
@@ -107,7 +107,7 @@ async def _parse_multipart(
         if part is not None and not isinstance(part, UploadFile):
             raise invalid([FieldError(("body", name), f"send the {what} as a file part")])
         files[name] = None if part is None else await _file(part, ("body", name), what, limit)
-    return params, SequenceUploads(frames, files["video"], files["image"])
+    return params, SequenceFiles(frames, files["video"], files["image"])
 
 
 _SUMMARY = (
@@ -132,11 +132,11 @@ async def create_sequence(request: Request) -> Response:
     """The route of _SUMMARY; its OpenAPI description adds the cross-field rules."""
     context = Submission.from_request(request)
     content_type = context.media_type
-    uploads: SequenceUploads | None = None
+    files: SequenceFiles | None = None
     if is_json(content_type):
         body: SequenceParams = parse_json(SequenceCreate, await request.body())
     elif content_type == "multipart/form-data":
-        body, uploads = await _parse_multipart(request, context.gateway.settings)
+        body, files = await _parse_multipart(request, context.gateway.settings)
     else:
         raise unsupported_media_type(
             "application/json, or multipart/form-data with a 'params' part and 'frame' or "
@@ -149,6 +149,6 @@ async def create_sequence(request: Request) -> Response:
         body,
         idempotency_key=context.idempotency_key,
         prefer=context.prefer,
-        sequence_uploads=uploads,
+        files=files,
     )
     return submitted_response(context.gateway, submitted)
