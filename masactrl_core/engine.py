@@ -127,7 +127,7 @@ class MasaCtrlEngine:
         if default_control is not None and default_control.start_layer >= block_count:
             raise ModelLoadError(
                 f"{model_name or 'the model'} declares start_layer {default_control.start_layer},"
-                f" but its UNet has {block_count} self-attention blocks"
+                f" but the model has {block_count} self-attention blocks"
             )
         self.sampler = MasaCtrlSampler(
             self.backbone,

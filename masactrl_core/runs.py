@@ -42,7 +42,8 @@ MAX_TARGETS = 8
 class ControlConfig:
     """Where mutual self-attention applies: denoising steps and transformer blocks.
 
-    Blocks are numbered 0..L-1 in execution order (down, mid, up); step 0 is the noisiest.
+    Blocks are numbered 0..L-1 in the backbone's execution order (a UNet's: down, mid, up);
+    step 0 is the noisiest.
     ``steps`` / ``layers`` lists override the ``start_step`` / ``start_layer`` ranges.
     ``start_step == steps`` (or ``steps=[]``) disables the control.
     """
@@ -115,7 +116,7 @@ class RunStats:
 
 @dataclass
 class InvertedImage:
-    """x_T of a real image after DDIM inversion, with what it depends on.
+    """x_T of a real image after inversion (the solver's steps, inverted), with what it depends on.
 
     ``trajectory`` (float32, shape (steps + 1, C, h, w)) holds the latents after each inversion
     step: ``trajectory[0]`` is the clean image, ``trajectory[steps]`` is x_T. Anchored editing

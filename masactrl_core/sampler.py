@@ -144,13 +144,7 @@ class MasaCtrlSampler:
         condition: Condition | None = None,
         on_latents: LatentsCallback | None = None,
     ) -> MasaCtrlResult:
-        """The source image and one consistent image per target prompt, from the same noise.
-
-        ``condition`` guides the layout of the targets (and of the source, with its
-        ``source_image``) with a ControlNet or T2I-Adapter. ``on_latents(step, total, x0)``
-        gets every denoising step's predicted clean latents, one row per image (live previews,
-        see :mod:`masactrl_core.previews`).
-        """
+        """The engine's ``synthesize`` (documented there: :mod:`masactrl_core.engine`)."""
         return self._synthesis(
             source_prompt,
             target_prompts,
@@ -227,7 +221,7 @@ class MasaCtrlSampler:
         should_cancel: CancelCheck | None = None,
         stats: RunStats | None = None,
     ) -> InvertedImage:
-        """Deterministic inversion of a real image to x_T: the solver's steps, inverted exactly."""
+        """The engine's ``invert`` (documented there: :mod:`masactrl_core.engine`)."""
         width, height = self._check_size(width, height)
         self._check_steps(steps)
         with self._lock, torch.inference_mode():
@@ -255,7 +249,7 @@ class MasaCtrlSampler:
         should_cancel: CancelCheck | None = None,
         stats: RunStats | None = None,
     ) -> InvertedImage:
-        """Inversion of clean latents (the backbone's encoding of an image, shape (1, C, h, w))."""
+        """The engine's ``invert_latents`` (documented there: :mod:`masactrl_core.engine`)."""
         self._check_steps(steps)
         width, height = self.backbone.image_size(latents)
         self._check_size(width, height)
@@ -298,14 +292,7 @@ class MasaCtrlSampler:
         anchor_source: bool = False,
         on_latents: LatentsCallback | None = None,
     ) -> MasaCtrlResult:
-        """Real-image editing: invert ``image``, then denoise [source, targets] with control.
-
-        ``seed`` is recorded only: inversion and sampling (DDIM with eta 0) are deterministic.
-        ``image`` may be ``None`` when a cached ``inverted`` is given. ``condition`` guides the
-        targets' layout (never the source's). ``anchor_source`` resets the source latent to the
-        inversion trajectory at every step, so targets read the photo's own keys and values
-        (the inversion must have its trajectory).
-        """
+        """The engine's ``edit`` (documented there: :mod:`masactrl_core.engine`)."""
         return self._edit(
             image,
             target_prompts,
@@ -428,18 +415,7 @@ class MasaCtrlSampler:
         on_frame: ImageCallback | None = None,
         on_latents: LatentsCallback | None = None,
     ) -> SequenceResult:
-        """Frames that keep one source's content while following a series of layouts.
-
-        ``condition.images`` holds the K condition frames in order; ``target_prompts`` is one
-        prompt for every frame or one per frame. The source is synthesized from
-        ``source_prompt`` and ``seed``, or, with ``image`` (or a cached ``inverted``), is that
-        photo inverted, as in :meth:`edit`. Frame k is exactly the target of a single-target
-        run with condition frame k from the same initial noise: this is that run with K
-        targets, whose one source branch per step serves every frame (chunks of
-        ``options.max_batch`` rows read its cached keys and values). ``on_frame(k, image)`` is
-        called as frame k is decoded; ``on_latents`` gets each step's predicted clean latents
-        ([source, frames]), as in :meth:`synthesize`.
-        """
+        """The engine's ``sequence`` (documented there: :mod:`masactrl_core.engine`)."""
         frames = self._sequence_frames(condition)
         prompts = [target_prompts] if isinstance(target_prompts, str) else list(target_prompts)
         if len(prompts) == 1:

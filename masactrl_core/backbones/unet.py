@@ -141,6 +141,8 @@ class UNetBackbone(Backbone):
             size_multiple=vae_scale_factor * 2**downsamplers,
             native_size=(native * vae_scale_factor, native * vae_scale_factor),
         )
+        # Installing processors keeps their names: listing them once (a walk of the UNet) serves.
+        self._processor_names = frozenset(unet.attn_processors)
 
     @classmethod
     def from_pipeline(cls, pipeline: Any) -> UNetBackbone:
@@ -151,7 +153,7 @@ class UNetBackbone(Backbone):
 
     def map_layer(self, block: int) -> str | None:
         name = cross_attention_name(self.layer_names[block])
-        return name if name in self.denoiser.attn_processors else None
+        return name if name in self._processor_names else None
 
     # -- the denoiser ----------------------------------------------------------------------
 
