@@ -1,8 +1,9 @@
 """Mutual self-attention as diffusers attention processors.
 
 Each processor owns one transformer block's self-attention (``attn1``) and knows that block's index
-in execution order. The denoising loop tells the shared :class:`MutualAttentionState` which step it
-is on and how the rows of the current UNet batch map to source images; the processors never count
+in execution order (the backbone's ``layer_names``, :mod:`masactrl_core.backbones`). The denoising
+loop tells the shared :class:`MutualAttentionState` which step it is on and how the rows of the
+current denoiser batch map to source images; the processors never count
 calls to guess either. With masks (:mod:`masactrl_core.masks`) a target token reads only the
 source tokens of its region; :class:`CrossAttentionMapProcessor` records the cross-attention maps
 that automatic masks are made from.
@@ -10,65 +11,37 @@ that automatic masks are made from.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+# The UNet families' block numbering lives with their backbone; re-exported for its callers.
+from masactrl_core.backbones.unet import (
+    block_levels as block_levels,
+)
+from masactrl_core.backbones.unet import (
+    cross_attention_name as cross_attention_name,
+)
+from masactrl_core.backbones.unet import (
+    self_attention_layers as self_attention_layers,
+)
 from masactrl_core.masks import ManualMasks, RegionPlan, WordMasks, token_grid
 
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import AttentionProcessor
-    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
-
-_SECTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-_SELF_ATTENTION = re.compile(r"^(down_blocks|mid_block|up_blocks)\.(.*)\.attn1\.processor$")
 
 
-def self_attention_layers(unet: UNet2DConditionModel) -> list[str]:
-    """Processor names of the transformer blocks' self-attention, in execution order.
+class AttentionHost(Protocol):
+    """A denoiser whose attention processors can be listed and replaced (diffusers' mixin)."""
 
-    ``unet.attn_processors`` lists down, up, then mid blocks; the UNet runs down, mid, up, so the
-    names are sorted by section and then by every numeric index along the path.
-    """
-    names = [name for name in unet.attn_processors if _SELF_ATTENTION.match(name)]
+    @property
+    def attn_processors(self) -> Mapping[str, Any]: ...
 
-    def execution_key(name: str) -> tuple[int, ...]:
-        match = _SELF_ATTENTION.match(name)
-        assert match is not None  # only matching names were kept above
-        section, path = match.groups()
-        return (_SECTION_ORDER[section], *(int(part) for part in path.split(".") if part.isdigit()))
-
-    return sorted(names, key=execution_key)
-
-
-def block_levels(unet: UNet2DConditionModel, layer_names: list[str]) -> list[int]:
-    """How many times the latent has been halved at each block (0 = latent resolution).
-
-    Counted from the UNet's own down- and upsamplers, so any SD-shaped topology works.
-    """
-    down = [bool(getattr(block, "downsamplers", None)) for block in unet.down_blocks]
-    up = [bool(getattr(block, "upsamplers", None)) for block in unet.up_blocks]
-    bottom = sum(down)
-    levels: list[int] = []
-    for name in layer_names:
-        section, index = name.split(".")[:2]
-        if section == "down_blocks":
-            levels.append(sum(down[: int(index)]))
-        elif section == "mid_block":
-            levels.append(bottom)
-        else:
-            levels.append(bottom - sum(up[: int(index)]))
-    return levels
-
-
-def cross_attention_name(self_attention_name: str) -> str:
-    """The processor name of the cross-attention (attn2) in the same transformer block."""
-    return self_attention_name.removesuffix("attn1.processor") + "attn2.processor"
+    def set_attn_processor(self, processor: Any) -> None: ...
 
 
 @dataclass
@@ -364,7 +337,7 @@ class CrossAttentionMapProcessor:
 
 
 def install_processors(
-    unet: UNet2DConditionModel,
+    unet: AttentionHost,
     layer_names: list[str],
     state: MutualAttentionState,
     processor_class: type[MutualSelfAttentionProcessor] = MutualSelfAttentionProcessor,
@@ -372,6 +345,9 @@ def install_processors(
     extra: Mapping[str, object] | None = None,
 ) -> dict[str, AttentionProcessor]:
     """Install mutual self-attention on ``layers`` (all by default); return the old processors.
+
+    ``unet`` is the backbone's denoiser (any model with diffusers' attention-processor mixin) and
+    ``layer_names`` its controllable self-attention layers in execution order.
 
     ``extra`` maps further processor names (e.g. cross-attention map recorders) to processors.
     """
@@ -382,6 +358,6 @@ def install_processors(
         if index in wanted:
             replacement[name] = processor_class(index, state)
     replacement.update(extra or {})
-    # diffusers' AttentionProcessor union names only its own classes; it calls any processor alike.
-    unet.set_attn_processor(replacement)  # type: ignore[arg-type]
+    # diffusers calls any processor alike, whatever its class.
+    unet.set_attn_processor(replacement)
     return original

@@ -18,6 +18,10 @@ decides *where* things go (an edge map, a pose, a depth map). The two compose pe
   ``controlnet_keep``: 0 when ``i / steps < start`` or ``(i + 1) / steps > end``, else 1. A
   step whose weight is 0 runs no condition model at all (its residuals would be zeros).
 
+Whether a condition model fits the base model (family, channels, layers, how far its encoder
+shrinks the image) is the base model's backbone's call: ``Backbone.check_condition``
+(:mod:`masactrl_core.backbones`), which also names the family a condition model is made for.
+
 Condition images are converted to RGB (grayscale for a one-channel adapter), center-cropped to the
 output aspect and resized with Lanczos exactly as the edited photo is, so an edge map made from
 that photo stays aligned with it; then scaled to [0, 1].
@@ -92,10 +96,11 @@ class PreparedCondition:
 
 
 def condition_family(kind: ConditionKind, config: Mapping[str, Any]) -> str:
-    """``sdxl`` for condition models made for SDXL (added text-time conditioning), else ``sd``."""
-    if kind == "controlnet":
-        return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
-    return "sdxl" if config.get("adapter_type") == "full_adapter_xl" else "sd"
+    """The model family a condition model is made for; each backbone knows its own."""
+    # Imported here: the backbones import this module for the condition runs they drive.
+    from masactrl_core.backbones import condition_family as family_of
+
+    return family_of(kind, config)
 
 
 def read_condition_config(path_or_id: str) -> tuple[ConditionKind, dict[str, Any]]:
@@ -137,45 +142,6 @@ def load_condition_model(
     model.to(device)
     model.eval()
     return ConditionModel(model, kind, condition_family(kind, config), name)
-
-
-def check_compatible(
-    condition: ConditionModel, family: str, unet_config: Mapping[str, Any], vae_scale_factor: int
-) -> None:
-    """Refuse a condition model whose family or shapes do not fit the base model's UNet."""
-    label = "ControlNet" if condition.kind == "controlnet" else "T2I-Adapter"
-    if condition.family != family:
-        raise InvalidInput(
-            f"the {label} {condition.name or ''} is made for {condition.family} models, but the "
-            f"base model is {family}".replace("  ", " ")
-        )
-    config = condition.model.config
-    unet_channels = list(unet_config["block_out_channels"])
-    mismatch: list[str] = []
-    if condition.kind == "controlnet":
-        for key in ("in_channels", "cross_attention_dim", "layers_per_block"):
-            if config.get(key) != unet_config.get(key):
-                mismatch.append(key)
-        if list(config.block_out_channels) != unet_channels:
-            mismatch.append("block_out_channels")
-        if len(config.down_block_types) != len(unet_config["down_block_types"]):
-            mismatch.append("down_block_types")
-        # Its condition encoder halves the image once per extra stage, down to the latent grid.
-        if 2 ** (len(config.conditioning_embedding_out_channels) - 1) != vae_scale_factor:
-            mismatch.append("conditioning_embedding_out_channels")
-    else:
-        channels = list(config.channels)
-        common = min(len(channels), len(unet_channels))
-        if channels[:common] != unet_channels[:common]:
-            mismatch.append("channels")
-        # The adapter's first features sit at the latent resolution (SDXL: half of it).
-        expected = vae_scale_factor * (2 if family == "sdxl" else 1)
-        if config.downscale_factor != expected:
-            mismatch.append("downscale_factor")
-    if mismatch:
-        raise InvalidInput(
-            f"the {label} does not match the base model's UNet ({', '.join(mismatch)} differ)"
-        )
 
 
 def condition_pixels(image: object, width: int, height: int, channels: int) -> torch.Tensor:
@@ -345,7 +311,6 @@ __all__ = [
     "ConditionModel",
     "ConditionRun",
     "PreparedCondition",
-    "check_compatible",
     "condition_family",
     "condition_pixels",
     "controlnet_keep",

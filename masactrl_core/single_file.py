@@ -146,8 +146,9 @@ def _config_family(config: str) -> str | None:
         raise ModelLoadError(
             f"config folder {config} is not a diffusers folder (no model_index.json)"
         )
-    data = json.loads(index.read_text(encoding="utf-8"))
-    return "sdxl" if "text_encoder_2" in data or "XL" in data.get("_class_name", "") else "sd"
+    from masactrl_core.backbones import detect_family
+
+    return detect_family(json.loads(index.read_text(encoding="utf-8")))
 
 
 def load_single_file_pipeline(
@@ -174,21 +175,12 @@ def load_single_file_pipeline(
             raise ModelLoadError(
                 f"config folder {config} is for {config_family} models, but {name} is {info.family}"
             )
-    loader: Any
-    extra: dict[str, Any]
-    if info.family == "sdxl":
-        from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
-            StableDiffusionXLPipeline,
-        )
+    # The family's backbone says which pipeline class loads it (masactrl_core.backbones).
+    from masactrl_core.backbones import backbone_class
 
-        loader, extra = StableDiffusionXLPipeline, {"add_watermarker": False}
-    else:
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-            StableDiffusionPipeline,
-        )
-
-        loader = StableDiffusionPipeline
-        extra = {"safety_checker": None, "requires_safety_checker": False}
+    backbone = backbone_class(info.family)
+    loader: Any = backbone.pipeline_class()
+    extra: dict[str, Any] = backbone.load_arguments()
     if config is not None:
         extra["config"] = config
         # A local folder needs nothing from the network; a hub id is read from the cache first.

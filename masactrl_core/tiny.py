@@ -469,6 +469,8 @@ class _Family:
     native_size: int
     vae_scale_factor: int
     unet_config: dict[str, Any]
+    # UNet config changes by variant name (other shapes of the family's UNet).
+    variants: dict[str, dict[str, Any]]
     # Tokenizer subfolders whose vocab/merges must be the ones this module wrote.
     tokenizer_folders: tuple[str, ...]
 
@@ -479,6 +481,7 @@ FAMILIES: dict[str, _Family] = {
         SD_NATIVE_SIZE,
         SD_VAE_SCALE_FACTOR,
         SD_TINY_UNET_CONFIG,
+        SD_VARIANTS,
         ("tokenizer",),
     ),
     "sdxl": _Family(
@@ -486,6 +489,7 @@ FAMILIES: dict[str, _Family] = {
         SDXL_NATIVE_SIZE,
         SDXL_VAE_SCALE_FACTOR,
         SDXL_TINY_UNET_CONFIG,
+        {"standard": {}},
         ("tokenizer", "tokenizer_2"),
     ),
 }
@@ -533,14 +537,12 @@ def _family(family: str) -> _Family:
 
 
 def _variant(family: str, variant: str) -> dict[str, Any]:
-    if variant == "standard":
-        return {}
-    if family != "sd" or variant not in SD_VARIANTS:
+    variants = _family(family).variants
+    if variant not in variants:
         raise ValueError(
-            f"unknown {family} variant {variant!r}; the sd family has "
-            f"{', '.join(SD_VARIANTS)}, sdxl only standard"
+            f"unknown {family} variant {variant!r}; expected one of {', '.join(variants)}"
         )
-    return SD_VARIANTS[variant]
+    return variants[variant]
 
 
 def write_tiny_checkpoint(

@@ -27,27 +27,25 @@ def build_tiny_condition_model(
     import torch
     from diffusers import ControlNetModel, T2IAdapter
 
+    from masactrl_core.backbones import backbone_class
+    from masactrl_core.backbones.unet import UNetBackbone
+
     if kind not in CONDITION_KINDS:
         raise ValueError(f"unknown condition kind {kind!r}; expected controlnet or adapter")
     channels = list(unet.config.block_out_channels)
     vae_factor = vae_scale_factor
     torch.manual_seed(seed)
     if kind == "adapter":
-        if family == "sdxl":
-            # SDXL's layout: features at half the latent grid, then a quarter, four levels.
-            return T2IAdapter(  # type: ignore[no-untyped-call]
-                in_channels=3,
-                channels=[*channels, channels[-1]],
-                num_res_blocks=1,
-                downscale_factor=2 * vae_factor,
-                adapter_type="full_adapter_xl",
-            )
+        # The family's adapter layout (SDXL's starts at half the latent grid, one level more).
+        backbone = backbone_class(family)
+        assert issubclass(backbone, UNetBackbone)  # the tiny checkpoints are UNet families
+        extra = backbone.adapter_extra_halvings
         return T2IAdapter(  # type: ignore[no-untyped-call]
             in_channels=3,
-            channels=channels,
+            channels=[*channels, *channels[-1:] * extra],
             num_res_blocks=1,
-            downscale_factor=vae_factor,
-            adapter_type="full_adapter",
+            downscale_factor=vae_factor * 2**extra,
+            adapter_type=backbone.adapter_type,
         )
     # One stage per halving of the image, from 4 channels doubling.
     halvings = vae_factor.bit_length() - 1
@@ -76,7 +74,7 @@ def write_tiny_condition_model(
     """Write a seeded condition model fitting the tiny checkpoint at ``base``; return its path."""
     from diffusers import UNet2DConditionModel
 
-    from masactrl_core.engine import detect_family
+    from masactrl_core.backbones import detect_family
 
     base = Path(base)
     index = base / "model_index.json"

@@ -47,6 +47,8 @@ def run_gpu_worker(
         **_COMMON_OPTIONS,
     )
     worker.start()
+    if runtime.start_failed():
+        return 1
     return int(worker.exitcode or 0)
 
 

@@ -11,6 +11,7 @@ The webhook worker runs a thread pool in a single process; its runtime starts on
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import secrets
 import signal
@@ -43,6 +44,7 @@ __all__ = [
     "is_local_process",
     "new_worker_id",
     "reset",
+    "start_failed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ class _Config:
 
 _config: _Config | None = None
 _current: WorkerRuntime | None = None
+# Set by a pool child that could not load its model. Made before the pool forks, so the parent
+# sees it and exits with a failure status instead of Celery's 0 after the cold shutdown.
+_start_failed = multiprocessing.Event()
 
 
 def configure(
@@ -75,6 +80,11 @@ def configure(
     global _config, _current
     _config = _Config(settings, app, role, entry, source)
     _current = None
+
+
+def start_failed() -> bool:
+    """Whether a GPU pool child of this process could not load (or refused) its model."""
+    return _start_failed.is_set()
 
 
 def reset() -> None:
@@ -290,10 +300,12 @@ def _init_pool_process(**_: Any) -> None:
     except ModelShapeMismatch as exc:
         # An operator's mistake, said in one sentence; no traceback to dig it out of.
         logger.critical("the worker cannot serve this model: %s", exc)
+        _start_failed.set()
         os.kill(os.getppid(), signal.SIGQUIT)
         raise
     except BaseException:
         logger.critical("the model could not be loaded; stopping the worker", exc_info=True)
+        _start_failed.set()
         # Without the model this worker can only fail; a cold shutdown of the parent (exit 1)
         # beats restarting the child forever.
         os.kill(os.getppid(), signal.SIGQUIT)

@@ -30,7 +30,7 @@ def test_the_papers_start_layer_is_kept_at_the_same_depth(blocks: int, layer: in
 
 
 def test_the_rule_agrees_with_the_engines_library_fallback() -> None:
-    from masactrl_core.engine import PAPER_START_DEPTH
+    from masactrl_core.runs import PAPER_START_DEPTH
 
     for blocks in range(1, 90):
         engine_rule = min(round(blocks * PAPER_START_DEPTH), blocks - 1)
