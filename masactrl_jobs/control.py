@@ -20,6 +20,13 @@ One home for these rules, used by the gateway (to answer 422 before queueing), t
 
 Problems are collected, not raised one at a time, so a client sees every mistake in one answer;
 each names the request field (``("control", "start_layer")``) and says what is wrong in a sentence.
+
+**The contract in words.** Each check declares, beside it, the :class:`Rule` it enforces: the
+request fields it refuses and one line that states it. The job kinds list the rules they apply
+(``Kind.rules``), and the gateway renders them into its OpenAPI text once at start-up, with the
+model values from its catalog (``service.api.contract``), so the published contract is generated
+from the checks rather than written beside them (tests/service/test_contract.py breaks each rule
+through the gateway and expects the field it names).
 """
 
 from __future__ import annotations
@@ -30,12 +37,30 @@ from typing import Protocol, get_args
 
 from masactrl_jobs.catalog import ModelEntry
 from masactrl_jobs.schema import ControlInput, LoraInput, MaskControl, Preprocess
+from masactrl_jobs.shape import DEFAULT_START_STEP, PAPER_BLOCK_COUNT, PAPER_START_LAYER
 
 __all__ = [
+    "CONDITION_IMAGES_RULE",
+    "CONDITION_SCALE_RULE",
+    "CONDITION_SOURCE_IMAGE_RULE",
+    "CONDITION_WINDOW_RULE",
+    "CONTROL_DEFAULTS",
+    "CONTROL_LAYERS_RULE",
+    "CONTROL_STEPS_RULE",
     "InvalidParameters",
+    "LORA_NAME_RULE",
+    "MAX_PIXELS_RULE",
     "Problem",
     "RequestedControl",
     "PREPROCESSINGS",
+    "Rule",
+    "SEQUENCE_FRAME_COUNT_RULE",
+    "SEQUENCE_FRAMES_RULE",
+    "SEQUENCE_PROMPTS_RULE",
+    "SEQUENCE_SAMPLING_RULE",
+    "SIZE_DEFAULTS",
+    "SIZE_MULTIPLE_RULE",
+    "START_STEP_RULE",
     "check_control",
     "condition_problems",
     "control_problems",
@@ -56,6 +81,22 @@ class Problem:
 
     field: FieldPath
     message: str
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule of the API's contract, declared beside the check that enforces it.
+
+    ``fields`` are the request fields a request that breaks it is refused on, dotted
+    (``control.start_step``; ``loras[].name`` for any index): the ``loc`` of its 422 (413 where
+    the text says so). ``text`` states the rule in one line of Markdown. Values that depend on
+    the model (size multiple, block count, max pixels, default control) are named, not written:
+    the gateway prints them per model in a table from its catalog. ``{name}`` placeholders are
+    the deployment's limits (``masactrl_jobs.kinds.base.Limits``), filled in at start-up.
+    """
+
+    fields: tuple[str, ...]
+    text: str
 
 
 class InvalidParameters(ValueError):
@@ -83,6 +124,33 @@ class RequestedControl(Protocol):
 
 
 _CONTROL = "control"
+
+START_STEP_RULE = Rule(
+    ("control.start_step",), "from 0 to `steps`; equal to `steps` runs without the control."
+)
+CONTROL_STEPS_RULE = Rule(
+    ("control.steps",),
+    "every index below `steps`; it overrides `start_step`, and `[]` runs without the control.",
+)
+CONTROL_LAYERS_RULE = Rule(
+    ("control.start_layer", "control.layers"),
+    "below the model's block count (every index of `layers`, which overrides `start_layer`).",
+)
+# What an omitted control becomes (resolve_control), from the rules of masactrl_jobs.shape.
+CONTROL_DEFAULTS = (
+    Rule(
+        ("control.start_step",),
+        f"the model's default start step: {DEFAULT_START_STEP}, the paper's, unless the catalog "
+        "declares another; at most `steps`.",
+    ),
+    Rule(
+        ("control.start_layer",),
+        "the model's default start layer: the paper's depth, `round(block count × "
+        f"{PAPER_START_LAYER} / {PAPER_BLOCK_COUNT})` ({PAPER_START_LAYER} of SD 1.5's "
+        f"{PAPER_BLOCK_COUNT} blocks), unless the catalog or the checkpoint's `masactrl.json` "
+        "declares another.",
+    ),
+)
 
 
 def _step_problems(control: RequestedControl, steps: int) -> list[Problem]:
@@ -201,6 +269,11 @@ class RequestedLora(Protocol):
     def weight(self) -> float | None: ...
 
 
+LORA_NAME_RULE = Rule(
+    ("loras[].name",), "one of the model's LoRA adapters (`GET /v1/models`: `loras[].name`)."
+)
+
+
 def lora_problems(entry: ModelEntry, loras: Sequence[RequestedLora]) -> list[Problem]:
     """One problem per adapter name that ``entry`` does not list."""
     available = ", ".join(sorted(entry.loras)) or "none"
@@ -226,6 +299,16 @@ def resolve_loras(entry: ModelEntry, loras: Sequence[RequestedLora]) -> list[Lor
         )
         for lora in loras
     ]
+
+
+SIZE_MULTIPLE_RULE = Rule(("width", "height"), "multiples of the model's size multiple.")
+MAX_PIXELS_RULE = Rule(
+    ("width", "height"),
+    "`width × height` at most the model's max pixels (an omitted side counts as the native one; "
+    "the refusal names `width` when it was given).",
+)
+# What an omitted size becomes (resolve_size).
+SIZE_DEFAULTS = (Rule(("width", "height"), "the model's native size."),)
 
 
 def size_problems(entry: ModelEntry, width: int | None, height: int | None) -> list[Problem]:
@@ -276,6 +359,16 @@ def resolve_size(
 PREPROCESSINGS: tuple[str, ...] = get_args(Preprocess)
 
 _CONDITION = "condition"
+
+CONDITION_IMAGES_RULE = Rule(("condition.images",), "one image per target prompt, or one for all.")
+CONDITION_SOURCE_IMAGE_RULE = Rule(
+    ("condition.source_image",), "only in a synthesis: an edit's source is the inverted photo."
+)
+CONDITION_WINDOW_RULE = Rule(
+    ("condition.start", "condition.end"),
+    "`0 ≤ start < end ≤ 1`, the fractions of the steps that run with the condition.",
+)
+CONDITION_SCALE_RULE = Rule(("condition.scale",), "at least 0.")
 
 
 def condition_problems(
@@ -335,6 +428,21 @@ def condition_problems(
             )
         )
     return problems
+
+
+SEQUENCE_FRAMES_RULE = Rule(
+    ("condition.frames", "condition.video"), "a sequence takes condition frames or one video."
+)
+SEQUENCE_FRAME_COUNT_RULE = Rule(
+    ("condition.frames", "condition.video"),
+    "at most {max_sequence_frames} frames (a video: the frames its sampling gives).",
+)
+SEQUENCE_SAMPLING_RULE = Rule(
+    ("condition.fps",), "`fps` and `max_frames` sample a video; frames take neither."
+)
+SEQUENCE_PROMPTS_RULE = Rule(
+    ("target_prompts",), "one prompt for all the frames, or one per frame; a video takes one."
+)
 
 
 def sequence_problems(

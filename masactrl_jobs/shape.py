@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "DEFAULT_START_STEP",
     "FAMILY_REFERENCE_SHAPES",
+    "PAPER_BLOCK_COUNT",
+    "PAPER_START_LAYER",
     "SHAPE_FIELDS",
     "Family",
     "ModelShape",

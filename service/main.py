@@ -18,6 +18,7 @@ from masactrl_jobs.queue import TaskMessages
 from masactrl_jobs.schema import (
     EditCreate,
     EditParams,
+    JobKind,
     SequenceCreate,
     SequenceParams,
     SynthesisCreate,
@@ -25,6 +26,7 @@ from masactrl_jobs.schema import (
 from masactrl_jobs.settings import load_settings
 from masactrl_jobs.storage import storage_from_settings
 from masactrl_jobs.store import AsyncJobStore
+from service.api.contract import describe_submissions, submission_rules
 from service.api.routes import ROUTERS, docs, playground
 from service.api.routes.jobs import PreviewEvent, ProgressEvent, RequeuedEvent, StatusEvent
 from service.config import GatewaySettings
@@ -54,7 +56,7 @@ def operation_id(route: APIRoute) -> str:
     return head + "".join(word.capitalize() for word in rest)
 
 
-def _install_openapi(app: FastAPI) -> None:
+def _install_openapi(app: FastAPI, rules: dict[JobKind, str]) -> None:
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -80,6 +82,7 @@ def _install_openapi(app: FastAPI) -> None:
         for name, definition in definitions.get("$defs", {}).items():
             components.setdefault(name, definition)
         schema["components"]["schemas"] = dict(sorted(components.items()))
+        describe_submissions(schema, rules)
         app.openapi_schema = schema
         return schema
 
@@ -173,5 +176,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limits=limits)
     # Added last, so it is outermost and also times and counts 413s and errors.
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    _install_openapi(app)
+    # The submission routes' rules in words, with this catalog's models and these limits:
+    # written now, once, and added to the document when it is first generated.
+    _install_openapi(app, submission_rules(catalog, settings))
     return app

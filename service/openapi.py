@@ -1,8 +1,10 @@
 """The gateway's OpenAPI document: ``python -m service.openapi --output openapi/openapi.json``
 (``--check`` says whether the committed file is current; ``--help`` lists the options).
 
-The schema does not depend on settings, so a throwaway development configuration is used and no
-Redis or storage is contacted.
+The document is the default deployment's: the default catalog, whose models the submission
+routes' rules list, and the default limits they state (``service.api.contract``), whatever
+``MASACTRL_*`` variables are set. A throwaway development configuration is used and no Redis or
+storage is contacted.
 """
 
 from __future__ import annotations
@@ -19,18 +21,30 @@ __all__ = ["openapi_document", "render"]
 
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI document of an app built with placeholder development settings."""
+    from pydantic_core import PydanticUndefined
+
     from service.config import GatewaySettings
     from service.main import create_app
 
+    # Every setting with a plain default at that default, so no variable of the environment
+    # changes a limit the rules state.
+    defaults = {
+        name: field.default
+        for name, field in GatewaySettings.model_fields.items()
+        if field.default is not PydanticUndefined and field.default_factory is None
+    }
     with tempfile.TemporaryDirectory() as storage:
         settings = GatewaySettings(
             _env_file=None,
-            environment="development",
-            dev_api_key="openapi-only",
-            url_signing_secret="openapi-only-not-a-real-secret-0123456789",
-            storage_url=f"file://{storage}",
-            catalog=None,
-            catalog_file=None,
+            **{
+                **defaults,
+                "environment": "development",
+                "dev_api_key": "openapi-only",
+                "url_signing_secret": "openapi-only-not-a-real-secret-0123456789",
+                "storage_url": f"file://{storage}",
+                "catalog": None,
+                "catalog_file": None,
+            },
         )
         return create_app(settings).openapi()
 

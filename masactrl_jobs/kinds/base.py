@@ -6,7 +6,8 @@ runs. Each kind writes all of it in one module of this package, as a subclass of
 - its **parameters**: the request bodies it accepts (``bodies``, the pydantic classes of
   ``masactrl_jobs.schema``) and the file parts of its multipart form (its ``Files`` class);
 - its **submission checks**: every problem of a request that needs the catalog or several fields
-  (:meth:`Kind.check`), before anything is read or stored;
+  (:meth:`Kind.check`), before anything is read or stored, and the rules they enforce in words
+  (``rules``: ``masactrl_jobs.control.Rule``, from which the gateway writes its OpenAPI text);
 - its **inputs**: whether it has any to take (:meth:`Kind.takes_inputs`), reading and checking
   them (:meth:`Kind.read_inputs`), and the input as it will run (:meth:`Kind.resolve`);
 - its **run** on a GPU worker: the inputs it loads (:meth:`Kind.load`), the engine call it makes
@@ -52,8 +53,20 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from masactrl_jobs.catalog import ModelEntry
-from masactrl_jobs.control import Problem, control_problems, lora_problems, size_problems
+from masactrl_jobs.catalog import ModelEntry, UnknownCondition
+from masactrl_jobs.control import (
+    CONTROL_LAYERS_RULE,
+    CONTROL_STEPS_RULE,
+    LORA_NAME_RULE,
+    MAX_PIXELS_RULE,
+    SIZE_MULTIPLE_RULE,
+    START_STEP_RULE,
+    Problem,
+    Rule,
+    control_problems,
+    lora_problems,
+    size_problems,
+)
 from masactrl_jobs.images import StoredInput, ValidatedImage
 from masactrl_jobs.schema import (
     MAX_SEED,
@@ -83,11 +96,14 @@ __all__ = [
     "JobInputError",
     "Kind",
     "Limits",
+    "CONDITION_MODEL_RULE",
     "Output",
+    "PARAMETER_RULES",
     "Ran",
     "Refused",
     "RunContext",
     "Source",
+    "condition_model_issues",
     "parameter_issues",
     "random_seed",
     "read_source",
@@ -345,6 +361,8 @@ class Kind(ABC, Generic[BodyT, FilesT, InputsT]):
     bodies: ClassVar[tuple[type[BaseModel], ...]]
     # The role of the images after the source in live previews.
     preview_role: ClassVar[ImageRole] = ImageRole.target
+    # The rules check() enforces, in words: the gateway's OpenAPI text for the kind's route.
+    rules: ClassVar[tuple[Rule, ...]]
 
     # -- at the gateway
 
@@ -416,12 +434,38 @@ def issues(problems: Sequence[Problem]) -> list[Issue]:
     return [Issue((BODY, *problem.field), problem.message) for problem in problems]
 
 
+# What parameter_issues checks, for every kind.
+PARAMETER_RULES = (
+    SIZE_MULTIPLE_RULE,
+    MAX_PIXELS_RULE,
+    START_STEP_RULE,
+    CONTROL_STEPS_RULE,
+    CONTROL_LAYERS_RULE,
+    LORA_NAME_RULE,
+)
+
+
 def parameter_issues(entry: ModelEntry, body: _Parameters) -> list[Issue]:
     """The control, size and LoRA problems of ``body`` on ``entry`` (``masactrl_jobs.control``)."""
     problems = control_problems(entry, body.control, body.steps)
     problems += size_problems(entry, body.width, body.height)
     problems += lora_problems(entry, body.loras)
     return issues(problems)
+
+
+CONDITION_MODEL_RULE = Rule(
+    ("condition.model",),
+    "one of the model's condition models (`GET /v1/models`: `conditions[].name`).",
+)
+
+
+def condition_model_issues(entry: ModelEntry, name: str) -> list[Issue]:
+    """An ``unknown_condition`` issue when ``entry`` lists no condition model ``name``."""
+    try:
+        entry.condition(name)
+    except UnknownCondition as exc:
+        return [Issue((BODY, "condition", "model"), str(exc), "unknown_condition")]
+    return []
 
 
 _SEED_BITS = MAX_SEED.bit_length()

@@ -29,6 +29,7 @@ from masactrl_jobs.kinds.base import (
     read_source,
 )
 from masactrl_jobs.kinds.stills import (
+    STILL_RULES,
     StillInputs,
     check_still,
     read_still_inputs,
@@ -70,6 +71,7 @@ def _at_condition_parts(issue: Issue) -> Issue:
 class EditKind(Kind[EditBody, EditFiles, StillInputs]):
     kind = JobKind.edit
     bodies = (EditCreate, EditParams)
+    rules = STILL_RULES
 
     def files_digest(self, files: EditFiles) -> str | None:
         return files.sha256()

@@ -28,8 +28,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from masactrl_jobs.catalog import ModelEntry, UnknownCondition
+from masactrl_jobs.catalog import ModelEntry
 from masactrl_jobs.control import (
+    CONDITION_SCALE_RULE,
+    CONDITION_WINDOW_RULE,
+    SEQUENCE_FRAME_COUNT_RULE,
+    SEQUENCE_FRAMES_RULE,
+    SEQUENCE_PROMPTS_RULE,
+    SEQUENCE_SAMPLING_RULE,
+    Rule,
     condition_problems,
     resolve_control,
     resolve_loras,
@@ -39,6 +46,8 @@ from masactrl_jobs.control import (
 from masactrl_jobs.images import StoredInput, ValidatedImage, too_large_message
 from masactrl_jobs.kinds.base import (
     BODY,
+    CONDITION_MODEL_RULE,
+    PARAMETER_RULES,
     AnimationOutput,
     ImageOutput,
     Intake,
@@ -51,6 +60,7 @@ from masactrl_jobs.kinds.base import (
     Refused,
     RunContext,
     Source,
+    condition_model_issues,
     issues,
     parameter_issues,
     random_seed,
@@ -67,7 +77,15 @@ from masactrl_jobs.schema import (
     SequenceParams,
 )
 
-__all__ = ["DEFAULT_ANIMATION_FPS", "SEQUENCE", "SequenceFiles", "SequenceInputs", "SequenceKind"]
+__all__ = [
+    "DEFAULT_ANIMATION_FPS",
+    "SEQUENCE",
+    "SIZE_LIMIT_RULE",
+    "SOURCE_RULES",
+    "SequenceFiles",
+    "SequenceInputs",
+    "SequenceKind",
+]
 
 # The animations' frame rate when a job does not say (jobs made by the gateway always do).
 DEFAULT_ANIMATION_FPS = 8.0
@@ -125,10 +143,35 @@ def _expected_frames(info: VideoInfo, fps: float | None, max_frames: int | None)
     return min(count, max_frames) if max_frames is not None else count
 
 
+# The sequence's own rules, beside the shared ones its check applies.
+SOURCE_RULES = (
+    Rule(("source_prompt",), "not empty when no `image` is the source (a synthesized source)."),
+    Rule(("anchor_source",), "needs an `image` as the source."),
+    Rule(("control.mask.mode",), "stays `none`: masks are not available for sequences."),
+)
+SIZE_LIMIT_RULE = Rule(
+    ("condition.frames", "condition.video"),
+    "413 past {max_sequence_bytes:,} bytes of frames together, or a video past "
+    "{max_video_bytes:,} bytes or {max_video_seconds:g} seconds.",
+)
+
+
 class SequenceKind(Kind[SequenceParams, SequenceFiles, SequenceInputs]):
     kind = JobKind.sequence
     bodies = (SequenceCreate, SequenceParams)
     preview_role = ImageRole.frame
+    rules = (
+        *PARAMETER_RULES,
+        SEQUENCE_FRAMES_RULE,
+        SEQUENCE_FRAME_COUNT_RULE,
+        SEQUENCE_SAMPLING_RULE,
+        SEQUENCE_PROMPTS_RULE,
+        CONDITION_MODEL_RULE,
+        CONDITION_WINDOW_RULE,
+        CONDITION_SCALE_RULE,
+        *SOURCE_RULES,
+        SIZE_LIMIT_RULE,
+    )
 
     # -- at the gateway
 
@@ -166,10 +209,7 @@ class SequenceKind(Kind[SequenceParams, SequenceFiles, SequenceInputs]):
             sampled=condition.fps is not None or condition.max_frames is not None,
         )
         found = parameter_issues(entry, body) + issues(problems)
-        try:
-            entry.condition(condition.model)
-        except UnknownCondition as exc:
-            found.append(Issue((*_CONDITION, "model"), str(exc), "unknown_condition"))
+        found += condition_model_issues(entry, condition.model)
         if body.control.mask.mode is not MaskMode.none:
             found.append(
                 Issue(

@@ -18,9 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from masactrl_jobs.catalog import ModelEntry, UnknownCondition
+from masactrl_jobs.catalog import ModelEntry
 from masactrl_jobs.control import (
+    CONDITION_IMAGES_RULE,
+    CONDITION_SCALE_RULE,
+    CONDITION_SOURCE_IMAGE_RULE,
+    CONDITION_WINDOW_RULE,
     InvalidParameters,
+    Rule,
     condition_problems,
     resolve_control,
     resolve_loras,
@@ -29,6 +34,8 @@ from masactrl_jobs.control import (
 from masactrl_jobs.images import StoredInput, ValidatedImage
 from masactrl_jobs.kinds.base import (
     BODY,
+    CONDITION_MODEL_RULE,
+    PARAMETER_RULES,
     ImageOutput,
     Intake,
     Issue,
@@ -36,6 +43,7 @@ from masactrl_jobs.kinds.base import (
     Output,
     Ran,
     RunContext,
+    condition_model_issues,
     issues,
     parameter_issues,
     random_seed,
@@ -54,6 +62,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = [
+    "MASK_RULES",
+    "STILL_RULES",
     "StillInputs",
     "StillParams",
     "check_still",
@@ -85,6 +95,30 @@ class StillInputs:
 # -- at the gateway -------------------------------------------------------------------------------
 
 
+MASK_RULES = (
+    Rule(("control.mask.regions",), "mode `manual` needs them; only `manual` takes them."),
+    Rule(
+        ("control.mask.source_word",),
+        "mode `auto` needs it, a whole word (any case) of `source_prompt`; only `auto` takes it.",
+    ),
+    Rule(
+        ("control.mask.target_word",),
+        "mode `auto` needs it, a whole word (any case) of every target prompt; only `auto` takes "
+        "it.",
+    ),
+)
+# What check_still enforces.
+STILL_RULES = (
+    *PARAMETER_RULES,
+    *MASK_RULES,
+    CONDITION_MODEL_RULE,
+    CONDITION_IMAGES_RULE,
+    CONDITION_SOURCE_IMAGE_RULE,
+    CONDITION_WINDOW_RULE,
+    CONDITION_SCALE_RULE,
+)
+
+
 def check_still(body: StillParams, entry: ModelEntry, *, editing: bool) -> list[Issue]:
     """Every cross-field or catalog problem of ``body`` (empty when it can run)."""
     return (
@@ -96,11 +130,7 @@ def _condition_issues(body: StillParams, entry: ModelEntry, editing: bool) -> li
     condition = body.condition
     if condition is None:
         return []
-    found = []
-    try:
-        entry.condition(condition.model)
-    except UnknownCondition as exc:
-        found.append(Issue((BODY, "condition", "model"), str(exc), "unknown_condition"))
+    found = condition_model_issues(entry, condition.model)
     problems = condition_problems(
         targets=len(body.target_prompts),
         images=len(condition.images),

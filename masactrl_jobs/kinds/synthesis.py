@@ -14,6 +14,7 @@ import time
 from masactrl_jobs.catalog import ModelEntry
 from masactrl_jobs.kinds.base import Intake, Issue, Kind, Limits, Output, Ran, RunContext, Source
 from masactrl_jobs.kinds.stills import (
+    STILL_RULES,
     StillInputs,
     check_still,
     read_still_inputs,
@@ -30,6 +31,7 @@ __all__ = ["SYNTHESIS", "SynthesisKind"]
 class SynthesisKind(Kind[SynthesisCreate, None, StillInputs]):
     kind = JobKind.synthesis
     bodies = (SynthesisCreate,)
+    rules = STILL_RULES
 
     def check(
         self, body: SynthesisCreate, entry: ModelEntry, limits: Limits, files: None

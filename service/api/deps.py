@@ -13,13 +13,14 @@ from fastapi import Depends, Header, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from masactrl_jobs.schema import JobKind
+from service.api.contract import JOB_KIND
 from service.bodies import media_type
 from service.config import Tenant
 from service.errors import ApiError, FieldError
 from service.gateway import Gateway
 
 __all__ = [
-    "CROSS_FIELD_RULES",
     "DirectRoute",
     "GatewayDep",
     "OpsAccess",
@@ -203,32 +204,12 @@ SUBMISSION_PARAMETERS = [
 ]
 
 
-def submission_openapi(content: dict[str, Any]) -> dict[str, Any]:
-    """``openapi_extra`` of a submission route: its auth, headers and request body."""
+def submission_openapi(kind: JobKind, content: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` of a submission route: its auth, headers and request body, and the kind
+    of job it creates (whose rules ``service.api.contract`` adds to its description)."""
     return {
+        JOB_KIND: kind.value,
         "security": [{"ApiKey": []}],
         "parameters": SUBMISSION_PARAMETERS,
         "requestBody": {"required": True, "content": content},
     }
-
-
-# What the request schemas cannot say on their own (several fields, or the chosen model); the
-# checks are masactrl_jobs.control's and service.validation's, this is their description.
-CROSS_FIELD_RULES = """
-
-Rules that relate fields or depend on the model (answered 422 with the field's path):
-
-- `width` and `height` are multiples of the model's size multiple (8 for `sd`, `sdxl`), and
-  `width × height` is at most the model's `max_pixels` (`GET /v1/models`).
-- `control.start_step` is less than `steps`; every `control.steps` index is below `steps`.
-- `control.start_layer` and every `control.layers` index are below the model's block count.
-- `control.mask.mode`: `manual` needs `regions` (and only `manual` takes them); `auto` needs
-  `source_word`, found as a whole word in `source_prompt`, and `target_word`, found in every
-  target prompt (and only `auto` takes them).
-- `webhook.url` is `https://` to a public address; an IP literal in any spelling (decimal,
-  hex, octal, short) is read as the address it names.
-- Images (`image`, mask `regions`): PNG, JPEG or WebP by content, at least 8×8 pixels, at most
-  `MASACTRL_MAX_IMAGE_SIDE` per side and `MASACTRL_MAX_IMAGE_BYTES`.
-- The body: JSON sent as `application/json` (else 415), no key given twice; at most
-  `MASACTRL_MAX_JSON_BYTES` plus one image allowance per inline `data:` image (else 413).
-"""

@@ -16,7 +16,9 @@ import redis
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from masactrl_jobs.catalog import default_catalog
 from masactrl_jobs.store import JobStore
+from service.api.contract import models_table
 from service.config import ApiKeyConfig, GatewaySettings
 from service.main import create_app
 from service.openapi import openapi_document, render
@@ -206,6 +208,16 @@ def test_committed_openapi_matches_the_served_schema(client: TestClient) -> None
         "`python -m service.openapi > openapi/openapi.json`"
     )
     assert COMMITTED.read_text() == render(openapi_document())
+    # The rules' words are generated (tests/service/test_contract.py holds them to the checks):
+    # the committed document states the default catalog's models as the resolver sees them.
+    for path in ("/v1/syntheses", "/v1/edits", "/v1/sequences"):
+        description = committed["paths"][path]["post"]["description"]
+        assert models_table(default_catalog()) in description
+        for entry in default_catalog().models:
+            row = next(line for line in description.splitlines() if f"`{entry.name}`" in line)
+            assert f"| {entry.size_multiple} | {entry.block_count} |" in row
+            assert f"| {entry.default_start_layer} | {entry.max_pixels} |" in row
+        assert "multiples of 8" not in description
 
 
 def test_operation_ids_are_readable_and_stable() -> None:

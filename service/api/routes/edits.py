@@ -18,7 +18,7 @@ from starlette.formparsers import MultiPartException
 from masactrl_jobs.images import too_large_message
 from masactrl_jobs.kinds.edit import EditFiles
 from masactrl_jobs.schema import MAX_MASK_REGIONS, MAX_TARGETS, EditCreate, EditParams, JobKind
-from service.api.deps import CROSS_FIELD_RULES, DirectRoute, Submission, submission_openapi
+from service.api.deps import DirectRoute, Submission, submission_openapi
 from service.api.responses import errors, job_response, submitted_response
 from service.bodies import (
     is_json,
@@ -35,6 +35,7 @@ router = APIRouter(prefix="/v1/edits", tags=["edits"], route_class=DirectRoute)
 
 # The body is parsed by hand (two content types), so it is described here for the contract.
 _OPENAPI = submission_openapi(
+    JobKind.edit,
     {
         "application/json": {"schema": {"$ref": "#/components/schemas/EditCreate"}},
         "multipart/form-data": {
@@ -65,7 +66,7 @@ _OPENAPI = submission_openapi(
             },
             "encoding": {"params": {"contentType": "application/json"}},
         },
-    }
+    },
 )
 MULTIPART_PARTS = {"image", "condition_image", "params", "previews"}
 # The reference each condition_image part stands for in ``params.condition.images`` while the
@@ -195,7 +196,7 @@ _SUMMARY = "Submit a real-image edit (JSON with an image URL, or multipart with 
     status_code=202,
     response_model=None,
     openapi_extra=_OPENAPI,
-    description=_SUMMARY + CROSS_FIELD_RULES,
+    description=_SUMMARY,
     responses={
         202: job_response("The job was accepted (queued).", headers=True),
         200: job_response("Idempotent replay: the job first created with this key.", True),
@@ -203,7 +204,7 @@ _SUMMARY = "Submit a real-image edit (JSON with an image URL, or multipart with 
     },
 )
 async def create_edit(request: Request) -> Response:
-    """The route of _SUMMARY; its OpenAPI description adds the cross-field rules."""
+    """The route of _SUMMARY; its OpenAPI description adds the kind's rules."""
     context = Submission.from_request(request)
     content_type = context.media_type
     files: EditFiles | None = None

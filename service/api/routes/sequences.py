@@ -15,7 +15,7 @@ from starlette.formparsers import MultiPartException
 from masactrl_jobs.images import too_large_message
 from masactrl_jobs.kinds.sequence import SequenceFiles
 from masactrl_jobs.schema import JobKind, SequenceCreate, SequenceParams
-from service.api.deps import CROSS_FIELD_RULES, DirectRoute, Submission, submission_openapi
+from service.api.deps import DirectRoute, Submission, submission_openapi
 from service.api.responses import errors, job_response, submitted_response
 from service.bodies import is_json, parse_json, unsupported_media_type
 from service.config import GatewaySettings
@@ -26,6 +26,7 @@ router = APIRouter(prefix="/v1/sequences", tags=["sequences"], route_class=Direc
 
 _FILE = {"type": "string", "format": "binary"}
 _OPENAPI = submission_openapi(
+    JobKind.sequence,
     {
         "application/json": {"schema": {"$ref": "#/components/schemas/SequenceCreate"}},
         "multipart/form-data": {
@@ -45,18 +46,9 @@ _OPENAPI = submission_openapi(
             },
             "encoding": {"params": {"contentType": "application/json"}},
         },
-    }
+    },
 )
 _PARTS = {"params", "frame", "video", "image"}
-
-SEQUENCE_RULES = """
-- A sequence takes condition `frames` or a `video` (multipart: `frame` parts or one `video`
-  part), at most the deployment's frame limit (120 by default); `fps` and `max_frames` sample a
-  video only. `target_prompts` is one prompt, or one per frame (a video takes one).
-- The source is `image` (inverted; then `anchor_source` may be set) or, without one, a
-  non-empty `source_prompt`. Masks are not available for sequences.
-- The frames' total bytes, a video's bytes and its duration have limits (413 with the field).
-"""
 
 
 async def _file(part: UploadFile, loc: tuple[str | int, ...], what: str, limit: int) -> bytes:
@@ -121,7 +113,7 @@ _SUMMARY = (
     status_code=202,
     response_model=None,
     openapi_extra=_OPENAPI,
-    description=_SUMMARY + CROSS_FIELD_RULES + SEQUENCE_RULES,
+    description=_SUMMARY,
     responses={
         202: job_response("The job was accepted (queued).", headers=True),
         200: job_response("Idempotent replay: the job first created with this key.", True),
@@ -129,7 +121,7 @@ _SUMMARY = (
     },
 )
 async def create_sequence(request: Request) -> Response:
-    """The route of _SUMMARY; its OpenAPI description adds the cross-field rules."""
+    """The route of _SUMMARY; its OpenAPI description adds the kind's rules."""
     context = Submission.from_request(request)
     content_type = context.media_type
     files: SequenceFiles | None = None

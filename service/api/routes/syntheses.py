@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from masactrl_jobs.schema import JobKind, SynthesisCreate
-from service.api.deps import CROSS_FIELD_RULES, DirectRoute, Submission, submission_openapi
+from service.api.deps import DirectRoute, Submission, submission_openapi
 from service.api.responses import errors, job_response, submitted_response
 from service.bodies import is_json, parse_json, unsupported_media_type
 from service.submission import submit
@@ -13,7 +13,8 @@ from service.submission import submit
 router = APIRouter(prefix="/v1/syntheses", tags=["syntheses"], route_class=DirectRoute)
 
 _OPENAPI = submission_openapi(
-    {"application/json": {"schema": {"$ref": "#/components/schemas/SynthesisCreate"}}}
+    JobKind.synthesis,
+    {"application/json": {"schema": {"$ref": "#/components/schemas/SynthesisCreate"}}},
 )
 
 _SUMMARY = "Submit a consistent synthesis: a source image and one image per target prompt."
@@ -24,7 +25,7 @@ _SUMMARY = "Submit a consistent synthesis: a source image and one image per targ
     status_code=202,
     response_model=None,
     openapi_extra=_OPENAPI,
-    description=_SUMMARY + CROSS_FIELD_RULES,
+    description=_SUMMARY,
     responses={
         202: job_response("The job was accepted (queued).", headers=True),
         200: job_response("Idempotent replay: the job first created with this key.", True),
@@ -32,7 +33,7 @@ _SUMMARY = "Submit a consistent synthesis: a source image and one image per targ
     },
 )
 async def create_synthesis(request: Request) -> Response:
-    """The route of _SUMMARY; its OpenAPI description adds the cross-field rules."""
+    """The route of _SUMMARY; its OpenAPI description adds the kind's rules."""
     context = Submission.from_request(request)
     if not is_json(context.media_type):
         raise unsupported_media_type("application/json")
