@@ -24,10 +24,11 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument(
         "--variant",
-        choices=("standard", "two-level", "no-mid", "three-level"),
+        choices=("standard", "two-level", "no-mid", "three-level", "shallow"),
         default="standard",
-        help="the UNet's shape (sd family): SD 1.5's 16 blocks (standard), or a pruned model's: "
-        "two-level (7 blocks), no-mid (9 blocks, no mid block, as BK-SDM), three-level (11)",
+        help="the UNet's shape: the family's reference (standard: 16 blocks for sd, 70 for "
+        "sdxl), or a pruned model's: sd two-level (7 blocks), no-mid (9, no mid block, as "
+        "BK-SDM), three-level (11); sdxl shallow (17, as SSD-1B)",
     )
     parser.add_argument(
         "--condition",

@@ -6,7 +6,8 @@ Real checkpoints are not all shaped like SD 1.5: pruned and distilled ones (BK-S
 small-sd/tiny-sd) have fewer levels, fewer layers or no mid block. ``SD_VARIANTS`` builds tiny
 SD-family UNets of such shapes (``two-level``: 7 blocks; ``no-mid``: 9 blocks, no mid block, one
 layer per level as BK-SDM; ``three-level``: 11 blocks), so everything that reads a model's shape
-is tested on more than one copy of SD's numbering.
+is tested on more than one copy of SD's numbering; ``SDXL_VARIANTS`` likewise (``shallow``:
+17 blocks, as distilled SDXL models cut the transformer depth).
 Family ``sdxl``: SDXL's topology (3 down blocks, transformer depths 1/2/10, 70 transformer blocks,
 text_time added conditioning, two text encoders, the second with a projection) so its default
 start_layer 44 of 70 applies unchanged. Only the widths are tiny; one SDXL UNet forward at the
@@ -31,6 +32,7 @@ __all__ = [
     "bytes_to_unicode",
     "learn_merges",
     "write_tokenizer",
+    "SDXL_VARIANTS",
     "SD_VARIANTS",
     "tiny_checkpoint_info",
     "write_tiny_checkpoint",
@@ -374,6 +376,13 @@ SDXL_TINY_UNET_CONFIG: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 6 * _SDXL_TIME_EMBED_DIM + _SDXL_TEXT_WIDTH,
 }
 
+# Distilled SDXL checkpoints (SSD-1B, Segmind Vega) keep SDXL's levels with shallower
+# transformer stacks: depths 1/2 instead of 2/10 give 2 + 4 down, 2 mid, 6 + 3 up = 17 blocks.
+SDXL_VARIANTS: dict[str, dict[str, Any]] = {
+    "standard": {},
+    "shallow": {"transformer_layers_per_block": (1, 1, 2)},
+}
+
 SDXL_TINY_VAE_CONFIG: dict[str, Any] = {
     **SD_TINY_VAE_CONFIG,
     "sample_size": SDXL_NATIVE_SIZE,
@@ -489,7 +498,7 @@ FAMILIES: dict[str, _Family] = {
         SDXL_NATIVE_SIZE,
         SDXL_VAE_SCALE_FACTOR,
         SDXL_TINY_UNET_CONFIG,
-        {"standard": {}},
+        SDXL_VARIANTS,
         ("tokenizer", "tokenizer_2"),
     ),
 }

@@ -147,8 +147,8 @@ def test_key_and_url_come_from_the_environment_and_the_dev_key_file(
         (
             ["synthesize", "--source-prompt", "a cat", "--target-prompt", "a dog"]
             + ["--steps", "20", "--start-step", "25"],
-            "masactrl client: error: control.start_step must be less than steps "
-            "(20), got 25 (HTTP 422 invalid_request)",
+            "masactrl client: error: control.start_step must be between 0 and steps "
+            "(20; equal to steps runs without the control), got 25 (HTTP 422 invalid_request)",
         ),
         (
             ["edit", "--image", str(SAMPLE), "--target-prompt", "x", "--model", "nope"],

@@ -91,3 +91,32 @@ def test_no_control_is_the_plain_pipeline_with_its_evaluation_count(shaped, cont
             prompt, num_inference_steps=STEPS, latents=noise, output_type="latent"
         ).images
         assert_close(result.latents[index : index + 1], expected)
+
+
+def test_a_distilled_sdxl_shape_runs_with_its_measured_defaults(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    from masactrl_core.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "shallow", family="sdxl", variant="shallow")
+    engine = MasaCtrlEngine.from_pretrained(path, device="cpu")
+    blocks = sum(1 for name in engine.unet.attn_processors if name.endswith("attn1.processor"))
+    assert engine.block_count == blocks == 17
+    assert engine.default_control.start_layer == default_start_layer(17) == 11
+    for control in (None, ControlConfig(start_step=1, start_layer=5)):
+        ours = engine.synthesize(control=control, steps=6, **SYNTHESIS)
+        expected = reference(engine).synthesize(control=control, steps=6, **SYNTHESIS)
+        assert_close(ours.latents, expected.latents)
+    off = engine.synthesize(control=ControlConfig(start_step=STEPS), steps=STEPS, **SYNTHESIS)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(path)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    noise = engine.initial_noise(SYNTHESIS["seed"], *engine.native_size)
+    expected = pipeline(
+        SYNTHESIS["target_prompts"][0],
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,  # the engine's default; SDXL's pipeline defaults to 5.0
+        latents=noise,
+        output_type="latent",
+    ).images
+    assert_close(off.latents[1:2], expected)
