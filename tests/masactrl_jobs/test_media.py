@@ -17,6 +17,7 @@ from PIL import Image
 
 from masactrl_jobs.media import (
     MediaError,
+    VideoBudget,
     common_size,
     decode_video,
     encode_mp4,
@@ -26,6 +27,9 @@ from masactrl_jobs.media import (
     read_frames,
     webp_durations,
 )
+
+# The settings' default budget, with the engine's 120 frames.
+BUDGET = VideoBudget.defaults(120)
 
 
 def frame(index: int, size: tuple[int, int] = (32, 24)) -> Image.Image:
@@ -127,26 +131,30 @@ def test_probe_reads_duration_count_and_size_from_headers(tmp_path):
 
 def test_decode_keeps_order_and_samples_by_rate_and_count(tmp_path):
     data = make_mp4(12, fps=12)
-    every = decode_video(data)
+    every = decode_video(data, budget=BUDGET)
     assert [index_of(image) for image in every] == list(range(12))
     assert every[0].mode == "RGB" and every[0].size == (32, 24)
     # 4 a second from a 12 fps clip: the frames shown at 0, 0.25, 0.5 and 0.75 s.
-    assert [index_of(image) for image in decode_video(data, fps=4)] == [0, 3, 6, 9]
-    assert [index_of(image) for image in decode_video(data, fps=4, max_frames=2)] == [0, 3]
+    assert [index_of(image) for image in decode_video(data, budget=BUDGET, fps=4)] == [0, 3, 6, 9]
+    assert [
+        index_of(image) for image in decode_video(data, budget=BUDGET, fps=4, max_frames=2)
+    ] == [0, 3]
     # A rate above the clip's never repeats a frame.
-    assert len(decode_video(data, fps=30)) == 12
+    assert len(decode_video(data, budget=BUDGET, fps=30)) == 12
     path = tmp_path / "clip.mp4"
     path.write_bytes(data)
-    assert [index_of(image) for image in decode_video(path, max_frames=5)] == list(range(5))
+    assert [index_of(image) for image in decode_video(path, budget=BUDGET, max_frames=5)] == list(
+        range(5)
+    )
 
 
 def test_unreadable_videos_are_one_sentence_errors(tmp_path):
     with pytest.raises(MediaError, match="cannot be read as a video"):
-        decode_video(b"definitely not a video")
+        decode_video(b"definitely not a video", budget=BUDGET)
     with pytest.raises(MediaError, match=r"clip\.mp4 does not exist"):
         probe_video(tmp_path / "clip.mp4")
     with pytest.raises(MediaError, match="positive number of frames a second"):
-        decode_video(make_mp4(2, fps=4), fps=0)
+        decode_video(make_mp4(2, fps=4), budget=BUDGET, fps=0)
 
 
 # -- animations out -------------------------------------------------------------------------
@@ -154,13 +162,13 @@ def test_unreadable_videos_are_one_sentence_errors(tmp_path):
 
 def test_mp4_round_trip_decode_frames_encode(tmp_path):
     source = make_mp4(5, fps=10)
-    frames = decode_video(source)
+    frames = decode_video(source, budget=BUDGET)
     encoded = encode_mp4(frames, fps=10)
     count, rate, duration, images = mp4_facts(encoded)
     assert (count, rate) == (5, 10)
     assert duration == pytest.approx(0.5)
     assert [index_of(image) for image in images] == list(range(5))
-    assert [index_of(image) for image in decode_video(encoded)] == list(range(5))
+    assert [index_of(image) for image in decode_video(encoded, budget=BUDGET)] == list(range(5))
 
 
 @pytest.mark.parametrize("fps", [8, 12.5])

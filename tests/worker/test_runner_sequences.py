@@ -14,7 +14,7 @@ from PIL import Image
 from masactrl_core import ControlConfig
 from masactrl_core.canny import canny
 from masactrl_core.conditions import Condition
-from masactrl_jobs.media import decode_video, encode_mp4, probe_video
+from masactrl_jobs.media import VideoBudget, decode_video, encode_mp4, probe_video
 from masactrl_jobs.schema import ConditionInput, JobKind
 from masactrl_jobs.storage import FileStorage
 from masactrl_jobs.store import JobStore
@@ -27,6 +27,8 @@ from tests.worker.test_runner_conditions import (  # noqa: F401 (fixtures)
 )
 from worker.outputs import png_bytes
 from worker.runner import JobRunner
+
+BUDGET = VideoBudget.defaults(120)  # the settings' default budget, the engine's frame limit
 
 CONTROL = ControlConfig(start_step=1, start_layer=10)
 
@@ -121,7 +123,7 @@ def test_a_video_sequence_from_a_photo_decodes_samples_and_applies_canny(
     runner = make_runner()
     assert runner.run(job_id) == "succeeded"
 
-    layouts = [canny(frame) for frame in decode_video(video, fps=2.0, max_frames=2)]
+    layouts = [canny(frame) for frame in decode_video(video, budget=BUDGET, fps=2.0, max_frames=2)]
     expected = tiny_engine.sequence(
         "a photo of a cat",
         "a photo of a dog",
