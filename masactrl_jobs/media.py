@@ -366,7 +366,8 @@ def decode_video(
         )
     if max_frames is not None and max_frames < 1:
         raise MediaError(f"max_frames must be at least 1, got {max_frames}")
-    count_up_to = budget.max_frames if max_frames is None else max_frames
+    # Past the budget's frames nothing more need be counted: the video is refused either way.
+    count_up_to = min(max_frames or budget.max_frames, budget.max_frames)
     check_video(
         probe_video(source, count_up_to=count_up_to), budget, fps=fps, max_frames=max_frames
     )

@@ -289,8 +289,8 @@ class SequenceKind(Kind[SequenceParams, SequenceFiles, SequenceInputs]):
         budget = VideoBudget(
             limits.max_image_side, limits.max_sequence_frames, limits.max_video_pixels
         )
-        # check() refused a max_frames past the limit, so the count stops at the limit + 1.
-        count_up_to = condition.max_frames or budget.max_frames
+        # One past what could be kept is enough to refuse: the counting stops there.
+        count_up_to = min(condition.max_frames or budget.max_frames, budget.max_frames)
         try:
             info = await intake.probe_video(data, count_up_to)
         except MediaError as exc:
