@@ -387,6 +387,12 @@ def decode_video(
                 next_sample = len(frames) / fps
                 if frame.time + half_frame < next_sample:
                     continue  # shown before the next sample time
+            if frame.width > budget.max_side or frame.height > budget.max_side:
+                raise OverBudget(
+                    f"{_describe(source)} changes its frames to {frame.width}×{frame.height} "
+                    f"pixels; the limit is {budget.max_side}×{budget.max_side}",
+                    "video_too_large",
+                )
             pixels += frame.width * frame.height
             if len(frames) >= budget.max_frames or pixels > budget.max_pixels:
                 raise OverBudget(

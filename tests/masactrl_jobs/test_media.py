@@ -220,6 +220,19 @@ def test_frames_within_every_limit_alone_are_refused_past_the_pixel_budget(no_de
         decode_video(raw, budget=BUDGET, max_frames=9)
 
 
+def test_a_stream_that_grows_its_frames_midway_is_stopped_by_the_decoder():
+    # 100 frames of 64×64, then an SPS for 1024×1024: the size FFmpeg reports is the first.
+    grows = blank_video(64, 64, 100, "h264") + blank_video(1024, 1024, 3, "h264")
+    assert probe_video(grows, count_up_to=120).size == (64, 64)
+    budget = VideoBudget(max_side=64, max_frames=120, max_pixels=10**9)
+    # FFmpeg refuses the larger frame before allocating it (its max_pixels option).
+    with pytest.raises(MediaError, match="could not be decoded"):
+        decode_video(grows, budget=budget)
+    # Allowed 1024 a side, the same stream decodes, and its last frames are that large.
+    frames = decode_video(grows, budget=VideoBudget(1024, 120, 10**9))
+    assert (len(frames), frames[0].size, frames[-1].size) == (103, (64, 64), (1024, 1024))
+
+
 def test_a_video_within_the_budget_decodes_what_the_check_said():
     raw = blank_video(64, 64, 300, "h264")
     info = probe_video(raw, count_up_to=10)
