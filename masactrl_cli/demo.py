@@ -204,7 +204,9 @@ def write_sheet(rows: list[tuple[str, Path, Path, Path]], path: Path, scale: int
     from PIL import Image, ImageDraw
 
     headers = ("source", "without MasaCtrl", "with MasaCtrl")
-    images = [[Image.open(p).convert("RGB") for p in row[1:]] for row in rows]
+    from masactrl_jobs.media import open_image
+
+    images = [[open_image(p, what="result", mode="RGB") for p in row[1:]] for row in rows]
     side = max(im.width for row in images for im in row) * scale
     label_w, header_h, gap = 120, 24, 6
     sheet = Image.new(

@@ -140,23 +140,19 @@ def check_model(model: str) -> None:
 
 def load_image(path: Path, mode: str = "RGB", what: str = "image file") -> Any:
     """Open an image file in ``mode``, or raise a UsageError that says what is wrong with it."""
-    from PIL import Image, UnidentifiedImageError
+    from masactrl_jobs.media import MediaError, open_image
 
     if not path.exists():
         raise UsageError(f"{what} {path} does not exist")
     if path.is_dir():
         raise UsageError(f"{path} is a folder, not an image file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"cannot read {what} {path}: permission denied")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert(mode)
-    except PermissionError:
-        raise UsageError(f"cannot read {what} {path}: permission denied") from None
-    except UnidentifiedImageError:
-        raise UsageError(f"{what} {path} is not an image file PIL can read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        # Truncated or corrupt files surface as OSError/SyntaxError from the decoders.
-        raise UsageError(f"cannot read {what} {path}: {one_line(exc)}") from None
+        # Its size is checked before its pixels are decoded, as the service checks an upload.
+        return open_image(path, what=what, mode=mode)
+    except MediaError as exc:
+        raise UsageError(one_line(exc)) from None
 
 
 def read_masks(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -133,6 +133,8 @@ def read_condition_frames(args: argparse.Namespace, limit: int) -> Frames:
     """The frames of ``--frame``, ``--frames`` or ``--video``, at most ``limit`` of them."""
     from masactrl_jobs.media import (
         MediaError,
+        OverBudget,
+        VideoBudget,
         common_size,
         decode_video,
         probe_video,
@@ -142,10 +144,20 @@ def read_condition_frames(args: argparse.Namespace, limit: int) -> Frames:
 
     try:
         if args.video is not None:
-            info = probe_video(args.video)
-            # One frame past the limit is enough to know the clip is too long.
-            cap = limit + 1 if args.max_frames is None else min(args.max_frames, limit + 1)
-            images = decode_video(args.video, fps=args.fps, max_frames=cap)
+            # The same budget a worker decodes under: refused before a frame is decoded.
+            budget = VideoBudget.defaults(limit)
+            info = probe_video(args.video, count_up_to=args.max_frames or limit)
+            try:
+                images = decode_video(
+                    args.video, budget=budget, fps=args.fps, max_frames=args.max_frames
+                )
+            except OverBudget as exc:
+                if exc.type != "too_many_frames":
+                    raise
+                raise UsageError(
+                    f"a sequence takes at most {limit} frames and the video gives more "
+                    "(use --max-frames or a lower --fps)"
+                ) from None
             fps = args.fps or info.fps or DEFAULT_FPS
             record: dict[str, Any] = {
                 "video": str(args.video),
@@ -161,11 +173,6 @@ def read_condition_frames(args: argparse.Namespace, limit: int) -> Frames:
             images = read_frames(args.frame_files)
             fps = args.fps or DEFAULT_FPS
             record = {"files": [str(path) for path in args.frame_files]}
-        if len(images) > limit and args.video is not None:
-            raise UsageError(
-                f"a sequence takes at most {limit} frames and the video gives more "
-                "(use --max-frames or a lower --fps)"
-            )
         if len(images) > limit:
             raise UsageError(f"a sequence takes at most {limit} frames, got {len(images)}")
         # The engine resizes every frame to the run's size; different sizes need one said.

@@ -55,6 +55,7 @@ __all__ = [
     "PREPROCESSINGS",
     "Rule",
     "SEQUENCE_FRAME_COUNT_RULE",
+    "SEQUENCE_MAX_FRAMES_RULE",
     "SEQUENCE_FRAMES_RULE",
     "SEQUENCE_PROMPTS_RULE",
     "SEQUENCE_SAMPLING_RULE",
@@ -440,6 +441,9 @@ SEQUENCE_FRAME_COUNT_RULE = Rule(
 SEQUENCE_SAMPLING_RULE = Rule(
     ("condition.fps",), "`fps` and `max_frames` sample a video; frames take neither."
 )
+SEQUENCE_MAX_FRAMES_RULE = Rule(
+    ("condition.max_frames",), "at most {max_sequence_frames}, the frames a sequence takes."
+)
 SEQUENCE_PROMPTS_RULE = Rule(
     ("target_prompts",), "one prompt for all the frames, or one per frame; a video takes one."
 )
@@ -452,12 +456,14 @@ def sequence_problems(
     targets: int,
     max_frames: int,
     sampled: bool = False,
+    sample_frames: int | None = None,
 ) -> list[Problem]:
     """Every problem of a sequence's frames: ``frames`` images or one video, and its prompts.
 
     ``frames`` is the number of frame images (None when a video gives them; its count is known
     only once it is probed or decoded, and is checked then with ``frames`` set). ``sampled``:
-    ``fps`` or ``max_frames`` was given, which only a video can use.
+    ``fps`` or ``max_frames`` was given, which only a video can use; ``sample_frames`` is that
+    ``max_frames``, which may not ask for more frames than a sequence takes.
     """
     problems = []
     if frames is None and not has_video:
@@ -478,6 +484,13 @@ def sequence_problems(
     if sampled and not has_video:
         problems.append(
             Problem((_CONDITION, "fps"), "fps and max_frames sample a video; no video was given")
+        )
+    if sample_frames is not None and sample_frames > max_frames:
+        problems.append(
+            Problem(
+                (_CONDITION, "max_frames"),
+                f"max_frames is {sample_frames}; a sequence takes at most {max_frames} frames",
+            )
         )
     if frames is not None and frames > max_frames:
         problems.append(

@@ -120,7 +120,21 @@ class CommonSettings(BaseSettings):
         False, description="Development only: let the SSRF guard reach loopback addresses."
     )
     max_image_bytes: int = Field(20 * MiB, ge=1024)
-    max_image_side: int = Field(4096, ge=64, le=16384)
+    max_image_side: int = Field(
+        4096,
+        ge=64,
+        le=16384,
+        description="Longest side of an image, a mask or a video's frame, in pixels.",
+    )
+    max_video_pixels: int = Field(
+        128 * 1024 * 1024,
+        ge=64 * 64,
+        description=(
+            "Most pixels a video's decoded frames may hold together (frames × width × height; "
+            "3 bytes each once decoded): checked at the gateway and again before a worker "
+            "decodes."
+        ),
+    )
     fetch_timeout_seconds: float = Field(10.0, gt=0, le=120)
 
     @field_validator("storage_url")

@@ -77,9 +77,10 @@ class ImageIntake:
         except InvalidImage as exc:
             raise FieldError(loc, str(exc), "invalid_image") from None
 
-    async def probe_video(self, data: bytes) -> VideoInfo:
-        """A video's duration and frame count from its headers (``MediaError`` when unreadable)."""
-        return await run_in_threadpool(probe_video, data)
+    async def probe_video(self, data: bytes, count_up_to: int) -> VideoInfo:
+        """A video's size and duration, its frames counted by demuxing (``MediaError`` when
+        unreadable)."""
+        return await run_in_threadpool(probe_video, data, count_up_to=count_up_to)
 
     async def store(self, images: Sequence[ValidatedImage | StoredInput]) -> None:
         """Store validated images under ``inputs/<sha256>.<ext>``.

@@ -18,20 +18,20 @@ previews' lifetime, metrics, storing the results and the job's end.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from masactrl_core import ControlConfig, InvertedImage, MaskConfig
 from masactrl_core.previews import LatentsCallback, PreviewDecoder, Previews
 from masactrl_jobs.catalog import UnknownCondition
 from masactrl_jobs.control import InvalidParameters, check_control
 from masactrl_jobs.kinds.base import Engine
+from masactrl_jobs.media import MediaError, OverBudget, VideoBudget, open_image
 from masactrl_jobs.schema import (
     ConditionInput,
     ErrorCode,
@@ -63,13 +63,14 @@ class Failure(Exception):
         self.message = message
 
 
-def decode(data: bytes, what: str, mode: str = "RGB") -> Image.Image:
-    """Decode stored bytes fully; a damaged object is the job's input error, not a crash."""
+def decode(data: bytes, what: str, max_side: int, mode: str = "RGB") -> Image.Image:
+    """Decode stored bytes fully, their size checked first; a damaged or oversized object is the
+    job's input error, not a crash (the gateway checked it, but storage is not the gateway)."""
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            return opened.convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return open_image(data, what=what, mode=mode, max_side=max_side)
+    except OverBudget as exc:
+        raise Failure(ErrorCode.invalid_input, str(exc)) from None
+    except MediaError as exc:
         raise Failure(ErrorCode.invalid_input, f"the {what} cannot be decoded: {exc}") from None
 
 
@@ -126,6 +127,10 @@ class JobContext:
     def max_sequence_frames(self) -> int:
         return self.runner.engine.options.max_sequence_frames
 
+    @property
+    def video_budget(self) -> VideoBudget:
+        return VideoBudget.from_settings(self.runner.settings, self.max_sequence_frames)
+
     # -- stored inputs
 
     def read(self, key: str, what: str) -> bytes:
@@ -137,7 +142,7 @@ class JobContext:
             ) from None
 
     def decode(self, data: bytes, what: str, mode: str = "RGB") -> Image.Image:
-        return decode(data, what, mode)
+        return decode(data, what, self.runner.settings.max_image_side, mode)
 
     def preprocess(self, image: Image.Image, preprocess: Preprocess) -> Image.Image:
         if preprocess == "canny":
@@ -214,8 +219,8 @@ class JobContext:
             )
         regions = [
             (
-                decode(self.read(region.source, "source mask"), "source mask", "L"),
-                decode(self.read(region.target, "target mask"), "target mask", "L"),
+                self.decode(self.read(region.source, "source mask"), "source mask", "L"),
+                self.decode(self.read(region.target, "target mask"), "target mask", "L"),
             )
             for region in mask.regions or []
         ]

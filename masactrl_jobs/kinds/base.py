@@ -82,7 +82,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from masactrl_jobs.control import RequestedControl, RequestedLora
-    from masactrl_jobs.media import VideoInfo
+    from masactrl_jobs.media import VideoBudget, VideoInfo
 
 __all__ = [
     "AnimationOutput",
@@ -167,6 +167,12 @@ class Limits(Protocol):
     @property
     def max_video_seconds(self) -> float: ...
 
+    @property
+    def max_image_side(self) -> int: ...
+
+    @property
+    def max_video_pixels(self) -> int: ...
+
 
 class Intake(Protocol):
     """How a kind reads its inputs at the gateway (``service.intake.ImageIntake``).
@@ -188,8 +194,9 @@ class Intake(Protocol):
         """The bytes ``ref`` names, checked only against ``max_bytes``."""
         ...
 
-    async def probe_video(self, data: bytes) -> VideoInfo:
-        """A video's duration and frames from its headers (``MediaError`` when unreadable)."""
+    async def probe_video(self, data: bytes, count_up_to: int) -> VideoInfo:
+        """A video's size and duration, its frames counted up to ``count_up_to + 1``
+        (``masactrl_jobs.media.probe_video``; ``MediaError`` when unreadable)."""
         ...
 
 
@@ -245,6 +252,12 @@ class RunContext(Protocol):
     @property
     def max_sequence_frames(self) -> int:
         """The engine's limit of frames per sequence."""
+        ...
+
+    @property
+    def video_budget(self) -> VideoBudget:
+        """What decoding a condition video may cost on this worker (its settings, the engine's
+        frame limit)."""
         ...
 
     def read(self, key: str, what: str) -> bytes:

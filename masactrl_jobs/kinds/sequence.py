@@ -11,9 +11,13 @@ sequence costs no GPU time and stores nothing:
   preprocessing, and :func:`~masactrl_jobs.control.sequence_problems` for the frames);
 - the frame count against ``max_sequence_frames`` (422), and the frames' (or the video's) total
   bytes against ``max_sequence_bytes`` (413);
-- a video is probed from its headers (``masactrl_jobs.media.probe_video``): unreadable is a 422,
-  longer than ``max_video_seconds`` a 413, and the frames its sampling would give over the limit
-  a 422. The worker decodes it; the engine refuses a count over its own limit again.
+- ``condition.max_frames`` past ``max_sequence_frames`` is a 422;
+- a video is probed (``masactrl_jobs.media.probe_video``: the stream's coded size, and its frames
+  counted by demuxing packets, never from the container's metadata) and checked against the
+  budget a worker decodes under (``masactrl_jobs.media.check_video``): unreadable is a 422,
+  longer than ``max_video_seconds`` a 413, frames past ``max_image_side`` a side, more frames
+  than the limit at its sampling, or more than ``max_video_pixels`` pixels in the frames kept, a
+  422. The worker checks the same budget again before it decodes a frame.
 
 Frames of different sizes are fine: the engine fits each to the output size. The results are the
 source, every frame, and the frames as an MP4 and an animated WebP.
@@ -22,7 +26,6 @@ source, every frame, and the frames as an MP4 and an animated WebP.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ from masactrl_jobs.control import (
     CONDITION_WINDOW_RULE,
     SEQUENCE_FRAME_COUNT_RULE,
     SEQUENCE_FRAMES_RULE,
+    SEQUENCE_MAX_FRAMES_RULE,
     SEQUENCE_PROMPTS_RULE,
     SEQUENCE_SAMPLING_RULE,
     Rule,
@@ -66,7 +70,15 @@ from masactrl_jobs.kinds.base import (
     random_seed,
     read_source,
 )
-from masactrl_jobs.media import MediaError, VideoInfo, decode_video, encode_mp4, encode_webp
+from masactrl_jobs.media import (
+    MediaError,
+    OverBudget,
+    VideoBudget,
+    check_video,
+    decode_video,
+    encode_mp4,
+    encode_webp,
+)
 from masactrl_jobs.schema import (
     ConditionInput,
     ImageRole,
@@ -137,12 +149,6 @@ def _too_large(message: str, loc: tuple[str | int, ...], type: str = "too_large"
     return Refused(Issue(loc, message, type), too_large=True)
 
 
-def _expected_frames(info: VideoInfo, fps: float | None, max_frames: int | None) -> int:
-    """How many frames decoding ``info`` at ``fps`` would give, at most ``max_frames``."""
-    count = info.frame_count if fps is None else math.floor(info.duration * fps + 1e-6) or 1
-    return min(count, max_frames) if max_frames is not None else count
-
-
 # The sequence's own rules, beside the shared ones its check applies.
 SOURCE_RULES = (
     Rule(("source_prompt",), "not empty when no `image` is the source (a synthesized source)."),
@@ -153,6 +159,11 @@ SIZE_LIMIT_RULE = Rule(
     ("condition.frames", "condition.video"),
     "413 past {max_sequence_bytes:,} bytes of frames together, or a video past "
     "{max_video_bytes:,} bytes or {max_video_seconds:g} seconds.",
+)
+VIDEO_BUDGET_RULE = Rule(
+    ("condition.video",),
+    "frames at most {max_image_side} pixels a side (the stream's coded size), counted by "
+    "demuxing; the frames its sampling keeps hold at most {max_video_pixels:,} pixels together.",
 )
 
 
@@ -165,12 +176,14 @@ class SequenceKind(Kind[SequenceParams, SequenceFiles, SequenceInputs]):
         SEQUENCE_FRAMES_RULE,
         SEQUENCE_FRAME_COUNT_RULE,
         SEQUENCE_SAMPLING_RULE,
+        SEQUENCE_MAX_FRAMES_RULE,
         SEQUENCE_PROMPTS_RULE,
         CONDITION_MODEL_RULE,
         CONDITION_WINDOW_RULE,
         CONDITION_SCALE_RULE,
         *SOURCE_RULES,
         SIZE_LIMIT_RULE,
+        VIDEO_BUDGET_RULE,
     )
 
     # -- at the gateway
@@ -207,6 +220,7 @@ class SequenceKind(Kind[SequenceParams, SequenceFiles, SequenceInputs]):
             targets=len(body.target_prompts),
             max_frames=limits.max_sequence_frames,
             sampled=condition.fps is not None or condition.max_frames is not None,
+            sample_frames=condition.max_frames,
         )
         found = parameter_issues(entry, body) + issues(problems)
         found += condition_model_issues(entry, condition.model)
@@ -272,8 +286,13 @@ class SequenceKind(Kind[SequenceParams, SequenceFiles, SequenceInputs]):
         else:
             assert condition.video is not None  # check() asked for frames or a video
             data = await intake.read_bytes(condition.video, loc, "video", limits.max_video_bytes)
+        budget = VideoBudget(
+            limits.max_image_side, limits.max_sequence_frames, limits.max_video_pixels
+        )
+        # One past what could be kept is enough to refuse: the counting stops there.
+        count_up_to = min(condition.max_frames or budget.max_frames, budget.max_frames)
         try:
-            info = await intake.probe_video(data)
+            info = await intake.probe_video(data, count_up_to)
         except MediaError as exc:
             raise Refused(Issue(loc, str(exc), "invalid_video")) from None
         if info.duration > limits.max_video_seconds:
@@ -282,16 +301,14 @@ class SequenceKind(Kind[SequenceParams, SequenceFiles, SequenceInputs]):
                 f"{limits.max_video_seconds:g} s"
             )
             raise _too_large(message, loc, "video_too_long")
-        expected = _expected_frames(info, condition.fps, condition.max_frames)
-        if expected > limits.max_sequence_frames:
-            raise Refused(
-                Issue(
-                    loc,
-                    f"the video gives {expected} frames at this sampling; a sequence takes at most "
-                    f"{limits.max_sequence_frames} (set condition.fps or condition.max_frames)",
-                    "too_many_frames",
-                )
-            )
+        try:
+            check_video(info, budget, fps=condition.fps, max_frames=condition.max_frames)
+        except OverBudget as exc:
+            hint = " (set condition.fps or condition.max_frames)"
+            message = str(exc) + (hint if exc.type == "too_many_frames" else "")
+            raise Refused(Issue(loc, message, exc.type)) from None
+        except MediaError as exc:
+            raise Refused(Issue(loc, str(exc), "invalid_video")) from None
         inputs.video = StoredInput(data, "video")
         return inputs
 
@@ -343,11 +360,15 @@ class SequenceKind(Kind[SequenceParams, SequenceFiles, SequenceInputs]):
             raise JobInputError("the sequence has no condition frames")
         model = ctx.condition_model(requested.model)
         if requested.video is not None:
-            # One past the engine's limit at most, so a long video is refused, not decoded whole.
-            most = requested.max_frames or ctx.max_sequence_frames + 1
             data = ctx.read(requested.video, "video")
             try:
-                frames = decode_video(data, fps=requested.fps, max_frames=most)
+                # Refused before a frame is decoded when it is over the budget (see media.py).
+                frames = decode_video(
+                    data,
+                    budget=ctx.video_budget,
+                    fps=requested.fps,
+                    max_frames=requested.max_frames,
+                )
             except MediaError as exc:
                 raise JobInputError(str(exc)) from None
         else:

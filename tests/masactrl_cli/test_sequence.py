@@ -16,7 +16,9 @@ import pytest
 from PIL import Image, ImageSequence
 
 from masactrl_cli.main import main
-from masactrl_jobs.media import decode_video, encode_mp4, probe_video
+from masactrl_jobs.media import VideoBudget, decode_video, encode_mp4, probe_video
+
+BUDGET = VideoBudget.defaults(120)  # the settings' default budget, the engine's frame limit
 
 STEPS = 2
 SIZE = ["--width", "64", "--height", "64"]
@@ -128,7 +130,7 @@ def test_the_animations_hold_every_frame_at_the_rate(file_run: Path) -> None:
     info = probe_video(mp4)
     assert info.frame_count == 3
     assert info.fps == pytest.approx(8.0)
-    assert len(decode_video(mp4)) == 3
+    assert len(decode_video(mp4, budget=BUDGET)) == 3
     webp = _webp_frames(file_run / "sequence.webp")
     assert [duration for _, duration in webp] == [125, 125, 125]
     # Lossless: the animation's frames are the PNGs.
@@ -203,7 +205,7 @@ def test_a_video_is_sampled_and_round_trips_to_an_animation(
     assert run["condition_evals"] == STEPS * 2 * 3
     mp4 = (out / "sequence.mp4").read_bytes()
     assert probe_video(mp4).fps == pytest.approx(5.0)
-    assert len(decode_video(mp4)) == 3
+    assert len(decode_video(mp4, budget=BUDGET)) == 3
     assert len(_webp_frames(out / "sequence.webp")) == 3
 
 

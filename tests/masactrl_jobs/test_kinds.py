@@ -30,7 +30,7 @@ from masactrl_jobs.kinds.base import (
     Refused,
     Source,
 )
-from masactrl_jobs.media import VideoInfo
+from masactrl_jobs.media import VideoBudget, VideoInfo
 from masactrl_jobs.schema import (
     ConditionInput,
     ControlInput,
@@ -108,13 +108,18 @@ class FakeIntake:
         self.reads.append(tuple(loc))
         return b"video bytes"
 
-    async def probe_video(self, data: bytes) -> VideoInfo:
+    async def probe_video(self, data: bytes, count_up_to: int) -> VideoInfo:
         assert self.video is not None
         return self.video
 
 
 LIMITS = SimpleNamespace(
-    max_sequence_frames=4, max_sequence_bytes=1 << 20, max_video_bytes=1 << 20, max_video_seconds=5
+    max_sequence_frames=4,
+    max_sequence_bytes=1 << 20,
+    max_video_bytes=1 << 20,
+    max_video_seconds=5,
+    max_image_side=4096,
+    max_video_pixels=1 << 27,
 )
 
 BODIES: dict[JobKind, BaseModel] = {
@@ -252,6 +257,10 @@ class FakeContext:
 
     def decode(self, data: bytes, what: str, mode: str = "RGB") -> Image.Image:
         return Image.open(io.BytesIO(data)).convert(mode)
+
+    @property
+    def video_budget(self) -> VideoBudget:
+        return VideoBudget.defaults(self.max_sequence_frames)
 
     def preprocess(self, image: Image.Image, preprocess: Preprocess) -> Image.Image:
         return image

@@ -30,6 +30,7 @@ from masactrl_jobs.control import (
     MAX_PIXELS_RULE,
     SEQUENCE_FRAME_COUNT_RULE,
     SEQUENCE_FRAMES_RULE,
+    SEQUENCE_MAX_FRAMES_RULE,
     SEQUENCE_PROMPTS_RULE,
     SEQUENCE_SAMPLING_RULE,
     SIZE_MULTIPLE_RULE,
@@ -38,11 +39,12 @@ from masactrl_jobs.control import (
 )
 from masactrl_jobs.kinds import KINDS
 from masactrl_jobs.kinds.base import CONDITION_MODEL_RULE
-from masactrl_jobs.kinds.sequence import SIZE_LIMIT_RULE, SOURCE_RULES
+from masactrl_jobs.kinds.sequence import SIZE_LIMIT_RULE, SOURCE_RULES, VIDEO_BUDGET_RULE
 from masactrl_jobs.kinds.stills import MASK_RULES
 from masactrl_jobs.schema import JobKind
 from service.config import GatewaySettings
 from tests.images import data_url, png_bytes
+from tests.videos import blank_video
 
 CATALOG = {
     "default": "sd15",
@@ -89,6 +91,10 @@ def _noise() -> str:
     buffer = io.BytesIO()
     Image.frombytes("RGB", (64, 64), data).save(buffer, format="PNG")
     return data_url(buffer.getvalue())
+
+
+def _video(side: int) -> str:
+    return data_url(blank_video(side, side, 2), "video/mp4")
 
 
 def _condition(**values: Any) -> dict[str, Any]:
@@ -159,6 +165,18 @@ BROKEN = [
     Broken(Q, SEQUENCE_FRAMES_RULE, _frames(1, video="data:x")),
     Broken(Q, SEQUENCE_FRAME_COUNT_RULE, _frames(5), settings={"max_sequence_frames": 4}),
     Broken(Q, SEQUENCE_SAMPLING_RULE, _frames(1, max_frames=2)),
+    Broken(
+        Q,
+        SEQUENCE_MAX_FRAMES_RULE,
+        {"condition": {"model": "canny", "video": _video(64), "max_frames": 5}},
+        settings={"max_sequence_frames": 4},
+    ),
+    Broken(
+        Q,
+        VIDEO_BUDGET_RULE,
+        {"condition": {"model": "canny", "video": _video(128)}},
+        settings={"max_image_side": 64},
+    ),
     Broken(Q, SEQUENCE_PROMPTS_RULE, {"target_prompts": ["a", "b"]}),
     Broken(Q, SOURCE_RULES[0], {"source_prompt": " "}),
     Broken(Q, SOURCE_RULES[1], {"anchor_source": True}),

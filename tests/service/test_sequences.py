@@ -18,6 +18,7 @@ from masactrl_jobs.media import encode_mp4
 from service.config import GatewaySettings
 from tests.images import data_url, png_bytes
 from tests.service.conftest import broker_messages
+from tests.videos import blank_video
 
 CATALOG = {
     "default": "sd15",
@@ -220,7 +221,7 @@ BAD = [
         "video over the frame limit",
         {"condition": {"model": "canny", "video": data_url(_video(frames=6), "video/mp4")}},
         ["condition", "video"],
-        "gives 6 frames",
+        "gives more than 4 frames",  # the counting stops one past the limit
     ),
 ]
 
@@ -275,6 +276,91 @@ def test_a_video_longer_than_allowed_is_413(
     detail = response.json()["error"]["details"][0]
     assert detail["loc"] == ["body", "condition", "video"]
     assert detail["type"] == "video_too_long" and "the limit is 0.5 s" in detail["message"]
+    assert _inputs(settings) == []
+
+
+# Decompression bombs (tests/videos.py): a few kilobytes each, refused at submission by the
+# gateway's default limits (4096 px a side, 120 frames, 128 Mi pixels together), with the field.
+BOMBS = [
+    (
+        "2 frames of 8192×8192 in MP4",
+        lambda: blank_video(8192, 8192, 2),
+        {},
+        ["condition", "video"],
+        "video_too_large",
+        "the video's frames are 8192×8192 pixels; the limit is 4096×4096",
+    ),
+    (
+        "a raw .h264 of 300 frames",
+        lambda: blank_video(64, 64, 300, "h264"),
+        {},
+        ["condition", "video"],
+        "too_many_frames",
+        "the video gives more than 120 frames at this sampling",
+    ),
+    (
+        "a raw .h264 of 300 frames at a rate it has no timestamps for",
+        lambda: blank_video(64, 64, 300, "h264"),
+        {"fps": 1},
+        ["condition", "video"],
+        "too_many_frames",
+        "the video gives more than 120 frames at this sampling",
+    ),
+    (
+        "24 frames of 4096×4096 in a raw .h264",
+        lambda: blank_video(4096, 4096, 24, "h264"),
+        {"max_frames": 24},
+        ["condition", "video"],
+        "video_too_large",
+        "24 frames of 4096×4096 are 402,653,184 pixels decoded; the limit is 134,217,728",
+    ),
+    (
+        "max_frames 1000",
+        lambda: blank_video(4096, 4096, 24, "h264"),
+        {"max_frames": 1000},
+        ["condition", "max_frames"],
+        "value_error",
+        "max_frames is 1000; a sequence takes at most 120 frames",
+    ),
+]
+
+
+@pytest.mark.parametrize("multipart", [False, True], ids=["json", "multipart"])
+@pytest.mark.parametrize(
+    ("case", "video", "sampling", "loc", "type", "message"), BOMBS, ids=[b[0] for b in BOMBS]
+)
+def test_video_bombs_are_refused_at_submission_with_the_field_and_nothing_enqueued(
+    make: Callable[..., GatewaySettings],
+    make_client: Callable[..., TestClient],
+    redis_client: redis.Redis,
+    case: str,
+    video: Callable[[], bytes],
+    sampling: dict[str, Any],
+    loc: list[str],
+    type: str,
+    message: str,
+    multipart: bool,
+) -> None:
+    settings = make()
+    client = make_client(settings)
+    data = video()
+    assert len(data) < 256 * 1024  # small on the wire: the limits are not about bytes
+    if multipart:
+        params = _sequence(condition={"model": "canny", **sampling})
+        response = client.post(
+            "/v1/sequences",
+            files=[("video", ("clip.h264", data, "application/octet-stream"))],
+            data={"params": json.dumps(params)},
+        )
+    else:
+        condition = {"model": "canny", "video": data_url(data, "video/mp4"), **sampling}
+        response = client.post("/v1/sequences", json=_sequence(condition=condition))
+    assert response.status_code == 422, response.text
+    detail = response.json()["error"]["details"][0]
+    assert detail["loc"] == ["body", *loc], detail
+    assert message in detail["message"], detail
+    assert detail["type"] == type, detail
+    assert broker_messages(redis_client, "masactrl.sd15") == []
     assert _inputs(settings) == []
 
 

@@ -603,7 +603,9 @@ def test_a_sequence_from_a_video_ends_equal_to_the_engine_with_frames_and_animat
 ) -> None:
     from masactrl_core.canny import canny
     from masactrl_core.conditions import Condition
-    from masactrl_jobs.media import decode_video, encode_mp4, probe_video
+    from masactrl_jobs.media import VideoBudget, decode_video, encode_mp4, probe_video
+
+    budget = VideoBudget.defaults(120)
 
     video = encode_mp4([_layout(k) for k in range(4)], 4.0)
     params = {
@@ -631,7 +633,7 @@ def test_a_sequence_from_a_video_ends_equal_to_the_engine_with_frames_and_animat
         ("animation", "sequence.webp"),
     ]
 
-    layouts = [canny(frame) for frame in decode_video(video, fps=4, max_frames=3)]
+    layouts = [canny(frame) for frame in decode_video(video, budget=budget, fps=4, max_frames=3)]
     model = reference_engine.load_condition_model(str(e2e_controlnet))
     expected = reference_engine.sequence(
         "a photo of a cat",

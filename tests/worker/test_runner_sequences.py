@@ -9,16 +9,19 @@ import io
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from masactrl_core import ControlConfig
 from masactrl_core.canny import canny
 from masactrl_core.conditions import Condition
-from masactrl_jobs.media import decode_video, encode_mp4, probe_video
+from masactrl_jobs import media
+from masactrl_jobs.media import VideoBudget, decode_video, encode_mp4, probe_video
 from masactrl_jobs.schema import ConditionInput, JobKind
 from masactrl_jobs.storage import FileStorage
 from masactrl_jobs.store import JobStore
 from tests.masactrl_jobs.test_media import webp_facts
+from tests.videos import blank_video
 from tests.worker.test_runner import create_job, job_error, photo_png, put_input
 from tests.worker.test_runner_conditions import (  # noqa: F401 (fixtures)
     controlnet,
@@ -27,6 +30,8 @@ from tests.worker.test_runner_conditions import (  # noqa: F401 (fixtures)
 )
 from worker.outputs import png_bytes
 from worker.runner import JobRunner
+
+BUDGET = VideoBudget.defaults(120)  # the settings' default budget, the engine's frame limit
 
 CONTROL = ControlConfig(start_step=1, start_layer=10)
 
@@ -121,7 +126,7 @@ def test_a_video_sequence_from_a_photo_decodes_samples_and_applies_canny(
     runner = make_runner()
     assert runner.run(job_id) == "succeeded"
 
-    layouts = [canny(frame) for frame in decode_video(video, fps=2.0, max_frames=2)]
+    layouts = [canny(frame) for frame in decode_video(video, budget=BUDGET, fps=2.0, max_frames=2)]
     expected = tiny_engine.sequence(
         "a photo of a cat",
         "a photo of a dog",
@@ -150,6 +155,32 @@ def test_an_unreadable_video_fails_the_job_as_invalid_input(
     assert make_runner().run(job_id) == "failed"
     error = job_error(store, job_id)
     assert error.code == "invalid_input" and "cannot be read as a video" in error.message
+    assert storage.list_prefix(f"results/{job_id}/") == []
+
+
+def test_a_video_over_the_budget_fails_the_job_before_a_frame_is_decoded(
+    make_runner: Callable[..., JobRunner],
+    store: JobStore,
+    storage: FileStorage,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Stored directly, as if the gateway had been bypassed: 24 frames of 4096×4096 (50 KB, 1.2 GB
+    # decoded), with the max_frames the schema's type allows.
+    storage.put("inputs/bomb.video", blank_video(4096, 4096, 24, "h264"))
+    condition = ConditionInput(model="canny", images=[], video="inputs/bomb.video", max_frames=1000)
+    job_id = create_job(store, JobKind.sequence, condition=condition)
+
+    def decoded(*args: Any) -> Any:
+        raise AssertionError("a frame was decoded")
+
+    monkeypatch.setattr(media, "_decoded", decoded)
+    assert make_runner().run(job_id) == "failed"
+    error = job_error(store, job_id)
+    assert error.code == "invalid_input", error
+    assert error.message == (
+        "the video's 24 frames of 4096×4096 are 402,653,184 pixels decoded; the limit is "
+        "134,217,728"
+    )
     assert storage.list_prefix(f"results/{job_id}/") == []
 
 
