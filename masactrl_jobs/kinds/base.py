@@ -67,7 +67,7 @@ from masactrl_jobs.control import (
     lora_problems,
     size_problems,
 )
-from masactrl_jobs.images import StoredInput, ValidatedImage
+from masactrl_jobs.images import Payload, StoredInput, ValidatedImage
 from masactrl_jobs.schema import (
     MAX_SEED,
     ConditionInput,
@@ -169,10 +169,13 @@ class Limits(Protocol):
 
 
 class Intake(Protocol):
-    """How a kind reads its inputs at the gateway (``service.intake.ImageIntake``).
+    """How a kind reads its inputs at the gateway (``service.intake.RequestIntake``): one per
+    request.
 
     Nothing is stored while reading: the gateway stores what :meth:`Inputs.to_store` lists once
-    every input has been read and checked. A bad input raises the gateway's own field error,
+    every input has been read and checked. Every input's bytes count against the request's byte
+    budget (and the gateway's), a reference named twice is read once, and large inputs stay in
+    temporary files rather than in memory. A bad input raises the gateway's own field error,
     which passes through the kind untouched.
     """
 
@@ -180,15 +183,19 @@ class Intake(Protocol):
         """The image ``ref`` names (data:, https:, s3:), fetched and validated."""
         ...
 
-    async def check(self, data: bytes, loc: Loc, what: str = "image") -> ValidatedImage:
-        """Uploaded image bytes, validated."""
+    async def check(self, data: Payload, loc: Loc, what: str = "image") -> ValidatedImage:
+        """Uploaded image bytes (or the file they were spooled to), validated."""
         ...
 
-    async def read_bytes(self, ref: str, loc: Loc, what: str, max_bytes: int) -> bytes:
-        """The bytes ``ref`` names, checked only against ``max_bytes``."""
+    async def read_video(self, ref: str, loc: Loc, max_bytes: int) -> StoredInput:
+        """The video ``ref`` names, at most ``max_bytes``, in a temporary file (not probed)."""
         ...
 
-    async def probe_video(self, data: bytes) -> VideoInfo:
+    async def check_video(self, data: Payload, loc: Loc, max_bytes: int) -> StoredInput:
+        """An uploaded video, at most ``max_bytes``, in a temporary file (not probed)."""
+        ...
+
+    async def probe_video(self, video: StoredInput) -> VideoInfo:
         """A video's duration and frames from its headers (``MediaError`` when unreadable)."""
         ...
 
