@@ -1,0 +1,173 @@
+"""The input byte budgets (service/budget.py) through the gateway: one per request, one for the
+process, a reference named twice read once, and nothing held after the request."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.config import GatewaySettings
+from tests.images import data_url
+from tests.service.conftest import ImageServer
+
+KiB = 1024
+# The default catalog's sd15 with a condition model, so that condition images are inputs too.
+CATALOG = json.dumps(
+    {
+        "default": "sd15",
+        "models": {
+            "sd15": {
+                "source": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                "family": "sd",
+                "conditions": {
+                    "canny": {"source": "lllyasviel/sd-controlnet-canny", "kind": "controlnet"}
+                },
+            }
+        },
+    }
+)
+
+
+def noise_png(side: int) -> bytes:
+    """An incompressible PNG: its file is about side² × 3 bytes."""
+    image = Image.frombytes("RGB", (side, side), os.urandom(side * side * 3))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def amplified_edit(image: str, masks: list[str], conditions: list[str]) -> dict[str, Any]:
+    """An edit whose photo, mask pairs and condition images are the given references."""
+    targets = max(1, len(conditions))
+    body: dict[str, Any] = {
+        "image": image,
+        "source_prompt": "a photo of a cat",
+        "target_prompts": [f"a photo of a cat, take {k}" for k in range(targets)],
+    }
+    if masks:
+        regions = [{"source": masks[i], "target": masks[i + 1]} for i in range(0, len(masks), 2)]
+        body["control"] = {"mask": {"mode": "manual", "regions": regions}}
+    if conditions:
+        body["condition"] = {"model": "canny", "images": conditions}
+    return body
+
+
+def error_of(response: Any) -> dict[str, Any]:
+    error: dict[str, Any] = response.json()["error"]
+    return error
+
+
+def stored_inputs(settings: GatewaySettings) -> list[Path]:
+    root = Path(settings.storage_url.removeprefix("file://")) / "inputs"
+    return sorted(root.glob("*")) if root.exists() else []
+
+
+def held(client: TestClient) -> int:
+    """The bytes the gateway process holds for requests in flight."""
+    held_now: int = client.app.state.gateway.intake.inflight.held  # type: ignore[attr-defined]
+    return held_now
+
+
+@pytest.fixture()
+def budget_settings(
+    make_settings: Callable[..., GatewaySettings],
+) -> Callable[..., GatewaySettings]:
+    def make(**overrides: Any) -> GatewaySettings:
+        return make_settings(catalog=CATALOG, allow_loopback_http=True, **overrides)
+
+    return make
+
+
+def test_the_same_url_named_25_times_is_fetched_once_and_charged_once(
+    budget_settings: Callable[..., GatewaySettings], make_client, image_server: ImageServer
+) -> None:
+    big = noise_png(160)  # about 75 KiB
+    image_server.routes["/big.png"] = (200, {}, big)
+    url = image_server.url("/big.png")
+    # Spelled differently but the same resource for the server: one fetch.
+    same = url.replace("http://127.0.0.1", "HTTP://127.0.0.1") + "#frag"
+    # 25 references of 75 KiB are 1.8 MiB: over this budget unless they are charged once.
+    settings = budget_settings(max_request_input_bytes=len(big) + KiB)
+    client = make_client(settings)
+    response = client.post("/v1/edits", json=amplified_edit(url, [url, same] * 8, [url] * 8))
+    assert response.status_code == 202, response.text
+    assert image_server.hits == ["/big.png"]
+    job_input = response.json()["input"]
+    assert job_input["condition"]["images"] == [job_input["image"]] * 8
+    assert len(stored_inputs(settings)) == 1
+    assert held(client) == 0
+
+
+def test_inputs_past_the_request_budget_are_refused_with_413_naming_the_field(
+    budget_settings: Callable[..., GatewaySettings], make_client, image_server: ImageServer
+) -> None:
+    pngs = [noise_png(100 + k) for k in range(4)]  # distinct, about 30 KiB each
+    for k, png in enumerate(pngs):
+        image_server.routes[f"/{k}.png"] = (200, {}, png)
+    urls = [image_server.url(f"/{k}.png") for k in range(4)]
+    # Room for the photo and the first mask, not for the second one.
+    settings = budget_settings(max_request_input_bytes=len(pngs[0]) + len(pngs[1]) + KiB)
+    client = make_client(settings)
+    response = client.post("/v1/edits", json=amplified_edit(urls[0], urls[1:3], []))
+    assert response.status_code == 413, response.text
+    error = error_of(response)
+    assert error["code"] == "payload_too_large"
+    assert "control.mask.regions.0.target" in error["message"]
+    assert error["message"].endswith("in all.")
+    assert error["details"][0]["loc"] == ["body", "control", "mask", "regions", 0, "target"]
+    assert error["details"][0]["type"] == "request_inputs_too_large"
+    # The download that crossed the budget stopped there; nothing was stored or is held.
+    assert stored_inputs(settings) == []
+    assert held(client) == 0
+
+
+def test_uploads_and_data_urls_count_against_the_same_budget(
+    budget_settings: Callable[..., GatewaySettings], make_client
+) -> None:
+    photo, condition = noise_png(100), noise_png(101)
+    settings = budget_settings(max_request_input_bytes=len(photo) + len(condition) - 1)
+    client = make_client(settings)
+    # A data: URL photo and a data: URL condition image.
+    body = amplified_edit(data_url(photo), [], [data_url(condition)])
+    response = client.post("/v1/edits", json=body)
+    assert response.status_code == 413, response.text
+    assert error_of(response)["details"][0]["loc"] == ["body", "condition", "images", 0]
+    # The same as multipart file parts.
+    params = {k: v for k, v in body.items() if k != "image"}
+    params["condition"] = {"model": "canny"}
+    response = client.post(
+        "/v1/edits",
+        files=[
+            ("image", ("photo.png", photo, "image/png")),
+            ("condition_image", ("c.png", condition, "image/png")),
+        ],
+        data={"params": json.dumps(params)},
+    )
+    assert response.status_code == 413, response.text
+    assert error_of(response)["details"][0]["loc"] == ["body", "condition_image", 0]
+    assert held(client) == 0
+
+
+def test_inputs_past_the_process_budget_are_refused_with_503_and_retry_after(
+    budget_settings: Callable[..., GatewaySettings], make_client
+) -> None:
+    photo = noise_png(40)  # about 5 KiB
+    settings = budget_settings(max_inflight_input_bytes=len(photo) - 1)
+    client = make_client(settings)
+    response = client.post("/v1/edits", json=amplified_edit(data_url(photo), [], []))
+    assert response.status_code == 503, response.text
+    assert error_of(response)["code"] == "inputs_busy"
+    assert response.headers["Retry-After"] == "5"
+    assert error_of(response)["details"][0]["loc"] == ["body", "image"]
+    # With room, the same request passes, and gives its bytes back when it ends.
+    roomy = make_client(budget_settings(max_inflight_input_bytes=len(photo)))
+    assert roomy.post("/v1/edits", json=amplified_edit(data_url(photo), [], [])).status_code == 202
+    assert held(roomy) == 0
