@@ -27,10 +27,11 @@ same ``JobKind`` in two packages would drift apart the way the ``if`` chains did
 that a kind may import neither the gateway nor the worker (``masactrl_jobs`` is torch-free and
 sits below both), so each half is written against a small protocol that its caller provides:
 
-- the gateway gives :class:`Intake` (read a reference or check uploaded bytes, blaming a field
-  path; probe a video) and :class:`Limits` (its settings). A kind reports problems as
-  :class:`Issue` (a 422 naming the field) and raises :class:`Refused` (422 or 413) for what it
-  finds while reading; the gateway turns both into its error envelope;
+- the gateway gives :class:`Intake`, one per request (read a reference or check an upload,
+  blaming a field path, against the request's byte budget; read and probe a video) and
+  :class:`Limits` (its settings). A kind reports problems as :class:`Issue` (a 422 naming the
+  field) and raises :class:`Refused` (422 or 413) for what it finds while reading; the gateway
+  turns both into its error envelope;
 - the worker gives :class:`RunContext`: the engine (:class:`Engine`), the job's stored inputs,
   the options every engine call shares (seed, size, control, progress, cancel, previews), masks,
   layout conditions, the inversion cache and frame progress. A kind raises
