@@ -127,12 +127,16 @@ class RequestIntake:
         known = self._read.get(key)
         if isinstance(known, StoredInput):
             return known
-        data, digest = await self._load(ref, loc, "video", max_bytes)
+        # Probing reads a path (PyAV), so a video always lands in a named file: a fetched one
+        # directly, one from data: or s3: bytes by a copy.
+        data, digest = await self._load(ref, loc, "video", max_bytes, named=True)
         size = payload_size(data)
         if size > max_bytes:  # s3:// objects are read whole
             raise FieldError(loc, too_large_message("video", size, max_bytes), "too_large")
-        # Probing reads a path (PyAV), so a video always lands in a named file.
-        video = await run_in_threadpool(self._named_copy, data, digest)
+        if isinstance(data, bytes) or digest is None:
+            video = await run_in_threadpool(self._named_copy, data, digest)
+        else:
+            video = StoredInput(data, "video", sha256=digest)
         self._read[key] = video
         return video
 
@@ -189,15 +193,20 @@ class RequestIntake:
         except InvalidImage as exc:
             raise FieldError(loc, str(exc), "invalid_image") from None
 
-    def _spool(self) -> IO[bytes]:
-        file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)  # noqa: SIM115
+    def _temporary(self, named: bool) -> IO[bytes]:
+        """A temporary file closed (and so removed) with the request: spooled (in memory up to
+        ``_SPOOL_BYTES``), or on disk under a name when a path is needed."""
+        file: IO[bytes]
+        if named:
+            file = tempfile.NamedTemporaryFile(prefix="masactrl-input-")  # noqa: SIM115
+        else:
+            file = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)  # noqa: SIM115
         self._files.append(file)
         return file
 
     def _named_copy(self, data: Payload, digest: str | None) -> StoredInput:
         """``data`` in a named temporary file (closed with the request), with its digest."""
-        file = tempfile.NamedTemporaryFile(prefix="masactrl-input-")  # noqa: SIM115
-        self._files.append(file)
+        file = self._temporary(named=True)
         hasher = hashlib.sha256()
         if isinstance(data, bytes):
             file.write(data)
@@ -212,10 +221,10 @@ class RequestIntake:
         return StoredInput(file, "video", sha256=digest or hasher.hexdigest())
 
     async def _load(
-        self, ref: str, loc: Loc, what: str, max_bytes: int
+        self, ref: str, loc: Loc, what: str, max_bytes: int, named: bool = False
     ) -> tuple[Payload, str | None]:
         """The bytes ``ref`` names, charged to the budget, and their digest when it was taken
-        on the way."""
+        on the way (a fetch lands in a named file when ``named``)."""
         scheme = ref.split(":", 1)[0].lower() if ":" in ref else ""
         if scheme == "data":
             try:
@@ -225,7 +234,7 @@ class RequestIntake:
             self.budget.charge(len(data), loc, what)
             return data, None
         if scheme in ("https", "http"):
-            return await self._fetch(ref, loc, what, max_bytes)
+            return await self._fetch(ref, loc, what, max_bytes, named)
         if scheme == "s3":
             data = await self._from_bucket(ref, loc, what)
             self.budget.charge(len(data), loc, what)
@@ -237,8 +246,10 @@ class RequestIntake:
             "invalid_image_reference",
         )
 
-    async def _fetch(self, url: str, loc: Loc, what: str, max_bytes: int) -> tuple[Payload, str]:
-        file = self._spool()
+    async def _fetch(
+        self, url: str, loc: Loc, what: str, max_bytes: int, named: bool
+    ) -> tuple[Payload, str]:
+        file = self._temporary(named)
         hasher = hashlib.sha256()
 
         def write(chunk: bytes) -> None:
@@ -259,6 +270,7 @@ class RequestIntake:
                 loc,
                 what,
             )
+        file.flush()
         return file, hasher.hexdigest()
 
     async def _guarded(self, call: Callable[[], T], loc: Loc, what: str) -> T:

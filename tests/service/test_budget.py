@@ -3,6 +3,7 @@ process, a reference named twice read once, and nothing held after the request."
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from masactrl_jobs.media import encode_mp4
 from service.config import GatewaySettings
 from tests.images import data_url
 from tests.service.conftest import ImageServer
@@ -171,3 +173,51 @@ def test_inputs_past_the_process_budget_are_refused_with_503_and_retry_after(
     roomy = make_client(budget_settings(max_inflight_input_bytes=len(photo)))
     assert roomy.post("/v1/edits", json=amplified_edit(data_url(photo), [], [])).status_code == 202
     assert held(roomy) == 0
+
+
+def small_video() -> bytes:
+    frames = [Image.new("RGB", (64, 64), (40 * k, 80, 120)) for k in range(4)]
+    return encode_mp4(frames, 8.0)
+
+
+SEQUENCE = {
+    "source_prompt": "a photo of a cat",
+    "target_prompts": ["a photo of a dog"],
+    "condition": {"model": "canny"},
+}
+
+
+def test_a_video_url_is_fetched_into_a_file_probed_and_stored_whole(
+    budget_settings: Callable[..., GatewaySettings], make_client, image_server: ImageServer
+) -> None:
+    video = small_video()
+    image_server.routes["/clip.mp4"] = (200, {}, video)
+    settings = budget_settings()
+    client = make_client(settings)
+    body = {**SEQUENCE, "condition": {"model": "canny", "video": image_server.url("/clip.mp4")}}
+    response = client.post("/v1/sequences", json=body)
+    assert response.status_code == 202, response.text
+    key = response.json()["input"]["condition"]["video"]
+    assert key == f"inputs/{hashlib.sha256(video).hexdigest()}.video"
+    root = Path(settings.storage_url.removeprefix("file://"))
+    assert (root / key).read_bytes() == video
+    assert held(client) == 0
+
+
+def test_a_video_upload_past_the_request_budget_is_413_naming_it(
+    budget_settings: Callable[..., GatewaySettings], make_client
+) -> None:
+    video = small_video()
+    settings = budget_settings(max_request_input_bytes=len(video) - 1)
+    client = make_client(settings)
+    response = client.post(
+        "/v1/sequences",
+        files=[("video", ("clip.mp4", video, "video/mp4"))],
+        data={"params": json.dumps(SEQUENCE)},
+    )
+    assert response.status_code == 413, response.text
+    error = error_of(response)
+    assert error["details"][0]["loc"] == ["body", "condition", "video"]
+    assert "condition.video" in error["message"]
+    assert stored_inputs(settings) == []
+    assert held(client) == 0

@@ -68,9 +68,18 @@ class Gateway:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    home: Path  # also its TMPDIR
 
     def rss(self) -> int:
         return psutil.Process(self.process.pid).memory_info().rss
+
+    def temporary_files(self) -> list[str]:
+        """Files the gateway holds open or left behind in its TMPDIR (its log aside)."""
+        opened = [f.path for f in psutil.Process(self.process.pid).open_files()]
+        left = [str(p) for p in self.home.iterdir() if p != self.log]
+        return sorted(
+            p for p in [*opened, *left] if p.startswith(str(self.home)) and p != str(self.log)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +128,7 @@ def gateway(
             assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the gateway did not start"
             time.sleep(0.2)
-        yield Gateway(url, process, log)
+        yield Gateway(url, process, log, home)
     finally:
         process.terminate()
         try:
@@ -265,6 +274,7 @@ def test_concurrent_40_mb_edit_uploads(gateway: Gateway, big_png: bytes) -> None
     measured = measure(gateway, lambda: edit_upload(gateway, big_png), 8)
     print(f"edits: {measured.describe()}")
     check(measured)
+    assert gateway.temporary_files() == []
 
 
 def test_concurrent_40_mb_sequence_video_uploads_keep_nothing(gateway: Gateway) -> None:
@@ -275,8 +285,9 @@ def test_concurrent_40_mb_sequence_video_uploads_keep_nothing(gateway: Gateway) 
     check(measured)
     # Streamed from the spooled part to a file and to storage: not even one video in memory.
     assert measured.growth < len(video), measured.describe()
-    # Once the uploads are over nothing of them stays (before: about 40 MB each).
+    # Once the uploads are over nothing of them stays: no memory, no open or left-over file.
     assert measured.after - measured.baseline < 60 * MiB, measured.describe()
+    assert gateway.temporary_files() == []
 
 
 def test_concurrent_url_amplified_edits(gateway: Gateway, png_server: ImageServer) -> None:
@@ -288,3 +299,4 @@ def test_concurrent_url_amplified_edits(gateway: Gateway, png_server: ImageServe
     check(measured)
     # One fetch per request, not 25.
     assert len(png_server.hits) - hits == 4
+    assert gateway.temporary_files() == []
