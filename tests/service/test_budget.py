@@ -221,3 +221,57 @@ def test_a_video_upload_past_the_request_budget_is_413_naming_it(
     assert "condition.video" in error["message"]
     assert stored_inputs(settings) == []
     assert held(client) == 0
+
+
+def test_fetches_across_requests_wait_for_one_of_the_process_s_slots(
+    budget_settings: Callable[..., GatewaySettings],
+) -> None:
+    import asyncio
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from masactrl_jobs.storage import storage_from_settings
+    from service.intake import ImageIntake
+
+    png = noise_png(40)
+    lock = threading.Lock()
+    active, most = 0, 0
+
+    class Slow(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            nonlocal active, most
+            with lock:
+                active += 1
+                most = max(most, active)
+            time.sleep(0.2)
+            with lock:
+                active -= 1
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = budget_settings(max_concurrent_fetches=2)
+        intake = ImageIntake(settings, storage_from_settings(settings))
+        port = server.server_address[1]
+
+        async def one_request(k: int) -> None:
+            async with intake.request() as request:
+                await request.read(f"http://127.0.0.1:{port}/{k}.png", ("body", "image"))
+
+        async def five_requests() -> None:
+            await asyncio.gather(*(one_request(k) for k in range(5)))
+
+        asyncio.run(five_requests())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert most == 2  # five requests fetching at once, two downloads at a time
+    assert intake.inflight.held == 0
