@@ -1,6 +1,14 @@
-"""Gateway submission throughput and latency, side by side with a bare FastAPI endpoint.
+"""Gateway submission throughput and latency, side by side with a bare FastAPI endpoint; and,
+with ``--memory``, the gateway's memory under large inputs.
 
     .venv/bin/python bench/gateway.py [--duration 10] [--clients 50]
+    .venv/bin/python bench/gateway.py --memory
+
+``--memory`` serves the real gateway alone (file storage, loopback URLs allowed) and reports its
+resident memory growth (RSS sampled every 20 ms, peak minus the level before, and the level a
+second after) for 8 concurrent 40 MB multipart edits (a 20 MB PNG as the photo and as a
+condition image), 8 concurrent multipart sequences with a 40 MB video (a 4-frame MP4 grown by a
+``free`` box), and 4 concurrent JSON edits naming one 20 MB PNG, served on loopback, 25 times.
 
 Starts a private redis-server (AOF on, as in docker-compose) on a free port, then serves, one after
 the other on the same machine: the real gateway (``service.main:create_app`` under uvicorn, one
@@ -338,6 +346,180 @@ def report(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+# --- memory under large inputs ------------------------------------------------------------------
+
+MiB = 1024 * 1024
+_CATALOG = {
+    "default": "sd15",
+    "models": {
+        "sd15": {
+            "source": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "family": "sd",
+            "conditions": {
+                "canny": {"source": "lllyasviel/sd-controlnet-canny", "kind": "controlnet"}
+            },
+        }
+    },
+}
+_PARAMS = {
+    "source_prompt": "a photo of a cat",
+    "target_prompts": ["a photo of a dog"],
+    "condition": {"model": "canny"},
+}
+
+
+def _big_png() -> bytes:
+    """A 20 MB PNG: 2600×2600, stored uncompressed (cheap to make, a full decode to check)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (2600, 2600), (90, 120, 150)).save(buffer, format="PNG", compress_level=0)
+    return buffer.getvalue()
+
+
+def _padded_video(total: int) -> bytes:
+    """A real 4-frame MP4 grown to ``total`` bytes by a top-level ``free`` box (skipped)."""
+    import struct
+
+    from PIL import Image
+
+    from masactrl_jobs.media import encode_mp4
+
+    video = encode_mp4([Image.new("RGB", (64, 64), (40 * k, 80, 120)) for k in range(4)], 8.0)
+    pad = total - len(video)
+    return video + struct.pack(">I", pad) + b"free" + bytes(pad - 8)
+
+
+def _memory_scenarios(url: str, png_url: str) -> list[tuple[str, int, Any]]:
+    """(name, concurrency, send) per scenario; send() posts once and returns the status."""
+    import httpx
+
+    png = _big_png()
+    video = _padded_video(40 * MiB)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def multipart(path: str, files: list[tuple[str, tuple[str, bytes, str]]]) -> int:
+        data = {"params": json.dumps(_PARAMS)}
+        response = httpx.post(url + path, headers=headers, files=files, data=data, timeout=300)
+        return response.status_code
+
+    def amplified() -> int:
+        body = {
+            "image": png_url,
+            "source_prompt": "a photo of a cat",
+            "target_prompts": [f"a photo of a dog, take {k}" for k in range(8)],
+            "control": {
+                "mask": {"mode": "manual", "regions": [{"source": png_url, "target": png_url}] * 8}
+            },
+            "condition": {"model": "canny", "images": [png_url] * 8},
+        }
+        return httpx.post(url + "/v1/edits", headers=headers, json=body, timeout=300).status_code
+
+    edit_files = [
+        ("image", ("a.png", png, "image/png")),
+        ("condition_image", ("b.png", png, "image/png")),
+    ]
+    return [
+        ("edits, 8 × 40 MB multipart", 8, lambda: multipart("/v1/edits", edit_files)),
+        (
+            "sequences, 8 × 40 MB video",
+            8,
+            lambda: multipart("/v1/sequences", [("video", ("v.mp4", video, "video/mp4"))]),
+        ),
+        ("edits, 4 × 25 URLs of 20 MB", 4, amplified),
+    ]
+
+
+def _measure_rss(pid: int, send: Any, count: int) -> tuple[int, int, int, list[int]]:
+    """(before, peak, a second after, statuses) of ``count`` concurrent ``send()`` calls."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    process = psutil.Process(pid)
+    before = peak = process.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(count) as pool:
+            statuses = list(pool.map(lambda _: send(), range(count)))
+    finally:
+        done.set()
+        sampler.join()
+    time.sleep(1.0)
+    return before, peak, process.memory_info().rss, statuses
+
+
+def memory_main() -> int:
+    """Print the gateway's RSS growth under each large-input scenario."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    print(f"machine: {machine()}\n")
+    png = _big_png()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+    images = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    png_url = f"http://127.0.0.1:{images.server_address[1]}/big.png"
+    rows = [f"{'scenario':<30} {'peak growth':>12} {'a second after':>15}   statuses"]
+    with tempfile.TemporaryDirectory(prefix="masactrl-bench-") as tmp:
+        redis_process, redis_port = start_redis(Path(tmp))
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("MASACTRL_")},
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "TMPDIR": tmp,
+            "MASACTRL_ENVIRONMENT": "development",
+            "MASACTRL_ALLOW_LOOPBACK_HTTP": "true",
+            "MASACTRL_DEV_API_KEY": API_KEY,
+            "MASACTRL_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "MASACTRL_STORAGE_URL": Path(tmp, "storage").as_uri(),
+            "MASACTRL_URL_SIGNING_SECRET": "bench-signing-secret-0123456789abcdef",
+            "MASACTRL_MAX_QUEUE_DEPTH": "0",
+            "MASACTRL_RATE_LIMIT_PER_SECOND": "1000000",
+            "MASACTRL_RATE_LIMIT_BURST": "1000000",
+            "MASACTRL_CLEANUP_INTERVAL_SECONDS": "0",
+            "MASACTRL_CATALOG": json.dumps(_CATALOG),
+            "MASACTRL_LARGE_UPLOAD_WAIT_SECONDS": "300",  # every upload gets its turn
+        }
+        port = free_port()
+        process = serve("gateway", port, env, 1)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            for name, count, send in _memory_scenarios(url, png_url):
+                send()  # once first: code loaded on first use is not growth
+                before, peak, after, statuses = _measure_rss(process.pid, send, count)
+                grew, kept = (peak - before) / MiB, (after - before) / MiB
+                shown = ", ".join(str(s) for s in sorted(statuses))
+                rows.append(f"{name:<30} {grew:>8.0f} MiB {kept:>+11.0f} MiB   {shown}")
+        finally:
+            stop(process)
+            stop(redis_process)
+            images.shutdown()
+    print("\n".join(rows))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per target")
@@ -346,12 +528,17 @@ def main() -> int:
     parser.add_argument(
         "--workers", type=int, default=1, help="uvicorn processes for each server (default 1)"
     )
+    parser.add_argument(
+        "--memory", action="store_true", help="measure memory under large inputs instead"
+    )
     parser.add_argument("--serve", choices=["gateway", "bare"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         _serve_main(args.serve, args.port, args.workers)
         return 0
+    if args.memory:
+        return memory_main()
 
     print(f"machine: {machine()}")
     print(

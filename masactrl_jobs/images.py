@@ -13,17 +13,21 @@ import base64
 import binascii
 import hashlib
 import io
+import os
 import re
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import IO, Literal
 
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 __all__ = [
     "MIN_IMAGE_SIDE",
     "InvalidImage",
+    "Payload",
+    "payload_sha256",
+    "payload_size",
     "StoredInput",
     "ValidatedImage",
     "too_large_message",
@@ -34,6 +38,10 @@ __all__ = [
 ]
 
 ImageExt = Literal["png", "jpg", "webp"]
+# An input's bytes: in memory, or a seekable binary file (an upload or a fetched body spooled to
+# a temporary file), so that a large input is checked and stored without a copy in memory.
+Payload = bytes | IO[bytes]
+_CHUNK = 1024 * 1024
 
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 
@@ -69,11 +77,45 @@ class InvalidImage(ValueError):
     """The bytes are not an acceptable image; the message is a sentence for the API user."""
 
 
+def payload_size(data: Payload) -> int:
+    """The number of bytes of ``data`` (a file: from its start to its end)."""
+    if isinstance(data, bytes):
+        return len(data)
+    return data.seek(0, os.SEEK_END)
+
+
+def _head(data: Payload, size: int) -> bytes:
+    if isinstance(data, bytes):
+        return data[:size]
+    data.seek(0)
+    return data.read(size)
+
+
+def _tail(data: Payload, size: int) -> bytes:
+    if isinstance(data, bytes):
+        return data[-size:]
+    end = data.seek(0, os.SEEK_END)
+    data.seek(max(0, end - size))
+    return data.read(size)
+
+
+def payload_sha256(data: Payload) -> str:
+    """The hex SHA-256 of ``data``, read a chunk at a time from a file."""
+    if isinstance(data, bytes):
+        return hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256()
+    data.seek(0)
+    while chunk := data.read(_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class ValidatedImage:
-    """An image ready to store: ``data`` is what goes to storage, ``sha256`` is its digest."""
+    """An image ready to store: ``data`` is what goes to storage (bytes, or the spooled file
+    it was checked in), ``sha256`` is its digest."""
 
-    data: bytes
+    data: Payload
     ext: ImageExt
     content_type: str
     sha256: str
@@ -89,16 +131,21 @@ class ValidatedImage:
 
 @dataclass(frozen=True)
 class StoredInput:
-    """A checked input that is not an image (a sequence's video), content-addressed like images."""
+    """A checked input that is not an image (a sequence's video), content-addressed like images.
 
-    data: bytes
+    ``sha256`` is the digest of ``data`` when the caller computed it on the way in (a file is
+    then not read again for it).
+    """
+
+    data: Payload
     ext: str
     content_type: str = "application/octet-stream"
+    sha256: str | None = None
 
     @property
     def key(self) -> str:
         """``inputs/<sha256>.<ext>``."""
-        return f"inputs/{hashlib.sha256(self.data).hexdigest()}.{self.ext}"
+        return f"inputs/{self.sha256 or payload_sha256(self.data)}.{self.ext}"
 
 
 def _megabytes(size: int) -> str:
@@ -125,7 +172,7 @@ def sniff_image_type(data: bytes) -> ImageExt | None:
 
 
 def _unsupported(data: bytes, what: str) -> InvalidImage:
-    head = data[:16].lstrip()
+    head = data.lstrip()
     for magic, name in _OTHER_FORMATS:
         if head.startswith(magic):
             return InvalidImage(f"{what} is a {name} file; only PNG, JPEG and WebP are accepted")
@@ -133,24 +180,35 @@ def _unsupported(data: bytes, what: str) -> InvalidImage:
 
 
 def validate_image(
-    data: bytes, *, max_bytes: int, max_side: int, what: str = "image"
+    data: Payload,
+    *,
+    max_bytes: int,
+    max_side: int,
+    what: str = "image",
+    sha256: str | None = None,
 ) -> ValidatedImage:
     """Check ``data`` and return it ready to store, or raise :class:`InvalidImage`.
 
-    ``what`` names the input in error messages ("image", "mask", ...).
+    ``data`` may be a seekable file: it is decoded from the file, never copied into memory, and
+    the result keeps the file as its ``data``. ``sha256`` is its digest when the caller hashed it
+    on the way in. ``what`` names the input in error messages ("image", "mask", ...).
     """
-    if not data:
+    size = payload_size(data)
+    if not size:
         raise InvalidImage(f"{what} is empty")
-    if len(data) > max_bytes:
-        raise InvalidImage(too_large_message(what, len(data), max_bytes))
-    ext = sniff_image_type(data)
+    if size > max_bytes:
+        raise InvalidImage(too_large_message(what, size, max_bytes))
+    head = _head(data, 16)
+    ext = sniff_image_type(head)
     if ext is None:
-        raise _unsupported(data, what)
+        raise _unsupported(head, what)
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns about odd metadata; we judge pixels
-            image = _PLUGINS[ext](io.BytesIO(data))
+            if not isinstance(data, bytes):
+                data.seek(0)
+            image = _PLUGINS[ext](io.BytesIO(data) if isinstance(data, bytes) else data)
     except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError) as exc:
         raise InvalidImage(f"{what} is not a readable {_SAVE_FORMATS[ext]} file ({exc})") from None
 
@@ -174,29 +232,31 @@ def validate_image(
         except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError) as exc:
             raise InvalidImage(f"{what} is truncated or corrupt ({exc})") from None
         # Pillow may be configured process-wide to accept truncated files; we never do.
-        if ImageFile.LOAD_TRUNCATED_IMAGES and _looks_truncated(ext, data):
+        if ImageFile.LOAD_TRUNCATED_IMAGES and _looks_truncated(ext, _tail(data, 4096)):
             raise InvalidImage(f"{what} is truncated or corrupt")
 
         orientation = _orientation(image)
+        stored: Payload
         if orientation in (None, 1):
             stored = data
             reoriented = False
         else:
             stored, width, height = _reencode_upright(image, ext, what)
             reoriented = True
+            sha256 = None  # the digest of other bytes
 
     return ValidatedImage(
         data=stored,
         ext=ext,
         content_type=CONTENT_TYPES[ext],
-        sha256=hashlib.sha256(stored).hexdigest(),
+        sha256=sha256 or payload_sha256(stored),
         width=width,
         height=height,
         reoriented=reoriented,
     )
 
 
-def validate_mask(data: bytes, *, max_bytes: int, max_side: int) -> ValidatedImage:
+def validate_mask(data: Payload, *, max_bytes: int, max_side: int) -> ValidatedImage:
     """Validate a mask image; masks go through exactly the image checks."""
     return validate_image(data, max_bytes=max_bytes, max_side=max_side, what="mask")
 

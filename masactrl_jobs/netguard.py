@@ -19,8 +19,9 @@ The rules:
 - the connection goes to an address that was checked, never to a second DNS answer (no DNS
   rebinding), while the ``Host`` header, TLS SNI and certificate verification still use the
   original hostname (httpx's documented ``sni_hostname`` request extension);
-- redirects are never followed, bodies are read up to a limit, and proxies from the environment
-  are ignored (a proxy would make the checked address meaningless);
+- redirects are never followed, bodies are read up to a limit (and may be streamed to the
+  caller's sink a chunk at a time, :func:`fetch_into`, so a large body is never held whole), and
+  proxies from the environment are ignored (a proxy would make the checked address meaningless);
 - URLs are user data and may carry bearer tokens in their query (presigned image URLs, webhook
   URLs with ``?token=``): httpx's request log lines show them without the query.
 """
@@ -32,7 +33,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -53,6 +54,8 @@ __all__ = [
     "check_url_syntax",
     "ip_literal",
     "fetch",
+    "fetch_into",
+    "normalized_url",
     "post",
     "resolve_host",
 ]
@@ -428,6 +431,17 @@ def _client(timeout: float, ssl_context: ssl.SSLContext | None) -> httpx.Client:
     )
 
 
+def normalized_url(url: str) -> str:
+    """``url`` as the server receives it: scheme and host in lower case, no default port, no
+    fragment. Two references that normalize alike name one resource (fetched once per request).
+    Unparseable URLs come back as they are (the fetch refuses them)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return url
+    return str(parsed.copy_with(fragment=None))
+
+
 def fetch(
     url: str,
     *,
@@ -441,6 +455,33 @@ def fetch(
     ``timeout`` bounds each network operation and the body download as a whole. Raises
     :class:`UnsafeURL`, :class:`HostNotFound`, :class:`FetchTimeout`, :class:`ResponseTooLarge`,
     :class:`BadResponse` (any non-2xx, redirects included) or :class:`FetchError`.
+    """
+    body = bytearray()
+    fetch_into(
+        url,
+        body.extend,
+        max_bytes=max_bytes,
+        timeout=timeout,
+        allow_loopback_http=allow_loopback_http,
+        ssl_context=ssl_context,
+    )
+    return bytes(body)
+
+
+def fetch_into(
+    url: str,
+    write: Callable[[bytes], object],
+    *,
+    max_bytes: int,
+    timeout: float = 10.0,
+    allow_loopback_http: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+) -> int:
+    """GET ``url`` through the guard, handing the body to ``write`` a chunk at a time; return
+    its length (at most ``max_bytes``).
+
+    The rules and the errors are :func:`fetch`'s. ``write`` may raise to stop the download (a
+    caller's own budget); its exception propagates and the connection is closed.
     """
     shown = _describe_url(url)
     target = _check(url, allow_loopback_http)
@@ -479,10 +520,10 @@ def fetch(
                     f"{shown!r} is {int(declared)} bytes; the limit is {max_bytes}",
                     duration=time.monotonic() - started,
                 )
-            body = bytearray()
+            received = 0
             for chunk in response.iter_raw():
-                body.extend(chunk)
-                if len(body) > max_bytes:
+                received += len(chunk)
+                if received > max_bytes:
                     raise ResponseTooLarge(
                         f"{shown!r} is larger than the limit of {max_bytes} bytes",
                         duration=time.monotonic() - started,
@@ -492,7 +533,8 @@ def fetch(
                         f"{shown!r} did not finish within {timeout:g} s",
                         duration=time.monotonic() - started,
                     )
-            return bytes(body)
+                write(chunk)
+            return received
         except httpx.TimeoutException as exc:
             raise FetchTimeout(f"{shown!r} timed out", duration=time.monotonic() - started) from exc
         except httpx.HTTPError as exc:

@@ -20,11 +20,12 @@ import hmac
 import mimetypes
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import quote, unquote, urlsplit
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ MAX_KEY_LENGTH = 512
 # Conservative on purpose: keys appear in URLs, S3 object names and file paths alike.
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 _TMP_PREFIX = ".tmp-"
+# Copying a file into storage holds one chunk at a time.
+_COPY_CHUNK = 1024 * 1024
 
 
 class StorageError(Exception):
@@ -145,8 +148,14 @@ def content_type_for(key: str) -> str:
 class Storage(Protocol):
     """What gateway and workers need from object storage."""
 
-    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        """Store ``data`` under ``key``, replacing any previous object atomically."""
+    def put(
+        self, key: str, data: bytes | IO[bytes], content_type: str = "application/octet-stream"
+    ) -> None:
+        """Store ``data`` under ``key``, replacing any previous object atomically.
+
+        ``data`` may be a seekable binary file (a spooled upload): it is copied from its start
+        a chunk at a time, never read whole into memory.
+        """
 
     def get(self, key: str) -> bytes:
         """The object's bytes; :class:`ObjectNotFound` when absent."""
@@ -210,7 +219,9 @@ class FileStorage:
             raise InvalidKey(f"storage key {key!r} resolves outside the storage root")
         return path
 
-    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def put(
+        self, key: str, data: bytes | IO[bytes], content_type: str = "application/octet-stream"
+    ) -> None:
         path = self.path_for(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +230,11 @@ class FileStorage:
             fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
             try:
                 with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
+                    if isinstance(data, bytes):
+                        handle.write(data)
+                    else:
+                        data.seek(0)
+                        shutil.copyfileobj(data, handle, _COPY_CHUNK)
                     handle.flush()
                     os.fsync(handle.fileno())
                 os.chmod(tmp_name, 0o644)
@@ -433,8 +448,12 @@ class S3Storage:
         except (BotoCoreError, ClientError) as exc:
             raise self._translate(exc, action, key) from exc
 
-    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def put(
+        self, key: str, data: bytes | IO[bytes], content_type: str = "application/octet-stream"
+    ) -> None:
         full = self._full(key)
+        if not isinstance(data, bytes):
+            data.seek(0)  # botocore streams a file body from where it stands
         with self._errors("put", key):
             self._client.put_object(
                 Bucket=self.bucket, Key=full, Body=data, ContentType=content_type

@@ -140,6 +140,25 @@ class GatewaySettings(CommonSettings):
         ),
     )
     large_upload_wait_seconds: float = Field(10.0, ge=0, le=300)
+    max_request_input_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Most bytes of one request's inputs together (uploads, data: URLs, fetched URLs and "
+            "s3:// objects: images, masks, condition images, frames, videos); past it, 413."
+        ),
+    )
+    max_inflight_input_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Most input bytes all requests in flight hold together in this process; past it, "
+            "503 with Retry-After."
+        ),
+    )
+    max_concurrent_fetches: int = Field(
+        8, ge=1, description="Input URLs this process downloads at once; others wait their turn."
+    )
     max_streams_per_tenant: int = Field(
         20, ge=1, description="Open Server-Sent Event streams per tenant before 429."
     )

@@ -167,20 +167,23 @@ async def _read_inputs(
 ) -> Inputs:
     """The request's inputs, read, checked and stored (after its rate token was spent)."""
     await _check_depth(gw, model)
-    # Every input is read and validated before any is stored: a bad mask must not leave the
-    # image behind, outside retention.
-    try:
-        inputs: Inputs = await spec.read_inputs(gw.intake, gw.settings, body, files)
-    except Refused as refused:
-        raise _refused(refused) from None
-    # Fetching may have taken seconds: look again, so that the queue filling up meanwhile is
-    # caught before anything is stored.
-    await _check_depth(gw, model)
-    to_store = inputs.to_store()
-    # A job created in the last moment can still make create() answer "full" after the store:
-    # registered for sweeping first, the stored inputs never outlive retention.
-    await gw.store.register_inputs([item.key for item in to_store])
-    await gw.intake.store(to_store)
+    # One intake per request: its inputs share one byte budget, and its temporary files are
+    # closed (its bytes given back) when it ends, stored or refused (service/intake.py).
+    async with gw.intake.request() as intake:
+        # Every input is read and validated before any is stored: a bad mask must not leave the
+        # image behind, outside retention.
+        try:
+            inputs: Inputs = await spec.read_inputs(intake, gw.settings, body, files)
+        except Refused as refused:
+            raise _refused(refused) from None
+        # Fetching may have taken seconds: look again, so that the queue filling up meanwhile
+        # is caught before anything is stored.
+        await _check_depth(gw, model)
+        to_store = inputs.to_store()
+        # A job created in the last moment can still make create() answer "full" after the
+        # store: registered for sweeping first, the stored inputs never outlive retention.
+        await gw.store.register_inputs([item.key for item in to_store])
+        await intake.store(to_store)
     return inputs
 
 

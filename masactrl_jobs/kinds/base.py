@@ -27,10 +27,11 @@ same ``JobKind`` in two packages would drift apart the way the ``if`` chains did
 that a kind may import neither the gateway nor the worker (``masactrl_jobs`` is torch-free and
 sits below both), so each half is written against a small protocol that its caller provides:
 
-- the gateway gives :class:`Intake` (read a reference or check uploaded bytes, blaming a field
-  path; probe a video) and :class:`Limits` (its settings). A kind reports problems as
-  :class:`Issue` (a 422 naming the field) and raises :class:`Refused` (422 or 413) for what it
-  finds while reading; the gateway turns both into its error envelope;
+- the gateway gives :class:`Intake`, one per request (read a reference or check an upload,
+  blaming a field path, against the request's byte budget; read and probe a video) and
+  :class:`Limits` (its settings). A kind reports problems as :class:`Issue` (a 422 naming the
+  field) and raises :class:`Refused` (422 or 413) for what it finds while reading; the gateway
+  turns both into its error envelope;
 - the worker gives :class:`RunContext`: the engine (:class:`Engine`), the job's stored inputs,
   the options every engine call shares (seed, size, control, progress, cancel, previews), masks,
   layout conditions, the inversion cache and frame progress. A kind raises
@@ -67,7 +68,7 @@ from masactrl_jobs.control import (
     lora_problems,
     size_problems,
 )
-from masactrl_jobs.images import StoredInput, ValidatedImage
+from masactrl_jobs.images import Payload, StoredInput, ValidatedImage
 from masactrl_jobs.schema import (
     MAX_SEED,
     ConditionInput,
@@ -175,10 +176,13 @@ class Limits(Protocol):
 
 
 class Intake(Protocol):
-    """How a kind reads its inputs at the gateway (``service.intake.ImageIntake``).
+    """How a kind reads its inputs at the gateway (``service.intake.RequestIntake``): one per
+    request.
 
     Nothing is stored while reading: the gateway stores what :meth:`Inputs.to_store` lists once
-    every input has been read and checked. A bad input raises the gateway's own field error,
+    every input has been read and checked. Every input's bytes count against the request's byte
+    budget (and the gateway's), a reference named twice is read once, and large inputs stay in
+    temporary files rather than in memory. A bad input raises the gateway's own field error,
     which passes through the kind untouched.
     """
 
@@ -186,15 +190,19 @@ class Intake(Protocol):
         """The image ``ref`` names (data:, https:, s3:), fetched and validated."""
         ...
 
-    async def check(self, data: bytes, loc: Loc, what: str = "image") -> ValidatedImage:
-        """Uploaded image bytes, validated."""
+    async def check(self, data: Payload, loc: Loc, what: str = "image") -> ValidatedImage:
+        """Uploaded image bytes (or the file they were spooled to), validated."""
         ...
 
-    async def read_bytes(self, ref: str, loc: Loc, what: str, max_bytes: int) -> bytes:
-        """The bytes ``ref`` names, checked only against ``max_bytes``."""
+    async def read_video(self, ref: str, loc: Loc, max_bytes: int) -> StoredInput:
+        """The video ``ref`` names, at most ``max_bytes``, in a temporary file (not probed)."""
         ...
 
-    async def probe_video(self, data: bytes, count_up_to: int) -> VideoInfo:
+    async def check_video(self, data: Payload, loc: Loc, max_bytes: int) -> StoredInput:
+        """An uploaded video, at most ``max_bytes``, in a temporary file (not probed)."""
+        ...
+
+    async def probe_video(self, video: StoredInput, count_up_to: int) -> VideoInfo:
         """A video's size and duration, its frames counted up to ``count_up_to + 1``
         (``masactrl_jobs.media.probe_video``; ``MediaError`` when unreadable)."""
         ...

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from masactrl_jobs.catalog import ModelEntry
+from masactrl_jobs.images import Payload, payload_sha256
 from masactrl_jobs.kinds.base import (
     BODY,
     Intake,
@@ -47,17 +48,18 @@ EditBody = EditCreate | EditParams
 @dataclass(frozen=True)
 class EditFiles:
     """The file parts of a multipart edit: the photo, and condition images in target order
-    (each standing for the entry of ``condition.images`` at its index)."""
+    (each standing for the entry of ``condition.images`` at its index). Each is its bytes or the
+    temporary file the upload was spooled to."""
 
-    image: bytes
-    conditions: Sequence[bytes] = field(default_factory=tuple)
+    image: Payload
+    conditions: Sequence[Payload] = field(default_factory=tuple)
 
     def sha256(self) -> str:
         """A digest of the files, for the request hash (the photo's own digest when alone)."""
-        image = hashlib.sha256(self.image).hexdigest()
+        image = payload_sha256(self.image)
         if not self.conditions:
             return image
-        digests = [image, *(hashlib.sha256(c).hexdigest() for c in self.conditions)]
+        digests = [image, *(payload_sha256(c) for c in self.conditions)]
         return hashlib.sha256(" ".join(digests).encode()).hexdigest()
 
 

@@ -47,7 +47,13 @@ from masactrl_jobs.control import (
     resolve_size,
     sequence_problems,
 )
-from masactrl_jobs.images import StoredInput, ValidatedImage, too_large_message
+from masactrl_jobs.images import (
+    Payload,
+    StoredInput,
+    ValidatedImage,
+    payload_size,
+    too_large_message,
+)
 from masactrl_jobs.kinds.base import (
     BODY,
     CONDITION_MODEL_RULE,
@@ -107,20 +113,35 @@ _CONDITION = (BODY, "condition")
 
 @dataclass(frozen=True)
 class SequenceFiles:
-    """The file parts of a multipart sequence: frames in order, or one video; and a source."""
+    """The file parts of a multipart sequence: frames in order, or one video; and a source.
 
-    frames: Sequence[bytes] = ()
-    video: bytes | None = None
-    image: bytes | None = None
+    Each part is its bytes or the temporary file the upload was spooled to (the route passes
+    the files: a 100 MB video is never read into memory).
+    """
+
+    frames: Sequence[Payload] = ()
+    video: Payload | None = None
+    image: Payload | None = None
 
     def sha256(self) -> str:
         """One digest of the parts, for the request hash."""
         digest = hashlib.sha256()
         for part in [self.image, self.video, *self.frames]:
             # Lengths first, so that moving bytes from one part to the next changes the digest.
-            digest.update(b"-" if part is None else f"{len(part)}:".encode())
-            digest.update(part or b"")
+            digest.update(b"-" if part is None else f"{payload_size(part)}:".encode())
+            if part is not None:
+                _update(digest, part)
         return digest.hexdigest()
+
+
+def _update(digest: Any, part: Payload) -> None:
+    """Feed ``part`` to ``digest`` a chunk at a time (the same digest as its bytes)."""
+    if isinstance(part, bytes):
+        digest.update(part)
+        return
+    part.seek(0)
+    while chunk := part.read(1024 * 1024):
+        digest.update(chunk)
 
 
 @dataclass
@@ -271,7 +292,7 @@ class SequenceKind(Kind[SequenceParams, SequenceFiles, SequenceInputs]):
                 else:
                     assert files is not None
                     frame = await intake.check(files.frames[k], (*loc, k), "condition frame")
-                total += len(frame.data)
+                total += payload_size(frame.data)
                 if total > limits.max_sequence_bytes:
                     limit = limits.max_sequence_bytes
                     raise _too_large(too_large_message("the frames", total, limit), loc)
@@ -279,20 +300,21 @@ class SequenceKind(Kind[SequenceParams, SequenceFiles, SequenceInputs]):
             return inputs
         loc = (*_CONDITION, "video")
         if files is not None and files.video is not None:
-            data = files.video
-            if len(data) > limits.max_video_bytes:
-                message = too_large_message("video", len(data), limits.max_video_bytes)
+            size = payload_size(files.video)
+            if size > limits.max_video_bytes:
+                message = too_large_message("video", size, limits.max_video_bytes)
                 raise _too_large(message, loc)
+            video = await intake.check_video(files.video, loc, limits.max_video_bytes)
         else:
             assert condition.video is not None  # check() asked for frames or a video
-            data = await intake.read_bytes(condition.video, loc, "video", limits.max_video_bytes)
+            video = await intake.read_video(condition.video, loc, limits.max_video_bytes)
         budget = VideoBudget(
             limits.max_image_side, limits.max_sequence_frames, limits.max_video_pixels
         )
         # One past what could be kept is enough to refuse: the counting stops there.
         count_up_to = min(condition.max_frames or budget.max_frames, budget.max_frames)
         try:
-            info = await intake.probe_video(data, count_up_to)
+            info = await intake.probe_video(video, count_up_to)
         except MediaError as exc:
             raise Refused(Issue(loc, str(exc), "invalid_video")) from None
         if info.duration > limits.max_video_seconds:
@@ -309,7 +331,7 @@ class SequenceKind(Kind[SequenceParams, SequenceFiles, SequenceInputs]):
             raise Refused(Issue(loc, message, exc.type)) from None
         except MediaError as exc:
             raise Refused(Issue(loc, str(exc), "invalid_video")) from None
-        inputs.video = StoredInput(data, "video")
+        inputs.video = video
         return inputs
 
     def resolve(

@@ -31,7 +31,7 @@ from masactrl_jobs.control import (
     resolve_loras,
     resolve_size,
 )
-from masactrl_jobs.images import StoredInput, ValidatedImage
+from masactrl_jobs.images import Payload, StoredInput, ValidatedImage
 from masactrl_jobs.kinds.base import (
     BODY,
     CONDITION_MODEL_RULE,
@@ -204,7 +204,7 @@ async def read_still_inputs(
     intake: Intake,
     body: StillParams,
     image: ValidatedImage | None = None,
-    condition_parts: Sequence[bytes] = (),
+    condition_parts: Sequence[Payload] = (),
 ) -> StillInputs:
     """The mask and condition images of ``body`` (condition images from ``condition_parts``
     when the form sent them as files), read and checked after the photo ``image``."""

@@ -51,6 +51,9 @@ Every submission:
   least 8×8 pixels, at most `MASACTRL_MAX_IMAGE_SIDE` per side and `MASACTRL_MAX_IMAGE_BYTES`.
 - The body: JSON sent as `application/json` (else 415), no key given twice; at most
   `MASACTRL_MAX_JSON_BYTES` plus one image allowance per inline `data:` image (else 413).
+- Inputs (file parts, `data:` URLs, fetched URLs and `s3://` objects) together: at most
+  `MASACTRL_MAX_REQUEST_INPUT_BYTES` (else 413 naming the input that crossed it); a reference
+  named twice is read once. 503 `inputs_busy` when the gateway holds its limit of inputs.
 """
 
 # The table's columns: heading, and the entry's value as shown.

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import struct
+import tempfile
 import zlib
 
 import pytest
@@ -14,6 +15,8 @@ from PIL import Image
 from masactrl_jobs.images import (
     InvalidImage,
     decode_data_url,
+    payload_sha256,
+    payload_size,
     sniff_image_type,
     validate_image,
     validate_mask,
@@ -207,3 +210,30 @@ def test_data_urls() -> None:
         decode_data_url("data:image/png;base64,@@@@", max_bytes=10**6)
     with pytest.raises(InvalidImage, match="limit is"):
         decode_data_url("data:image/png;base64," + "A" * 4000, max_bytes=1000)
+
+
+def test_a_spooled_file_is_validated_in_place_like_its_bytes() -> None:
+    data = png_bytes(32, 16)
+    with tempfile.SpooledTemporaryFile(max_size=8) as file:  # rolled over to disk at once
+        file.write(data)
+        image = validate_image(file, **LIMITS)
+        from_bytes = validate_image(data, **LIMITS)
+        # The file itself is what gets stored: no copy of its bytes was made.
+        assert image.data is file
+        assert (image.sha256, image.key, image.width, image.height) == (
+            from_bytes.sha256,
+            from_bytes.key,
+            32,
+            16,
+        )
+        # A digest taken on the way in is trusted rather than computed again.
+        assert validate_image(file, **LIMITS, sha256="f" * 64).sha256 == "f" * 64
+        assert payload_size(file) == len(data) and payload_sha256(file) == from_bytes.sha256
+
+
+def test_a_truncated_file_is_refused_like_truncated_bytes() -> None:
+    data = png_bytes(64, 64)
+    with tempfile.TemporaryFile() as file:
+        file.write(data[: len(data) // 2])
+        with pytest.raises(InvalidImage, match="truncated|corrupt|readable"):
+            validate_image(file, **LIMITS)

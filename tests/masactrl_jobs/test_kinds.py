@@ -20,7 +20,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from masactrl_jobs.catalog import Catalog, ModelEntry
-from masactrl_jobs.images import ValidatedImage, validate_image
+from masactrl_jobs.images import Payload, StoredInput, ValidatedImage, validate_image
 from masactrl_jobs.kinds import KINDS, Kind, kind_of
 from masactrl_jobs.kinds.base import (
     AnimationOutput,
@@ -97,18 +97,22 @@ class FakeIntake:
         return validate_image(_png(), max_bytes=1 << 20, max_side=4096, what=what)
 
     async def check(
-        self, data: bytes, loc: Sequence[str | int], what: str = "image"
+        self, data: Payload, loc: Sequence[str | int], what: str = "image"
     ) -> ValidatedImage:
         self.reads.append(tuple(loc))
         return validate_image(data, max_bytes=1 << 20, max_side=4096, what=what)
 
-    async def read_bytes(
-        self, ref: str, loc: Sequence[str | int], what: str, max_bytes: int
-    ) -> bytes:
+    async def read_video(self, ref: str, loc: Sequence[str | int], max_bytes: int) -> StoredInput:
         self.reads.append(tuple(loc))
-        return b"video bytes"
+        return StoredInput(b"video bytes", "video")
 
-    async def probe_video(self, data: bytes, count_up_to: int) -> VideoInfo:
+    async def check_video(
+        self, data: Payload, loc: Sequence[str | int], max_bytes: int
+    ) -> StoredInput:
+        self.reads.append(tuple(loc))
+        return StoredInput(data, "video")
+
+    async def probe_video(self, video: StoredInput, count_up_to: int) -> VideoInfo:
         assert self.video is not None
         return self.video
 

@@ -519,3 +519,45 @@ def test_request_logs_hold_no_query_tokens(
     logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "httpx")
     assert "/cat.png" in logged and "/hook" in logged  # the requests are still logged...
     assert "s3cr3t" not in logged  # ...without their tokens
+
+
+def test_fetch_into_hands_the_body_over_in_chunks(http_server: LoopbackServer) -> None:
+    body = bytes(range(256)) * 1024  # 256 KiB: several chunks
+    http_server.route("/big.png")(lambda h: respond(h, 200, body))
+    chunks: list[bytes] = []
+    size = netguard.fetch_into(
+        http_server.url("/big.png"), chunks.append, max_bytes=len(body), allow_loopback_http=True
+    )
+    assert size == len(body)
+    assert b"".join(chunks) == body
+
+
+def test_fetch_into_stops_when_the_sink_refuses(http_server: LoopbackServer) -> None:
+    http_server.route("/big.png")(lambda h: respond(h, 200, b"x" * (256 * 1024)))
+    received: list[int] = []
+
+    class Full(Exception):
+        pass
+
+    def write(chunk: bytes) -> None:
+        received.append(len(chunk))
+        if sum(received) > 1024:
+            raise Full  # a caller's budget: the download ends here, the error is the caller's
+
+    with pytest.raises(Full):
+        netguard.fetch_into(
+            http_server.url("/big.png"), write, max_bytes=1 << 20, allow_loopback_http=True
+        )
+    assert sum(received) < 256 * 1024
+
+
+@pytest.mark.parametrize(
+    ("url", "normal"),
+    [
+        ("HTTPS://Example.COM/a.png", "https://example.com/a.png"),
+        ("https://example.com:443/a.png#top", "https://example.com/a.png"),
+        ("https://example.com/a.png?x=1", "https://example.com/a.png?x=1"),
+    ],
+)
+def test_normalized_url_is_what_the_server_receives(url: str, normal: str) -> None:
+    assert netguard.normalized_url(url) == normal

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -404,3 +405,11 @@ def test_result_keys_have_one_layout() -> None:
     assert results_prefix("j1") == "results/j1/"
     assert result_key("j1", "target", 2) == "results/j1/target_2.png"
     assert validate_key(result_key("j1", "source", 0)).startswith(results_prefix("j1"))
+
+
+def test_put_copies_from_a_file(storage: Storage) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 7)  # more than one copy chunk
+    with tempfile.TemporaryFile() as file:
+        file.write(data)  # left at its end: put copies from the start all the same
+        storage.put("inputs/from-file.bin", file)
+    assert storage.get("inputs/from-file.bin") == data

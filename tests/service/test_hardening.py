@@ -317,20 +317,20 @@ def test_a_queue_that_fills_while_inputs_are_read_leaves_no_stored_image(
     make_client,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from service.intake import ImageIntake
+    from service.intake import RequestIntake
 
     settings = make_settings(max_queue_depth=1)
     client = make_client(settings)
-    original = ImageIntake.read
+    original = RequestIntake.read
 
-    async def slow_read(self: ImageIntake, *args: Any, **kwargs: Any) -> Any:
+    async def slow_read(self: RequestIntake, *args: Any, **kwargs: Any) -> Any:
         image = await original(self, *args, **kwargs)
         # Meanwhile another client takes the last place in the queue.
         other = make_client(settings)
         assert other.post("/v1/syntheses", json=SYNTHESIS).status_code == 202
         return image
 
-    monkeypatch.setattr(ImageIntake, "read", slow_read)
+    monkeypatch.setattr(RequestIntake, "read", slow_read)
     before = storage_files(settings)
     response = client.post("/v1/edits", json=edit_body())
     assert response.status_code == 429, response.text
@@ -342,20 +342,20 @@ def test_inputs_stored_before_a_create_refused_as_full_are_swept(
     make_client,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from service.intake import ImageIntake
+    from service.intake import RequestIntake
 
     settings = make_settings(max_queue_depth=1, job_retention_seconds=60)
     client = make_client(settings)
-    original = ImageIntake.store
+    original = RequestIntake.store
 
-    async def store_after_the_queue_filled(self: ImageIntake, images: Any) -> None:
+    async def store_after_the_queue_filled(self: RequestIntake, images: Any) -> None:
         # The second depth check has passed; another client takes the last place now, so
         # create() answers "full" after the image is stored.
         other = make_client(settings)
         assert other.post("/v1/syntheses", json=SYNTHESIS).status_code == 202
         await original(self, images)
 
-    monkeypatch.setattr(ImageIntake, "store", store_after_the_queue_filled)
+    monkeypatch.setattr(RequestIntake, "store", store_after_the_queue_filled)
     before = storage_files(settings)
     response = client.post("/v1/edits", json=edit_body())
     assert response.status_code == 429, response.text

@@ -9,13 +9,14 @@ references (``service.intake``).
 from __future__ import annotations
 
 import json
+from typing import BinaryIO
 
 from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from masactrl_jobs.images import too_large_message
+from masactrl_jobs.images import payload_size, too_large_message
 from masactrl_jobs.kinds.edit import EditFiles
 from masactrl_jobs.schema import MAX_MASK_REGIONS, MAX_TARGETS, EditCreate, EditParams, JobKind
 from service.api.deps import DirectRoute, Submission, submission_openapi
@@ -80,14 +81,16 @@ def params_part_limit(settings: GatewaySettings) -> int:
     return min(settings.max_json_bytes + masks, settings.max_request_bytes)
 
 
-async def _read_file(
+def _spooled_file(
     part: UploadFile, loc: tuple[str | int, ...], what: str, max_bytes: int
-) -> bytes:
-    if part.size is not None and part.size > max_bytes:
+) -> BinaryIO:
+    """The file the part was spooled to (on disk past 1 MiB), not read into memory: the intake
+    validates and stores it from there."""
+    size = part.size if part.size is not None else payload_size(part.file)
+    if size > max_bytes:
         # The body limit lets a little more than max_bytes through; name the real size.
-        raise FieldError(loc, too_large_message(what, part.size, max_bytes), "invalid_image")
-    # Read one byte past the limit: enough to know it is too large without holding more.
-    return await part.read(max_bytes + 1)
+        raise FieldError(loc, too_large_message(what, size, max_bytes), "invalid_image")
+    return part.file
 
 
 def _with_part_refs(params_text: bytes | str, parts: int) -> bytes | str:
@@ -179,13 +182,13 @@ async def _parse_multipart(
         params_text = _with_part_refs(params_text, len(condition_parts))
     params = parse_json(EditParams, params_text, prefix=("body", "params"))
     params = _with_previews_field(params, form.getlist("previews"))
-    image_data = await _read_file(image, ("body", "image"), "image", max_bytes)
+    image_file = _spooled_file(image, ("body", "image"), "image", max_bytes)
     conditions = [
-        await _read_file(part, ("body", "condition_image", i), "condition image", max_bytes)
+        _spooled_file(part, ("body", "condition_image", i), "condition image", max_bytes)
         for i, part in enumerate(condition_parts)
         if isinstance(part, UploadFile)
     ]
-    return params, EditFiles(image_data, conditions)
+    return params, EditFiles(image_file, conditions)
 
 
 _SUMMARY = "Submit a real-image edit (JSON with an image URL, or multipart with an image file)."
@@ -208,22 +211,26 @@ async def create_edit(request: Request) -> Response:
     context = Submission.from_request(request)
     content_type = context.media_type
     files: EditFiles | None = None
-    if is_json(content_type):
-        body: EditCreate | EditParams = parse_json(EditCreate, await request.body())
-    elif content_type == "multipart/form-data":
-        body, files = await _parse_multipart(request, context.gateway.settings)
-    else:
-        raise unsupported_media_type(
-            "application/json, or multipart/form-data with 'image' and 'params' parts "
-            "(and optional 'condition_image' parts)"
+    try:
+        if is_json(content_type):
+            body: EditCreate | EditParams = parse_json(EditCreate, await request.body())
+        elif content_type == "multipart/form-data":
+            body, files = await _parse_multipart(request, context.gateway.settings)
+        else:
+            raise unsupported_media_type(
+                "application/json, or multipart/form-data with 'image' and 'params' parts "
+                "(and optional 'condition_image' parts)"
+            )
+        submitted = await submit(
+            context.gateway,
+            context.tenant,
+            JobKind.edit,
+            body,
+            files=files,
+            idempotency_key=context.idempotency_key,
+            prefer=context.prefer,
         )
-    submitted = await submit(
-        context.gateway,
-        context.tenant,
-        JobKind.edit,
-        body,
-        files=files,
-        idempotency_key=context.idempotency_key,
-        prefer=context.prefer,
-    )
+    finally:
+        # The parts' spooled files go now, not when the request object is collected.
+        await request.close()
     return submitted_response(context.gateway, submitted)

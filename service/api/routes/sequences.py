@@ -7,12 +7,14 @@ optional ``image`` part as the source.
 
 from __future__ import annotations
 
+from typing import BinaryIO
+
 from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from masactrl_jobs.images import too_large_message
+from masactrl_jobs.images import payload_size, too_large_message
 from masactrl_jobs.kinds.sequence import SequenceFiles
 from masactrl_jobs.schema import JobKind, SequenceCreate, SequenceParams
 from service.api.deps import DirectRoute, Submission, submission_openapi
@@ -51,11 +53,13 @@ _OPENAPI = submission_openapi(
 _PARTS = {"params", "frame", "video", "image"}
 
 
-async def _file(part: UploadFile, loc: tuple[str | int, ...], what: str, limit: int) -> bytes:
-    if part.size is not None and part.size > limit:
-        raise FieldError(loc, too_large_message(what, part.size, limit), "too_large")
-    # One byte past the limit: enough to know it is too large without holding more.
-    return await part.read(limit + 1)
+def _file(part: UploadFile, loc: tuple[str | int, ...], what: str, limit: int) -> BinaryIO:
+    """The file the part was spooled to (on disk past 1 MiB), never read into memory: a video
+    is probed and stored from files (service/intake.py)."""
+    size = part.size if part.size is not None else payload_size(part.file)
+    if size > limit:
+        raise FieldError(loc, too_large_message(what, size, limit), "too_large")
+    return part.file
 
 
 async def _parse_multipart(
@@ -89,8 +93,8 @@ async def _parse_multipart(
         if not isinstance(frame, UploadFile):
             raise invalid([FieldError(("body", "frame", k), "send each frame as a file part")])
         limit = settings.max_image_bytes
-        frames.append(await _file(frame, ("body", "frame", k), "condition frame", limit))
-    files: dict[str, bytes | None] = {}
+        frames.append(_file(frame, ("body", "frame", k), "condition frame", limit))
+    files: dict[str, BinaryIO | None] = {}
     for name, what, limit in (
         ("video", "video", settings.max_video_bytes),
         ("image", "image", settings.max_image_bytes),
@@ -98,7 +102,7 @@ async def _parse_multipart(
         part = form.get(name)
         if part is not None and not isinstance(part, UploadFile):
             raise invalid([FieldError(("body", name), f"send the {what} as a file part")])
-        files[name] = None if part is None else await _file(part, ("body", name), what, limit)
+        files[name] = None if part is None else _file(part, ("body", name), what, limit)
     return params, SequenceFiles(frames, files["video"], files["image"])
 
 
@@ -125,22 +129,26 @@ async def create_sequence(request: Request) -> Response:
     context = Submission.from_request(request)
     content_type = context.media_type
     files: SequenceFiles | None = None
-    if is_json(content_type):
-        body: SequenceParams = parse_json(SequenceCreate, await request.body())
-    elif content_type == "multipart/form-data":
-        body, files = await _parse_multipart(request, context.gateway.settings)
-    else:
-        raise unsupported_media_type(
-            "application/json, or multipart/form-data with a 'params' part and 'frame' or "
-            "'video' parts"
+    try:
+        if is_json(content_type):
+            body: SequenceParams = parse_json(SequenceCreate, await request.body())
+        elif content_type == "multipart/form-data":
+            body, files = await _parse_multipart(request, context.gateway.settings)
+        else:
+            raise unsupported_media_type(
+                "application/json, or multipart/form-data with a 'params' part and 'frame' or "
+                "'video' parts"
+            )
+        submitted = await submit(
+            context.gateway,
+            context.tenant,
+            JobKind.sequence,
+            body,
+            idempotency_key=context.idempotency_key,
+            prefer=context.prefer,
+            files=files,
         )
-    submitted = await submit(
-        context.gateway,
-        context.tenant,
-        JobKind.sequence,
-        body,
-        idempotency_key=context.idempotency_key,
-        prefer=context.prefer,
-        files=files,
-    )
+    finally:
+        # The parts' spooled files go now, not when the request object is collected.
+        await request.close()
     return submitted_response(context.gateway, submitted)
