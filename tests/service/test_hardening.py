@@ -264,6 +264,18 @@ def test_ops_token_protects_metrics_and_docs(
     assert client.get("/livez").status_code == 200
 
 
+def test_the_contract_says_metrics_takes_the_ops_token_or_nothing(client: TestClient) -> None:
+    """Open by default and token-guarded when configured: the document allows both, and names
+    the 401 the token brings."""
+    operation = client.get("/openapi.json").json()["paths"]["/metrics"]["get"]
+    assert operation["security"] == [{"OpsToken": []}, {}]
+    assert "MASACTRL_OPS_TOKEN" in operation["description"]
+    assert operation["responses"]["401"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorBody"
+    }
+    assert client.get("/metrics").status_code == 200  # no token configured here: open
+
+
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
 def test_docs_pages_load_every_asset_from_the_gateway(client: TestClient, page: str) -> None:
     html = client.get(page).text
