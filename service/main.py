@@ -34,6 +34,7 @@ from service.errors import install_error_handlers
 from service.gateway import Gateway
 from service.metrics import GatewayMetrics, MetricsMiddleware
 from service.middleware import BodyLimitMiddleware, BodyLimits, encoded_image_bytes
+from service.page_headers import PageHeadersMiddleware
 from service.redaction import install_log_redaction
 
 __all__ = ["API_VERSION", "create_app", "operation_id"]
@@ -164,6 +165,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.mount(docs.ASSETS_PATH, docs.assets(), name="docs-assets")
     app.mount(playground.ASSETS_PATH, playground.assets(), name="playground-assets")
     install_error_handlers(app)
+    app.add_middleware(PageHeadersMiddleware)
     limits = BodyLimits(
         small=settings.max_json_bytes,
         image=encoded_image_bytes(settings.max_image_bytes),
