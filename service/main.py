@@ -34,6 +34,7 @@ from service.errors import install_error_handlers
 from service.gateway import Gateway
 from service.metrics import GatewayMetrics, MetricsMiddleware
 from service.middleware import BodyLimitMiddleware, BodyLimits, encoded_image_bytes
+from service.openapi import headers_without_null
 from service.page_headers import PageHeadersMiddleware
 from service.redaction import install_log_redaction
 
@@ -84,6 +85,7 @@ def _install_openapi(app: FastAPI, rules: dict[JobKind, str]) -> None:
             components.setdefault(name, definition)
         schema["components"]["schemas"] = dict(sorted(components.items()))
         describe_submissions(schema, rules)
+        headers_without_null(schema)
         app.openapi_schema = schema
         return schema
 
