@@ -336,7 +336,6 @@ def load_engine(args: argparse.Namespace) -> Any:
     for flag, value in (
         ("--model-config", args.model_config),
         ("--prediction-type", args.prediction_type),
-        ("--allow-pickle", args.allow_pickle or None),
     ):
         if value is not None and not single_file:
             raise UsageError(f"{flag} applies only to a single-file --model (.safetensors)")
@@ -354,9 +353,11 @@ def load_engine(args: argparse.Namespace) -> Any:
                 dtype=dtype,
             )
         else:
-            engine = MasaCtrlEngine.from_pretrained(args.model, device=args.device, dtype=dtype)
+            engine = MasaCtrlEngine.from_pretrained(
+                args.model, device=args.device, dtype=dtype, allow_pickle=args.allow_pickle
+            )
         for lora in args.loras:
-            engine.loras.load(lora.name, lora.name)
+            engine.loras.load(lora.name, lora.name, allow_pickle=args.allow_pickle)
         # One run per process: the adapters stay active until it ends.
         engine.loras.activate(
             {lora.name: 1.0 if lora.weight is None else lora.weight for lora in args.loras}

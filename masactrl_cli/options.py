@@ -89,10 +89,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=["epsilon", "v_prediction"],
         help="declare the file's prediction type (default: detected, else the config's)",
     )
-    single.add_argument(
+    parser.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="accept a .ckpt pickle file (it can run arbitrary code while it loads)",
+        help="accept pickle weights (.ckpt/.bin: a single file, a folder's or a LoRA's); they can "
+        "run arbitrary code while they load (default: .safetensors only)",
     )
     add_lora_option(parser, "a .safetensors file, a folder holding one, or a hub id")
 

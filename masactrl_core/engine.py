@@ -54,6 +54,7 @@ from masactrl_core.runs import (
 from masactrl_core.sampler import MasaCtrlSampler, paper_default_control
 from masactrl_core.single_file import is_single_file, load_single_file_pipeline
 from masactrl_core.solvers import PREDICTION_TYPES, Solver
+from masactrl_core.weights import refuse_pickle_only, safetensors_only
 
 if TYPE_CHECKING:
     from masactrl_core.attention import MutualSelfAttentionProcessor
@@ -148,12 +149,21 @@ class MasaCtrlEngine:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         options: EngineOptions | None = None,
+        *,
+        allow_pickle: bool = False,
     ) -> MasaCtrlEngine:
         """Load a hub id, a local diffusers folder (of a registered family) or a checkpoint
-        file (:meth:`from_single_file` with its defaults)."""
+        file (:meth:`from_single_file` with its defaults).
+
+        Weights are read from safetensors files only unless ``allow_pickle`` (see
+        ``masactrl_core.weights``): a folder whose component holds only a pickle is refused with
+        that file's name.
+        """
         model = str(model)
         if is_single_file(model):
-            return cls.from_single_file(model, device=device, dtype=dtype, options=options)
+            return cls.from_single_file(
+                model, device=device, dtype=dtype, options=options, allow_pickle=allow_pickle
+            )
         device, dtype = _device_and_dtype(device, dtype)
         if not os.path.exists(model) and _looks_like_local_path(model):
             raise ModelLoadError(f"model folder {model} does not exist")
@@ -167,9 +177,11 @@ class MasaCtrlEngine:
         family = detect_family(config)
         backbone = backbone_class(family)
         backbone.check_config(config, model)
+        if os.path.isdir(model) and not allow_pickle:
+            refuse_pickle_only(model, f"model {model}")
         try:
             pipeline = backbone.pipeline_class().from_pretrained(
-                model, dtype=dtype, **backbone.load_arguments()
+                model, dtype=dtype, **backbone.load_arguments(), **safetensors_only(allow_pickle)
             )
         except Exception as error:
             raise ModelLoadError(f"cannot load model {model}: {error}") from error

@@ -13,7 +13,8 @@ MasaCtrl's attention processors call ``attn.to_q`` / ``to_k`` / ``to_v`` / ``to_
 the wrapped layers, so the adapters apply inside mutual self-attention as in any other attention.
 
 Adapter files are ``.safetensors`` files or folders holding one (diffusers' or the Kohya layout,
-which diffusers converts); pickle files are refused. Names are the caller's (catalog names, file
+which diffusers converts); pickle files are refused, a folder holding only one included, unless
+the caller allows them (``masactrl_core.weights``). Names are the caller's (catalog names, file
 names); peft's own adapter names are derived from them, since peft forbids some characters.
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from masactrl_core.errors import InvalidInput, ModelLoadError
+from masactrl_core.weights import is_pickle, refuse_pickle_only, safetensors_only
 
 __all__ = ["LoraAdapters", "MAX_ACTIVE_LORAS"]
 
@@ -58,25 +60,34 @@ class LoraAdapters:
     def source(self, name: str) -> str:
         return self._sources[name]
 
-    def load(self, name: str, source: str | os.PathLike[str]) -> None:
-        """Load the adapter at ``source`` (a file, a folder or a hub id) as ``name``, once."""
+    def load(
+        self, name: str, source: str | os.PathLike[str], *, allow_pickle: bool = False
+    ) -> None:
+        """Load the adapter at ``source`` (a file, a folder or a hub id) as ``name``, once.
+
+        Pickle weights are refused unless ``allow_pickle``: a pickle file, a folder whose only
+        weights are one, and a hub id's pickle fallback.
+        """
         with self._lock:
             if name in self._adapters:
                 return
             path = Path(source)
-            if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+            if is_pickle(path) and not allow_pickle:
                 raise ModelLoadError(
                     f"LoRA {name}: {path.name} is a pickle file, which can run arbitrary code "
-                    "when loaded; convert it to .safetensors"
+                    "when loaded; convert it to .safetensors, or set allow_pickle if you trust it"
                 )
+            options: dict[str, Any] = safetensors_only(allow_pickle)
             if path.is_file():
                 location, options = str(path.parent), {"weight_name": path.name}
             elif path.exists() or str(source).startswith(("/", ".", "~")):
                 if not path.is_dir():
                     raise ModelLoadError(f"LoRA {name}: {source} does not exist")
-                location, options = str(path), {}
+                if not allow_pickle:
+                    refuse_pickle_only(path, f"LoRA {name}")
+                location = str(path)
             else:
-                location, options = str(source), {}  # a hub id
+                location = str(source)  # a hub id
             adapter = f"lora{len(self._adapters)}_{re.sub(r'[^A-Za-z0-9_]', '_', name)}"
             try:
                 self.pipeline.load_lora_weights(location, adapter_name=adapter, **options)

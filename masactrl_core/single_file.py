@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from masactrl_core.errors import ModelLoadError
+from masactrl_core.weights import PICKLE_SUFFIXES, SAFE_SUFFIXES
 
 if TYPE_CHECKING:
     import torch
@@ -42,8 +43,6 @@ __all__ = [
     "load_single_file_pipeline",
 ]
 
-SAFE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -144,13 +144,15 @@ class LoraEntry(BaseModel):
         le=LORA_WEIGHT_LIMIT,
         description="The weight a request gets when it names none.",
     )
+    # Pickle weights (a .bin file, or a folder holding only one) can run code while they load.
+    allow_pickle: bool = False
 
     @model_validator(mode="after")
     def _safe_format(self) -> LoraEntry:
-        if self.source.lower().endswith(PICKLE_SUFFIXES):
+        if self.source.lower().endswith(PICKLE_SUFFIXES) and not self.allow_pickle:
             raise ValueError(
                 f"{self.source} is a pickle file, which can run arbitrary code when loaded; "
-                "convert it to .safetensors"
+                "convert it to .safetensors, or set allow_pickle: true if you trust it"
             )
         return self
 

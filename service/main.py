@@ -34,6 +34,8 @@ from service.errors import install_error_handlers
 from service.gateway import Gateway
 from service.metrics import GatewayMetrics, MetricsMiddleware
 from service.middleware import BodyLimitMiddleware, BodyLimits, encoded_image_bytes
+from service.openapi import headers_without_null
+from service.page_headers import PageHeadersMiddleware
 from service.redaction import install_log_redaction
 
 __all__ = ["API_VERSION", "create_app", "operation_id"]
@@ -83,6 +85,7 @@ def _install_openapi(app: FastAPI, rules: dict[JobKind, str]) -> None:
             components.setdefault(name, definition)
         schema["components"]["schemas"] = dict(sorted(components.items()))
         describe_submissions(schema, rules)
+        headers_without_null(schema)
         app.openapi_schema = schema
         return schema
 
@@ -164,6 +167,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.mount(docs.ASSETS_PATH, docs.assets(), name="docs-assets")
     app.mount(playground.ASSETS_PATH, playground.assets(), name="playground-assets")
     install_error_handlers(app)
+    app.add_middleware(PageHeadersMiddleware)
     limits = BodyLimits(
         small=settings.max_json_bytes,
         image=encoded_image_bytes(settings.max_image_bytes),

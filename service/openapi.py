@@ -16,7 +16,26 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["openapi_document", "render"]
+__all__ = ["headers_without_null", "openapi_document", "render"]
+
+
+def headers_without_null(document: dict[str, Any]) -> None:
+    """Drop ``null`` from header parameters' schemas, in place.
+
+    FastAPI documents an optional header (``str | None``) as ``anyOf: [string, null]``, but a
+    header cannot be null: it is a string or absent. A client (or schemathesis) that believes
+    the document sends the text ``null``, which the route then refuses.
+    """
+    for path in document.get("paths", {}).values():
+        for operation in path.values():
+            for parameter in operation.get("parameters", []) if isinstance(operation, dict) else []:
+                schema = parameter.get("schema", {})
+                if parameter.get("in") != "header" or "anyOf" not in schema:
+                    continue
+                kept = [s for s in schema["anyOf"] if s != {"type": "null"}]
+                if len(kept) == 1:
+                    rest = {k: v for k, v in schema.items() if k != "anyOf"}
+                    parameter["schema"] = {**kept[0], **rest}
 
 
 def openapi_document() -> dict[str, Any]:

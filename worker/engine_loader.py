@@ -129,7 +129,9 @@ def load_engine(entry: ModelEntry, settings: WorkerSettings, source: str) -> Mas
             dtype=dtype,
         )
     else:
-        engine = MasaCtrlEngine.from_pretrained(source, device=settings.device, dtype=dtype)
+        engine = MasaCtrlEngine.from_pretrained(
+            source, device=settings.device, dtype=dtype, allow_pickle=entry.allow_pickle
+        )
     engine.model_name = entry.name
     logger.info(
         "model %s loaded from %s on %s (%s) in %.1f s",
@@ -236,7 +238,7 @@ class CatalogLoras:
             adapter = self.entry.lora(lora.name)
             if lora.name not in self.engine.loras.names:
                 started = time.monotonic()
-                self.engine.loras.load(lora.name, adapter.source)
+                self.engine.loras.load(lora.name, adapter.source, allow_pickle=adapter.allow_pickle)
                 logger.info(
                     "LoRA %s of %s loaded from %s in %.1f s",
                     lora.name,

@@ -120,10 +120,12 @@ class WorkerOperations:
         message: tuple[str, str],
         now: float | None = None,
     ) -> Call[int | None]:
-        """Put a job whose worker is gone back in its queue; its attempts so far, or None.
+        """Put a job whose worker is gone back at the head of its queue; its attempts so far, or
+        None.
 
-        One step: status ``queued`` with its queue position, a ``requeued`` event and the
-        broker ``message`` (list, text; see ``queue.TaskMessages``). None when there is nothing
+        One step: status ``queued`` with queue position 1, a ``requeued`` event and the broker
+        ``message`` (list, text; see ``queue.TaskMessages``) pushed where workers take the next
+        one, so the position it reports is the order it runs in. None when there is nothing
         to do: another janitor did it, a worker holds the lease, or the job ended or moved on.
         """
         now = time.time() if now is None else now

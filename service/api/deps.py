@@ -111,10 +111,13 @@ async def check_ops_token(
 
 OpsAccess = Annotated[None, Depends(check_ops_token)]
 
+# Longer Prefer headers are refused (422) on every route, as the OpenAPI document says.
+PREFER_MAX_LENGTH = 200
+
 Prefer = Annotated[
     str | None,
     Header(
-        max_length=200,
+        max_length=PREFER_MAX_LENGTH,
         description="`wait=N` (N ≤ 60) holds the response until the job ends or N seconds pass.",
     ),
 ]
@@ -159,6 +162,12 @@ class Submission:
             raise FieldError(
                 ("header", "Idempotency-Key"), "must be 1 to 255 characters", "string_too_long"
             )
+        if prefer is not None and len(prefer) > PREFER_MAX_LENGTH:
+            raise FieldError(
+                ("header", "Prefer"),
+                f"must be at most {PREFER_MAX_LENGTH} characters",
+                "string_too_long",
+            )
         return cls(gateway, tenant, idempotency_key, prefer, media_type(content_type))
 
 
@@ -199,7 +208,7 @@ SUBMISSION_PARAMETERS = [
         "in": "header",
         "required": False,
         "description": "`wait=N` (N ≤ 60) holds the response until the job ends or N seconds pass.",
-        "schema": {"type": "string", "maxLength": 200},
+        "schema": {"type": "string", "maxLength": PREFER_MAX_LENGTH},
     },
 ]
 

@@ -11,7 +11,7 @@ from masactrl_jobs.schema import ErrorBody, JobPublic
 from service.gateway import Gateway
 from service.submission import Submitted
 
-__all__ = ["JOB_HEADERS", "errors", "job_response", "submitted_response"]
+__all__ = ["JOB_HEADERS", "errors", "json_errors", "job_response", "submitted_response"]
 
 _DESCRIPTIONS = {
     400: "Malformed request.",
@@ -47,6 +47,13 @@ JOB_LINKS = {
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """``responses=`` entries for these error statuses, all with the error body."""
     return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
+def json_errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """:func:`errors` for a route whose own answers are not JSON (its response class would
+    otherwise give the error bodies its media type): the error body as ``application/json``."""
+    body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{ErrorBody.__name__}"}}}
+    return {code: {"description": _DESCRIPTIONS[code], "content": body} for code in codes}
 
 
 def job_response(description: str, headers: bool = False) -> dict[str, Any]:

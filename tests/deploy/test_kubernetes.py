@@ -153,6 +153,10 @@ def test_every_secret_reference_names_a_documented_key(rendered: list[dict[str, 
         for ref in auth["spec"]["secretTargetRef"]:
             assert ref["name"] == SECRET and ref["key"] in keys
             used.add(ref["key"])
+    for monitor in by_kind(rendered, "ServiceMonitor"):
+        for endpoint in monitor["spec"]["endpoints"]:
+            ref = endpoint["authorization"]["credentials"]
+            assert ref["name"] == SECRET and ref["key"] in keys
     assert used == keys  # and the example documents no key nothing reads
 
 
@@ -319,6 +323,12 @@ def test_service_and_servicemonitor(rendered: list[dict[str, Any]]) -> None:
     assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["path"] == "/metrics" and endpoint["port"] == "http"
+    # The scrape carries the token the gateway requires on /metrics.
+    credentials = endpoint["authorization"]["credentials"]
+    assert endpoint["authorization"]["type"] == "Bearer"
+    assert credentials["key"] == "MASACTRL_OPS_TOKEN"
+    gateway_env = effective_env(rendered, pod_spec(gateway(rendered))["containers"][0])
+    assert gateway_env["MASACTRL_OPS_TOKEN"] == ("secret", "MASACTRL_OPS_TOKEN")
 
 
 def test_hpa_and_pdb_target_the_gateway(rendered: list[dict[str, Any]]) -> None:

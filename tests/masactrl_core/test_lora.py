@@ -123,3 +123,35 @@ def test_bad_adapter_requests_are_sentences(engine, tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         engine.loras.load("gone", tmp_path / "missing")
     assert engine.loras.active == {}
+
+
+@pytest.fixture()
+def pickled_style(tiny_loras, tmp_path):
+    """The ``style`` adapter saved as diffusers' pickle name, with no safetensors beside it."""
+    folder = tmp_path / "style-bin"
+    folder.mkdir()
+    torch.save(load_file(tiny_loras["style"].file), folder / "pytorch_lora_weights.bin")
+    return folder
+
+
+def test_a_folder_holding_only_a_pickle_is_refused_with_the_file_named(engine, pickled_style):
+    with pytest.raises(ModelLoadError) as refused:
+        engine.loras.load("refused", pickled_style)
+    assert str(refused.value).startswith(
+        "LoRA refused: style-bin/pytorch_lora_weights.bin is a pickle file, which can run "
+        "arbitrary code when loaded"
+    )
+    assert "refused" not in engine.loras.names
+
+
+def test_an_allowed_pickle_adapter_equals_its_safetensors_twin(engine, pickled_style, tiny_loras):
+    engine.loras.load("style_bin", pickled_style, allow_pickle=True)
+    # A pickle has no header for the adapter's alpha, so peft takes alpha = rank: the same
+    # adapter at its safetensors scale needs weight * alpha / rank.
+    with engine.loras.activated({"style_bin": 0.7 * tiny_loras["style"].scale}):
+        from_pickle = run(engine)
+    with engine.loras.activated({"style": 0.7}):
+        from_safetensors = run(engine)
+    torch.testing.assert_close(from_pickle, from_safetensors, rtol=0, atol=ATOL)
+    with engine.loras.activated({}):
+        assert not torch.allclose(run(engine), from_pickle, atol=ATOL)

@@ -43,6 +43,10 @@ def test_pickle_checkpoints_need_allow_pickle_with_the_reason() -> None:
     assert catalog(source="/models/old.ckpt", allow_pickle=True).get().allow_pickle  # type: ignore[attr-defined]
     with pytest.raises(CatalogError, match=r"loras\.bad: .*pickle file"):
         catalog(loras={"bad": {"source": "/models/bad.pt"}})
+    trusted = {"source": "/models/old.bin", "allow_pickle": True}
+    entry = catalog(loras={"old": trusted}).get()  # type: ignore[attr-defined]
+    assert entry.lora("old").allow_pickle
+    assert not catalog().get().lora("ink").allow_pickle  # type: ignore[attr-defined]
 
 
 def test_single_file_options_belong_to_single_files() -> None:

@@ -264,6 +264,18 @@ def test_ops_token_protects_metrics_and_docs(
     assert client.get("/livez").status_code == 200
 
 
+def test_the_contract_says_metrics_takes_the_ops_token_or_nothing(client: TestClient) -> None:
+    """Open by default and token-guarded when configured: the document allows both, and names
+    the 401 the token brings."""
+    operation = client.get("/openapi.json").json()["paths"]["/metrics"]["get"]
+    assert operation["security"] == [{"OpsToken": []}, {}]
+    assert "MASACTRL_OPS_TOKEN" in operation["description"]
+    assert operation["responses"]["401"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorBody"
+    }
+    assert client.get("/metrics").status_code == 200  # no token configured here: open
+
+
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
 def test_docs_pages_load_every_asset_from_the_gateway(client: TestClient, page: str) -> None:
     html = client.get(page).text
@@ -369,3 +381,28 @@ def test_inputs_stored_before_a_create_refused_as_full_are_swept(
     _, inputs_removed = client.portal.call(gateway.sweep_expired)  # type: ignore[union-attr]
     assert inputs_removed == len(orphans)
     assert storage_files(settings) == before
+
+
+def test_a_prefer_header_past_its_max_length_is_refused_on_every_route(client: TestClient) -> None:
+    long = "wait=1, " + "x" * 200
+    submitted = client.post("/v1/syntheses", json=SYNTHESIS, headers={"Prefer": long})
+    assert submitted.status_code == 422
+    assert submitted.json()["error"]["details"][0]["loc"] == ["header", "Prefer"]
+    assert client.get("/v1/jobs").json()["data"] == []  # refused before a job was created
+    job = client.post("/v1/syntheses", json=SYNTHESIS).json()["id"]
+    assert client.get(f"/v1/jobs/{job}", headers={"Prefer": long}).status_code == 422
+
+
+def test_the_contract_types_headers_and_the_event_stream_as_served(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    for path in document["paths"].values():
+        for operation in path.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "header":
+                    assert parameter["schema"]["type"] == "string", parameter  # never null
+    events = document["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]
+    assert list(events["200"]["content"]) == ["text/event-stream"]
+    for status in ("401", "404", "422"):
+        assert list(events[status]["content"]) == ["application/json"]
+    missing = client.get("/v1/jobs/01a250d7-a67d-73f6-badd-0a6ec5be026f/events")
+    assert (missing.status_code, missing.headers["content-type"]) == (404, "application/json")

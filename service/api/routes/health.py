@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from masactrl_jobs.schema import ErrorBody
 from service.api.deps import GatewayDep, OpsAccess
 
 router = APIRouter(tags=["health"])
@@ -66,10 +67,23 @@ async def readyz(gateway: GatewayDep) -> JSONResponse:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format."},
+        401: {
+            "model": ErrorBody,
+            "description": "MASACTRL_OPS_TOKEN is set and the request does not carry it.",
+        },
+    },
+    # The operations token is optional: with MASACTRL_OPS_TOKEN unset the route is open. FastAPI
+    # writes the OpsToken requirement; the empty alternative says "or no credentials".
+    openapi_extra={"security": [{}]},
 )
 async def metrics(gateway: GatewayDep, _: OpsAccess) -> Response:
-    """Prometheus metrics: requests, latencies, submitted jobs, queue depth per model."""
+    """Prometheus metrics: requests, latencies, submitted jobs, queue depth per model.
+
+    Open unless the gateway sets `MASACTRL_OPS_TOKEN`; then `Authorization: Bearer <ops
+    token>` is required (`401` without it). Never an API key's route.
+    """
     try:
         depths = await gateway.store.queue_depths(gateway.catalog.names())
     except Exception as exc:  # the HTTP metrics are still worth scraping while Redis is down

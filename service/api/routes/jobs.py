@@ -18,7 +18,7 @@ from masactrl_jobs.schema import JobList, JobStatus, PreviewImage, ProgressPhase
 from masactrl_jobs.store import JobEvent, PreviewRecord
 from masactrl_jobs.store.render import public_preview
 from service.api.deps import GatewayDep, Prefer, TenantDep
-from service.api.responses import errors, job_response
+from service.api.responses import errors, job_response, json_errors
 from service.errors import ApiError, FieldError, invalid, shown_id
 from service.gateway import Gateway
 from service.submission import parse_prefer_wait
@@ -185,9 +185,20 @@ async def _events(gateway: Gateway, job_id: str, after: str) -> AsyncIterator[Se
                 return  # expired, or the terminal event was already sent before `after`
 
 
+class EventStream(Response):
+    """What the events route answers, for its OpenAPI entry: ``text/event-stream`` only (the
+    route returns an ``EventSourceResponse``, or a bare 204)."""
+
+    media_type = "text/event-stream"
+
+
+_SSE_EVENTS = ("status", "progress", "preview", "requeued", "succeeded", "failed", "canceled")
+
+
 @router.get(
     "/{job_id}/events",
     response_model=None,
+    response_class=EventStream,
     responses={
         200: {
             "description": (
@@ -208,6 +219,18 @@ async def _events(gateway: Gateway, job_id: str, after: str) -> AsyncIterator[Se
                         "type": "string",
                         "description": "`id: <id>`, `event: <name>`, `data: <JSON>` lines.",
                     },
+                    # One event of the stream: OpenAPI 3.2's itemSchema for sequential media
+                    # types, as an extension while the document is 3.1 (whose tools read the
+                    # string schema above); x-sse-events maps each event's data to its schema.
+                    "x-item-schema": {
+                        "type": "object",
+                        "required": ["id", "event", "data"],
+                        "properties": {
+                            "id": {"type": "string", "pattern": r"^\d{1,20}-\d{1,20}$"},
+                            "event": {"type": "string", "enum": list(_SSE_EVENTS)},
+                            "data": {"type": "string", "contentMediaType": "application/json"},
+                        },
+                    },
                     "x-sse-events": {
                         "status": {"$ref": "#/components/schemas/StatusEvent"},
                         "progress": {"$ref": "#/components/schemas/ProgressEvent"},
@@ -222,7 +245,7 @@ async def _events(gateway: Gateway, job_id: str, after: str) -> AsyncIterator[Se
             },
         },
         204: {"description": "Nothing follows `Last-Event-ID`: the job has ended."},
-        **errors(401, 404, 422, 503),
+        **json_errors(401, 404, 422, 503),
     },
 )
 async def stream_job_events(
@@ -233,8 +256,9 @@ async def stream_job_events(
         str | None,
         Header(
             alias="Last-Event-ID",
-            max_length=64,
+            # The pattern bounds the length (at most 41 characters).
             pattern=_STREAM_ID.pattern,
+            examples=["1733580000000-0"],
             description="Resume after this event (the `id` of an event of this stream).",
         ),
     ] = None,

@@ -3,11 +3,13 @@ a job whose worker is gone goes back in its queue."""
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from masactrl_jobs.ids import new_id
 from masactrl_jobs.schema import ControlInput, JobInput, JobKind, JobStatus
 from masactrl_jobs.store import JobStore
 
@@ -21,7 +23,9 @@ def store(redis_url: str) -> Iterator[JobStore]:
     s.close()
 
 
-def create(store: JobStore) -> str:
+def create(store: JobStore, message: Callable[[str], tuple[str, str]] | None = None) -> str:
+    """A queued sd15 job; ``message(job_id)`` is its broker message, when given."""
+    job_id = new_id()
     job_input = JobInput(
         source_prompt="a cat",
         target_prompts=["a dog"],
@@ -32,9 +36,16 @@ def create(store: JobStore) -> str:
         height=512,
         control=ControlInput(start_step=4, start_layer=10),
     )
-    result = store.create(tenant="acme", kind=JobKind.synthesis, model="sd15", input=job_input)
-    assert result.job_id is not None
-    return result.job_id
+    result = store.create(
+        tenant="acme",
+        kind=JobKind.synthesis,
+        model="sd15",
+        input=job_input,
+        job_id=job_id,
+        message=message(job_id) if message else None,
+    )
+    assert result.job_id == job_id
+    return job_id
 
 
 def superseded_job(store: JobStore) -> str:
@@ -112,6 +123,32 @@ def test_a_requeued_job_is_queued_at_once_with_its_position_event_and_message(
     assert store.stale_jobs(older_than=0) == []
     assert store.requeue(first, 0, MESSAGE) is None
     assert store.redis.llen(MESSAGE[0]) == 1
+
+
+def test_a_requeued_job_is_the_next_one_out_and_says_so(store: JobStore) -> None:
+    """The position a requeued job reports is the order a worker takes messages in (BRPOP, so
+    the right end of the list is the head), also when two lost jobs come back in either order."""
+    queue = MESSAGE[0]
+
+    def message(job: str) -> tuple[str, str]:
+        return queue, f'{{"job": "{job}"}}'
+
+    def take_next() -> str:
+        taken = store.redis.rpop(queue)
+        assert isinstance(taken, str)
+        return str(json.loads(taken)["job"])
+
+    oldest, older, waiting = (create(store, message) for _ in range(3))
+    for job in (oldest, older):
+        assert take_next() == job
+        store.start(job, "dead")
+    # The older job's worker is found dead first, then the oldest's: the last one back is ahead.
+    assert store.requeue(older, 0, message(older)) == 1
+    assert store.requeue(oldest, 0, message(oldest)) == 1
+    records = {job: store.get(job) for job in (oldest, older, waiting)}
+    positions = {job: r.queue_position for job, r in records.items() if r is not None}
+    assert positions == {oldest: 1, older: 2, waiting: 3}
+    assert [take_next() for _ in range(3)] == [oldest, older, waiting]
 
 
 def test_a_job_with_a_live_lease_or_an_end_is_not_requeued(store: JobStore) -> None:
