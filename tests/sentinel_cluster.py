@@ -16,6 +16,10 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from masactrl_jobs.store.connection import RedisTarget
 
 MASTER_NAME = "masactrl"
 QUORUM = 2
@@ -68,6 +72,18 @@ class SentinelCluster:
             "MASACTRL_REDIS_SENTINELS": self.sentinels,
             "MASACTRL_REDIS_SENTINEL_MASTER": MASTER_NAME,
         }
+
+    def target(self) -> RedisTarget:
+        """The store's way to this cluster, as ``CommonSettings.redis_target`` would build it."""
+        from masactrl_jobs.settings import parse_sentinels
+        from masactrl_jobs.store.connection import RedisTarget
+
+        return RedisTarget(
+            self.url,
+            sentinels=parse_sentinels(self.sentinels),
+            sentinel_master=MASTER_NAME,
+            wait_replicas=1,
+        )
 
     # -- processes ---------------------------------------------------------------------------
 

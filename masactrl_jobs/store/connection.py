@@ -19,6 +19,7 @@ longer than :data:`HEALTH_CHECK_INTERVAL_SECONDS` before reusing them.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,13 @@ from redis.connection import SSLConnection, parse_url
 from redis.exceptions import ConnectionError, TimeoutError
 from redis.retry import Retry
 
-__all__ = ["HEALTH_CHECK_INTERVAL_SECONDS", "RETRIES", "RedisTarget", "client_options"]
+__all__ = [
+    "HEALTH_CHECK_INTERVAL_SECONDS",
+    "RETRIES",
+    "RedisTarget",
+    "ReplicaWait",
+    "client_options",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -83,16 +90,6 @@ class RedisTarget:
     @classmethod
     def of(cls, url_or_target: str | RedisTarget) -> RedisTarget:
         return url_or_target if isinstance(url_or_target, RedisTarget) else cls(url_or_target)
-
-    def note_acknowledged(self, replicas: Any) -> None:
-        """Log a durable write that fewer replicas than asked acknowledged in time (WAIT)."""
-        if int(replicas) < self.wait_replicas:
-            logger.warning(
-                "a job write reached %s of %s replicas within %s ms; a failover now could lose it",
-                replicas,
-                self.wait_replicas,
-                self.wait_timeout_ms,
-            )
 
     @property
     def uses_sentinel(self) -> bool:
@@ -145,3 +142,42 @@ class RedisTarget:
             self.sentinel_master, redis_class=redis.asyncio.Redis
         )
         return client
+
+
+# After a WAIT that timed out, durable writes skip waiting for this long. Right after a failover
+# the new master has no replica until the old one returns; waiting the full timeout on every
+# write meanwhile would slow each job's start and end for nothing.
+UNREPLICATED_BACKOFF_SECONDS = 10.0
+
+
+class ReplicaWait:
+    """Whether a durable write should be followed by ``WAIT``, and what the last one said.
+
+    One per store. Not locked: a race between threads costs at most one extra or one skipped
+    wait, which the back-off above tolerates by design.
+    """
+
+    def __init__(self, target: RedisTarget) -> None:
+        self.replicas = target.wait_replicas
+        self.timeout_ms = target.wait_timeout_ms
+        self._skip_until = 0.0
+
+    def wanted(self) -> bool:
+        return self.replicas > 0 and time.monotonic() >= self._skip_until
+
+    def command(self) -> tuple[str, int, int]:
+        return ("WAIT", self.replicas, self.timeout_ms)
+
+    def acknowledged(self, replicas: Any) -> None:
+        """Record a WAIT's reply: fewer replicas than asked logs, and pauses waiting a while."""
+        if int(replicas) >= self.replicas:
+            return
+        self._skip_until = time.monotonic() + UNREPLICATED_BACKOFF_SECONDS
+        logger.warning(
+            "a job write reached %s of %s replicas within %s ms (a failover now could lose it); "
+            "writes go on without waiting for %g s",
+            replicas,
+            self.replicas,
+            self.timeout_ms,
+            UNREPLICATED_BACKOFF_SECONDS,
+        )

@@ -8,8 +8,10 @@ Clients come from a :class:`~masactrl_jobs.store.connection.RedisTarget` (a URL,
 Sentinel-managed master). When the target asks for replica acknowledgements, a durable call
 (``Call.durable``: enqueue, start, end, requeue) is sent with ``WAIT <replicas> <timeout>`` right
 behind it on the same connection, so the store returns only once the write reached a replica or
-the timeout passed. A timeout is logged and the call's result returned all the same: a store that
-refused to work without its replica would turn the loss of one replica into an outage.
+the timeout passed. A timeout is logged and the call's result returned all the same (a store that
+refused to work without its replica would turn the loss of one replica into an outage), and the
+store stops waiting for a few seconds (``ReplicaWait``) rather than pay the timeout on every write
+while the master has no replica.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio
 
-from masactrl_jobs.store.connection import RedisTarget
+from masactrl_jobs.store.connection import RedisTarget, ReplicaWait
 from masactrl_jobs.store.keys import Keys
 from masactrl_jobs.store.operation import AsyncRunner, Call, SyncRunner
 from masactrl_jobs.store.operations import EVENTS_MAXLEN, JobOperations
@@ -50,6 +52,7 @@ class _Store(JobOperations, WorkerOperations):
         self.retention_seconds = int(retention_seconds)
         self.events_maxlen = events_maxlen
         self.target = target or RedisTarget("")
+        self.replica_wait = ReplicaWait(self.target)
         self._scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
 
 
@@ -77,15 +80,13 @@ class JobStore(_Store, SyncRunner):
     def _run(self, call: Call[T]) -> T:
         if call.script is not None:
             script = self._scripts[call.script]
-            if call.durable and self.target.wait_replicas:
+            if call.durable and self.replica_wait.wanted():
                 # One pipeline: WAIT counts the writes of its own connection.
                 with self.redis.pipeline(transaction=False) as pipe:
                     script(keys=list(call.keys), args=list(call.args), client=pipe)
-                    pipe.execute_command(  # type: ignore[no-untyped-call]
-                        "WAIT", self.target.wait_replicas, self.target.wait_timeout_ms
-                    )
+                    pipe.execute_command(*self.replica_wait.command())  # type: ignore[no-untyped-call]
                     reply, acknowledged = pipe.execute()
-                self.target.note_acknowledged(acknowledged)
+                self.replica_wait.acknowledged(acknowledged)
                 return call.parse(reply)
             return call.parse(script(keys=list(call.keys), args=list(call.args), client=self.redis))
         if not call.args:
@@ -119,7 +120,7 @@ class AsyncJobStore(_Store, AsyncRunner):
 
     def __init__(self, client: Any, **options: Any) -> None:
         super().__init__(client, **options)
-        self._pipeline = AutoPipeline(client, self._scripts, self.target)
+        self._pipeline = AutoPipeline(client, self._scripts, self.replica_wait)
 
     def _run(self, call: Call[T]) -> Awaitable[T]:
         return self._run_async(call)

@@ -29,7 +29,7 @@ import redis.asyncio
 import redis.exceptions
 from redis.commands.core import AsyncScript
 
-from masactrl_jobs.store.connection import RedisTarget
+from masactrl_jobs.store.connection import ReplicaWait
 from masactrl_jobs.store.operation import Call
 
 __all__ = ["AutoPipeline", "pack_command"]
@@ -67,11 +67,11 @@ class AutoPipeline:
         self,
         client: redis.asyncio.Redis,
         scripts: Mapping[str, AsyncScript],
-        target: RedisTarget | None = None,
+        replica_wait: ReplicaWait | None = None,
     ) -> None:
         self.client = client
         self.scripts = scripts
-        self.target = target or RedisTarget("")
+        self.replica_wait = replica_wait
         self._pending: list[_Pending] = []
         self._flushing: set[asyncio.Task[None]] = set()
 
@@ -111,7 +111,12 @@ class AutoPipeline:
                 future.set_result(result)
 
     async def _send(self, batch: list[_Pending]) -> None:
-        wait = self.target.wait_replicas > 0 and any(call.durable for call, _ in batch)
+        replica_wait = self.replica_wait
+        wait = (
+            replica_wait is not None
+            and any(call.durable for call, _ in batch)
+            and replica_wait.wanted()
+        )
         if len(batch) == 1 and not wait:
             await self._run_one(*batch[0])
             return
@@ -148,8 +153,8 @@ class AutoPipeline:
             sha = self.scripts[call.script].sha  # type: ignore[index]
             pack_command(chunks, ("EVALSHA", sha, len(call.keys), *call.keys, *call.args))
         if wait:
-            target = self.target
-            pack_command(chunks, ("WAIT", target.wait_replicas, target.wait_timeout_ms))
+            assert self.replica_wait is not None
+            pack_command(chunks, self.replica_wait.command())
         packed, count = b"".join(chunks), len(batch) + wait
         pool = self.client.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
@@ -174,7 +179,8 @@ class AutoPipeline:
         finally:
             await pool.release(connection)
         if wait:
-            self.target.note_acknowledged(replies.pop())
+            assert self.replica_wait is not None
+            self.replica_wait.acknowledged(replies.pop())
         return replies
 
 
