@@ -244,3 +244,11 @@ def test_sentinels_make_a_redis_target_with_the_url_credentials(
     monkeypatch.delenv("MASACTRL_REDIS_SENTINELS")
     monkeypatch.delenv("MASACTRL_REDIS_SENTINEL_MASTER")
     assert development().redis_target.wait_replicas == 0
+
+
+def test_the_redis_settings_are_documented() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    redis_fields = [name for name in CommonSettings.model_fields if name.startswith("redis_")]
+    assert len(redis_fields) == 6
+    missing = [name for name in redis_fields if f"`MASACTRL_{name.upper()}`" not in text]
+    assert not missing
