@@ -95,6 +95,10 @@ class JobStore(_Store, SyncRunner):
 
     def close(self) -> None:
         self.redis.close()
+        # With Sentinel, the manager's own connections to the sentinels too.
+        manager = getattr(self.redis.connection_pool, "sentinel_manager", None)
+        if manager is not None:
+            manager.close()
 
 
 class AsyncJobStore(_Store, AsyncRunner):
@@ -136,3 +140,6 @@ class AsyncJobStore(_Store, AsyncRunner):
     async def close(self) -> None:
         await self._pipeline.drain()
         await self.redis.aclose()
+        manager = getattr(self.redis.connection_pool, "sentinel_manager", None)
+        if manager is not None:
+            await manager.aclose()
