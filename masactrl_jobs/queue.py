@@ -86,11 +86,16 @@ def make_celery(
     else:
         url, transport = broker_of(broker_url)
     app = Celery("masactrl", broker=url, set_as_current=False)
-    transport |= {
+    timeouts = {
         # A dead broker must fail a submission quickly (the gateway answers 503), not hang it.
         "socket_connect_timeout": connect_timeout,
         "socket_timeout": 10.0,
     }
+    transport |= timeouts
+    if "sentinel_kwargs" in transport:
+        # Given sentinel_kwargs, redis-py no longer copies the timeouts to the sentinels: a dead
+        # sentinel must not hang the question "where is the master?" either.
+        transport["sentinel_kwargs"] = {**transport["sentinel_kwargs"], **timeouts}
     if visibility_timeout is not None:
         transport["visibility_timeout"] = visibility_timeout
     app.conf.update(

@@ -106,14 +106,20 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 
 
 @pytest.fixture()
-def sentinel_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def sentinel_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[Any]:
     """A private Sentinel-managed Redis (1 primary, 1 replica, 3 sentinels; see
-    tests/sentinel_cluster.py), with ``MASACTRL_REDIS_*`` set to reach it through the sentinels."""
+    tests/sentinel_cluster.py), with ``MASACTRL_REDIS_*`` set to reach it through the sentinels.
+
+    Parametrize it indirectly with a password to have every node and sentinel require one.
+    """
     from tests.sentinel_cluster import SentinelCluster
 
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is missing: `make test` installs it (Debian: redis-server)")
-    cluster = SentinelCluster(tmp_path / "sentinel-cluster")
+    password = getattr(request, "param", None)
+    cluster = SentinelCluster(tmp_path / "sentinel-cluster", password=password)
     cluster.workdir.mkdir()
     try:
         cluster.start()

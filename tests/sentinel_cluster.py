@@ -52,6 +52,8 @@ class SentinelCluster:
     """The processes, their ports, and what the settings need to reach them."""
 
     workdir: Path
+    # One password for the data nodes and the sentinels (as in the compose `ha` profile), or none.
+    password: str | None = None
     data_ports: list[int] = field(default_factory=list)  # [first primary, first replica]
     sentinel_ports: list[int] = field(default_factory=list)
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -64,14 +66,18 @@ class SentinelCluster:
     @property
     def url(self) -> str:
         """``MASACTRL_REDIS_URL`` (its host and port are ignored once sentinels are set)."""
-        return "redis://127.0.0.1:1/0"
+        credentials = f":{self.password}@" if self.password else ""
+        return f"redis://{credentials}127.0.0.1:1/0"
 
     def environment(self) -> dict[str, str]:
-        return {
+        env = {
             "MASACTRL_REDIS_URL": self.url,
             "MASACTRL_REDIS_SENTINELS": self.sentinels,
             "MASACTRL_REDIS_SENTINEL_MASTER": MASTER_NAME,
         }
+        if self.password:
+            env["MASACTRL_REDIS_SENTINEL_PASSWORD"] = self.password
+        return env
 
     def target(self) -> RedisTarget:
         """The store's way to this cluster, as ``CommonSettings.redis_target`` would build it."""
@@ -82,6 +88,7 @@ class SentinelCluster:
             self.url,
             sentinels=parse_sentinels(self.sentinels),
             sentinel_master=MASTER_NAME,
+            sentinel_password=self.password,
             wait_replicas=1,
         )
 
@@ -102,6 +109,8 @@ class SentinelCluster:
         args += ["--repl-diskless-sync-delay", "0"]
         if replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(replica_of)]
+        if self.password:
+            args += ["--requirepass", self.password, "--masterauth", self.password]
         self._spawn(port, args)
 
     def _sentinel(self, port: int, primary: int, replica: int) -> None:
@@ -125,6 +134,9 @@ class SentinelCluster:
             for other in self.sentinel_ports
             if other != port
         ]
+        if self.password:
+            lines += [f"sentinel auth-pass {MASTER_NAME} {self.password}"]
+            lines += [f"requirepass {self.password}"]
         conf.write_text("\n".join(lines) + "\n")
         self._spawn(port, [shutil.which("redis-server") or "redis-server", str(conf), "--sentinel"])
 
@@ -141,11 +153,15 @@ class SentinelCluster:
     def ready(self) -> bool:
         """Each sentinel sees a master, its in-sync replica and the two other sentinels."""
         for port in self.sentinel_ports:
-            state = self._sentinel_client(port).sentinel_master(MASTER_NAME)
+            sentinel = self._sentinel_client(port)
+            try:
+                state = sentinel.sentinel_master(MASTER_NAME)
+            finally:
+                sentinel.close()
             if state["num-other-sentinels"] < 2 or state["num-slaves"] < 1:
                 return False
         master = self.master_port()
-        client = self._data_client(master)
+        client = self.data_client(master)
         try:
             info = client.info("replication")
         finally:
@@ -187,14 +203,17 @@ class SentinelCluster:
             process.wait(10)
         self.processes.clear()
 
-    @staticmethod
-    def _sentinel_client(port: int):  # type: ignore[no-untyped-def]
+    def _sentinel_client(self, port: int):  # type: ignore[no-untyped-def]
         import redis
 
-        return redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+        return redis.Redis(
+            port=port, password=self.password, socket_timeout=1, decode_responses=True
+        )
 
-    @staticmethod
-    def _data_client(port: int):  # type: ignore[no-untyped-def]
+    def data_client(self, port: int):  # type: ignore[no-untyped-def]
+        """A plain client of one data node (to look behind the store's back)."""
         import redis
 
-        return redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+        return redis.Redis(
+            port=port, password=self.password, socket_timeout=1, decode_responses=True
+        )

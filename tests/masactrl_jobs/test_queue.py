@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import redis
 
 from masactrl_jobs.queue import RUN_JOB_TASK, TaskMessages, broker_of, make_celery, queue_name
 from masactrl_jobs.settings import CommonSettings, load_settings
@@ -52,9 +51,16 @@ def test_a_sentinel_target_becomes_kombus_sentinel_broker() -> None:
     app = make_celery(target, visibility_timeout=60)
     transport = app.conf.broker_transport_options
     assert transport["master_name"] == "masactrl" and transport["visibility_timeout"] == 60
+    # The sentinels themselves get the password and the timeouts, never the master's password.
+    assert transport["sentinel_kwargs"] == {
+        "password": "sentinel-secret",
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": 10.0,
+    }
     assert broker_of(RedisTarget("redis://h:6379/0")) == ("redis://h:6379/0", {})
 
 
+@pytest.mark.parametrize("sentinel_cluster", [None, "a-redis-password"], indirect=True)
 def test_celery_publishes_to_the_master_sentinel_names(sentinel_cluster: SentinelCluster) -> None:
     settings = load_settings(CommonSettings, _env_file=None, environment="development")
     app = make_celery(settings.redis_target)
@@ -62,7 +68,7 @@ def test_celery_publishes_to_the_master_sentinel_names(sentinel_cluster: Sentine
         app.send_task(RUN_JOB_TASK, args=["job-1"], queue=queue_name("sd15"))
     finally:
         app.close()
-    master = redis.Redis(port=sentinel_cluster.master_port())
+    master = sentinel_cluster.data_client(sentinel_cluster.master_port())
     try:
         assert master.llen(queue_name("sd15")) == 1
     finally:

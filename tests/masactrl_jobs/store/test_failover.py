@@ -97,6 +97,8 @@ def wait_until_answers(ping: object, timeout: float) -> float:
     raise TimeoutError(f"the store did not reach the new master within {timeout} s")
 
 
+# With a password, every node and sentinel requires it (as in the compose `ha` profile).
+@pytest.mark.parametrize("sentinel_cluster", [None, "a-redis-password"], indirect=True)
 def test_a_failover_loses_no_job_and_keeps_leases_and_fencing(
     sentinel_cluster: SentinelCluster,
 ) -> None:
