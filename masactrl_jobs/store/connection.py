@@ -169,9 +169,14 @@ class ReplicaWait:
         return ("WAIT", self.replicas, self.timeout_ms)
 
     def acknowledged(self, replicas: Any) -> None:
-        """Record a WAIT's reply: fewer replicas than asked logs, and pauses waiting a while."""
-        if int(replicas) >= self.replicas:
+        """Record a WAIT's reply: fewer replicas than asked logs, and pauses waiting a while.
+
+        An error reply (a node that refuses WAIT) counts as no replica: the write itself was
+        answered on its own, and is not failed for what its wait could not tell.
+        """
+        if not isinstance(replicas, Exception) and int(replicas) >= self.replicas:
             return
+        replicas = 0 if isinstance(replicas, Exception) else replicas
         self._skip_until = time.monotonic() + UNREPLICATED_BACKOFF_SECONDS
         logger.warning(
             "a job write reached %s of %s replicas within %s ms (a failover now could lose it); "

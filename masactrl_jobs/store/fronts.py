@@ -85,8 +85,11 @@ class JobStore(_Store, SyncRunner):
                 with self.redis.pipeline(transaction=False) as pipe:
                     script(keys=list(call.keys), args=list(call.args), client=pipe)
                     pipe.execute_command(*self.replica_wait.command())  # type: ignore[no-untyped-call]
-                    reply, acknowledged = pipe.execute()
+                    # The script's error is the caller's; WAIT's only the log's.
+                    reply, acknowledged = pipe.execute(raise_on_error=False)
                 self.replica_wait.acknowledged(acknowledged)
+                if isinstance(reply, Exception):
+                    raise reply
                 return call.parse(reply)
             return call.parse(script(keys=list(call.keys), args=list(call.args), client=self.redis))
         if not call.args:

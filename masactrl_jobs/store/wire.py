@@ -132,7 +132,12 @@ class AutoPipeline:
                 # Redis restarted or was flushed: this call loads the script and runs again.
                 if wait and call.durable:
                     script = self.scripts[call.script]  # type: ignore[index]
-                    await self.client.script_load(script.script)
+                    try:
+                        await self.client.script_load(script.script)
+                    except Exception as exc:
+                        if not future.done():
+                            future.set_exception(exc)
+                        continue
                     await self._send([(call, future)])
                 else:
                     await self._run_one(call, future)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from masactrl_jobs.schema import ControlInput, JobInput, JobKind, JobStatus
 from masactrl_jobs.settings import CommonSettings, load_settings
@@ -199,3 +200,14 @@ def test_a_durable_write_no_replica_acknowledges_is_done_and_logged(
         assert len(warnings) == (3 if backoff == 0 else 2)
     finally:
         store.close()
+
+
+def test_a_wait_that_errors_counts_as_no_replica(caplog: pytest.LogCaptureFixture) -> None:
+    replica_wait = connection.ReplicaWait(RedisTarget("redis://x", wait_replicas=1))
+    assert replica_wait.wanted()
+    replica_wait.acknowledged(1)
+    assert replica_wait.wanted() and not caplog.records
+    with caplog.at_level("WARNING", logger="masactrl_jobs.store.connection"):
+        replica_wait.acknowledged(redis.exceptions.ResponseError("WAIT cannot be used here"))
+    assert "reached 0 of 1 replicas" in caplog.text
+    assert not replica_wait.wanted()  # paused for the back-off
