@@ -17,7 +17,12 @@ machine and on loopback only. Then, one after another, each fault hits a batch o
   delivery timeout, then recovers; every job's terminal webhook must still arrive;
 - ``worker_stalled_past_lease``: the worker running a job is frozen (SIGSTOP) past its lease
   while the other worker takes the job over, then thawed (SIGCONT); the late worker must neither
-  end the job nor delete its results.
+  end the job nor delete its results;
+- ``redis_failover``: on a second stack whose Redis is Sentinel-managed (1 primary, 1 replica,
+  3 sentinels; ``tests/sentinel_cluster.py``), the primary is killed (SIGKILL) with jobs queued,
+  one running under its lease and webhooks being delivered; Sentinel promotes the replica and
+  every process must follow it. Its row also says how many seconds after the kill the gateway
+  accepted a submission again (``recovery s``).
 
 Per fault it prints submitted / succeeded / failed-as-expected / lost (not ended in time, or its
 terminal webhook never arrived) / run twice (more than one terminal event, or more than one
@@ -63,6 +68,7 @@ from bench.service import (  # noqa: E402 (needs the path above)
     stop,
     wait_until,
 )
+from tests.sentinel_cluster import SentinelCluster  # noqa: E402 (the tests' launcher, shared)
 
 FAULTS = (
     "worker_sigkill",
@@ -70,7 +76,10 @@ FAULTS = (
     "storage_outage",
     "webhook_failing_then_hanging",
     "worker_stalled_past_lease",
+    "redis_failover",
 )
+# Faults that need the Sentinel-managed stack; the others share the plain one.
+SENTINEL_FAULTS = ("redis_failover",)
 RECOVERY_SECONDS = 6.0  # lease 3 s, janitor every 1.5 s
 WEBHOOK_TIMEOUT_SECONDS = 1.0
 STEP_DELAY_SECONDS = 0.1
@@ -131,16 +140,20 @@ class Tally:
     failed_as_expected: int = 0
     lost: int = 0
     run_twice: int = 0
+    recovery_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
 class Stack:
     """The processes under test, their logs, and the client that drives them."""
 
-    def __init__(self, workdir: Path, checkpoint: Path, steps: int) -> None:
+    def __init__(
+        self, workdir: Path, checkpoint: Path, steps: int, *, sentinel: bool = False
+    ) -> None:
         self.workdir = workdir
         self.steps = steps
         self.storage = workdir / "storage"
+        self.cluster = SentinelCluster(workdir) if sentinel else None
         self.redis_port = free_port()
         self.port = free_port()
         self.receiver = Receiver()
@@ -171,6 +184,7 @@ class Stack:
             "MASACTRL_WEBHOOK_RETRY_JITTER": "0",
             "MASACTRL_WEBHOOK_SCHEDULER_INTERVAL_SECONDS": "0.2",
         }
+        workdir.mkdir(parents=True, exist_ok=True)
         self.client = httpx.Client(
             base_url=f"http://127.0.0.1:{self.port}",
             headers={"Authorization": f"Bearer {API_KEY}"},
@@ -183,6 +197,10 @@ class Stack:
         self.processes[name] = start(name, args, self.env, self.workdir)
 
     def start_redis(self) -> None:
+        if self.cluster is not None:
+            self.cluster.start()
+            self.env.update(self.cluster.environment())
+            return
         redis_server = shutil.which("redis-server") or "redis-server"
         args = [redis_server, "--port", str(self.redis_port), "--bind", "127.0.0.1"]
         args += ["--dir", str(self.workdir), "--appendonly", "yes", "--save", ""]
@@ -246,25 +264,39 @@ class Stack:
                 os.killpg(process.pid, signal.SIGTERM)
         for process in running:
             stop(process)  # waits for the exit, and kills what does not exit in time
+        if self.cluster is not None:
+            self.cluster.stop()
         self.client.close()
         self.receiver.server.shutdown()
 
     # -- jobs --------------------------------------------------------------------------------
 
     def submit(self, count: int, seed: int) -> list[str]:
-        body = {
-            "source_prompt": "a photo of a cat",
-            "target_prompts": ["a photo of a dog"],
-            "steps": self.steps,
-            "webhook": {"url": self.receiver.url, "events": ["completed"]},
-        }
         ids = []
         for n in range(count):
-            response = self.client.post("/v1/syntheses", json={**body, "seed": seed + n})
+            response = self._post_synthesis(seed + n)
             if response.status_code != 202:
                 raise RuntimeError(f"submission refused: {response.status_code} {response.text}")
             ids.append(response.json()["id"])
         return ids
+
+    def _post_synthesis(self, seed: int) -> httpx.Response:
+        body = {
+            "source_prompt": "a photo of a cat",
+            "target_prompts": ["a photo of a dog"],
+            "steps": self.steps,
+            "seed": seed,
+            "webhook": {"url": self.receiver.url, "events": ["completed"]},
+        }
+        return self.client.post("/v1/syntheses", json=body)
+
+    def try_submit(self, seed: int) -> str | None:
+        """One job's id, or None while the gateway refuses it (a 503 during an outage)."""
+        try:
+            response = self._post_synthesis(seed)
+        except httpx.TransportError:
+            return None
+        return response.json()["id"] if response.status_code == 202 else None
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         try:
@@ -276,6 +308,8 @@ class Stack:
     def store(self) -> JobStore:
         from masactrl_jobs.store import JobStore
 
+        if self.cluster is not None:
+            return JobStore.from_url(self.cluster.target())
         return JobStore.from_url(self.env["MASACTRL_REDIS_URL"])
 
     def worker_of(self, job_id: str) -> str:
@@ -407,12 +441,33 @@ def worker_stalled_past_lease(stack: Stack, ids: list[str], wait: float) -> None
     time.sleep(RECOVERY_SECONDS / 2)  # let the thawed worker try to finish, and be refused
 
 
-RUNS: dict[str, Callable[[Stack, list[str], float], None]] = {
+def redis_failover(stack: Stack, ids: list[str], wait: float) -> float:
+    """Kill the Redis primary mid-run; the seconds until the gateway accepts a job again.
+
+    The job accepted first after the kill joins ``ids``: it must end exactly once too.
+    """
+    assert stack.cluster is not None
+    stack.running_job(ids, 3, wait)  # a lease held, the other jobs queued
+    old = stack.cluster.kill_master()
+    killed = time.monotonic()
+    # Submissions fail (503) until the sentinels agree and the gateway dials the new master.
+    while (job_id := stack.try_submit(seed=999)) is None:
+        if time.monotonic() - killed > wait:
+            raise TimeoutError(f"the gateway did not accept a job within {wait:g} s of the kill")
+        time.sleep(0.1)
+    recovered = time.monotonic() - killed
+    ids.append(job_id)
+    stack.cluster.wait_for_failover(old, wait)
+    return recovered
+
+
+RUNS: dict[str, Callable[[Stack, list[str], float], float | None]] = {
     "worker_sigkill": worker_sigkill,
     "redis_restart": redis_restart,
     "storage_outage": storage_outage,
     "webhook_failing_then_hanging": webhook_failing_then_hanging,
     "worker_stalled_past_lease": worker_stalled_past_lease,
+    "redis_failover": redis_failover,
 }
 # The stall needs both workers, so it runs before the kill takes one away.
 ORDER = (
@@ -421,21 +476,49 @@ ORDER = (
     "storage_outage",
     "webhook_failing_then_hanging",
     "worker_sigkill",
+    "redis_failover",
 )
 
 
 def print_table(tallies: list[Tally], started: float) -> None:
-    header = ("fault", "submitted", "succeeded", "failed as expected", "lost", "run twice")
+    header = (
+        "fault",
+        "submitted",
+        "succeeded",
+        "failed as expected",
+        "lost",
+        "run twice",
+        "recovery s",
+    )
     print("| " + " | ".join(header) + " |")
     print("|---|" + "---:|" * (len(header) - 1))
     for t in tallies:
-        cells = (t.submitted, t.succeeded, t.failed_as_expected, t.lost, t.run_twice)
+        recovery = "-" if t.recovery_seconds is None else f"{t.recovery_seconds:.1f}"
+        cells = (t.submitted, t.succeeded, t.failed_as_expected, t.lost, t.run_twice, recovery)
         print(f"| {t.fault} | " + " | ".join(str(c) for c in cells) + " |")
     total = [sum(getattr(t, f) for t in tallies) for f in ("lost", "run_twice")]
     print(f"\ntotal lost {total[0]}, run twice {total[1]}; {time.monotonic() - started:.0f} s")
     for t in tallies:
         for note in t.notes:
             print(f"  {t.fault}: {note}")
+
+
+def run_faults(
+    stack: Stack, faults: list[str], jobs: int, wait: float, tallies: list[Tally]
+) -> None:
+    """Start ``stack``, run each fault on a fresh batch of jobs (tallied), then stop it."""
+    started = time.monotonic()
+    try:
+        stack.start_all()
+        kind = "Sentinel" if stack.cluster else "plain"
+        print(f"{kind} stack up in {time.monotonic() - started:.0f} s", flush=True)
+        for fault in faults:
+            ids = stack.submit(jobs, ORDER.index(fault) * 100)
+            recovery = RUNS[fault](stack, ids, wait)
+            tallies.append(stack.settle(fault, ids, wait))
+            tallies[-1].recovery_seconds = recovery
+    finally:
+        stack.stop_all()
 
 
 def main() -> int:
@@ -453,22 +536,24 @@ def main() -> int:
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="masactrl-chaos-"))
     steps = STEPS // 2 if args.quick else STEPS
-    stack = Stack(workdir, write_tiny_checkpoint(workdir / "tiny"), steps)
+    checkpoint = write_tiny_checkpoint(workdir / "tiny")
+    faults = [f for f in ORDER if f in args.faults]
     tallies: list[Tally] = []
     try:
-        stack.start_all()
-        print(f"stack up in {time.monotonic() - started:.0f} s", flush=True)
-        for seed, fault in enumerate(f for f in ORDER if f in args.faults):
-            ids = stack.submit(jobs, seed * 100)
-            RUNS[fault](stack, ids, wait)
-            tallies.append(stack.settle(fault, ids, wait))
+        # One stack on a plain redis-server, one on Sentinel, each only if a fault needs it.
+        for sentinel in (False, True):
+            mine = [f for f in faults if (f in SENTINEL_FAULTS) == sentinel]
+            if mine:
+                home = workdir / ("sentinel" if sentinel else "plain")
+                stack = Stack(home, checkpoint, steps, sentinel=sentinel)
+                run_faults(stack, mine, jobs, wait, tallies)
     finally:
-        stack.stop_all()
         print(f"machine: {machine()}")
         print(
             f"{jobs} job(s) per fault: tiny checkpoint, 64x64, {steps} steps with a "
             f"{STEP_DELAY_SECONDS:g} s step delay; lease {RECOVERY_SECONDS / 2:g} s; "
-            "2 GPU workers, 1 webhook worker, redis-server with AOF, file storage"
+            "2 GPU workers, 1 webhook worker, redis-server with AOF (redis_failover: 1 primary, "
+            "1 replica, 3 sentinels, down after 1 s), file storage"
         )
         print_table(tallies, started)
         if args.keep:

@@ -17,15 +17,20 @@ import base64
 import copy
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from celery import Celery
+
+if TYPE_CHECKING:
+    from masactrl_jobs.store.connection import RedisTarget
 
 __all__ = [
     "DELIVER_WEBHOOK_TASK",
     "RUN_JOB_TASK",
     "WEBHOOK_QUEUE",
     "TaskMessages",
+    "broker_of",
     "enqueue_job",
     "make_celery",
     "queue_name",
@@ -41,8 +46,29 @@ def queue_name(model: str) -> str:
     return f"masactrl.{model}"
 
 
+def broker_of(target: RedisTarget) -> tuple[str, dict[str, Any]]:
+    """The kombu broker URL and transport options that reach ``target``'s Redis.
+
+    With Sentinel: kombu's ``sentinel://host:port;sentinel://host:port/db`` form, each entry with
+    the master's credentials, and the master's name as the ``master_name`` transport option.
+    """
+    if not target.uses_sentinel:
+        return target.url, {}
+    master = target.master_options()
+    user, password = master.get("username") or "", master.get("password") or ""
+    credentials = ""
+    if user or password:
+        credentials = f"{quote(user, safe='')}:{quote(password, safe='')}@"
+    db = int(master.get("db") or 0)
+    url = ";".join(f"sentinel://{credentials}{host}:{port}/{db}" for host, port in target.sentinels)
+    options: dict[str, Any] = {"master_name": target.sentinel_master}
+    if target.sentinel_password:
+        options["sentinel_kwargs"] = {"password": target.sentinel_password}
+    return url, options
+
+
 def make_celery(
-    broker_url: str,
+    broker_url: str | RedisTarget,
     *,
     visibility_timeout: float | None = None,
     connect_timeout: float = 2.0,
@@ -50,15 +76,26 @@ def make_celery(
 ) -> Celery:
     """A Celery app on the Redis broker at ``broker_url``; ``config`` overrides any setting.
 
-    ``visibility_timeout`` matters to consumers only: an unacknowledged message is redelivered
-    after it, so it must exceed the longest job (the workers pass theirs).
+    ``broker_url`` is a URL, or a ``RedisTarget`` (``settings.redis_target``) that may name a
+    Sentinel-managed master. ``visibility_timeout`` matters to consumers only: an unacknowledged
+    message is redelivered after it, so it must exceed the longest job (the workers pass theirs).
     """
-    app = Celery("masactrl", broker=broker_url, set_as_current=False)
-    transport: dict[str, Any] = {
+    transport: dict[str, Any]
+    if isinstance(broker_url, str):
+        url, transport = broker_url, {}
+    else:
+        url, transport = broker_of(broker_url)
+    app = Celery("masactrl", broker=url, set_as_current=False)
+    timeouts = {
         # A dead broker must fail a submission quickly (the gateway answers 503), not hang it.
         "socket_connect_timeout": connect_timeout,
         "socket_timeout": 10.0,
     }
+    transport |= timeouts
+    if "sentinel_kwargs" in transport:
+        # Given sentinel_kwargs, redis-py no longer copies the timeouts to the sentinels: a dead
+        # sentinel must not hang the question "where is the master?" either.
+        transport["sentinel_kwargs"] = {**transport["sentinel_kwargs"], **timeouts}
     if visibility_timeout is not None:
         transport["visibility_timeout"] = visibility_timeout
     app.conf.update(

@@ -11,11 +11,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from masactrl_jobs.store.connection import RedisTarget
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,25 @@ def development_signing_secret(storage_url: str) -> str:
     return hashlib.sha256(f"masactrl development url signing:{storage_url}".encode()).hexdigest()
 
 
+def parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port`` as address pairs; a ValueError that says which entry is wrong."""
+    addresses = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        host, sep, port = entry.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"{entry!r} is not host:port; write a comma-separated list such as "
+                "sentinel-0:26379,sentinel-1:26379"
+            )
+        addresses.append((host, int(port)))
+    if text.strip() and not addresses:
+        raise ValueError(f"{text!r} names no sentinel; write host:port,host:port")
+    return tuple(addresses)
+
+
 class ConfigurationError(ValueError):
     """Settings could not be built; the message lists each problem on its own line."""
 
@@ -87,7 +109,41 @@ class CommonSettings(BaseSettings):
         "production",
         description="`production` refuses unsafe defaults; `development` relaxes them.",
     )
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for jobs and the broker.")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description=(
+            "Redis for jobs and the broker. With sentinels, its db number, user, password and "
+            "scheme (rediss:// for TLS) apply to the master and its host and port are ignored."
+        ),
+    )
+    redis_sentinels: str | None = Field(
+        None,
+        description=(
+            "`host:port,host:port,...` of Redis Sentinels; with `MASACTRL_REDIS_SENTINEL_MASTER`, "
+            "every process follows the master they name (job store and Celery broker)."
+        ),
+    )
+    redis_sentinel_master: str | None = Field(
+        None, description="The master's name in Sentinel (`sentinel monitor <name> ...`)."
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None, description="Password of the sentinels themselves (`requirepass` in sentinel.conf)."
+    )
+    redis_wait_replicas: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description=(
+            "With sentinels: replicas that must acknowledge a job's enqueue, start and end "
+            "(`WAIT`) before the store returns; 0 turns the wait off."
+        ),
+    )
+    redis_wait_timeout_ms: int = Field(
+        500,
+        ge=1,
+        le=60_000,
+        description="How long a write waits for its replicas before going on without them.",
+    )
 
     storage_url: str = Field(
         default_factory=_default_storage_url,
@@ -173,6 +229,9 @@ class CommonSettings(BaseSettings):
     @field_validator(
         "s3_region",
         "s3_access_key_id",
+        "redis_sentinels",
+        "redis_sentinel_master",
+        "redis_sentinel_password",
         "s3_secret_access_key",
         "url_signing_secret",
         "catalog",
@@ -185,6 +244,13 @@ class CommonSettings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value.strip() if isinstance(value, str) else value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _check_sentinels(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return ",".join(f"{host}:{port}" for host, port in parse_sentinels(value))
 
     @model_validator(mode="after")
     def _check_environment_rules(self) -> CommonSettings:
@@ -208,7 +274,32 @@ class CommonSettings(BaseSettings):
                 )
         if self.catalog is not None and self.catalog_file is not None:
             raise ValueError("set MASACTRL_CATALOG or MASACTRL_CATALOG_FILE, not both")
+        if (self.redis_sentinels is None) != (self.redis_sentinel_master is None):
+            given, missing = (
+                ("MASACTRL_REDIS_SENTINELS", "MASACTRL_REDIS_SENTINEL_MASTER")
+                if self.redis_sentinels
+                else ("MASACTRL_REDIS_SENTINEL_MASTER", "MASACTRL_REDIS_SENTINELS")
+            )
+            raise ValueError(
+                f"{given} is set but {missing} is not; Sentinel needs both (the sentinels' "
+                "host:port list and the name of the master they monitor), or neither"
+            )
         return self
+
+    @property
+    def redis_target(self) -> RedisTarget:
+        """Where the job store and the broker find Redis: the URL, or the Sentinel master."""
+        from masactrl_jobs.store.connection import RedisTarget  # redis only where it is used
+
+        password = self.redis_sentinel_password
+        return RedisTarget(
+            url=self.redis_url,
+            sentinels=parse_sentinels(self.redis_sentinels or ""),
+            sentinel_master=self.redis_sentinel_master,
+            sentinel_password=password.get_secret_value() if password else None,
+            wait_replicas=self.redis_wait_replicas if self.redis_sentinels else 0,
+            wait_timeout_ms=self.redis_wait_timeout_ms,
+        )
 
     @property
     def uses_development_signing_secret(self) -> bool:

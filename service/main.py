@@ -122,7 +122,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = AsyncJobStore.from_url(
-            settings.redis_url, retention_seconds=settings.job_retention_seconds
+            settings.redis_target, retention_seconds=settings.job_retention_seconds
         )
         gateway = Gateway(
             settings=settings,

@@ -105,6 +105,31 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     yield redis_server.url
 
 
+@pytest.fixture()
+def sentinel_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[Any]:
+    """A private Sentinel-managed Redis (1 primary, 1 replica, 3 sentinels; see
+    tests/sentinel_cluster.py), with ``MASACTRL_REDIS_*`` set to reach it through the sentinels.
+
+    Parametrize it indirectly with a password to have every node and sentinel require one.
+    """
+    from tests.sentinel_cluster import SentinelCluster
+
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is missing: `make test` installs it (Debian: redis-server)")
+    password = getattr(request, "param", None)
+    cluster = SentinelCluster(tmp_path / "sentinel-cluster", password=password)
+    cluster.workdir.mkdir()
+    try:
+        cluster.start()
+        for name, value in cluster.environment().items():
+            monkeypatch.setenv(name, value)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @dataclass
 class S3Server:
     endpoint_url: str

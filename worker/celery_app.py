@@ -29,7 +29,7 @@ def worker_queue(model: str | None) -> str:
 def create_worker_app(settings: WorkerSettings) -> Celery:
     """A Celery app that consumes with the reliability settings below and knows both tasks."""
     app = make_celery(
-        settings.redis_url,
+        settings.redis_target,
         # Redis redelivers an unacknowledged message after this long: longer than any job may
         # run, or a healthy long job would be started a second time.
         visibility_timeout=settings.visibility_timeout_seconds,

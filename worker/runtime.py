@@ -126,7 +126,7 @@ class WorkerRuntime:
         self.app = config.app
         self.worker_id = new_worker_id(config.entry.name if config.entry else config.role)
         self.store = JobStore.from_url(
-            settings.redis_url, retention_seconds=settings.job_retention_seconds
+            settings.redis_target, retention_seconds=settings.job_retention_seconds
         )
         self.storage: Storage = storage_from_settings(settings)
         self.emitter = Emitter(self.store, self.app, self.render)

@@ -13,6 +13,7 @@ One concern per module:
 - ``operation.py``: how an operation is written once and bound to both front ends.
 - ``operations.py`` and ``worker_operations.py``: the operations.
 - ``wire.py``: batching concurrent script calls into one pipeline (the gateway's fast path).
+- ``connection.py``: where Redis is (a URL or a Sentinel master) and how clients connect and retry.
 - ``fronts.py``: :class:`JobStore` and :class:`AsyncJobStore`.
 """
 

@@ -25,12 +25,16 @@ class Call(Generic[T]):
     """A script (by name) or a raw command (``script`` None), and how to read its reply.
 
     A raw command with no arguments needs no round trip: its result is ``parse(None)``.
+    ``durable`` marks the writes a failover must not lose (a job's enqueue, start, end and
+    requeue): with replicas to wait for, the front ends follow them with ``WAIT`` on the same
+    connection (see ``fronts.py``).
     """
 
     script: str | None
     keys: Sequence[str]
     args: Sequence[Any]
     parse: Callable[[Any], T]
+    durable: bool = False
 
 
 class SyncRunner:

@@ -144,7 +144,13 @@ class JobOperations:
             *_pairs(fields),
         ]
         keys = [k.job(job_id), k.events(job_id), k.running, k.expiry, k.lease(job_id)]
-        return Call("finish", keys, args, lambda r: FinishResult(text(r[0]), text(r[1]) or None))
+        return Call(
+            "finish",
+            keys,
+            args,
+            lambda r: FinishResult(text(r[0]), text(r[1]) or None),
+            durable=True,
+        )
 
     @operation
     def ping(self) -> Call[bool]:
@@ -255,7 +261,7 @@ class JobOperations:
             record.queue_position = int(value) + 1
             return CreateResult("created", job_id=job_id, request_hash=request_hash, record=record)
 
-        return Call("create", keys, args, parse)
+        return Call("create", keys, args, parse, durable=True)
 
     @operation
     def get(self, job_id: str) -> Call[JobRecord | None]:
@@ -310,7 +316,13 @@ class JobOperations:
             k.queue_prefix,
         ]
         keys = [k.job(job_id), k.events(job_id), k.running, k.expiry, k.lease(job_id)]
-        return Call("cancel", keys, args, lambda r: CancelResult(text(r[0]), text(r[1]) or None))
+        return Call(
+            "cancel",
+            keys,
+            args,
+            lambda r: CancelResult(text(r[0]), text(r[1]) or None),
+            durable=True,
+        )
 
     @operation
     def start(self, job_id: str, worker_id: str, now: float | None = None) -> Call[StartResult]:
@@ -326,7 +338,7 @@ class JobOperations:
 
         args = [repr(now), int(now * 1000), worker_id, self.events_maxlen, k.queue_prefix]
         keys = [k.job(job_id), k.events(job_id), k.running, k.taken]
-        return Call("start", keys, args, parse)
+        return Call("start", keys, args, parse, durable=True)
 
     @operation
     def progress(

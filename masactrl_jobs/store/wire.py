@@ -8,8 +8,13 @@ goes out as a plain ``EVALSHA`` through redis-py's script object. The commands a
 was the largest single cost of a submission (bench/gateway.py). Connections, the reply parser and
 error replies remain redis-py's, through its public connection interface.
 
-A script Redis no longer has (a restart, ``SCRIPT FLUSH``) answers ``NOSCRIPT``; that call is
-then run alone, which loads the script and runs it again.
+A script Redis no longer has (a restart, a failover to a replica, ``SCRIPT FLUSH``) answers
+``NOSCRIPT``; that call is then run alone, which loads the script and runs it again.
+
+A batch that meets a stale connection (Redis restarted, or the master moved) is sent once more on
+a fresh one, with the client's own retry policy, as redis-py does for its pipelines. A batch that
+holds a durable call (``Call.durable``) ends with ``WAIT`` when the target asks for replica
+acknowledgements (see ``fronts.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import redis.asyncio
 import redis.exceptions
 from redis.commands.core import AsyncScript
 
+from masactrl_jobs.store.connection import ReplicaWait
 from masactrl_jobs.store.operation import Call
 
 __all__ = ["AutoPipeline", "pack_command"]
@@ -57,9 +63,15 @@ def pack_command(chunks: list[bytes], args: Sequence[Any]) -> None:
 class AutoPipeline:
     """Runs script calls, batching those made in the same event-loop iteration."""
 
-    def __init__(self, client: redis.asyncio.Redis, scripts: Mapping[str, AsyncScript]) -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        scripts: Mapping[str, AsyncScript],
+        replica_wait: ReplicaWait | None = None,
+    ) -> None:
         self.client = client
         self.scripts = scripts
+        self.replica_wait = replica_wait
         self._pending: list[_Pending] = []
         self._flushing: set[asyncio.Task[None]] = set()
 
@@ -99,11 +111,17 @@ class AutoPipeline:
                 future.set_result(result)
 
     async def _send(self, batch: list[_Pending]) -> None:
-        if len(batch) == 1:
+        replica_wait = self.replica_wait
+        wait = (
+            replica_wait is not None
+            and any(call.durable for call, _ in batch)
+            and replica_wait.wanted()
+        )
+        if len(batch) == 1 and not wait:
             await self._run_one(*batch[0])
             return
         try:
-            replies = await self._pipeline(batch)
+            replies = await self._pipeline(batch, wait)
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
@@ -112,7 +130,17 @@ class AutoPipeline:
         for (call, future), reply in zip(batch, replies, strict=True):
             if isinstance(reply, redis.exceptions.NoScriptError):
                 # Redis restarted or was flushed: this call loads the script and runs again.
-                await self._run_one(call, future)
+                if wait and call.durable:
+                    script = self.scripts[call.script]  # type: ignore[index]
+                    try:
+                        await self.client.script_load(script.script)
+                    except Exception as exc:
+                        if not future.done():
+                            future.set_exception(exc)
+                        continue
+                    await self._send([(call, future)])
+                else:
+                    await self._run_one(call, future)
             elif future.done():
                 continue  # the caller went away (request cancelled)
             elif isinstance(reply, Exception):
@@ -123,26 +151,42 @@ class AutoPipeline:
                 except Exception as exc:
                     future.set_exception(exc)
 
-    async def _pipeline(self, batch: list[_Pending]) -> list[Any]:
-        """EVALSHA every call in one write, then read the replies in order."""
+    async def _pipeline(self, batch: list[_Pending], wait: bool) -> list[Any]:
+        """EVALSHA every call in one write (then WAIT if asked), and read the replies in order."""
         chunks: list[bytes] = []
         for call, _ in batch:
             sha = self.scripts[call.script].sha  # type: ignore[index]
             pack_command(chunks, ("EVALSHA", sha, len(call.keys), *call.keys, *call.args))
+        if wait:
+            assert self.replica_wait is not None
+            pack_command(chunks, self.replica_wait.command())
+        packed, count = b"".join(chunks), len(batch) + wait
         pool = self.client.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await connection.send_packed_command(b"".join(chunks))
-            return await _read_replies(connection, len(batch))
-        except TimeoutError:
+
+        async def send() -> list[Any]:
+            try:
+                await connection.send_packed_command(packed)
+                return await _read_replies(connection, count)
+            except TimeoutError:
+                raise redis.exceptions.TimeoutError("Timeout reading from Redis") from None
+
+        async def drop(error: Exception) -> None:
+            # Unread replies would desynchronise the connection for its next user; a stale one
+            # must be dialled again (with Sentinel: to wherever the master now is).
             await connection.disconnect()
-            raise redis.exceptions.TimeoutError("Timeout reading from Redis") from None
+
+        try:
+            replies: list[Any] = await connection.retry.call_with_retry(send, drop)
         except BaseException:
-            # Unread replies would desynchronise the connection for its next user.
             await connection.disconnect()
             raise
         finally:
             await pool.release(connection)
+        if wait:
+            assert self.replica_wait is not None
+            self.replica_wait.acknowledged(replies.pop())
+        return replies
 
 
 async def _read_reply(connection: Any, timeout: float | None) -> Any:

@@ -132,7 +132,7 @@ class WorkerOperations:
         k = self.keys
         keys = [k.job(job_id), k.events(job_id), k.lease(job_id), k.running, k.taken, message[0]]
         args = [job_id, _ms(now - older_than), k.queue_prefix, self.events_maxlen, message[1]]
-        return Call("requeue", keys, args, lambda r: int(text(r[0])) if r else None)
+        return Call("requeue", keys, args, lambda r: int(text(r[0])) if r else None, durable=True)
 
     # -- the worker registry ---------------------------------------------------------------
 

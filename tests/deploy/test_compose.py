@@ -34,7 +34,11 @@ from tests.deploy.manifests import (
 )
 from worker.config import WorkerSettings
 
-SERVICES = {"redis", "minio", "minio-init", "gateway", "worker-sd15", "worker-webhooks"}
+BASE_SERVICES = {"redis", "minio", "minio-init", "gateway", "worker-sd15", "worker-webhooks"}
+# The `ha` profile: a Redis replica and three Sentinels.
+SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
+HA_SERVICES = {"redis-replica", *SENTINELS}
+SERVICES = BASE_SERVICES | HA_SERVICES
 APP_SERVICES = ("gateway", "worker-sd15", "worker-webhooks")
 # The settings class each service's process builds from its environment.
 SETTINGS: dict[str, type[CommonSettings]] = {
@@ -42,7 +46,7 @@ SETTINGS: dict[str, type[CommonSettings]] = {
     "worker-sd15": WorkerSettings,
     "worker-webhooks": WorkerSettings,
 }
-LONG_RUNNING = ("redis", "minio", *APP_SERVICES)
+LONG_RUNNING = ("redis", "minio", *APP_SERVICES, *sorted(HA_SERVICES))
 # Variables that hold credentials: each must be required (${VAR:?...}) with no default.
 SECRET_VARIABLES = {
     "REDIS_PASSWORD",
@@ -90,7 +94,12 @@ def rendered(env: dict[str, str]) -> dict[str, Any]:
 
 def test_services(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == SERVICES
-    assert set(compose["volumes"]) == {"redis-data", "minio-data", "model-cache"}
+    volumes = {"redis-data", "redis-replica-data", "minio-data", "model-cache"}
+    assert set(compose["volumes"]) == volumes
+    # Only the `ha` services are in a profile: a plain `docker compose up` runs what it did.
+    profiled = {name for name, spec in compose["services"].items() if "profiles" in spec}
+    assert profiled == HA_SERVICES
+    assert all(compose["services"][name]["profiles"] == ["ha"] for name in HA_SERVICES)
 
 
 def test_redis_persists_with_aof_and_has_a_healthcheck(compose: dict[str, Any]) -> None:
@@ -193,6 +202,8 @@ def test_every_depends_on_names_a_condition(compose: dict[str, Any]) -> None:
 # Where each service must write despite its read-only root (volumes aside).
 TMPFS = {
     "redis": set(),
+    "redis-replica": set(),
+    **{name: {"/tmp"} for name in SENTINELS},  # Sentinel rewrites its configuration file
     "minio": {"/tmp", "/root/.minio"},
     "minio-init": {"/tmp", "/root/.mc"},
     "gateway": {"/tmp"},
@@ -276,9 +287,11 @@ def test_secret_environment_values_are_required_references(compose: dict[str, An
                     assert ref.name in SECRET_VARIABLES, (name, key, ref.name)
                     assert ref.operator == ":?", (name, key, ref.text)
             checked += 1
-    # 3 app services x 4 shared (Redis URL, S3 key pair, signing secret), the gateway's API keys,
-    # HF_TOKEN, REDISCLI_AUTH, MinIO's root pair, minio-init's root pair and service key pair.
-    assert checked == 3 * 4 + 1 + 1 + 1 + 2 + 4
+    # 3 app services x 5 shared (Redis URL, sentinel password, S3 key pair, signing secret), the
+    # gateway's API keys, HF_TOKEN, REDISCLI_AUTH of the 5 Redis nodes (primary, replica,
+    # sentinels), the sentinels' password, MinIO's root pair, minio-init's root pair and service
+    # key pair.
+    assert checked == 3 * 5 + 1 + 1 + 5 + 3 + 2 + 4
 
 
 def test_no_secret_variable_has_a_default_anywhere(compose: dict[str, Any]) -> None:
@@ -382,3 +395,57 @@ def test_images_are_pinned(compose: dict[str, Any], service: str) -> None:
     if "build" not in compose["services"][service]:
         # Third-party images: an exact release, not a moving major/minor tag.
         assert digest or re.search(r"\d+\.\d+\.\d+|RELEASE\.\d{4}-\d\d-\d\dT", tag), image
+
+
+def sentinel_config(compose: dict[str, Any], name: str) -> list[list[str]]:
+    """The configuration lines a sentinel's start-up script writes, split into words."""
+    script = compose["services"][name]["command"][0]
+    body = script.split("<<EOF\n", 1)[1].split("\nEOF", 1)[0]
+    return [line.split() for line in body.splitlines()]
+
+
+def test_ha_profile_a_replica_and_three_sentinels_watch_the_primary(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    replica = services["redis-replica"]["command"]
+    assert redis_option(replica, "--replicaof") == "redis"
+    assert replica[replica.index("--replicaof") + 2] == "6379"
+    # The replica may become the master: the primary's persistence and memory policy, and both
+    # nodes authenticate to whichever is master.
+    primary = services["redis"]["command"]
+    for option in ("--appendonly", "--appendfsync", "--maxmemory", "--maxmemory-policy"):
+        assert redis_option(replica, option) == redis_option(primary, option), option
+    for command in (primary, replica):
+        assert redis_option(command, "--masterauth") == "${REDIS_PASSWORD:?Variable not set}"
+    for name in SENTINELS:
+        config = sentinel_config(compose, name)
+        monitor = next(line for line in config if line[:2] == ["sentinel", "monitor"])
+        assert monitor[2:] == ["masactrl", "redis", "6379", "2"]  # quorum 2 of 3
+        assert ["sentinel", "auth-pass", "masactrl", "$$REDIS_PASSWORD"] in config
+        assert ["requirepass", "$$REDIS_PASSWORD"] in config
+        assert services[name]["command"][0].rstrip().endswith("--sentinel")
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_ha_profile_points_every_process_at_the_sentinels(
+    service: str, env_example: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The values .env.example gives for the profile, in its comments.
+    text = (REPO / ".env.example").read_text()
+    sentinels = re.search(r"#\s+MASACTRL_REDIS_SENTINELS=(\S+)", text)
+    master = re.search(r"#\s+MASACTRL_REDIS_SENTINEL_MASTER=(\S+)", text)
+    assert sentinels and master
+    env = {**real_secrets(), "MASACTRL_REDIS_SENTINELS": sentinels[1]}
+    env["MASACTRL_REDIS_SENTINEL_MASTER"] = master[1]
+    environment = rendered(env)["services"][service]["environment"]
+    target = settings_from_environment(SETTINGS[service], environment, monkeypatch).redis_target
+    assert target.sentinels == tuple((name, 26379) for name in SENTINELS)
+    compose = load_compose()
+    assert target.sentinel_master == sentinel_config(compose, SENTINELS[0])[3][2] == "masactrl"
+    assert target.sentinel_password == env["REDIS_PASSWORD"]
+    assert target.wait_replicas == 1
+    # Without the profile's values, the URL's Redis and no waiting for a replica.
+    environment = rendered(real_secrets())["services"][service]["environment"]
+    plain = settings_from_environment(SETTINGS[service], environment, monkeypatch).redis_target
+    assert plain.sentinels == () and plain.wait_replicas == 0

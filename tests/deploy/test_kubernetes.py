@@ -146,8 +146,9 @@ def test_every_secret_reference_names_a_documented_key(rendered: list[dict[str, 
                 ref = entry.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
                     assert ref["name"] == SECRET and ref["key"] in keys, entry
-                    # Only the optional Hub token may be absent.
-                    assert ref.get("optional", False) == (ref["key"] == "HF_TOKEN"), entry
+                    # Only the Hub token and the sentinels' password may be absent.
+                    optional = ref["key"] in {"HF_TOKEN", "MASACTRL_REDIS_SENTINEL_PASSWORD"}
+                    assert ref.get("optional", False) == optional, entry
                     used.add(ref["key"])
     for auth in by_kind(rendered, "TriggerAuthentication"):
         for ref in auth["spec"]["secretTargetRef"]:

@@ -204,3 +204,51 @@ def test_placeholder_detection() -> None:
     assert is_placeholder_secret("  ")
     assert is_placeholder_secret("<your secret here>")
     assert not is_placeholder_secret(GOOD_SECRET)
+
+
+def test_sentinels_need_a_master_name_and_the_other_way_round() -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        development(redis_sentinels="10.0.0.1:26379")
+    assert "MASACTRL_REDIS_SENTINELS is set but MASACTRL_REDIS_SENTINEL_MASTER is not" in str(
+        raised.value
+    )
+    with pytest.raises(ConfigurationError) as raised:
+        development(redis_sentinel_master="masactrl")
+    assert "MASACTRL_REDIS_SENTINEL_MASTER is set but MASACTRL_REDIS_SENTINELS is not" in str(
+        raised.value
+    )
+
+
+@pytest.mark.parametrize("sentinels", ["sentinel-0", "sentinel-0:port", "a:1,:26379", "a:70000"])
+def test_a_malformed_sentinel_address_is_named(sentinels: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        development(redis_sentinels=sentinels, redis_sentinel_master="masactrl")
+    assert "MASACTRL_REDIS_SENTINELS: " in str(raised.value)
+    assert "is not host:port" in str(raised.value)
+
+
+def test_sentinels_make_a_redis_target_with_the_url_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MASACTRL_REDIS_URL", "redis://:pw@ignored:6379/3")
+    monkeypatch.setenv("MASACTRL_REDIS_SENTINELS", " s0:26379, s1:26380 ,")
+    monkeypatch.setenv("MASACTRL_REDIS_SENTINEL_MASTER", "masactrl")
+    settings = development()
+    assert settings.redis_sentinels == "s0:26379,s1:26380"
+    target = settings.redis_target
+    assert target.sentinels == (("s0", 26379), ("s1", 26380))
+    assert target.sentinel_master == "masactrl"
+    assert target.wait_replicas == 1
+    assert target.master_options() == {"password": "pw", "db": 3}
+    # Without sentinels there is no replica to wait for.
+    monkeypatch.delenv("MASACTRL_REDIS_SENTINELS")
+    monkeypatch.delenv("MASACTRL_REDIS_SENTINEL_MASTER")
+    assert development().redis_target.wait_replicas == 0
+
+
+def test_the_redis_settings_are_documented() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    redis_fields = [name for name in CommonSettings.model_fields if name.startswith("redis_")]
+    assert len(redis_fields) == 6
+    missing = [name for name in redis_fields if f"`MASACTRL_{name.upper()}`" not in text]
+    assert not missing

@@ -60,9 +60,9 @@ class Recording(AutoPipeline):
         super().__init__(*args)
         self.batches: list[int] = []
 
-    async def _pipeline(self, batch: list[Any]) -> list[Any]:
+    async def _pipeline(self, batch: list[Any], wait: bool) -> list[Any]:
         self.batches.append(len(batch))
-        return await super()._pipeline(batch)
+        return await super()._pipeline(batch, wait)
 
 
 def _depth_call(key: str) -> Call[list[int]]:
