@@ -16,7 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from masactrl_jobs.store.connection import RedisTarget
@@ -203,14 +203,14 @@ class SentinelCluster:
             process.wait(10)
         self.processes.clear()
 
-    def _sentinel_client(self, port: int):  # type: ignore[no-untyped-def]
+    def _sentinel_client(self, port: int) -> Any:  # redis.Redis; its replies are loosely typed
         import redis
 
         return redis.Redis(
             port=port, password=self.password, socket_timeout=1, decode_responses=True
         )
 
-    def data_client(self, port: int):  # type: ignore[no-untyped-def]
+    def data_client(self, port: int) -> Any:
         """A plain client of one data node (to look behind the store's back)."""
         import redis
 
