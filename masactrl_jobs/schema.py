@@ -170,8 +170,10 @@ ImageRef = Annotated[
     StringConstraints(min_length=1, max_length=MAX_IMAGE_REF_CHARS),
     Field(
         description=(
-            "A `data:` URL (base64), an `https://` URL fetched by the gateway, or an `s3://` URL "
-            "of an object inside the service's own bucket."
+            "A `data:` URL (base64), an `https://` URL fetched by the gateway, an `s3://` URL "
+            "of an object inside the service's own bucket, or the key of an earlier job's input "
+            "as its job object shows it (`inputs/<sha256>.<ext>`), to run it again without "
+            "sending the bytes."
         ),
         examples=["data:image/png;base64,iVBORw0KGgo..."],
     ),

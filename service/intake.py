@@ -1,4 +1,9 @@
-"""Inputs: resolve a reference (data:, https:, s3:) or an upload, validate it, store it.
+"""Inputs: resolve a reference (data:, https:, s3:, or an earlier input's storage key) or an
+upload, validate it, store it.
+
+An earlier job's input is named by the key its job object shows (``inputs/<sha256>.<ext>``), so
+a client can run a job again without sending the bytes back; the key is content-addressed, so
+naming it proves the caller had the image (or a job that used it).
 
 Reading and validating store nothing; :meth:`RequestIntake.store` runs after every check of the
 request, so nothing a refused request sent outlives it.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -67,6 +73,8 @@ T = TypeVar("T")
 # A fetched body stays in memory up to this size, then moves to a temporary file on disk.
 _SPOOL_BYTES = 1024 * 1024
 _CHUNK = 1024 * 1024
+# The storage key of an earlier input, as a job object shows it (``ValidatedImage.key``).
+_INPUT_KEY = re.compile(r"inputs/[0-9a-f]{64}\.(?:png|jpg|webp)")
 
 
 class ImageIntake:
@@ -240,10 +248,14 @@ class RequestIntake:
             data = await self._from_bucket(ref, loc, what)
             self.budget.charge(len(data), loc, what)
             return data, None
+        if not scheme and _INPUT_KEY.fullmatch(ref):
+            data = await self._stored(ref, ref, loc, what)
+            self.budget.charge(len(data), loc, what)
+            return data, None
         raise FieldError(
             loc,
-            f"{what} must be a data: URL, an https:// URL or an s3:// URL inside the service's "
-            "bucket",
+            f"{what} must be a data: URL, an https:// URL, an s3:// URL inside the service's "
+            "bucket or an earlier input's key (inputs/<sha256>.<ext>)",
             "invalid_image_reference",
         )
 
@@ -303,6 +315,10 @@ class RequestIntake:
                 "foreign_bucket",
             )
         key = full_key[len(prefix) + 1 :] if prefix else full_key
+        return await self._stored(key, ref, loc, what)
+
+    async def _stored(self, key: str, ref: str, loc: Loc, what: str) -> bytes:
+        """The object at storage ``key`` (which ``ref`` named), or a FieldError."""
         try:
             validate_key(key)
             return await run_in_threadpool(self.shared.storage.get, key)

@@ -17,7 +17,15 @@ const state = {
   loading: new Set(), // preview images being loaded
   sentMasks: [], // the drawn masks of the request being submitted
   masksByJob: new Map(), // job id -> the drawn masks it was sent
+  // The stored inputs of a job reloaded from the history, sent again by their keys
+  // (inputs/<sha256>.<ext>) until the user picks or draws new ones: the job object keeps keys,
+  // not bytes, and the API takes a key back as a reference.
+  reused: { image: null, regions: null, conditionImages: null, frames: null },
 };
+
+// The page's own words for a missing or refused key (the API's sentence is written for curl).
+const NO_KEY = "Enter your API key above to run jobs; make up prints one.";
+const BAD_KEY = "The gateway does not accept this API key; check it above, or use the one make up printed.";
 const painter = new MaskPainter($("mask-canvas"), $("mask-backdrop"));
 
 // -- small helpers ---------------------------------------------------------------------------
@@ -120,7 +128,10 @@ function applyModel() {
 }
 
 async function loadModels() {
-  if (!savedKey()) return;
+  if (!savedKey()) {
+    $("model-info").textContent = "Enter your API key above to list the models.";
+    return;
+  }
   try {
     const list = await call("/v1/models");
     state.models = list.data;
@@ -176,7 +187,8 @@ function placeError(field, node) {
 /** The API's sentence next to the first field it names; other problems next to theirs. */
 function showErrors(error) {
   clearErrors();
-  const message = error instanceof ApiError ? error.message : `The gateway cannot be reached (${error.message}).`;
+  let message = error instanceof ApiError ? error.message : `The gateway cannot be reached (${error.message}).`;
+  if (error instanceof ApiError && error.status === 401) message = savedKey() ? BAD_KEY : NO_KEY;
   const details = error instanceof ApiError ? error.details : [];
   const first = details.length ? fieldFor(details[0].loc) : error.status === 401 ? $("api-key").closest(".field") : null;
   placeError(first, errorNode(message, "error"));
@@ -192,8 +204,12 @@ async function controlBody() {
   const control = { start_step: Number($("start-step").value), start_layer: Number($("start-layer").value) };
   const maskMode = $("mask-mode").value;
   if (maskMode === "manual" && mode() !== "sequence") {
-    control.mask = { mode: "manual", regions: painter.payload() };
-    state.sentMasks = control.mask.regions;
+    if (state.reused.regions) {
+      control.mask = { mode: "manual", regions: state.reused.regions };
+    } else {
+      control.mask = { mode: "manual", regions: painter.payload() };
+      state.sentMasks = control.mask.regions;
+    }
   } else if (maskMode === "auto" && mode() !== "sequence") {
     control.mask = {
       mode: "auto",
@@ -231,7 +247,8 @@ async function requestBody() {
   if (mode() !== "synthesis" && $("anchor-source").checked) body.anchor_source = true;
   if ($("condition-model").value && mode() !== "sequence") {
     const file = $("condition-image").files[0];
-    body.condition = { ...conditionWindow(), images: file ? [await readDataUrl(file)] : [] };
+    const images = file ? [await readDataUrl(file)] : state.reused.conditionImages || [];
+    body.condition = { ...conditionWindow(), images };
   }
   return body;
 }
@@ -242,11 +259,15 @@ async function submitJob() {
   if (mode() === "edit") {
     const file = $("image-input").files[0];
     if (file) body.image = await readDataUrl(file);
+    else if (state.reused.image) body.image = state.reused.image;
     return call("/v1/edits", { method: "POST", json: body });
   }
   // Sequences go as multipart: the frames or the video are files, the rest is the params part.
   body.fps = numberOrUndefined($("fps"));
   body.condition = conditionWindow();
+  const newLayouts = $("frames-input").files.length || $("video-input").files.length;
+  if (!newLayouts && state.reused.frames) body.condition.frames = state.reused.frames;
+  if (!$("image-input").files.length && state.reused.image) body.image = state.reused.image;
   const parts = new FormData();
   parts.append("params", new Blob([JSON.stringify(body)], { type: "application/json" }));
   for (const frame of $("frames-input").files) parts.append("frame", frame, frame.name);
@@ -320,9 +341,20 @@ function showResults(job) {
   for (const image of job.output ? job.output.images : []) {
     const index = (seen[image.role] = (seen[image.role] ?? -1) + 1);
     const label = `${image.role} ${index}${image.prompt ? ` — ${image.prompt}` : ""}`;
+    // The animation plays by itself, muted and looping like its WebP twin, at the images' size.
     const media = image.key.endsWith(".mp4")
-      ? element("video", { src: image.url, controls: "", "aria-label": label })
+      ? element("video", {
+          src: image.url,
+          controls: "",
+          muted: "",
+          loop: "",
+          autoplay: "",
+          playsinline: "",
+          "aria-label": label,
+          "data-testid": "result-video",
+        })
       : element("img", { src: image.url, alt: label, "data-testid": "result-image" });
+    if (media.tagName === "VIDEO") media.muted = true;
     const download = element("a", { href: image.url, download: image.key.split("/").pop(), text: "download" });
     results.append(element("figure", {}, media, element("figcaption", {}, `${label} · `, download)));
   }
@@ -419,6 +451,12 @@ async function follow(job) {
   }
 }
 
+/** Bring the job panel into view: after Run, the form is scrolled down to its button. */
+function showJobPanel() {
+  const still = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+  $("job-panel").scrollIntoView({ behavior: still ? "auto" : "smooth", block: "start" });
+}
+
 async function cancelJob() {
   if (!state.job) return;
   $("cancel").disabled = true;
@@ -450,7 +488,55 @@ function fillForm(job) {
   $("start-layer").value = String(input.control.start_layer);
   $("anchor-source").checked = Boolean(input.anchor_source);
   $("previews").checked = Boolean(input.previews);
+  reuseInputs(input, job.kind);
   syncSliders();
+}
+
+/** Put a reloaded job's stored inputs back in the form, as the keys the API takes back. */
+function reuseInputs(input, kind) {
+  for (const id of ["image-input", "condition-image", "frames-input", "video-input"]) $(id).value = "";
+  showPhoto(null);
+  const mask = input.control.mask || { mode: "none" };
+  const condition = input.condition;
+  state.reused = {
+    image: input.image || null,
+    regions: mask.mode === "manual" && mask.regions ? mask.regions : null,
+    conditionImages: kind !== "sequence" && condition && condition.images.length ? condition.images : null,
+    frames: kind === "sequence" && condition && condition.images.length ? condition.images : null,
+  };
+  $("mask-mode").value = mask.mode;
+  $("mask-mode").dispatchEvent(new Event("change"));
+  $("mask-source-word").value = mask.source_word || "";
+  $("mask-target-word").value = mask.target_word || "";
+  if (condition && [...$("condition-model").options].some((o) => o.value === condition.model)) {
+    $("condition-model").value = condition.model;
+    $("condition-preprocess").value = condition.preprocess;
+    $("condition-scale").value = String(condition.scale);
+    $("condition-start").value = String(condition.start);
+    $("condition-end").value = String(condition.end);
+  } else {
+    $("condition-model").value = "";
+  }
+  $("condition-fields").hidden = !$("condition-model").value;
+  showReused();
+}
+
+/** Say which inputs come from the reloaded job, beside the fields they replace. */
+function showReused() {
+  const notes = [
+    ["drop-zone", state.reused.image, "reused-photo", "Using the photo of the job reloaded from the history; choose a file to replace it."],
+    ["mask-manual", state.reused.regions, "reused-masks", "Using the drawn regions of the job reloaded from the history; drawing or Clear replaces them."],
+  ];
+  for (const [id, reused, testid, text] of notes) {
+    $(id).querySelector(`[data-testid=${testid}]`)?.remove();
+    if (reused) $(id).append(element("p", { class: "hint", "data-testid": testid, text }));
+  }
+}
+
+function forget(what) {
+  if (!state.reused[what]) return;
+  state.reused[what] = null;
+  showReused();
 }
 
 async function loadHistory() {
@@ -533,7 +619,13 @@ function wire() {
     $("seed").value = String(crypto.getRandomValues(new Uint32Array(1))[0]);
   });
   for (const id of ["steps", "start-step", "start-layer"]) $(id).addEventListener("input", syncSliders);
-  $("image-input").addEventListener("change", () => showPhoto($("image-input").files[0]));
+  $("image-input").addEventListener("change", () => {
+    forget("image");
+    showPhoto($("image-input").files[0]);
+  });
+  $("mask-canvas").addEventListener("pointerdown", () => forget("regions"));
+  $("condition-image").addEventListener("change", () => forget("conditionImages"));
+  for (const id of ["frames-input", "video-input"]) $(id).addEventListener("change", () => forget("frames"));
   const zone = $("drop-zone");
   zone.addEventListener("dragover", (event) => {
     event.preventDefault();
@@ -545,6 +637,7 @@ function wire() {
     zone.classList.remove("over");
     if (event.dataTransfer.files.length) {
       $("image-input").files = event.dataTransfer.files;
+      forget("image");
       showPhoto(event.dataTransfer.files[0]);
     }
   });
@@ -578,7 +671,10 @@ function wire() {
     painter.addRegion();
     fillRegionPicker();
   });
-  $("clear-mask").addEventListener("click", () => painter.clear());
+  $("clear-mask").addEventListener("click", () => {
+    forget("regions");
+    painter.clear();
+  });
   $("condition-model").addEventListener("change", () => {
     $("condition-fields").hidden = !$("condition-model").value;
   });
@@ -589,9 +685,15 @@ function wire() {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     clearErrors();
+    if (!savedKey()) {
+      placeError($("api-key").closest(".field"), errorNode(NO_KEY, "error"));
+      $("api-key").focus();
+      return;
+    }
     $("submit").disabled = true;
     try {
       const job = await submitJob();
+      showJobPanel();
       // The job keeps its masks as storage keys; the page shows the ones it drew.
       if (state.sentMasks.length) state.masksByJob.set(job.id, state.sentMasks);
       loadHistory();

@@ -295,6 +295,23 @@ def test_s3_references_refused_with_file_storage(client: TestClient) -> None:
     assert error_of(edit(client, "s3://bucket/inputs/a.png"))["type"] == "foreign_bucket"
 
 
+def test_an_earlier_inputs_key_runs_it_again(client: TestClient, settings: GatewaySettings) -> None:
+    image = png_bytes(30, 30)
+    first = edit(client, data_url(image))
+    assert first.status_code == 202, first.text
+    key = first.json()["input"]["image"]
+    again = edit(client, key)
+    assert again.status_code == 202, again.text
+    assert again.json()["input"]["image"] == key and stored(settings, key) == image
+
+    unknown = edit(client, f"inputs/{hashlib.sha256(b'never sent').hexdigest()}.png")
+    assert error_of(unknown)["type"] == "not_found"
+    assert error_of(unknown)["loc"] == ["body", "image"]
+    # Only an input's key: results, other folders and paths that climb out are no references.
+    for ref in ("results/x/target_0.png", "inputs/../secrets.png", f"{key}.png", "inputs/a.png"):
+        assert error_of(edit(client, ref))["type"] == "invalid_image_reference", ref
+
+
 @pytest.mark.parametrize("backend", ["file", "s3"])
 def test_inputs_and_results_on_both_backends(
     backend: str,

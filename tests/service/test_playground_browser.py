@@ -18,7 +18,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.images import png_bytes
+from tests.images import data_url, png_bytes
 from tests.masactrl_cli.conftest import StackRun, _logs, kill_groups, masactrl, stack_environment
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -341,6 +341,12 @@ def test_a_sequence_of_uploaded_frames_gives_frames_and_an_animation(
     # The source, three frames and the animated WebP as images; the MP4 as a video.
     expect(page.get_by_test_id("result-image")).to_have_count(5)
     expect(page.locator("#results video")).to_have_count(1)
+    # Both animations at the size of the frames beside them, not the video's own 64 px.
+    frame = page.locator("#results img[alt^='frame 0']").bounding_box()
+    webp = page.locator("#results img[alt^='animation']").bounding_box()
+    video = page.locator("#results video").bounding_box()
+    assert frame and webp and video and frame["width"] >= 150
+    assert abs(webp["width"] - frame["width"]) < 1 and abs(video["width"] - frame["width"]) < 1
     job = api(stack).get(f"/v1/jobs/{job_id_of(page)}").json()
     assert job["kind"] == "sequence" and job["input"]["condition"]["preprocess"] == "canny"
     assert [i["role"] for i in job["output"]["images"]].count("frame") == 3
@@ -364,3 +370,120 @@ def test_a_canny_layout_image_shows_its_edges(page: Page) -> None:
           return white > 100 && white < pixels.length / 8;  // edges, not a blank or a copy
         }"""
     )
+
+
+def _scrolled_to_run(page: Page) -> None:
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.get_by_test_id("mode").select_option("synthesis")
+    page.get_by_test_id("previews").uncheck()
+    fill_prompts(page, "a cat sitting", "a cat running")
+    page.get_by_test_id("steps").fill("4")
+    page.get_by_test_id("submit").scroll_into_view_if_needed()
+    expect(page.locator("#job-panel h2")).not_to_be_in_viewport()
+
+
+def test_run_brings_the_job_panel_into_view(page: Page) -> None:
+    _scrolled_to_run(page)
+    page.get_by_test_id("submit").click()
+    expect(page.locator("#job-panel h2")).to_be_in_viewport()
+    wait_until_done(page)
+
+
+def test_run_jumps_to_the_job_panel_when_motion_is_reduced(page: Page) -> None:
+    page.emulate_media(reduced_motion="reduce")
+    _scrolled_to_run(page)
+    page.evaluate(
+        """() => { window.scrolls = [];
+                   addEventListener('scroll', () => window.scrolls.push(scrollY)); }"""
+    )
+    page.get_by_test_id("submit").click()
+    expect(page.locator("#job-panel h2")).to_be_in_viewport()
+    wait_until_done(page)
+    # One jump: the first position scrolled to is already the last (a smooth scroll passes
+    # through positions between).
+    scrolls = page.evaluate("window.scrolls")
+    assert scrolls and scrolls[0] == scrolls[-1], scrolls
+
+
+def test_an_error_on_a_target_prompt_leaves_the_prompt_its_width(
+    page: Page, console: Console
+) -> None:
+    page.get_by_test_id("mode").select_option("synthesis")
+    fill_prompts(page, "a cat sitting", "a cat running", "   ")
+    prompt = page.get_by_test_id("target-prompt").nth(1)
+    before = prompt.bounding_box()
+    console.expected_failures = 1  # the 422
+    page.get_by_test_id("submit").click()
+
+    error = page.locator('[data-field="target_prompts.1"] [data-testid="error"]')
+    expect(error).to_be_visible()
+    after, under = prompt.bounding_box(), error.bounding_box()
+    assert before and after and under and before["width"] > 150
+    assert abs(after["width"] - before["width"]) < 1, (before, after)
+    assert under["y"] >= after["y"] + after["height"] - 1  # on its own line, under the prompt
+
+
+def test_an_edit_reloaded_from_the_history_runs_again_with_its_photo_and_masks(
+    page: Page, stack: StackRun
+) -> None:
+    white = data_url(png_bytes(64, 64, (255, 255, 255)))
+    with api(stack) as client:
+        body = {
+            "image": data_url(png_bytes(64, 64)),
+            "source_prompt": "a photo",
+            "target_prompts": ["a photo in the history"],
+            "steps": 4,
+            "control": {
+                "mask": {"mode": "manual", "regions": [{"source": white, "target": white}]}
+            },
+        }
+        answer = client.post("/v1/edits", json=body)
+        assert answer.status_code == 202, answer.text
+        first = answer.json()
+    page.get_by_role("button", name="Refresh").click()
+    page.locator(f'[data-testid=history-item][data-job-id="{first["id"]}"]').click()
+    expect(page.get_by_test_id("mode")).to_have_value("edit")
+    expect(page.get_by_test_id("reused-photo")).to_be_visible()
+    expect(page.get_by_test_id("mask-mode")).to_have_value("manual")
+    expect(page.get_by_test_id("reused-masks")).to_be_visible()
+    wait_until_done(page)
+
+    page.get_by_test_id("submit").click()
+    page.wait_for_function(
+        "() => document.querySelector('#job-json') && !/" + first["id"] + "/.test("
+        "document.querySelector('#job-json').textContent) && "
+        "document.querySelector('#details').hidden === false",
+        timeout=JOB_TIMEOUT_MS,
+    )
+    wait_until_done(page)
+    again = api(stack).get(f"/v1/jobs/{job_id_of(page)}").json()
+    assert again["id"] != first["id"] and again["kind"] == "edit"
+    assert again["input"]["image"] == first["input"]["image"]
+    assert again["input"]["control"]["mask"] == first["input"]["control"]["mask"]
+
+
+def test_a_missing_or_refused_key_is_said_for_people_on_the_page(
+    browser: Browser, stack: StackRun
+) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    uncaught: list[str] = []
+    page.on("pageerror", lambda error: uncaught.append(str(error)))
+    try:
+        page.goto(f"{stack.api_url}/playground")
+        expect(page.locator("#model-info")).to_have_text(
+            "Enter your API key above to list the models."
+        )
+        fill_prompts(page, "a cat sitting", "a cat running")
+        page.get_by_test_id("submit").click()
+        error = page.locator('[data-field="api_key"] [data-testid="error"]')
+        expect(error).to_have_text("Enter your API key above to run jobs; make up prints one.")
+        expect(page.get_by_test_id("api-key")).to_be_focused()
+
+        page.get_by_test_id("api-key").fill("not-a-key")
+        page.get_by_test_id("api-key").press("Tab")
+        expect(error).to_contain_text("The gateway does not accept this API key")
+        expect(error).not_to_contain_text("Authorization")
+    finally:
+        context.close()
+    assert uncaught == []
