@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,8 @@ def quiet_libraries() -> None:
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
+    # huggingface_hub warns about arguments diffusers passes it: the user can do nothing there.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"huggingface_hub\.")
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()

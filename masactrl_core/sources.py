@@ -140,14 +140,15 @@ def _hub_source(repo_id: str, what: str, marker: str) -> ModelSource:
 def _ask_hub(repo_id: str, marker: str) -> str:
     """``found``, ``unreachable`` or the HTTP status the hub gave: one request, no retries
     (cached: the CLI asks before it loads, the engine again as it loads)."""
-    from huggingface_hub import constants, get_session, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers
+    from huggingface_hub import constants, get_session, get_token, hf_hub_url
 
+    # Only the token: the library's full headers would first fetch its agent registry from the
+    # hub, a second request that an unreachable hub would make wait.
+    token = get_token()
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
         response = get_session().head(
-            hf_hub_url(repo_id, marker),
-            headers=build_hf_headers(),
-            timeout=constants.HF_HUB_ETAG_TIMEOUT,
+            hf_hub_url(repo_id, marker), headers=headers, timeout=constants.HF_HUB_ETAG_TIMEOUT
         )
     except Exception:  # noqa: BLE001 - any transport failure (DNS, refused, timeout) is "no answer"
         return "unreachable"
