@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from masactrl_cli.errors import StackError
+from masactrl_core.sources import looks_like_path
 from masactrl_jobs.catalog import tiny_model_entry
 
 __all__ = ["TINY_CONDITION", "TOY_MODEL", "DevEnv", "bundled", "catalog_entry", "display_path"]
@@ -129,7 +130,7 @@ def catalog_entry(model: str | None, tiny_model: Path) -> dict[str, Any]:
             "source": str(folder.resolve()),
             **_folder_entry(folder),
         }
-    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+    if looks_like_path(model):
         raise StackError(f"MASACTRL_MODEL={model}: no such folder (and not a hub id)")
     lowered = model.lower()
     entry: dict[str, Any] = {

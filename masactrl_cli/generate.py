@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -112,30 +113,17 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _looks_like_path(model: str) -> bool:
-    # Hub ids are "name" or "owner/name"; anything else that names no folder is a missing path.
-    return (
-        model.startswith(("/", ".", "~"))
-        or model.count("/") > 1
-        or "\\" in model
-        or os.sep != "/"
-        and os.sep in model
-    )
+def check_model(model: str, flag: str = "--model", marker: str = "model_index.json") -> None:
+    """Refuse a ``--model`` that cannot be had (a missing path, a folder that is no model, a hub
+    id offline and not cached) in one line, before torch is imported: see masactrl_core.sources.
+    """
+    from masactrl_core.errors import ModelLoadError
+    from masactrl_core.sources import locate_model
 
-
-def check_model(model: str) -> None:
-    """Refuse a local model path that is missing or is not a diffusers folder or checkpoint."""
-    path = Path(model).expanduser()
-    if is_single_file(model):
-        if not path.is_file():
-            raise UsageError(f"checkpoint file {model} does not exist")
-    elif path.exists():
-        if not (path / "model_index.json").is_file():
-            raise UsageError(
-                f"{model} is not a diffusers model folder (it has no model_index.json)"
-            )
-    elif _looks_like_path(model):
-        raise UsageError(f"model folder {model} does not exist")
+    try:
+        locate_model(model, flag, marker)
+    except ModelLoadError as exc:
+        raise UsageError(one_line(exc)) from None
 
 
 def load_image(path: Path, mode: str = "RGB", what: str = "image file") -> Any:
@@ -238,6 +226,8 @@ def quiet_libraries() -> None:
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
+    # huggingface_hub warns about arguments diffusers passes it: the user can do nothing there.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"huggingface_hub\.")
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
@@ -398,6 +388,8 @@ def run(args: argparse.Namespace) -> int:
     condition = condition_options(
         args, targets=len(args.target_prompts), editing=args.command == "edit"
     )
+    if condition is not None:
+        check_model(condition.model, "--condition-model", marker="config.json")
     condition_images = read_condition_images(condition) if condition is not None else None
     prepare_out_dir(args.out)
 

@@ -201,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
     condition = condition_options(args, targets=count, editing=photo is not None, frames=count)
     if condition is None:
         raise UsageError("a sequence needs --condition-model (the frames are its layouts)")
+    check_model(condition.model, "--condition-model", marker="config.json")
     prepare_out_dir(args.out)
     read_seconds = time.perf_counter() - started
 

@@ -67,9 +67,15 @@ def run(args: argparse.Namespace) -> int:
         entry = load_catalog(settings).get(name)
     except (CatalogError, UnknownModel) as exc:
         raise UsageError(str(exc)) from None
+    from masactrl_core.errors import ModelLoadError
     from worker.main import run_gpu_worker
 
     try:
         return run_gpu_worker(settings, entry, loglevel=args.loglevel, hostname=args.hostname)
     except FileNotFoundError as exc:
         raise UsageError(f"model {name}: {exc}") from None
+    except ModelLoadError as exc:
+        # Found before Celery starts. Exit 1, as when the model fails to load in the pool child
+        # (docs/workers.md): the catalog, not the command line, names the missing source.
+        print(f"masactrl worker: error: {exc}", file=sys.stderr)
+        return 1

@@ -54,6 +54,7 @@ from masactrl_core.runs import (
 from masactrl_core.sampler import MasaCtrlSampler, paper_default_control
 from masactrl_core.single_file import is_single_file, load_single_file_pipeline
 from masactrl_core.solvers import PREDICTION_TYPES, Solver
+from masactrl_core.sources import locate_model
 from masactrl_core.weights import refuse_pickle_only, safetensors_only
 
 if TYPE_CHECKING:
@@ -100,12 +101,6 @@ def declared_control(folder: str | os.PathLike[str]) -> ControlConfig | None:
         raise ModelLoadError(
             f"{path} must be JSON with integer start_step and start_layer ({error})"
         ) from error
-
-
-def _looks_like_local_path(model: str) -> bool:
-    # "owner/name" is a hub id; anything rooted, relative or deeper is a folder.
-    windows_separator = os.sep != "/" and os.sep in model
-    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or windows_separator
 
 
 class MasaCtrlEngine:
@@ -165,13 +160,13 @@ class MasaCtrlEngine:
                 model, device=device, dtype=dtype, options=options, allow_pickle=allow_pickle
             )
         device, dtype = _device_and_dtype(device, dtype)
-        if not os.path.exists(model) and _looks_like_local_path(model):
-            raise ModelLoadError(f"model folder {model} does not exist")
-        if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
-            raise ModelLoadError(f"{model} is not a diffusers checkpoint (no model_index.json)")
+        # Refuses a missing path, or a hub id that cannot be had, before diffusers retries.
+        cached_only = locate_model(model).cached_only
         try:
             # diffusers annotates the (config, unused kwargs) pair of return_unused_kwargs=True.
-            config: dict[str, Any] = DiffusionPipeline.load_config(model)  # type: ignore[assignment]
+            config: dict[str, Any] = DiffusionPipeline.load_config(  # type: ignore[assignment]
+                model, local_files_only=cached_only
+            )
         except Exception as error:  # hub or file errors: one sentence for the caller
             raise ModelLoadError(f"cannot load model {model}: {error}") from error
         family = detect_family(config)
@@ -181,7 +176,11 @@ class MasaCtrlEngine:
             refuse_pickle_only(model, f"model {model}")
         try:
             pipeline = backbone.pipeline_class().from_pretrained(
-                model, dtype=dtype, **backbone.load_arguments(), **safetensors_only(allow_pickle)
+                model,
+                dtype=dtype,
+                local_files_only=cached_only,
+                **backbone.load_arguments(),
+                **safetensors_only(allow_pickle),
             )
         except Exception as error:
             raise ModelLoadError(f"cannot load model {model}: {error}") from error
@@ -239,8 +238,7 @@ class MasaCtrlEngine:
         shapes is refused here, before any run. Loading is slow: callers keep the result.
         """
         name = str(path_or_id)
-        if not os.path.exists(name) and _looks_like_local_path(name):
-            raise ModelLoadError(f"condition model folder {name} does not exist")
+        locate_model(name, "condition model", marker="config.json")
         condition = load_condition_model(name, device=self.device, dtype=self.dtype)
         self.backbone.check_condition(condition)
         return condition

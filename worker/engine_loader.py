@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from masactrl_core.sources import locate_local
 from masactrl_jobs.catalog import ModelEntry
 from masactrl_jobs.schema import LoraInput
 from masactrl_jobs.shape import ModelShape
@@ -62,9 +63,14 @@ def _s3_client(settings: WorkerSettings) -> Any:
 
 
 def resolve_source(entry: ModelEntry, settings: WorkerSettings) -> str:
-    """A hub id, local folder or file for ``entry``, downloading an ``s3://`` source first."""
+    """A hub id, local folder or file for ``entry``, downloading an ``s3://`` source first.
+
+    A local source that is missing (or a folder that is no model) raises ``ModelLoadError``
+    here, before Celery starts; a hub id is checked by the engine as it loads.
+    """
     source = entry.source
     if not source.startswith("s3://"):
+        locate_local(source, f"model {entry.name}: source")
         return source
     parts = urlsplit(source)
     target = Path(settings.model_cache_dir).resolve() / entry.name

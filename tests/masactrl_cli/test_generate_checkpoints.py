@@ -83,7 +83,7 @@ def test_single_file_and_adapter_misuse_is_one_line_and_exit_2(
     pickle = tmp_path / "old.ckpt"
     pickle.write_bytes(b"not even a pickle")
     cases = {
-        "checkpoint file /nowhere/model.safetensors does not exist": [
+        "--model /nowhere/model.safetensors: no such file": [
             "--model",
             "/nowhere/model.safetensors",
         ],

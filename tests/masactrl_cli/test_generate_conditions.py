@@ -180,7 +180,7 @@ CASES = [
     ("model without an image", "needs at least one --condition-image"),
     ("family mismatch", "made for sdxl models, but the base model is sd"),
     ("not a condition model", "not a ControlNetModel or T2IAdapter"),
-    ("missing condition model folder", "does not exist"),
+    ("missing condition model folder", "controlnet: no such folder or file"),
     ("start equals end", "start must be less than end"),
     ("start after end", "start must be less than end"),
     ("start below 0", "--condition-start: condition start must be within [0, 1]"),

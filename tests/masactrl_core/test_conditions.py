@@ -413,9 +413,9 @@ def test_family_and_shape_mismatches_are_clear_errors(
 
 
 def test_what_is_not_a_condition_model_is_a_load_error(engine, tmp_path):
-    with pytest.raises(ModelLoadError, match="does not exist"):
+    with pytest.raises(ModelLoadError, match="absent: no such folder or file"):
         engine.load_condition_model(tmp_path / "absent")
     with pytest.raises(ModelLoadError, match="is a UNet2DConditionModel, not a ControlNetModel"):
         engine.load_condition_model(f"{engine.model_name}/unet")
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match="is a folder without config.json"):
         engine.load_condition_model(tmp_path)

@@ -127,3 +127,33 @@ def test_every_worker_setting_is_documented() -> None:
         f"MASACTRL_{name.upper()}" for name in own if f"MASACTRL_{name.upper()}`" not in text
     )
     assert not missing
+
+
+def test_a_worker_whose_model_folder_is_missing_exits_1_in_one_line(tmp_path: Path) -> None:
+    # A real process: the source is checked before Celery starts (no Redis needed, no torch),
+    # so the answer is one sentence and exit 1, not a pool child's traceback.
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(REPO_ROOT),
+        "HOME": str(tmp_path),
+        "HF_HUB_OFFLINE": "1",
+        "MASACTRL_ENVIRONMENT": "development",
+        "MASACTRL_URL_SIGNING_SECRET": "a-test-secret-of-enough-length-for-signing",
+        "MASACTRL_CATALOG": tiny_catalog(tmp_path / "models/gone"),
+    }
+    code = (
+        "import sys\n"
+        "from masactrl_cli.main import main\n"
+        "status = main(['worker', '--model', 'tiny'])\n"
+        "print('torch imported' if 'torch' in sys.modules else 'torch not imported')\n"
+        "sys.exit(status)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.strip() == "torch not imported"
+    assert done.stderr.splitlines() == [
+        f"masactrl worker: error: model tiny: source {tmp_path / 'models/gone'}: "
+        "no such folder or file"
+    ]

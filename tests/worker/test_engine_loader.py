@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from masactrl_core.errors import ModelLoadError
 from masactrl_jobs.catalog import ModelEntry, tiny_model_entry
 from tests.conftest import S3Server
 from worker.config import WorkerSettings
@@ -95,4 +96,13 @@ def test_hub_ids_and_folders_pass_through(tmp_path: Path) -> None:
     assert resolve_source(entry("stable-diffusion-v1-5/stable-diffusion-v1-5"), settings) == (
         "stable-diffusion-v1-5/stable-diffusion-v1-5"
     )
+    (tmp_path / "model_index.json").write_text("{}")
     assert resolve_source(entry(str(tmp_path)), settings) == str(tmp_path)
+
+
+def test_a_missing_local_source_is_refused_before_loading(tmp_path: Path) -> None:
+    settings = WorkerSettings(_env_file=None, environment="development")
+    with pytest.raises(ModelLoadError, match="model tiny: source .*/gone: no such folder or file"):
+        resolve_source(entry(str(tmp_path / "gone")), settings)
+    with pytest.raises(ModelLoadError, match="is a folder without model_index.json"):
+        resolve_source(entry(str(tmp_path)), settings)
