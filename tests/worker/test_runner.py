@@ -208,6 +208,40 @@ def test_synthesis_succeeds_with_results_identical_to_the_engine(
 # --- the exactly-once protocol ------------------------------------------------------------------
 
 
+def test_prompt_words_outside_the_models_vocabulary_are_the_jobs_warnings(
+    make_runner: Callable[..., JobRunner], store: JobStore, tiny_engine: Any
+) -> None:
+    import copy
+
+    from masactrl_core.vocabulary import Vocabulary
+
+    # The tiny engine as if its checkpoint declared a vocabulary (a shallow copy: same weights).
+    engine = copy.copy(tiny_engine)
+    engine.vocabulary = Vocabulary.of(["a", "photo", "of", "cat", "dog"])
+    runner = make_runner(engine=engine)
+
+    unknown = create_job(store, target_prompts=["a photo of a dog", "a house"])
+    assert runner.run(unknown) == "succeeded"
+    record = store.get(unknown)
+    assert record is not None
+    assert record.warnings == engine.vocabulary.warnings([("target_prompts[1]", "a house")])
+    assert record.warnings[0].startswith("target_prompts[1]: the model does not know the word")
+    assert record.to_public(
+        base_url="http://x", url_for=lambda key: key, url_ttl_seconds=60
+    ).warnings == record.warnings
+
+    known = create_job(store)
+    assert runner.run(known) == "succeeded"
+    record = store.get(known)
+    assert record is not None and record.warnings == []
+
+    # A failed job keeps them too: the unknown word may be why the user looks at it.
+    failing = create_job(store, width=72, negative_prompt="blurry")
+    assert runner.run(failing) == "failed"
+    record = store.get(failing)
+    assert record is not None and record.warnings[0].startswith("negative_prompt: ")
+
+
 def test_a_job_cancelled_while_queued_is_dropped_without_reading_anything(
     make_runner: Callable[..., JobRunner], store: JobStore, storage: FileStorage
 ) -> None:
