@@ -226,9 +226,10 @@ def test_prompt_words_outside_the_models_vocabulary_are_the_jobs_warnings(
     assert record is not None
     assert record.warnings == engine.vocabulary.warnings([("target_prompts[1]", "a house")])
     assert record.warnings[0].startswith("target_prompts[1]: the model does not know the word")
-    assert record.to_public(
-        base_url="http://x", url_for=lambda key: key, url_ttl_seconds=60
-    ).warnings == record.warnings
+    assert (
+        record.to_public(base_url="http://x", url_for=lambda key: key, url_ttl_seconds=60).warnings
+        == record.warnings
+    )
 
     known = create_job(store)
     assert runner.run(known) == "succeeded"
