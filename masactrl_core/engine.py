@@ -52,9 +52,9 @@ from masactrl_core.runs import (
     SequenceResult,
 )
 from masactrl_core.sampler import MasaCtrlSampler, paper_default_control
-from masactrl_core.vocabulary import Vocabulary
 from masactrl_core.single_file import is_single_file, load_single_file_pipeline
 from masactrl_core.solvers import PREDICTION_TYPES, Solver
+from masactrl_core.vocabulary import Vocabulary
 from masactrl_core.weights import refuse_pickle_only, safetensors_only
 
 if TYPE_CHECKING:
