@@ -161,6 +161,9 @@ class FailingEngine:
 
     edit = synthesize
 
+    def prompt_warnings(self, prompts: Any) -> list[str]:
+        return []  # a model that declares no vocabulary
+
 
 # --- success, byte-identical to the engine ------------------------------------------------------
 
@@ -446,6 +449,8 @@ def test_a_worker_stalled_past_its_lease_can_neither_end_the_job_nor_delete_its_
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return tiny_engine.synthesize(*args, **kwargs)
 
+        prompt_warnings = tiny_engine.prompt_warnings
+
     late = make_runner(store=frozen, engine=StallingEngine(), worker_id="worker-a")
     outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(late.run(job_id)))
@@ -580,7 +585,10 @@ def test_a_control_beyond_this_workers_model_is_invalid_input(
     # The gateway's catalog may disagree with the model this worker loaded: the worker checks.
     job_id = create_job(store, control=ControlInput(start_step=1, start_layer=16))
     calls: list[Any] = []
-    runner = make_runner(engine=SimpleNamespace(synthesize=lambda *a, **k: calls.append(a)))
+    engine = SimpleNamespace(
+        synthesize=lambda *a, **k: calls.append(a), prompt_warnings=lambda prompts: []
+    )
+    runner = make_runner(engine=engine)
     assert runner.run(job_id) == "failed"
     assert calls == []  # refused before the engine ran
     error = store.get(job_id).error  # type: ignore[union-attr]
