@@ -469,7 +469,8 @@ def finish(
     as_json: bool = False,
     show: bool = True,
 ) -> tuple[int, list[Path]]:
-    """Save a finished job's images, print their paths (or the JSON); 1 unless it succeeded."""
+    """Save a finished job's images, print their paths (or the JSON) and its warnings (on
+    stderr); 1 unless it succeeded."""
     saved: list[Path] = []
     if job.get("status") == "succeeded" and out is not None:
         saved = client.download(job, out)
@@ -478,6 +479,9 @@ def finish(
     elif show and job.get("status") == "succeeded":
         for line in saved or [image["url"] for image in job["output"]["images"]]:
             print(line)
+    # Whatever the job's end: a warning may be why its pictures are not what was asked.
+    for warning in job.get("warnings") or []:
+        print(f"masactrl client: warning: {warning}", file=sys.stderr)
     status = job.get("status")
     if status == "failed":
         error = job.get("error") or {}

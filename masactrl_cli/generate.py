@@ -314,6 +314,18 @@ def model_entry(model: str, engine: Any) -> ModelEntry:
     return entry.with_shape(shape)
 
 
+def prompt_warnings(args: argparse.Namespace, engine: Any) -> list[str]:
+    """The engine's warnings about the run's prompts (words outside the vocabulary the model
+    declares), each printed on stderr now, before the run, and returned for run.json."""
+    prompts = [("--source-prompt", args.source_prompt or "")]
+    prompts += [(f"--target-prompt #{k + 1}", p) for k, p in enumerate(args.target_prompts)]
+    prompts.append(("--negative-prompt", args.negative_prompt))
+    warnings: list[str] = engine.prompt_warnings(prompts)
+    for warning in warnings:
+        print(f"masactrl {args.command}: warning: {warning}", file=sys.stderr)
+    return warnings
+
+
 def load_engine(args: argparse.Namespace) -> Any:
     """The engine for ``--model``/``--device``/``--dtype``; a load failure is a UsageError."""
     quiet_libraries()
@@ -396,6 +408,7 @@ def run(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     load_seconds = time.perf_counter() - started
     width, height, start_step, start_layer = resolve_run(args, engine)
+    warnings = prompt_warnings(args, engine)
 
     from masactrl_core import ControlConfig, InvalidInput, MaskConfig
 
@@ -486,6 +499,7 @@ def run(args: argparse.Namespace) -> int:
             "total_seconds": round(time.perf_counter() - started, 4),
         },
         "outputs": {"source": source_name, "targets": target_names},
+        "warnings": warnings,
         "versions": versions(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -31,6 +31,7 @@ from masactrl_cli.generate import (
     load_image,
     one_line,
     prepare_out_dir,
+    prompt_warnings,
     quiet_libraries,
     resolve_run,
     versions,
@@ -208,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     load_seconds = time.perf_counter() - started - read_seconds
     width, height, start_step, start_layer = resolve_run(args, engine)
+    warnings = prompt_warnings(args, engine)
     engine_condition = load_condition(engine, condition, frames.images, None)
 
     from masactrl_core import ControlConfig, InvalidInput
@@ -307,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
             "mp4": "sequence.mp4",
             "webp": "sequence.webp",
         },
+        "warnings": warnings,
         "versions": versions(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -55,6 +55,7 @@ from masactrl_core.sampler import MasaCtrlSampler, paper_default_control
 from masactrl_core.single_file import is_single_file, load_single_file_pipeline
 from masactrl_core.solvers import PREDICTION_TYPES, Solver
 from masactrl_core.sources import locate_model
+from masactrl_core.vocabulary import Vocabulary
 from masactrl_core.weights import refuse_pickle_only, safetensors_only
 
 if TYPE_CHECKING:
@@ -86,21 +87,50 @@ def _device_and_dtype(
     return resolved, dtype
 
 
-def declared_control(folder: str | os.PathLike[str]) -> ControlConfig | None:
-    """The default control a checkpoint folder declares in ``masactrl.json``, if it has one."""
+def _declaration(folder: str | os.PathLike[str]) -> tuple[str, dict[str, Any]] | None:
+    """The path and content of a checkpoint folder's ``masactrl.json``, if it has one."""
     path = os.path.join(folder, CONTROL_DECLARATION)
     if not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as file:
             data = json.load(file)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{path} must be a JSON object ({error})") from error
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must be a JSON object")
+    return path, data
+
+
+def declared_control(folder: str | os.PathLike[str]) -> ControlConfig | None:
+    """The default control a checkpoint folder declares in ``masactrl.json``, if it has one."""
+    declaration = _declaration(folder)
+    if declaration is None:
+        return None
+    path, data = declaration
+    if "start_step" not in data and "start_layer" not in data:
+        return None  # the file declares other things (a vocabulary) only
+    try:
         return ControlConfig(
             start_step=int(data["start_step"]), start_layer=int(data["start_layer"])
         )
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError) as error:
         raise ModelLoadError(
             f"{path} must be JSON with integer start_step and start_layer ({error})"
         ) from error
+
+
+def declared_vocabulary(folder: str | os.PathLike[str]) -> Vocabulary | None:
+    """The words a checkpoint folder declares it knows (``masactrl.json``'s ``vocabulary``),
+    if it declares them (see :mod:`masactrl_core.vocabulary`)."""
+    declaration = _declaration(folder)
+    if declaration is None or "vocabulary" not in declaration[1]:
+        return None
+    path, data = declaration
+    words = data["vocabulary"]
+    if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
+        raise ModelLoadError(f"{path}: vocabulary must be a list of words")
+    return Vocabulary.of(words)
 
 
 class MasaCtrlEngine:
@@ -114,9 +144,12 @@ class MasaCtrlEngine:
         model_name: str = "",
         options: EngineOptions | None = None,
         default_control: ControlConfig | None = None,
+        vocabulary: Vocabulary | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.model_name = model_name
+        # The words the checkpoint declares it knows; None: it declares none (no warnings).
+        self.vocabulary = vocabulary
         self.backbone: Backbone = backbone_class(family).from_pipeline(pipeline)
         self.solver: Solver = self.backbone.make_solver()
         block_count = self.backbone.block_count
@@ -188,9 +221,14 @@ class MasaCtrlEngine:
         # diffusers leaves set_progress_bar_config unannotated.
         pipeline.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
         logger.info("loaded %s (%s) on %s as %s", model, family, device, dtype)
-        declared = declared_control(model) if os.path.isdir(model) else None
+        local = os.path.isdir(model)
         return cls(
-            pipeline, family=family, model_name=model, options=options, default_control=declared
+            pipeline,
+            family=family,
+            model_name=model,
+            options=options,
+            default_control=declared_control(model) if local else None,
+            vocabulary=declared_vocabulary(model) if local else None,
         )
 
     @classmethod
@@ -230,6 +268,13 @@ class MasaCtrlEngine:
         pipeline.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
         logger.info("loaded %s (%s) on %s as %s", path, info.generation, device, dtype)
         return cls(pipeline, family=info.family, model_name=str(path), options=options)
+
+    def prompt_warnings(self, prompts: Sequence[tuple[str, str]]) -> list[str]:
+        """A sentence for each ``(field, prompt)`` that uses words outside the vocabulary the
+        checkpoint declares; none when it declares none (:mod:`masactrl_core.vocabulary`)."""
+        if self.vocabulary is None:
+            return []
+        return self.vocabulary.warnings(prompts)
 
     def load_condition_model(self, path_or_id: str | os.PathLike[str]) -> ConditionModel:
         """Load a ControlNet or T2I-Adapter for this model, on its device and in its dtype.
@@ -633,6 +678,7 @@ __all__ = [
     "RunStats",
     "SequenceResult",
     "declared_control",
+    "declared_vocabulary",
     "detect_family",
     "with_options",
 ]

@@ -511,6 +511,8 @@ def _declared_control(source: str, origin: str) -> dict[str, int]:
         return {}
     try:
         declared = json.loads(path.read_text(encoding="utf-8"))
+        if "start_step" not in declared and "start_layer" not in declared:
+            return {}  # the file declares other things (a vocabulary) only
         return {
             "default_start_step": int(declared["start_step"]),
             "default_start_layer": int(declared["start_layer"]),

@@ -614,6 +614,12 @@ class JobPublic(BaseModel):
     metrics: JobMetrics | None = None
     attempts: int = 0
     webhook: JobWebhook | None = None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Sentences about the input that did not stop the job, written by the worker "
+        "that ran it: e.g. prompt words outside the vocabulary the model declares it was trained "
+        "on (the picture may not show them). Each names the field it is about.",
+    )
     urls: JobUrls
 
 

@@ -403,7 +403,10 @@ def _save(pipe: Any, out: Path, config: ToyConfig, result: TrainResult) -> None:
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     pipe.to(torch.float32)
     write_tokenizer(out / "tokenizer")  # our files, whatever transformers would emit
-    (out / "masactrl.json").write_text(json.dumps(DEFAULT_CONTROL, indent=2) + "\n")
+    # The default control, and the words the model was trained on: prompts with other words
+    # get a warning (masactrl_core.vocabulary), since the model cannot draw what it never saw.
+    declaration = {**DEFAULT_CONTROL, "vocabulary": vocabulary()}
+    (out / "masactrl.json").write_text(json.dumps(declaration, indent=2) + "\n")
     tail = result.unet_losses[-50:] or [math.nan]
     record = {
         "seed": result.seed,

@@ -177,6 +177,25 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
 
 
+# The words ``tiny_vocabulary_checkpoint`` declares it knows.
+TINY_VOCABULARY = ("a", "photo", "of", "cat", "dog")
+
+
+@pytest.fixture(scope="session")
+def tiny_vocabulary_checkpoint(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny checkpoint declaring a closed vocabulary (``TINY_VOCABULARY``) in its
+    ``masactrl.json``, as the toy model does: prompts with other words get warnings."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-vocabulary") / "model"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "masactrl.json").write_text(json.dumps({"vocabulary": list(TINY_VOCABULARY)}))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_shaped_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny SD-family checkpoints shaped unlike SD 1.5 (``masactrl_core.tiny.SD_VARIANTS``:

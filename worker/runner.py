@@ -17,6 +17,8 @@ least once (late acks, broker redelivery, the janitor); the job's effect happens
    gets from the worker is ``worker.context.JobContext``.
    A job with ``previews`` publishes small previews while it runs (``worker.previews``), under
    ``results/<job_id>/previews/``; they are deleted once it succeeded, with its results otherwise.
+   Prompt words outside the vocabulary the model declares (``masactrl_core.vocabulary``) are
+   not refused: they become the job's ``warnings``, written with whichever end it reaches.
 
 Every end of the job (succeeded, failed, canceled) is fenced by the attempt number inside the
 store's script: a worker that stalled past its lease while another started the job can no longer
@@ -48,7 +50,7 @@ from masactrl_jobs.catalog import ModelEntry, UnknownLora
 from masactrl_jobs.kinds import Kind, kind_of
 from masactrl_jobs.kinds.base import AnimationOutput, JobInputError, Output
 from masactrl_jobs.queue import enqueue_job
-from masactrl_jobs.schema import ErrorCode, JobStatus
+from masactrl_jobs.schema import ErrorCode, JobInput, JobStatus
 from masactrl_jobs.storage import (
     Storage,
     StorageError,
@@ -83,6 +85,13 @@ Outcome = Literal[
     "abandoned",
     "conflict",
 ]
+
+
+def _prompt_fields(job: JobInput) -> list[tuple[str, str]]:
+    """The job's prompts, each with its field's path as the API names it."""
+    fields = [("source_prompt", job.source_prompt)]
+    fields += [(f"target_prompts[{i}]", prompt) for i, prompt in enumerate(job.target_prompts)]
+    return [*fields, ("negative_prompt", job.negative_prompt)]
 
 
 class _Abandon(Exception):
@@ -233,6 +242,9 @@ class JobRunner:
         kind = kind_of(record.kind)
         ctx = JobContext(self, record, lease, kind.preview_role)
         metrics: dict[str, Any] = {}
+        # Computed before the run so every end of the job keeps them: a failure may be what a
+        # word the model does not know leads to.
+        warnings = self.engine.prompt_warnings(_prompt_fields(record.input))
         try:
             images = self._run_kind(kind, ctx, metrics)
         except _Abandon:
@@ -241,7 +253,11 @@ class JobRunner:
         except JobCancelled:
             ctx.progress_now()
             canceled = self.store_retry(
-                self.store.finish_canceled, job_id, metrics or None, attempt=attempt
+                self.store.finish_canceled,
+                job_id,
+                metrics or None,
+                attempt=attempt,
+                warnings=warnings,
             )
             if not canceled.ok:
                 return self._superseded(job_id, attempt, canceled)
@@ -250,9 +266,10 @@ class JobRunner:
             logger.info("job %s canceled", job_id)
             return "canceled"
         except InvalidInput as exc:
-            return self._fail(job_id, attempt, Failure(ErrorCode.invalid_input, str(exc)), metrics)
+            failure = Failure(ErrorCode.invalid_input, str(exc))
+            return self._fail(job_id, attempt, failure, metrics, warnings)
         except Failure as failure:
-            return self._fail(job_id, attempt, failure, metrics)
+            return self._fail(job_id, attempt, failure, metrics, warnings)
         except (redis.ConnectionError, redis.TimeoutError):
             logger.exception("job %s: Redis unreachable; the job will be rerun", job_id)
             raise
@@ -263,8 +280,11 @@ class JobRunner:
                 attempt,
                 Failure(ErrorCode.internal_error, "the worker hit an unexpected error (logged)"),
                 metrics,
+                warnings,
             )
-        finish = self.store_retry(self.store.succeed, job_id, images, metrics, attempt=attempt)
+        finish = self.store_retry(
+            self.store.succeed, job_id, images, metrics, attempt=attempt, warnings=warnings
+        )
         if not finish.ok:
             return self._superseded(job_id, attempt, finish)
         if ctx.previews is not None:
@@ -289,7 +309,12 @@ class JobRunner:
         return "conflict"
 
     def _fail(
-        self, job_id: str, attempt: int, failure: Failure, metrics: dict[str, Any]
+        self,
+        job_id: str,
+        attempt: int,
+        failure: Failure,
+        metrics: dict[str, Any],
+        warnings: Sequence[str] = (),
     ) -> Outcome:
         logger.warning("job %s failed: %s: %s", job_id, failure.code.value, failure.message)
         failed = self.store_retry(
@@ -299,6 +324,7 @@ class JobRunner:
             failure.message,
             metrics or None,
             attempt=attempt,
+            warnings=warnings,
         )
         if not failed.ok:
             return self._superseded(job_id, attempt, failed)

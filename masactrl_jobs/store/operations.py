@@ -67,6 +67,11 @@ def _strings(values: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def _warnings(warnings: Sequence[str]) -> list[str] | None:
+    # Only a job with warnings stores the field (None values are left out of the hash).
+    return list(warnings) or None
+
+
 def _pairs(values: dict[str, Any]) -> list[str]:
     return [item for pair in _strings(values).items() for item in pair]
 
@@ -364,13 +369,20 @@ class JobOperations:
         now: float | None = None,
         *,
         attempt: int | None = None,
+        warnings: Sequence[str] = (),
     ) -> Call[FinishResult]:
         """running -> succeeded with output images ``{role, prompt, key, width, height}``.
 
         ``attempt`` fences the change: it happens only while that attempt is the job's latest
         (``fenced`` otherwise). Workers always pass it; None is for tools and tests.
+        ``warnings`` (sentences about the input, e.g. words the model does not know) are kept
+        with the job, as they are with :meth:`fail` and :meth:`finish_canceled`.
         """
-        fields = {"output": {"images": list(images)}, "metrics": metrics}
+        fields = {
+            "output": {"images": list(images)},
+            "metrics": metrics,
+            "warnings": _warnings(warnings),
+        }
         status, allowed = JobStatus.succeeded, [JobStatus.running]
         return self._finish(job_id, status, allowed, fields, {}, now, attempt)
 
@@ -384,12 +396,13 @@ class JobOperations:
         now: float | None = None,
         *,
         attempt: int | None = None,
+        warnings: Sequence[str] = (),
     ) -> Call[FinishResult]:
         """queued|running -> failed with ``{code, message}``, fenced by ``attempt`` (see
         :meth:`succeed`)."""
         error = {"code": code, "message": message}
         allowed = [JobStatus.queued, JobStatus.running]
-        fields = {"error": error, "metrics": metrics}
+        fields = {"error": error, "metrics": metrics, "warnings": _warnings(warnings)}
         event = {"error": error}
         return self._finish(job_id, JobStatus.failed, allowed, fields, event, now, attempt)
 
@@ -401,10 +414,11 @@ class JobOperations:
         now: float | None = None,
         *,
         attempt: int | None = None,
+        warnings: Sequence[str] = (),
     ) -> Call[FinishResult]:
         """running -> canceled, for the worker that stopped on the cancel flag (fenced by
         ``attempt``, see :meth:`succeed`)."""
-        fields = {"metrics": metrics}
+        fields = {"metrics": metrics, "warnings": _warnings(warnings)}
         status, allowed = JobStatus.canceled, [JobStatus.running]
         return self._finish(job_id, status, allowed, fields, {}, now, attempt)
 

@@ -185,6 +185,9 @@ class JobRecord:
     request_hash: str = ""
     worker_id: str | None = None
     queue_position: int | None = None
+    # Sentences about the input the worker that ran the job wrote (e.g. prompt words the model
+    # does not know); the job still ran.
+    warnings: list[str] = field(default_factory=list)
     # ``input`` as the store just wrote it (JSON), on a record it created: what the new job's
     # object embeds, so answering the submission does not serialize the input a second time.
     # Empty on records read back (stored by any version, they are serialized afresh).
@@ -219,6 +222,7 @@ class JobRecord:
             request_hash=h.get("request_hash", ""),
             worker_id=h.get("worker_id") or None,
             queue_position=rank + 1 if status is JobStatus.queued and rank >= 0 else None,
+            warnings=_json_or_none(h.get("warnings")) or [],
         )
 
     @property

@@ -132,6 +132,7 @@ def public_job(
         metrics=JobMetrics.model_validate(metrics) if metrics else None,
         attempts=record.attempts,
         webhook=webhook,
+        warnings=list(record.warnings),
         urls=JobUrls.model_construct(
             self_=f"{base}/v1/jobs/{record.id}",
             cancel=f"{base}/v1/jobs/{record.id}/cancel",

@@ -394,6 +394,9 @@ function finish(job) {
   }
   $("cancel").disabled = true;
   $("submit").disabled = false;
+  // Sentences about the input the worker wrote (e.g. prompt words the model does not know).
+  $("job-warnings").replaceChildren(...(job.warnings || []).map((text) => element("li", { text })));
+  $("job-warnings").hidden = !(job.warnings || []).length;
   showResults(job);
   loadHistory();
 }
@@ -405,6 +408,7 @@ async function follow(job) {
   $("previews-box").replaceChildren();
   $("results").replaceChildren();
   $("metrics").textContent = "";
+  $("job-warnings").hidden = true;
   $("details").hidden = true;
   $("progress").value = 0;
   setStatus(describe(job));

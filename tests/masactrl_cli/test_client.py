@@ -240,6 +240,34 @@ def test_a_5xx_is_one_line_with_exit_1(
     assert line == "masactrl client: error: It broke. (HTTP 500 internal_error)"
 
 
+def test_a_finished_jobs_warnings_are_one_stderr_line_each(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from masactrl_cli.client import finish
+
+    warnings = [
+        "target_prompts[0]: the model does not know the word 'house'; it was trained on 2 words",
+        "negative_prompt: the model does not know the word 'blurry'; it was trained on 2 words",
+    ]
+    output = {"images": [{"url": "http://127.0.0.1/x.png"}]}
+    job = {"id": "j1", "status": "succeeded", "output": output, "warnings": warnings}
+    assert finish(None, job, None) == (0, [])  # type: ignore[arg-type]
+    captured = capsys.readouterr()
+    assert captured.out.split() == ["http://127.0.0.1/x.png"]
+    assert captured.err.splitlines() == [f"masactrl client: warning: {w}" for w in warnings]
+
+    # A failed job's warnings come before its error; a job without any prints none.
+    error = {"code": "invalid_input", "message": "bad"}
+    failed = {"id": "j2", "status": "failed", "error": error, "warnings": warnings[:1]}
+    assert finish(None, failed, None)[0] == 1  # type: ignore[arg-type]
+    assert capsys.readouterr().err.splitlines() == [
+        f"masactrl client: warning: {warnings[0]}",
+        "masactrl client: job j2 failed: invalid_input: bad",
+    ]
+    assert finish(None, {**job, "warnings": []}, None)[0] == 0  # type: ignore[arg-type]
+    assert capsys.readouterr().err == ""
+
+
 def test_parse_sse_handles_comments_multiline_data_and_ids() -> None:
     lines = [
         ": ping",

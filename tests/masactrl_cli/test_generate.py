@@ -56,9 +56,30 @@ def test_synthesize_writes_images_and_run_json(
     assert (run["start_step"], run["start_layer"], run["width"], run["height"]) == (1, 8, 64, 64)
     assert (run["device"], run["dtype"], run["block_count"]) == ("cpu", "float32", 16)
     assert run["outputs"] == {"source": "source.png", "targets": ["target_0.png", "target_1.png"]}
+    assert run["warnings"] == []  # the tiny checkpoint declares no vocabulary
+    assert "warning" not in captured.err
     # Source prompt differs from the negative prompt: 2 source rows + 2 per target, every step.
     assert run["unet_image_evals"] == STEPS * (2 + 2 * 2)
     assert run["timings"]["denoise_seconds"] > 0
+
+
+def test_prompt_words_the_model_does_not_know_are_warned_about_and_kept_in_run_json(
+    tiny_vocabulary_checkpoint: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["synthesize", "--model", str(tiny_vocabulary_checkpoint), "--quiet"]
+    argv += ["--source-prompt", "a photo of a cat", "--target-prompt", "a photo of a dog"]
+    argv += ["--target-prompt", "a house and a cat", "--steps", "1", "--out", str(out)]
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert warnings == [
+        "masactrl synthesize: warning: --target-prompt #2: the model does not know the words "
+        "'house', 'and'; it was trained on 5 words: a, cat, dog, of, photo, so the picture may "
+        "not show what the prompt asks"
+    ]
+    run = json.loads((out / "run.json").read_text())
+    assert run["warnings"] == [warnings[0].removeprefix("masactrl synthesize: warning: ")]
 
 
 def test_edit_writes_reconstruction_and_edits(

@@ -258,5 +258,36 @@ def test_checkpoint_declares_its_default_control(tiny_checkpoint, tmp_path):
     too_deep = f'{{"start_step": 4, "start_layer": {engine.block_count}}}'
     with pytest.raises(ModelLoadError, match="self-attention blocks"):
         MasaCtrlEngine.from_pretrained(_declaring_copy(tiny_checkpoint, tmp_path / "b", too_deep))
-    with pytest.raises(ModelLoadError, match="integer start_step"):
+    with pytest.raises(ModelLoadError, match="must be a JSON object"):
         MasaCtrlEngine.from_pretrained(_declaring_copy(tiny_checkpoint, tmp_path / "c", "[1]"))
+    with pytest.raises(ModelLoadError, match="integer start_step"):
+        MasaCtrlEngine.from_pretrained(
+            _declaring_copy(tiny_checkpoint, tmp_path / "d", '{"start_step": 4}')
+        )
+
+
+def test_a_declared_vocabulary_warns_about_other_words(tiny_checkpoint, tmp_path):
+    from masactrl_core import ModelLoadError
+
+    declaration = '{"vocabulary": ["a", "creature", "on", "grass", "snow"]}'
+    folder = _declaring_copy(tiny_checkpoint, tmp_path / "a", declaration)
+    engine = MasaCtrlEngine.from_pretrained(folder, device="cpu")
+    prompts = [
+        ("source_prompt", "A creature on grass."),
+        ("target_prompts[0]", "a house and a Cat on snow, 2 cats"),
+        ("negative_prompt", ""),
+    ]
+    assert engine.prompt_warnings(prompts) == [
+        "target_prompts[0]: the model does not know the words 'house', 'and', 'cat', 'cats'; "
+        "it was trained on 5 words: a, creature, grass, on, snow, so the picture may not show "
+        "what the prompt asks"
+    ]
+    assert engine.prompt_warnings(prompts[:1]) == []
+    # The control is still the depth rule's: the file declares a vocabulary only.
+    undeclared = MasaCtrlEngine.from_pretrained(tiny_checkpoint, device="cpu")
+    assert engine.default_control == undeclared.default_control
+    assert undeclared.vocabulary is None
+    assert undeclared.prompt_warnings(prompts) == []
+    bad = _declaring_copy(tiny_checkpoint, tmp_path / "b", '{"vocabulary": "a creature"}')
+    with pytest.raises(ModelLoadError, match="vocabulary must be a list of words"):
+        MasaCtrlEngine.from_pretrained(bad, device="cpu")

@@ -240,6 +240,21 @@ def test_a_local_checkpoint_declares_its_default_control(tmp_path: Path) -> None
     assert keyed.get("toy").default_start_layer == 12
 
 
+def test_a_declaration_of_a_vocabulary_only_leaves_the_default_control_to_the_rules(
+    tmp_path: Path,
+) -> None:
+    declaring, plain = tmp_path / "declaring", tmp_path / "plain"
+    declaring.mkdir()
+    plain.mkdir()
+    (declaring / "masactrl.json").write_text('{"vocabulary": ["a", "creature"]}')
+    entries = [
+        {"name": "toy", "source": str(declaring), "family": "sd"},
+        {"name": "plain", "source": str(plain), "family": "sd"},
+    ]
+    catalog = catalog_from_data({"default": "toy", "models": entries})
+    assert catalog.get("toy").default_control == catalog.get("plain").default_control
+
+
 def test_a_broken_control_declaration_is_one_sentence(tmp_path: Path) -> None:
     (tmp_path / "masactrl.json").write_text('{"start_step": 3}')
     with pytest.raises(CatalogError, match="start_step and start_layer"):

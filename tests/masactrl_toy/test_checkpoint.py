@@ -51,6 +51,18 @@ def test_loads_with_the_papers_control_in_its_decoder(toy_engine) -> None:
     assert toy_engine.layer_names[10].startswith("up_blocks.2.")  # the decoder's later blocks
 
 
+def test_declares_the_worlds_vocabulary(toy_engine) -> None:
+    assert toy_engine.vocabulary is not None
+    assert toy_engine.vocabulary.words == frozenset(vocabulary())
+    example = json.loads((TOY / "examples.json").read_text())[0]
+    assert toy_engine.prompt_warnings([("source_prompt", example["source_prompt"])]) == []
+    # The README's everyday prompt: words the toy world never had.
+    (warning,) = toy_engine.prompt_warnings([("target_prompts[0]", "a house and a cat")])
+    assert warning.startswith(
+        "target_prompts[0]: the model does not know the words 'house', 'and', 'cat';"
+    )
+
+
 def test_draws_pictures_not_noise(toy_engine) -> None:
     example = json.loads((TOY / "examples.json").read_text())[0]
     result = toy_engine.synthesize(

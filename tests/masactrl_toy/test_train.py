@@ -10,7 +10,7 @@ from statistics import mean
 import pytest
 
 from masactrl_toy.train import ToyConfig, train, write_tokenizer
-from masactrl_toy.world import caption, random_scene
+from masactrl_toy.world import caption, random_scene, vocabulary
 
 TINY = ToyConfig(
     image_size=16,
@@ -49,6 +49,7 @@ def test_short_training_lowers_loss_and_loads_in_the_engine(tmp_path: Path) -> N
     assert json.loads((tmp_path / "toy" / "masactrl.json").read_text()) == {
         "start_step": 4,
         "start_layer": 10,
+        "vocabulary": vocabulary(),
     }
     assert (tmp_path / "toy" / "samples" / "final.png").is_file()
     engine = MasaCtrlEngine.from_pretrained(tmp_path / "toy", device="cpu")

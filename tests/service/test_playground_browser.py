@@ -187,6 +187,36 @@ def test_a_synthesis_shows_progress_previews_and_two_result_images(
     assert [image["role"] for image in job["output"]["images"]] == ["source", "target"]
 
 
+def test_a_jobs_warnings_are_shown_in_the_job_panel(page: Page, stack: StackRun) -> None:
+    # The stack's tiny model declares no vocabulary, so its jobs have no warnings: the page's
+    # event stream is passed through with one added to the job that ends it, as a worker on a
+    # model that declares a vocabulary writes it.
+    warning = "target_prompts[0]: the model does not know the word 'house'"
+
+    def with_a_warning(route: Any) -> None:
+        response = route.fetch()
+        body = response.text().replace('"warnings": []', f'"warnings": ["{warning}"]')
+        route.fulfill(response=response, body=body)
+
+    page.route("**/v1/jobs/*/events*", with_a_warning)
+    page.get_by_test_id("mode").select_option("synthesis")
+    page.get_by_test_id("previews").uncheck()
+    fill_prompts(page, "a cat", "a house")
+    page.get_by_test_id("steps").fill("2")
+    page.get_by_test_id("submit").click()
+
+    wait_until_done(page)
+    expect(page.get_by_test_id("job-warnings")).to_be_visible()
+    expect(page.get_by_test_id("job-warnings").locator("li")).to_have_text([warning])
+    # A job without warnings hides the list again.
+    first = job_id_of(page)
+    page.unroute("**/v1/jobs/*/events*")
+    page.get_by_test_id("submit").click()
+    expect(page.locator("#job-json")).not_to_contain_text(first, timeout=JOB_TIMEOUT_MS)
+    wait_until_done(page)
+    expect(page.get_by_test_id("job-warnings")).to_be_hidden()
+
+
 def test_an_edit_of_an_uploaded_photo_with_a_drawn_mask(page: Page, stack: StackRun) -> None:
     page.get_by_test_id("mode").select_option("edit")
     page.get_by_test_id("previews").uncheck()

@@ -30,7 +30,7 @@ from standardwebhooks import Webhook
 from masactrl_core import ControlConfig
 from masactrl_jobs.queue import enqueue_job, make_celery
 from masactrl_jobs.store import JobStore
-from tests.conftest import RedisServer, S3Server, free_port
+from tests.conftest import TINY_VOCABULARY, RedisServer, S3Server, free_port
 from tests.worker.helpers import (
     REPO_ROOT,
     ManagedProcess,
@@ -168,7 +168,7 @@ def e2e_controlnet(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
 def stack(
     redis_server: RedisServer,
     s3_server: S3Server,
-    tiny_checkpoint: Path,
+    tiny_vocabulary_checkpoint: Path,
     e2e_controlnet: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
@@ -194,8 +194,10 @@ def stack(
         "MASACTRL_S3_REGION": s3_server.region,
         "MASACTRL_URL_SIGNING_SECRET": "e2e-url-signing-secret-0123456789abcdef",
         "MASACTRL_PUBLIC_BASE_URL": base_url,
+        # The tiny checkpoint declaring a vocabulary (same weights, so the engine run here on
+        # tiny_checkpoint is still the reference): jobs with other words get warnings.
         "MASACTRL_CATALOG": tiny_catalog(
-            tiny_checkpoint,
+            tiny_vocabulary_checkpoint,
             conditions={"canny": {"source": str(e2e_controlnet), "kind": "controlnet"}},
         ),
         "MASACTRL_ALLOW_LOOPBACK_HTTP": "true",
@@ -487,6 +489,35 @@ def test_a_second_edit_of_the_same_image_skips_inversion(
         control=_control(second),
     )
     assert _download(second)[1] == png_bytes(expected.targets[0])
+
+
+def test_prompt_words_outside_the_models_vocabulary_are_the_jobs_warnings(stack: Stack) -> None:
+    known = stack.submit(
+        "syntheses", {"source_prompt": "a photo of a cat", "target_prompts": ["a dog"], "steps": 2}
+    )
+    unknown = stack.submit(
+        "syntheses",
+        {
+            "source_prompt": "a photo of a cat",
+            "target_prompts": ["a photo of a dog", "a house and a cat"],
+            "negative_prompt": "blurry",
+            "steps": 2,
+        },
+    )
+    known, unknown = stack.wait(known["id"]), stack.wait(unknown["id"])
+    assert known["status"] == unknown["status"] == "succeeded"
+    assert known["warnings"] == []
+    trained_on = (
+        f"it was trained on {len(TINY_VOCABULARY)} words: {', '.join(sorted(TINY_VOCABULARY))}"
+    )
+    assert unknown["warnings"] == [
+        f"target_prompts[1]: the model does not know the words 'house', 'and'; {trained_on}, "
+        "so the picture may not show what the prompt asks",
+        f"negative_prompt: the model does not know the word 'blurry'; {trained_on}, "
+        "so the picture may not show what the prompt asks",
+    ]
+    listed = stack.client.get("/v1/jobs", params={"limit": 5}).json()["data"]
+    assert {job["id"]: job["warnings"] for job in listed}[unknown["id"]] == unknown["warnings"]
 
 
 # --- cancel and failures ------------------------------------------------------------------------

@@ -161,6 +161,9 @@ class FailingEngine:
 
     edit = synthesize
 
+    def prompt_warnings(self, prompts: Any) -> list[str]:
+        return []  # a model that declares no vocabulary
+
 
 # --- success, byte-identical to the engine ------------------------------------------------------
 
@@ -206,6 +209,41 @@ def test_synthesis_succeeds_with_results_identical_to_the_engine(
 
 
 # --- the exactly-once protocol ------------------------------------------------------------------
+
+
+def test_prompt_words_outside_the_models_vocabulary_are_the_jobs_warnings(
+    make_runner: Callable[..., JobRunner], store: JobStore, tiny_engine: Any
+) -> None:
+    import copy
+
+    from masactrl_core.vocabulary import Vocabulary
+
+    # The tiny engine as if its checkpoint declared a vocabulary (a shallow copy: same weights).
+    engine = copy.copy(tiny_engine)
+    engine.vocabulary = Vocabulary.of(["a", "photo", "of", "cat", "dog"])
+    runner = make_runner(engine=engine)
+
+    unknown = create_job(store, target_prompts=["a photo of a dog", "a house"])
+    assert runner.run(unknown) == "succeeded"
+    record = store.get(unknown)
+    assert record is not None
+    assert record.warnings == engine.vocabulary.warnings([("target_prompts[1]", "a house")])
+    assert record.warnings[0].startswith("target_prompts[1]: the model does not know the word")
+    assert (
+        record.to_public(base_url="http://x", url_for=lambda key: key, url_ttl_seconds=60).warnings
+        == record.warnings
+    )
+
+    known = create_job(store)
+    assert runner.run(known) == "succeeded"
+    record = store.get(known)
+    assert record is not None and record.warnings == []
+
+    # A failed job keeps them too: the unknown word may be why the user looks at it.
+    failing = create_job(store, width=72, negative_prompt="blurry")
+    assert runner.run(failing) == "failed"
+    record = store.get(failing)
+    assert record is not None and record.warnings[0].startswith("negative_prompt: ")
 
 
 def test_a_job_cancelled_while_queued_is_dropped_without_reading_anything(
@@ -411,6 +449,8 @@ def test_a_worker_stalled_past_its_lease_can_neither_end_the_job_nor_delete_its_
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return tiny_engine.synthesize(*args, **kwargs)
 
+        prompt_warnings = tiny_engine.prompt_warnings
+
     late = make_runner(store=frozen, engine=StallingEngine(), worker_id="worker-a")
     outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(late.run(job_id)))
@@ -545,7 +585,10 @@ def test_a_control_beyond_this_workers_model_is_invalid_input(
     # The gateway's catalog may disagree with the model this worker loaded: the worker checks.
     job_id = create_job(store, control=ControlInput(start_step=1, start_layer=16))
     calls: list[Any] = []
-    runner = make_runner(engine=SimpleNamespace(synthesize=lambda *a, **k: calls.append(a)))
+    engine = SimpleNamespace(
+        synthesize=lambda *a, **k: calls.append(a), prompt_warnings=lambda prompts: []
+    )
+    runner = make_runner(engine=engine)
     assert runner.run(job_id) == "failed"
     assert calls == []  # refused before the engine ran
     error = store.get(job_id).error  # type: ignore[union-attr]

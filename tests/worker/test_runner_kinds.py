@@ -77,7 +77,8 @@ def _runner(settings: WorkerSettings, store: JobStore, storage: Any) -> JobRunne
     return JobRunner(
         settings=settings,
         entry=ModelEntry.model_validate(tiny_model_entry("unused")),
-        engine=SimpleNamespace(),  # type: ignore[arg-type]  # a spy kind never calls it
+        # A spy kind never runs it; the runner asks it only about the prompts.
+        engine=SimpleNamespace(prompt_warnings=lambda prompts: []),  # type: ignore[arg-type]
         store=store,
         storage=storage,
         app=app,
