@@ -594,8 +594,11 @@ class LocalStack:
         if self.settings.port != 8000:
             lines.append(f"client:   export MASACTRL_API_URL={self.api_url}")
         lines += [
-            f'try:      {masactrl} client synthesize --source-prompt "a cat sitting" '
-            '--target-prompt "a cat running" --steps 20 --out out/try',
+            # Words the default toy model knows (a prompt outside them only earns a warning).
+            f"try:      {masactrl} client synthesize --source-prompt "
+            '"a creature with arms up sitting facing left on snow on the left" '
+            '--target-prompt "a creature with arms up standing facing left on snow on the left" '
+            "--steps 20 --out out/try",
             "stop:     make down",
         ]
         return lines
