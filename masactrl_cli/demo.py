@@ -7,9 +7,11 @@ under ./out/ and stops whatever it started, also on Ctrl-C or an error.
 On the toy-world model (the stack's default): a real-image edit of a committed render and a
 consistent synthesis, each also with MasaCtrl off, and a side-by-side sheet (source | without
 MasaCtrl | with MasaCtrl) at ``out/comparison.png``. On the random tiny checkpoint
-(``MASACTRL_MODEL=tiny``): an edit of the bundled sample, a synthesis and a layout-guided edit (the
-sample's canny edge map through the catalog's ``canny`` ControlNet, the source anchored to its
-inversion) — plumbing only, its pictures are noise.
+(``MASACTRL_MODEL=tiny``): an edit of the bundled sample and a synthesis. On whichever model offers
+the ``canny`` condition model (the tiny one, which the default stack serves beside the toy one):
+a layout-guided edit (``out/layout``: the sample's canny edge map through the ``canny``
+ControlNet, the source anchored to its inversion) and a sequence (``out/sequence``: four frames of
+``examples/dance.mp4`` as canny layouts) — plumbing only, their pictures are noise.
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from typing import TYPE_CHECKING, Any
 from masactrl_cli.errors import StackError, UsageError
 
 if TYPE_CHECKING:
+    from masactrl_cli.http_client import MasaCtrlClient
     from masactrl_cli.stack import LocalStack
 
 SAMPLE_IMAGE = Path("examples/house-and-cat.png")
+# The layouts of the demo's sequence: toy-world renders of a creature dancing (examples/dance.py).
+DANCE_VIDEO = Path("examples/dance.mp4")
 # A render of the toy world to edit: masactrl_toy.world.scene_pair(1)[0] at 32 px, the source of
 # the first pair of models/toy-shapes/examples.json (whose synthesis shows the effect at seed 0).
 TOY_SCENE = Path("examples/toy-scene.png")
@@ -104,8 +109,8 @@ def _toy_examples() -> list[dict[str, str]] | None:
 
 def _run_jobs(stack: LocalStack, args: argparse.Namespace, submitted: list[str]) -> int:
     from masactrl_cli.client import finish, follow
-    from masactrl_cli.devenv import TINY_CONDITION, TOY_MODEL
-    from masactrl_cli.http_client import MasaCtrlClient, image_url
+    from masactrl_cli.devenv import TOY_MODEL
+    from masactrl_cli.http_client import MasaCtrlClient
 
     with MasaCtrlClient(stack.api_url, stack.api_key, timeout=60) as client:
         models = client.models()
@@ -149,14 +154,7 @@ def _run_jobs(stack: LocalStack, args: argparse.Namespace, submitted: list[str])
                 submitted.append(job["id"])
                 jobs.append((label, job))
             print("submitted both again with MasaCtrl off, for the comparison sheet")
-        if any(c["name"] == TINY_CONDITION for c in served.get("conditions", [])):
-            edges = {"model": TINY_CONDITION, "images": [image_url(image)], "preprocess": "canny"}
-            layout = client.edit(image, steps=args.steps, seed=0, condition=edges, **LAYOUT_EDIT)
-            submitted.append(layout["id"])
-            print(f"submitted layout-guided edit {layout['id']} (canny map of {image})")
-            jobs.append(("layout", layout))
-        elif not examples:
-            print(f"{served['name']} offers no {TINY_CONDITION!r} condition model: no layout edit")
+        jobs += _condition_jobs(client, models, args, submitted)
         status = 0
         results: dict[str, dict[str, Path]] = {}
         for label, job in jobs:
@@ -188,6 +186,60 @@ def _run_jobs(stack: LocalStack, args: argparse.Namespace, submitted: list[str])
             )
             print(f"comparison sheet (source | without MasaCtrl | with MasaCtrl): {sheet}")
     return status
+
+
+def _condition_jobs(
+    client: MasaCtrlClient,
+    models: dict[str, Any],
+    args: argparse.Namespace,
+    submitted: list[str],
+) -> list[tuple[str, dict[str, Any]]]:
+    """A layout-guided edit and a sequence on the model that offers the ``canny`` condition model
+    (the tiny one, served beside the toy model), if the stack serves one; plumbing only: its
+    weights are random."""
+    from masactrl_cli.devenv import TINY_CONDITION, bundled
+    from masactrl_cli.http_client import image_url
+
+    entry = next(
+        (
+            m
+            for m in sorted(models["data"], key=lambda m: m["name"] != models["default"])
+            if any(c["name"] == TINY_CONDITION for c in m.get("conditions", []))
+        ),
+        None,
+    )
+    if entry is None:
+        print(f"no model offers the {TINY_CONDITION!r} condition model: no layout, no sequence")
+        return []
+    model = entry["name"]
+    image = _sample_image(args.image, SAMPLE_IMAGE)
+    edges = {"model": TINY_CONDITION, "images": [image_url(image)], "preprocess": "canny"}
+    layout = client.edit(
+        image, steps=args.steps, seed=0, condition=edges, model=model, **LAYOUT_EDIT
+    )
+    submitted.append(layout["id"])
+    print(f"submitted layout-guided edit {layout['id']} on {model} (canny map of {image})")
+    jobs = [("layout", layout)]
+    video = bundled(DANCE_VIDEO)
+    if video is None:
+        print(f"{DANCE_VIDEO} is missing: no sequence")
+        return jobs
+    # A few frames of the clip keep it to seconds on a CPU.
+    frames = {"model": TINY_CONDITION, "preprocess": "canny", "fps": 4, "max_frames": 4}
+    sequence = client.sequence(
+        ["a creature dancing"],
+        frames,
+        video=video,
+        source_prompt="a creature",
+        model=model,
+        steps=args.steps,
+        seed=0,
+        fps=4,
+    )
+    submitted.append(sequence["id"])
+    print(f"submitted sequence {sequence['id']} on {model} (canny maps of {video})")
+    jobs.append(("sequence", sequence))
+    return jobs
 
 
 def _by_role(job: dict[str, Any], folder: Path) -> dict[str, Path]:

@@ -5,16 +5,19 @@ Everything lives in one folder (``var`` by default):
 
 - ``dev-api-key``, ``dev-webhook-secret``, ``url-signing-secret``: created once, mode 0600, and
   kept, so a key that a developer copied keeps working across restarts;
-- the model: by default the committed toy-world checkpoint ``models/toy-shapes`` of the
-  repository (trained here, it draws: see docs/toy-world.md); ``MASACTRL_MODEL=tiny`` serves
-  instead the random-weight tiny checkpoint ``models/tiny-sd``, written by ``masactrl
+- the models: by default two, each served by a worker of its own: the committed toy-world
+  checkpoint ``models/toy-shapes`` of the repository (trained here, it draws: see
+  docs/toy-world.md), the catalog's default, and beside it the random-weight tiny checkpoint
+  ``tiny`` (``models/tiny-sd``), whose ControlNet makes layouts and sequences run on the default
+  stack (the toy model has no condition model). The tiny checkpoint is written by ``masactrl
   tiny-model`` in a subprocess (the stack itself never imports torch), with
   ``models/tiny-controlnet``, a seeded tiny ControlNet offered in the catalog as the condition
   model ``canny`` (its weights are random: it shows the plumbing of a layout-guided edit, not a
   real edge-guided image) and ``models/tiny-preview-vae``, a seeded tiny ``AutoencoderTiny``, the
-  entry's ``preview_vae`` that decodes live previews (random too); any other value names a
-  catalog model, a folder or a hub id (previews then decode with the model's own VAE);
-- ``catalog.json``: a one-model catalog for that checkpoint;
+  entry's ``preview_vae`` that decodes live previews (random too). ``MASACTRL_MODEL=<x>`` serves
+  only ``x``: ``tiny``, a catalog model, a folder or a hub id (previews then decode with the
+  model's own VAE);
+- ``catalog.json``: the catalog of those models, the first one the default;
 - ``storage``: the ``file://`` object storage.
 
 The processes run in development mode, which allows the two things production refuses and the
@@ -40,10 +43,21 @@ from masactrl_cli.errors import StackError
 from masactrl_core.sources import looks_like_path
 from masactrl_jobs.catalog import tiny_model_entry
 
-__all__ = ["TINY_CONDITION", "TOY_MODEL", "DevEnv", "bundled", "catalog_entry", "display_path"]
+__all__ = [
+    "TINY_CONDITION",
+    "TINY_MODEL",
+    "TOY_MODEL",
+    "DevEnv",
+    "bundled",
+    "catalog_entries",
+    "catalog_entry",
+    "display_path",
+]
 
 # The condition model name the tiny entry offers (``masactrl demo`` runs a canny edit with it).
 TINY_CONDITION = "canny"
+# The catalog name of the random-weight tiny checkpoint (``MASACTRL_MODEL=tiny``).
+TINY_MODEL = "tiny"
 # The committed toy-world checkpoint, relative to the repository: the stack's default model.
 TOY_MODEL = Path("models/toy-shapes")
 
@@ -113,7 +127,7 @@ def catalog_entry(model: str | None, tiny_model: Path) -> dict[str, Any]:
     if not model:
         toy = bundled(TOY_MODEL)
         model = str(toy.resolve()) if toy is not None else "tiny"
-    if model == "tiny":
+    if model == TINY_MODEL:
         return tiny_model_entry(str(tiny_model.resolve()))
     if model in _BUILTIN_MODELS:
         source, family = _BUILTIN_MODELS[model]
@@ -141,6 +155,16 @@ def catalog_entry(model: str | None, tiny_model: Path) -> dict[str, Any]:
     if re.search(r"stable-diffusion-2(?!.*base)", lowered):
         entry["native_width"] = entry["native_height"] = 768
     return entry
+
+
+def catalog_entries(model: str | None, tiny_model: Path) -> list[dict[str, Any]]:
+    """The catalog entries the stack serves, the default first: ``model`` alone when one is
+    named (see :func:`catalog_entry`); otherwise the toy checkpoint and, beside it, the tiny one,
+    which brings the condition model that layouts and sequences need."""
+    entry = catalog_entry(model, tiny_model)
+    if (model or "").strip() or entry["name"] == TINY_MODEL:
+        return [entry]
+    return [entry, catalog_entry(TINY_MODEL, tiny_model)]
 
 
 # --- the folder -----------------------------------------------------------------------------------
@@ -203,22 +227,31 @@ class DevEnv:
             lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
         )
 
-    def prepare(self, entry: dict[str, Any], say: Callable[[str], None]) -> None:
-        """The storage folder, the tiny checkpoint if ``entry`` serves it, and the catalog."""
+    def prepare(self, entries: list[dict[str, Any]], say: Callable[[str], None]) -> None:
+        """The storage folder, the tiny checkpoint if ``entries`` serve it, and the catalog (its
+        default: the first entry)."""
         self.storage.mkdir(parents=True, exist_ok=True)
-        if entry["name"] == "tiny":
-            self._write_tiny_model(say)
-            self._write_tiny_controlnet(say)
-            self._write_tiny_preview_vae(say)
-            condition = {"source": str(self.tiny_controlnet.resolve()), "kind": "controlnet"}
-            entry = {
-                **entry,
-                "conditions": {TINY_CONDITION: condition},
-                "preview_vae": str(self.tiny_preview_vae.resolve()),
-            }
+        models = [self._with_tiny_extras(entry, say) for entry in entries]
         self.catalog.write_text(
-            json.dumps({"default": entry["name"], "models": [entry]}) + "\n", encoding="utf-8"
+            json.dumps({"default": models[0]["name"], "models": models}) + "\n", encoding="utf-8"
         )
+
+    def _with_tiny_extras(
+        self, entry: dict[str, Any], say: Callable[[str], None]
+    ) -> dict[str, Any]:
+        """``entry``, and for the tiny checkpoint its files written and its ControlNet and
+        preview autoencoder added."""
+        if entry["name"] != TINY_MODEL:
+            return entry
+        self._write_tiny_model(say)
+        self._write_tiny_controlnet(say)
+        self._write_tiny_preview_vae(say)
+        condition = {"source": str(self.tiny_controlnet.resolve()), "kind": "controlnet"}
+        return {
+            **entry,
+            "conditions": {TINY_CONDITION: condition},
+            "preview_vae": str(self.tiny_preview_vae.resolve()),
+        }
 
     def _write_tiny_model(self, say: Callable[[str], None]) -> None:
         folder = self.tiny_model
@@ -242,8 +275,9 @@ class DevEnv:
         say(f"writing the offline tiny preview autoencoder to {display_path(folder)}")
         _tiny_model([str(folder), "--preview-vae"], "the tiny preview autoencoder")
 
-    def environment(self, *, api_url: str, redis_url: str, model: str) -> dict[str, str]:
-        """The variables of every stack process: this shell's, with the stack's on top."""
+    def environment(self, *, api_url: str, redis_url: str, models: list[str]) -> dict[str, str]:
+        """The variables of every stack process: this shell's, with the stack's on top.
+        ``models``: the names served, the default first."""
         env = {
             name: value
             for name, value in os.environ.items()
@@ -263,7 +297,7 @@ class DevEnv:
                 "MASACTRL_CATALOG_FILE": str(self.catalog.resolve()),
                 # Blank beats a MASACTRL_CATALOG in a .env file ("set one of the two at most").
                 "MASACTRL_CATALOG": "",
-                "MASACTRL_MODEL": model,
+                "MASACTRL_MODEL": models[0],
                 "MASACTRL_DEV_API_KEY": self.api_key(),
                 "MASACTRL_DEV_WEBHOOK_SECRET": self.webhook_secret(),
                 # Development only (refused in production): a developer's own webhook receiver.
@@ -273,6 +307,6 @@ class DevEnv:
         )
         # Where s3:// model sources are downloaded: inside the stack's folder, like the rest.
         env.setdefault("MASACTRL_MODEL_CACHE_DIR", str(self.models.resolve()))
-        if model == "tiny":
+        if TINY_MODEL in models:
             env.setdefault("HF_HUB_OFFLINE", "1")
         return env

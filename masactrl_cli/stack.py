@@ -6,13 +6,17 @@ not reach them):
 - ``redis``: a redis-server on 127.0.0.1 (AOF on, data in var/redis), unless
   ``MASACTRL_REDIS_URL`` is set and answers;
 - ``gateway``: ``masactrl serve`` on 127.0.0.1:8000;
-- ``worker``: ``masactrl worker`` for the offline tiny checkpoint, or for ``MASACTRL_MODEL``;
+- ``worker``: ``masactrl worker`` for the default model, the committed toy-world checkpoint, or
+  for ``MASACTRL_MODEL``;
+- ``worker-tiny``: a second ``masactrl worker``, for the random tiny checkpoint served beside the
+  toy one (its ControlNet runs layouts and sequences); none when ``MASACTRL_MODEL`` names a model,
+  since the stack then serves that one alone;
 - ``webhooks``: ``masactrl worker --webhooks``;
 
 in the development environment that :mod:`masactrl_cli.devenv` prepares (keys, model, catalog,
 storage). It returns once ``/readyz`` answers 200 and ``GET /v1/models`` shows a live worker for
-the model. Run it again and it starts only what is not running. ``down`` stops exactly the
-processes ``up`` started.
+every model (the workers load theirs in parallel). Run it again and it starts only what is not
+running. ``down`` stops exactly the processes ``up`` started.
 
 How a process is known to be ours: ``up`` records each one as its pid and its creation time
 (psutil's ``create_time``) in var/run/stack.json, and repeats the pid in var/run/<name>.pid for
@@ -48,7 +52,7 @@ import psutil
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from masactrl_cli.devenv import DevEnv, catalog_entry, display_path
+from masactrl_cli.devenv import DevEnv, catalog_entries, display_path
 from masactrl_cli.errors import StackError, UsageError
 
 __all__ = [
@@ -61,8 +65,8 @@ __all__ = [
     "run",
 ]
 
-SERVICES = ("redis", "gateway", "worker", "webhooks")
-_APPS = ("gateway", "worker", "webhooks")
+SERVICES = ("redis", "gateway", "worker", "worker-tiny", "webhooks")
+_APPS = ("gateway", "worker", "worker-tiny", "webhooks")
 _POLL_SECONDS = 0.25
 # A creation time is the boot time plus the ticks since boot, and the boot time psutil reads moves
 # a little when NTP adjusts the clock. Another process with our pid started within a second of ours
@@ -100,7 +104,8 @@ class StackSettings(BaseSettings):
     model: str | None = Field(
         None,
         validation_alias="MASACTRL_MODEL",
-        description="Hub id, diffusers folder or catalog name; default: the tiny checkpoint.",
+        description="Hub id, diffusers folder or catalog name to serve alone; default: the toy "
+        "checkpoint and the tiny one beside it.",
     )
 
 
@@ -368,11 +373,11 @@ class LocalStack:
     def _up(self, started: list[str]) -> None:
         begin = time.monotonic()
         settings = self.settings
-        entry = catalog_entry(settings.model, self.devenv.tiny_model)
+        entries = catalog_entries(settings.model, self.devenv.tiny_model)
         previous = self.processes.config()
         alive = self.processes.running()
         redis_url, own_redis = self._choose_redis(alive, (previous or {}).get("redis_url"))
-        config = {"port": settings.port, "redis_url": redis_url, "model": entry}
+        config = {"port": settings.port, "redis_url": redis_url, "models": entries}
         if alive and previous not in (None, config):
             # Mixing old and new settings would leave, e.g., a worker for another model.
             raise StackError(self._settings_changed(previous or {}, config))
@@ -389,27 +394,35 @@ class LocalStack:
             self._start_redis(started)
         elif "redis" in alive:
             self.say(f"{'redis':<9} running  pid {alive['redis'].pid}")
-        self.devenv.prepare(entry, self.say)
+        self.devenv.prepare(entries, self.say)
 
-        model = entry["name"]
-        env = self.devenv.environment(api_url=self.api_url, redis_url=redis_url, model=model)
+        # Model name -> the worker process that serves it: the default model's is "worker".
+        workers = {
+            entry["name"]: "worker" if k == 0 else f"worker-{entry['name']}"
+            for k, entry in enumerate(entries)
+        }
+        env = self.devenv.environment(
+            api_url=self.api_url, redis_url=redis_url, models=list(workers)
+        )
         masactrl = [sys.executable, "-m", "masactrl_cli.main"]
         commands = {
             "gateway": [*masactrl, "serve", "--host", "127.0.0.1", "--port", str(settings.port)],
-            "worker": [*masactrl, "worker", "--model", model],
+            **{name: [*masactrl, "worker", "--model", m] for m, name in workers.items()},
             "webhooks": [*masactrl, "worker", "--webhooks"],
         }
-        details = {"gateway": self.api_url, "worker": f"model {model} ({entry['source']})"}
-        workers_before = self._worker_ids(redis_url, model)
-        for name in _APPS:
+        details = {"gateway": self.api_url}
+        details.update({workers[e["name"]]: f"model {e['name']} ({e['source']})" for e in entries})
+        workers_before = {model: self._worker_ids(redis_url, model) for model in workers}
+        # Every process starts before any is waited for: the workers load their models at once.
+        for name in (n for n in _APPS if n in commands):
             if name in alive:
                 self.say(f"{name:<9} running  pid {alive[name].pid}")
                 continue
             pid = self.processes.start(name, commands[name], env)
             started.append(name)
             self.say(f"{name:<9} started  pid {pid}  {details.get(name, '')}".rstrip())
-        new_worker = "worker" in started
-        self._wait_ready([*started, *alive], redis_url, model, workers_before, new_worker)
+        fresh = {model for model, name in workers.items() if name in started}
+        self._wait_ready([*started, *alive], redis_url, workers_before, fresh, workers)
         self.say(f"ready in {time.monotonic() - begin:.1f} s")
 
     def _settings_changed(self, running: dict[str, Any], asked: dict[str, Any]) -> str:
@@ -418,9 +431,10 @@ class LocalStack:
             for what, key in (("port", "port"), ("Redis", "redis_url"))
             if running.get(key) != asked[key]
         ]
-        if running.get("model") != asked["model"]:
-            old_model = (running.get("model") or {}).get("source")
-            changes.append(f"model {old_model} (now asked for {asked['model']['source']})")
+        if running.get("models") != asked["models"]:
+            old = ", ".join(str(m.get("source")) for m in running.get("models") or [])
+            new = ", ".join(str(m["source"]) for m in asked["models"])
+            changes.append(f"models {old or '?'} (now asked for {new})")
         return (
             f"the stack in {display_path(self.settings.dir)} runs with {', '.join(changes)}; "
             "run `make down` first to change it"
@@ -513,18 +527,18 @@ class LocalStack:
         self,
         watched: list[str],
         redis_url: str,
-        model: str,
-        workers_before: set[str],
-        new_worker: bool,
+        workers_before: dict[str, set[str]],
+        fresh: set[str],
+        workers: dict[str, str],
     ) -> None:
-        """Until /readyz is 200 and the model is live (through a new worker, if one started)."""
+        """Until /readyz is 200 and every model of ``workers_before`` is live, through a new
+        worker for the models in ``fresh`` (their worker process started now). ``workers``: the
+        process serving each model, for the log to name."""
         import httpx
 
-        if new_worker:
-            self.say(
-                f"waiting for the worker to load {model} "
-                f"(log: {display_path(self.processes.log_file('worker'))})"
-            )
+        for model in fresh:
+            log = display_path(self.processes.log_file(workers[model]))
+            self.say(f"waiting for the worker to load {model} (log: {log})")
         deadline = time.monotonic() + self.settings.start_timeout_seconds
         headers = {"Authorization": f"Bearer {self.api_key}"}
         waiting_for = "the gateway"
@@ -535,7 +549,6 @@ class LocalStack:
                     if http.get("/readyz").status_code != 200:
                         waiting_for = "the gateway's /readyz"
                     else:
-                        waiting_for = f"a live worker for {model}"
                         answer = http.get("/v1/models")
                         if answer.status_code == 401:
                             raise StackError(
@@ -543,15 +556,20 @@ class LocalStack:
                                 f"{display_path(self.devenv.api_key_file)} (was it replaced?); "
                                 "run `make down`, then `make up`"
                             )
-                        models = answer.json().get("data", [])
-                        live = any(m.get("name") == model and m.get("live") for m in models)
+                        live = {
+                            m.get("name") for m in answer.json().get("data", []) if m.get("live")
+                        }
                         # A worker killed moments ago still looks live until its heartbeat
                         # expires; the one this run started must have registered itself.
-                        fresh = not new_worker or bool(
-                            self._worker_ids(redis_url, model) - workers_before
-                        )
-                        if live and fresh:
+                        waiting = [
+                            model
+                            for model, before in workers_before.items()
+                            if model not in live
+                            or (model in fresh and not self._worker_ids(redis_url, model) - before)
+                        ]
+                        if not waiting:
                             return
+                        waiting_for = f"a live worker for {', '.join(waiting)}"
                 except (httpx.HTTPError, ValueError):
                     pass
                 if time.monotonic() > deadline:
@@ -599,6 +617,16 @@ class LocalStack:
             '"a creature with arms up sitting facing left on snow on the left" '
             '--target-prompt "a creature with arms up standing facing left on snow on the left" '
             "--steps 20 --out out/try",
+        ]
+        if self.processes.find("worker-tiny") is not None:
+            # The toy model has no condition model: layouts and sequences go to the tiny one.
+            lines.append(
+                f"sequence: {masactrl} client sequence --model tiny --source-prompt "
+                '"a creature" --target-prompt "a creature dancing" --condition-model canny '
+                "--condition-preprocess canny --video examples/dance.mp4 --steps 10 --out out/clip"
+                "   (tiny: random weights, layouts and sequences plumbing)"
+            )
+        lines += [
             "stop:     make down",
         ]
         return lines

@@ -127,6 +127,20 @@ function applyModel() {
   syncSliders();
 }
 
+/** A sequence follows condition frames: with a model that has no condition model, the sentence
+ * that names one that has (instead of the API's "condition.model" error); else null. */
+function conditionModelSuggestion() {
+  const model = selectedModel();
+  if (mode() !== "sequence" || !model || model.conditions.length) return null;
+  const other = state.models.find((m) => m.conditions.length);
+  return (
+    `A sequence follows condition frames, and ${model.name} has no condition model: ` +
+    (other
+      ? `choose ${other.name} above (condition models: ${other.conditions.map((c) => c.name).join(", ")}).`
+      : "no model of this gateway has one.")
+  );
+}
+
 async function loadModels() {
   if (!savedKey()) {
     $("model-info").textContent = "Enter your API key above to list the models.";
@@ -692,6 +706,12 @@ function wire() {
     if (!savedKey()) {
       placeError($("api-key").closest(".field"), errorNode(NO_KEY, "error"));
       $("api-key").focus();
+      return;
+    }
+    const suggestion = conditionModelSuggestion();
+    if (suggestion) {
+      placeError($("model").closest(".field"), errorNode(suggestion, "error"));
+      $("model").focus();
       return;
     }
     $("submit").disabled = true;

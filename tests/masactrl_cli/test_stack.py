@@ -22,10 +22,13 @@ import psutil
 import pytest
 from PIL import Image
 
-from masactrl_cli.devenv import catalog_entry
+from masactrl_cli.devenv import catalog_entries, catalog_entry
 from masactrl_cli.errors import StackError
 from masactrl_cli.stack import SERVICES, LocalStack, Processes, StackSettings
 from tests.masactrl_cli.conftest import StackRun, alive, kill_groups, masactrl, stack_environment
+
+# What the shared stack runs: MASACTRL_MODEL=tiny serves that model alone, so no second worker.
+TINY_STACK = tuple(name for name in SERVICES if name != "worker-tiny")
 
 
 def _wait_gone(pid: int, timeout: float = 10) -> None:
@@ -52,9 +55,9 @@ def _lines(text: str) -> dict[str, str]:
 def test_up_writes_pids_logs_keys_and_serves_the_tiny_model(local_stack: StackRun) -> None:
     var = local_stack.root / "var"
     pids = local_stack.pids()
-    assert sorted(pids) == sorted(SERVICES)
+    assert sorted(pids) == sorted(TINY_STACK)
     assert all(alive(pid) for pid in pids.values())
-    for name in SERVICES:
+    for name in TINY_STACK:
         assert (var / "log" / f"{name}.log").stat().st_size > 0
     for secret in ("dev-api-key", "dev-webhook-secret"):
         assert stat.S_IMODE((var / secret).stat().st_mode) == 0o600
@@ -82,7 +85,7 @@ def test_a_second_up_starts_nothing(local_stack: StackRun) -> None:
     before = local_stack.pids()
     result = local_stack.run("up", timeout=60)
     assert result.returncode == 0, result.stderr
-    assert _lines(result.stdout) == dict.fromkeys(SERVICES, "running")
+    assert _lines(result.stdout) == dict.fromkeys(TINY_STACK, "running")
     assert f"playground: {local_stack.api_url}/playground" in result.stdout
     assert local_stack.pids() == before
 
@@ -109,9 +112,10 @@ def test_demo_reuses_the_running_stack_and_leaves_it_running(local_stack: StackR
     out = local_stack.root / "out"
     assert "submitted layout-guided edit" in result.stdout
     paths = ("edit/source_0.png", "edit/target_0.png", "synthesis/target_1.png")
-    for path in (*paths, "layout/source_0.png", "layout/target_0.png"):
+    for path in (*paths, "layout/source_0.png", "layout/target_0.png", "sequence/frame_0.png"):
         assert (out / path).is_file()
         assert str(Path("out") / path) in result.stdout
+    assert (out / "sequence/sequence.mp4").stat().st_size > 0
     assert local_stack.pids() == before
 
 
@@ -149,7 +153,7 @@ def test_down_stops_exactly_the_recorded_processes(local_stack: StackRun) -> Non
     try:
         result = local_stack.run("down", timeout=60)
         assert result.returncode == 0, result.stderr
-        assert _lines(result.stdout) == dict.fromkeys(SERVICES, "stopped")
+        assert _lines(result.stdout) == dict.fromkeys(TINY_STACK, "stopped")
         for pid in pids.values():
             _wait_gone(pid)
         assert local_stack.pids() == {}
@@ -266,6 +270,43 @@ def test_the_default_model_is_the_committed_toy_checkpoint(tmp_path: Path) -> No
     assert toy.size_multiple == 16
 
 
+def test_the_default_stack_serves_the_toy_model_and_the_tiny_one_beside_it(
+    tmp_path: Path,
+) -> None:
+    tiny = tmp_path / "tiny"
+    default = catalog_entries(None, tiny)
+    assert [entry["name"] for entry in default] == ["toy-shapes", "tiny"]
+    assert default[1] == catalog_entry("tiny", tiny)
+    # A model named explicitly is served alone, the tiny one too.
+    assert catalog_entries("tiny", tiny) == [catalog_entry("tiny", tiny)]
+    assert [e["name"] for e in catalog_entries("sd15", tiny)] == ["sd15"]
+
+
+def test_the_written_catalog_lists_both_models_with_the_tiny_condition_model(
+    tmp_path: Path,
+) -> None:
+    from masactrl_cli.devenv import DevEnv
+    from masactrl_jobs.catalog import catalog_from_data
+
+    devenv = DevEnv(tmp_path / "var")
+    for folder, marker in (
+        (devenv.tiny_model, "model_index.json"),
+        (devenv.tiny_controlnet, "config.json"),
+        (devenv.tiny_preview_vae, "config.json"),
+    ):  # as if written already: no torch subprocess here
+        folder.mkdir(parents=True)
+        (folder / marker).write_text("{}")
+    devenv.prepare(catalog_entries(None, devenv.tiny_model), print)
+    data = json.loads(devenv.catalog.read_text())
+    assert data["default"] == "toy-shapes"
+    toy, tiny = data["models"]
+    assert "conditions" not in toy
+    assert tiny["conditions"] == {
+        "canny": {"source": str(devenv.tiny_controlnet.resolve()), "kind": "controlnet"}
+    }
+    assert catalog_from_data(data).default_entry.name == "toy-shapes"
+
+
 def test_the_written_catalog_is_valid(tmp_path: Path) -> None:
     from masactrl_jobs.catalog import catalog_from_data
 
@@ -297,14 +338,21 @@ def test_demo_starts_its_own_stack_and_stops_all_of_it(
     try:
         result = masactrl(tmp_path, env, "demo", "--steps", "2", "--quiet", timeout=240)
         assert result.returncode == 0, result.stdout + result.stderr
+        # The default stack: the toy model's worker and, beside it, the tiny model's.
         assert _lines(result.stdout.split("stopping the stack")[0]) == dict.fromkeys(
             SERVICES, "started"
         )
-        assert "stopping the stack this demo started (redis, gateway, worker, webhooks)" in (
+        assert "stopping the stack this demo started (redis, gateway, worker, worker-tiny, " in (
             result.stdout
         )
-        for name in ("edit", "edit-off", "synthesis", "synthesis-off"):
+        catalog = json.loads((tmp_path / "var/catalog.json").read_text())
+        assert catalog["default"] == "toy-shapes"
+        assert [m["name"] for m in catalog["models"]] == ["toy-shapes", "tiny"]
+        for name in ("edit", "edit-off", "synthesis", "synthesis-off", "layout"):
             assert (tmp_path / "out" / name / "target_0.png").is_file()
+        # Layouts and the sequence ran on the tiny model, the one with a condition model.
+        assert "submitted layout-guided edit" in result.stdout and " on tiny (" in result.stdout
+        assert (tmp_path / "out/sequence/sequence.mp4").stat().st_size > 0
         sheet = tmp_path / "out/comparison.png"
         assert "without MasaCtrl | with MasaCtrl): out/comparison.png" in result.stdout
         assert Image.open(sheet).size[0] > 3 * 32 * 6
@@ -335,7 +383,7 @@ def test_an_interrupted_demo_still_stops_what_it_started(
             if line.startswith("submitted"):
                 break
         seen = {int(p.read_text()) for p in (tmp_path / "var/run").glob("*.pid")}
-        assert len(seen) == len(SERVICES), output
+        assert len(seen) == len(TINY_STACK), output
         demo.send_signal(signal.SIGTERM)  # as a CI timeout would; Ctrl-C takes the same path
         rest, _ = demo.communicate(timeout=60)
         assert demo.returncode == 130, output + rest

@@ -517,3 +517,36 @@ def test_a_missing_or_refused_key_is_said_for_people_on_the_page(
     finally:
         context.close()
     assert uncaught == []
+
+
+def test_a_sequence_on_a_model_without_condition_models_suggests_one_that_has(
+    page: Page,
+) -> None:
+    # The default local stack's toy model has no condition model: a copy of the tiny entry
+    # without any stands for it in the gateway's answer.
+    def with_a_model_without_conditions(route: Any) -> None:
+        response = route.fetch()
+        models = response.json()
+        toy = {**models["data"][0], "name": "toy-shapes", "conditions": []}
+        route.fulfill(
+            response=response,
+            json={**models, "default": "toy-shapes", "data": [toy, *models["data"]]},
+        )
+
+    page.route("**/v1/models", with_a_model_without_conditions)
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.url) if "/v1/sequences" in r.url else None)
+    page.reload()
+    expect(page.get_by_test_id("model")).to_have_value("toy-shapes")
+    expect(page.get_by_test_id("model-guide")).to_contain_text("tiny")
+    page.get_by_test_id("mode").select_option("sequence")
+    fill_prompts(page, "a knight", "a knight dancing")
+    page.get_by_test_id("submit").click()
+
+    error = page.locator('[data-field="model"] [data-testid="error"]')
+    expect(error).to_have_text(
+        "A sequence follows condition frames, and toy-shapes has no condition model: "
+        "choose tiny above (condition models: canny)."
+    )
+    expect(page.get_by_test_id("model")).to_be_focused()
+    assert sent == []
