@@ -45,6 +45,7 @@ from masactrl_jobs.catalog import tiny_model_entry
 
 __all__ = [
     "TINY_CONDITION",
+    "TINY_LORA",
     "TINY_MODEL",
     "TOY_MODEL",
     "DevEnv",
@@ -56,6 +57,8 @@ __all__ = [
 
 # The condition model name the tiny entry offers (``masactrl demo`` runs a canny edit with it).
 TINY_CONDITION = "canny"
+# The LoRA adapter the tiny entry offers (a seeded random one: the README's LoRA run).
+TINY_LORA = "tiny-style"
 # The catalog name of the random-weight tiny checkpoint (``MASACTRL_MODEL=tiny``).
 TINY_MODEL = "tiny"
 # The committed toy-world checkpoint, relative to the repository: the stack's default model.
@@ -211,6 +214,7 @@ class DevEnv:
         self.tiny_model = self.models / "tiny-sd"
         self.tiny_controlnet = self.models / "tiny-controlnet"
         self.tiny_preview_vae = self.models / "tiny-preview-vae"
+        self.tiny_lora = self.models / "tiny-lora"
         self.catalog = var / "catalog.json"
         self.api_key_file = var / "dev-api-key"
         self.webhook_secret_file = var / "dev-webhook-secret"
@@ -239,17 +243,19 @@ class DevEnv:
     def _with_tiny_extras(
         self, entry: dict[str, Any], say: Callable[[str], None]
     ) -> dict[str, Any]:
-        """``entry``, and for the tiny checkpoint its files written and its ControlNet and
-        preview autoencoder added."""
+        """``entry``, and for the tiny checkpoint its files written and its ControlNet, preview
+        autoencoder and LoRA adapter added."""
         if entry["name"] != TINY_MODEL:
             return entry
         self._write_tiny_model(say)
         self._write_tiny_controlnet(say)
         self._write_tiny_preview_vae(say)
+        self._write_tiny_lora(say)
         condition = {"source": str(self.tiny_controlnet.resolve()), "kind": "controlnet"}
         return {
             **entry,
             "conditions": {TINY_CONDITION: condition},
+            "loras": {TINY_LORA: {"source": str(self.tiny_lora.resolve())}},
             "preview_vae": str(self.tiny_preview_vae.resolve()),
         }
 
@@ -274,6 +280,13 @@ class DevEnv:
             return
         say(f"writing the offline tiny preview autoencoder to {display_path(folder)}")
         _tiny_model([str(folder), "--preview-vae"], "the tiny preview autoencoder")
+
+    def _write_tiny_lora(self, say: Callable[[str], None]) -> None:
+        folder = self.tiny_lora
+        if (folder / "pytorch_lora_weights.safetensors").is_file():
+            return
+        say(f"writing the offline tiny LoRA adapter to {display_path(folder)}")
+        _tiny_model([str(folder), "--lora", "--base", str(self.tiny_model)], "the tiny LoRA")
 
     def environment(self, *, api_url: str, redis_url: str, models: list[str]) -> dict[str, str]:
         """The variables of every stack process: this shell's, with the stack's on top.

@@ -3,7 +3,8 @@
 With ``--condition controlnet|adapter --base BASE_DIR`` it writes a seeded ControlNet or
 T2I-Adapter whose shapes fit the tiny checkpoint in BASE_DIR (its family comes from there). With
 ``--preview-vae`` it writes a seeded tiny ``AutoencoderTiny`` that decodes either family's live
-previews (a catalog entry's ``preview_vae``).
+previews (a catalog entry's ``preview_vae``). With ``--lora --base BASE_DIR`` it writes a seeded
+random LoRA adapter (UNet and text encoder) for the SD-family tiny checkpoint in BASE_DIR.
 """
 
 from __future__ import annotations
@@ -36,7 +37,15 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         help="write a ControlNet or T2I-Adapter for the checkpoint in --base instead",
     )
     parser.add_argument(
-        "--base", type=Path, metavar="BASE_DIR", help="tiny checkpoint the condition model fits"
+        "--lora",
+        action="store_true",
+        help="write a seeded random LoRA adapter for the sd checkpoint in --base instead",
+    )
+    parser.add_argument(
+        "--base",
+        type=Path,
+        metavar="BASE_DIR",
+        help="tiny checkpoint the condition model or the LoRA fits",
     )
     parser.add_argument(
         "--preview-vae",
@@ -52,12 +61,20 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out_dir
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")
-    if args.condition is None and args.base is not None:
-        raise UsageError("--base is only used with --condition")
-    if args.variant != "standard" and (args.condition is not None or args.preview_vae):
-        raise UsageError("--variant shapes a checkpoint's UNet: no --condition or --preview-vae")
+    if args.lora and (args.condition is not None or args.preview_vae or args.family is not None):
+        raise UsageError(
+            "--lora fits the checkpoint in --base: no --condition, --preview-vae or --family"
+        )
+    if args.condition is None and not args.lora and args.base is not None:
+        raise UsageError("--base is only used with --condition or --lora")
+    if args.variant != "standard" and (args.condition is not None or args.preview_vae or args.lora):
+        raise UsageError(
+            "--variant shapes a checkpoint's UNet: no --condition, --preview-vae or --lora"
+        )
     if args.preview_vae and (args.condition is not None or args.family is not None):
         raise UsageError("--preview-vae fits every tiny checkpoint: no --condition or --family")
+    if args.lora and (args.base is None or not (args.base / "model_index.json").is_file()):
+        raise UsageError("--lora needs --base, the tiny sd checkpoint (with model_index.json)")
     if args.condition is not None:
         if args.base is None:
             raise UsageError("--condition needs --base, the tiny checkpoint it is made for")
@@ -69,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.preview_vae:
             description = _write_preview_vae(out, args.seed)
+        elif args.lora:
+            description = _write_lora(out, args.base, args.seed)
         elif args.condition is not None:
             description = _write_condition(out, args.condition, args.base, args.seed)
         else:
@@ -104,3 +123,10 @@ def _write_preview_vae(out: Path, seed: int) -> str:
 
     path = write_tiny_preview_vae(out, seed=seed)
     return f"tiny preview autoencoder (AutoencoderTiny, seed {seed}) at {path}"
+
+
+def _write_lora(out: Path, base: Path, seed: int) -> str:
+    from masactrl_core.tiny_lora import write_tiny_lora
+
+    info = write_tiny_lora(base, out, seed=seed)
+    return f"tiny LoRA adapter (rank {info.rank}, seed {seed}, for {base}) at {info.file}"

@@ -293,6 +293,7 @@ def test_the_written_catalog_lists_both_models_with_the_tiny_condition_model(
         (devenv.tiny_model, "model_index.json"),
         (devenv.tiny_controlnet, "config.json"),
         (devenv.tiny_preview_vae, "config.json"),
+        (devenv.tiny_lora, "pytorch_lora_weights.safetensors"),
     ):  # as if written already: no torch subprocess here
         folder.mkdir(parents=True)
         (folder / marker).write_text("{}")
@@ -304,7 +305,10 @@ def test_the_written_catalog_lists_both_models_with_the_tiny_condition_model(
     assert tiny["conditions"] == {
         "canny": {"source": str(devenv.tiny_controlnet.resolve()), "kind": "controlnet"}
     }
-    assert catalog_from_data(data).default_entry.name == "toy-shapes"
+    assert tiny["loras"] == {"tiny-style": {"source": str(devenv.tiny_lora.resolve())}}
+    catalog = catalog_from_data(data)
+    assert catalog.default_entry.name == "toy-shapes"
+    assert sorted(catalog.get("tiny").loras) == ["tiny-style"]
 
 
 def test_the_written_catalog_is_valid(tmp_path: Path) -> None:
@@ -326,6 +330,7 @@ def _own_stack_root(local_stack: StackRun, root: Path) -> dict[str, str]:
     (models / "tiny-sd").symlink_to(local_stack.root / "var/models/tiny-sd")
     (models / "tiny-controlnet").symlink_to(local_stack.root / "var/models/tiny-controlnet")
     (models / "tiny-preview-vae").symlink_to(local_stack.root / "var/models/tiny-preview-vae")
+    (models / "tiny-lora").symlink_to(local_stack.root / "var/models/tiny-lora")
     return stack_environment(root)
 
 

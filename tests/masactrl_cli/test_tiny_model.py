@@ -28,3 +28,21 @@ def test_tiny_model_writes_a_preview_autoencoder(
     assert '"_class_name": "AutoencoderTiny"' in config
     assert main(["tiny-model", str(tmp_path / "x"), "--preview-vae", "--family", "sdxl"]) == 2
     assert "--preview-vae fits every tiny checkpoint: no --condition" in capfd.readouterr().err
+
+
+def test_tiny_model_writes_a_lora_that_loads_and_changes_the_model(
+    tiny_checkpoint: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from masactrl_core import MasaCtrlEngine
+
+    out = tmp_path / "lora"
+    assert main(["tiny-model", str(out), "--lora", "--base", str(tiny_checkpoint)]) == 0
+    assert "tiny LoRA adapter (rank 4, seed 0" in capfd.readouterr().out
+    engine = MasaCtrlEngine.from_pretrained(tiny_checkpoint, device="cpu")
+    plain = engine.synthesize("a cat", ["a dog"], seed=1, steps=2).latents
+    engine.loras.load("style", out)
+    with engine.loras.activated({"style": 1.0}):
+        styled = engine.synthesize("a cat", ["a dog"], seed=1, steps=2).latents
+    assert (styled - plain).abs().max() > 1e-3
+    assert main(["tiny-model", str(tmp_path / "x"), "--lora"]) == 2
+    assert "--lora needs --base" in capfd.readouterr().err
