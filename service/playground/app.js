@@ -27,6 +27,9 @@ const state = {
 const NO_KEY = "Enter your API key above to run jobs; make up prints one.";
 const BAD_KEY = "The gateway does not accept this API key; check it above, or use the one make up printed.";
 const painter = new MaskPainter($("mask-canvas"), $("mask-backdrop"));
+// The API's limit on the LoRA adapters of one job (masactrl_jobs.schema.MAX_LORAS; a test holds
+// the two equal): ticking stops there instead of sending a request the API refuses.
+const MAX_LORAS = 4;
 
 // -- small helpers ---------------------------------------------------------------------------
 
@@ -95,6 +98,74 @@ function targetPrompts() {
   return [...$("targets").querySelectorAll("input")].map((input) => input.value);
 }
 
+// -- LoRA adapters ---------------------------------------------------------------------------
+
+function loraRows() {
+  return [...$("loras").children];
+}
+
+function loraRow(lora) {
+  const name = lora.name;
+  const tick = element("input", { type: "checkbox", "data-testid": `lora-option-${name}` });
+  const weight = element("input", {
+    type: "number",
+    step: "0.05",
+    "data-testid": `lora-weight-${name}`,
+    "aria-label": `Weight of ${name}`,
+  });
+  const row = element("li", { "data-lora": name, "data-default": String(lora.weight ?? 1) });
+  weight.value = row.dataset.default;
+  tick.addEventListener("change", limitLoras);
+  row.append(element("label", { class: "check" }, tick, name), weight);
+  return row;
+}
+
+/** Tick the adapters named in ``loras`` (``[{name, weight}]``) with their weights; untick the
+ * others, back at their default weights. Names the model does not list are left out. */
+function setLoras(loras) {
+  const wanted = new Map(loras.map((lora) => [lora.name, lora.weight]));
+  for (const row of loraRows()) {
+    const weight = wanted.get(row.dataset.lora);
+    row.querySelector("input[type=checkbox]").checked = wanted.has(row.dataset.lora);
+    row.querySelector("input[type=number]").value =
+      weight === undefined || weight === null ? row.dataset.default : String(weight);
+  }
+  limitLoras();
+}
+
+function limitLoras() {
+  const ticks = loraRows().map((row) => row.querySelector("input[type=checkbox]"));
+  const full = ticks.filter((tick) => tick.checked).length >= MAX_LORAS;
+  for (const tick of ticks) tick.disabled = full && !tick.checked;
+  const hint = ticks.length
+    ? `Tick up to ${MAX_LORAS}; each weight scales its adapter (shown: the model's default).`
+    : "This model has no LoRA adapters.";
+  $("lora-hint").textContent = full ? `${hint} ${MAX_LORAS} are ticked, the most a job takes.` : hint;
+}
+
+/** List ``model``'s adapters, keeping the ticks and weights of those it shares with the last. */
+function fillLoras(model) {
+  const list = $("loras");
+  if (list.dataset.model === model.name) return;
+  const kept = lorasBody();
+  list.dataset.model = model.name;
+  list.replaceChildren(...model.loras.map(loraRow));
+  setLoras(kept);
+}
+
+/** The ticked adapters as the API takes them; each row sent is named by its index in the list,
+ * so that an error at ``loras.<i>`` shows next to it. */
+function lorasBody() {
+  const loras = [];
+  for (const row of loraRows()) {
+    delete row.dataset.field;
+    if (!row.querySelector("input[type=checkbox]").checked) continue;
+    row.dataset.field = `loras.${loras.length}`;
+    loras.push({ name: row.dataset.lora, weight: numberOrUndefined(row.querySelector("input[type=number]")) });
+  }
+  return loras;
+}
+
 // -- models and the control sliders ----------------------------------------------------------
 
 function syncSliders() {
@@ -123,6 +194,7 @@ function applyModel() {
   }
   if (model.conditions.some((c) => c.name === chosen)) conditions.value = chosen;
   $("condition-fields").hidden = !conditions.value;
+  fillLoras(model);
   if (!state.photo) painter.resize(model.native_width, model.native_height);
   syncSliders();
 }
@@ -258,6 +330,8 @@ async function requestBody() {
   };
   // Opt-in, and only sent when asked for, so the page also works with a gateway without it.
   if ($("previews").checked) body.previews = true;
+  const loras = lorasBody();
+  if (loras.length) body.loras = loras;
   if (mode() !== "synthesis" && $("anchor-source").checked) body.anchor_source = true;
   if ($("condition-model").value && mode() !== "sequence") {
     const file = $("condition-image").files[0];
@@ -506,6 +580,7 @@ function fillForm(job) {
   $("start-layer").value = String(input.control.start_layer);
   $("anchor-source").checked = Boolean(input.anchor_source);
   $("previews").checked = Boolean(input.previews);
+  setLoras(input.loras || []);
   reuseInputs(input, job.kind);
   syncSliders();
 }

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from masactrl_jobs.schema import MAX_LORAS
+
 PAGE_FOLDER = Path(__file__).resolve().parents[2] / "service" / "playground"
 # The hooks the issue fixes for outside end-to-end checks that are in the page itself; the
 # script makes the others (target-prompt, result-image, preview-image, error), which the browser
@@ -56,3 +58,12 @@ def test_the_page_loads_nothing_from_elsewhere_and_never_puts_the_key_in_a_url()
 def test_the_playground_is_not_part_of_the_api_contract(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert not [path for path in paths if path.startswith("/playground")]
+
+
+def test_the_page_stops_ticking_lora_adapters_at_the_apis_limit() -> None:
+    # The page holds its own copy of the limit (it has no way to read the schema's): this is
+    # what keeps the two equal.
+    script = (PAGE_FOLDER / "app.js").read_text()
+    limit = re.search(r"^const MAX_LORAS = (\d+);$", script, re.M)
+    assert limit is not None
+    assert int(limit.group(1)) == MAX_LORAS
