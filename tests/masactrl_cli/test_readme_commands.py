@@ -87,5 +87,7 @@ def test_the_readmes_commands_run_against_a_stack(local_stack: StackRun, tmp_pat
     assert result.returncode == 0, output
     assert UUID.search(result.stdout), output  # `echo "$JOB"` printed a job id
     # The client commands wait for their jobs and exit 1 when one fails; these are their results.
-    assert list((tmp_path / "out/try").glob("*.png")), output
+    for run in ("try", "layout", "lora"):
+        assert list((tmp_path / "out" / run).glob("*.png")), output
+    assert (tmp_path / "out/clip/sequence.mp4").exists(), output
     assert (tmp_path / "clip/sequence.mp4").exists(), output
