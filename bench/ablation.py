@@ -14,6 +14,16 @@ Writes the heatmaps to ``--image`` (default docs/ablation.png), all numbers to `
 Markdown table to stdout. The paper's qualitative claim to compare with: control from too early
 a step or layer keeps the source but ignores the prompt; from too late, follows the prompt but
 loses the content.
+
+    .venv/bin/python bench/ablation.py --edits [--choose-scenes 0,1,2,3] [--report-scenes 10,...,17]
+
+chooses the real-image edit the demo shows instead (no grid, no heatmaps): each rendered scene
+``random_scene(seed)`` of ``--choose-scenes`` is edited to itself with one pose attribute flipped
+(arms, stance, facing: in place; position: a move), MasaCtrl on and off; the chosen attribute is
+the one with the lowest on / off colour-histogram distance source -> target among those whose
+target, with MasaCtrl, lies nearer the rendered ground truth than the source on most scenes. Every
+attribute is then measured again on the fresh ``--report-scenes``, which played no part in the
+choice, and the coarse check runs over all of ``examples.json`` at ``--coarse-seeds``.
 """
 
 from __future__ import annotations
@@ -35,9 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core import machine  # noqa: E402  (bench/core.py, next to this script)
 
 from masactrl_toy.effect import (  # noqa: E402
+    POSE_ATTRIBUTES,
+    EditEffect,
     Scores,
     describe,
     edit_scores,
+    in_place_edit_effect,
     synthesis_scores,
     total_variation,
 )
@@ -57,6 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--start-layers", type=_ints, default=[0, 5, 10, 13, 15])
     parser.add_argument("--image", type=Path, default=REPO / "docs" / "ablation.png")
     parser.add_argument("--json", type=Path, help="write every number here too")
+    parser.add_argument(
+        "--edits", action="store_true", help="choose the demo's in-place edit instead of the grid"
+    )
+    parser.add_argument("--choose-scenes", type=_ints, default=[0, 1, 2, 3])
+    parser.add_argument("--report-scenes", type=_ints, default=list(range(10, 18)))
+    parser.add_argument(
+        "--coarse-seeds", type=_ints, help="noise seeds of the coarse check (default: --seeds')"
+    )
     return parser.parse_args(argv)
 
 
@@ -72,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     default = engine.default_control
     off = ControlConfig(start_step=args.steps, start_layer=default.start_layer)
     pairs, seeds = range(args.pairs), range(args.seeds)
+    coarse_seeds = args.coarse_seeds if args.coarse_seeds is not None else list(seeds)
+    if args.edits:
+        return _edits(args, engine, default, off, coarse_seeds, started)
     print(f"# MasaCtrl ablation on {args.model.name} — {machine()}")
     print(
         f"{args.pairs} scene pairs × {args.seeds} seeds, {args.steps} DDIM steps, guidance 7.5; "
@@ -101,17 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             engine, pairs, default, steps=args.steps, anchor_source=True
         ),
     }
-    coarse = _coarse_check(engine, args.model, seeds, default, off, args.steps)
+    coarse = _coarse_check(engine, args.model, coarse_seeds, default, off, args.steps)
 
     print(_grid_table(grid, synthesis_off, args.start_steps, args.start_layers))
     print(_defaults_table(synthesis_off, synthesis_on, edits))
-    print(
-        f"\nCoarse check over examples.json ({coarse['pairs']} pairs × {args.seeds} seeds): "
-        f"whole-image colour-histogram distance on / off = {coarse['image_on']:.4f} / "
-        f"{coarse['image_off']:.4f} = **{coarse['image_ratio']:.2f}×** (creature only: "
-        f"{coarse['creature_ratio']:.2f}×); total variation {coarse['tv_toy']:.4f} vs the random "
-        f"tiny checkpoint's {coarse['tv_tiny']:.4f}."
-    )
+    print(_coarse_line(coarse))
     _heatmaps(grid, synthesis_off, args.start_steps, args.start_layers, args.image)
     print(f"\nheatmaps: {args.image}; {time.monotonic() - started:.0f} s")
     if args.json:
@@ -127,8 +145,99 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _edits(
+    args: argparse.Namespace,
+    engine: Any,
+    on: Any,
+    off: Any,
+    coarse_seeds: list[int],
+    started: float,
+) -> int:
+    """Choose the demo's in-place edit on some renders, report it on fresh ones (module doc)."""
+    print(
+        f"# The demo's real-image edit on {args.model.name} — {machine()}\n"
+        f"{args.steps} DDIM steps, guidance 7.5, control on = start step {on.start_step}, "
+        f"start layer {on.start_layer}; off = no step\n",
+        flush=True,
+    )
+    measured: dict[str, dict[str, dict[str, EditEffect]]] = {}
+    for phase, scenes in (("choose", args.choose_scenes), ("report", args.report_scenes)):
+        measured[phase] = {}
+        for attribute in POSE_ATTRIBUTES:
+            measured[phase][attribute] = {
+                name: in_place_edit_effect(engine, scenes, attribute, control, steps=args.steps)
+                for name, control in (("on", on), ("off", off))
+            }
+        if phase == "choose":
+            chosen = _choose(measured["choose"])
+        print(_edits_table(phase, scenes, measured[phase], chosen), flush=True)
+    print(f"\nchosen: **{chosen}** (on the choice scenes {args.choose_scenes} only)")
+    coarse = _coarse_check(engine, args.model, coarse_seeds, on, off, args.steps)
+    print("\n" + _coarse_line(coarse))
+    print(f"\n{time.monotonic() - started:.0f} s")
+    if args.json:
+        record = {
+            "machine": machine(),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "chosen": chosen,
+            "edits": {
+                phase: {
+                    attribute: {name: asdict(effect) for name, effect in controls.items()}
+                    for attribute, controls in by_attribute.items()
+                }
+                for phase, by_attribute in measured.items()
+            },
+            "coarse": coarse,
+        }
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def _ratio(effects: dict[str, EditEffect]) -> float:
+    return effects["on"].image / max(effects["off"].image, 1e-9)
+
+
+def _choose(by_attribute: dict[str, dict[str, EditEffect]]) -> str:
+    """Lowest on / off ratio among the edits that follow their prompt with MasaCtrl on."""
+    following = [a for a, effects in by_attribute.items() if effects["on"].follows > 0.5]
+    return min(following or list(by_attribute), key=lambda a: _ratio(by_attribute[a]))
+
+
+def _edits_table(
+    phase: str, scenes: list[int], by_attribute: dict[str, dict[str, EditEffect]], chosen: str
+) -> str:
+    what = "choice" if phase == "choose" else "fresh, not used to choose"
+    lines = [
+        f"\nIn-place edits of random_scene({', '.join(map(str, scenes))}) ({what}):"
+        " colour-histogram distance source -> target (↓ keeps the source), pixel distance of"
+        " the target to the rendered ground truth (↓ follows the prompt), share of targets"
+        " nearer the truth than the source:\n",
+        "| flipped | hist. on | hist. off | on / off | to truth on | to truth off "
+        "| nearer truth on | nearer truth off |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for attribute, effects in by_attribute.items():
+        on, off = effects["on"], effects["off"]
+        mark = " (chosen)" if attribute == chosen else ""
+        lines.append(
+            f"| {attribute}{mark} | {on.image:.4f} | {off.image:.4f} | {_ratio(effects):.2f}× | "
+            f"{on.to_truth:.4f} | {off.to_truth:.4f} | {on.follows:.2f} | {off.follows:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _coarse_line(coarse: dict[str, Any]) -> str:
+    return (
+        f"Coarse check over examples.json ({coarse['pairs']} pairs × seeds "
+        f"{coarse['seeds']}): whole-image colour-histogram distance on / off = "
+        f"{coarse['image_on']:.4f} / {coarse['image_off']:.4f} = **{coarse['image_ratio']:.2f}×** "
+        f"(creature only: {coarse['creature_ratio']:.2f}×); total variation "
+        f"{coarse['tv_toy']:.4f} vs the random tiny checkpoint's {coarse['tv_tiny']:.4f}."
+    )
+
+
 def _coarse_check(
-    engine: Any, model: Path, seeds: range, on: Any, off: Any, steps: int
+    engine: Any, model: Path, seeds: list[int], on: Any, off: Any, steps: int
 ) -> dict[str, Any]:
     """The issue's outside check: examples.json pairs, whole-image histograms, on vs off."""
     from masactrl_core import MasaCtrlEngine
@@ -170,6 +279,7 @@ def _coarse_check(
     result = {key: mean(values) for key, values in distances.items()}
     return {
         "pairs": len(examples),
+        "seeds": seeds,
         "image_on": result["image_on"],
         "image_off": result["image_off"],
         "image_ratio": result["image_on"] / max(result["image_off"], 1e-9),

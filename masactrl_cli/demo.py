@@ -36,13 +36,24 @@ if TYPE_CHECKING:
 SAMPLE_IMAGE = Path("examples/house-and-cat.png")
 # The layouts of the demo's sequence: toy-world renders of a creature dancing (examples/dance.py).
 DANCE_VIDEO = Path("examples/dance.mp4")
-# A render of the toy world to edit: masactrl_toy.world.scene_pair(1)[0] at 32 px, the source of
-# the first pair of models/toy-shapes/examples.json (whose synthesis shows the effect at seed 0).
+# A render of the toy world to edit: masactrl_toy.world.scene_pair(1)[0] (= random_scene(1)) at
+# 32 px. The edit changes the arms in place: of the four one-attribute edits of a render (arms,
+# stance, facing, position), `bench/ablation.py --edits` found arms the one the model follows and
+# where MasaCtrl keeps the most of the source; a move across the picture ("on the right") follows
+# neither way. It still keeps little more than the inversion alone does, and the caption says so.
 TOY_SCENE = Path("examples/toy-scene.png")
 TOY_EDIT: dict[str, Any] = {
     "source_prompt": "a creature with arms up sitting facing left on snow on the left",
-    "target_prompts": ["a creature with arms down sitting facing left on snow on the right"],
+    "target_prompts": ["a creature with arms down sitting facing left on snow on the left"],
 }
+# The sheet's caption per row: what bench/ablation.py measured for that task (docs/toy-world.md).
+TOY_EDIT_MEASURED = (
+    "arms edit, 8 fresh renders: on/off source->target colour distance 0.94x; inversion keeps most"
+)
+# docs/ablation.json: the default control on / off over 8 unselected scene pairs x 3 seeds.
+TOY_SYNTHESIS_MEASURED = (
+    "synthesis, 8 unselected pairs x 3 seeds: on/off source->target colour distance 0.84x"
+)
 TOY_SYNTHESIS_SEED = 0
 # Any: spread into the client's keyword arguments, each of its own type.
 EDIT: dict[str, Any] = {
@@ -183,6 +194,7 @@ def _run_jobs(stack: LocalStack, args: argparse.Namespace, submitted: list[str])
                     ),
                 ],
                 args.out / "comparison.png",
+                captions=[TOY_EDIT_MEASURED, TOY_SYNTHESIS_MEASURED],
             )
             print(f"comparison sheet (source | without MasaCtrl | with MasaCtrl): {sheet}")
     return status
@@ -250,9 +262,15 @@ def _by_role(job: dict[str, Any], folder: Path) -> dict[str, Path]:
     return found
 
 
-def write_sheet(rows: list[tuple[str, Path, Path, Path]], path: Path, scale: int = 6) -> Path:
+def write_sheet(
+    rows: list[tuple[str, Path, Path, Path]],
+    path: Path,
+    scale: int = 6,
+    captions: list[str] | None = None,
+) -> Path:
     """A grid, one row per task: source | without MasaCtrl | with MasaCtrl, enlarged ``scale``×
-    with square pixels (the toy model draws at 32 px)."""
+    with square pixels (the toy model draws at 32 px), each row with its caption line below it
+    (what the method measurably does on that task, so a row that shows little says so)."""
     from PIL import Image, ImageDraw
 
     headers = ("source", "without MasaCtrl", "with MasaCtrl")
@@ -261,20 +279,20 @@ def write_sheet(rows: list[tuple[str, Path, Path, Path]], path: Path, scale: int
     images = [[open_image(p, what="result", mode="RGB") for p in row[1:]] for row in rows]
     side = max(im.width for row in images for im in row) * scale
     label_w, header_h, gap = 120, 24, 6
-    sheet = Image.new(
-        "RGB",
-        (label_w + 3 * (side + gap), header_h + len(rows) * (side + gap)),
-        "white",
-    )
+    caption_h = 18 if captions else 0
+    row_h = side + caption_h + gap
+    sheet = Image.new("RGB", (label_w + 3 * (side + gap), header_h + len(rows) * row_h), "white")
     draw = ImageDraw.Draw(sheet)
     for c, header in enumerate(headers):
         draw.text((label_w + c * (side + gap) + 4, 6), header, fill="black")
     for r, ((label, *_), row) in enumerate(zip(rows, images, strict=True)):
-        y = header_h + r * (side + gap)
+        y = header_h + r * row_h
         draw.text((6, y + side // 2 - 6), label, fill="black")
         for c, image in enumerate(row):
             enlarged = image.resize((side, side), Image.Resampling.NEAREST)
             sheet.paste(enlarged, (label_w + c * (side + gap), y))
+        if captions:
+            draw.text((6, y + side + 3), captions[r], fill=(60, 60, 60))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path

@@ -15,12 +15,17 @@ Scores of one (source, target) image pair, all analytic (``masactrl_toy.measures
   arms) that ``read_pose`` reads in the target.
 - ``change``: the same over the attributes the target caption *changes* only: a target that
   copies its source scores 0 here however well it scores above.
+
+In-place edits (``in_place_edit_effect``): a rendered scene edited to the same scene with one pose
+attribute flipped (arms, stance, facing, or position: the last a move across the picture, the
+others a change where the creature stands). The renderer draws the ground-truth target, so
+whether the edit follows the prompt is a pixel distance, with no reading of poses at all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from statistics import mean
 from typing import TYPE_CHECKING, Any
 
@@ -28,12 +33,31 @@ import numpy as np
 from PIL import Image
 
 from masactrl_toy.measures import foreground_mask, histogram_distance, pose_compliance
-from masactrl_toy.world import Scene, caption, render, scene_pair
+from masactrl_toy.world import Scene, caption, random_scene, render, scene_pair
 
 if TYPE_CHECKING:
     from masactrl_core import ControlConfig, MasaCtrlEngine
 
-__all__ = ["Scores", "edit_scores", "pair_scores", "synthesis_scores", "total_variation"]
+__all__ = [
+    "POSE_ATTRIBUTES",
+    "EditEffect",
+    "Scores",
+    "edit_scores",
+    "flip",
+    "in_place_edit_effect",
+    "pair_scores",
+    "pixel_distance",
+    "synthesis_scores",
+    "total_variation",
+]
+
+# Every captioned pose attribute with its two values (masactrl_toy.world.Pose).
+POSE_ATTRIBUTES: dict[str, tuple[str, str]] = {
+    "arms": ("up", "down"),
+    "stance": ("sitting", "standing"),
+    "facing": ("left", "right"),
+    "position": ("left", "right"),
+}
 
 
 @dataclass(frozen=True)
@@ -127,6 +151,67 @@ def edit_scores(
         )
         scores.append(pair_scores(photo, result.targets[0], pair))
     return Scores.average(scores)
+
+
+def flip(scene: Scene, attribute: str) -> Scene:
+    """The same scene with one pose attribute set to its other value."""
+    first, second = POSE_ATTRIBUTES[attribute]
+    other = second if getattr(scene.pose, attribute) == first else first
+    change: dict[str, Any] = {attribute: other}  # one of the pose's literal-typed fields
+    return replace(scene, pose=replace(scene.pose, **change))
+
+
+def pixel_distance(a: Image.Image, b: Image.Image) -> float:
+    """Mean absolute RGB difference of two same-sized images, as a fraction of 255."""
+    pixels_a = np.asarray(a.convert("RGB"), np.float64)
+    pixels_b = np.asarray(b.convert("RGB"), np.float64)
+    return float(np.abs(pixels_a - pixels_b).mean() / 255.0)
+
+
+@dataclass(frozen=True)
+class EditEffect:
+    """Means over the edited scenes of one attribute's flip with one control.
+
+    ``image``: whole-image colour-histogram distance source render -> edited target (the
+    coarse check's measure; lower keeps more of the source). ``to_truth`` / ``to_source``: pixel
+    distance of the edited target to the rendered ground-truth target / to the source render;
+    ``follows`` is the share of scenes whose target lies nearer the ground truth than the source.
+    """
+
+    image: float
+    to_truth: float
+    to_source: float
+    follows: float
+
+
+def in_place_edit_effect(
+    engine: MasaCtrlEngine,
+    scene_seeds: Iterable[int],
+    attribute: str,
+    control: ControlConfig,
+    *,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+) -> EditEffect:
+    """Edit the render of each ``random_scene(seed)`` to the caption with ``attribute`` flipped."""
+    rows = []
+    for seed in scene_seeds:
+        source = random_scene(seed)
+        target = flip(source, attribute)
+        size = engine.native_size[0]
+        photo, _ = render(source, size)
+        truth, _ = render(target, size)
+        edited = engine.edit(
+            photo,
+            [caption(target)],
+            source_prompt=caption(source),
+            steps=steps,
+            guidance_scale=guidance_scale,
+            control=control,
+        ).targets[0]
+        to_truth, to_source = pixel_distance(edited, truth), pixel_distance(edited, photo)
+        rows.append((histogram_distance(photo, edited), to_truth, to_source, to_truth < to_source))
+    return EditEffect(*(mean(float(row[i]) for row in rows) for i in range(4)))
 
 
 def total_variation(image: Image.Image) -> float:

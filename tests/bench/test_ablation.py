@@ -29,3 +29,25 @@ def test_one_cell_writes_the_heatmaps_the_tables_and_the_numbers(tmp_path: Path)
     assert numbers["synthesis"]["on"] == numbers["synthesis"]["off"]
     assert numbers["coarse"]["tv_toy"] < numbers["coarse"]["tv_tiny"]
     assert Image.open(image).size[0] > 200
+
+
+def test_edits_mode_chooses_on_some_scenes_and_reports_on_others(tmp_path: Path) -> None:
+    record = tmp_path / "edits.json"
+    # Three steps: the default start step 4 is then "off", so on and off must agree exactly.
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--edits", "--steps", "3", "--choose-scenes", "0",
+         "--report-scenes", "10", "--coarse-seeds", "10", "--json", str(record)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "In-place edits of random_scene(0) (choice)" in done.stdout
+    assert "In-place edits of random_scene(10) (fresh, not used to choose)" in done.stdout
+    assert "Coarse check over examples.json (4 pairs × seeds [10])" in done.stdout
+    numbers = json.loads(record.read_text())
+    assert numbers["chosen"] in {"arms", "stance", "facing"}
+    for phase in ("choose", "report"):
+        assert set(numbers["edits"][phase]) == {"arms", "stance", "facing", "position"}
+        for effects in numbers["edits"][phase].values():
+            assert effects["on"] == effects["off"]
+            assert 0 < effects["on"]["to_truth"] < 1
+    assert numbers["coarse"]["seeds"] == [10]
