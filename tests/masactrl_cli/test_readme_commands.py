@@ -47,11 +47,30 @@ def shell_blocks(section: str) -> list[str]:
     return blocks
 
 
+def stack_blocks_elsewhere() -> list[str]:
+    """The other ```sh blocks that call the stack's API on its tiny model (its layout, LoRA
+    examples): every block holding ``$API`` and the model name ``tiny``."""
+    sections = ("## The HTTP API", "### Sequences over HTTP")
+    taken = {block.strip() for section in sections for block in shell_blocks(section)}
+    everything = re.findall(r"```sh\n(.*?)```", README.read_text(), re.S)
+    named_tiny = ('"model": "tiny"', '\\"model\\": \\"tiny\\"')
+    return [
+        block
+        for block in everything
+        if block.strip() not in taken
+        and "$API" in block
+        and any(name in block for name in named_tiny)
+    ]
+
+
 def test_the_sections_have_the_blocks_this_test_runs() -> None:
     # A renamed heading must not turn this file into a test of nothing.
     assert len(shell_blocks("## The HTTP API")) >= 2
     assert len(shell_blocks("### Sequences over HTTP")) == 1
     assert any("make up" in block for block in shell_blocks("## Quick start"))
+    elsewhere = stack_blocks_elsewhere()
+    assert any("loras" in block for block in elsewhere)
+    assert any("condition" in block for block in elsewhere)
 
 
 def _script() -> str:
@@ -64,6 +83,7 @@ def _script() -> str:
     ]
     blocks = ["\n".join(quick_start), *shell_blocks("## The HTTP API")]
     blocks += shell_blocks("### Sequences over HTTP")
+    blocks += stack_blocks_elsewhere()
     return "\n".join(blocks)
 
 
@@ -86,6 +106,10 @@ def test_the_readmes_commands_run_against_a_stack(local_stack: StackRun, tmp_pat
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert UUID.search(result.stdout), output  # `echo "$JOB"` printed a job id
+    # curl exits 0 on a 4xx: a request the gateway refused shows in its answer instead (the
+    # README's cancel of a finished job is a documented 409, not a refusal of the request).
+    for refusal in ('"invalid_request"', '"not_found"', '"unauthorized"', '"payload_too_large"'):
+        assert refusal not in result.stdout, output
     # The client commands wait for their jobs and exit 1 when one fails; these are their results.
     for run in ("try", "layout", "lora"):
         assert list((tmp_path / "out" / run).glob("*.png")), output
