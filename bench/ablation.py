@@ -33,7 +33,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     started = time.monotonic()
     engine = MasaCtrlEngine.from_pretrained(args.model, device="cpu")
-    default = engine.default_control
+    # The model's default, its start step clipped to the run as the engine does for omitted values.
+    default = replace(
+        engine.default_control, start_step=min(engine.default_control.start_step, args.steps)
+    )
     off = ControlConfig(start_step=args.steps, start_layer=default.start_layer)
     pairs, seeds = range(args.pairs), range(args.seeds)
     coarse_seeds = args.coarse_seeds if args.coarse_seeds is not None else list(seeds)

@@ -107,6 +107,7 @@ class Gateway:
             or record.output is not None
             or record.error
             or record.metrics
+            or record.warnings
         ):
             return None
         created = _DATETIME.dump_json(datetime.fromtimestamp(record.created_at, tz=timezone.utc))
@@ -120,7 +121,7 @@ class Gateway:
             f'"input":{record.input_json or record.input.model_dump_json()},'
             f'"queue_position":{position},'
             f'"progress":null,"preview":null,"output":null,"error":null,"metrics":null,'
-            f'"attempts":{int(record.attempts)},"webhook":null,'
+            f'"attempts":{int(record.attempts)},"webhook":null,"warnings":[],'
             f'"urls":{{"self":"{url}","cancel":"{url}/cancel","events":"{url}/events"}}}}'
         ).encode()
 

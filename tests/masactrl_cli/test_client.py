@@ -414,7 +414,9 @@ def test_client_stack_and_demo_never_import_torch() -> None:
         "main(['client', 'wait', 'x', '--api-url', 'http://127.0.0.1:1', '--api-key', 'k'])\n"
         "import masactrl_cli.demo, masactrl_cli.stack\n"
         "masactrl_cli.client.EventProgress()\n"
-        "assert 'torch' not in sys.modules and 'masactrl_core' not in sys.modules\n"
+        # masactrl_core.sources (the torch-free rule for model references) may come along.
+        "heavy = {'torch', 'diffusers', 'transformers', 'masactrl_core.engine'}\n"
+        "assert not heavy & set(sys.modules), heavy & set(sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
