@@ -7,7 +7,7 @@ running stack, so re-taking them on another model is one command::
 
     make up                                               # or: MASACTRL_MODEL=<folder> make up
     .venv/bin/python docs/screenshots.py                  # the stack's default model
-    .venv/bin/python docs/screenshots.py --model toy --source-prompt "..." --target-prompt "..."
+    .venv/bin/python docs/screenshots.py --model tiny --source-prompt "..." --target-prompt "..."
 
 The API key is read from ``var/dev-api-key`` (``make up`` writes it) unless ``--api-key`` is
 given; ``--url`` points at another gateway.
@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 # Long enough for a real model's 30 steps on a GPU, or the tiny one's on a busy CPU.
 JOB_TIMEOUT_MS = 600_000
+CREATURE = "a creature with"
+SCENE = "facing left on snow on the left"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,10 +35,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway")
     parser.add_argument("--api-key", help="default: the contents of var/dev-api-key")
     parser.add_argument("--model", help="a catalog model name (default: the catalog's default)")
-    parser.add_argument("--image", type=Path, default=REPO / "examples/house-and-cat.png")
-    parser.add_argument("--edit-source-prompt", default="a house and a cat")
-    parser.add_argument("--edit-target-prompt", default="a house and a cat jumping")
-    parser.add_argument("--source-prompt", default="a cat sitting")
+    # The defaults are the toy world's (models/toy-shapes), which `make up` serves by default: the
+    # demo's in-place edit, and a synthesis of the same creature in two other poses.
+    parser.add_argument("--image", type=Path, default=REPO / "examples/toy-scene.png")
+    parser.add_argument("--edit-source-prompt", default=f"{CREATURE} arms up sitting {SCENE}")
+    parser.add_argument("--edit-target-prompt", default=f"{CREATURE} arms down sitting {SCENE}")
+    parser.add_argument(
+        "--mask-columns",
+        type=float,
+        nargs=2,
+        default=(0.15, 0.15),
+        metavar=("SOURCE", "TARGET"),
+        help="left edge of the drawn region in the photo and in the targets, as a width fraction",
+    )
+    parser.add_argument("--source-prompt", default=f"{CREATURE} arms up sitting {SCENE}")
     parser.add_argument("--target-prompt", action="append", help="repeat for several targets")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=42)
@@ -83,7 +95,10 @@ def synthesis(page: Page, args: argparse.Namespace, key: str) -> Path:
     open_page(page, args, key)
     page.get_by_test_id("mode").select_option("synthesis")
     page.get_by_test_id("source-prompt").fill(args.source_prompt)
-    targets = args.target_prompt or ["a cat running", "a cat jumping"]
+    targets = args.target_prompt or [
+        f"{CREATURE} arms down sitting {SCENE}",
+        f"{CREATURE} arms up standing {SCENE}",
+    ]
     for index, target in enumerate(targets):
         if index:
             page.get_by_role("button", name="Add a target").click()
@@ -107,14 +122,14 @@ def edit(page: Page, args: argparse.Namespace, key: str) -> Path:
     canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
     assert box is not None
-    # The cat (bottom right of the example) in the source; a little to the left in the target.
-    for side, left in (("source", 0.72), ("target", 0.6)):
+    # One region over the subject: where it is in the photo, where it should be in the targets.
+    for side, left in zip(("source", "target"), args.mask_columns, strict=True):
         page.get_by_test_id("mask-side").select_option(side)
         for row in range(6):
-            y = box["y"] + (0.62 + 0.05 * row) * box["height"]
+            y = box["y"] + (0.45 + 0.07 * row) * box["height"]
             page.mouse.move(box["x"] + left * box["width"], y)
             page.mouse.down()
-            page.mouse.move(box["x"] + (left + 0.18) * box["width"], y, steps=6)
+            page.mouse.move(box["x"] + (left + 0.35) * box["width"], y, steps=6)
             page.mouse.up()
     run_and_wait(page)
     path = args.out / "playground-edit.png"
