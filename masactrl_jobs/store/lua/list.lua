@@ -1,6 +1,6 @@
 -- KEYS: tenant index. ARGV: cursor ('' = newest), limit, status ('' = any), max scanned, job
--- prefix, queue prefix, queue policy. Returns {next cursor or '', {hash, rank}...}; ids of records that expired
--- are dropped from the index on the way.
+-- prefix, queue prefix, queue policy. Returns {next cursor or '', {hash, rank}...}; ids of
+-- records that expired are dropped from the index on the way.
 local limit = tonumber(ARGV[2])
 local max_scan = tonumber(ARGV[4])
 local upper = '+'
