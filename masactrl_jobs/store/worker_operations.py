@@ -96,8 +96,9 @@ class WorkerOperations:
 
         def parse(reply: Any) -> ClaimResult:
             ended = tuple(texts(reply[3]))
-            if text(reply[0]) != "started":
-                return ClaimResult("none", ended=ended)
+            outcome = text(reply[0])
+            if outcome != "started":
+                return ClaimResult(outcome, text(reply[1]) or None, ended=ended)
             return ClaimResult("started", text(reply[1]), int(reply[2]), ended)
 
         keys = [k.running, k.taken, k.expiry]
@@ -124,6 +125,11 @@ class WorkerOperations:
             *models,
         ]
         return Call("expire", [k.running, k.expiry], args, texts, durable=True)
+
+    @operation
+    def running_jobs(self, limit: int = 1000) -> Call[list[str]]:
+        """Ids of running jobs, longest running first."""
+        return Call(None, (), ["ZRANGE", self.keys.running, 0, int(limit) - 1], texts)
 
     # -- live previews -----------------------------------------------------------------------
 
@@ -233,6 +239,11 @@ class WorkerOperations:
     def unregister_worker(self, model: str, worker_id: str) -> Call[bool]:
         """Remove the worker at a clean shutdown."""
         return Call(None, (), ["ZREM", self.keys.workers(model), worker_id], flag)
+
+    @operation
+    def worker_models(self) -> Call[set[str]]:
+        """Models that ever had a worker (whether or not one is live now)."""
+        return Call(None, (), ["SMEMBERS", self.keys.worker_models], lambda r: set(texts(r)))
 
     @operation
     def live_models(self) -> Call[set[str]]:

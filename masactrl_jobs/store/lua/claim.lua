@@ -8,7 +8,9 @@
 -- model, and the job is the head of the queue policy: the active tenant with the lowest pass,
 -- its highest priority, its oldest. Jobs past their deadline end `expired` on the way (never
 -- started), as does the message's job when it was cancelled while its worker was gone.
--- Returns {outcome, job id, attempts, {ids of jobs ended here}}: started | none.
+-- Returns {outcome, job id, attempts, {ids of jobs ended here}}: started | none | leased (the job
+-- to start holds another worker's lease: a worker of the protocol before this one is starting
+-- it; nothing is started).
 local jp, model, qp, now = ARGV[8], ARGV[2], ARGV[9], tonumber(ARGV[5])
 local mine = ARGV[1]
 -- The message is consumed by this decision, whatever it decides (see WorkerOperations.take).
@@ -23,6 +25,7 @@ local function end_job(id, status)
 end
 local function start(id)
   local job = jp .. id
+  if redis.call('EXISTS', job .. ':lease') == 1 then return {'leased', id, 0, ended} end
   local st = redis.call('HMGET', job, 'started_at', 'tenant')
   local attempts = redis.call('HINCRBY', job, 'attempts', 1)
   redis.call('HSET', job, 'status', 'running', 'worker_id', ARGV[3])
