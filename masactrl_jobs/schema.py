@@ -27,6 +27,7 @@ __all__ = [
     "PRIORITY_LIMIT",
     "RETRYABLE_STATUSES",
     "QueueOptions",
+    "RetryCreate",
     "LORA_WEIGHT_LIMIT",
     "MAX_IMAGE_REF_CHARS",
     "MAX_LORAS",
@@ -337,6 +338,17 @@ class QueueOptions(_Strict):
         le=MAX_QUEUE_SECONDS,
         description="Seconds the job may wait to start before it ends `expired`. Not with "
         "`start_by`.",
+    )
+
+
+class RetryCreate(QueueOptions):
+    """The optional body of a retry: the new job's queue options."""
+
+    priority: int | None = Field(  # type: ignore[assignment]
+        default=None,
+        ge=-PRIORITY_LIMIT,
+        le=PRIORITY_LIMIT,
+        description="The new job's priority; the retried job's when omitted.",
     )
 
 

@@ -517,6 +517,23 @@ class JobOperations:
         )
 
     @operation
+    def queue_census(
+        self, models: Sequence[str]
+    ) -> Call[tuple[dict[tuple[str, str, int], int], dict[str, int]]]:
+        """For the metrics: queued jobs by (model, tenant, priority), and jobs expired so far
+        by model."""
+        models = list(models)
+        if not models:
+            return nothing(({}, {}))
+
+        def parse(reply: Any) -> tuple[dict[tuple[str, str, int], int], dict[str, int]]:
+            queued = {(text(m), text(t), int(text(p))): int(n) for m, t, p, n in reply[0]}
+            return queued, {text(m): int(n) for m, n in reply[1]}
+
+        args = [self.keys.queue_prefix, PRIORITY_SCALE, *models]
+        return Call("queued", [], args, parse)
+
+    @operation
     def idempotency(self, tenant: str, key: str) -> Call[tuple[str, str] | None]:
         """``(request hash, job id)`` recorded for this tenant's Idempotency-Key, if any."""
 

@@ -272,8 +272,9 @@ class CreateResult:
 class ClaimResult:
     """What a worker's message decided (``claim.lua``): ``started`` (run ``job_id``, whose lease
     this worker now holds; ``attempts`` counts this run), ``none`` (nothing to start: drop the
-    message) or ``leased`` (``job_id`` holds another worker's lease: drop the message). ``ended``: jobs the decision ended on the way (expired, or cancelled while their
-    worker was gone), whose terminal webhooks the caller sends."""
+    message) or ``leased`` (``job_id`` holds another worker's lease: drop the message).
+    ``ended``: jobs the decision ended on the way (expired, or cancelled while their worker was
+    gone), whose terminal webhooks the caller sends."""
 
     outcome: str
     job_id: str | None = None

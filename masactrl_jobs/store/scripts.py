@@ -32,6 +32,7 @@ _NAMES = (
     "progress",
     "purge",
     "push_webhook",
+    "queued",
     "rate_limit",
     "register",
     "renew_if_owner",

@@ -6,7 +6,8 @@ end
 --   ':tenant:' .. t   tenant t's queued ids by priority, then submission order
 --   ':active'         tenants with queued jobs, by their pass (the lowest starts next)
 --   ':fair'           hash: 'p:' .. t = t's pass, 's:' .. t = t's stride, 'vtime' = the pass
---                     of the latest start (a tenant that becomes active starts there)
+--                     of the latest start (a tenant that becomes active starts there),
+--                     'expired' = jobs expired so far (a metric)
 --   ':deadlines'      queued ids with a deadline, by deadline (Unix seconds)
 -- Weighted fair share is stride scheduling: each start adds the tenant's stride (STRIDE_UNIT /
 -- weight) to its pass, so starts follow the weights; ties go to the lower tenant name.
@@ -71,6 +72,7 @@ local function finish(job, events, running, expiry, lease, st, status, now, expi
     redis.call('HSET', job, unpack(ARGV, first_field))
   end
   dequeue(queue_prefix, st[2], redis.call('HGET', job, 'tenant'), st[3])
+  if status == 'expired' then redis.call('HINCRBY', queue_prefix .. st[2] .. ':fair', 'expired', 1) end
   redis.call('ZREM', running, st[3])
   redis.call('ZADD', expiry, expire_at, st[3])
   redis.call('DEL', lease)

@@ -242,3 +242,18 @@ def test_a_requeued_job_goes_back_to_the_head_of_its_tenants_queue(store: JobSto
     assert positions(store, [first, second]) == [1, 2]
     claimed = store.claim("x", MODEL, "w", 30)
     assert (claimed.job_id, claimed.attempts) == (first, 2)
+
+
+def test_the_census_counts_queued_jobs_by_tenant_and_priority_and_expirations(
+    store: JobStore,
+) -> None:
+    submit(store, "a", priority=2)
+    submit(store, "a", priority=2)
+    submit(store, "a", priority=-3)
+    submit(store, "b")
+    submit(store, "b", deadline_at=time.time() + 0.1)
+    time.sleep(0.2)
+    assert len(store.expire_due([MODEL])) == 1
+    queued, expired = store.queue_census([MODEL, "other"])
+    assert queued == {(MODEL, "a", 2): 2, (MODEL, "a", -3): 1, (MODEL, "b", 0): 1}
+    assert expired == {MODEL: 1, "other": 0}
