@@ -257,3 +257,13 @@ def test_the_census_counts_queued_jobs_by_tenant_and_priority_and_expirations(
     queued, expired = store.queue_census([MODEL, "other"])
     assert queued == {(MODEL, "a", 2): 2, (MODEL, "a", -3): 1, (MODEL, "b", 0): 1}
     assert expired == {MODEL: 1, "other": 0}
+
+
+def test_the_api_guides_worked_example(store: JobStore) -> None:
+    # docs/api.md, "A worked example": the table and the two positions it quotes.
+    b = [submit(store, "batch") for _ in range(6)]
+    assert start_next(store) == b[0]
+    s1, s2 = submit(store, "shop", weight=3), submit(store, "shop", weight=3)
+    s3 = submit(store, "shop", weight=3, priority=5)
+    assert positions(store, [s1, b[1]]) == [2, 4]
+    assert [start_next(store) for _ in range(5)] == [s3, s1, s2, b[1], b[2]]
