@@ -16,24 +16,28 @@ No simulation: the numbers are what the worker did.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import shutil
 import sys
-import tempfile
-import threading
-import time
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-import httpx
-
+# Run as a script, this file's folder is sys.path[0], where its name would hide the standard
+# library's `queue` (which torch and others import): the repository root goes there instead.
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if sys.path and Path(sys.path[0] or ".").resolve() == REPO / "bench":
+    sys.path[0] = str(REPO)
 
-from bench.service import (  # noqa: E402 (needs the path above)
+import argparse  # noqa: E402 (after the path fix above)
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime  # noqa: E402
+from typing import Any  # noqa: E402
+
+import httpx  # noqa: E402
+
+from bench.service import (  # noqa: E402
     WEBHOOK_SECRET,
     free_port,
     machine,
