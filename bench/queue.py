@@ -199,8 +199,14 @@ def main() -> int:
         f"step delay); tenant heavy submits {args.heavy} jobs at once, tenant light "
         f"{args.light} jobs, one every {args.every:g} s from 1 s later; equal weights"
     )
-    header = ("policy", "light wait p50 s", "light wait p99 s", "light wait max s")
-    header += ("heavy batch's last start s", "run s")
+    header = (
+        "policy",
+        "light wait p50 s",
+        "light wait p99 s",
+        "light wait max s",
+        "heavy batch's last start s",
+        "run s",
+    )
     print("| " + " | ".join(header) + " |")
     print("|---|" + "---:|" * (len(header) - 1))
     for policy, waits, last_heavy, took in rows:
