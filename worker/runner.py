@@ -3,8 +3,9 @@
 ``JobRunner.run(job_id)`` is what ``masactrl.run_job`` does in a GPU worker. Messages arrive at
 least once (late acks, broker redelivery, the janitor); the job's effect happens once:
 
-0. note that this worker took the message (``take``): if it dies before step 3, the janitor
-   requeues the job within a lease lifetime instead of the broker's hour;
+0. note that this worker took the message (``take``): if it dies before step 2, the janitor
+   replaces the message (fair) or requeues the job (fifo) within a lease lifetime instead of the
+   broker's hour;
 1. a job that is cancelled announces it (a queued job cancelled before pickup ends without
    reading its inputs, and its ``job.canceled`` webhook goes out here);
 2. ask the store which job this message starts (``JobStore.claim``, one Lua script): under the
