@@ -1,6 +1,9 @@
 """The queue policy measured on real processes: how long a light tenant waits next to a heavy one.
 
-    .venv/bin/python bench/queue.py [--heavy 60] [--light 12] [--every 2] [--keep]
+    .venv/bin/python bench/queue_policy.py [--heavy 60] [--light 12] [--every 2] [--keep]
+
+(Not ``bench/queue.py``: run as a script, a file of that name in this folder would hide the
+standard library's ``queue`` from every benchmark here.)
 
 For each policy, FIFO (``MASACTRL_QUEUE_POLICY=fifo``: submission order across tenants, what
 Celery delivers) and fair share (``fair``: the store's queue policy), it starts a private
@@ -16,28 +19,24 @@ No simulation: the numbers are what the worker did.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import shutil
 import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-# Run as a script, this file's folder is sys.path[0], where its name would hide the standard
-# library's `queue` (which torch and others import): the repository root goes there instead.
+import httpx
+
 REPO = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0] or ".").resolve() == REPO / "bench":
-    sys.path[0] = str(REPO)
+sys.path.insert(0, str(REPO))
 
-import argparse  # noqa: E402 (after the path fix above)
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from datetime import datetime  # noqa: E402
-from typing import Any  # noqa: E402
-
-import httpx  # noqa: E402
-
-from bench.service import (  # noqa: E402
+from bench.service import (  # noqa: E402 (needs the path above)
     WEBHOOK_SECRET,
     free_port,
     machine,
