@@ -34,6 +34,8 @@ from service.gateway import Gateway
 from service.validation import check_webhook_url
 
 __all__ = [
+    "QUEUE_OPTIONS",
+    "QUEUE_RULES",
     "Submitted",
     "deadline_of",
     "parse_prefer_wait",
@@ -194,6 +196,18 @@ async def _read_inputs(
         await gw.store.register_inputs([item.key for item in to_store])
         await intake.store(to_store)
     return inputs
+
+
+# What queue_issues checks, for the OpenAPI descriptions of the operations that take the options.
+QUEUE_RULES = """
+Queue options (`priority`, `start_by`, `max_queue_seconds`), each refused with a 422 at the field:
+
+- `priority` within the range the API key allows (its `priorities`, default -10 to 10);
+- `start_by` or `max_queue_seconds`, not both; `start_by` not already past.
+"""
+# The OpenAPI extension marking an operation whose body has the queue options' rules, which JSON
+# Schema cannot state (they depend on the key, on each other and on the time).
+QUEUE_OPTIONS = "x-queue-options"
 
 
 def queue_issues(tenant: Tenant, body: Any, now: float) -> list[FieldError]:

@@ -21,7 +21,7 @@ from service.api.deps import GatewayDep, Prefer, TenantDep
 from service.api.responses import errors, job_response, json_errors
 from service.errors import ApiError, FieldError, invalid, shown_id
 from service.gateway import Gateway
-from service.submission import parse_prefer_wait, retry
+from service.submission import QUEUE_OPTIONS, QUEUE_RULES, parse_prefer_wait, retry
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -151,6 +151,10 @@ async def cancel_job(job_id: str, gateway: GatewayDep, tenant: TenantDep) -> Res
     "/{job_id}/retry",
     response_model=None,
     status_code=201,
+    description="Run a failed, canceled or expired job again: a new job with its parameters and "
+    "inputs, linked both ways (`retry_of`, `retried_by`). `409` for a queued, running or "
+    "succeeded job, one already retried, or one whose inputs are past retention.\n" + QUEUE_RULES,
+    openapi_extra={QUEUE_OPTIONS: True},
     responses={
         201: job_response("The new job, queued, with `retry_of` naming this one.", True),
         **errors(401, 404, 409, 422, 429, 503),
