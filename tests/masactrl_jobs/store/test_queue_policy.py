@@ -267,3 +267,22 @@ def test_the_api_guides_worked_example(store: JobStore) -> None:
     s3 = submit(store, "shop", weight=3, priority=5)
     assert positions(store, [s1, b[1]]) == [2, 4]
     assert [start_next(store) for _ in range(5)] == [s3, s1, s2, b[1], b[2]]
+
+
+def test_a_message_lost_with_its_worker_is_replaced_even_when_its_job_ran_elsewhere(
+    store: JobStore,
+) -> None:
+    # Under fair share a message is a start for the model. Worker 1 takes the message naming x
+    # and dies before deciding; worker 2's message (naming y) starts x, the policy's head. y is
+    # still queued and one message short: the janitor's requeue of x's stale note replaces it.
+    x, y = submit(store, "a"), submit(store, "a")
+    store.take(x, now=time.time() - 60)
+    store.take(y)
+    assert store.claim(y, MODEL, "worker-2", 30).job_id == x
+    assert store.requeue(x, 10, MESSAGE) is None  # x runs under a live lease: not yet
+    store.succeed(x, [], attempt=1)
+    assert store.requeue(x, 10, MESSAGE) is None  # x is not requeued ...
+    assert store.redis.llen(MESSAGE[0]) == 1  # ... but the lost message is replaced
+    assert store.redis.zscore(store.keys.taken, x) is None
+    assert store.claim("replacement", MODEL, "worker-3", 30).job_id == y
+    assert store.get(x).attempts == 1  # type: ignore[union-attr]
