@@ -33,10 +33,12 @@ from masactrl_cli.options import (
     add_control_options,
     add_lora_option,
     add_mask_options,
+    add_queue_options,
     condition_options,
     mask_options,
     non_negative_int,
     positive_int,
+    queue_options,
 )
 
 if TYPE_CHECKING:  # imported lazily at run time: `--help` stays instant
@@ -126,6 +128,7 @@ def _job_options(parser: argparse.ArgumentParser, command: str) -> None:
         choices=WEBHOOK_EVENTS,
         help="events to send (repeatable; default all)",
     )
+    add_queue_options(parser)
     parser.add_argument("--idempotency-key", help="make retries of this submission safe")
     parser.add_argument(
         "--wait", action="store_true", help="follow the job to its end (implied by --out)"
@@ -188,6 +191,7 @@ def _sequence_options(parser: argparse.ArgumentParser) -> None:
         parser, start_step_help="first controlled step (default: model's; = steps: no control)"
     )
     _previews_option(parser)
+    add_queue_options(parser)
     parser.add_argument("--idempotency-key", help="make retries of this submission safe")
     parser.add_argument(
         "--wait", action="store_true", help="follow the job to its end (implied by --out)"
@@ -195,7 +199,8 @@ def _sequence_options(parser: argparse.ArgumentParser) -> None:
 
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
-    """``client`` with its actions: edit, synthesize, get, cancel, wait, models."""
+    """``client`` with its actions: edit, synthesize, sequence, get, cancel, retry, wait,
+    models."""
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     helps = {
         "edit": "submit a real-image edit",
@@ -203,6 +208,7 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         "sequence": "submit a sequence: consistent frames from one source and a series of layouts",
         "get": "print a job as JSON",
         "cancel": "cancel a queued or running job",
+        "retry": "run a failed, canceled or expired job again (a new job, linked to it)",
         "wait": "follow a job with progress bars, then save its images",
         "models": "list the models and whether a worker serves them",
     }
@@ -214,8 +220,11 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         elif action == "sequence":
             _sequence_options(sub)
             _follow_options(sub)
-        elif action in ("get", "cancel", "wait"):
+        elif action in ("get", "cancel", "wait", "retry"):
             sub.add_argument("job_id", metavar="JOB_ID")
+            if action == "retry":
+                add_queue_options(sub)
+                sub.add_argument("--idempotency-key", help="make retries of this request safe")
             if action == "wait":
                 _follow_options(sub)
             if action == "get":
@@ -322,6 +331,7 @@ def _job_params(args: argparse.Namespace) -> dict[str, Any]:
         **({"anchor_source": True} if getattr(args, "anchor_source", False) else {}),
         "webhook": webhook,
         "previews": True if args.previews else None,
+        **queue_options(args),
         "idempotency_key": args.idempotency_key,
     }
 
@@ -380,6 +390,7 @@ def _sequence_params(args: argparse.Namespace) -> dict[str, Any]:
         "control": control or None,
         "loras": _loras(args),
         "previews": True if args.previews else None,
+        **queue_options(args),
         "idempotency_key": args.idempotency_key,
     }
 
@@ -521,6 +532,10 @@ def _run(args: argparse.Namespace, client: MasaCtrlClient, params: dict[str, Any
         job = client.cancel(args.job_id)
         note = "" if job["status"] == "canceled" else " (it stops at its next step)"
         print(f"job {job['id']}: {job['status']}{note}")
+        return 0
+    if action == "retry":
+        job = client.retry(args.job_id, **queue_options(args), idempotency_key=args.idempotency_key)
+        print(job["id"])
         return 0
     if action == "wait":
         job = follow(client, args.job_id, quiet=args.quiet)

@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -185,6 +186,16 @@ def _seconds(value: str | None) -> float | None:
         return None
 
 
+def _queue_options(
+    priority: int | None, start_by: datetime | str | None, max_queue_seconds: int | None
+) -> dict[str, Any]:
+    """The queue options of a request body (only those given)."""
+    if isinstance(start_by, datetime):
+        start_by = start_by.isoformat()
+    options = {"priority": priority, "start_by": start_by, "max_queue_seconds": max_queue_seconds}
+    return _drop_none(options)
+
+
 def _drop_none(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if value is not None}
 
@@ -280,6 +291,9 @@ class MasaCtrlClient:
         anchor_source: bool | None = None,
         webhook: Mapping[str, Any] | None = None,
         previews: bool | None = None,
+        priority: int | None = None,
+        start_by: datetime | str | None = None,
+        max_queue_seconds: int | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Submit a real-image edit; returns the queued job.
@@ -306,6 +320,7 @@ class MasaCtrlClient:
                 "anchor_source": anchor_source,
                 "webhook": dict(webhook) if webhook else None,
                 "previews": previews,
+                **_queue_options(priority, start_by, max_queue_seconds),
             }
         )
         if isinstance(image, str) and image.startswith(_URL_SCHEMES):
@@ -339,6 +354,9 @@ class MasaCtrlClient:
         condition: Mapping[str, Any] | None = None,
         webhook: Mapping[str, Any] | None = None,
         previews: bool | None = None,
+        priority: int | None = None,
+        start_by: datetime | str | None = None,
+        max_queue_seconds: int | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Submit a consistent synthesis; returns the queued job."""
@@ -358,6 +376,7 @@ class MasaCtrlClient:
                 "condition": dict(condition) if condition else None,
                 "webhook": dict(webhook) if webhook else None,
                 "previews": previews,
+                **_queue_options(priority, start_by, max_queue_seconds),
             }
         )
         return self._submit("/v1/syntheses", idempotency_key, json=body)
@@ -384,6 +403,9 @@ class MasaCtrlClient:
         loras: Sequence[Mapping[str, Any]] | None = None,
         webhook: Mapping[str, Any] | None = None,
         previews: bool | None = None,
+        priority: int | None = None,
+        start_by: datetime | str | None = None,
+        max_queue_seconds: int | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Submit a sequence; returns the queued job.
@@ -411,6 +433,7 @@ class MasaCtrlClient:
                 "fps": fps,
                 "webhook": dict(webhook) if webhook else None,
                 "previews": previews,
+                **_queue_options(priority, start_by, max_queue_seconds),
             }
         )
         inputs = [*frames, *(x for x in (video, image) if x is not None)]
@@ -445,6 +468,25 @@ class MasaCtrlClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a job: queued jobs end at once, running ones at their next step."""
         return self._send("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def retry(
+        self,
+        job_id: str,
+        *,
+        priority: int | None = None,
+        start_by: datetime | str | None = None,
+        max_queue_seconds: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Run a failed, canceled or expired job again; returns the new job (``retry_of`` set).
+
+        It keeps the job's priority unless ``priority`` is given, and has no deadline unless
+        ``start_by`` or ``max_queue_seconds`` is.
+        """
+        body = _queue_options(priority, start_by, max_queue_seconds)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        path = f"/v1/jobs/{job_id}/retry"
+        return self._send("POST", path, json=body or None, headers=headers).json()
 
     def events(self, job_id: str, *, last_event_id: str | None = None) -> Iterator[Event]:
         """Follow the job's event stream until its terminal event, resuming after dropped links."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from masactrl_cli.errors import UsageError
 from masactrl_jobs.control import PREPROCESSINGS, condition_problems
@@ -131,6 +132,52 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative")
     return value
+
+
+def rfc3339(text: str) -> str:
+    """An RFC 3339 time with its offset, e.g. 2026-12-07T18:00:00Z."""
+    from datetime import datetime
+
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a time zone offset (Z or +01:00)")
+    return text
+
+
+def add_queue_options(parser: argparse.ArgumentParser) -> None:
+    """``--priority``, ``--start-by`` and ``--max-queue-seconds``: where a job stands in its
+    model's queue."""
+    queue = parser.add_argument_group("queue (see the API guide's queue policy)")
+    queue.add_argument(
+        "--priority",
+        type=_integer,
+        help="higher starts first among your own queued jobs (default 0; your key's range)",
+    )
+    deadline = queue.add_mutually_exclusive_group()
+    deadline.add_argument(
+        "--start-by",
+        type=rfc3339,
+        metavar="TIME",
+        help="RFC 3339 time: not started by then, the job ends `expired` and never runs",
+    )
+    deadline.add_argument(
+        "--max-queue-seconds",
+        type=positive_int,
+        metavar="N",
+        help="not started within N seconds, the job ends `expired`",
+    )
+
+
+def queue_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The client's keyword arguments for ``add_queue_options``' flags."""
+    return {
+        "priority": args.priority,
+        "start_by": args.start_by,
+        "max_queue_seconds": args.max_queue_seconds,
+    }
 
 
 def add_mask_options(parser: argparse.ArgumentParser, images: str) -> argparse._ArgumentGroup:

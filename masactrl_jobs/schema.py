@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,6 +23,11 @@ from pydantic import (
 )
 
 __all__ = [
+    "MAX_QUEUE_SECONDS",
+    "PRIORITY_LIMIT",
+    "RETRYABLE_STATUSES",
+    "QueueOptions",
+    "RetryCreate",
     "LORA_WEIGHT_LIMIT",
     "MAX_IMAGE_REF_CHARS",
     "MAX_LORAS",
@@ -91,6 +97,10 @@ MAX_IMAGE_REF_CHARS = 64 * 1024 * 1024
 # LoRA adapters a job may activate at once (each adds its cost to every adapted layer), and the
 # bound on their weights (community adapters are used between about -2 and 2).
 MAX_LORAS = 4
+# Every tenant's priorities lie within these; each tenant's key narrows them (service config).
+PRIORITY_LIMIT = 100
+# The longest a job may wait to start when it sets a deadline.
+MAX_QUEUE_SECONDS = 7 * 24 * 3600
 LORA_WEIGHT_LIMIT = 4.0
 
 
@@ -107,13 +117,19 @@ class JobStatus(str, Enum):
     succeeded = "succeeded"
     failed = "failed"
     canceled = "canceled"
+    # Not started by its deadline (``start_by`` or ``max_queue_seconds``): it never runs.
+    expired = "expired"
 
     def is_terminal(self) -> bool:
         """Whether the job has ended (no further transition is possible)."""
         return self in TERMINAL_STATUSES
 
 
-TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
+TERMINAL_STATUSES = frozenset(
+    {JobStatus.succeeded, JobStatus.failed, JobStatus.canceled, JobStatus.expired}
+)
+# Statuses a job can be retried from (``POST /v1/jobs/{id}/retry``).
+RETRYABLE_STATUSES = frozenset({JobStatus.failed, JobStatus.canceled, JobStatus.expired})
 
 
 class ProgressPhase(str, Enum):
@@ -301,7 +317,42 @@ class WebhookCreate(_Strict):
     )
 
 
-class _JobCreate(_Strict):
+class QueueOptions(_Strict):
+    """Where a job stands in its model's queue: its priority and its deadline to start."""
+
+    priority: int = Field(
+        default=0,
+        ge=-PRIORITY_LIMIT,
+        le=PRIORITY_LIMIT,
+        description="Higher starts first among this tenant's queued jobs for the model; equal "
+        "priorities start in submission order. Each API key allows a range (default 0..0).",
+    )
+    start_by: Annotated[AwareDatetime, Strict(False)] | None = Field(
+        default=None,
+        description="RFC 3339 time: a job no worker has started by then ends `expired` and "
+        "never runs. Not with `max_queue_seconds`.",
+    )
+    max_queue_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_QUEUE_SECONDS,
+        description="Seconds the job may wait to start before it ends `expired`. Not with "
+        "`start_by`.",
+    )
+
+
+class RetryCreate(QueueOptions):
+    """The optional body of a retry: the new job's queue options."""
+
+    priority: int | None = Field(  # type: ignore[assignment]
+        default=None,
+        ge=-PRIORITY_LIMIT,
+        le=PRIORITY_LIMIT,
+        description="The new job's priority; the retried job's when omitted.",
+    )
+
+
+class _JobCreate(QueueOptions):
     model: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
         default=None, description="A catalog model name; the catalog's default when omitted."
     )
@@ -390,7 +441,7 @@ class SequenceCondition(_Strict):
     )
 
 
-class SequenceParams(_Strict):
+class SequenceParams(QueueOptions):
     """The `params` part of a multipart sequence: frames or a video come as file parts."""
 
     model: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
@@ -587,6 +638,7 @@ class JobUrls(BaseModel):
     self_: str = Field(alias="self")
     cancel: str
     events: str
+    retry: str
 
 
 class JobPublic(BaseModel):
@@ -603,8 +655,16 @@ class JobPublic(BaseModel):
     model: str
     input: JobInput
     queue_position: int | None = Field(
-        default=None, description="1 for the next job to start; only while queued."
+        default=None,
+        description="1 for the next job to start; only while queued. Counts the jobs of every "
+        "tenant that the queue policy (fair share, then priority) starts before this one.",
     )
+    priority: int = 0
+    start_by: datetime | None = Field(
+        default=None, description="The job's deadline to start; past it, it ends `expired`."
+    )
+    retry_of: str | None = Field(default=None, description="The job this one retries.")
+    retried_by: str | None = Field(default=None, description="The job that retries this one.")
     progress: JobProgress | None = None
     preview: JobPreview | None = Field(
         default=None, description="The latest live preview, while a job with `previews` runs."

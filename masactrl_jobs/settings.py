@@ -105,6 +105,12 @@ class CommonSettings(BaseSettings):
         validate_default=True,
     )
 
+    queue_policy: Literal["fair", "fifo"] = Field(
+        "fair",
+        description="Which queued job a free worker starts: `fair` (fair share between "
+        "tenants by weight, then priority, then submission order) or `fifo` (submission order "
+        "across all tenants, as Celery delivers; for comparison).",
+    )
     environment: Literal["development", "production"] = Field(
         "production",
         description="`production` refuses unsafe defaults; `development` relaxes them.",

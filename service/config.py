@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from masactrl_jobs.schema import PRIORITY_LIMIT
 from masactrl_jobs.settings import CommonSettings, is_placeholder_secret
 
 __all__ = ["ApiKeyConfig", "GatewaySettings", "Tenant", "DEV_TENANT"]
@@ -54,6 +55,28 @@ class ApiKeyConfig(BaseModel):
         default_factory=list,
         description="Older secrets still signed with during a rotation (newest first).",
     )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description="The tenant's share of each model's workers against the other tenants with "
+        "queued jobs (fair share): a tenant of weight 3 starts three jobs for one of weight 1.",
+    )
+    priorities: tuple[int, int] = Field(
+        (-10, 10),
+        description="The lowest and highest `priority` the tenant's jobs may ask for.",
+    )
+
+    @field_validator("priorities")
+    @classmethod
+    def _priority_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if not -PRIORITY_LIMIT <= low <= high <= PRIORITY_LIMIT:
+            raise ValueError(
+                f"must be [lowest, highest] with -{PRIORITY_LIMIT} <= lowest <= highest <= "
+                f"{PRIORITY_LIMIT}"
+            )
+        return value
 
     @field_validator("sha256")
     @classmethod
@@ -73,13 +96,18 @@ class Tenant:
 
     name: str
     webhook_secrets: tuple[str, ...]
+    # The queue policy's settings of the tenant's key (ApiKeyConfig).
+    weight: float = 1.0
+    priorities: tuple[int, int] = (-10, 10)
 
 
 class GatewaySettings(CommonSettings):
     """Settings of the HTTP gateway process (``MASACTRL_*``)."""
 
     api_keys: list[ApiKeyConfig] = Field(
-        default_factory=list, description="JSON list of {sha256, tenant, webhook_secret}."
+        default_factory=list,
+        description="JSON list of {sha256, tenant, webhook_secret} (optionally weight and "
+        "priorities).",
     )
     dev_api_key: SecretStr | None = Field(
         None, description="Development only: one plaintext key for the tenant 'dev'."
@@ -211,6 +239,8 @@ class GatewaySettings(CommonSettings):
                     s.get_secret_value()
                     for s in (entry.webhook_secret, *entry.previous_webhook_secrets)
                 ),
+                entry.weight,
+                entry.priorities,
             )
             for entry in self.api_keys
         }

@@ -108,6 +108,9 @@ class Gateway:
             or record.error
             or record.metrics
             or record.warnings
+            or record.deadline_at is not None
+            or record.retry_of
+            or record.retried_by
         ):
             return None
         created = _DATETIME.dump_json(datetime.fromtimestamp(record.created_at, tz=timezone.utc))
@@ -119,10 +122,12 @@ class Gateway:
             f'"status":"queued","created_at":{created.decode()},"started_at":null,'
             f'"completed_at":null,"model":{_json_string(record.model)},'
             f'"input":{record.input_json or record.input.model_dump_json()},'
-            f'"queue_position":{position},'
+            f'"queue_position":{position},"priority":{int(record.priority)},'
+            f'"start_by":null,"retry_of":null,"retried_by":null,'
             f'"progress":null,"preview":null,"output":null,"error":null,"metrics":null,'
             f'"attempts":{int(record.attempts)},"webhook":null,"warnings":[],'
-            f'"urls":{{"self":"{url}","cancel":"{url}/cancel","events":"{url}/events"}}}}'
+            f'"urls":{{"self":"{url}","cancel":"{url}/cancel","events":"{url}/events",'
+            f'"retry":"{url}/retry"}}}}'
         ).encode()
 
     async def owned_job(self, tenant: Tenant, job_id: str) -> JobRecord:

@@ -90,6 +90,10 @@ class ImageIntake:
         self.inflight = InflightBytes(settings.max_inflight_input_bytes)
         self.fetches = asyncio.Semaphore(settings.max_concurrent_fetches)
 
+    async def stored(self, key: str) -> bool:
+        """Whether the input stored under ``key`` is still kept (a retry reuses it)."""
+        return bool(await run_in_threadpool(self.storage.exists, key))
+
     @asynccontextmanager
     async def request(self) -> AsyncIterator[RequestIntake]:
         """One request's intake; its files are closed and its bytes given back on exit."""

@@ -1,4 +1,5 @@
-"""Prometheus metrics: HTTP requests by route and status, latencies, submissions, queue depth.
+"""Prometheus metrics: HTTP requests by route and status, latencies, submissions, queue depth,
+queued jobs by tenant and priority, and expirations.
 
 Each app has its own registry, so several apps in one process (tests) never collide, and the
 middleware is plain ASGI (no per-request task or body buffering).
@@ -47,6 +48,19 @@ class GatewayMetrics:
         self.queue_depth = Gauge(
             "masactrl_queue_depth",
             "Jobs waiting in each model's queue (sampled when scraped).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.queued = Gauge(
+            "masactrl_queued_jobs",
+            "Queued jobs by model, tenant and priority (sampled when scraped).",
+            ["model", "tenant", "priority"],
+            registry=self.registry,
+        )
+        self.expired = Gauge(
+            "masactrl_jobs_expired",
+            "Jobs that reached their deadline unstarted, by model: a count kept in Redis since "
+            "the queue began, sampled when scraped (use it as a counter).",
             ["model"],
             registry=self.registry,
         )

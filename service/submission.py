@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,14 +26,24 @@ from masactrl_jobs.catalog import ModelEntry, UnknownModel
 from masactrl_jobs.ids import new_id
 from masactrl_jobs.kinds import Kind, kind_of
 from masactrl_jobs.kinds.base import Inputs, Issue, JobBody, Refused
-from masactrl_jobs.schema import JobKind
+from masactrl_jobs.schema import RETRYABLE_STATUSES, JobKind, RetryCreate, WebhookCreate
 from masactrl_jobs.store import JobRecord
 from service.config import GatewaySettings, Tenant
-from service.errors import ApiError, FieldError, invalid
+from service.errors import ApiError, FieldError, invalid, shown_id
 from service.gateway import Gateway
 from service.validation import check_webhook_url
 
-__all__ = ["Submitted", "parse_prefer_wait", "request_hash", "submit"]
+__all__ = [
+    "QUEUE_OPTIONS",
+    "QUEUE_RULES",
+    "Submitted",
+    "deadline_of",
+    "parse_prefer_wait",
+    "queue_issues",
+    "request_hash",
+    "retry",
+    "submit",
+]
 
 _WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d{1,6})\"?", re.IGNORECASE)
 
@@ -187,9 +198,61 @@ async def _read_inputs(
     return inputs
 
 
-async def _checked(gw: Gateway, spec: Kind[Any, Any, Any], body: Any, files: Any) -> ModelEntry:
+# What queue_issues checks, for the OpenAPI descriptions of the operations that take the options.
+QUEUE_RULES = """
+Queue options (`priority`, `start_by`, `max_queue_seconds`), each refused with a 422 at the field:
+
+- `priority` within the range the API key allows (its `priorities`, default -10 to 10);
+- `start_by` or `max_queue_seconds`, not both; `start_by` not already past.
+"""
+# The OpenAPI extension marking an operation whose body has the queue options' rules, which JSON
+# Schema cannot state (they depend on the key, on each other and on the time).
+QUEUE_OPTIONS = "x-queue-options"
+
+
+def queue_issues(tenant: Tenant, body: Any, now: float) -> list[FieldError]:
+    """What is wrong with a request's queue options for this tenant: a priority outside the
+    range its key allows, both deadlines, or a deadline already past."""
+    errors = []
+    low, high = tenant.priorities
+    if not low <= body.priority <= high:
+        errors.append(
+            FieldError(
+                ("body", "priority"),
+                f"this API key allows priorities from {low} to {high}",
+                "priority_not_allowed",
+            )
+        )
+    if body.start_by is not None and body.max_queue_seconds is not None:
+        errors.append(
+            FieldError(
+                ("body", "max_queue_seconds"),
+                "give start_by or max_queue_seconds, not both",
+                "deadline_conflict",
+            )
+        )
+    elif body.start_by is not None and body.start_by.timestamp() <= now:
+        errors.append(
+            FieldError(("body", "start_by"), "the deadline has already passed", "deadline_passed")
+        )
+    return errors
+
+
+def deadline_of(body: Any, now: float) -> float | None:
+    """The Unix time by which the job must have started, if the request set one."""
+    if body.start_by is not None:
+        return float(body.start_by.timestamp())
+    if body.max_queue_seconds is not None:
+        return now + body.max_queue_seconds
+    return None
+
+
+async def _checked(
+    gw: Gateway, tenant: Tenant, spec: Kind[Any, Any, Any], body: Any, files: Any
+) -> ModelEntry:
     """The model the request names, as its live workers measured it, once the request has
-    passed the kind's checks and the webhook's (422 listing every problem otherwise)."""
+    passed the kind's checks, the webhook's and the queue options' (422 listing every problem
+    otherwise)."""
     job_body: JobBody = body
     try:
         entry = await gw.model_entry(job_body.model)
@@ -202,6 +265,7 @@ async def _checked(gw: Gateway, spec: Kind[Any, Any, Any], body: Any, files: Any
         )
         if webhook_error is not None:
             errors.append(webhook_error)
+    errors += queue_issues(tenant, body, time.time())
     if errors:
         raise invalid(errors)
     return entry
@@ -229,7 +293,7 @@ async def _submit(
             if replay is not None:
                 return replay
 
-    entry = await _checked(gw, spec, body, files)
+    entry = await _checked(gw, tenant, spec, body, files)
     rate: tuple[float, int] | None = (settings.rate_limit_per_second, settings.rate_limit_burst)
     inputs: Inputs | None = None
     if spec.takes_inputs(body, files):
@@ -253,6 +317,9 @@ async def _submit(
         max_queue_depth=settings.max_queue_depth,
         webhook=job_body.webhook,
         webhook_secrets=tenant.webhook_secrets,
+        priority=body.priority,
+        weight=tenant.weight,
+        deadline_at=deadline_of(body, time.time()),
     )
     if result.outcome == "full":
         raise _queue_full(settings, entry.name)
@@ -273,3 +340,101 @@ async def _submit(
         waited: JobRecord | None = await gw.wait_until_done(record.id, wait)
         record = waited or record
     return Submitted(record, waited_seconds=wait)
+
+
+async def retry(
+    gw: Gateway,
+    tenant: Tenant,
+    job_id: str,
+    options: RetryCreate | None,
+    idempotency_key: str | None = None,
+) -> Submitted:
+    """A new job with the parameters and inputs of the tenant's failed, canceled or expired job
+    ``job_id``, linked to it both ways (``retry_of``, ``retried_by``). ``options`` set the new
+    job's priority and deadline; by default it keeps the priority and has no deadline."""
+    settings = gw.settings
+    options = options or RetryCreate()
+    this_hash = ""
+    if idempotency_key is not None:
+        this_hash = request_hash(JobKind.edit, RetryRequest(job_id=job_id, options=options))
+        existing = await gw.store.idempotency(tenant.name, idempotency_key)
+        if existing is not None:
+            replay = await _replay(gw, tenant, existing[1], existing[0], this_hash)
+            if replay is not None:
+                return replay
+    original = await gw.owned_job(tenant, job_id)
+    if original.status not in RETRYABLE_STATUSES:
+        raise _not_retryable(original.status.value)
+    priority = original.priority if options.priority is None else options.priority
+    errors = queue_issues(tenant, options.model_copy(update={"priority": priority}), time.time())
+    if errors:
+        raise invalid(errors)
+    missing = [key for key in original.input_keys if not await gw.intake.stored(key)]
+    if missing:
+        raise ApiError(
+            409,
+            "inputs_gone",
+            "The job's inputs are no longer kept (past retention); submit it again with them.",
+        )
+    new_id_ = new_id()
+    webhook = (
+        WebhookCreate.model_validate(
+            {"url": original.webhook["url"], "events": original.webhook["events"]}
+        )
+        if original.webhook
+        else None
+    )
+    result = await gw.store.create(
+        job_id=new_id_,
+        message=gw.messages.build(new_id_, original.model),
+        rate_limit=(settings.rate_limit_per_second, settings.rate_limit_burst),
+        tenant=tenant.name,
+        kind=original.kind,
+        model=original.model,
+        input=original.input,
+        request_hash=this_hash,
+        idempotency_key=idempotency_key,
+        max_queue_depth=settings.max_queue_depth,
+        webhook=webhook,
+        webhook_secrets=tenant.webhook_secrets,
+        priority=priority,
+        weight=tenant.weight,
+        deadline_at=deadline_of(options, time.time()),
+        retry_of=original.id,
+    )
+    if result.outcome == "full":
+        raise _queue_full(settings, original.model)
+    if result.outcome == "rate_limited":
+        raise _rate_limited(settings, result.retry_after)
+    if result.outcome == "missing":
+        raise ApiError(404, "not_found", f"No job with id {shown_id(job_id)}.")
+    if result.outcome == "not_retryable":
+        raise _not_retryable(result.previous or "")
+    if result.outcome == "retried":
+        raise ApiError(
+            409, "already_retried", f"The job was already retried by job {result.job_id}."
+        )
+    if result.outcome == "duplicate":
+        assert result.job_id is not None and result.request_hash is not None
+        replay = await _replay(gw, tenant, result.job_id, result.request_hash, this_hash)
+        if replay is None:
+            raise ApiError(409, "conflict", "A request with this Idempotency-Key is in flight.")
+        return replay
+    assert result.record is not None
+    gw.metrics.submitted(original.kind.value, original.model)
+    return Submitted(result.record)
+
+
+class RetryRequest(BaseModel):
+    """What a retry asks (its Idempotency-Key's request hash covers both)."""
+
+    job_id: str
+    options: RetryCreate
+
+
+def _not_retryable(status: str) -> ApiError:
+    return ApiError(
+        409,
+        "not_retryable",
+        f"The job is {status}; only failed, canceled or expired jobs can be retried.",
+    )

@@ -12,6 +12,10 @@ that. A job's worker is gone when the job has no lease and either
 event and a fresh ``masactrl.run_job`` message, all in one step: the API never shows a stale
 ``running``, only one janitor acts on a job, and no crash in between can lose the message. Every
 worker runs a janitor.
+
+It also ends the queued jobs whose deadline passed (``expired``) for every model that has had a
+worker, so a deadline holds while no message for the model arrives; the store returns each
+expired job to the one call that ended it, which sends its ``job.expired`` webhook.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ class Janitor:
         self._messages = TaskMessages()
 
     def run_once(self) -> list[str]:
-        """Requeue jobs whose worker is gone (and sweep the cache); returns the requeued ids."""
+        """Requeue jobs whose worker is gone, expire queued jobs past their deadline (and sweep
+        the cache); returns the requeued ids."""
+        self.expire()
         requeued = []
         for job_id in self.store.stale_jobs(older_than=self.lease_ttl):
             record = self.store.get(job_id)
@@ -72,3 +78,12 @@ class Janitor:
         if self.cache is not None:
             self.cache.sweep()
         return requeued
+
+    def expire(self) -> list[str]:
+        """End queued jobs past their deadline; returns their ids."""
+        expired = self.store.expire_due(sorted(self.store.worker_models()))
+        for job_id in expired:
+            logger.info("job %s was not started by its deadline: expired", job_id)
+            if self.emitter is not None:
+                self.emitter.emit_terminal(job_id)
+        return expired

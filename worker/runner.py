@@ -3,14 +3,19 @@
 ``JobRunner.run(job_id)`` is what ``masactrl.run_job`` does in a GPU worker. Messages arrive at
 least once (late acks, broker redelivery, the janitor); the job's effect happens once:
 
-0. note that this worker took the message (``take``): if it dies before step 3, the janitor
-   requeues the job within a lease lifetime instead of the broker's hour;
-1. a job that is missing or already terminal: acknowledge and drop (a queued job cancelled before
-   pickup ends here, without reading its inputs, and its ``job.canceled`` webhook goes out here);
-2. take the job's lease (``SET NX`` with a TTL); when another worker holds it, that worker is alive
-   and running the job: drop;
-3. mark it running (``attempts`` + 1: this run's fencing token) and renew the lease in the
-   background;
+0. note that this worker took the message (``take``): if it dies before step 2, the janitor
+   replaces the message (fair) or requeues the job (fifo) within a lease lifetime instead of the
+   broker's hour;
+1. a job that is cancelled announces it (a queued job cancelled before pickup ends without
+   reading its inputs, and its ``job.canceled`` webhook goes out here);
+2. ask the store which job this message starts (``JobStore.claim``, one Lua script): under the
+   queue policy (``MASACTRL_QUEUE_POLICY=fair``) every message for the model is one start, and
+   the store picks the job by fair share between tenants, then priority, then submission order;
+   under ``fifo`` it is the message's own job, as Celery delivered it. The script takes the
+   job's lease, marks it running (``attempts`` + 1: this run's fencing token) and ends queued
+   jobs past their deadline (``expired``, never started), all in one step, so no two messages
+   start one job. Nothing to start: acknowledge and drop;
+3. renew the lease in the background;
 4. run the job's kind (``masactrl_jobs.kinds``, looked up by ``record.kind``): load its inputs,
    run the engine, write ``results/<job_id>/<role>_<k>.png`` (a rerun overwrites the same keys),
    then mark the job ``succeeded``; a worker that lost its lease writes nothing. What a kind's run
@@ -168,49 +173,61 @@ class JobRunner:
 
     def _run_taken(self, job_id: str) -> Outcome:
         record = self.store_retry(self.store.get, job_id)
+        fifo = self.store.queue_policy == "fifo"
         if record is None:
-            logger.info("job %s does not exist (expired?); dropping the message", job_id)
-            return "missing"
-        if record.status.is_terminal():
+            logger.info("job %s does not exist (expired?)", job_id)
+            if fifo:
+                return "missing"
+        elif record.status.is_terminal():
             self._announce_queued_cancel(record.status, job_id)
-            logger.info("job %s is already %s; dropping the message", job_id, record.status.value)
-            return "dropped"
-        if record.model != self.entry.name:
+            logger.info("job %s is already %s", job_id, record.status.value)
+            if fifo:
+                return "dropped"
+        elif record.model != self.entry.name:
             logger.warning(
                 "job %s is for model %s, not %s; rerouting", job_id, record.model, self.entry.name
             )
             enqueue_job(self.app, job_id, record.model)
             return "rerouted"
 
+        # The store decides which job this message starts (the queue policy) and starts it
+        # under this worker's lease, in one step.
+        claimed = self.store_retry(
+            self.store.claim, job_id, self.entry.name, self.worker_id, self.settings.lease_ttl
+        )
+        for ended in claimed.ended:
+            self.emitter.emit_terminal(ended)
+        if claimed.job_id != job_id and record is not None and not record.status.is_terminal():
+            # Cancelled between the read above and the decision: still announce it.
+            now = self.store_retry(self.store.get, job_id)
+            if now is not None and job_id not in claimed.ended:
+                self._announce_queued_cancel(now.status, job_id)
+        if claimed.outcome == "leased":
+            logger.info("job %s is being started by another worker; dropping", claimed.job_id)
+            return "leased"
+        if claimed.outcome != "started" or claimed.job_id is None:
+            if job_id in claimed.ended:
+                return "canceled"
+            logger.info("message for job %s: nothing to start; dropping it", job_id)
+            return "missing" if record is None else "dropped"
+        started_id, attempt = claimed.job_id, claimed.attempts
+        if started_id != job_id:
+            logger.info("message for job %s starts job %s (queue policy)", job_id, started_id)
         lease = JobLease(
             self.store,
-            job_id,
+            started_id,
             self.worker_id,
             self.settings.lease_ttl,
             self.settings.lease_renew_interval,
         )
-        if not self.store_retry(lease.acquire):
-            logger.info("job %s is running on another live worker; dropping the message", job_id)
-            return "leased"
         try:
-            started = self.store_retry(self.store.start, job_id, self.worker_id)
-            if started.outcome == "missing":
-                return "missing"
-            if started.outcome == "terminal":
-                # Cancelled between the read above and the start: still announce it.
-                if started.status:
-                    self._announce_queued_cancel(JobStatus(started.status), job_id)
-                return "dropped"
-            if started.outcome == "cancel_requested":
-                self.store_retry(self.store.finish_canceled, job_id)
-                self.emitter.emit_terminal(job_id)
-                return "canceled"
-            attempt = started.attempts
             lease.start_heartbeat(attempt)
-            record = self.store_retry(self.store.get, job_id) or record
+            started = self.store_retry(self.store.get, started_id)
+            if started is None:
+                return "missing"
             if attempt > self.settings.max_attempts:
                 return self._fail(
-                    job_id,
+                    started_id,
                     attempt,
                     Failure(
                         ErrorCode.worker_lost,
@@ -219,9 +236,9 @@ class JobRunner:
                     ),
                     {},
                 )
-            logger.info("job %s: attempt %d on %s", job_id, attempt, self.worker_id)
-            self.emitter.emit(record, "job.started", suffix=str(attempt))
-            return self._execute(record, attempt, lease)
+            logger.info("job %s: attempt %d on %s", started_id, attempt, self.worker_id)
+            self.emitter.emit(started, "job.started", suffix=str(attempt))
+            return self._execute(started, attempt, lease)
         finally:
             lease.release()
 

@@ -126,7 +126,9 @@ class WorkerRuntime:
         self.app = config.app
         self.worker_id = new_worker_id(config.entry.name if config.entry else config.role)
         self.store = JobStore.from_url(
-            settings.redis_target, retention_seconds=settings.job_retention_seconds
+            settings.redis_target,
+            retention_seconds=settings.job_retention_seconds,
+            queue_policy=settings.queue_policy,
         )
         self.storage: Storage = storage_from_settings(settings)
         self.emitter = Emitter(self.store, self.app, self.render)
@@ -210,10 +212,22 @@ class WorkerRuntime:
         job: a later attempt (another worker took over after this one's lease expired) is left
         to finish.
         """
+        # Under the queue policy the message's job need not be the one its child ran: look
+        # through the running jobs for the child's.
         record = self.store.get(job_id)
         if record is None or not is_local_process(record.worker_id or "", worker_pid):
+            record = next(
+                (
+                    r
+                    for r in map(self.store.get, self.store.running_jobs())
+                    if r is not None and is_local_process(r.worker_id or "", worker_pid)
+                ),
+                None,
+            )
+        if record is None:
             logger.info("job %s: its latest attempt is not the timed-out one; left as is", job_id)
             return
+        job_id = record.id
         limit = self.settings.time_limit_seconds
         result = self.store.fail(
             job_id,

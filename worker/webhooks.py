@@ -68,6 +68,7 @@ EVENT_FILTER: dict[str, WebhookEvent] = {
     "job.succeeded": WebhookEvent.completed,
     "job.failed": WebhookEvent.completed,
     "job.canceled": WebhookEvent.completed,
+    "job.expired": WebhookEvent.completed,
 }
 
 

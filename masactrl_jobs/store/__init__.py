@@ -22,6 +22,7 @@ from masactrl_jobs.store.keys import Keys
 from masactrl_jobs.store.records import (
     TERMINAL_EVENTS,
     CancelResult,
+    ClaimResult,
     CreateResult,
     ErrorRecord,
     FinishResult,
@@ -41,6 +42,7 @@ __all__ = [
     "TERMINAL_EVENTS",
     "AsyncJobStore",
     "CancelResult",
+    "ClaimResult",
     "CreateResult",
     "ErrorRecord",
     "FinishResult",

@@ -45,12 +45,16 @@ class _Store(JobOperations, WorkerOperations):
         prefix: str = "masactrl",
         events_maxlen: int = EVENTS_MAXLEN,
         target: RedisTarget | None = None,
+        queue_policy: str = "fair",
     ) -> None:
         # The client is the store's own; callers use the operations (tests may inspect keys).
         self.redis = client
         self.keys = Keys(prefix)
         self.retention_seconds = int(retention_seconds)
         self.events_maxlen = events_maxlen
+        if queue_policy not in ("fair", "fifo"):
+            raise ValueError(f"queue_policy must be 'fair' or 'fifo', not {queue_policy!r}")
+        self.queue_policy = queue_policy
         self.target = target or RedisTarget("")
         self.replica_wait = ReplicaWait(self.target)
         self._scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
@@ -67,6 +71,7 @@ class JobStore(_Store, SyncRunner):
         url: str | RedisTarget,
         *,
         retention_seconds: int = DEFAULT_RETENTION_SECONDS,
+        queue_policy: str = "fair",
         **redis_kwargs: Any,
     ) -> JobStore:
         """A store on its own connection pool (responses decoded, short timeouts, one retry).
@@ -75,7 +80,9 @@ class JobStore(_Store, SyncRunner):
         """
         target = RedisTarget.of(url)
         client = target.sync_client(**redis_kwargs)
-        return cls(client, retention_seconds=retention_seconds, target=target)
+        return cls(
+            client, retention_seconds=retention_seconds, target=target, queue_policy=queue_policy
+        )
 
     def _run(self, call: Call[T]) -> T:
         if call.script is not None:
@@ -115,6 +122,7 @@ class AsyncJobStore(_Store, AsyncRunner):
         url: str | RedisTarget,
         *,
         retention_seconds: int = DEFAULT_RETENTION_SECONDS,
+        queue_policy: str = "fair",
         **redis_kwargs: Any,
     ) -> AsyncJobStore:
         """A store on its own connection pool (responses decoded, short timeouts, one retry).
@@ -123,7 +131,9 @@ class AsyncJobStore(_Store, AsyncRunner):
         """
         target = RedisTarget.of(url)
         client = target.async_client(**redis_kwargs)
-        return cls(client, retention_seconds=retention_seconds, target=target)
+        return cls(
+            client, retention_seconds=retention_seconds, target=target, queue_policy=queue_policy
+        )
 
     def __init__(self, client: Any, **options: Any) -> None:
         super().__init__(client, **options)

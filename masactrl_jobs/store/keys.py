@@ -9,7 +9,11 @@ All keys live under one prefix (``masactrl`` unless configured)::
     job:<id>:webhook:sent     set     webhook message ids whose first attempt was made
     job:<id>:webhook:lock     string  token of the one drainer of the job's outbox
     tenant:<t>:jobs           zset    the tenant's job ids, score 0, so BYLEX order = UUIDv7 order
-    queue:<model>             zset    queued job ids by enqueue time: depth and queue position
+    queue:<model>             zset    queued job ids by enqueue time: depth, FIFO position
+    queue:<model>:tenant:<t>  zset    tenant t's queued ids by priority, then submission order
+    queue:<model>:active      zset    tenants with queued jobs by pass (fair share, claim.lua)
+    queue:<model>:fair        hash    each tenant's pass and stride, and the latest start's pass
+    queue:<model>:deadlines   zset    queued job ids with a deadline, by deadline
     running                   zset    running job ids by start time (janitor input)
     taken                     zset    queued job ids by when a worker took their message (janitor)
     expiry                    zset    job ids by the time their record and results are removed
@@ -83,6 +87,18 @@ class Keys:
 
     def rate_limit(self, tenant: str) -> str:
         return f"{self.prefix}:ratelimit:{tenant}"
+
+    def tenant_queue(self, model: str, tenant: str) -> str:
+        return f"{self.queue_prefix}{model}:tenant:{tenant}"
+
+    def active_tenants(self, model: str) -> str:
+        return f"{self.queue_prefix}{model}:active"
+
+    def fair_share(self, model: str) -> str:
+        return f"{self.queue_prefix}{model}:fair"
+
+    def deadlines(self, model: str) -> str:
+        return f"{self.queue_prefix}{model}:deadlines"
 
     def workers(self, model: str) -> str:
         return f"{self.workers_prefix}{model}"

@@ -33,6 +33,8 @@ from masactrl_jobs.store.records import (
 
 __all__ = [
     "EVENTS_MAXLEN",
+    "PRIORITY_SCALE",
+    "STRIDE_UNIT",
     "KEY_TTL_GRACE_SECONDS",
     "JobOperations",
     "compact",
@@ -52,6 +54,13 @@ EventList = list[JobEvent]
 KEY_TTL_GRACE_SECONDS = 24 * 3600
 # Events are throttled by the worker (a few per second); this bounds a runaway producer.
 EVENTS_MAXLEN = 2000
+
+# A tenant's queue orders by priority, then submission time (ms): score = -priority *
+# PRIORITY_SCALE + ms, exact in a double for |priority| <= 100 (schema.PRIORITY_LIMIT).
+PRIORITY_SCALE = 10**13
+# A tenant's stride is STRIDE_UNIT / weight (as prelude.lua's STRIDE_UNIT): integers keep the
+# passes exact.
+STRIDE_UNIT = 1_000_000
 
 # Built once: json.dumps with arguments builds a new encoder on every call.
 compact = json.JSONEncoder(separators=(",", ":")).encode
@@ -121,6 +130,8 @@ class JobOperations:
     keys: Keys
     retention_seconds: int
     events_maxlen: int
+    # "fair" (the queue policy: fair share, then priority) or "fifo" (Celery's delivery order).
+    queue_policy: str
 
     def _finish(
         self,
@@ -181,11 +192,19 @@ class JobOperations:
         now: float | None = None,
         message: tuple[str, str] | None = None,
         rate_limit: tuple[float, float] | None = None,
+        priority: int = 0,
+        weight: float = 1.0,
+        deadline_at: float | None = None,
+        retry_of: str | None = None,
     ) -> Call[CreateResult]:
         """Record a queued job, atomically with its idempotency record and queue-depth check.
 
         ``message`` (broker list, message text; see ``queue.TaskMessages``) is pushed in the same
         step; ``rate_limit`` (rate, burst) takes a token from the tenant's bucket first.
+        ``priority`` orders it within the tenant's queue, ``weight`` is the tenant's share
+        against other tenants, ``deadline_at`` (Unix seconds) is when it expires unless started.
+        ``retry_of`` makes it the retry of that ended job (failed, canceled or expired, not
+        retried before), linked both ways in the same step.
         """
         k = self.keys
         job_id = job_id or new_id()
@@ -204,6 +223,9 @@ class JobOperations:
             webhook_secrets=list(webhook_secrets) if webhook else [],
             request_hash=request_hash,
             input_json=input_json,
+            priority=int(priority),
+            deadline_at=deadline_at,
+            retry_of=retry_of,
         )
         fields = _strings(
             {
@@ -219,6 +241,9 @@ class JobOperations:
                 "webhook_secrets": record.webhook_secrets or None,
                 "request_hash": request_hash,
                 "idem_key": idem_key or None,
+                "priority": str(int(priority)) if priority else None,
+                "deadline_at": repr(deadline_at) if deadline_at is not None else None,
+                "retry_of": retry_of,
             }
         )
         input_keys = record.input_keys
@@ -240,6 +265,14 @@ class JobOperations:
             expire_at,
             compact(input_keys) if input_keys else "[]",
             _compact_utf8(fields),
+            tenant,
+            -int(priority) * PRIORITY_SCALE + int(now * 1000),
+            max(1, round(STRIDE_UNIT / weight)),
+            "" if deadline_at is None else repr(deadline_at),
+            retry_of or "",
+            k.queue_prefix,
+            model,
+            self.queue_policy,
         ]
         keys = [
             k.job(job_id),
@@ -252,10 +285,17 @@ class JobOperations:
             # The broker list is Celery's (kombu's Redis transport), named after the queue.
             message[0] if message else k.queue(model),
             k.rate_limit(tenant),
+            k.job(retry_of or ""),
         ]
 
         def parse(reply: Any) -> CreateResult:
             outcome, value = text(reply[0]), text(reply[1])
+            if outcome == "missing":
+                return CreateResult("missing")
+            if outcome == "not_retryable":
+                return CreateResult("not_retryable", previous=value)
+            if outcome == "retried":
+                return CreateResult("retried", job_id=value)
             if outcome == "duplicate":
                 body_hash, _, original = value.partition(" ")
                 return CreateResult("duplicate", job_id=original, request_hash=body_hash)
@@ -277,7 +317,8 @@ class JobOperations:
                 return None
             return JobRecord.from_hash(_flat_to_dict(reply[0]), int(reply[1]))
 
-        return Call("get", [self.keys.job(job_id)], [self.keys.queue_prefix], parse)
+        args = [self.keys.queue_prefix, self.queue_policy]
+        return Call("get", [self.keys.job(job_id)], args, parse)
 
     @operation
     def list(
@@ -303,6 +344,7 @@ class JobOperations:
             max(1000, int(limit) * 10),
             self.keys.job_prefix,
             self.keys.queue_prefix,
+            self.queue_policy,
         ]
         return Call("list", [self.keys.tenant_jobs(tenant)], args, parse)
 
@@ -473,6 +515,23 @@ class JobOperations:
             [],
             lambda r: {m: int(n) for m, n in zip(models, r or [], strict=True)},
         )
+
+    @operation
+    def queue_census(
+        self, models: Sequence[str]
+    ) -> Call[tuple[dict[tuple[str, str, int], int], dict[str, int]]]:
+        """For the metrics: queued jobs by (model, tenant, priority), and jobs expired so far
+        by model."""
+        models = list(models)
+        if not models:
+            return nothing(({}, {}))
+
+        def parse(reply: Any) -> tuple[dict[tuple[str, str, int], int], dict[str, int]]:
+            queued = {(text(m), text(t), int(text(p))): int(n) for m, t, p, n in reply[0]}
+            return queued, {text(m): int(n) for m, n in reply[1]}
+
+        args = [self.keys.queue_prefix, PRIORITY_SCALE, *models]
+        return Call("queued", [], args, parse)
 
     @operation
     def idempotency(self, tenant: str, key: str) -> Call[tuple[str, str] | None]:

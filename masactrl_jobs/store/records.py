@@ -12,6 +12,7 @@ from masactrl_jobs.store.render import public_job
 __all__ = [
     "TERMINAL_EVENTS",
     "CancelResult",
+    "ClaimResult",
     "CreateResult",
     "ErrorRecord",
     "FinishResult",
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 # Event names in a job's stream (and on the SSE wire) that end it.
-TERMINAL_EVENTS = frozenset({"succeeded", "failed", "canceled"})
+TERMINAL_EVENTS = frozenset({"succeeded", "failed", "canceled", "expired"})
 
 
 def text(value: Any) -> str:
@@ -185,6 +186,12 @@ class JobRecord:
     request_hash: str = ""
     worker_id: str | None = None
     queue_position: int | None = None
+    # The queue policy's inputs: priority within the tenant's share, the deadline to start (Unix
+    # seconds), and the retry links.
+    priority: int = 0
+    deadline_at: float | None = None
+    retry_of: str | None = None
+    retried_by: str | None = None
     # Sentences about the input the worker that ran the job wrote (e.g. prompt words the model
     # does not know); the job still ran.
     warnings: list[str] = field(default_factory=list)
@@ -223,6 +230,10 @@ class JobRecord:
             worker_id=h.get("worker_id") or None,
             queue_position=rank + 1 if status is JobStatus.queued and rank >= 0 else None,
             warnings=_json_or_none(h.get("warnings")) or [],
+            priority=int(h.get("priority") or 0),
+            deadline_at=_float_or_none(h.get("deadline_at")),
+            retry_of=h.get("retry_of") or None,
+            retried_by=h.get("retried_by") or None,
         )
 
     @property
@@ -244,14 +255,31 @@ class JobRecord:
 @dataclass(frozen=True)
 class CreateResult:
     """``outcome``: ``created``; ``duplicate`` (idempotency key seen: ``job_id`` is the original,
-    ``request_hash`` its body hash); ``full`` (the model's queue is at its limit); or
-    ``rate_limited`` (the tenant's bucket is empty: retry in ``retry_after`` seconds)."""
+    ``request_hash`` its body hash); ``full`` (the model's queue is at its limit);
+    ``rate_limited`` (the tenant's bucket is empty: retry in ``retry_after`` seconds); or, for a
+    retry, ``missing`` (no such job of the tenant), ``not_retryable`` (``previous`` is its
+    status) or ``retried`` (``job_id`` is the job that already retries it)."""
 
     outcome: str
     job_id: str | None = None
     request_hash: str | None = None
     record: JobRecord | None = None
     retry_after: float = 0.0
+    previous: str | None = None
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """What a worker's message decided (``claim.lua``): ``started`` (run ``job_id``, whose lease
+    this worker now holds; ``attempts`` counts this run), ``none`` (nothing to start: drop the
+    message) or ``leased`` (``job_id`` holds another worker's lease: drop the message).
+    ``ended``: jobs the decision ended on the way (expired, or cancelled while their worker was
+    gone), whose terminal webhooks the caller sends."""
+
+    outcome: str
+    job_id: str | None = None
+    attempts: int = 0
+    ended: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

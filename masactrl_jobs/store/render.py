@@ -125,6 +125,10 @@ def public_job(
         model=record.model,
         input=record.input,
         queue_position=record.queue_position,
+        priority=record.priority,
+        start_by=_dt(record.deadline_at),
+        retry_of=record.retry_of,
+        retried_by=record.retried_by,
         progress=progress,
         preview=preview,
         output=output,
@@ -137,5 +141,6 @@ def public_job(
             self_=f"{base}/v1/jobs/{record.id}",
             cancel=f"{base}/v1/jobs/{record.id}/cancel",
             events=f"{base}/v1/jobs/{record.id}/events",
+            retry=f"{base}/v1/jobs/{record.id}/retry",
         ),
     )

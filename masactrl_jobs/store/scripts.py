@@ -14,11 +14,13 @@ __all__ = ["SCRIPTS"]
 
 _NAMES = (
     "cancel",
+    "claim",
     "claim_due_webhooks",
     "create",
     "delete_if_owner",
     "delivery",
     "depths",
+    "expire",
     "finish",
     "forget_inputs",
     "get",
@@ -30,6 +32,7 @@ _NAMES = (
     "progress",
     "purge",
     "push_webhook",
+    "queued",
     "rate_limit",
     "register",
     "renew_if_owner",
@@ -39,7 +42,20 @@ _NAMES = (
     "start",
 )
 _USE_PRELUDE = frozenset(
-    {"cancel", "create", "finish", "preview", "progress", "rate_limit", "requeue", "start"}
+    {
+        "cancel",
+        "claim",
+        "create",
+        "expire",
+        "finish",
+        "get",
+        "list",
+        "preview",
+        "progress",
+        "rate_limit",
+        "requeue",
+        "start",
+    }
 )
 
 

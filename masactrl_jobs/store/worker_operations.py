@@ -13,8 +13,8 @@ from typing import Any
 
 from masactrl_jobs.store.keys import Keys
 from masactrl_jobs.store.operation import Call, operation
-from masactrl_jobs.store.operations import compact, flag, nothing, texts
-from masactrl_jobs.store.records import PreviewRecord, ProgressResult, text
+from masactrl_jobs.store.operations import KEY_TTL_GRACE_SECONDS, compact, flag, nothing, texts
+from masactrl_jobs.store.records import ClaimResult, PreviewRecord, ProgressResult, text
 
 __all__ = ["WEBHOOK_BOOKKEEPING_TTL_SECONDS", "WEBHOOK_CLAIM_SECONDS", "WorkerOperations"]
 
@@ -49,6 +49,87 @@ class WorkerOperations:
 
     keys: Keys
     events_maxlen: int
+    retention_seconds: int
+    queue_policy: str
+
+    def _end_args(self, now: float) -> list[Any]:
+        """What ending a job as a script argument list needs: when its record goes (retention)."""
+        return [
+            now + self.retention_seconds,
+            self.retention_seconds + KEY_TTL_GRACE_SECONDS,
+            self.retention_seconds,
+        ]
+
+    # -- the queue policy --------------------------------------------------------------------
+
+    @operation
+    def claim(
+        self,
+        message_job: str,
+        model: str,
+        worker_id: str,
+        lease_ttl: float,
+        now: float | None = None,
+    ) -> Call[ClaimResult]:
+        """Decide which job the ``run_job`` message naming ``message_job`` starts on a worker of
+        ``model``, and start it with this worker's lease, in one step (``claim.lua``).
+
+        FIFO policy: the named job itself. Fair policy: the message is one start for the model
+        and the job is the queue policy's head (fair share between tenants, then priority, then
+        submission order). Queued jobs past their deadline end ``expired`` on the way.
+        """
+        now = time.time() if now is None else now
+        k = self.keys
+        args = [
+            message_job,
+            model,
+            worker_id,
+            _ms(lease_ttl),
+            repr(now),
+            _ms(now),
+            self.events_maxlen,
+            k.job_prefix,
+            k.queue_prefix,
+            self.queue_policy,
+            *self._end_args(now),
+        ]
+
+        def parse(reply: Any) -> ClaimResult:
+            ended = tuple(texts(reply[3]))
+            outcome = text(reply[0])
+            if outcome != "started":
+                return ClaimResult(outcome, text(reply[1]) or None, ended=ended)
+            return ClaimResult("started", text(reply[1]), int(reply[2]), ended)
+
+        keys = [k.running, k.taken, k.expiry]
+        return Call("claim", keys, args, parse, durable=True)
+
+    @operation
+    def expire_due(
+        self, models: Sequence[str], now: float | None = None, limit: int = 100
+    ) -> Call[list[str]]:
+        """End the queued jobs of ``models`` past their deadline as ``expired``; their ids (each
+        is returned by the one call that ended it: send its webhook)."""
+        models = list(models)
+        if not models:
+            return nothing([])
+        now = time.time() if now is None else now
+        k = self.keys
+        args = [
+            repr(now),
+            int(limit),
+            k.job_prefix,
+            k.queue_prefix,
+            *self._end_args(now),
+            self.events_maxlen,
+            *models,
+        ]
+        return Call("expire", [k.running, k.expiry], args, texts, durable=True)
+
+    @operation
+    def running_jobs(self, limit: int = 1000) -> Call[list[str]]:
+        """Ids of running jobs, longest running first."""
+        return Call(None, (), ["ZRANGE", self.keys.running, 0, int(limit) - 1], texts)
 
     # -- live previews -----------------------------------------------------------------------
 
@@ -89,7 +170,8 @@ class WorkerOperations:
 
     @operation
     def take(self, job_id: str, now: float | None = None) -> Call[bool]:
-        """Note that a worker took the job's message (before it leases and starts the job).
+        """Note that a worker took the job's message (before :meth:`claim` decides what it
+        starts, which clears the note).
 
         A worker that dies before starting the job leaves it ``queued`` with its message
         unacknowledged until the broker's visibility timeout (an hour); the note lets the
@@ -131,7 +213,14 @@ class WorkerOperations:
         now = time.time() if now is None else now
         k = self.keys
         keys = [k.job(job_id), k.events(job_id), k.lease(job_id), k.running, k.taken, message[0]]
-        args = [job_id, _ms(now - older_than), k.queue_prefix, self.events_maxlen, message[1]]
+        args = [
+            job_id,
+            _ms(now - older_than),
+            k.queue_prefix,
+            self.events_maxlen,
+            message[1],
+            self.queue_policy,
+        ]
         return Call("requeue", keys, args, lambda r: int(text(r[0])) if r else None, durable=True)
 
     # -- the worker registry ---------------------------------------------------------------
@@ -150,6 +239,11 @@ class WorkerOperations:
     def unregister_worker(self, model: str, worker_id: str) -> Call[bool]:
         """Remove the worker at a clean shutdown."""
         return Call(None, (), ["ZREM", self.keys.workers(model), worker_id], flag)
+
+    @operation
+    def worker_models(self) -> Call[set[str]]:
+        """Models that ever had a worker (whether or not one is live now)."""
+        return Call(None, (), ["SMEMBERS", self.keys.worker_models], lambda r: set(texts(r)))
 
     @operation
     def live_models(self) -> Call[set[str]]:

@@ -34,6 +34,7 @@ from masactrl_jobs.control import CONTROL_DEFAULTS, SIZE_DEFAULTS, Rule
 from masactrl_jobs.kinds import KINDS
 from masactrl_jobs.kinds.base import Limits
 from masactrl_jobs.schema import JobKind
+from service.submission import QUEUE_RULES
 
 __all__ = ["JOB_KIND", "describe_submissions", "models_table", "submission_rules"]
 
@@ -42,7 +43,8 @@ JOB_KIND = "x-job-kind"
 
 
 # Checked by the gateway itself for every submission, outside the job kinds.
-_INTAKE_RULES = """
+_INTAKE_RULES = (
+    """
 Every submission:
 
 - `webhook.url` is `https://` to a public address; an IP literal in any spelling (decimal,
@@ -55,6 +57,8 @@ Every submission:
   `MASACTRL_MAX_REQUEST_INPUT_BYTES` (else 413 naming the input that crossed it); a reference
   named twice is read once. 503 `inputs_busy` when the gateway holds its limit of inputs.
 """
+    + QUEUE_RULES
+)
 
 # The table's columns: heading, and the entry's value as shown.
 _COLUMNS: tuple[tuple[str, Callable[[ModelEntry], object]], ...] = (

@@ -330,6 +330,10 @@ async function requestBody() {
   };
   // Opt-in, and only sent when asked for, so the page also works with a gateway without it.
   if ($("previews").checked) body.previews = true;
+  const priority = numberOrUndefined($("priority"));
+  if (priority) body.priority = priority;
+  // datetime-local is the browser's local time: sent as an RFC 3339 time with its offset.
+  if ($("start-by").value) body.start_by = new Date($("start-by").value).toISOString();
   const loras = lorasBody();
   if (loras.length) body.loras = loras;
   if (mode() !== "synthesis" && $("anchor-source").checked) body.anchor_source = true;
@@ -380,8 +384,13 @@ function describe(job) {
   }
   if (job.status === "running") return "Running.";
   if (job.status === "failed") return `Failed: ${job.error ? job.error.message : "no reason given"}`;
+  if (job.status === "expired") return "Expired: no worker started it by its deadline.";
   return job.status === "succeeded" ? "Succeeded." : "Canceled.";
 }
+
+const ENDED = ["succeeded", "failed", "canceled", "expired"];
+// The statuses a job can be retried from (POST /v1/jobs/{id}/retry).
+const RETRYABLE = ["failed", "canceled", "expired"];
 
 function showProgress(progress) {
   const bar = $("progress");
@@ -481,6 +490,7 @@ function finish(job) {
     state.loading.clear();
   }
   $("cancel").disabled = true;
+  $("retry").hidden = !RETRYABLE.includes(job.status) || Boolean(job.retried_by);
   $("submit").disabled = false;
   // Sentences about the input the worker wrote (e.g. prompt words the model does not know).
   $("job-warnings").replaceChildren(...(job.warnings || []).map((text) => element("li", { text })));
@@ -501,7 +511,8 @@ async function follow(job) {
   $("progress").value = 0;
   setStatus(describe(job));
   $("cancel").disabled = job.status !== "queued" && job.status !== "running";
-  if (["succeeded", "failed", "canceled"].includes(job.status)) return finish(job);
+  $("retry").hidden = true;
+  if (ENDED.includes(job.status)) return finish(job);
   // A running job reloaded from the history shows its latest preview until the next arrives.
   if (job.preview) showPreviews(job.preview);
   $("submit").disabled = true;
@@ -529,7 +540,7 @@ async function follow(job) {
           showProgress(data);
         } else if (event === "preview") {
           showPreviews(data);
-        } else if (["succeeded", "failed", "canceled"].includes(event)) {
+        } else if (ENDED.includes(event)) {
           finish(data);
         }
       },
@@ -560,6 +571,19 @@ async function cancelJob() {
   }
 }
 
+/** Run the shown job again: a new job with its parameters and inputs, followed here. */
+async function retryJob() {
+  if (!state.job) return;
+  $("retry").hidden = true;
+  clearErrors();
+  try {
+    const job = await call(`/v1/jobs/${state.job.id}/retry`, { method: "POST" });
+    await follow(job);
+  } catch (error) {
+    showErrors(error);
+  }
+}
+
 // -- history ---------------------------------------------------------------------------------
 
 function fillForm(job) {
@@ -580,6 +604,7 @@ function fillForm(job) {
   $("start-layer").value = String(input.control.start_layer);
   $("anchor-source").checked = Boolean(input.anchor_source);
   $("previews").checked = Boolean(input.previews);
+  $("priority").value = String(job.priority || 0);
   setLoras(input.loras || []);
   reuseInputs(input, job.kind);
   syncSliders();
@@ -775,6 +800,7 @@ function wire() {
   $("condition-preprocess").addEventListener("change", showEdges);
   $("refresh-history").addEventListener("click", loadHistory);
   $("cancel").addEventListener("click", cancelJob);
+  $("retry").addEventListener("click", retryJob);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     clearErrors();

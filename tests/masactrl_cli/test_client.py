@@ -420,3 +420,59 @@ def test_client_stack_and_demo_never_import_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_queue_options_and_retry_reach_the_gateway_as_the_api_names_them() -> None:
+    seen: list[tuple[str, str, dict[str, str], object]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        seen.append((request.method, request.url.path, dict(request.headers), body))
+        return httpx.Response(201, json={"id": "new", "status": "queued"})
+
+    with MasaCtrlClient("http://gw", "k", transport=httpx.MockTransport(handler)) as client:
+        client.synthesize("a", ["b"], priority=3, start_by="2030-01-01T00:00:00Z")
+        client.retry("old", max_queue_seconds=60, idempotency_key="again-1")
+        client.retry("older")
+    (_, _, _, submitted), (method, path, headers, body), (_, _, _, bare) = seen
+    assert submitted["priority"] == 3 and submitted["start_by"] == "2030-01-01T00:00:00Z"
+    assert "max_queue_seconds" not in submitted
+    assert (method, path, body) == ("POST", "/v1/jobs/old/retry", {"max_queue_seconds": 60})
+    assert headers["idempotency-key"] == "again-1"
+    assert bare is None  # no options: the gateway keeps the priority, sets no deadline
+
+
+def test_client_retry_prints_the_new_job_and_bad_queue_flags_are_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    requests: list[tuple[str, bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            length = int(self.headers.get("Content-Length") or 0)
+            requests.append((self.path, self.rfile.read(length)))
+            body = json.dumps({"id": "the-new-job", "status": "queued"}).encode()
+            self.send_response(201)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        flags = ["--api-url", url, "--api-key", "k"]
+        assert main(["client", "retry", "old-job", "--priority", "-2", *flags]) == 0
+        assert capsys.readouterr().out.strip() == "the-new-job"
+        assert requests == [("/v1/jobs/old-job/retry", b'{"priority":-2}')]
+        common = ["--source-prompt", "a", "--target-prompt", "b", *flags]
+        assert main(["client", "synthesize", "--start-by", "2030-01-01T00:00", *common]) == 2
+        assert "needs a time zone offset" in _one_line(capsys.readouterr().err)
+        assert len(requests) == 1
+    finally:
+        server.shutdown()
+        server.server_close()

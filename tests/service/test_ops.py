@@ -234,6 +234,7 @@ def test_operation_ids_are_readable_and_stable() -> None:
         "GET /v1/jobs": "listJobs",
         "GET /v1/jobs/{job_id}": "getJob",
         "POST /v1/jobs/{job_id}/cancel": "cancelJob",
+        "POST /v1/jobs/{job_id}/retry": "retryJob",
         "GET /v1/jobs/{job_id}/events": "streamJobEvents",
         "GET /v1/models": "listModels",
         "GET /v1/files/{key}": "downloadFile",

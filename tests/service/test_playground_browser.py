@@ -296,6 +296,44 @@ def test_cancel_stops_a_long_job(page: Page, stack: StackRun) -> None:
     assert api(stack).get(f"/v1/jobs/{job_id_of(page)}").json()["status"] == "canceled"
 
 
+def test_priority_deadline_and_retry_of_a_canceled_job(
+    page: Page, stack: StackRun, console: Console
+) -> None:
+    page.get_by_test_id("mode").select_option("synthesis")
+    page.get_by_test_id("previews").uncheck()
+    fill_prompts(page, "a cat sitting", "a cat running")
+    page.get_by_test_id("steps").fill("150")
+    page.get_by_test_id("priority-field").fill("2")
+    # A deadline already past is the API's sentence next to the deadline's field.
+    page.get_by_test_id("start-by-field").fill("2020-01-01T00:00:00")
+    console.expected_failures = 1  # the 422
+    page.get_by_test_id("submit").click()
+    expect(page.locator('[data-field="start_by"] [data-testid="error"]')).to_contain_text(
+        "already passed"
+    )
+    page.get_by_test_id("start-by-field").fill("")
+    page.get_by_test_id("submit").click()
+    retry = page.get_by_test_id("retry-button")
+    expect(retry).to_be_hidden()
+    page.get_by_test_id("cancel").click()
+    expect(page.locator("#status")).to_have_text("Canceled.", timeout=JOB_TIMEOUT_MS)
+    first = job_id_of(page)
+
+    expect(retry).to_be_visible()
+    retry.click()
+    expect(retry).to_be_hidden()
+    expect(page.locator("#status")).not_to_have_text("Canceled.")  # following the new job
+    expect(page.get_by_test_id("cancel")).to_be_enabled()
+    page.get_by_test_id("cancel").click()
+    expect(page.locator("#status")).to_have_text("Canceled.", timeout=JOB_TIMEOUT_MS)
+    assert job_id_of(page) != first
+    with api(stack) as client:
+        original = client.get(f"/v1/jobs/{first}").json()
+        retried = client.get(f"/v1/jobs/{original['retried_by']}").json()
+    assert retried["retry_of"] == first and retried["priority"] == 2 == original["priority"]
+    assert retried["input"] == original["input"]
+
+
 def _finished_synthesis(stack: StackRun, source: str, target: str) -> dict[str, Any]:
     with api(stack) as client:
         body = {"source_prompt": source, "target_prompts": [target], "steps": 5, "seed": 11}

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,16 @@ pytestmark = pytest.mark.slow
 
 API_KEY = "e2e-test-key-" + "3f9a1c77d2"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"e2e webhook secret of tenant acm").decode()
+# A second tenant, for the queue policy: fair share between it and acme.
+BETA_KEY = "e2e-beta-key-" + "81c0e4a95b"
+BETA_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"e2e webhook secret of tenant bet").decode()
 STEP_DELAY = 0.05
 STARTUP_TIMEOUT = 120.0  # importing torch and loading the model on a busy 2-core machine
 JOB_TIMEOUT = 60.0
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 @dataclass
@@ -69,22 +77,23 @@ class Stack:
     processes: list[ManagedProcess] = field(default_factory=list)
 
     # -- HTTP
-    def submit(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        response = self.client.post(f"/v1/{kind}", json=body)
+    def submit(self, kind: str, body: dict[str, Any], key: str = API_KEY) -> dict[str, Any]:
+        response = self.client.post(f"/v1/{kind}", json=body, headers=_bearer(key))
         assert response.status_code == 202, response.text
         return response.json()
 
-    def job(self, job_id: str) -> dict[str, Any] | None:
+    def job(self, job_id: str, key: str = API_KEY) -> dict[str, Any] | None:
         try:
-            response = self.client.get(f"/v1/jobs/{job_id}")
+            response = self.client.get(f"/v1/jobs/{job_id}", headers=_bearer(key))
         except httpx.TransportError:
             return None
         return response.json() if response.status_code == 200 else None  # 503 while Redis restarts
 
-    def wait(self, job_id: str, timeout: float = JOB_TIMEOUT) -> dict[str, Any]:
+    def wait(self, job_id: str, timeout: float = JOB_TIMEOUT, key: str = API_KEY) -> dict[str, Any]:
         def done() -> dict[str, Any] | None:
-            job = self.job(job_id)
-            return job if job and job["status"] in ("succeeded", "failed", "canceled") else None
+            job = self.job(job_id, key)
+            ended = ("succeeded", "failed", "canceled", "expired")
+            return job if job and job["status"] in ended else None
 
         try:
             return wait_for(done, timeout, 0.1, f"job {job_id} to end")
@@ -207,7 +216,12 @@ def stack(
                     "sha256": hashlib.sha256(API_KEY.encode()).hexdigest(),
                     "tenant": "acme",
                     "webhook_secret": WEBHOOK_SECRET,
-                }
+                },
+                {
+                    "sha256": hashlib.sha256(BETA_KEY.encode()).hexdigest(),
+                    "tenant": "beta",
+                    "webhook_secret": BETA_WEBHOOK_SECRET,
+                },
             ]
         ),
         "MASACTRL_RATE_LIMIT_PER_SECOND": "1000",
@@ -574,11 +588,71 @@ def test_an_image_that_breaks_in_the_worker_fails_clearly_and_the_next_job_runs(
 # --- crashes and restarts (these stop processes; keep them last) --------------------------------
 
 
+QUICK = {"source_prompt": "a cat", "target_prompts": ["a dog"], "steps": 1}
+
+
+def _started_before(stack: Stack, jobs: list[dict[str, Any]], key: str = API_KEY) -> list[float]:
+    finals = [stack.wait(j["id"], key=key) for j in jobs]
+    assert all(f["status"] == "succeeded" and f["attempts"] == 1 for f in finals), finals
+    return sorted(datetime.fromisoformat(f["started_at"]).timestamp() for f in finals)
+
+
+def test_a_light_tenant_starts_within_one_job_of_a_heavy_tenants_batch(stack: Stack) -> None:
+    heavy = [stack.submit("syntheses", QUICK) for _ in range(30)]
+    light = stack.submit("syntheses", QUICK, key=BETA_KEY)
+    # Heavy jobs started by now (counted after the light job was queued: no fewer than then).
+    running = sum(1 for j in heavy if (stack.job(j["id"]) or {}).get("status") != "queued")
+    # At most the heavy jobs already started, plus one, start before the light one.
+    assert light["queue_position"] <= 2, light
+    final = stack.wait(light["id"], key=BETA_KEY)
+    assert (final["status"], final["attempts"]) == ("succeeded", 1), final
+    light_start = datetime.fromisoformat(final["started_at"]).timestamp()
+    heavy_starts = _started_before(stack, heavy)
+    ahead = sum(1 for t in heavy_starts if t < light_start)
+    assert ahead <= running + 1, (ahead, running)
+
+
+def test_an_expired_job_never_runs_and_is_announced_once(stack: Stack) -> None:
+    hook = stack.receiver.url("/expired")
+    blocker = stack.submit(
+        "syntheses", {"source_prompt": "a cat", "target_prompts": ["a dog"], "steps": 40}
+    )
+    stack.wait_running(blocker["id"], min_step=1)
+    late = stack.submit("syntheses", {**QUICK, "max_queue_seconds": 1, "webhook": {"url": hook}})
+    final = stack.wait(late["id"])
+    assert final["status"] == "expired" and final["started_at"] is None, final
+    assert final["attempts"] == 0
+    assert stack.wait(blocker["id"])["status"] == "succeeded"
+    with stack.client.stream("GET", f"/v1/jobs/{late['id']}/events") as response:
+        names = [line for line in response.iter_lines() if line.startswith("event:")]
+    assert names == ["event: status", "event: expired"]
+
+    def announced() -> list[Any] | None:
+        hooks = [r.json()["type"] for r in stack.receiver.for_path("/expired")]
+        return hooks or None
+
+    assert wait_for(announced, 10, 0.1, "the job.expired webhook") == ["job.expired"]
+    time.sleep(1.0)  # a second announcement would have come by now
+    assert [r.json()["type"] for r in stack.receiver.for_path("/expired")] == ["job.expired"]
+    assert stack.stored_keys(f"results/{late['id']}/") == []
+
+    # A retry runs it once, and both jobs link to each other.
+    response = stack.client.post(f"/v1/jobs/{late['id']}/retry")
+    assert response.status_code == 201, response.text
+    retried = stack.wait(response.json()["id"])
+    assert (retried["status"], retried["attempts"]) == ("succeeded", 1), retried
+    assert retried["retry_of"] == late["id"]
+    assert (stack.job(late["id"]) or {})["retried_by"] == retried["id"]
+
+
 def test_a_job_survives_sigkill_of_its_worker_and_completes_exactly_once(stack: Stack) -> None:
     job = stack.submit(
         "syntheses", {"source_prompt": "a cat", "target_prompts": ["a dog"], "steps": 40}
     )
     stack.wait_running(job["id"], min_step=5)
+    # Queued behind it, from both tenants, with priorities: the queue policy's starts.
+    waiting = [(stack.submit("syntheses", {**QUICK, "priority": p}), API_KEY) for p in (0, 5)]
+    waiting += [(stack.submit("syntheses", QUICK, key=BETA_KEY), BETA_KEY) for _ in range(2)]
     dead_workers = set(stack.store.redis.zrange("masactrl:workers:tiny", 0, -1))
     stack.gpu.kill(signal.SIGKILL)  # the whole group: Celery's parent and its pool child
 
@@ -587,6 +661,11 @@ def test_a_job_survives_sigkill_of_its_worker_and_completes_exactly_once(stack: 
     final = stack.wait(job["id"], timeout=JOB_TIMEOUT + STARTUP_TIMEOUT)
     assert final["status"] == "succeeded", final
     assert final["attempts"] == 2
+    for queued, key in waiting:  # nothing lost, nothing run twice
+        done = stack.wait(queued["id"], key=key)
+        assert (done["status"], done["attempts"]) == ("succeeded", 1), done
+        events = stack.store.read_events(queued["id"])
+        assert [e.event for e in events].count("succeeded") == 1
     assert stack.stored_keys(f"results/{job['id']}/") == [
         f"results/{job['id']}/source_0.png",
         f"results/{job['id']}/target_0.png",
@@ -599,7 +678,9 @@ def test_a_job_survives_sigkill_of_its_worker_and_completes_exactly_once(stack: 
     marker = stack.submit(
         "syntheses", {"source_prompt": "a cat", "target_prompts": ["a dog"], "steps": 1}
     )
-    assert stack.wait(marker["id"])["status"] == "succeeded"  # FIFO: the duplicate went first
+    # Under the queue policy the duplicate is one more start for the model: it starts the marker
+    # or nothing, never the ended job again.
+    assert stack.wait(marker["id"])["status"] == "succeeded"
     again = stack.job(job["id"])
     assert again is not None and again["attempts"] == 2 and again["status"] == "succeeded"
 
@@ -611,12 +692,15 @@ def test_a_queued_job_survives_a_redis_restart(stack: Stack) -> None:
     waiting = stack.submit(
         "syntheses", {"source_prompt": "a cat", "target_prompts": ["a red car"], "steps": 2}
     )
+    other = stack.submit("syntheses", {**QUICK, "priority": 3}, key=BETA_KEY)
     stack.wait_running(running["id"], min_step=2)
     assert (stack.job(waiting["id"]) or {}).get("status") == "queued"
 
     stack.redis.restart()  # SIGTERM: Redis writes its AOF and exits; then it starts from it
 
     assert stack.wait(waiting["id"], timeout=JOB_TIMEOUT * 2)["status"] == "succeeded"
+    done = stack.wait(other["id"], timeout=JOB_TIMEOUT * 2, key=BETA_KEY)
+    assert (done["status"], done["attempts"]) == ("succeeded", 1), done
     final = stack.wait(running["id"], timeout=JOB_TIMEOUT * 2)
     # The running job rode through the restart: one attempt, not a rerun.
     assert (final["status"], final["attempts"]) == ("succeeded", 1), final

@@ -1,6 +1,6 @@
 -- KEYS: tenant index. ARGV: cursor ('' = newest), limit, status ('' = any), max scanned, job
--- prefix, queue prefix. Returns {next cursor or '', {hash, rank}...}; ids of records that expired
--- are dropped from the index on the way.
+-- prefix, queue prefix, queue policy. Returns {next cursor or '', {hash, rank}...}; ids of
+-- records that expired are dropped from the index on the way.
 local limit = tonumber(ARGV[2])
 local max_scan = tonumber(ARGV[4])
 local upper = '+'
@@ -16,13 +16,13 @@ while #out < limit and scanned < max_scan do
     scanned = scanned + 1
     last = id
     local key = ARGV[5] .. id
-    local st = redis.call('HMGET', key, 'status', 'model')
+    local st = redis.call('HMGET', key, 'status', 'model', 'tenant')
     if not st[1] then
       redis.call('ZREM', KEYS[1], id)
     elseif ARGV[3] == '' or ARGV[3] == st[1] then
       local rank = -1
       if st[1] == 'queued' then
-        local r = redis.call('ZRANK', ARGV[6] .. st[2], id)
+        local r = position(ARGV[6], st[2], st[3], id, ARGV[7])
         if r then rank = r end
       end
       table.insert(out, {redis.call('HGETALL', key), rank})

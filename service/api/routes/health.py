@@ -79,7 +79,8 @@ async def readyz(gateway: GatewayDep) -> JSONResponse:
     openapi_extra={"security": [{}]},
 )
 async def metrics(gateway: GatewayDep, _: OpsAccess) -> Response:
-    """Prometheus metrics: requests, latencies, submitted jobs, queue depth per model.
+    """Prometheus metrics: requests, latencies, submitted jobs, queue depth per model, queued
+    jobs by tenant and priority, expirations.
 
     Open unless the gateway sets `MASACTRL_OPS_TOKEN`; then `Authorization: Bearer <ops
     token>` is required (`401` without it). Never an API key's route.
@@ -91,4 +92,15 @@ async def metrics(gateway: GatewayDep, _: OpsAccess) -> Response:
     else:
         for model, depth in depths.items():
             gateway.metrics.queue_depth.labels(model).set(depth)
+    try:
+        queued, expired = await gateway.store.queue_census(gateway.catalog.names())
+    except Exception as exc:
+        logger.warning("metrics: queue census unavailable: %s", exc)
+    else:
+        # Only what is queued now: tenants and priorities that emptied leave the gauge.
+        gateway.metrics.queued.clear()
+        for (model, tenant, priority), n in queued.items():
+            gateway.metrics.queued.labels(model, tenant, str(priority)).set(n)
+        for model, n in expired.items():
+            gateway.metrics.expired.labels(model).set(n)
     return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)

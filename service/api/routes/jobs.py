@@ -1,4 +1,4 @@
-"""Jobs: read, list, cancel, and follow as Server-Sent Events."""
+"""Jobs: read, list, cancel, retry, and follow as Server-Sent Events."""
 
 from __future__ import annotations
 
@@ -8,20 +8,20 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Body, Header, Query, Response
 from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
 from masactrl_jobs.ids import is_job_id
-from masactrl_jobs.schema import JobList, JobStatus, PreviewImage, ProgressPhase
+from masactrl_jobs.schema import JobList, JobStatus, PreviewImage, ProgressPhase, RetryCreate
 from masactrl_jobs.store import JobEvent, PreviewRecord
 from masactrl_jobs.store.render import public_preview
 from service.api.deps import GatewayDep, Prefer, TenantDep
 from service.api.responses import errors, job_response, json_errors
 from service.errors import ApiError, FieldError, invalid, shown_id
 from service.gateway import Gateway
-from service.submission import parse_prefer_wait
+from service.submission import QUEUE_OPTIONS, QUEUE_RULES, parse_prefer_wait, retry
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -147,6 +147,43 @@ async def cancel_job(job_id: str, gateway: GatewayDep, tenant: TenantDep) -> Res
     return gateway.job_response(record, 200 if result.outcome == "canceled" else 202)
 
 
+@router.post(
+    "/{job_id}/retry",
+    response_model=None,
+    status_code=201,
+    description="Run a failed, canceled or expired job again: a new job with its parameters and "
+    "inputs, linked both ways (`retry_of`, `retried_by`). `409` for a queued, running or "
+    "succeeded job, one already retried, or one whose inputs are past retention.\n" + QUEUE_RULES,
+    openapi_extra={QUEUE_OPTIONS: True},
+    responses={
+        201: job_response("The new job, queued, with `retry_of` naming this one.", True),
+        **errors(401, 404, 409, 422, 429, 503),
+    },
+)
+async def retry_job(
+    job_id: str,
+    gateway: GatewayDep,
+    tenant: TenantDep,
+    options: Annotated[RetryCreate | None, Body()] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            description="Retry-safe: the same key and body return the job the first call made.",
+        ),
+    ] = None,
+) -> Response:
+    """Run a failed, canceled or expired job again: a new job with its parameters and inputs."""
+    submitted = await retry(gateway, tenant, job_id, options, idempotency_key)
+    headers = {"Location": f"{gateway.settings.public_base_url}/v1/jobs/{submitted.record.id}"}
+    if submitted.replayed:
+        headers["Idempotent-Replayed"] = "true"
+        return gateway.job_response(submitted.record, 200, headers)
+    return gateway.job_response(submitted.record, 201, headers)
+
+
 def _latest_previews(events: list[JobEvent]) -> list[JobEvent]:
     """``events`` without the preview events that a later one in the same read supersedes.
 
@@ -192,7 +229,16 @@ class EventStream(Response):
     media_type = "text/event-stream"
 
 
-_SSE_EVENTS = ("status", "progress", "preview", "requeued", "succeeded", "failed", "canceled")
+_SSE_EVENTS = (
+    "status",
+    "progress",
+    "preview",
+    "requeued",
+    "succeeded",
+    "failed",
+    "canceled",
+    "expired",
+)
 
 
 @router.get(
@@ -209,7 +255,8 @@ _SSE_EVENTS = ("status", "progress", "preview", "requeued", "succeeded", "failed
                 "the latest preview matters: earlier ones' images are deleted), `requeued` "
                 "(RequeuedEvent) when an abandoned run puts the job back in the queue, then "
                 "exactly one of "
-                "`succeeded`, `failed`, `canceled` whose data is the job object (JobPublic), "
+                "`succeeded`, `failed`, `canceled`, `expired` whose data is the job object "
+                "(JobPublic), "
                 "after which the stream ends. Comment lines (`: ping`) keep idle connections "
                 "open."
             ),
@@ -238,7 +285,7 @@ _SSE_EVENTS = ("status", "progress", "preview", "requeued", "succeeded", "failed
                         "requeued": {"$ref": "#/components/schemas/RequeuedEvent"},
                         **{
                             name: {"$ref": "#/components/schemas/JobPublic"}
-                            for name in ("succeeded", "failed", "canceled")
+                            for name in ("succeeded", "failed", "canceled", "expired")
                         },
                     },
                 }
