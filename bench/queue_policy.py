@@ -1,9 +1,9 @@
 """The queue policy measured on real processes: how long a light tenant waits next to a heavy one.
 
-    .venv/bin/python bench/queue_policy.py [--heavy 60] [--light 12] [--every 2] [--keep]
+    .venv/bin/python bench/queue.py [--heavy 60] [--light 12] [--every 2] [--keep]
 
-(Not ``bench/queue.py``: run as a script, a file of that name in this folder would hide the
-standard library's ``queue`` from every benchmark here.)
+(``bench/queue.py`` is the entry point; this module holds the measurement under a name that
+does not stand for the standard library's ``queue``.)
 
 For each policy, FIFO (``MASACTRL_QUEUE_POLICY=fifo``: submission order across tenants, what
 Celery delivers) and fair share (``fair``: the store's queue policy), it starts a private
