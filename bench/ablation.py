@@ -24,6 +24,10 @@ the one with the lowest on / off colour-histogram distance source -> target amon
 target, with MasaCtrl, lies nearer the rendered ground truth than the source on most scenes. Every
 attribute is then measured again on the fresh ``--report-scenes``, which played no part in the
 choice, and the coarse check runs over all of ``examples.json`` at ``--coarse-seeds``.
+
+    .venv/bin/python bench/ablation.py --coarse-only --coarse-seeds 10,11,12,13
+
+runs the coarse check alone (it is the slowest part of either run on a CPU).
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--coarse-seeds", type=_ints, help="noise seeds of the coarse check (default: --seeds')"
     )
+    parser.add_argument("--coarse-only", action="store_true", help="only the coarse check")
     return parser.parse_args(argv)
 
 
@@ -97,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     off = ControlConfig(start_step=args.steps, start_layer=default.start_layer)
     pairs, seeds = range(args.pairs), range(args.seeds)
     coarse_seeds = args.coarse_seeds if args.coarse_seeds is not None else list(seeds)
+    if args.coarse_only:
+        return _coarse_only(args, engine, default, off, coarse_seeds, started)
     if args.edits:
         return _edits(args, engine, default, off, coarse_seeds, started)
     print(f"# MasaCtrl ablation on {args.model.name} — {machine()}")
@@ -190,6 +197,33 @@ def _edits(
                 }
                 for phase, by_attribute in measured.items()
             },
+            "coarse": coarse,
+        }
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def _coarse_only(
+    args: argparse.Namespace,
+    engine: Any,
+    on: Any,
+    off: Any,
+    coarse_seeds: list[int],
+    started: float,
+) -> int:
+    print(
+        f"# The coarse check on {args.model.name} — {machine()}\n"
+        f"{args.steps} DDIM steps, guidance 7.5, control on = start step {on.start_step}, "
+        f"start layer {on.start_layer}; off = no step\n",
+        flush=True,
+    )
+    coarse = _coarse_check(engine, args.model, coarse_seeds, on, off, args.steps)
+    print(_coarse_line(coarse))
+    print(f"\n{time.monotonic() - started:.0f} s")
+    if args.json:
+        record = {
+            "machine": machine(),
+            "args": {k: str(v) for k, v in vars(args).items()},
             "coarse": coarse,
         }
         args.json.write_text(json.dumps(record, indent=2) + "\n")

@@ -51,3 +51,18 @@ def test_edits_mode_chooses_on_some_scenes_and_reports_on_others(tmp_path: Path)
             assert effects["on"] == effects["off"]
             assert 0 < effects["on"]["to_truth"] < 1
     assert numbers["coarse"]["seeds"] == [10]
+
+
+def test_coarse_only_runs_the_coarse_check_alone(tmp_path: Path) -> None:
+    record = tmp_path / "coarse.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--coarse-only", "--steps", "2", "--coarse-seeds", "10",
+         "--json", str(record)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "In-place edits" not in done.stdout
+    assert "Coarse check over examples.json (4 pairs × seeds [10])" in done.stdout
+    numbers = json.loads(record.read_text())
+    assert set(numbers) == {"machine", "args", "coarse"}
+    assert numbers["coarse"]["seeds"] == [10]
