@@ -24,7 +24,8 @@ by name; requests pick one by that name, never by an arbitrary source::
                              "kind": "controlnet", "family": "sd"}}
 
 A condition's family must be its model's (an SD 1.5 ControlNet cannot steer SDXL); ``family``
-may be omitted and then is the model's.
+may be omitted and then is the model's. The ``sd3`` and ``flux`` families take no conditions
+(``masactrl_jobs.shape.FAMILY_FEATURES``): an entry that lists some is refused.
 
 A ``source`` may be one checkpoint file in the original single-file layout (``.safetensors``),
 as community models circulate. Its components' configuration comes from ``config`` (a local
@@ -59,9 +60,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from masactrl_jobs.schema import LORA_WEIGHT_LIMIT
 from masactrl_jobs.shape import (
     DEFAULT_START_STEP,
+    FAMILY_FEATURES,
     FAMILY_REFERENCE_SHAPES,
     SHAPE_FIELDS,
     Family,
+    FamilyFeatures,
     ModelShape,
     PredictionType,
     default_start_layer,
@@ -269,6 +272,10 @@ class ModelEntry(BaseModel):
                 raise ValueError(
                     f"LoRA name {name!r} must be lowercase letters, digits, '_', '.' or '-'"
                 )
+        if self.conditions and not self.features.layout_conditions:
+            raise ValueError(
+                f"conditions: {self.name} is {self.family}, and {self.features.unavailable}"
+            )
         for name, condition in self.conditions.items():
             if not re.fullmatch(MODEL_NAME_PATTERN, name):
                 raise ValueError(
@@ -339,6 +346,11 @@ class ModelEntry(BaseModel):
             return self.loras[name]
         except KeyError:
             raise UnknownLora(name, self.name, sorted(self.loras)) from None
+
+    @property
+    def features(self) -> FamilyFeatures:
+        """What the engine offers on this model's family (layout conditions, sequences, ...)."""
+        return FAMILY_FEATURES[self.family]
 
     @property
     def single_file(self) -> bool:

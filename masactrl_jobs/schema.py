@@ -21,6 +21,8 @@ from pydantic import (
     StringConstraints,
 )
 
+from masactrl_jobs.shape import FamilyFeatures
+
 __all__ = [
     "LORA_WEIGHT_LIMIT",
     "MAX_IMAGE_REF_CHARS",
@@ -697,6 +699,10 @@ class ModelPublic(BaseModel):
     )
     loras: list[LoraPublic] = Field(
         default_factory=list, description="LoRA adapters a request may activate."
+    )
+    features: FamilyFeatures = Field(
+        description="What the service offers on this model's family: a request for a feature "
+        "marked false is answered 422 naming the field."
     )
 
 

@@ -13,9 +13,18 @@ Two kinds of number remain, each with one home here:
   :func:`default_start_layer` keeps that *depth* on any model: ``round(blocks × 10 / 16)``, so
   44 of SDXL's 70 and 4 of a 7-block model. An operator (catalog entry) or the checkpoint
   (``masactrl.json``) may declare other values; those are choices, checked against the model.
-- **Reference shapes** are what each family's reference checkpoint (SD 1.5, SDXL base) measures.
-  The torch-free gateway assumes them for a catalog entry that declares nothing, only until a
-  live worker of that model has reported what it measured. Workers never use them.
+- **Reference shapes** are what each family's reference checkpoint (SD 1.5, SDXL base, SD3
+  Medium, FLUX.1 [dev]) measures. The torch-free gateway assumes them for a catalog entry that
+  declares nothing, only until a live worker of that model has reported what it measured. Workers
+  never use them.
+
+What the engine can do differs by family, and that is a declared fact about the engine rather
+than a measurement of a checkpoint: :data:`FAMILY_FEATURES` says it for the torch-free gateway,
+CLI and playground, and a worker checks the loaded engine's backbone agrees at start-up
+(``worker.engine_loader.measured_entry``). Today the MM-DiT families (``sd3``, ``flux``) run
+synthesis and editing but no layout conditions (ControlNets, T2I-Adapters) and so no sequences,
+and FLUX.1 is guidance-distilled: its guidance scale is an input of the model, it has no
+unconditional rows, so a negative prompt would have no effect and is refused.
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "DEFAULT_START_STEP",
+    "FAMILY_FEATURES",
     "FAMILY_REFERENCE_SHAPES",
+    "FamilyFeatures",
     "PAPER_BLOCK_COUNT",
     "PAPER_START_LAYER",
     "SHAPE_FIELDS",
@@ -37,7 +48,7 @@ __all__ = [
     "default_start_layer",
 ]
 
-Family = Literal["sd", "sdxl"]
+Family = Literal["sd", "sdxl", "sd3", "flux"]
 PredictionType = Literal["epsilon", "v_prediction"]
 
 # The paper's start step: the first steps lay out the image; from step 4 on, targets may read the
@@ -54,6 +65,57 @@ FAMILY_REFERENCE_SHAPES: dict[str, dict[str, int]] = {
     "sd": {"block_count": 16, "native_width": 512, "native_height": 512, "size_multiple": 64},
     # SDXL base: 4 + 20 down, 10 mid, 30 + 6 up blocks; VAE factor 8 × 2**2 downsamplers.
     "sdxl": {"block_count": 70, "native_width": 1024, "native_height": 1024, "size_multiple": 32},
+    # SD3 Medium: 24 joint transformer blocks; VAE factor 8 × patch size 2.
+    "sd3": {"block_count": 24, "native_width": 1024, "native_height": 1024, "size_multiple": 16},
+    # FLUX.1 [dev] and [schnell]: 19 double-stream then 38 single-stream blocks; VAE factor 8 ×
+    # the 2×2 packing of latents into tokens.
+    "flux": {"block_count": 57, "native_width": 1024, "native_height": 1024, "size_multiple": 16},
+}
+
+
+class FamilyFeatures(BaseModel):
+    """What the engine offers on one family (the same for every checkpoint of it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    layout_conditions: bool = Field(
+        description="Whether requests may name a layout condition model (ControlNet, T2I-Adapter)."
+    )
+    sequences: bool = Field(description="Whether the model runs sequences (`/v1/sequences`).")
+    negative_prompt: bool = Field(
+        description="Whether a negative prompt has an effect: false on guidance-distilled "
+        "models, whose guidance scale is an input of the model rather than classifier-free "
+        "guidance against a negative prompt."
+    )
+    unavailable: str | None = Field(
+        default=None,
+        description="Why the features marked false are missing, in one sentence.",
+    )
+
+
+_MMDIT_UNAVAILABLE = (
+    "layout conditions and sequences are not available on {family} models yet: MasaCtrl runs "
+    "synthesis and editing on their transformer blocks, but no layout condition model is wired "
+    "to them"
+)
+
+FAMILY_FEATURES: dict[str, FamilyFeatures] = {
+    "sd": FamilyFeatures(layout_conditions=True, sequences=True, negative_prompt=True),
+    "sdxl": FamilyFeatures(layout_conditions=True, sequences=True, negative_prompt=True),
+    "sd3": FamilyFeatures(
+        layout_conditions=False,
+        sequences=False,
+        negative_prompt=True,
+        unavailable=_MMDIT_UNAVAILABLE.format(family="SD3"),
+    ),
+    # FLUX.1 is guidance-distilled: one row per image, the guidance scale an input of the model.
+    "flux": FamilyFeatures(
+        layout_conditions=False,
+        sequences=False,
+        negative_prompt=False,
+        unavailable=_MMDIT_UNAVAILABLE.format(family="FLUX.1")
+        + "; FLUX.1 is guidance-distilled, so a negative prompt has no effect",
+    ),
 }
 
 

@@ -81,8 +81,8 @@ def test_models_may_be_keyed_by_name() -> None:
             "repeated: a",
         ),
         (
-            {"default": "a", "models": [{"name": "a", "source": "x", "family": "flux"}]},
-            "models[0]: family 'flux' is not 'sd' or 'sdxl'",
+            {"default": "a", "models": [{"name": "a", "source": "x", "family": "dit"}]},
+            "models[0]: family 'dit' is not 'sd' or 'sdxl' or 'sd3' or 'flux'",
         ),
         (
             {"default": "a", "models": [{"name": "a", "source": "x"}]},
@@ -216,6 +216,13 @@ def test_conditions_take_their_models_family_and_are_looked_up_by_name() -> None
         ({"canny": {"kind": "controlnet"}}, "sd", "source"),
         ({"canny": {"source": "/c", "kind": "controlnet", "url": "x"}}, "sd", "url"),
         ({"Canny Edges": {"source": "/c", "kind": "controlnet"}}, "sd", "condition name"),
+        (
+            {"canny": {"source": "/c", "kind": "controlnet"}},
+            "flux",
+            "conditions: m is flux, and layout conditions and sequences are not available on "
+            "FLUX.1 models yet",
+        ),
+        ({"canny": {"source": "/c", "kind": "controlnet"}}, "sd3", "not available on SD3"),
     ],
 )
 def test_bad_conditions_are_refused_with_a_sentence(
