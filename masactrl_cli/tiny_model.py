@@ -21,7 +21,10 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument(
-        "--family", choices=("sd", "sdxl"), help="model family (default sd; not with --condition)"
+        "--family",
+        choices=("sd", "sdxl", "sd3", "flux"),
+        help="model family (default sd; not with --condition): sd3 and flux write tiny "
+        "multimodal diffusion transformers (FLUX: 2 double- and 2 single-stream blocks)",
     )
     parser.add_argument(
         "--variant",

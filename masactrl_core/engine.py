@@ -51,7 +51,7 @@ from masactrl_core.runs import (
     RunStats,
     SequenceResult,
 )
-from masactrl_core.sampler import MasaCtrlSampler, paper_default_control
+from masactrl_core.sampler import MasaCtrlSampler
 from masactrl_core.single_file import is_single_file, load_single_file_pipeline
 from masactrl_core.solvers import PREDICTION_TYPES, Solver
 from masactrl_core.sources import locate_model
@@ -163,7 +163,7 @@ class MasaCtrlEngine:
             self.backbone,
             self.solver,
             options or EngineOptions(),
-            default_control or paper_default_control(block_count),
+            default_control or self.backbone.default_control(),
         )
         # LoRA adapters, loaded once each and active only inside ``loras.activated(...)``.
         self.loras = LoraAdapters(pipeline)
