@@ -13,9 +13,11 @@ JSON shape::
 checkpoint (``masactrl_jobs.shape``); an entry may declare it, and a worker whose model measures
 otherwise refuses to start. Until a worker has reported, the gateway assumes what the entry
 declares, else the family's reference shape. The default control is a rule over the block count
-(start step 4, start layer at 10/16 of the depth) unless declared: by the entry
-(``default_start_step``, ``default_start_layer``) or by a local checkpoint folder's
-``masactrl.json`` (``{"start_step": 4, "start_layer": 10}``, as the engine reads it).
+(start step 4, start layer at 10/16 of the depth; FLUX.1 declares its own, from its first
+single-stream block) unless declared: by the entry (``default_start_step``,
+``default_start_layer``) or by a local checkpoint folder's ``masactrl.json``
+(``{"start_step": 4, "start_layer": 10}``, as the engine reads it). Once a worker has loaded the
+model, an undeclared default is the one its engine reports.
 
 A model may list the layout condition models (ControlNets, T2I-Adapters) its workers may load,
 by name; requests pick one by that name, never by an arbitrary source::
@@ -61,6 +63,7 @@ from masactrl_jobs.schema import LORA_WEIGHT_LIMIT
 from masactrl_jobs.shape import (
     DEFAULT_START_STEP,
     FAMILY_FEATURES,
+    FAMILY_REFERENCE_CONTROL,
     FAMILY_REFERENCE_SHAPES,
     SHAPE_FIELDS,
     Family,
@@ -227,6 +230,10 @@ class ModelEntry(BaseModel):
         filled = {**FAMILY_REFERENCE_SHAPES[family], **given}
         filled["declared"] = frozenset(given) & _DECLARABLE
         filled["measured"] = None
+        if not {"block_count", "default_start_layer"} & set(given):
+            # The family's own rule on its reference checkpoint (FLUX.1: the single-stream
+            # blocks); an entry that declares another depth gets the depth rule until measured.
+            filled = {**FAMILY_REFERENCE_CONTROL.get(family, {}), **filled}
         filled.setdefault("default_start_step", DEFAULT_START_STEP)
         block_count = filled["block_count"]
         if "default_start_layer" not in filled and isinstance(block_count, int) and block_count > 0:
@@ -324,8 +331,16 @@ class ModelEntry(BaseModel):
         update: dict[str, Any] = {
             name: value for name, value in shape.values().items() if name not in self.declared
         }
+        # The engine's own default where it reported one (a family's rule, e.g. FLUX.1's
+        # single-stream blocks), else the depth rule.
         if "default_start_layer" not in self.declared:
-            update["default_start_layer"] = default_start_layer(shape.block_count)
+            update["default_start_layer"] = (
+                default_start_layer(shape.block_count)
+                if shape.default_start_layer is None
+                else shape.default_start_layer
+            )
+        if "default_start_step" not in self.declared and shape.default_start_step is not None:
+            update["default_start_step"] = shape.default_start_step
         if "max_pixels" not in self.declared:
             width = update.get("native_width", self.native_width)
             height = update.get("native_height", self.native_height)

@@ -13,6 +13,12 @@ Two kinds of number remain, each with one home here:
   :func:`default_start_layer` keeps that *depth* on any model: ``round(blocks × 10 / 16)``, so
   44 of SDXL's 70 and 4 of a 7-block model. An operator (catalog entry) or the checkpoint
   (``masactrl.json``) may declare other values; those are choices, checked against the model.
+- **Families may declare their own default control** where their blocks carry layout and
+  appearance elsewhere than a UNet's. The engine's backbone declares it (FLUX.1: from the first
+  single-stream block, after the double-stream blocks that fix the layout; docs/engine.md says
+  why) and a worker reports the default its engine computed with the shape, which the catalog
+  then follows wherever an entry declares none. Until then, the gateway assumes the family
+  reference's (:data:`FAMILY_REFERENCE_CONTROL`).
 - **Reference shapes** are what each family's reference checkpoint (SD 1.5, SDXL base, SD3
   Medium, FLUX.1 [dev]) measures. The torch-free gateway assumes them for a catalog entry that
   declares nothing, only until a live worker of that model has reported what it measured. Workers
@@ -37,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "DEFAULT_START_STEP",
     "FAMILY_FEATURES",
+    "FAMILY_REFERENCE_CONTROL",
     "FAMILY_REFERENCE_SHAPES",
     "FamilyFeatures",
     "PAPER_BLOCK_COUNT",
@@ -70,6 +77,13 @@ FAMILY_REFERENCE_SHAPES: dict[str, dict[str, int]] = {
     # FLUX.1 [dev] and [schnell]: 19 double-stream then 38 single-stream blocks; VAE factor 8 ×
     # the 2×2 packing of latents into tokens.
     "flux": {"block_count": 57, "native_width": 1024, "native_height": 1024, "size_multiple": 16},
+}
+
+# The default control of each family's reference checkpoint where the family declares its own
+# rule (the engine's backbone: ``masactrl_core.backbones``); other families follow the depth rule.
+FAMILY_REFERENCE_CONTROL: dict[str, dict[str, int]] = {
+    # FLUX.1 [dev]: from block 19, the first single-stream block, after step 4.
+    "flux": {"default_start_step": 4, "default_start_layer": 19},
 }
 
 
@@ -137,11 +151,16 @@ class ModelShape(BaseModel):
     native_height: int = Field(gt=0)
     size_multiple: int = Field(gt=0, description="Widths and heights must be multiples of it.")
     prediction_type: PredictionType | None = None
+    # The engine's default control on this model (its family's rule over the measured shape, or
+    # the checkpoint's masactrl.json); None from workers that predate the report.
+    default_start_step: int | None = Field(default=None, ge=0)
+    default_start_layer: int | None = Field(default=None, ge=0)
 
     @classmethod
     def from_description(cls, described: Mapping[str, Any]) -> ModelShape:
         """The shape in an engine's ``describe()`` (``masactrl_core.MasaCtrlEngine``)."""
         width, height = described["native_size"]
+        control = described.get("default_control") or {}
         return cls(
             family=described["family"],
             block_count=described["block_count"],
@@ -149,6 +168,8 @@ class ModelShape(BaseModel):
             native_height=height,
             size_multiple=described["size_multiple"],
             prediction_type=described.get("prediction_type"),
+            default_start_step=control.get("start_step"),
+            default_start_layer=control.get("start_layer"),
         )
 
     def values(self) -> dict[str, int]:

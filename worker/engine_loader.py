@@ -163,6 +163,15 @@ def measured_entry(entry: ModelEntry, engine: MasaCtrlEngine) -> ModelEntry:
     """
     shape = ModelShape.from_description(engine.describe())
     conflicts = entry.shape_conflicts(shape)
+    # What the gateway promises for the family (masactrl_jobs.shape.FAMILY_FEATURES) must be
+    # what this engine's backbone runs: else jobs the gateway accepts would fail here.
+    runs_conditions = bool(engine.backbone.supports_conditions)
+    if entry.features.layout_conditions != runs_conditions:
+        conflicts.append(
+            f"the catalog says {entry.family} models "
+            f"{'take' if entry.features.layout_conditions else 'take no'} layout conditions, but "
+            f"the engine's {engine.family} backbone {'runs' if runs_conditions else 'runs none'}"
+        )
     if conflicts:
         raise ModelShapeMismatch(
             "; ".join(conflicts)

@@ -120,8 +120,9 @@ def test_a_plain_flux_synthesis_is_queued_with_the_reference_shape(
     queued = broker_messages(redis_client, "masactrl.flux-dev")
     assert queued == [("masactrl.run_job", [job["id"]])]
     assert (job["input"]["width"], job["input"]["height"]) == (1024, 1024)
-    # The depth rule over FLUX.1 [dev]'s 57 blocks until the family declares its own.
-    assert job["input"]["control"]["start_layer"] == 36
+    # FLUX.1 [dev]'s own default until a worker reports: its first single-stream block.
+    assert job["input"]["control"]["start_layer"] == 19
+    assert job["input"]["control"]["start_step"] == 4
 
 
 def test_the_contract_states_the_family_rules(client: TestClient) -> None:
