@@ -687,7 +687,8 @@ class ModelPublic(BaseModel):
         "they are the catalog's declared values, else the family's reference checkpoint's."
     )
     prediction_type: str | None = Field(
-        default=None, description="What the model predicts (`epsilon`, `v_prediction`), measured."
+        default=None,
+        description="What the model predicts (`epsilon`, `v_prediction`, `flow`), measured.",
     )
     live: bool = Field(description="Whether a live worker currently serves this model.")
     preview_decoder: Literal["tiny_autoencoder", "vae"] = Field(

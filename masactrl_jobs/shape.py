@@ -50,13 +50,18 @@ __all__ = [
     "PAPER_START_LAYER",
     "SHAPE_FIELDS",
     "Family",
+    "MeasuredPrediction",
     "ModelShape",
     "PredictionType",
     "default_start_layer",
 ]
 
 Family = Literal["sd", "sdxl", "sd3", "flux"]
+# What a single-file SD checkpoint may be declared to predict (catalog ``prediction_type``).
 PredictionType = Literal["epsilon", "v_prediction"]
+# What a loaded model is measured to predict: also ``flow``, the velocity of the flow-matching
+# families (SD3, FLUX.1).
+MeasuredPrediction = Literal["epsilon", "v_prediction", "flow"]
 
 # The paper's start step: the first steps lay out the image; from step 4 on, targets may read the
 # source's content without copying its layout.
@@ -150,7 +155,7 @@ class ModelShape(BaseModel):
     native_width: int = Field(gt=0)
     native_height: int = Field(gt=0)
     size_multiple: int = Field(gt=0, description="Widths and heights must be multiples of it.")
-    prediction_type: PredictionType | None = None
+    prediction_type: MeasuredPrediction | None = None
     # The engine's default control on this model (its family's rule over the measured shape, or
     # the checkpoint's masactrl.json); None from workers that predate the report.
     default_start_step: int | None = Field(default=None, ge=0)
