@@ -177,15 +177,6 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
 
 
-@pytest.fixture(scope="session")
-def tiny_flux_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny FLUX.1-shaped checkpoint (``masactrl tiny-model --family flux``: 2 double- and 2
-    single-stream blocks, guidance-distilled, native 256x256), written once per test session."""
-    from masactrl_core.tiny import write_tiny_checkpoint
-
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-flux") / "model", family="flux")
-
-
 # The words ``tiny_vocabulary_checkpoint`` declares it knows.
 TINY_VOCABULARY = ("a", "photo", "of", "cat", "dog")
 
