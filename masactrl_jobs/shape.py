@@ -29,7 +29,8 @@ than a measurement of a checkpoint: :data:`FAMILY_FEATURES` says it for the torc
 CLI and playground, and a worker checks the loaded engine's backbone agrees at start-up
 (``worker.engine_loader.measured_entry``). Today the MM-DiT families (``sd3``, ``flux``) run
 synthesis and editing but no layout conditions (ControlNets, T2I-Adapters) and so no sequences,
-and FLUX.1 is guidance-distilled: its guidance scale is an input of the model, it has no
+and no automatic masks (they have no cross-attention whose word maps a UNet's masks read; drawn
+masks run), and FLUX.1 is guidance-distilled: its guidance scale is an input of the model, it has no
 unconditional rows, so a negative prompt would have no effect and is refused.
 """
 
@@ -101,6 +102,10 @@ class FamilyFeatures(BaseModel):
         description="Whether requests may name a layout condition model (ControlNet, T2I-Adapter)."
     )
     sequences: bool = Field(description="Whether the model runs sequences (`/v1/sequences`).")
+    automatic_masks: bool = Field(
+        description="Whether `control.mask.mode` may be `auto` (masks from the attention maps "
+        "of a word); drawn (`manual`) masks run on every family."
+    )
     negative_prompt: bool = Field(
         description="Whether a negative prompt has an effect: false on guidance-distilled "
         "models, whose guidance scale is an input of the model rather than classifier-free "
@@ -119,11 +124,16 @@ _MMDIT_UNAVAILABLE = (
 )
 
 FAMILY_FEATURES: dict[str, FamilyFeatures] = {
-    "sd": FamilyFeatures(layout_conditions=True, sequences=True, negative_prompt=True),
-    "sdxl": FamilyFeatures(layout_conditions=True, sequences=True, negative_prompt=True),
+    "sd": FamilyFeatures(
+        layout_conditions=True, sequences=True, automatic_masks=True, negative_prompt=True
+    ),
+    "sdxl": FamilyFeatures(
+        layout_conditions=True, sequences=True, automatic_masks=True, negative_prompt=True
+    ),
     "sd3": FamilyFeatures(
         layout_conditions=False,
         sequences=False,
+        automatic_masks=False,
         negative_prompt=True,
         unavailable=_MMDIT_UNAVAILABLE.format(family="SD3"),
     ),
@@ -131,6 +141,7 @@ FAMILY_FEATURES: dict[str, FamilyFeatures] = {
     "flux": FamilyFeatures(
         layout_conditions=False,
         sequences=False,
+        automatic_masks=False,
         negative_prompt=False,
         unavailable=_MMDIT_UNAVAILABLE.format(family="FLUX.1")
         + "; FLUX.1 is guidance-distilled, so a negative prompt has no effect",

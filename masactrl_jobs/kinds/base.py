@@ -97,6 +97,7 @@ __all__ = [
     "JobInputError",
     "Kind",
     "Limits",
+    "AUTOMATIC_MASK_RULE",
     "CONDITION_FAMILY_RULE",
     "CONDITION_MODEL_RULE",
     "NEGATIVE_PROMPT_RULE",
@@ -106,6 +107,7 @@ __all__ = [
     "Refused",
     "RunContext",
     "Source",
+    "automatic_mask_issues",
     "condition_family_issues",
     "condition_model_issues",
     "negative_prompt_issues",
@@ -498,6 +500,11 @@ CONDITION_FAMILY_RULE = Rule(
     "only on a model whose family takes layout conditions (`GET /v1/models`: "
     "`features.layout_conditions`; not SD3 or FLUX.1).",
 )
+AUTOMATIC_MASK_RULE = Rule(
+    ("control.mask.mode",),
+    "not `auto` on a model whose family has no automatic masks (`GET /v1/models`: "
+    "`features.automatic_masks`; not SD3 or FLUX.1).",
+)
 NEGATIVE_PROMPT_RULE = Rule(
     ("negative_prompt",),
     "empty on a guidance-distilled model (`GET /v1/models`: `features.negative_prompt` false: "
@@ -513,6 +520,18 @@ def condition_family_issues(entry: ModelEntry, loc: Loc = (BODY, "condition")) -
         return []
     message = f"{entry.name} is a {entry.family} model, and {features.unavailable}"
     return [Issue(tuple(loc), message, "unsupported_feature")]
+
+
+def automatic_mask_issues(entry: ModelEntry, mode: str) -> list[Issue]:
+    """An ``unsupported_feature`` issue when automatic masks are asked of a family without."""
+    if mode != "auto" or entry.features.automatic_masks:
+        return []
+    message = (
+        f"{entry.name} is a {entry.family} model, which has no cross-attention to read a word's "
+        "map from: automatic masks are not available on it yet; draw the regions (mode "
+        "'manual')"
+    )
+    return [Issue((BODY, "control", "mask", "mode"), message, "unsupported_feature")]
 
 
 def negative_prompt_issues(entry: ModelEntry, negative_prompt: str) -> list[Issue]:

@@ -33,6 +33,7 @@ from masactrl_jobs.control import (
 )
 from masactrl_jobs.images import Payload, StoredInput, ValidatedImage
 from masactrl_jobs.kinds.base import (
+    AUTOMATIC_MASK_RULE,
     BODY,
     CONDITION_FAMILY_RULE,
     CONDITION_MODEL_RULE,
@@ -45,6 +46,7 @@ from masactrl_jobs.kinds.base import (
     Output,
     Ran,
     RunContext,
+    automatic_mask_issues,
     condition_family_issues,
     condition_model_issues,
     issues,
@@ -115,6 +117,7 @@ MASK_RULES = (
 STILL_RULES = (
     *PARAMETER_RULES,
     *MASK_RULES,
+    AUTOMATIC_MASK_RULE,
     NEGATIVE_PROMPT_RULE,
     CONDITION_FAMILY_RULE,
     CONDITION_MODEL_RULE,
@@ -127,9 +130,10 @@ STILL_RULES = (
 
 def check_still(body: StillParams, entry: ModelEntry, *, editing: bool) -> list[Issue]:
     """Every cross-field or catalog problem of ``body`` (empty when it can run)."""
+    unsupported_mask = automatic_mask_issues(entry, body.control.mask.mode.value)
     return (
         parameter_issues(entry, body)
-        + _mask_issues(body)
+        + (unsupported_mask or _mask_issues(body))
         + negative_prompt_issues(entry, body.negative_prompt)
         + _condition_issues(body, entry, editing)
     )

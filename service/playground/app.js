@@ -220,6 +220,17 @@ function applyFeatures(model) {
     $("condition-fields").hidden = true;
   }
   showUnavailable("condition-unavailable", !features.layout_conditions, `Layout conditions are off: ${why}`);
+  const automatic = $("mask-mode").querySelector("option[value=auto]");
+  automatic.disabled = !features.automatic_masks;
+  if (!features.automatic_masks && $("mask-mode").value === "auto") {
+    $("mask-mode").value = "none";
+    $("mask-mode").dispatchEvent(new Event("change"));
+  }
+  showUnavailable(
+    "mask-auto-unavailable",
+    !features.automatic_masks,
+    `Automatic masks are off: ${model.name} has no cross-attention to read a word's map from; draw the regions.`,
+  );
   const negative = $("negative-prompt");
   negative.disabled = !features.negative_prompt;
   if (!features.negative_prompt) negative.value = "";

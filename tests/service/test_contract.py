@@ -39,6 +39,7 @@ from masactrl_jobs.control import (
 )
 from masactrl_jobs.kinds import KINDS
 from masactrl_jobs.kinds.base import (
+    AUTOMATIC_MASK_RULE,
     CONDITION_FAMILY_RULE,
     CONDITION_MODEL_RULE,
     NEGATIVE_PROMPT_RULE,
@@ -165,6 +166,14 @@ BROKEN = [
     Broken(S, CONDITION_FAMILY_RULE, {"model": "flux", **_condition()}),
     Broken(E, NEGATIVE_PROMPT_RULE, {"model": "flux", "negative_prompt": "blurry"}),
     Broken(Q, SEQUENCE_FAMILY_RULE, {"model": "flux"}),
+    Broken(
+        S,
+        AUTOMATIC_MASK_RULE,
+        {
+            "model": "flux",
+            "control": {"mask": {**AUTO, "source_word": "cat", "target_word": "cat"}},
+        },
+    ),
     Broken(
         S,
         CONDITION_IMAGES_RULE,

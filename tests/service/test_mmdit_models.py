@@ -59,9 +59,11 @@ def test_models_report_the_family_and_its_features(client: TestClient) -> None:
     assert "not available on FLUX.1" in flux["features"]["unavailable"]
     assert sd3["features"]["negative_prompt"] is True
     assert sd3["features"]["sequences"] is False
+    assert flux["features"]["automatic_masks"] is False
     assert sd15["features"] == {
         "layout_conditions": True,
         "sequences": True,
+        "automatic_masks": True,
         "negative_prompt": True,
         "unavailable": None,
     }
@@ -109,6 +111,21 @@ def test_a_negative_prompt_on_flux_is_422_and_on_sd3_is_queued(
     accepted = client.post("/v1/syntheses", json={**body, "model": "sd3"})
     assert accepted.status_code == 202, accepted.text
     assert len(broker_messages(redis_client, "masactrl.sd3")) == 1
+
+
+def test_automatic_masks_on_flux_are_422_and_drawn_ones_are_queued(
+    client: TestClient, redis_client: redis.Redis
+) -> None:
+    auto = {"mode": "auto", "source_word": "cat", "target_word": "cat"}
+    body = {**SYNTHESIS, "model": "flux-dev", "control": {"mask": auto}}
+    detail = _detail(client.post("/v1/syntheses", json=body))
+    assert detail["loc"] == ["body", "control", "mask", "mode"]
+    assert "draw the regions" in detail["message"]
+    white = data_url(png_bytes(color=(255, 255, 255)))
+    manual = {"mode": "manual", "regions": [{"source": white, "target": white}]}
+    body["control"] = {"mask": manual}
+    assert client.post("/v1/syntheses", json=body).status_code == 202
+    assert len(broker_messages(redis_client, "masactrl.flux-dev")) == 1
 
 
 def test_a_plain_flux_synthesis_is_queued_with_the_reference_shape(

@@ -138,6 +138,7 @@ def test_models_with_live_workers(client: TestClient, redis_url: str) -> None:
         "features": {
             "layout_conditions": True,
             "sequences": True,
+            "automatic_masks": True,
             "negative_prompt": True,
             "unavailable": None,
         },

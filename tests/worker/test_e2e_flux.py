@@ -199,6 +199,8 @@ def test_the_playground_offers_synthesis_and_edit_and_says_why_not_the_rest(
         expect(page.get_by_test_id("condition-unavailable")).to_contain_text(
             "Layout conditions are off"
         )
+        expect(page.locator("#mask-mode option[value=auto]")).to_be_disabled()
+        expect(page.get_by_test_id("mask-auto-unavailable")).to_contain_text("draw the regions")
         expect(page.get_by_test_id("negative-prompt")).to_be_disabled()
         expect(page.get_by_test_id("negative-prompt-unavailable")).to_contain_text(
             "guidance-distilled"
