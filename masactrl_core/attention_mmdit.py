@@ -146,8 +146,9 @@ class FluxMutualAttentionProcessor:
             key = torch.cat([text_k, key], dim=1)
             value = torch.cat([text_v, value], dim=1)
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            # diffusers annotates the (cos, sin) pair it passes as a one-tuple.
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
         # (B, L, H, d) -> (B, H, L, d), the layout of the state's key cache and of SDPA.
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
 
