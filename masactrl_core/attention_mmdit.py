@@ -49,9 +49,7 @@ def joint_keys_values(
 
     ``text`` is where the image tokens start (FLUX: text first).
     """
-    source_key, source_value = state.source_key_value(
-        layer, key[:, :, text:], value[:, :, text:]
-    )
+    source_key, source_value = state.source_key_value(layer, key[:, :, text:], value[:, :, text:])
     return (
         torch.cat([key[:, :, :text], source_key], dim=2),
         torch.cat([value[:, :, :text], source_value], dim=2),
@@ -81,12 +79,8 @@ def attend_joint_regions(
         part = torch.empty_like(q)
         part[:, :, :text] = F.scaled_dot_product_attention(q[:, :, :text], k, v)
         for query_index, key_index in plan.groups:
-            queries = (
-                slice(text, None) if query_index is None else (query_index + text)
-            )
-            keys = (
-                slice(None) if key_index is None else torch.cat([text_index, key_index + text])
-            )
+            queries = slice(text, None) if query_index is None else (query_index + text)
+            keys = slice(None) if key_index is None else torch.cat([text_index, key_index + text])
             part[:, :, queries] = F.scaled_dot_product_attention(
                 q[:, :, queries], k[:, :, keys], v[:, :, keys]
             )
@@ -128,8 +122,10 @@ class FluxMutualAttentionProcessor:
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(
-                hidden_states
+            query, key, value = (
+                attn.to_q(hidden_states),
+                attn.to_k(hidden_states),
+                attn.to_v(hidden_states),
             )
         query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
         query, key = attn.norm_q(query), attn.norm_k(key)
@@ -150,8 +146,9 @@ class FluxMutualAttentionProcessor:
             key = torch.cat([text_k, key], dim=1)
             value = torch.cat([text_v, value], dim=1)
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            # diffusers annotates the (cos, sin) pair it passes as a one-tuple.
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
         # (B, L, H, d) -> (B, H, L, d), the layout of the state's key cache and of SDPA.
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
 

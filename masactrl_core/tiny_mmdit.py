@@ -209,9 +209,7 @@ def _t5_parts(folder: Path, name: str, seed: int) -> Any:
     return tokenizer, T5EncoderModel(T5Config(vocab_size=vocab_size, **_T5_TINY_CONFIG))
 
 
-def build_flux_pipeline(
-    seed: int = 0, *, transformer_config: dict[str, Any] | None = None
-) -> Any:
+def build_flux_pipeline(seed: int = 0, *, transformer_config: dict[str, Any] | None = None) -> Any:
     """Seeded random-weight FluxPipeline, in memory, with locally written tokenizers."""
     with tempfile.TemporaryDirectory(prefix="masactrl-tok-") as tmp:
         return _build_flux_pipeline(seed, Path(tmp), transformer_config)
@@ -247,9 +245,7 @@ def _build_flux_pipeline(
     )
 
 
-def build_sd3_pipeline(
-    seed: int = 0, *, transformer_config: dict[str, Any] | None = None
-) -> Any:
+def build_sd3_pipeline(seed: int = 0, *, transformer_config: dict[str, Any] | None = None) -> Any:
     """Seeded random-weight StableDiffusion3Pipeline, in memory, with local tokenizers."""
     with tempfile.TemporaryDirectory(prefix="masactrl-tok-") as tmp:
         return _build_sd3_pipeline(seed, Path(tmp), transformer_config)

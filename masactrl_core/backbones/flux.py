@@ -229,8 +229,9 @@ class FluxBackbone(Backbone):
         pixels = self.pipeline.image_processor.preprocess(image, height=height, width=width)
         pixels = pixels.to(self.device, self.vae.dtype)
         latents: torch.Tensor = self.vae.encode(pixels).latent_dist.mean
-        config = self.vae.config
-        return ((latents - config.shift_factor) * config.scaling_factor).to(self.dtype)
+        shift: float = self.vae.config.shift_factor  # the pipeline's components are untyped
+        scaling: float = self.vae.config.scaling_factor
+        return ((latents - shift) * scaling).to(self.dtype)
 
     def decode(self, latents: torch.Tensor) -> Iterator[Image.Image]:
         config = self.vae.config

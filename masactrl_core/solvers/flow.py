@@ -162,7 +162,11 @@ class FlowMatchSolver(Solver):
             "sigmas": "linspace(1, 1/steps) then shifted" if self.pipeline_sigmas else "scheduler",
         }
         if config.get("use_dynamic_shifting"):
-            schedule["shift"] = {"dynamic": True, "mu": self._mu, "image_seq_len": self.image_seq_len}
+            schedule["shift"] = {
+                "dynamic": True,
+                "mu": self._mu,
+                "image_seq_len": self.image_seq_len,
+            }
         else:
             schedule["shift"] = {"dynamic": False, "shift": config.get("shift", 1.0)}
         schedule["inversion"] = (

@@ -63,9 +63,7 @@ def test_step_equals_the_schedulers_euler_step():
     solver.set_image_seq_len(256)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER_CONFIG)
     timesteps = solver.timesteps(5, CPU)
-    retrieve_timesteps(
-        scheduler, 5, CPU, sigmas=np.linspace(1.0, 1 / 5, 5), mu=flux_shift(256)
-    )
+    retrieve_timesteps(scheduler, 5, CPU, sigmas=np.linspace(1.0, 1 / 5, 5), mu=flux_shift(256))
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 16, 8, 8, generator=generator)
     ours = theirs = sample
@@ -136,4 +134,6 @@ def test_a_state_dependent_field_round_trips_with_an_error_that_shrinks_with_ste
 
 def test_stochastic_sampling_is_refused():
     with pytest.raises(ModelLoadError, match="stochastic"):
-        FlowMatchSolver({**FLUX_SCHEDULER_CONFIG, "stochastic_sampling": True}, pipeline_sigmas=True)
+        FlowMatchSolver(
+            {**FLUX_SCHEDULER_CONFIG, "stochastic_sampling": True}, pipeline_sigmas=True
+        )
