@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "DEFAULT_START_STEP",
     "FAMILY_FEATURES",
+    "FAMILY_GPU_DTYPE",
     "FAMILY_REFERENCE_CONTROL",
     "FAMILY_REFERENCE_SHAPES",
     "FamilyFeatures",
@@ -91,6 +92,11 @@ FAMILY_REFERENCE_CONTROL: dict[str, dict[str, int]] = {
     # FLUX.1 [dev]: from block 19, the first single-stream block, after step 4.
     "flux": {"default_start_step": 4, "default_start_layer": 19},
 }
+
+
+# The weights dtype a family runs in on a GPU when none is configured (else float16): FLUX.1 was
+# trained in bfloat16 and its activations overflow float16.
+FAMILY_GPU_DTYPE: dict[str, str] = {"flux": "bfloat16"}
 
 
 class FamilyFeatures(BaseModel):

@@ -32,7 +32,8 @@ class WorkerSettings(CommonSettings):
     )
     device: str | None = Field(None, description="cuda, cuda:1, mps or cpu; default: best.")
     dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
-        None, description="Weights dtype; default float16 on GPUs, float32 on CPU."
+        None,
+        description="Weights dtype; default on GPUs float16 (bfloat16 for FLUX.1), float32 on CPU.",
     )
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="CPU threads for torch; default: torch's choice."

@@ -10,7 +10,7 @@ from masactrl_core.errors import ModelLoadError
 from masactrl_jobs.catalog import ModelEntry, tiny_model_entry
 from tests.conftest import S3Server
 from worker.config import WorkerSettings
-from worker.engine_loader import resolve_source
+from worker.engine_loader import resolve_source, weights_dtype
 
 
 def settings_for(s3: S3Server, cache: Path) -> WorkerSettings:
@@ -106,3 +106,18 @@ def test_a_missing_local_source_is_refused_before_loading(tmp_path: Path) -> Non
         resolve_source(entry(str(tmp_path / "gone")), settings)
     with pytest.raises(ModelLoadError, match="is a folder without model_index.json"):
         resolve_source(entry(str(tmp_path)), settings)
+
+
+@pytest.mark.parametrize(
+    ("configured", "family", "on_gpu", "expected"),
+    [
+        (None, "flux", True, "bfloat16"),  # FLUX.1 overflows float16
+        (None, "sd", True, None),  # the engine's float16
+        (None, "flux", False, None),  # float32 on the CPU
+        ("float16", "flux", True, "float16"),  # the operator's choice wins
+    ],
+)
+def test_the_weights_dtype_follows_the_setting_then_the_family_on_a_gpu(
+    configured: str | None, family: str, on_gpu: bool, expected: str | None
+) -> None:
+    assert weights_dtype(configured, family, on_gpu=on_gpu) == expected
