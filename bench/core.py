@@ -1336,9 +1336,9 @@ MMDIT_FAMILIES = ("flux", "sd3")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    family = argparse.ArgumentParser(add_help=False)
-    family.add_argument("--family")
-    if family.parse_known_args(argv)[0].family in MMDIT_FAMILIES:
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--family")
+    if peek.parse_known_args(argv)[0].family in MMDIT_FAMILIES:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from bench import mmdit
 

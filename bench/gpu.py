@@ -335,6 +335,7 @@ class UNetRows:
     def __call__(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # A UNet's ``sample`` or a transformer's ``hidden_states``: rows first either way.
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        assert sample is not None, "the denoiser was called without its input"
         self.rows += int(sample.shape[0])
 
 
