@@ -286,6 +286,9 @@ def _build_sd3_pipeline(
     )
 
 
+# Latent cells per side a pipeline defaults to when its transformer declares none (FluxPipeline).
+_PIPELINE_SAMPLE_SIZE = {"flux": 128}
+
 _BUILDERS = {"flux": _build_flux_pipeline, "sd3": _build_sd3_pipeline}
 _CLIP_TOKENIZERS = {"flux": ("tokenizer",), "sd3": ("tokenizer", "tokenizer_2")}
 
@@ -315,5 +318,5 @@ def mmdit_checkpoint_info(out_dir: str | Path, *, seed: int = 0, family: str) ->
     vae = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
     # The pipelines' default size: FLUX's default_sample_size 128, SD3's transformer sample_size.
-    native = (128 if family == "flux" else int(config["sample_size"])) * factor
+    native = _PIPELINE_SAMPLE_SIZE.get(family, int(config.get("sample_size", 0))) * factor
     return TinyCheckpointInfo(path, family, seed, native, factor, blocks)
