@@ -408,3 +408,17 @@ def test_a_lora_loads_through_diffusers_and_applies_inside_mutual_attention(
     assert (styled.latents - plain.latents).abs().max() > 1e-2
     after = engine.synthesize(**SYNTHESIS, control=control)
     assert torch.equal(after.latents, plain.latents)
+
+
+def test_previews_decode_flux_latents_with_the_vaes_shift(engine):
+    from masactrl_core.previews import Previews, load_preview_decoder
+
+    decoder = load_preview_decoder(engine, None, max_side=64)
+    shown: list = []
+    previews = Previews(decoder, lambda step, total, images: shown.append(images), every=1)
+    result = engine.synthesize(**SYNTHESIS, control=OFF, on_latents=previews)
+    assert len(shown) == STEPS - 1 and len(shown[0]) == 2
+    # The preview decoder turns the final latents into the final images: only with FLUX's VAE
+    # shift added back after the scaling.
+    last = decoder.decode(result.latents)
+    assert max_difference(last[0], result.source) <= 1 / 255
