@@ -1,5 +1,5 @@
 """Mutual attention on multimodal diffusion transformers (FLUX.1's double- and single-stream
-blocks), as diffusers attention processors.
+blocks, SD3's joint blocks), as diffusers attention processors.
 
 In an MM-DiT, text and image tokens share one attention. The MasaCtrl rule there, in each
 controlled block at each controlled step: every target row's attention uses its **own queries**
@@ -35,7 +35,12 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from masactrl_core.attention import MutualAttentionState, Routing
 
-__all__ = ["FluxMutualAttentionProcessor", "joint_keys_values"]
+__all__ = [
+    "FluxMutualAttentionProcessor",
+    "JointMutualAttention",
+    "SD3MutualAttentionProcessor",
+    "joint_keys_values",
+]
 
 
 def joint_keys_values(
@@ -88,12 +93,23 @@ def attend_joint_regions(
     return out
 
 
-class FluxMutualAttentionProcessor:
-    """``FluxAttnProcessor`` whose target rows read the source's image keys when controlled."""
+class JointMutualAttention:
+    """What the MM-DiT processors share: the controlled joint attention on text-first tokens."""
 
     def __init__(self, layer: int, state: MutualAttentionState) -> None:
         self.layer = layer
         self.state = state
+
+    def joint(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text: int
+    ) -> torch.Tensor:
+        """(B, H, T + N, d) attention of ``[text, image]`` tokens, under the rule if controlled."""
+        state = self.state
+        routing = None
+        if state.controls(self.layer):
+            key, value = joint_keys_values(state, self.layer, key, value, text)
+            routing = state.routing(self.layer, query.shape[2] - text)
+        return self.attend(query, key, value, routing, text)
 
     def attend(
         self,
@@ -103,10 +119,14 @@ class FluxMutualAttentionProcessor:
         routing: Routing | None,
         text: int,
     ) -> torch.Tensor:
-        """(B, H, L, d) joint attention; tests swap in an explicit-softmax reference."""
+        """(B, H, L, d) joint attention; SDPA never materializes the attention matrix."""
         if routing is None:
             return F.scaled_dot_product_attention(query, key, value)
         return attend_joint_regions(query, key, value, routing, text)
+
+
+class FluxMutualAttentionProcessor(JointMutualAttention):
+    """``FluxAttnProcessor`` whose target rows read the source's image keys when controlled."""
 
     def __call__(
         self,
@@ -152,15 +172,10 @@ class FluxMutualAttentionProcessor:
         # (B, L, H, d) -> (B, H, L, d), the layout of the state's key cache and of SDPA.
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
 
-        state = self.state
         tokens = query.shape[2]
-        image_tokens = state.image_tokens if state.image_tokens is not None else tokens
+        image_tokens = self.state.image_tokens if self.state.image_tokens is not None else tokens
         text = tokens - image_tokens
-        routing = None
-        if state.controls(self.layer):
-            key, value = joint_keys_values(state, self.layer, key, value, text)
-            routing = state.routing(self.layer, image_tokens)
-        hidden = self.attend(query, key, value, routing, text)
+        hidden = self.joint(query, key, value, text)
         hidden = hidden.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         if not double:
@@ -169,4 +184,61 @@ class FluxMutualAttentionProcessor:
         text_out, image_out = hidden.split_with_sizes([text, image_tokens], dim=1)
         image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
         text_out = attn.to_add_out(text_out.contiguous())
+        return image_out, text_out
+
+
+class SD3MutualAttentionProcessor(JointMutualAttention):
+    """``JointAttnProcessor2_0`` (SD3's joint blocks) under the rule.
+
+    SD3 concatenates ``[image, text]``; attention does not depend on the order of the keys, and
+    the queries are split back by position, so the tokens are put text-first here to share
+    :meth:`JointMutualAttention.joint` with FLUX. SD3 has no rotary positions (its positions are
+    added to the patch embeddings).
+    """
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: object,
+        **kwargs: object,
+    ) -> Any:
+        if encoder_hidden_states is None or attention_mask is not None:
+            raise ValueError("mutual attention is installed on a layer that is not a joint block")
+        batch = hidden_states.shape[0]
+
+        def heads(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.view(batch, -1, attn.heads, tensor.shape[-1] // attn.heads).transpose(
+                1, 2
+            )
+
+        query = heads(attn.to_q(hidden_states))
+        key = heads(attn.to_k(hidden_states))
+        value = heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        text_q = heads(attn.add_q_proj(encoder_hidden_states))
+        text_k = heads(attn.add_k_proj(encoder_hidden_states))
+        text_v = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            text_q = attn.norm_added_q(text_q)
+        if attn.norm_added_k is not None:
+            text_k = attn.norm_added_k(text_k)
+        text = text_q.shape[2]
+        hidden = self.joint(
+            torch.cat([text_q, query], dim=2),
+            torch.cat([text_k, key], dim=2),
+            torch.cat([text_v, value], dim=2),
+            text,
+        )
+        hidden = hidden.transpose(1, 2).reshape(batch, -1, hidden.shape[1] * hidden.shape[3])
+        hidden = hidden.to(query.dtype)
+        text_out, image_out = hidden[:, :text], hidden[:, text:]
+        if not attn.context_pre_only:
+            text_out = attn.to_add_out(text_out)
+        image_out = attn.to_out[1](attn.to_out[0](image_out))
         return image_out, text_out

@@ -4,11 +4,13 @@
 checkpoint and builds three parts that each hold one concern:
 
 * the **backbone** of the checkpoint's family (:mod:`masactrl_core.backbones`: ``sd``,
-  ``sdxl``), picked by :func:`detect_family` from ``model_index.json`` (or, for a single file,
-  from its keys): prompt encoding, the denoiser call, the self-attention blocks in execution
-  order, latent encoding and decoding, condition-model fit, and which pipeline class loads it;
+  ``sdxl``, ``sd3``, ``flux``), picked by :func:`detect_family` from ``model_index.json``
+  (or, for a single file, from its keys): prompt encoding, the denoiser call, the attention
+  blocks in execution order, latent encoding and decoding, condition-model fit, and which
+  pipeline class loads it;
 * the **solver** the backbone's scheduler config calls for (:mod:`masactrl_core.solvers`: DDIM
-  with eta 0 for ε and v, and its exact inversion);
+  with eta 0 for ε and v, flow-matching Euler for SD3 and FLUX, each with its exact inverse
+  step);
 * the **MasaCtrl sampler** (:mod:`masactrl_core.sampler`), which knows neither: rows, guidance,
   controlled steps and blocks, masks, layout conditions, anchoring, sequences, previews and
   statistics.

@@ -3,8 +3,10 @@
 It holds everything MasaCtrl adds to sampling, and nothing about a model family or a schedule:
 
 * **Rows.** One denoising step evaluates the denoiser on rows: the source and each target, in
-  two classifier-free-guidance halves (unconditional, conditional). ``_row_plan`` lays them
-  out, sharing the source's two halves when their conditioning tensors are equal, and
+  two classifier-free-guidance halves (unconditional, conditional), or only the conditional
+  rows when the backbone takes guidance as a model input (``classifier_free_guidance`` False:
+  FLUX.1 [dev], :meth:`~masactrl_core.backbones.base.Backbone.with_guidance`). ``_row_plan``
+  lays them out, sharing the source's two halves when their conditioning tensors are equal, and
   ``_denoise`` runs them in chunks of at most ``EngineOptions.max_batch`` rows, sources first
   so later chunks read their cached keys and values.
 * **Control.** :class:`~masactrl_core.runs.ControlConfig` resolves to controlled steps and blocks

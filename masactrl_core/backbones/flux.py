@@ -13,13 +13,14 @@ Recognized by a ``Flux...Pipeline`` class in ``model_index.json``. What differs 
   UNets; :meth:`predict` packs them into 2x2 patches (the transformer's image tokens), with
   FLUX's latent image ids for the rotary positions, and unpacks the velocity. Packing is a
   permutation, so the Euler step on unpacked latents is the pipeline's step, value for value.
-  The VAE's ``shift_factor`` and ``scaling_factor`` apply as in the pipeline.
 * **Blocks**: the attention of the double-stream blocks ``0..D-1``, then of the single-stream
   blocks ``D..D+S-1``, each controlled by
   :class:`~masactrl_core.attention_mmdit.FluxMutualAttentionProcessor`. Every block sees the
   packed grid: one halving below the latent (level 1).
 * **Solver**: flow-matching Euler with the pipeline's ``linspace`` sigmas and dynamic shift
   (:class:`~masactrl_core.solvers.flow.FlowMatchSolver`).
+* **VAE**: shift and scale as in the pipeline
+  (:class:`~masactrl_core.backbones.mmdit.MMDiTBackbone`).
 * **Not yet**: layout conditions and sequences (no ControlNet path here yet) and automatic masks
   (no cross-attention: the joint attention's image-to-text weights would be the source of word
   maps); both are refused with one sentence.
@@ -28,22 +29,20 @@ Recognized by a ``Flux...Pipeline`` class in ``model_index.json``. What differs 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image, ImageOps
 
 from masactrl_core.attention_mmdit import FluxMutualAttentionProcessor
-from masactrl_core.backbones.base import Backbone, Conditioning, ConditionResiduals
+from masactrl_core.backbones.base import Conditioning
+from masactrl_core.backbones.mmdit import MMDiTBackbone
 from masactrl_core.errors import InvalidInput
 from masactrl_core.runs import PAPER_START_STEP, ControlConfig
 from masactrl_core.solvers.flow import FlowMatchSolver
 
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-
-    from masactrl_core.conditions import ConditionModel, PreparedCondition
 
 __all__ = ["FluxBackbone", "flux_attention_layers", "pack", "unpack"]
 
@@ -90,10 +89,9 @@ def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxBackbone(Backbone):
+class FluxBackbone(MMDiTBackbone):
     family = "flux"
     classifier_free_guidance = False
-    supports_conditions = False
     mutual_attention = FluxMutualAttentionProcessor
 
     def __init__(self, pipeline: Any) -> None:
@@ -196,7 +194,7 @@ class FluxBackbone(Backbone):
         residuals: dict[str, object] | None = None,
     ) -> torch.Tensor:
         if residuals:
-            raise InvalidInput("layout conditions are not supported on FLUX models yet")
+            raise self._refuse_conditions()
         rows, _, height, width = latents.shape
         embeds = cond.embeds
         text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=embeds.dtype)
@@ -214,28 +212,3 @@ class FluxBackbone(Backbone):
             return_dict=False,
         )[0]
         return unpack(output, height, width)
-
-    def check_condition(self, condition: ConditionModel) -> None:
-        raise InvalidInput("layout conditions are not supported on FLUX models yet")
-
-    def start_condition(self, prepared: PreparedCondition) -> ConditionResiduals:
-        raise InvalidInput("layout conditions are not supported on FLUX models yet")
-
-    # -- latents ---------------------------------------------------------------------------
-
-    def encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
-        """Center-crop, resize, VAE posterior mean, then FLUX's shift and scale."""
-        image = ImageOps.fit(image.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
-        pixels = self.pipeline.image_processor.preprocess(image, height=height, width=width)
-        pixels = pixels.to(self.device, self.vae.dtype)
-        latents: torch.Tensor = self.vae.encode(pixels).latent_dist.mean
-        shift: float = self.vae.config.shift_factor  # the pipeline's components are untyped
-        scaling: float = self.vae.config.scaling_factor
-        return ((latents - shift) * scaling).to(self.dtype)
-
-    def decode(self, latents: torch.Tensor) -> Iterator[Image.Image]:
-        config = self.vae.config
-        for row in latents.split(1):  # type: ignore[no-untyped-call]
-            scaled = row.to(self.vae.dtype) / config.scaling_factor + config.shift_factor
-            decoded = self.vae.decode(scaled, return_dict=False)[0]
-            yield from self.pipeline.image_processor.postprocess(decoded, output_type="pil")

@@ -386,3 +386,39 @@ def test_layout_conditions_and_sequences_are_refused(engine):
         engine.synthesize(**SYNTHESIS, condition=condition)
     with pytest.raises(InvalidInput, match="not supported on flux models"):
         engine.sequence("a cat", "a dog", condition, steps=STEPS, width=SIZE, height=SIZE)
+
+
+# --- LoRA per request -------------------------------------------------------------------------
+
+
+def test_a_lora_loads_through_diffusers_and_applies_inside_mutual_attention(
+    engine, tiny_flux_checkpoint, tmp_path
+):
+    from masactrl_core.tiny_lora import write_tiny_lora
+
+    info = write_tiny_lora(tiny_flux_checkpoint, tmp_path / "lora", seed=1)
+    control = ControlConfig(start_step=1, start_layer=0)
+    plain = engine.synthesize(**SYNTHESIS, control=control)
+    engine.loras.load("style", info.path)
+    with engine.loras.activated({"style": 1.0}):
+        styled = engine.synthesize(**SYNTHESIS, control=control)
+        # The wrapped projections are what the reference computes with too.
+        expected = reference(engine).synthesize(**SYNTHESIS, control=control)
+    assert_close(styled.latents, expected.latents)
+    assert (styled.latents - plain.latents).abs().max() > 1e-2
+    after = engine.synthesize(**SYNTHESIS, control=control)
+    assert torch.equal(after.latents, plain.latents)
+
+
+def test_previews_decode_flux_latents_with_the_vaes_shift(engine):
+    from masactrl_core.previews import Previews, load_preview_decoder
+
+    decoder = load_preview_decoder(engine, None, max_side=64)
+    shown: list = []
+    previews = Previews(decoder, lambda step, total, images: shown.append(images), every=1)
+    result = engine.synthesize(**SYNTHESIS, control=OFF, on_latents=previews)
+    assert len(shown) == STEPS - 1 and len(shown[0]) == 2
+    # The preview decoder turns the final latents into the final images: only with FLUX's VAE
+    # shift added back after the scaling.
+    last = decoder.decode(result.latents)
+    assert max_difference(last[0], result.source) <= 1 / 255
