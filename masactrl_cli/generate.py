@@ -61,6 +61,12 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=DTYPES, help="weights dtype (default: float16 on GPU, else float32)"
     )
+    parser.add_argument(
+        "--offload",
+        action="store_true",
+        help="each model component on the device only while it runs (model CPU offload): "
+        "slower, for a GPU that cannot hold the whole model (FLUX.1 [dev] on 40-48 GB)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -353,10 +359,15 @@ def load_engine(args: argparse.Namespace) -> Any:
                 allow_pickle=args.allow_pickle,
                 device=args.device,
                 dtype=dtype,
+                offload=args.offload,
             )
         else:
             engine = MasaCtrlEngine.from_pretrained(
-                args.model, device=args.device, dtype=dtype, allow_pickle=args.allow_pickle
+                args.model,
+                device=args.device,
+                dtype=dtype,
+                allow_pickle=args.allow_pickle,
+                offload=args.offload,
             )
         for lora in args.loras:
             engine.loras.load(lora.name, lora.name, allow_pickle=args.allow_pickle)

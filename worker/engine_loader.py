@@ -137,10 +137,15 @@ def load_engine(entry: ModelEntry, settings: WorkerSettings, source: str) -> Mas
             allow_pickle=entry.allow_pickle,
             device=settings.device,
             dtype=dtype,
+            offload=settings.offload,
         )
     else:
         engine = MasaCtrlEngine.from_pretrained(
-            source, device=settings.device, dtype=dtype, allow_pickle=entry.allow_pickle
+            source,
+            device=settings.device,
+            dtype=dtype,
+            allow_pickle=entry.allow_pickle,
+            offload=settings.offload,
         )
     engine.model_name = entry.name
     logger.info(

@@ -189,7 +189,9 @@ class Backbone(ABC):
 
     @property
     def device(self) -> torch.device:
-        device: torch.device = self.denoiser.device
+        # The pipeline's execution device: the denoiser's, or with model CPU offload the device
+        # its components move to when they run (they rest on the CPU).
+        device: torch.device = self.pipeline._execution_device
         return device
 
     @property

@@ -121,3 +121,28 @@ def test_the_weights_dtype_follows_the_setting_then_the_family_on_a_gpu(
     configured: str | None, family: str, on_gpu: bool, expected: str | None
 ) -> None:
     assert weights_dtype(configured, family, on_gpu=on_gpu) == expected
+
+
+def test_an_offloaded_model_gives_the_same_images(tiny_flux_checkpoint: Path) -> None:
+    """MASACTRL_OFFLOAD: diffusers' model CPU offload (here to the CPU itself, which runs the
+    hooks and the execution device without a GPU) changes where weights rest, not the images."""
+    import numpy as np
+
+    from worker.engine_loader import load_engine
+
+    entry = ModelEntry.model_validate(
+        {"name": "flux", "source": str(tiny_flux_checkpoint), "family": "flux"}
+    )
+    images = []
+    for offload in (False, True):
+        settings = WorkerSettings(
+            _env_file=None, environment="development", device="cpu", offload=offload
+        )
+        engine = load_engine(entry, settings, str(tiny_flux_checkpoint))
+        # Offloaded: accelerate's hook sits on the transformer and moves it when it runs.
+        assert hasattr(engine.pipeline.transformer, "_hf_hook") is offload
+        result = engine.synthesize(
+            "a photo of a cat", ["a photo of a dog"], seed=3, steps=2, width=32, height=32
+        )
+        images.append([np.asarray(image) for image in (result.source, *result.targets)])
+    assert all(np.array_equal(a, b) for a, b in zip(*images, strict=True))
