@@ -26,9 +26,18 @@ by ``masactrl_core.tiny`` and the encoders' token tables are resized to CLIP's 4
 weights and memory are the real models'. Parameters are created directly on the device in the
 run's dtype: SDXL's 2.6 B parameters need no CPU initialisation or copy.
 
-``--tiny`` is the same script on the tiny SD and SDXL checkpoints' components (``masactrl_core.
-tiny``), 64x64 px, on the CPU in float32 and a few steps: the test suite runs it, so the script is
-known to work before a GPU exists. Its seconds say nothing about a GPU.
+``--families flux`` adds the FLUX.1 [dev]-shaped run: its 12 B transformer (19 double- and 38
+single-stream blocks), T5-XXL, CLIP-L and its 16-channel VAE from their configs, in bfloat16
+(about 33 GiB of weights: it fits an 80 GB card whole; see the README's memory plan for smaller
+ones), 1024x1024. The plain run is diffusers' ``FluxPipeline`` with its own flow-matching
+scheduler at guidance 3.5 (a model input: one transformer image per step), the edit and the
+synthesis the engine's (rows ``1 + N`` per step: an edit is ``S + 2S`` images, a plain
+generation ``S``, so the edit's floor is 3x, not 2x).
+
+``--tiny`` is the same script on the tiny SD, SDXL and FLUX checkpoints' components
+(``masactrl_core.tiny``, ``tiny_mmdit``), 64x64 px, on the CPU in float32 and a few steps: the
+test suite runs it, so the script is known to work before a GPU exists. Its seconds say nothing
+about a GPU.
 
 The JSON and the Markdown table are written to ``--out`` after each family, so a run stopped by a
 time limit keeps what it finished. Expected on one H100 (an estimate from published SD1.5/SDXL
@@ -39,6 +48,7 @@ goes.
 
     python bench/gpu.py                          # cuda float16, both families, 50 steps
     python bench/gpu.py --families sdxl --out out/gpu-sdxl
+    python bench/gpu.py --families flux --dtype bfloat16 --out out/gpu-flux
     python bench/gpu.py --tiny                   # CPU float32, tiny models (the test suite)
     python bench/gpu.py --tiny --dtype float16   # the float16 path, on the CPU
 """
@@ -125,6 +135,32 @@ SDXL_VAE_CONFIG: dict[str, Any] = {
 }
 
 
+# FLUX.1 [dev]: guidance is an input of the model (its card's default), no classifier-free rows.
+FLUX_GUIDANCE = 3.5
+# google/t5-v1_1-xxl's encoder: FLUX.1's text_encoder_2.
+T5_XXL_CONFIG: dict[str, Any] = {
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 24,
+    "feed_forward_proj": "gated-gelu",
+    "vocab_size": 32128,
+    "relative_attention_num_buckets": 32,
+    "is_encoder_decoder": False,
+}
+# black-forest-labs/FLUX.1-dev's vae/config.json.
+FLUX_VAE_CONFIG: dict[str, Any] = {
+    **SD15_VAE_CONFIG,
+    "latent_channels": 16,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+
 # --- models ----------------------------------------------------------------------------------
 
 
@@ -173,6 +209,43 @@ def _build_sdxl() -> Any:
     return pipe
 
 
+def _build_flux() -> Any:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from bench.mmdit import FLUX_DEV_TRANSFORMER
+    from masactrl_core.tiny_mmdit import build_flux_pipeline
+
+    # The tiny checkpoint's tokenizers and FLUX.1 [dev]'s scheduler config; full-size modules.
+    tiny = build_flux_pipeline(0)
+    tokenizer, tokenizer_2 = tiny.tokenizer, tiny.tokenizer_2
+    tokenizer_2.model_max_length = 512  # FLUX.1 [dev]'s T5 length
+    clip = CLIPTextConfig(
+        **CLIP_L_TEXT_CONFIG,
+        vocab_size=CLIP_VOCAB_SIZE,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return FluxPipeline(
+        scheduler=tiny.scheduler,
+        vae=AutoencoderKL(**FLUX_VAE_CONFIG),
+        text_encoder=CLIPTextModel(clip),
+        tokenizer=tokenizer,
+        text_encoder_2=T5EncoderModel(T5Config(**T5_XXL_CONFIG)),
+        tokenizer_2=tokenizer_2,
+        transformer=FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER),
+    )
+
+
+def _build_tiny_flux() -> Any:
+    from masactrl_core.tiny_mmdit import build_flux_pipeline
+
+    return build_flux_pipeline(0)
+
+
 def _build_tiny_sd() -> Any:
     from masactrl_core.tiny import build_sd_pipeline
 
@@ -188,10 +261,12 @@ def _build_tiny_sdxl() -> Any:
 FULL_MODELS = {
     "sd": Model("sd", "SD1.5", 512, _build_sd15),
     "sdxl": Model("sdxl", "SDXL", 1024, _build_sdxl),
+    "flux": Model("flux", "FLUX.1 [dev]", 1024, _build_flux),
 }
 TINY_MODELS = {
     "sd": Model("sd", "tiny SD", 64, _build_tiny_sd),
     "sdxl": Model("sdxl", "tiny SDXL", 64, _build_tiny_sdxl),
+    "flux": Model("flux", "tiny FLUX", 64, _build_tiny_flux),
 }
 
 
@@ -221,12 +296,14 @@ def prepare(model: Model, device: Any, dtype: Any) -> tuple[Any, Any]:
 
     with created_on(device, dtype):
         pipe = model.build()
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.eval().requires_grad_(False)
-    # The plain generation samples with DDIM too (SDXL ships Euler), so only the control differs.
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if hasattr(pipe, "unet"):
+        # The plain generation samples with DDIM too (SDXL ships Euler), so only the control
+        # differs. FLUX keeps its flow-matching scheduler, which the engine's solver follows.
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     # The engine upcasts SDXL's VAE to float32 (force_upcast), as the SDXL pipeline does for its
     # decode; both then decode in float32.
@@ -256,7 +333,9 @@ class UNetRows:
     rows: int = 0
 
     def __call__(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        sample = args[0] if args else kwargs["sample"]
+        # A UNet's ``sample`` or a transformer's ``hidden_states``: rows first either way.
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        assert sample is not None, "the denoiser was called without its input"
         self.rows += int(sample.shape[0])
 
 
@@ -274,7 +353,10 @@ class Runner:
         import torch
         from PIL import Image
 
-        self.pipe.unet.register_forward_pre_hook(self.counter, with_kwargs=True)
+        self.denoiser = getattr(self.pipe, "unet", None) or self.pipe.transformer
+        self.denoiser.register_forward_pre_hook(self.counter, with_kwargs=True)
+        # FLUX.1 [dev] takes guidance as an input at its own scale; the UNets use CFG at 7.5.
+        self.guidance = FLUX_GUIDANCE if self.engine.family == "flux" else GUIDANCE
         # The edited "photo": seeded noise pixels (random weights make any image as good).
         pixels = torch.randint(
             0, 256, (self.size, self.size, 3), generator=torch.Generator("cpu").manual_seed(0)
@@ -298,12 +380,12 @@ class Runner:
         # VAE for the decode and casts it back, but cannot decode float16 latents with the
         # float32 VAE the engine keeps. The two casts around the call take milliseconds.
         engine_vae_dtype = self.pipe.vae.dtype
-        self.pipe.vae.to(self.pipe.unet.dtype)
+        self.pipe.vae.to(self.denoiser.dtype)
         try:
             output = self.pipe(
                 PROMPT,
                 num_inference_steps=steps,
-                guidance_scale=GUIDANCE,
+                guidance_scale=self.guidance,
                 height=self.size,
                 width=self.size,
                 generator=torch.Generator("cpu").manual_seed(0),
@@ -319,7 +401,7 @@ class Runner:
             [PROMPT],
             source_prompt="",
             steps=steps,
-            guidance_scale=GUIDANCE,
+            guidance_scale=self.guidance,
             width=self.size,
             height=self.size,
             control=self.control(steps),
@@ -332,7 +414,7 @@ class Runner:
             list(SYNTHESIS_TARGETS),
             seed=0,
             steps=steps,
-            guidance_scale=GUIDANCE,
+            guidance_scale=self.guidance,
             width=self.size,
             height=self.size,
             control=self.control(steps),
@@ -444,6 +526,11 @@ def table(record: dict[str, Any]) -> str:
         f"{where}, {settings['device']} {settings['dtype']}, torch {info['torch']}, "
         f"diffusers {info['diffusers']}, transformers {info['transformers']}; "
         f"{settings['steps']} steps, guidance {settings['guidance_scale']}"
+        + (
+            f" (FLUX: {settings['flux_guidance_scale']}, a model input)"
+            if "flux" in record["families"]
+            else ""
+        )
         + (" (--tiny: tiny models, not the goal's setting)" if settings["tiny"] else ""),
         "",
         "| model | run | images | UNet image evals | s | s / plain | peak memory (model) |",
@@ -493,7 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help=f"default {STEPS}, or {TINY_STEPS} with --tiny")
     parser.add_argument("--size", type=int, help="image size (default: 512 SD1.5, 1024 SDXL)")
     parser.add_argument(
-        "--families", default="sd,sdxl", help="comma-separated: sd, sdxl (default both)"
+        "--families",
+        default="sd,sdxl",
+        help="comma-separated: sd, sdxl, flux (default sd,sdxl; flux needs about 40 GB of GPU "
+        "memory in bfloat16)",
     )
     parser.add_argument("--out", default="out/gpu", help="folder for gpu.json and gpu.md")
     args = parser.parse_args(argv)
@@ -534,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "warmup_steps": WARMUP_STEPS,
             "guidance_scale": GUIDANCE,
+            "flux_guidance_scale": FLUX_GUIDANCE,
             "prompt": PROMPT,
             "synthesis": {"source": SOURCE_PROMPT, "targets": list(SYNTHESIS_TARGETS)},
             "goal_edit_over_plain": GOAL,

@@ -102,10 +102,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+# The MM-DiT families by their pipeline class; their sizes are left to the worker to measure.
+_PIPELINE_FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+
+
 def _folder_entry(folder: Path) -> dict[str, Any]:
     """Family and sizes from a diffusers folder's configs (family defaults otherwise)."""
     index = _read_json(folder / "model_index.json")
-    family = "sdxl" if "XL" in str(index.get("_class_name", "")) else "sd"
+    family = _PIPELINE_FAMILIES.get(str(index.get("_class_name", "")), "sd")
+    if family == "sd" and "XL" in str(index.get("_class_name", "")):
+        family = "sdxl"
     entry: dict[str, Any] = {"family": family}
     unet, vae = _read_json(folder / "unet/config.json"), _read_json(folder / "vae/config.json")
     vae_blocks, unet_blocks = vae.get("block_out_channels"), unet.get("down_block_types")
@@ -123,8 +129,9 @@ def catalog_entry(model: str | None, tiny_model: Path) -> dict[str, Any]:
 
     ``model`` is ``tiny`` (the random-weight tiny checkpoint at ``tiny_model``), a built-in
     catalog name (``sd15``, ``sdxl``), a local diffusers folder (family and native size read from
-    its configs) or a hub id (family from the name: ``xl`` means SDXL; SD 2.x non-base checkpoints
-    are 768 px). Without one, the committed toy checkpoint (the tiny one where it is missing).
+    its configs) or a hub id (family from the name: ``flux`` means FLUX.1, ``stable-diffusion-3``
+    SD3, ``xl`` SDXL; SD 2.x non-base checkpoints are 768 px). Without one, the committed toy
+    checkpoint (the tiny one where it is missing).
     """
     model = (model or "").strip()
     if not model:
@@ -150,10 +157,15 @@ def catalog_entry(model: str | None, tiny_model: Path) -> dict[str, Any]:
     if looks_like_path(model):
         raise StackError(f"MASACTRL_MODEL={model}: no such folder (and not a hub id)")
     lowered = model.lower()
+    family = "sdxl" if "xl" in lowered else "sd"
+    if "flux" in lowered:
+        family = "flux"
+    elif "stable-diffusion-3" in lowered:
+        family = "sd3"
     entry: dict[str, Any] = {
         "name": _slug(model.rsplit("/", 1)[-1]),
         "source": model,
-        "family": "sdxl" if "xl" in lowered else "sd",
+        "family": family,
     }
     if re.search(r"stable-diffusion-2(?!.*base)", lowered):
         entry["native_width"] = entry["native_height"] = 768

@@ -61,6 +61,12 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=DTYPES, help="weights dtype (default: float16 on GPU, else float32)"
     )
+    parser.add_argument(
+        "--offload",
+        action="store_true",
+        help="each model component on the device only while it runs (model CPU offload): "
+        "slower, for a GPU that cannot hold the whole model (FLUX.1 [dev] on 40-48 GB)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -353,10 +359,15 @@ def load_engine(args: argparse.Namespace) -> Any:
                 allow_pickle=args.allow_pickle,
                 device=args.device,
                 dtype=dtype,
+                offload=args.offload,
             )
         else:
             engine = MasaCtrlEngine.from_pretrained(
-                args.model, device=args.device, dtype=dtype, allow_pickle=args.allow_pickle
+                args.model,
+                device=args.device,
+                dtype=dtype,
+                allow_pickle=args.allow_pickle,
+                offload=args.offload,
             )
         for lora in args.loras:
             engine.loras.load(lora.name, lora.name, allow_pickle=args.allow_pickle)
@@ -373,12 +384,31 @@ def load_engine(args: argparse.Namespace) -> Any:
         ) from None
 
 
+def check_features(args: argparse.Namespace, entry: ModelEntry) -> None:
+    """Refuse, with the flag, what the model's family does not offer (the gateway's rules:
+    ``masactrl_jobs.shape.FAMILY_FEATURES``): a layout condition or a sequence on SD3 or
+    FLUX.1, a negative prompt on guidance-distilled FLUX.1."""
+    features = entry.features
+    family = f"{args.model} is a {entry.family} model, and {features.unavailable}"
+    if args.command == "sequence" and not features.sequences:
+        raise UsageError(f"--model: {family}")
+    if getattr(args, "condition_model", None) is not None and not features.layout_conditions:
+        raise UsageError(f"--condition-model: {family}")
+    if args.negative_prompt.strip() and not features.negative_prompt:
+        raise UsageError(
+            f"--negative-prompt: {args.model} is a guidance-distilled {entry.family} model "
+            "(--guidance is an input of the model, there are no unconditional rows), so a "
+            "negative prompt has no effect; leave it out"
+        )
+
+
 def resolve_run(args: argparse.Namespace, engine: Any) -> tuple[int, int, int, int]:
     """(width, height, start_step, start_layer) by the service's rules, against the loaded
     checkpoint: unset values take its defaults (masactrl_jobs.shape: start step 4, start layer
-    at 10/16 of its depth, or what it declares), and what the model cannot run is a
-    UsageError."""
+    at 10/16 of its depth, or what it declares), and what the model cannot run (a size, a
+    control, a feature its family lacks) is a UsageError."""
     entry = model_entry(args.model, engine)
+    check_features(args, entry)
     requested = ControlParams.model_construct(
         start_step=args.steps if args.no_control else args.start_step,
         start_layer=args.start_layer,

@@ -4,7 +4,7 @@ With ``--condition controlnet|adapter --base BASE_DIR`` it writes a seeded Contr
 T2I-Adapter whose shapes fit the tiny checkpoint in BASE_DIR (its family comes from there). With
 ``--preview-vae`` it writes a seeded tiny ``AutoencoderTiny`` that decodes either family's live
 previews (a catalog entry's ``preview_vae``). With ``--lora --base BASE_DIR`` it writes a seeded
-random LoRA adapter (UNet and text encoder) for the SD-family tiny checkpoint in BASE_DIR.
+random LoRA adapter (denoiser and text encoder) for the sd or flux tiny checkpoint in BASE_DIR.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument(
-        "--family", choices=("sd", "sdxl"), help="model family (default sd; not with --condition)"
+        "--family",
+        choices=("sd", "sdxl", "sd3", "flux"),
+        help="model family (default sd; not with --condition): sd3 and flux write tiny "
+        "multimodal diffusion transformers (FLUX: 2 double- and 2 single-stream blocks)",
     )
     parser.add_argument(
         "--variant",
@@ -39,7 +42,7 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--lora",
         action="store_true",
-        help="write a seeded random LoRA adapter for the sd checkpoint in --base instead",
+        help="write a seeded random LoRA adapter for the sd or flux checkpoint in --base instead",
     )
     parser.add_argument(
         "--base",
@@ -74,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     if args.preview_vae and (args.condition is not None or args.family is not None):
         raise UsageError("--preview-vae fits every tiny checkpoint: no --condition or --family")
     if args.lora and (args.base is None or not (args.base / "model_index.json").is_file()):
-        raise UsageError("--lora needs --base, the tiny sd checkpoint (with model_index.json)")
+        raise UsageError(
+            "--lora needs --base, the tiny sd or flux checkpoint (with model_index.json)"
+        )
     if args.condition is not None:
         if args.base is None:
             raise UsageError("--condition needs --base, the tiny checkpoint it is made for")

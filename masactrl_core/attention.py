@@ -93,6 +93,8 @@ class MutualAttentionState:
     layout: BatchLayout | None = None
     masks: ManualMasks | WordMasks | None = None
     latent_hw: tuple[int, int] | None = None
+    # Image tokens per row in a transformer whose attention also holds text tokens (MM-DiT).
+    image_tokens: int | None = None
     _source_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def begin_step(self, step: int | None) -> None:

@@ -4,11 +4,13 @@
 checkpoint and builds three parts that each hold one concern:
 
 * the **backbone** of the checkpoint's family (:mod:`masactrl_core.backbones`: ``sd``,
-  ``sdxl``), picked by :func:`detect_family` from ``model_index.json`` (or, for a single file,
-  from its keys): prompt encoding, the denoiser call, the self-attention blocks in execution
-  order, latent encoding and decoding, condition-model fit, and which pipeline class loads it;
+  ``sdxl``, ``sd3``, ``flux``), picked by :func:`detect_family` from ``model_index.json``
+  (or, for a single file, from its keys): prompt encoding, the denoiser call, the attention
+  blocks in execution order, latent encoding and decoding, condition-model fit, and which
+  pipeline class loads it;
 * the **solver** the backbone's scheduler config calls for (:mod:`masactrl_core.solvers`: DDIM
-  with eta 0 for ε and v, and its exact inversion);
+  with eta 0 for ε and v, flow-matching Euler for SD3 and FLUX, each with its exact inverse
+  step);
 * the **MasaCtrl sampler** (:mod:`masactrl_core.sampler`), which knows neither: rows, guidance,
   controlled steps and blocks, masks, layout conditions, anchoring, sequences, previews and
   statistics.
@@ -51,7 +53,7 @@ from masactrl_core.runs import (
     RunStats,
     SequenceResult,
 )
-from masactrl_core.sampler import MasaCtrlSampler, paper_default_control
+from masactrl_core.sampler import MasaCtrlSampler
 from masactrl_core.single_file import is_single_file, load_single_file_pipeline
 from masactrl_core.solvers import PREDICTION_TYPES, Solver
 from masactrl_core.sources import locate_model
@@ -85,6 +87,18 @@ def _device_and_dtype(
     if dtype is None:
         dtype = torch.float16 if resolved.type in ("cuda", "mps") else torch.float32
     return resolved, dtype
+
+
+def _place(pipeline: DiffusionPipeline, device: torch.device, offload: bool) -> None:
+    """Put the pipeline on ``device``: whole, or with ``offload`` each component only while it
+    runs (diffusers' model CPU offload: a text encoder, the denoiser, the VAE move to the device
+    when called and back to the CPU when the next one is), for models larger than the GPU
+    holds at once (FLUX.1 [dev] beside its T5 encoder). The backbone then computes on the
+    pipeline's execution device."""
+    if offload:
+        pipeline.enable_model_cpu_offload(device=device)
+    else:
+        pipeline.to(device)
 
 
 def _declaration(folder: str | os.PathLike[str]) -> tuple[str, dict[str, Any]] | None:
@@ -163,7 +177,7 @@ class MasaCtrlEngine:
             self.backbone,
             self.solver,
             options or EngineOptions(),
-            default_control or paper_default_control(block_count),
+            default_control or self.backbone.default_control(),
         )
         # LoRA adapters, loaded once each and active only inside ``loras.activated(...)``.
         self.loras = LoraAdapters(pipeline)
@@ -179,9 +193,13 @@ class MasaCtrlEngine:
         options: EngineOptions | None = None,
         *,
         allow_pickle: bool = False,
+        offload: bool = False,
     ) -> MasaCtrlEngine:
         """Load a hub id, a local diffusers folder (of a registered family) or a checkpoint
         file (:meth:`from_single_file` with its defaults).
+
+        ``offload`` keeps each component on ``device`` only while it runs (model CPU offload,
+        see :func:`_place`): slower, for a GPU that cannot hold the whole model.
 
         Weights are read from safetensors files only unless ``allow_pickle`` (see
         ``masactrl_core.weights``): a folder whose component holds only a pickle is refused with
@@ -190,7 +208,12 @@ class MasaCtrlEngine:
         model = str(model)
         if is_single_file(model):
             return cls.from_single_file(
-                model, device=device, dtype=dtype, options=options, allow_pickle=allow_pickle
+                model,
+                device=device,
+                dtype=dtype,
+                options=options,
+                allow_pickle=allow_pickle,
+                offload=offload,
             )
         device, dtype = _device_and_dtype(device, dtype)
         # Refuses a missing path, or a hub id that cannot be had, before diffusers retries.
@@ -217,7 +240,7 @@ class MasaCtrlEngine:
             )
         except Exception as error:
             raise ModelLoadError(f"cannot load model {model}: {error}") from error
-        pipeline.to(device)
+        _place(pipeline, device, offload)
         # diffusers leaves set_progress_bar_config unannotated.
         pipeline.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
         logger.info("loaded %s (%s) on %s as %s", model, family, device, dtype)
@@ -243,6 +266,7 @@ class MasaCtrlEngine:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         options: EngineOptions | None = None,
+        offload: bool = False,
     ) -> MasaCtrlEngine:
         """Load one checkpoint file in the original SD layout (see ``masactrl_core.single_file``).
 
@@ -264,7 +288,7 @@ class MasaCtrlEngine:
             prediction_type=prediction_type,
             allow_pickle=allow_pickle,
         )
-        pipeline.to(device)
+        _place(pipeline, device, offload)
         pipeline.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
         logger.info("loaded %s (%s) on %s as %s", path, info.generation, device, dtype)
         return cls(pipeline, family=info.family, model_name=str(path), options=options)

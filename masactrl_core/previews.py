@@ -60,9 +60,12 @@ class PreviewDecoder:
         """One image per row of ``latents``, at most ``max_side`` pixels on the long side."""
         images = []
         scaling = float(self.vae.config.scaling_factor)
+        # FLUX's and SD3's VAEs also shift their latents (the pipelines add it back); others: 0.
+        shift = float(self.vae.config.get("shift_factor") or 0.0)
         # One row at a time, like the engine's final decode: memory does not grow with targets.
         for row in latents.split(1):  # type: ignore[no-untyped-call]
-            decoded = self.vae.decode(row.to(self.vae.dtype) / scaling, return_dict=False)[0]
+            scaled = row.to(self.vae.dtype) / scaling + shift
+            decoded = self.vae.decode(scaled, return_dict=False)[0]
             # Both decoders give [-1, 1] (AutoencoderTiny rescales its [0, 1] output to match).
             pixels = ((decoded[0].float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
             image = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
@@ -93,7 +96,8 @@ def load_preview_decoder(
     except Exception as error:  # hub or file errors: one sentence for the caller
         raise ModelLoadError(f"cannot load preview autoencoder {name}: {error}") from error
     channels = int(tiny.config.latent_channels)
-    expected = int(engine.unet.config.in_channels)
+    # The latents the sampler holds (FLUX's transformer takes them packed, 4x the channels).
+    expected = int(engine.backbone.latent_channels)
     if channels != expected:
         raise ModelLoadError(
             f"preview autoencoder {name} decodes {channels}-channel latents, but the model's "

@@ -3,8 +3,10 @@
 It holds everything MasaCtrl adds to sampling, and nothing about a model family or a schedule:
 
 * **Rows.** One denoising step evaluates the denoiser on rows: the source and each target, in
-  two classifier-free-guidance halves (unconditional, conditional). ``_row_plan`` lays them
-  out, sharing the source's two halves when their conditioning tensors are equal, and
+  two classifier-free-guidance halves (unconditional, conditional), or only the conditional
+  rows when the backbone takes guidance as a model input (``classifier_free_guidance`` False:
+  FLUX.1 [dev], :meth:`~masactrl_core.backbones.base.Backbone.with_guidance`). ``_row_plan``
+  lays them out, sharing the source's two halves when their conditioning tensors are equal, and
   ``_denoise`` runs them in chunks of at most ``EngineOptions.max_batch`` rows, sources first
   so later chunks read their cached keys and values.
 * **Control.** :class:`~masactrl_core.runs.ControlConfig` resolves to controlled steps and blocks
@@ -105,7 +107,10 @@ class MasaCtrlSampler:
         self.solver = solver
         self.options = options
         self.default_control = default_control
-        self.processor_class: type[MutualSelfAttentionProcessor] = MutualSelfAttentionProcessor
+        # The family's mutual-attention processor (MM-DiTs have their own), else the UNets'.
+        self.processor_class: type[MutualSelfAttentionProcessor] = (
+            backbone.mutual_attention or MutualSelfAttentionProcessor
+        )
         self.cross_processor_class: type = CrossAttentionMapProcessor
         self._lock = threading.Lock()
 
@@ -660,6 +665,11 @@ class MasaCtrlSampler:
         """Check a condition before any sampling: model fit, images, window."""
         if condition is None:
             return None
+        if not self.backbone.supports_conditions:
+            raise InvalidInput(
+                f"layout conditions and sequences are not supported on {self.backbone.family} "
+                "models yet"
+            )
         prepared = prepare_condition(
             condition, targets=targets, steps=steps, width=width, height=height, editing=editing
         )
@@ -695,7 +705,9 @@ class MasaCtrlSampler:
         backbone, solver = self.backbone, self.solver
         size = backbone.image_size(latents)
         cond, uncond = backbone.conditioning([prompt], negative_prompt, size)
-        guided = guidance_scale != 1.0
+        # A guidance-distilled model takes the scale as an input: no unconditional row.
+        cond = backbone.with_guidance(cond, guidance_scale)
+        guided = guidance_scale != 1.0 and backbone.classifier_free_guidance
         if guided:
             # Guidance between identical branches is the identity: one denoiser image suffices.
             if self.options.skip_redundant_guidance and uncond.same_as(cond):
@@ -705,6 +717,7 @@ class MasaCtrlSampler:
         # The trajectory is kept in float32; only the denoiser sees the model's dtype.
         sample = latents.float()
         trajectory = [sample[0]]
+        solver.set_image_seq_len(self._image_tokens(*size))
         for index, step in enumerate(solver.inversion_steps(steps, self.device)):
             if should_cancel is not None and should_cancel():
                 raise JobCancelled("the run was cancelled during inversion")
@@ -785,8 +798,12 @@ class MasaCtrlSampler:
             [source_prompt, *target_prompts], negative_prompt, size
         )
         source, targets = prompts.rows([0]), prompts.rows(list(range(1, n + 1)))
-        uncond = unconditional if guidance_scale != 1.0 else None
+        # Classifier-free guidance runs unconditional rows; a guidance-distilled model (FLUX)
+        # takes the scale as an input instead, and its rows are the source and the targets.
+        guided = guidance_scale != 1.0 and backbone.classifier_free_guidance
+        uncond = unconditional if guided else None
         latent_of, cond, slots, source_rows, pairs = self._row_plan(source, targets, uncond)
+        cond = backbone.with_guidance(cond, guidance_scale)
         cond_rows = {c for _, c in pairs}
 
         # Execution order puts the sources first so that later chunks can read their keys, and
@@ -828,7 +845,11 @@ class MasaCtrlSampler:
 
         latent_hw = (noise.shape[-2], noise.shape[-1])
         state = MutualAttentionState(
-            controlled_steps, controlled_layers, masks=masks, latent_hw=latent_hw
+            controlled_steps,
+            controlled_layers,
+            masks=masks,
+            latent_hw=latent_hw,
+            image_tokens=self._image_tokens(*size),
         )
         recorders = (
             {
@@ -848,6 +869,7 @@ class MasaCtrlSampler:
             extra=recorders,
         )
         try:
+            solver.set_image_seq_len(self._image_tokens(*size))
             timesteps = solver.timesteps(steps, self.device)
             latents = noise.expand(n + 1, *noise.shape[1:]).clone()
             for index, timestep in enumerate(timesteps):
@@ -897,6 +919,12 @@ class MasaCtrlSampler:
                 stats.condition_evals += condition_run.evaluations
         stats.denoise_seconds += time.perf_counter() - started
         return latents
+
+    def _image_tokens(self, width: int, height: int) -> int:
+        """Image tokens per row in the first block (a transformer's patches; a flow schedule's
+        dynamic shift depends on their number)."""
+        rows, columns = self.backbone.block_grid(0, width, height)
+        return rows * columns
 
     def _start_stats(self) -> RunStats:
         if self.device.type == "cuda":

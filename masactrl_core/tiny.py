@@ -519,6 +519,11 @@ def tiny_checkpoint_info(
 ) -> TinyCheckpointInfo:
     """The facts about the checkpoint ``write_tiny_checkpoint`` writes to ``out_dir``: its
     block count is counted on the UNet that its config builds, never looked up."""
+    if family in ("sd3", "flux"):
+        from masactrl_core.tiny_mmdit import mmdit_checkpoint_info
+
+        _mmdit_variant(family, variant)
+        return mmdit_checkpoint_info(out_dir, seed=seed, family=family)
     spec = _family(family)
     path = Path(out_dir)
     config_file = path / "unet" / "config.json"
@@ -554,16 +559,27 @@ def _variant(family: str, variant: str) -> dict[str, Any]:
     return variants[variant]
 
 
+def _mmdit_variant(family: str, variant: str) -> None:
+    if variant != "standard":
+        raise ValueError(f"the tiny {family} checkpoint has one shape; --variant is for sd, sdxl")
+
+
 def write_tiny_checkpoint(
     out_dir: str | Path, *, seed: int = 0, family: str = "sd", variant: str = "standard"
 ) -> Path:
     """Write a seeded random-weight checkpoint to `out_dir` and return its path.
 
-    Same seed -> byte-identical weight files. Both families have a native size of 64x64 px
+    Same seed -> byte-identical weight files. The UNet families have a native size of 64x64 px
     (latents 4x32x32); family "sd" has the SD1.5 block layout (16 transformer blocks) or, with
     ``variant``, one of :data:`SD_VARIANTS`' other shapes; family "sdxl" SDXL's (70 transformer
-    blocks, two text encoders).
+    blocks, two text encoders). Families "sd3" and "flux" are the multimodal diffusion
+    transformers of :mod:`masactrl_core.tiny_mmdit`.
     """
+    if family in ("sd3", "flux"):
+        from masactrl_core.tiny_mmdit import write_tiny_mmdit_checkpoint
+
+        _mmdit_variant(family, variant)
+        return write_tiny_mmdit_checkpoint(out_dir, seed=seed, family=family)
     spec = _family(family)
     changes = _variant(family, variant)
     out = Path(out_dir)

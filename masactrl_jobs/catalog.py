@@ -13,9 +13,11 @@ JSON shape::
 checkpoint (``masactrl_jobs.shape``); an entry may declare it, and a worker whose model measures
 otherwise refuses to start. Until a worker has reported, the gateway assumes what the entry
 declares, else the family's reference shape. The default control is a rule over the block count
-(start step 4, start layer at 10/16 of the depth) unless declared: by the entry
-(``default_start_step``, ``default_start_layer``) or by a local checkpoint folder's
-``masactrl.json`` (``{"start_step": 4, "start_layer": 10}``, as the engine reads it).
+(start step 4, start layer at 10/16 of the depth; FLUX.1 declares its own, from its first
+single-stream block) unless declared: by the entry (``default_start_step``,
+``default_start_layer``) or by a local checkpoint folder's ``masactrl.json``
+(``{"start_step": 4, "start_layer": 10}``, as the engine reads it). Once a worker has loaded the
+model, an undeclared default is the one its engine reports.
 
 A model may list the layout condition models (ControlNets, T2I-Adapters) its workers may load,
 by name; requests pick one by that name, never by an arbitrary source::
@@ -24,7 +26,8 @@ by name; requests pick one by that name, never by an arbitrary source::
                              "kind": "controlnet", "family": "sd"}}
 
 A condition's family must be its model's (an SD 1.5 ControlNet cannot steer SDXL); ``family``
-may be omitted and then is the model's.
+may be omitted and then is the model's. The ``sd3`` and ``flux`` families take no conditions
+(``masactrl_jobs.shape.FAMILY_FEATURES``): an entry that lists some is refused.
 
 A ``source`` may be one checkpoint file in the original single-file layout (``.safetensors``),
 as community models circulate. Its components' configuration comes from ``config`` (a local
@@ -59,9 +62,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from masactrl_jobs.schema import LORA_WEIGHT_LIMIT
 from masactrl_jobs.shape import (
     DEFAULT_START_STEP,
+    FAMILY_FEATURES,
+    FAMILY_REFERENCE_CONTROL,
     FAMILY_REFERENCE_SHAPES,
     SHAPE_FIELDS,
     Family,
+    FamilyFeatures,
     ModelShape,
     PredictionType,
     default_start_layer,
@@ -224,6 +230,10 @@ class ModelEntry(BaseModel):
         filled = {**FAMILY_REFERENCE_SHAPES[family], **given}
         filled["declared"] = frozenset(given) & _DECLARABLE
         filled["measured"] = None
+        if not {"block_count", "default_start_layer"} & set(given):
+            # The family's own rule on its reference checkpoint (FLUX.1: the single-stream
+            # blocks); an entry that declares another depth gets the depth rule until measured.
+            filled = {**FAMILY_REFERENCE_CONTROL.get(family, {}), **filled}
         filled.setdefault("default_start_step", DEFAULT_START_STEP)
         block_count = filled["block_count"]
         if "default_start_layer" not in filled and isinstance(block_count, int) and block_count > 0:
@@ -269,6 +279,10 @@ class ModelEntry(BaseModel):
                 raise ValueError(
                     f"LoRA name {name!r} must be lowercase letters, digits, '_', '.' or '-'"
                 )
+        if self.conditions and not self.features.layout_conditions:
+            raise ValueError(
+                f"conditions: {self.name} is {self.family}, and {self.features.unavailable}"
+            )
         for name, condition in self.conditions.items():
             if not re.fullmatch(MODEL_NAME_PATTERN, name):
                 raise ValueError(
@@ -317,8 +331,16 @@ class ModelEntry(BaseModel):
         update: dict[str, Any] = {
             name: value for name, value in shape.values().items() if name not in self.declared
         }
+        # The engine's own default where it reported one (a family's rule, e.g. FLUX.1's
+        # single-stream blocks), else the depth rule.
         if "default_start_layer" not in self.declared:
-            update["default_start_layer"] = default_start_layer(shape.block_count)
+            update["default_start_layer"] = (
+                default_start_layer(shape.block_count)
+                if shape.default_start_layer is None
+                else shape.default_start_layer
+            )
+        if "default_start_step" not in self.declared and shape.default_start_step is not None:
+            update["default_start_step"] = shape.default_start_step
         if "max_pixels" not in self.declared:
             width = update.get("native_width", self.native_width)
             height = update.get("native_height", self.native_height)
@@ -339,6 +361,11 @@ class ModelEntry(BaseModel):
             return self.loras[name]
         except KeyError:
             raise UnknownLora(name, self.name, sorted(self.loras)) from None
+
+    @property
+    def features(self) -> FamilyFeatures:
+        """What the engine offers on this model's family (layout conditions, sequences, ...)."""
+        return FAMILY_FEATURES[self.family]
 
     @property
     def single_file(self) -> bool:

@@ -22,6 +22,8 @@ from pydantic import (
     StringConstraints,
 )
 
+from masactrl_jobs.shape import FamilyFeatures
+
 __all__ = [
     "MAX_QUEUE_SECONDS",
     "PRIORITY_LIMIT",
@@ -745,7 +747,8 @@ class ModelPublic(BaseModel):
         "they are the catalog's declared values, else the family's reference checkpoint's."
     )
     prediction_type: str | None = Field(
-        default=None, description="What the model predicts (`epsilon`, `v_prediction`), measured."
+        default=None,
+        description="What the model predicts (`epsilon`, `v_prediction`, `flow`), measured.",
     )
     live: bool = Field(description="Whether a live worker currently serves this model.")
     preview_decoder: Literal["tiny_autoencoder", "vae"] = Field(
@@ -757,6 +760,10 @@ class ModelPublic(BaseModel):
     )
     loras: list[LoraPublic] = Field(
         default_factory=list, description="LoRA adapters a request may activate."
+    )
+    features: FamilyFeatures = Field(
+        description="What the service offers on this model's family: a request for a feature "
+        "marked false is answered 422 naming the field."
     )
 
 

@@ -252,6 +252,15 @@ def tiny_sdxl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX checkpoint (seed 0; 2 double- and 2 single-stream blocks, guidance-distilled,
+    16-channel VAE of factor 2), written once per session."""
+    from masactrl_core.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-flux") / "model", family="flux")
+
+
+@pytest.fixture(scope="session")
 def tiny_preview_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny AutoencoderTiny (seed 0) that decodes both tiny checkpoints' live previews, in a
     sibling folder of theirs, as a catalog's ``preview_vae`` names it."""

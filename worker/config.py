@@ -32,7 +32,14 @@ class WorkerSettings(CommonSettings):
     )
     device: str | None = Field(None, description="cuda, cuda:1, mps or cpu; default: best.")
     dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
-        None, description="Weights dtype; default float16 on GPUs, float32 on CPU."
+        None,
+        description="Weights dtype; default on GPUs float16 (bfloat16 for FLUX.1), float32 on CPU.",
+    )
+    offload: bool = Field(
+        False,
+        description="Model CPU offload: each component (text encoders, denoiser, VAE) on the GPU "
+        "only while it runs, for a model the GPU cannot hold whole (FLUX.1 [dev] with T5 on "
+        "40-48 GB); slower. Pair it with a preview_vae, or previews move the denoiser off.",
     )
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="CPU threads for torch; default: torch's choice."

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from masactrl_core.sources import locate_local
 from masactrl_jobs.catalog import ModelEntry
 from masactrl_jobs.schema import LoraInput
-from masactrl_jobs.shape import ModelShape
+from masactrl_jobs.shape import FAMILY_GPU_DTYPE, ModelShape
 from worker.config import WorkerSettings
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ __all__ = [
     "load_preview_decoder",
     "resolve_source",
     "warm_up",
+    "weights_dtype",
 ]
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,10 @@ def load_engine(entry: ModelEntry, settings: WorkerSettings, source: str) -> Mas
     transformers.utils.logging.disable_progress_bar()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    dtype = getattr(torch, settings.dtype) if settings.dtype else None
+    accelerator = settings.device is None or not settings.device.startswith("cpu")
+    on_gpu = accelerator and (torch.cuda.is_available() or torch.backends.mps.is_available())
+    name = weights_dtype(settings.dtype, entry.family, on_gpu=on_gpu)
+    dtype = getattr(torch, name) if name else None
     started = time.monotonic()
     if entry.single_file:
         engine = MasaCtrlEngine.from_single_file(
@@ -133,10 +137,15 @@ def load_engine(entry: ModelEntry, settings: WorkerSettings, source: str) -> Mas
             allow_pickle=entry.allow_pickle,
             device=settings.device,
             dtype=dtype,
+            offload=settings.offload,
         )
     else:
         engine = MasaCtrlEngine.from_pretrained(
-            source, device=settings.device, dtype=dtype, allow_pickle=entry.allow_pickle
+            source,
+            device=settings.device,
+            dtype=dtype,
+            allow_pickle=entry.allow_pickle,
+            offload=settings.offload,
         )
     engine.model_name = entry.name
     logger.info(
@@ -148,6 +157,15 @@ def load_engine(entry: ModelEntry, settings: WorkerSettings, source: str) -> Mas
         time.monotonic() - started,
     )
     return engine
+
+
+def weights_dtype(configured: str | None, family: str, *, on_gpu: bool) -> str | None:
+    """The dtype to load in: the configured one, else on a GPU the family's own where it has one
+    (``masactrl_jobs.shape.FAMILY_GPU_DTYPE``: bfloat16 for FLUX.1), else the engine's default
+    (None: float16 on GPUs, float32 on the CPU)."""
+    if configured is not None or not on_gpu:
+        return configured
+    return FAMILY_GPU_DTYPE.get(family)
 
 
 class ModelShapeMismatch(RuntimeError):
@@ -163,6 +181,15 @@ def measured_entry(entry: ModelEntry, engine: MasaCtrlEngine) -> ModelEntry:
     """
     shape = ModelShape.from_description(engine.describe())
     conflicts = entry.shape_conflicts(shape)
+    # What the gateway promises for the family (masactrl_jobs.shape.FAMILY_FEATURES) must be
+    # what this engine's backbone runs: else jobs the gateway accepts would fail here.
+    runs_conditions = bool(engine.backbone.supports_conditions)
+    if entry.features.layout_conditions != runs_conditions:
+        conflicts.append(
+            f"the catalog says {entry.family} models "
+            f"{'take' if entry.features.layout_conditions else 'take no'} layout conditions, but "
+            f"the engine's {engine.family} backbone {'runs' if runs_conditions else 'runs none'}"
+        )
     if conflicts:
         raise ModelShapeMismatch(
             "; ".join(conflicts)

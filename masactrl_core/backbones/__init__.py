@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from masactrl_core.backbones.base import Backbone, Conditioning, ConditionResiduals
+from masactrl_core.backbones.flux import FluxBackbone
 from masactrl_core.backbones.sd import SDBackbone
+from masactrl_core.backbones.sd3 import SD3Backbone
 from masactrl_core.backbones.sdxl import SDXLBackbone
 from masactrl_core.errors import ModelLoadError
 
@@ -29,6 +31,8 @@ __all__ = [
 
 # Tried in this order by detect_family: the fallback last.
 BACKBONES: dict[str, type[Backbone]] = {
+    FluxBackbone.family: FluxBackbone,
+    SD3Backbone.family: SD3Backbone,
     SDXLBackbone.family: SDXLBackbone,
     SDBackbone.family: SDBackbone,
 }

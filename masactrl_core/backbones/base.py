@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
     from masactrl_core.conditions import ConditionModel, PreparedCondition
+    from masactrl_core.runs import ControlConfig
     from masactrl_core.solvers.base import Solver
 
 __all__ = ["Backbone", "ConditionResiduals", "Conditioning"]
@@ -100,6 +101,18 @@ class Backbone(ABC):
 
     #: The registry key, recorded in run records and the catalog.
     family: ClassVar[str]
+
+    #: Whether guidance runs the denoiser on unconditional rows beside the conditional ones
+    #: (classifier-free guidance). A guidance-distilled model (FLUX.1 [dev]) takes the guidance
+    #: scale as an input instead (:meth:`with_guidance`): its rows are the source and targets.
+    classifier_free_guidance: ClassVar[bool] = True
+
+    #: Whether layout conditions (ControlNet, T2I-Adapter) and sequences run on this family.
+    supports_conditions: ClassVar[bool] = True
+
+    #: The mutual-attention processor class for this family's controllable layers; ``None``:
+    #: the UNet self-attention processor of :mod:`masactrl_core.attention`.
+    mutual_attention: ClassVar[type | None] = None
 
     def __init__(
         self,
@@ -176,7 +189,9 @@ class Backbone(ABC):
 
     @property
     def device(self) -> torch.device:
-        device: torch.device = self.denoiser.device
+        # The pipeline's execution device: the denoiser's, or with model CPU offload the device
+        # its components move to when they run (they rest on the CPU).
+        device: torch.device = self.pipeline._execution_device
         return device
 
     @property
@@ -204,6 +219,22 @@ class Backbone(ABC):
         scale = self.vae_scale_factor * 2 ** self.block_levels[block]
         # Each halving (stride 2, padding 1) rounds up: ceil of the exact ratio.
         return math.ceil(height / scale), math.ceil(width / scale)
+
+    def default_control(self) -> ControlConfig:
+        """The family's default start step and start layer on this model (its shape measured).
+
+        The paper's start step and start depth (:func:`masactrl_core.runs.paper_start_layer`);
+        a family whose blocks carry layout and appearance elsewhere declares its own.
+        """
+        from masactrl_core.runs import PAPER_START_STEP, ControlConfig, paper_start_layer
+
+        return ControlConfig(
+            start_step=PAPER_START_STEP, start_layer=paper_start_layer(self.block_count)
+        )
+
+    def with_guidance(self, cond: Conditioning, guidance_scale: float) -> Conditioning:
+        """``cond`` with the guidance scale as a model input, for a guidance-distilled model."""
+        return cond
 
     def map_layer(self, block: int) -> str | None:
         """The processor name of the text cross-attention beside block ``block``, if any."""

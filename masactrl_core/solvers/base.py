@@ -55,6 +55,13 @@ class Solver(ABC):
     #: The diffusers scheduler the solver steps with (callers read its ``config``).
     scheduler: Any
 
+    def set_image_seq_len(self, tokens: int) -> None:
+        """Tell the solver the run's number of image tokens (before :meth:`timesteps`).
+
+        Flow-matching schedules with a dynamic shift depend on it; others ignore it.
+        """
+        return
+
     @abstractmethod
     def timesteps(self, steps: int, device: torch.device) -> torch.Tensor:
         """Set up a run of ``steps`` sampling steps; the timesteps, noisiest first."""

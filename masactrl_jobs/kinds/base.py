@@ -97,14 +97,20 @@ __all__ = [
     "JobInputError",
     "Kind",
     "Limits",
+    "AUTOMATIC_MASK_RULE",
+    "CONDITION_FAMILY_RULE",
     "CONDITION_MODEL_RULE",
+    "NEGATIVE_PROMPT_RULE",
     "Output",
     "PARAMETER_RULES",
     "Ran",
     "Refused",
     "RunContext",
     "Source",
+    "automatic_mask_issues",
+    "condition_family_issues",
     "condition_model_issues",
+    "negative_prompt_issues",
     "parameter_issues",
     "random_seed",
     "read_source",
@@ -487,6 +493,58 @@ def condition_model_issues(entry: ModelEntry, name: str) -> list[Issue]:
     except UnknownCondition as exc:
         return [Issue((BODY, "condition", "model"), str(exc), "unknown_condition")]
     return []
+
+
+CONDITION_FAMILY_RULE = Rule(
+    ("condition",),
+    "only on a model whose family takes layout conditions (`GET /v1/models`: "
+    "`features.layout_conditions`; not SD3 or FLUX.1).",
+)
+AUTOMATIC_MASK_RULE = Rule(
+    ("control.mask.mode",),
+    "not `auto` on a model whose family has no automatic masks (`GET /v1/models`: "
+    "`features.automatic_masks`; not SD3 or FLUX.1).",
+)
+NEGATIVE_PROMPT_RULE = Rule(
+    ("negative_prompt",),
+    "empty on a guidance-distilled model (`GET /v1/models`: `features.negative_prompt` false: "
+    "FLUX.1), where it would have no effect.",
+)
+
+
+def condition_family_issues(entry: ModelEntry, loc: Loc = (BODY, "condition")) -> list[Issue]:
+    """An ``unsupported_feature`` issue at ``loc`` when ``entry``'s family takes no layout
+    conditions (``masactrl_jobs.shape.FAMILY_FEATURES``)."""
+    features = entry.features
+    if features.layout_conditions:
+        return []
+    message = f"{entry.name} is a {entry.family} model, and {features.unavailable}"
+    return [Issue(tuple(loc), message, "unsupported_feature")]
+
+
+def automatic_mask_issues(entry: ModelEntry, mode: str) -> list[Issue]:
+    """An ``unsupported_feature`` issue when automatic masks are asked of a family without."""
+    if mode != "auto" or entry.features.automatic_masks:
+        return []
+    message = (
+        f"{entry.name} is a {entry.family} model, which has no cross-attention to read a word's "
+        "map from: automatic masks are not available on it yet; draw the regions (mode "
+        "'manual')"
+    )
+    return [Issue((BODY, "control", "mask", "mode"), message, "unsupported_feature")]
+
+
+def negative_prompt_issues(entry: ModelEntry, negative_prompt: str) -> list[Issue]:
+    """An ``unsupported_feature`` issue when a negative prompt is given to a model on which it
+    has no effect (a guidance-distilled FLUX.1)."""
+    if entry.features.negative_prompt or not negative_prompt.strip():
+        return []
+    message = (
+        f"{entry.name} is a guidance-distilled {entry.family} model: guidance_scale is an input "
+        "of the model and there are no unconditional rows, so a negative prompt has no effect; "
+        "leave it empty"
+    )
+    return [Issue((BODY, "negative_prompt"), message, "unsupported_feature")]
 
 
 _SEED_BITS = MAX_SEED.bit_length()

@@ -98,6 +98,7 @@ from masactrl_jobs.schema import (
 __all__ = [
     "DEFAULT_ANIMATION_FPS",
     "SEQUENCE",
+    "SEQUENCE_FAMILY_RULE",
     "SIZE_LIMIT_RULE",
     "SOURCE_RULES",
     "SequenceFiles",
@@ -171,6 +172,11 @@ def _too_large(message: str, loc: tuple[str | int, ...], type: str = "too_large"
 
 
 # The sequence's own rules, beside the shared ones its check applies.
+SEQUENCE_FAMILY_RULE = Rule(
+    ("model",),
+    "a model whose family runs sequences (`GET /v1/models`: `features.sequences`; not SD3 or "
+    "FLUX.1).",
+)
 SOURCE_RULES = (
     Rule(("source_prompt",), "not empty when no `image` is the source (a synthesized source)."),
     Rule(("anchor_source",), "needs an `image` as the source."),
@@ -193,6 +199,7 @@ class SequenceKind(Kind[SequenceParams, SequenceFiles, SequenceInputs]):
     bodies = (SequenceCreate, SequenceParams)
     preview_role = ImageRole.frame
     rules = (
+        SEQUENCE_FAMILY_RULE,
         *PARAMETER_RULES,
         SEQUENCE_FRAMES_RULE,
         SEQUENCE_FRAME_COUNT_RULE,
@@ -219,6 +226,11 @@ class SequenceKind(Kind[SequenceParams, SequenceFiles, SequenceInputs]):
         limits: Limits,
         files: SequenceFiles | None,
     ) -> list[Issue]:
+        features = entry.features
+        if not features.sequences:
+            # Nothing else about the request matters on this model.
+            message = f"{entry.name} is a {entry.family} model, and {features.unavailable}"
+            return [Issue((BODY, "model"), message, "unsupported_feature")]
         condition = body.condition
         # The window, scale and preprocessing rules are the conditions' own; a sequence's frames
         # stand in for the images, whose count sequence_problems checks below.

@@ -33,8 +33,11 @@ from masactrl_jobs.control import (
 )
 from masactrl_jobs.images import Payload, StoredInput, ValidatedImage
 from masactrl_jobs.kinds.base import (
+    AUTOMATIC_MASK_RULE,
     BODY,
+    CONDITION_FAMILY_RULE,
     CONDITION_MODEL_RULE,
+    NEGATIVE_PROMPT_RULE,
     PARAMETER_RULES,
     ImageOutput,
     Intake,
@@ -43,8 +46,11 @@ from masactrl_jobs.kinds.base import (
     Output,
     Ran,
     RunContext,
+    automatic_mask_issues,
+    condition_family_issues,
     condition_model_issues,
     issues,
+    negative_prompt_issues,
     parameter_issues,
     random_seed,
 )
@@ -111,6 +117,9 @@ MASK_RULES = (
 STILL_RULES = (
     *PARAMETER_RULES,
     *MASK_RULES,
+    AUTOMATIC_MASK_RULE,
+    NEGATIVE_PROMPT_RULE,
+    CONDITION_FAMILY_RULE,
     CONDITION_MODEL_RULE,
     CONDITION_IMAGES_RULE,
     CONDITION_SOURCE_IMAGE_RULE,
@@ -121,8 +130,12 @@ STILL_RULES = (
 
 def check_still(body: StillParams, entry: ModelEntry, *, editing: bool) -> list[Issue]:
     """Every cross-field or catalog problem of ``body`` (empty when it can run)."""
+    unsupported_mask = automatic_mask_issues(entry, body.control.mask.mode.value)
     return (
-        parameter_issues(entry, body) + _mask_issues(body) + _condition_issues(body, entry, editing)
+        parameter_issues(entry, body)
+        + (unsupported_mask or _mask_issues(body))
+        + negative_prompt_issues(entry, body.negative_prompt)
+        + _condition_issues(body, entry, editing)
     )
 
 
@@ -130,6 +143,9 @@ def _condition_issues(body: StillParams, entry: ModelEntry, editing: bool) -> li
     condition = body.condition
     if condition is None:
         return []
+    unsupported = condition_family_issues(entry)
+    if unsupported:
+        return unsupported  # the condition's own fields do not matter on this model
     found = condition_model_issues(entry, condition.model)
     problems = condition_problems(
         targets=len(body.target_prompts),

@@ -194,9 +194,56 @@ function applyModel() {
   }
   if (model.conditions.some((c) => c.name === chosen)) conditions.value = chosen;
   $("condition-fields").hidden = !conditions.value;
+  applyFeatures(model);
   fillLoras(model);
   if (!state.photo) painter.resize(model.native_width, model.native_height);
   syncSliders();
+}
+
+/** Disable what the model's family does not offer (GET /v1/models: features), each with the
+ * sentence why: layout conditions and sequences on SD3 and FLUX.1, a negative prompt on
+ * guidance-distilled FLUX.1. */
+function applyFeatures(model) {
+  const features = model.features;
+  const why = `${model.name} is a ${model.family} model, and ${features.unavailable}.`;
+  const sequence = $("mode").querySelector("option[value=sequence]");
+  sequence.disabled = !features.sequences;
+  if (!features.sequences && mode() === "sequence") {
+    $("mode").value = "synthesis";
+    document.body.dataset.mode = mode();
+  }
+  showUnavailable("mode-unavailable", !features.sequences, `Sequences are off: ${why}`);
+  const conditions = $("condition-model");
+  conditions.disabled = !features.layout_conditions;
+  if (!features.layout_conditions) {
+    conditions.value = "";
+    $("condition-fields").hidden = true;
+  }
+  showUnavailable("condition-unavailable", !features.layout_conditions, `Layout conditions are off: ${why}`);
+  const automatic = $("mask-mode").querySelector("option[value=auto]");
+  automatic.disabled = !features.automatic_masks;
+  if (!features.automatic_masks && $("mask-mode").value === "auto") {
+    $("mask-mode").value = "none";
+    $("mask-mode").dispatchEvent(new Event("change"));
+  }
+  showUnavailable(
+    "mask-auto-unavailable",
+    !features.automatic_masks,
+    `Automatic masks are off: ${model.name} has no cross-attention to read a word's map from; draw the regions.`,
+  );
+  const negative = $("negative-prompt");
+  negative.disabled = !features.negative_prompt;
+  if (!features.negative_prompt) negative.value = "";
+  showUnavailable(
+    "negative-prompt-unavailable",
+    !features.negative_prompt,
+    `${model.name} is guidance-distilled: guidance is an input of the model, so a negative prompt has no effect.`,
+  );
+}
+
+function showUnavailable(id, shown, sentence) {
+  $(id).hidden = !shown;
+  $(id).textContent = shown ? sentence : "";
 }
 
 /** A sequence follows condition frames: with a model that has no condition model, the sentence

@@ -92,3 +92,23 @@ def test_a_cuda_run_without_a_gpu_is_refused_in_one_line(tmp_path: Path) -> None
     assert done.returncode == 2
     assert "no CUDA device here: use --tiny, or --device cpu" in done.stderr
     assert not (tmp_path / "gpu.json").exists()
+
+
+def test_tiny_flux_run_counts_one_row_per_image_and_step(tmp_path: Path) -> None:
+    """FLUX.1 is guidance-distilled: plain generation 1 image per step, the edit S + 2S, the
+    synthesis (1 + 4) per step; the hook on the transformer and the engine agree."""
+    out = tmp_path / "gpu"
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--families", "flux", "--steps", str(STEPS)]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = json.loads((out / "gpu.json").read_text())["families"]["flux"]["runs"]
+    expected = {"plain": STEPS, "edit": STEPS + 2 * STEPS, "synthesis": (1 + TARGETS) * STEPS}
+    assert {name: run["unet_image_evals"] for name, run in runs.items()} == expected
+    assert runs["edit"]["engine_unet_image_evals"] == expected["edit"]
+    assert runs["synthesis"]["engine_unet_image_evals"] == expected["synthesis"]
+    assert "(FLUX: 3.5, a model input)" in (out / "gpu.md").read_text()

@@ -243,12 +243,30 @@ def test_a_configured_redis_that_answers_is_used_instead_of_starting_one(
             {"name": "stable-diffusion-2-1", "family": "sd", "native_width": 768},
         ),
         ("stabilityai/stable-diffusion-2-1-base", {"family": "sd", "native_width": None}),
+        ("black-forest-labs/FLUX.1-dev", {"name": "flux.1-dev", "family": "flux"}),
+        (
+            "stabilityai/stable-diffusion-3.5-large",
+            {"name": "stable-diffusion-3.5-large", "family": "sd3"},
+        ),
     ],
 )
 def test_catalog_entry_of_hub_ids(model: str, expected: dict[str, object], tmp_path: Path) -> None:
     entry = catalog_entry(model, tmp_path)
     for key, value in expected.items():
         assert entry.get(key) == value, entry
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "family"), [("FluxPipeline", "flux"), ("StableDiffusion3Pipeline", "sd3")]
+)
+def test_catalog_entry_of_an_mmdit_folder_leaves_its_shape_to_the_worker(
+    pipeline: str, family: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    entry = catalog_entry(str(folder), tmp_path)
+    assert entry == {"name": "model", "source": str(folder.resolve()), "family": family}
 
 
 def test_catalog_entry_refuses_a_missing_folder(tmp_path: Path) -> None:

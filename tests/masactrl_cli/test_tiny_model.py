@@ -46,3 +46,30 @@ def test_tiny_model_writes_a_lora_that_loads_and_changes_the_model(
     assert (styled - plain).abs().max() > 1e-3
     assert main(["tiny-model", str(tmp_path / "x"), "--lora"]) == 2
     assert "--lora needs --base" in capfd.readouterr().err
+
+
+def test_tiny_model_writes_the_multimodal_transformer_families(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+        StableDiffusion3Pipeline,
+    )
+
+    assert main(["tiny-model", str(tmp_path / "flux"), "--family", "flux"]) == 0
+    described = capfd.readouterr().out
+    assert "tiny flux checkpoint (seed 0)" in described and "4 transformer blocks" in described
+    flux = FluxPipeline.from_pretrained(tmp_path / "flux")
+    assert flux.transformer.config.guidance_embeds
+    assert flux.vae.config.latent_channels == 16
+    assert (tmp_path / "flux" / "tokenizer_2" / "tokenizer.json").is_file()
+
+    assert main(["tiny-model", str(tmp_path / "sd3"), "--family", "sd3"]) == 0
+    assert "tiny sd3 checkpoint (seed 0)" in capfd.readouterr().out
+    sd3 = StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd3")
+    assert sd3.text_encoder_3 is not None and sd3.transformer.config.num_layers == 3
+
+    assert (
+        main(["tiny-model", str(tmp_path / "x"), "--family", "flux", "--variant", "shallow"]) == 2
+    )
+    assert "one shape" in capfd.readouterr().err

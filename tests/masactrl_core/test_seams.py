@@ -31,6 +31,9 @@ from masactrl_core.solvers import DDIMSolver, Solver
         ({"_class_name": "StableDiffusionPipeline", "text_encoder": ["t", "CLIPTextModel"]}, "sd"),
         ({"_class_name": "StableDiffusionXLPipeline"}, "sdxl"),
         ({"_class_name": "SomePipeline", "text_encoder_2": ["t", "CLIP"]}, "sdxl"),
+        # FLUX has a text_encoder_2 (T5) too: its pipeline class is asked first.
+        ({"_class_name": "FluxPipeline", "text_encoder_2": ["t", "T5EncoderModel"]}, "flux"),
+        ({"_class_name": "StableDiffusion3Pipeline", "text_encoder_2": ["t", "CLIP"]}, "sd3"),
         ({}, "sd"),
     ],
 )
@@ -40,8 +43,11 @@ def test_detect_family_asks_each_backbone_most_specific_first(config, family):
 
 
 def test_an_unknown_family_is_a_load_error():
-    with pytest.raises(ModelLoadError, match="unknown model family 'flux'; expected one of sd"):
-        backbone_class("flux")
+    with pytest.raises(
+        ModelLoadError,
+        match="unknown model family 'kandinsky'; expected one of flux, sd, sd3, sdxl",
+    ):
+        backbone_class("kandinsky")
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from masactrl_jobs.catalog import (
     load_catalog,
     parse_catalog,
 )
+from masactrl_jobs.shape import ModelShape
 
 
 def test_default_catalog_matches_the_conventions() -> None:
@@ -81,8 +82,8 @@ def test_models_may_be_keyed_by_name() -> None:
             "repeated: a",
         ),
         (
-            {"default": "a", "models": [{"name": "a", "source": "x", "family": "flux"}]},
-            "models[0]: family 'flux' is not 'sd' or 'sdxl'",
+            {"default": "a", "models": [{"name": "a", "source": "x", "family": "dit"}]},
+            "models[0]: family 'dit' is not 'sd' or 'sdxl' or 'sd3' or 'flux'",
         ),
         (
             {"default": "a", "models": [{"name": "a", "source": "x"}]},
@@ -216,6 +217,13 @@ def test_conditions_take_their_models_family_and_are_looked_up_by_name() -> None
         ({"canny": {"kind": "controlnet"}}, "sd", "source"),
         ({"canny": {"source": "/c", "kind": "controlnet", "url": "x"}}, "sd", "url"),
         ({"Canny Edges": {"source": "/c", "kind": "controlnet"}}, "sd", "condition name"),
+        (
+            {"canny": {"source": "/c", "kind": "controlnet"}},
+            "flux",
+            "conditions: m is flux, and layout conditions and sequences are not available on "
+            "FLUX.1 models yet",
+        ),
+        ({"canny": {"source": "/c", "kind": "controlnet"}}, "sd3", "not available on SD3"),
     ],
 )
 def test_bad_conditions_are_refused_with_a_sentence(
@@ -261,3 +269,40 @@ def test_a_broken_control_declaration_is_one_sentence(tmp_path: Path) -> None:
         catalog_from_data(
             {"default": "toy", "models": [{"name": "toy", "source": str(tmp_path), "family": "sd"}]}
         )
+
+
+def test_flux_defaults_follow_the_family_then_what_the_engine_reports() -> None:
+    entry = catalog_from_data(
+        {"default": "f", "models": [{"name": "f", "source": "org/flux", "family": "flux"}]}
+    ).get("f")
+    # FLUX.1 [dev]'s reference: 19 double-stream blocks, the control from the first single one.
+    assert (entry.block_count, entry.default_control) == (57, {"start_step": 4, "start_layer": 19})
+    assert entry.features.negative_prompt is False
+    # A tiny FLUX model as its worker measures it, with its engine's default control.
+    reported = ModelShape(
+        family="flux",
+        block_count=4,
+        native_width=64,
+        native_height=64,
+        size_multiple=16,
+        default_start_step=1,
+        default_start_layer=3,
+    )
+    measured = entry.with_shape(reported)
+    assert (measured.block_count, measured.default_control) == (
+        4,
+        {"start_step": 1, "start_layer": 3},
+    )
+    # An older worker reports no default: the depth rule over the measured blocks.
+    older = reported.model_copy(update={"default_start_layer": None, "default_start_step": None})
+    assert entry.with_shape(older).default_control == {"start_step": 4, "start_layer": 2}
+    # A declared default stays.
+    declared = catalog_from_data(
+        {
+            "default": "f",
+            "models": [
+                {"name": "f", "source": "org/flux", "family": "flux", "default_start_layer": 1}
+            ],
+        }
+    ).get("f")
+    assert declared.with_shape(reported).default_start_layer == 1

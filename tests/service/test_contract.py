@@ -38,8 +38,18 @@ from masactrl_jobs.control import (
     Rule,
 )
 from masactrl_jobs.kinds import KINDS
-from masactrl_jobs.kinds.base import CONDITION_MODEL_RULE
-from masactrl_jobs.kinds.sequence import SIZE_LIMIT_RULE, SOURCE_RULES, VIDEO_BUDGET_RULE
+from masactrl_jobs.kinds.base import (
+    AUTOMATIC_MASK_RULE,
+    CONDITION_FAMILY_RULE,
+    CONDITION_MODEL_RULE,
+    NEGATIVE_PROMPT_RULE,
+)
+from masactrl_jobs.kinds.sequence import (
+    SEQUENCE_FAMILY_RULE,
+    SIZE_LIMIT_RULE,
+    SOURCE_RULES,
+    VIDEO_BUDGET_RULE,
+)
 from masactrl_jobs.kinds.stills import MASK_RULES
 from masactrl_jobs.schema import JobKind
 from service.config import GatewaySettings
@@ -65,6 +75,8 @@ CATALOG = {
             "block_count": 7,
             "size_multiple": 32,
         },
+        # An MM-DiT: no layout conditions, no sequences, no negative prompt (guidance-distilled).
+        "flux": {"source": "black-forest-labs/FLUX.1-dev", "family": "flux"},
     },
 }
 ROUTES = {
@@ -151,6 +163,17 @@ BROKEN = [
     ),
     Broken(S, CONDITION_MODEL_RULE, {"condition": {"model": "pose", "images": [IMAGE]}}),
     Broken(Q, CONDITION_MODEL_RULE, {"condition": {"model": "pose", "frames": [IMAGE]}}),
+    Broken(S, CONDITION_FAMILY_RULE, {"model": "flux", **_condition()}),
+    Broken(E, NEGATIVE_PROMPT_RULE, {"model": "flux", "negative_prompt": "blurry"}),
+    Broken(Q, SEQUENCE_FAMILY_RULE, {"model": "flux"}),
+    Broken(
+        S,
+        AUTOMATIC_MASK_RULE,
+        {
+            "model": "flux",
+            "control": {"mask": {**AUTO, "source_word": "cat", "target_word": "cat"}},
+        },
+    ),
     Broken(
         S,
         CONDITION_IMAGES_RULE,
@@ -268,7 +291,7 @@ def _poster(client: TestClient, body: dict[str, Any]) -> Callable[..., Any]:
 def test_the_stated_model_values_are_the_enforced_ones(make: Callable[..., TestClient]) -> None:
     client = make()
     table = _table(_description(client, JobKind.synthesis))
-    assert list(table) == ["sd15", "sdxl", "small"]
+    assert list(table) == ["sd15", "sdxl", "small", "flux"]
     assert table["small"]["size multiple"] == "32" and table["small"]["block count"] == "7"
     for model, row in table.items():
         native_width, native_height = (int(side) for side in row["native size"].split("×"))

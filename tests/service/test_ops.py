@@ -135,6 +135,13 @@ def test_models_with_live_workers(client: TestClient, redis_url: str) -> None:
         "preview_decoder": "vae",
         "conditions": [],
         "loras": [],
+        "features": {
+            "layout_conditions": True,
+            "sequences": True,
+            "automatic_masks": True,
+            "negative_prompt": True,
+            "unavailable": None,
+        },
     }
     store = JobStore.from_url(redis_url)
     store.register_worker("sdxl", "gpu-0", ttl=30)

@@ -28,11 +28,19 @@ ENTRY = {"name": "small", "family": "sd", "native_width": 64, "native_height": 6
 
 
 def environment(
-    redis: RedisServer, s3: S3Server, model: Path, log_dir: Path, port: int, **declared: Any
+    redis: RedisServer,
+    s3: S3Server,
+    model: Path,
+    log_dir: Path,
+    port: int,
+    entry: dict[str, Any] = ENTRY,
+    **declared: Any,
 ) -> dict[str, str]:
+    """The processes' environment, serving ``model`` as the catalog's one ``entry``."""
     import hashlib
 
-    catalog = {"default": "small", "models": [{**ENTRY, "source": str(model), **declared}]}
+    served = {**entry, "source": str(model), **declared}
+    catalog = {"default": served["name"], "models": [served]}
     return {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),

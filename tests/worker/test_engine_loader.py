@@ -10,7 +10,7 @@ from masactrl_core.errors import ModelLoadError
 from masactrl_jobs.catalog import ModelEntry, tiny_model_entry
 from tests.conftest import S3Server
 from worker.config import WorkerSettings
-from worker.engine_loader import resolve_source
+from worker.engine_loader import resolve_source, weights_dtype
 
 
 def settings_for(s3: S3Server, cache: Path) -> WorkerSettings:
@@ -106,3 +106,43 @@ def test_a_missing_local_source_is_refused_before_loading(tmp_path: Path) -> Non
         resolve_source(entry(str(tmp_path / "gone")), settings)
     with pytest.raises(ModelLoadError, match="is a folder without model_index.json"):
         resolve_source(entry(str(tmp_path)), settings)
+
+
+@pytest.mark.parametrize(
+    ("configured", "family", "on_gpu", "expected"),
+    [
+        (None, "flux", True, "bfloat16"),  # FLUX.1 overflows float16
+        (None, "sd", True, None),  # the engine's float16
+        (None, "flux", False, None),  # float32 on the CPU
+        ("float16", "flux", True, "float16"),  # the operator's choice wins
+    ],
+)
+def test_the_weights_dtype_follows_the_setting_then_the_family_on_a_gpu(
+    configured: str | None, family: str, on_gpu: bool, expected: str | None
+) -> None:
+    assert weights_dtype(configured, family, on_gpu=on_gpu) == expected
+
+
+def test_an_offloaded_model_gives_the_same_images(tiny_flux_checkpoint: Path) -> None:
+    """MASACTRL_OFFLOAD: diffusers' model CPU offload (here to the CPU itself, which runs the
+    hooks and the execution device without a GPU) changes where weights rest, not the images."""
+    import numpy as np
+
+    from worker.engine_loader import load_engine
+
+    entry = ModelEntry.model_validate(
+        {"name": "flux", "source": str(tiny_flux_checkpoint), "family": "flux"}
+    )
+    images = []
+    for offload in (False, True):
+        settings = WorkerSettings(
+            _env_file=None, environment="development", device="cpu", offload=offload
+        )
+        engine = load_engine(entry, settings, str(tiny_flux_checkpoint))
+        # Offloaded: accelerate's hook sits on the transformer and moves it when it runs.
+        assert hasattr(engine.pipeline.transformer, "_hf_hook") is offload
+        result = engine.synthesize(
+            "a photo of a cat", ["a photo of a dog"], seed=3, steps=2, width=32, height=32
+        )
+        images.append([np.asarray(image) for image in (result.source, *result.targets)])
+    assert all(np.array_equal(a, b) for a, b in zip(*images, strict=True))

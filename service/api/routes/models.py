@@ -19,8 +19,8 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 @router.get("", response_model=ModelList, responses=errors(401, 503))
 async def list_models(gateway: GatewayDep, tenant: TenantDep) -> ModelList:
-    """List the models on offer, their sizes, block counts, control defaults, adapters and live
-    workers."""
+    """List the models on offer, their sizes, block counts, control defaults, adapters, the
+    features their family offers and live workers."""
     live = await gateway.store.live_models()
     entries = await gateway.model_entries()
     return ModelList(
@@ -47,6 +47,7 @@ async def list_models(gateway: GatewayDep, tenant: TenantDep) -> ModelList:
                     LoraPublic(name=name, weight=lora.weight)
                     for name, lora in sorted(entry.loras.items())
                 ],
+                features=entry.features,
             )
             for entry in entries
         ],
