@@ -137,4 +137,4 @@ def test_a_view_has_its_own_parts_over_the_same_modules(engine):
 
 def test_a_family_the_registry_does_not_know_is_refused(engine):
     with pytest.raises(ModelLoadError, match="unknown model family"):
-        MasaCtrlEngine(engine.pipeline, family="sd3")
+        MasaCtrlEngine(engine.pipeline, family="kandinsky")

@@ -113,4 +113,4 @@ def test_sdxl_checkpoint_has_sdxl_topology_and_loads_offline(
 
 def test_unknown_family_is_a_value_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown model family"):
-        write_tiny_checkpoint(tmp_path / "x", family="sd3")
+        write_tiny_checkpoint(tmp_path / "x", family="kandinsky")
