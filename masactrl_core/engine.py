@@ -268,14 +268,15 @@ class MasaCtrlEngine:
         options: EngineOptions | None = None,
         offload: bool = False,
     ) -> MasaCtrlEngine:
-        """Load one checkpoint file in the original SD layout (see ``masactrl_core.single_file``).
+        """Load one checkpoint file in an original layout: SD, SDXL, or a FLUX.1 or SD3 transformer
+        whose other components come from ``config`` (see ``masactrl_core.single_file``).
 
         ``config``: a diffusers config folder (offline) or hub id, else the family's reference
         config from the Hugging Face cache; ``family``: the declared family, checked against the
         file; ``prediction_type``: declared, else detected; ``allow_pickle``: accept ``.ckpt``.
         """
         device, dtype = _device_and_dtype(device, dtype)
-        # Single files are SD-family checkpoints, sampled with DDIM: refuse early, before loading.
+        # A prediction type is a DDIM setting (SD and SDXL files): refuse a bad one before loading.
         if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
             raise ModelLoadError(
                 f"prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}"

@@ -1,4 +1,4 @@
-"""Single-file checkpoints: one ``.safetensors`` file in the original Stable Diffusion key layout.
+"""Single-file checkpoints: one ``.safetensors`` file in an original (pre-diffusers) key layout.
 
 Community models circulate as one file holding the UNet (``model.diffusion_model.*``), the VAE
 (``first_stage_model.*``) and the text encoder(s) (``cond_stage_model.*`` for SD1.x/2.x,
@@ -13,8 +13,20 @@ refiner, or a file whose family differs from the declared one (or from the confi
 :class:`ModelLoadError` naming the file. Pickle files (``.ckpt``, ``.pt``, ``.pth``, ``.bin``)
 can run arbitrary code while they load, so they are refused unless ``allow_pickle`` is set.
 
-The prediction type is, in order: the one declared by the caller; ``v_prediction`` when the file
-carries the ``v_pred`` marker key that v-prediction community checkpoints add; else the config's.
+FLUX.1 and SD3 files are recognized by their transformer's keys, with or without the
+``model.diffusion_model.`` prefix: Black Forest Labs' ``double_blocks.*`` / ``single_blocks.*``
+(FLUX.1 [dev] when it has the guidance embedding ``guidance_in.*``, else [schnell]) and Stability
+AI's ``joint_blocks.*`` (SD3 medium; SD3.5 medium by its dual-attention ``attn2`` layers, SD3.5
+large by its 38th block). Only the transformer is read from the file: it is converted by
+diffusers' ``FluxTransformer2DModel`` / ``SD3Transformer2DModel.from_single_file`` with the
+config of the config folder's (or reference repository's) ``transformer/``, and every other
+component (text encoders, VAE, tokenizers, scheduler) is loaded, weights included, from that
+folder or repository by the family's pipeline class. A community FLUX.1 file is the transformer
+alone; the text encoders and VAE that an all-in-one SD3 file may hold are not read.
+
+The prediction type (SD and SDXL only; the transformers are flow-matching models) is, in order:
+the one declared by the caller; ``v_prediction`` when the file carries the ``v_pred`` marker key
+that v-prediction community checkpoints add; else the config's.
 SD 2.x 768-v and 512-base files have the same keys, so a 2.x file loaded without a config or a
 declaration gets the reference config of 2.1 (v-prediction): declare ``epsilon`` for a base model.
 """
@@ -51,6 +63,21 @@ SD2_TEXT_PREFIX = "cond_stage_model.model."
 SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
 SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."
 V_PREDICTION_MARKER = "v_pred"
+# The transformer keys diffusers' infer_diffusers_model_type recognizes the families by.
+FLUX_MARKER = "double_blocks.0.img_attn.norm.key_norm.scale"
+FLUX_GUIDANCE_MARKER = "guidance_in.in_layer.bias"
+SD3_MARKER = "joint_blocks.0.context_block.adaLN_modulation.1.bias"
+SD35_LARGE_MARKER = "joint_blocks.37.x_block.mlp.fc1.weight"
+SD35_MEDIUM_MARKER = "joint_blocks.0.x_block.attn2.qkv.weight"
+# The diffusers folders diffusers itself takes a file's configuration from, per generation.
+TRANSFORMER_REFERENCES = {
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sd35_medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd35_large": "stabilityai/stable-diffusion-3.5-large",
+}
+TRANSFORMER_FAMILIES = ("flux", "sd3")
 
 
 @dataclass(frozen=True)
@@ -58,8 +85,9 @@ class CheckpointInfo:
     """What the keys of a single-file checkpoint say about it."""
 
     path: str
-    family: str  # "sd" (1.x and 2.x) or "sdxl"
-    generation: str  # "sd1", "sd2" or "sdxl"
+    family: str  # "sd" (1.x and 2.x), "sdxl", "flux" or "sd3"
+    # "sd1", "sd2", "sdxl", "flux-dev", "flux-schnell", "sd3", "sd35_medium" or "sd35_large"
+    generation: str
     v_prediction_marker: bool
 
 
@@ -111,9 +139,14 @@ def inspect_checkpoint(
         raise ModelLoadError(f"checkpoint file {path} does not exist")
     keys = _keys(file, allow_pickle)
     name = file.name
+    transformer = _transformer_generation(keys)
+    if transformer is not None:
+        family = "flux" if transformer.startswith("flux") else "sd3"
+        return CheckpointInfo(str(file), family, transformer, False)
     if not any(key.startswith(UNET_PREFIX) for key in keys):
         raise ModelLoadError(
-            f"{name} is not a Stable Diffusion checkpoint: it has no UNet weights ({UNET_PREFIX}*)"
+            f"{name} is not a Stable Diffusion, FLUX.1 or SD3 checkpoint: it has no UNet weights "
+            f"({UNET_PREFIX}*) and no FLUX.1 or SD3 transformer weights"
         )
     if not any(key.startswith(VAE_PREFIX) for key in keys):
         raise ModelLoadError(f"{name} has no VAE weights ({VAE_PREFIX}*); MasaCtrl needs them")
@@ -134,6 +167,18 @@ def inspect_checkpoint(
     else:
         raise ModelLoadError(f"{name} has no text encoder weights of SD 1.x, 2.x or SDXL")
     return CheckpointInfo(str(file), family, generation, V_PREDICTION_MARKER in keys)
+
+
+def _transformer_generation(keys: list[str]) -> str | None:
+    """The FLUX.1 or SD3 generation of a file's transformer keys; None when it has none."""
+    names = {key.removeprefix(UNET_PREFIX) for key in keys}
+    if FLUX_MARKER in names:
+        return "flux-dev" if FLUX_GUIDANCE_MARKER in names else "flux-schnell"
+    if SD3_MARKER in names:
+        if SD35_LARGE_MARKER in names:
+            return "sd35_large"
+        return "sd35_medium" if SD35_MEDIUM_MARKER in names else "sd3"
+    return None
 
 
 def _config_family(config: str) -> str | None:
@@ -161,13 +206,16 @@ def load_single_file_pipeline(
 ) -> tuple[DiffusionPipeline, CheckpointInfo]:
     """A diffusers pipeline from one checkpoint file; :class:`ModelLoadError` says what is wrong.
 
-    ``family`` is the declared family (``sd`` or ``sdxl``), checked against the file and the
-    config folder; ``config`` is a local diffusers config folder or a hub id.
+    ``family`` is the declared family (``sd``, ``sdxl``, ``flux`` or ``sd3``), checked against
+    the file and the config folder; ``config`` is a local diffusers config folder or a hub id.
     """
     info = inspect_checkpoint(path, allow_pickle=allow_pickle)
     name = Path(path).name
     if family is not None and family != info.family:
-        raise ModelLoadError(f"{name} is an {info.family} checkpoint, but it is declared {family}")
+        article = "a" if info.family == "flux" else "an"  # "an S-D" checkpoint
+        raise ModelLoadError(
+            f"{name} is {article} {info.family} checkpoint, but it is declared {family}"
+        )
     if config is not None:
         config_family = _config_family(config)
         if config_family is not None and config_family != info.family:
@@ -178,6 +226,13 @@ def load_single_file_pipeline(
     from masactrl_core.backbones import backbone_class
 
     backbone = backbone_class(info.family)
+    if info.family in TRANSFORMER_FAMILIES:
+        if prediction_type is not None:
+            raise ModelLoadError(
+                f"{name} is a {info.family} transformer, a flow-matching model: "
+                "a prediction type applies only to SD and SDXL checkpoints"
+            )
+        return _load_transformer_file(Path(path), info, backbone, dtype, config), info
     loader: Any = backbone.pipeline_class()
     extra: dict[str, Any] = backbone.load_arguments()
     if config is not None:
@@ -195,3 +250,47 @@ def load_single_file_pipeline(
             pipeline.scheduler.config, prediction_type=declared
         )
     return pipeline, info
+
+
+def _transformer_class(family: str) -> Any:
+    if family == "flux":
+        from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
+
+        return FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
+
+    return SD3Transformer2DModel
+
+
+def _load_transformer_file(
+    path: Path, info: CheckpointInfo, backbone: Any, dtype: torch.dtype, config: str | None
+) -> DiffusionPipeline:
+    """The transformer from the file, the other components from ``config`` (or the reference)."""
+    source = config if config is not None else TRANSFORMER_REFERENCES[info.generation]
+    # A local folder needs nothing from the network; a hub id is read from the cache first.
+    local = Path(source).is_dir()
+    try:
+        transformer = _transformer_class(info.family).from_single_file(
+            str(path),
+            config=source,
+            subfolder="transformer",
+            torch_dtype=dtype,
+            local_files_only=local,
+        )
+    except Exception as error:
+        raise ModelLoadError(f"cannot load checkpoint {path.name}: {error}") from error
+    try:
+        pipeline: DiffusionPipeline = backbone.pipeline_class().from_pretrained(
+            source,
+            transformer=transformer,
+            dtype=dtype,
+            local_files_only=local,
+            use_safetensors=True,
+            **backbone.load_arguments(),
+        )
+    except Exception as error:
+        raise ModelLoadError(
+            f"cannot load the components of {path.name} other than its transformer "
+            f"from {source}: {error}"
+        ) from error
+    return pipeline

@@ -30,7 +30,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["original_state_dict", "write_config_folder", "write_single_file"]
+__all__ = [
+    "flux_original_state_dict",
+    "original_state_dict",
+    "sd3_original_state_dict",
+    "write_config_folder",
+    "write_single_file",
+    "write_transformer_single_file",
+]
 
 _RESNET_PARTS = {
     "norm1": "in_layers.0",
@@ -197,3 +204,190 @@ def write_config_folder(checkpoint: str | Path, out_dir: str | Path) -> Path:
         dirs_exist_ok=True,
     )
     return Path(out_dir)
+
+
+# -- the multimodal diffusion transformers: FLUX.1 (Black Forest Labs' layout) and SD3 -----------
+
+# diffusers module -> original module, for the weights that only change their name.
+_FLUX_RENAMES = {
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "context_embedder": "txt_in",
+    "x_embedder": "img_in",
+    "proj_out": "final_layer.linear",
+}
+_FLUX_DOUBLE_RENAMES = {
+    "norm1.linear": "img_mod.lin",
+    "norm1_context.linear": "txt_mod.lin",
+    "attn.norm_q": "img_attn.norm.query_norm",
+    "attn.norm_k": "img_attn.norm.key_norm",
+    "attn.norm_added_q": "txt_attn.norm.query_norm",
+    "attn.norm_added_k": "txt_attn.norm.key_norm",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+}
+_FLUX_SINGLE_RENAMES = {
+    "norm.linear": "modulation.lin",
+    "attn.norm_q": "norm.query_norm",
+    "attn.norm_k": "norm.key_norm",
+    "proj_out": "linear2",
+}
+_SD3_RENAMES = {
+    "pos_embed.proj": "x_embedder.proj",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "context_embedder": "context_embedder",
+    "proj_out": "final_layer.linear",
+}
+_SD3_JOINT_RENAMES = {
+    "attn.to_out.0": "x_block.attn.proj",
+    "attn.to_add_out": "context_block.attn.proj",
+    "attn.norm_q": "x_block.attn.ln_q",
+    "attn.norm_k": "x_block.attn.ln_k",
+    "attn.norm_added_q": "context_block.attn.ln_q",
+    "attn.norm_added_k": "context_block.attn.ln_k",
+    "norm1.linear": "x_block.adaLN_modulation.1",
+    "norm1_context.linear": "context_block.adaLN_modulation.1",
+    "ff.net.0.proj": "x_block.mlp.fc1",
+    "ff.net.2": "x_block.mlp.fc2",
+    "ff_context.net.0.proj": "context_block.mlp.fc1",
+    "ff_context.net.2": "context_block.mlp.fc2",
+}
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """diffusers' AdaLayerNormContinuous is (scale, shift) where the original is (shift, scale)."""
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def _fuse(
+    weights: dict[str, torch.Tensor], out: dict[str, torch.Tensor], parts: list[str], fused: str
+) -> None:
+    """Concatenate the weights and biases named by ``parts`` (module names) into ``fused``."""
+    for leaf in ("weight", "bias"):
+        names = [f"{part}.{leaf}" for part in parts]
+        if all(name in weights for name in names):
+            out[f"{fused}.{leaf}"] = torch.cat([weights.pop(name) for name in names], dim=0)
+
+
+def _rename(
+    weights: dict[str, torch.Tensor],
+    out: dict[str, torch.Tensor],
+    renames: dict[str, str],
+    pre: str = "",
+) -> None:
+    """Move the weights of the modules under ``pre`` that ``renames`` names to their new name."""
+    for key in [key for key in weights if key.startswith(pre)]:
+        module, _, leaf = key[len(pre) :].rpartition(".")
+        if module in renames:
+            out[f"{renames[module]}.{leaf}"] = weights.pop(key)
+
+
+def _under(block: str, renames: dict[str, str]) -> dict[str, str]:
+    return {module: f"{block}{name}" for module, name in renames.items()}
+
+
+def flux_original_state_dict(transformer: Any) -> dict[str, torch.Tensor]:
+    """A ``FluxTransformer2DModel``'s weights in Black Forest Labs' single-file layout.
+
+    The inverse of diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``: the attention
+    projections are fused (``img_attn.qkv``, ``txt_attn.qkv``; a single-stream block's ``linear1``
+    is q, k, v and the MLP input), the output norm's halves are swapped, the rest renamed.
+    """
+    weights = {key: tensor.detach().cpu() for key, tensor in transformer.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    for i in range(int(transformer.config.num_layers)):
+        pre, block = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        _fuse(weights, out, [f"{pre}attn.to_{p}" for p in "qkv"], f"{block}img_attn.qkv")
+        _fuse(weights, out, [f"{pre}attn.add_{p}_proj" for p in "qkv"], f"{block}txt_attn.qkv")
+        _rename(weights, out, _under(block, _FLUX_DOUBLE_RENAMES), pre)
+    for i in range(int(transformer.config.num_single_layers)):
+        pre, block = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        parts = [*(f"{pre}attn.to_{p}" for p in "qkv"), f"{pre}proj_mlp"]
+        _fuse(weights, out, parts, f"{block}linear1")
+        _rename(weights, out, _under(block, _FLUX_SINGLE_RENAMES), pre)
+    for leaf in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{leaf}"] = _swap_halves(
+            weights.pop(f"norm_out.linear.{leaf}")
+        )
+    _rename(weights, out, _FLUX_RENAMES)
+    for key in list(out):  # the norms' weights are called ``scale`` there
+        if key.endswith("_norm.weight"):
+            out[key.removesuffix("weight") + "scale"] = out.pop(key)
+    if weights:
+        raise ValueError(f"no original name for FLUX weights {sorted(weights)}")
+    return {key: tensor.contiguous() for key, tensor in out.items()}
+
+
+def sd3_original_state_dict(transformer: Any) -> dict[str, torch.Tensor]:
+    """An ``SD3Transformer2DModel``'s weights in Stability AI's single-file layout (no prefix).
+
+    The inverse of diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` for models
+    without dual attention (SD3 medium's shape): fused ``qkv`` projections per stream, the last
+    joint block's context modulation and the output norm with their halves swapped.
+    """
+    if getattr(transformer.config, "dual_attention_layers", ()):
+        raise ValueError("SD3.5 dual attention layers are not supported here")
+    weights = {key: tensor.detach().cpu() for key, tensor in transformer.state_dict().items()}
+    out: dict[str, torch.Tensor] = {"pos_embed": weights.pop("pos_embed.pos_embed")}
+    last = int(transformer.config.num_layers) - 1
+    for i in range(last + 1):
+        pre, block = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        _fuse(weights, out, [f"{pre}attn.to_{p}" for p in "qkv"], f"{block}x_block.attn.qkv")
+        parts = [f"{pre}attn.add_{p}_proj" for p in "qkv"]
+        _fuse(weights, out, parts, f"{block}context_block.attn.qkv")
+        if i == last:  # a context-pre-only block: its modulation is an AdaLayerNormContinuous
+            for leaf in ("weight", "bias"):
+                name = f"{pre}norm1_context.linear.{leaf}"
+                out[f"{block}context_block.adaLN_modulation.1.{leaf}"] = _swap_halves(
+                    weights.pop(name)
+                )
+        _rename(weights, out, _under(block, _SD3_JOINT_RENAMES), pre)
+    for leaf in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{leaf}"] = _swap_halves(
+            weights.pop(f"norm_out.linear.{leaf}")
+        )
+    _rename(weights, out, _SD3_RENAMES)
+    if weights:
+        raise ValueError(f"no original name for SD3 weights {sorted(weights)}")
+    return {key: tensor.contiguous() for key, tensor in out.items()}
+
+
+# Community SD3 files put the transformer under the original UNet's prefix; FLUX files use none.
+_TRANSFORMER_WRITERS = {
+    "flux": (flux_original_state_dict, ""),
+    "sd3": (sd3_original_state_dict, "model.diffusion_model."),
+}
+
+
+def write_transformer_single_file(
+    checkpoint: str | Path, out_file: str | Path, *, family: str
+) -> Path:
+    """Write the transformer of the diffusers folder ``checkpoint`` (``flux`` or ``sd3``) as one
+    original-layout file: the transformer alone, as community FLUX.1 files circulate."""
+    from safetensors.torch import save_file
+
+    if family not in _TRANSFORMER_WRITERS:
+        raise ValueError(f"unknown MM-DiT family {family!r}; expected flux or sd3")
+    convert, prefix = _TRANSFORMER_WRITERS[family]
+    if family == "flux":
+        from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel as Model
+    else:
+        from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel as Model
+    transformer = Model.from_pretrained(str(checkpoint), subfolder="transformer")
+    tensors = {prefix + key: tensor for key, tensor in convert(transformer).items()}
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out))
+    return out

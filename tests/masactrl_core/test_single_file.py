@@ -89,7 +89,7 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
         MasaCtrlEngine.from_single_file(junk, device="cpu")
     other = tmp_path / "other.safetensors"
     save_file({"encoder.weight": torch.zeros(2)}, str(other))
-    with pytest.raises(ModelLoadError, match="not a Stable Diffusion checkpoint"):
+    with pytest.raises(ModelLoadError, match="not a Stable Diffusion, FLUX.1 or SD3 checkpoint"):
         MasaCtrlEngine.from_single_file(other, device="cpu")
     with pytest.raises(ModelLoadError, match="does not exist"):
         MasaCtrlEngine.from_single_file(tmp_path / "missing.safetensors", device="cpu")
