@@ -5,7 +5,8 @@ The files are the tiny transformers written in the original layouts
 (:func:`~masactrl_core.tiny_single_file.write_transformer_single_file`). diffusers 0.42.1 converts
 the tiny SD3 file exactly; its FLUX conversion splits a single-stream block's fused ``linear1``
 at FLUX.1's full width (3072 and 12288 rows), so no FLUX file narrower than FLUX.1 loads
-(see ``test_the_flux_file_is_diffusers_own_layout``).
+(``test_the_flux_file_is_diffusers_own_layout``); the FLUX layout is checked at FLUX.1's width on
+a two-block transformer instead (``slow``, ~10 s).
 """
 
 from __future__ import annotations
@@ -161,3 +162,34 @@ def test_the_transformer_family_is_read_from_the_keys(tmp_path, keys, family, ge
     save_file({key: torch.zeros(1) for key in keys}, str(path))
     info = inspect_checkpoint(path)
     assert (info.family, info.generation, info.v_prediction_marker) == (family, generation, False)
+
+
+@pytest.mark.slow
+def test_the_flux_layout_round_trips_at_flux1_width(tmp_path):
+    """At FLUX.1's width (24 heads of 128, T5 4096; 1 double- and 1 single-stream block, bf16,
+    0.55 B random weights, ~10 s) diffusers' conversion reads the written file back exactly."""
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
+
+    from masactrl_core.tiny_single_file import flux_original_state_dict
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_()
+    model.save_config(tmp_path / "transformer")
+    file = tmp_path / "flux1.safetensors"
+    save_file(flux_original_state_dict(model), str(file))
+    loaded = FluxTransformer2DModel.from_single_file(
+        str(file),
+        config=str(tmp_path),
+        subfolder="transformer",
+        torch_dtype=torch.bfloat16,
+        local_files_only=True,
+    ).state_dict()
+    expected = model.state_dict()
+    assert loaded.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(loaded[key], tensor), f"{key} differs"
