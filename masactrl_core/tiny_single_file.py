@@ -18,6 +18,11 @@ The layout, per component (``L`` = the UNet's ``layers_per_block``, ``n`` = the 
 - VAE under ``first_stage_model.``: ``down.{i}.block.{j}``; the decoder's up blocks are numbered
   from the bottom (``up.{n-1-i}``); the mid attention's linear layers are 1x1 convolutions.
 - SD1.x text encoder under ``cond_stage_model.transformer.``, with transformers' own keys.
+
+FLUX.1 and SD3 transformers (:func:`write_transformer_single_file`) are written alone, as
+community files circulate: FLUX.1 in Black Forest Labs' layout without a prefix, SD3 in Stability
+AI's under ``model.diffusion_model.`` (:func:`flux_original_state_dict`,
+:func:`sd3_original_state_dict`, the inverses of diffusers' conversions).
 """
 
 from __future__ import annotations
