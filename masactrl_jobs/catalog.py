@@ -269,6 +269,11 @@ class ModelEntry(BaseModel):
             for name in ("config", "prediction_type"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name} applies only to a single-file source (.safetensors)")
+        elif self.prediction_type is not None and self.family in ("flux", "sd3"):
+            raise ValueError(
+                f"prediction_type applies only to sd and sdxl single files; {self.family} "
+                "models are flow-matching transformers"
+            )
         elif self.source.lower().endswith(PICKLE_SUFFIXES) and not self.allow_pickle:
             raise ValueError(
                 f"{self.source} is a pickle checkpoint, which can run arbitrary code when loaded; "

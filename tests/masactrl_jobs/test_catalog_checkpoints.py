@@ -58,6 +58,10 @@ def test_single_file_options_belong_to_single_files() -> None:
     assert v.prediction_type == "v_prediction"
     with pytest.raises(CatalogError, match="prediction_type"):
         catalog(prediction_type="sample")
+    flux = {"source": "/models/flux1-dev.safetensors", "family": "flux", "loras": {}}
+    assert catalog(**flux).get().single_file  # type: ignore[attr-defined]
+    with pytest.raises(CatalogError, match="prediction_type applies only to sd and sdxl single"):
+        catalog(**flux, prediction_type="epsilon")
 
 
 def test_adapter_names_and_weights_are_checked() -> None:
