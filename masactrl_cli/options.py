@@ -82,8 +82,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     single.add_argument(
         "--model-config",
         metavar="DIR_OR_ID",
-        help="diffusers config folder (offline) or hub id for the file's components (default: "
-        "the family's reference config, from the Hugging Face cache)",
+        help="diffusers config folder (offline) or hub id for the file's components; for a "
+        "FLUX.1 or SD3 transformer file, a complete folder (its other components' weights) "
+        "(default: the family's reference repository, from the Hugging Face cache)",
     )
     single.add_argument(
         "--prediction-type",

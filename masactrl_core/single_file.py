@@ -169,6 +169,10 @@ def inspect_checkpoint(
     return CheckpointInfo(str(file), family, generation, V_PREDICTION_MARKER in keys)
 
 
+def _article(family: str) -> str:
+    return "a" if family == "flux" else "an"  # "an S-D" for sd, sdxl and sd3
+
+
 def _transformer_generation(keys: list[str]) -> str | None:
     """The FLUX.1 or SD3 generation of a file's transformer keys; None when it has none."""
     names = {key.removeprefix(UNET_PREFIX) for key in keys}
@@ -211,11 +215,9 @@ def load_single_file_pipeline(
     """
     info = inspect_checkpoint(path, allow_pickle=allow_pickle)
     name = Path(path).name
+    kind = f"{_article(info.family)} {info.family}"
     if family is not None and family != info.family:
-        article = "a" if info.family == "flux" else "an"  # "an S-D" checkpoint
-        raise ModelLoadError(
-            f"{name} is {article} {info.family} checkpoint, but it is declared {family}"
-        )
+        raise ModelLoadError(f"{name} is {kind} checkpoint, but it is declared {family}")
     if config is not None:
         config_family = _config_family(config)
         if config_family is not None and config_family != info.family:
@@ -229,7 +231,7 @@ def load_single_file_pipeline(
     if info.family in TRANSFORMER_FAMILIES:
         if prediction_type is not None:
             raise ModelLoadError(
-                f"{name} is a {info.family} transformer, a flow-matching model: "
+                f"{name} is {kind} transformer, a flow-matching model: "
                 "a prediction type applies only to SD and SDXL checkpoints"
             )
         return _load_transformer_file(Path(path), info, backbone, dtype, config), info
