@@ -276,7 +276,7 @@ def _load_transformer_file(
             str(path),
             config=source,
             subfolder="transformer",
-            torch_dtype=dtype,
+            dtype=dtype,
             local_files_only=local,
         )
     except Exception as error:

@@ -83,6 +83,15 @@ def test_the_sd3_file_gives_the_same_transformer_and_images_as_the_folder(sd3_fo
     assert torch.equal(result.latents, reference.latents)
 
 
+def test_the_sd3_file_loads_in_the_requested_dtype(sd3_folder, sd3_file):
+    engine = MasaCtrlEngine.from_single_file(
+        sd3_file, config=str(sd3_folder), dtype=torch.bfloat16, device="cpu"
+    )
+    pipeline = engine.pipeline
+    assert pipeline.transformer.dtype == pipeline.vae.dtype == torch.bfloat16
+    assert pipeline.text_encoder_3.dtype == torch.bfloat16
+
+
 def test_the_flux_file_is_diffusers_own_layout(tiny_flux_checkpoint, flux_file):
     """Every weight of the tiny FLUX transformer is in the file, under the name diffusers'
     conversion reads; its conversion itself refuses the narrow single-stream blocks."""
