@@ -170,7 +170,8 @@ def inspect_checkpoint(
 
 
 def _article(family: str) -> str:
-    return "a" if family == "flux" else "an"  # "an S-D" for sd, sdxl and sd3
+    # Read aloud: "a flux", but "an S-D" for sd, sdxl and sd3.
+    return "an" if family.startswith("s") else "a"
 
 
 def _transformer_generation(keys: list[str]) -> str | None:
@@ -254,16 +255,6 @@ def load_single_file_pipeline(
     return pipeline, info
 
 
-def _transformer_class(family: str) -> Any:
-    if family == "flux":
-        from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
-
-        return FluxTransformer2DModel
-    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
-
-    return SD3Transformer2DModel
-
-
 def _load_transformer_file(
     path: Path, info: CheckpointInfo, backbone: Any, dtype: torch.dtype, config: str | None
 ) -> DiffusionPipeline:
@@ -272,7 +263,7 @@ def _load_transformer_file(
     # A local folder needs nothing from the network; a hub id is read from the cache first.
     local = Path(source).is_dir()
     try:
-        transformer = _transformer_class(info.family).from_single_file(
+        transformer = backbone.transformer_class().from_single_file(
             str(path),
             config=source,
             subfolder="transformer",

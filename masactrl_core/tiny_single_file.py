@@ -35,6 +35,9 @@ from typing import Any
 
 import torch
 
+from masactrl_core.backbones.flux import FluxBackbone
+from masactrl_core.backbones.sd3 import SD3Backbone
+
 __all__ = [
     "flux_original_state_dict",
     "original_state_dict",
@@ -370,9 +373,9 @@ def sd3_original_state_dict(transformer: Any) -> dict[str, torch.Tensor]:
 
 
 # Community SD3 files put the transformer under the original UNet's prefix; FLUX files use none.
-_TRANSFORMER_WRITERS = {
-    "flux": (flux_original_state_dict, ""),
-    "sd3": (sd3_original_state_dict, "model.diffusion_model."),
+_TRANSFORMER_WRITERS: dict[str, tuple[Callable[[Any], dict[str, torch.Tensor]], str, Any]] = {
+    "flux": (flux_original_state_dict, "", FluxBackbone),
+    "sd3": (sd3_original_state_dict, "model.diffusion_model.", SD3Backbone),
 }
 
 
@@ -385,12 +388,10 @@ def write_transformer_single_file(
 
     if family not in _TRANSFORMER_WRITERS:
         raise ValueError(f"unknown MM-DiT family {family!r}; expected flux or sd3")
-    convert, prefix = _TRANSFORMER_WRITERS[family]
-    if family == "flux":
-        from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel as Model
-    else:
-        from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel as Model
-    transformer = Model.from_pretrained(str(checkpoint), subfolder="transformer")
+    convert, prefix, backbone = _TRANSFORMER_WRITERS[family]
+    transformer = backbone.transformer_class().from_pretrained(
+        str(checkpoint), subfolder="transformer"
+    )
     tensors = {prefix + key: tensor for key, tensor in convert(transformer).items()}
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -131,6 +131,12 @@ class FluxBackbone(MMDiTBackbone):
 
         return FluxPipeline
 
+    @classmethod
+    def transformer_class(cls) -> Any:
+        from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
+
+        return FluxTransformer2DModel
+
     def make_solver(self) -> FlowMatchSolver:
         return FlowMatchSolver(self.pipeline.scheduler.config, pipeline_sigmas=True)
 

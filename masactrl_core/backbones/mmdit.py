@@ -9,8 +9,9 @@ with one sentence (:attr:`supports_conditions` is False and the service reports 
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image, ImageOps
@@ -28,6 +29,11 @@ class MMDiTBackbone(Backbone):
     """A transformer over [text, image] tokens with a shifted, scaled 16-channel VAE."""
 
     supports_conditions = False
+
+    @classmethod
+    @abstractmethod
+    def transformer_class(cls) -> Any:
+        """The diffusers transformer class of the family (single-file loading converts into it)."""
 
     def _refuse_conditions(self) -> InvalidInput:
         return InvalidInput(f"layout conditions are not supported on {self.family} models yet")

@@ -89,6 +89,12 @@ class SD3Backbone(MMDiTBackbone):
 
         return StableDiffusion3Pipeline
 
+    @classmethod
+    def transformer_class(cls) -> Any:
+        from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
+
+        return SD3Transformer2DModel
+
     def make_solver(self) -> FlowMatchSolver:
         return FlowMatchSolver(self.pipeline.scheduler.config, pipeline_sigmas=False)
 
