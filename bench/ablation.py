@@ -142,16 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     print(_coarse_line(coarse))
     _heatmaps(grid, synthesis_off, args.start_steps, args.start_layers, args.image)
     print(f"\nheatmaps: {args.image}; {time.monotonic() - started:.0f} s")
-    if args.json:
-        record = {
-            "machine": machine(),
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "grid": {f"{s},{layer}": asdict(v) for (s, layer), v in grid.items()},
-            "synthesis": {"off": asdict(synthesis_off), "on": asdict(synthesis_on)},
-            "edit": {k: asdict(v) for k, v in edits.items()},
-            "coarse": coarse,
-        }
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    _write_record(
+        args,
+        grid={f"{s},{layer}": asdict(v) for (s, layer), v in grid.items()},
+        synthesis={"off": asdict(synthesis_off), "on": asdict(synthesis_on)},
+        edit={k: asdict(v) for k, v in edits.items()},
+        coarse=coarse,
+    )
     return 0
 
 
@@ -185,21 +182,18 @@ def _edits(
     coarse = _coarse_check(engine, args.model, coarse_seeds, on, off, args.steps)
     print("\n" + _coarse_line(coarse))
     print(f"\n{time.monotonic() - started:.0f} s")
-    if args.json:
-        record = {
-            "machine": machine(),
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "chosen": chosen,
-            "edits": {
-                phase: {
-                    attribute: {name: asdict(effect) for name, effect in controls.items()}
-                    for attribute, controls in by_attribute.items()
-                }
-                for phase, by_attribute in measured.items()
-            },
-            "coarse": coarse,
-        }
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    _write_record(
+        args,
+        chosen=chosen,
+        edits={
+            phase: {
+                attribute: {name: asdict(effect) for name, effect in controls.items()}
+                for attribute, controls in by_attribute.items()
+            }
+            for phase, by_attribute in measured.items()
+        },
+        coarse=coarse,
+    )
     return 0
 
 
@@ -220,14 +214,15 @@ def _coarse_only(
     coarse = _coarse_check(engine, args.model, coarse_seeds, on, off, args.steps)
     print(_coarse_line(coarse))
     print(f"\n{time.monotonic() - started:.0f} s")
-    if args.json:
-        record = {
-            "machine": machine(),
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "coarse": coarse,
-        }
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    _write_record(args, coarse=coarse)
     return 0
+
+
+def _write_record(args: argparse.Namespace, **numbers: Any) -> None:
+    """Every number of the run, with the machine and the arguments, to ``--json`` if given."""
+    if args.json:
+        record = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
+        args.json.write_text(json.dumps(record | numbers, indent=2) + "\n")
 
 
 def _ratio(effects: dict[str, EditEffect]) -> float:
